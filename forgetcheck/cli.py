@@ -80,16 +80,171 @@ def data_prepare(
 
 
 # ------------------------------------------------------------------------------------------------------
-# eval (owned by evaluation.py)  -- STUB: to be replaced by the eval implementation
+# eval (owned by evaluation.py)
 # ------------------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", help="Alias (smollm2-135m, tiny-gpt2), local HF folder (e.g. a "
+                              "checkpoint), .gguf file or hub id."),
+    out: Path = typer.Option(..., "--out", help="Eval JSON to write; per-item lines go to <folder>/samples/<stem>/."),
+    suite: str = typer.Option("retention,domain", "--suite", help="Suites to run: retention, domain (comma list)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma list; overrides --suite): ours, a "
+                                        "group of ours (forgetcheck_retention) or lm-eval's hub tasks."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Deterministic stratified subset of N items per task "
+                                        "(the same items for every model). Default: all."),
+    backend: str = typer.Option("fast", "--backend", help="fast (each context scored once) | hf (stock HFLM)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Requests per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="The base model's eval JSON: adds KL drift "
+                                             "(reference || this model) on general text."),
+    tasks_dir: Optional[Path] = typer.Option(None, "--tasks-dir", help="lm-eval task YAMLs to use instead of "
+                                             "forgetcheck's tasks/."),
+) -> None:
+    """Benchmark one model on the suites' tasks (lm-eval, offline, cached) and measure drift on general text."""
+    from forgetcheck.config import EvalConfig, split_csv
+    from forgetcheck.evaluation import cmd_eval
+
+    cfg = EvalConfig(suites=split_csv(suite), tasks=split_csv(tasks), limit=limit, backend=backend,
+                     batch_size=batch_size)
+    cmd_eval(model, cfg, out, device=device, reference=reference, tasks_dir=tasks_dir)
+
 
 # ------------------------------------------------------------------------------------------------------
-# train + plan (owned by train.py / plan.py)  -- STUB: to be replaced by the train implementation
+# train + plan (owned by train.py / plan.py)
 # ------------------------------------------------------------------------------------------------------
+@app.command()
+def train(
+    base: str = typer.Option("smollm2-135m", "--base", help="Model to fine-tune: alias (smollm2-135m, tiny-gpt2), hub id, HF folder or .gguf."),
+    data: str = typer.Option("med", "--data", help="Domain data: packaged name (med) or a folder with sft.jsonl / cpt.jsonl."),
+    arms: str = typer.Option("sft,cpt", "--arms", help="Arms to train, comma-separated (sft, cpt)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run", help="Run folder to train into (default: a new one under --out)."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds the run folders."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the new run folder."),
+    preset: str = typer.Option("quick", "--preset", help="quick | standard | full: defaults for the flags below."),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Tokens fed forward per arm (padding excluded)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Rows per forward pass (per process)."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warmup + cosine)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true"),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing"),
+    optim: Optional[str] = typer.Option(None, "--optim", help="adamw | adamw8bit (torchao, else bitsandbytes)"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes for FSDP2 sharding (torchrun)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed and data-order seed."),
+    include_prompt_loss: Optional[bool] = typer.Option(None, "--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Resumable checkpoint every N steps (0: none)."),
+    force: Optional[bool] = typer.Option(None, "--force/--no-force", help="Start even when the memory plan does not fit."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+) -> None:
+    """Fully fine-tune each arm (SFT, CPT) on the same token budget -> train/<arm>.json and ckpt/<arm>/."""
+    from forgetcheck import config as C
+    from forgetcheck.rundir import RunDir
+    from forgetcheck.train import cmd_train
+
+    train_cfg, _ = C.apply_preset(
+        preset,
+        dict(budget_tokens=budget_tokens, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
+             precision=precision, grad_checkpointing=grad_checkpointing, optim=optim, nproc=nproc, seed=seed,
+             data_seed=seed, include_prompt_loss=include_prompt_loss, save_every=save_every, force=force),
+        {},
+    )
+    rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
+    cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device)
+
+
+@app.command()
+def plan(
+    base: Optional[str] = typer.Option(None, "--base", help="Model whose architecture to plan for (alias, folder, .gguf, hub id)."),
+    params: Optional[float] = typer.Option(None, "--params", help="Parameter count instead of a model, e.g. 7e9 (shape assumed)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true"),
+    optim: str = typer.Option("adamw", "--optim", help="adamw | adamw8bit"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Keep only layer inputs; recompute."),
+    nproc: int = typer.Option(1, "--nproc", help="Devices sharing the model (FSDP2)."),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per forward pass per device."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sequence."),
+) -> None:
+    """Memory plan of full fine-tuning: weights, gradients, optimizer state, activations, total, per device."""
+    from forgetcheck import config as C
+    from forgetcheck import plan as P
+
+    if (base is None) == (params is None):
+        raise BadInput("give exactly one of --base MODEL or --params N (e.g. --params 7e9)")
+    cfg = C.TrainConfig(precision=precision, optim=optim, grad_checkpointing=grad_checkpointing, nproc=nproc,
+                        micro_batch=micro_batch, seq_len=seq_len, budget_tokens=seq_len * micro_batch * nproc)
+    C.check(C.validate_train(cfg))
+    if params is not None and params < 1:
+        raise BadInput(f"--params must be a positive parameter count such as 7e9 (got {params})")
+    arch = P.arch_for_base(base) if base is not None else P.arch_from_params(params)
+    echo(P.format_plan(P.plan_memory(arch, cfg), P.plan_memory(arch, P.baseline(cfg))))
+
 
 # ------------------------------------------------------------------------------------------------------
-# compare, report, gate (owned by compare.py / report.py / gate.py) -- STUB
+# compare, report, gate (owned by compare.py / report.py / gate.py): pure, JSON in and out, never torch
 # ------------------------------------------------------------------------------------------------------
+def _run_dir(path: Path):
+    from forgetcheck.rundir import RunDir
+
+    if not path.is_dir():
+        raise BadInput(f"run directory {path} not found: give a folder under runs/ written by `forgetcheck run`")
+    return RunDir(path)
+
+
+@app.command()
+def compare(
+    run: Path = typer.Argument(..., help="Run directory (runs/<id>) holding eval/base.json and eval/<arm>.json."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level; CIs are (1 - alpha)."),
+    n_boot: int = typer.Option(2000, "--n-boot", help="Paired bootstrap resamples."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Paired comparison of every arm against the base: deltas, CIs, McNemar/Holm, flips -> compare.json."""
+    from forgetcheck.compare import compare_run
+
+    rd = _run_dir(run)
+    result = compare_run(rd, alpha=alpha, n_boot=n_boot, seed=seed)
+    for arm, s in result["summary"].items():
+        fg, ln = s["forgetting"], s["learning"]
+        echo(f"{arm}: forgetting {'n/a' if fg is None else f'{fg:+.2f}'} points (retention mean drop), "
+             f"learning {'n/a' if ln is None else f'{ln:+.2f}'} points (domain mean gain)")
+    echo(f"wrote {rd.compare}")
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run directory (runs/<id>)."),
+) -> None:
+    """Write the run's self-contained report.html (computes compare.json first when absent)."""
+    from forgetcheck.report import write_report
+
+    path = write_report(_run_dir(run))
+    echo(f"wrote {path}")
+
+
+@app.command()
+def gate(
+    target: Path = typer.Argument(..., help="Run directory (runs/<id>) or a compare.json."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Max points a retention task may drop "
+                                             "(significant after Holm). Default 2."),
+    max_mean_drop: Optional[float] = typer.Option(None, "--max-mean-drop", help="Max points the retention mean "
+                                                  "may drop (significant). Default 1."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Significance level. Default 0.05."),
+    min_domain_gain: Optional[float] = typer.Option(None, "--min-domain-gain", help="Require the domain mean to "
+                                                    "rise by at least this many points."),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="gate.toml with the same keys (flags override it)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML (one testcase per rule)."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write a Markdown summary."),
+) -> None:
+    """Release gate: exit 0 when every rule passes, 1 when one fails; every reason lands in gate.json."""
+    from forgetcheck.gate import gate_run
+
+    overrides = {"max_drop": max_drop, "max_mean_drop": max_mean_drop, "alpha": alpha,
+                 "min_domain_gain": min_domain_gain}
+    result, code = gate_run(target, overrides, policy_file=policy, junit=junit, markdown=markdown)
+    for r in result["rules"]:
+        echo(f"{'PASS' if r['passed'] else 'FAIL'}  {r['reason']}")
+    echo(f"gate: {result['verdict'].upper()} ({sum(not r['passed'] for r in result['rules'])} of "
+         f"{len(result['rules'])} rules failed)")
+    raise typer.Exit(code)
+
 
 # ------------------------------------------------------------------------------------------------------
 # run (owned by pipeline.py)

@@ -64,13 +64,16 @@ def prepare(cfg: C.RunConfig, resume: Path | None = None):
         problems.append(str(e))
     if domain is not None:
         for arm in cfg.arms:
-            if getattr(domain, arm) is None:
+            if arm in C.ARMS and getattr(domain, arm) is None:
                 problems.append(f"--data {cfg.data} has no {arm}.jsonl, so arm '{arm}' cannot train: "
                                 f"add it or drop the arm with --arms")
     C.check(problems)
     # Now the (possibly slow, one-off) preparation of cached folders: GGUF conversion, data building.
+    from forgetcheck import benchdata
+
     model_ref = models.resolve(cfg.base, prepare=True)
     domain = data.load_domain(cfg.data, prepare=True)
+    benchdata.prepare_bench()  # instant once built; the first time reads the bigbench sdist (~20 s)
     device = choose_device(cfg.device)
     if resume is None:
         run = RunDir.new(cfg.out_dir, cfg.base, cfg.data, cfg.run_id)

@@ -1,0 +1,328 @@
+"""The report: a pure function from the run directory's JSON to one self-contained `report.html`.
+
+Reads compare.json (computed first when absent), gate.json (else the verdict is computed in memory from
+compare.json with the run's gate policy, and says so), train/<arm>.json, config.json and manifest.json.
+Charts are inline SVG laid out here and drawn by the Jinja2 template (autoescape, StrictUndefined): no
+JavaScript library, no CDN, no web font. A Content-Security-Policy forbids every external resource, and
+allows only the one inline script by its hash (it marks each chart `data-ok` for the browser test), so text
+from a dataset can never run even if it were not escaped (it is).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from forgetcheck.errors import BadInput
+from forgetcheck.rundir import RunDir, atomic_write_text, read_json
+
+TEMPLATE = "report.html.j2"
+ARM_COLORS = {"sft": "#2563eb", "cpt": "#d97706", "lora": "#059669", "replay": "#7c3aed"}
+EXTRA_COLORS = ("#db2777", "#0891b2", "#65a30d", "#9333ea")
+
+# Runs after load; marks every chart that rendered visible SVG shapes. Its hash goes into the CSP.
+CHECK_SCRIPT = (
+    "(function(){var cs=document.querySelectorAll('svg.chart'),ok=0;"
+    "cs.forEach(function(s){var n=s.querySelectorAll('circle,line,path,polyline,rect').length,"
+    "r=s.getBoundingClientRect();var good=n>0&&r.width>0&&r.height>0;"
+    "s.setAttribute('data-ok',good?'1':'0');if(good)ok++;});"
+    "document.body.setAttribute('data-charts',ok+'/'+cs.length);})();"
+)
+
+
+def _script_hash(script: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+
+
+# ---- chart geometry --------------------------------------------------------------------------------------
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round tick values covering [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo, hi = 0.0, 1.0
+    if hi - lo < 1e-12:
+        lo, hi = lo - 1, hi + 1
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks, t = [], start
+    while t < hi + step * 0.999:
+        ticks.append(round(t, 10))
+        t += step
+    return ticks
+
+
+class Scale:
+    def __init__(self, lo: float, hi: float, px0: float, px1: float, n_ticks: int = 5):
+        self.ticks = nice_ticks(lo, hi, n_ticks)
+        self.lo, self.hi = self.ticks[0], self.ticks[-1]
+        self.px0, self.px1 = px0, px1
+
+    def __call__(self, v: float) -> float:
+        return round(self.px0 + (v - self.lo) / (self.hi - self.lo) * (self.px1 - self.px0), 2)
+
+
+def _tick_label(v: float) -> str:
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:g}"
+
+
+def learn_forget_chart(compare: dict, colors: dict) -> dict | None:
+    """Scatter of arms: x = forgetting (retention mean drop), y = learning (domain mean gain), with CIs."""
+    pts = []
+    for arm, s in (compare.get("summary") or {}).items():
+        if s.get("forgetting") is None and s.get("learning") is None:
+            continue
+        f, ln = s.get("forgetting") or 0.0, s.get("learning") or 0.0
+        pts.append({"arm": arm, "f": f, "l": ln, "fci": s.get("forgetting_ci") or [f, f],
+                    "lci": s.get("learning_ci") or [ln, ln], "color": colors[arm],
+                    "f_missing": s.get("forgetting") is None, "l_missing": s.get("learning") is None})
+    if not pts:
+        return None
+    w, h, ml, mr, mt, mb = 560, 340, 64, 24, 20, 52
+    xs = [0.0] + [v for p in pts for v in p["fci"]]
+    ys = [0.0] + [v for p in pts for v in p["lci"]]
+    pad = lambda a, b: (a - 0.08 * max(b - a, 1.0), b + 0.08 * max(b - a, 1.0))  # noqa: E731
+    sx = Scale(*pad(min(xs), max(xs)), ml, w - mr)
+    sy = Scale(*pad(min(ys), max(ys)), h - mb, mt)
+    for p in pts:
+        p.update(cx=sx(p["f"]), cy=sy(p["l"]), fx0=sx(p["fci"][0]), fx1=sx(p["fci"][1]),
+                 ly0=sy(p["lci"][0]), ly1=sy(p["lci"][1]))
+    return {"w": w, "h": h, "ml": ml, "mr": mr, "mt": mt, "mb": mb, "points": pts,
+            "xticks": [{"v": _tick_label(t), "x": sx(t)} for t in sx.ticks],
+            "yticks": [{"v": _tick_label(t), "y": sy(t)} for t in sy.ticks],
+            "x0": sx(0.0), "y0": sy(0.0), "left": ml, "right": w - mr, "top": mt, "bottom": h - mb}
+
+
+def loss_chart(train: dict[str, dict], colors: dict) -> dict | None:
+    series = []
+    for arm, tr in train.items():
+        curve = [(float(s), float(v)) for s, v in (tr.get("loss_curve") or []) if v is not None and math.isfinite(v)]
+        if curve:
+            series.append({"arm": arm, "curve": curve, "color": colors[arm]})
+    if not series:
+        return None
+    w, h, ml, mr, mt, mb = 560, 300, 64, 24, 20, 48
+    allx = [x for s in series for x, _ in s["curve"]]
+    ally = [y for s in series for _, y in s["curve"]]
+    sx = Scale(min(allx), max(allx), ml, w - mr)
+    sy = Scale(min(ally), max(ally), h - mb, mt)
+    for s in series:
+        s["points"] = " ".join(f"{sx(x)},{sy(y)}" for x, y in s["curve"])
+        s["last"] = {"x": sx(s["curve"][-1][0]), "y": sy(s["curve"][-1][1]), "v": s["curve"][-1][1]}
+        del s["curve"]
+    return {"w": w, "h": h, "series": series, "left": ml, "right": w - mr, "top": mt, "bottom": h - mb,
+            "xticks": [{"v": _tick_label(t), "x": sx(t)} for t in sx.ticks],
+            "yticks": [{"v": _tick_label(t), "y": sy(t)} for t in sy.ticks]}
+
+
+MEM_COLORS = {"weights": "#94a3b8", "gradients": "#64748b", "optimizer_state": "#475569", "optimizer": "#475569",
+              "activations": "#cbd5e1", "gathered_blocks": "#a5b4fc"}
+MEM_ORDER = tuple(MEM_COLORS)
+MEM_EXTRA = ("#fda4af", "#fcd34d", "#86efac")
+
+
+def memory_chart(train: dict[str, dict]) -> dict | None:
+    """Planned memory per component (stacked) above the measured peak, per arm; every component the train
+    file lists (weights, gradients, optimizer_state, activations, gathered_blocks, ...)."""
+    rows, names = [], []
+    for arm, tr in train.items():
+        mem = tr.get("memory") or {}
+        planned = {k: float(v) for k, v in (mem.get("planned") or {}).items()
+                   if k != "total" and isinstance(v, (int, float)) and v > 0}
+        total = (mem.get("planned") or {}).get("total") or sum(planned.values()) or None
+        measured = mem.get("measured_peak_bytes")
+        if total or measured:
+            rows.append({"arm": arm, "planned": planned, "total": total, "measured": measured,
+                         "method": mem.get("method")})
+            names += [k for k in planned if k not in names]
+    if not rows:
+        return None
+    names.sort(key=lambda k: (MEM_ORDER.index(k) if k in MEM_ORDER else len(MEM_ORDER), k))
+    extra = iter(MEM_EXTRA * len(names))
+    colors = {k: MEM_COLORS.get(k) or next(extra) for k in names}
+    w, ml, mr, mt, bar, gap = 560, 64, 24, 16, 18, 14
+    h = mt + len(rows) * (2 * bar + gap + 8) + 40
+    top = max(max(r["total"] or 0, r["measured"] or 0) for r in rows) / 1e9
+    sx = Scale(0.0, top * 1.45 or 1.0, ml, w - mr)  # room for the labels right of the bars
+    y = mt
+    for r in rows:
+        r["y"], segs, acc = y, [], 0.0
+        for k in names:
+            v = r["planned"].get(k, 0.0) / 1e9
+            if v > 0:
+                segs.append({"name": k, "x": sx(acc), "w": round(sx(acc + v) - sx(acc), 2), "color": colors[k],
+                             "gb": v})
+                acc += v
+        if not segs and r["total"]:
+            acc = r["total"] / 1e9
+            segs.append({"name": "total", "x": sx(0), "w": round(sx(acc) - sx(0), 2), "color": "#64748b", "gb": acc})
+        r["segs"] = segs
+        r["planned_end"] = sx(acc)
+        r["measured_w"] = round(sx((r["measured"] or 0) / 1e9) - sx(0), 2)
+        r["ratio"] = (r["measured"] / r["total"]) if r["measured"] and r["total"] else None
+        y += 2 * bar + gap + 8
+    return {"w": w, "h": h, "rows": rows, "bar": bar, "left": ml, "right": w - mr, "bottom": h - 28,
+            "xticks": [{"v": _tick_label(t), "x": sx(t)} for t in sx.ticks],
+            "parts": [(k, colors[k]) for k in names]}
+
+
+def forest_scale(compare: dict) -> Scale | None:
+    """One x scale (points) shared by every task row's mini CI plot."""
+    vals = [0.0]
+    for t in (compare.get("tasks") or {}).values():
+        if t.get("unit") != "points":
+            continue
+        for a in (t.get("arms") or {}).values():
+            if a.get("delta") is not None:
+                vals.append(a["delta"])
+            vals.extend(a.get("ci") or [])
+    if len(vals) == 1:
+        return None
+    m = max(abs(v) for v in vals) or 1.0
+    return Scale(-m, m, 6, 154, n_ticks=9)
+
+
+# ---- view ----------------------------------------------------------------------------------------------
+
+def _load_optional(path: Path) -> dict | None:
+    return read_json(path) if path.exists() else None
+
+
+def build_view(run: RunDir) -> dict[str, Any]:
+    compare = read_json(run.compare)
+    config = _load_optional(run.config) or {}
+    manifest = _load_optional(run.manifest) or {}
+    gate = _load_optional(run.gate)
+    gate_source = "gate.json"
+    if gate is None:
+        from forgetcheck.gate import decide, resolve_policy
+
+        gate = decide(compare, resolve_policy(config, None, {}))
+        gate_source = "computed from compare.json with the run's policy (`forgetcheck gate` not run)"
+    arms = list(compare.get("arms") or [])
+    colors = {a: ARM_COLORS.get(a, EXTRA_COLORS[i % len(EXTRA_COLORS)]) for i, a in enumerate(arms)}
+    train = {}
+    for arm in arms:
+        p = run.train_json(arm)
+        if p.exists():
+            train[arm] = read_json(p)
+    fs = forest_scale(compare)
+    rows = []
+    for name, t in sorted((compare.get("tasks") or {}).items(), key=lambda kv: (kv[1].get("suite") != "retention",
+                                                                              kv[1].get("unit") != "points", kv[0])):
+        arm_rows = []
+        for arm in arms:
+            a = (t.get("arms") or {}).get(arm)
+            if a is None:
+                continue
+            d, ci = a.get("delta"), a.get("ci")
+            sig = bool(a.get("significant"))
+            r = {"arm": arm, "color": colors[arm], "a": a, "delta": d, "ci": ci, "sig": sig,
+                 "drop": sig and d is not None and d < 0, "gain": sig and d is not None and d > 0,
+                 "forest": None}
+            if fs is not None and t.get("unit") == "points" and d is not None:
+                r["forest"] = {"x": fs(d), "x0": fs(ci[0]) if ci else fs(d), "x1": fs(ci[1]) if ci else fs(d),
+                               "zero": fs(0.0)}
+            arm_rows.append(r)
+        rows.append({"name": name, "t": t, "arms": arm_rows,
+                     "base_score": t["base"].get("score_paired", t["base"].get("score"))})
+    flips = []
+    for name, t in sorted((compare.get("tasks") or {}).items(), key=lambda kv: (kv[1].get("suite") != "retention", kv[0])):
+        for arm in arms:
+            a = (t.get("arms") or {}).get(arm) or {}
+            ex = a.get("examples") or {}
+            if ex.get("right_to_wrong") or ex.get("wrong_to_right"):
+                flips.append({"task": name, "arm": arm, "color": colors[arm], "flips": a.get("flips") or {},
+                              "r2w": ex.get("right_to_wrong") or [], "w2r": ex.get("wrong_to_right") or []})
+    base = compare.get("base") or {}
+    versions = dict(manifest.get("versions") or {})
+    bud = compare.get("budget") or {}
+    return {
+        "run_id": compare.get("run_id") or run.run_id,
+        "compare": compare, "gate": gate, "gate_source": gate_source, "arms": arms, "colors": colors,
+        "random_weights": bool(base.get("random_weights")),
+        "base_model": base.get("model") or {},
+        "config": config, "config_json": json.dumps(config, indent=2, sort_keys=True) if config else "",
+        "manifest": manifest, "versions": versions,
+        "timings": manifest.get("timings") or {},
+        "summary": compare.get("summary") or {}, "suites": compare.get("suites") or {},
+        "drift": compare.get("drift") or {},
+        "rows": rows, "flips": flips, "forest_ticks": ([{"v": _tick_label(t), "x": fs(t)} for t in fs.ticks]
+                                                       if fs else []),
+        "budget": bud, "budget_arms": bud.get("arms") or {},
+        "train": train,
+        "lf_chart": learn_forget_chart(compare, colors),
+        "loss_chart": loss_chart(train, colors),
+        "mem_chart": memory_chart(train),
+        "script": CHECK_SCRIPT, "script_hash": _script_hash(CHECK_SCRIPT),
+    }
+
+
+# ---- filters -------------------------------------------------------------------------------------------
+
+def _num(v, digits=1):
+    if v is None:
+        return "–"
+    if isinstance(v, (int, float)) and not math.isfinite(v):
+        return str(v)
+    return f"{v:,.{digits}f}"
+
+
+def _signed(v, digits=1):
+    return "–" if v is None else f"{v:+.{digits}f}"
+
+
+def _ci(ci, digits=1):
+    return "–" if not ci else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
+def _pval(p):
+    if p is None:
+        return "–"
+    if p < 1e-4:
+        return "<0.0001"
+    return f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
+
+
+def _bytes(v):
+    if not v:
+        return "–"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if v >= div:
+            return f"{v / div:,.2f} {unit}"
+    return f"{v:.0f} B"
+
+
+def _int(v):
+    return "–" if v is None else f"{int(v):,}"
+
+
+def render(view: dict) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters.update(num=_num, signed=_signed, ci=_ci, pval=_pval, bytes=_bytes, int=_int)
+    return env.get_template(TEMPLATE).render(**view)
+
+
+def write_report(run: RunDir | Path | str) -> Path:
+    """Render `report.html` for a run directory (computing compare.json first when absent). Returns its path."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if not run.root.is_dir():
+        raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by `forgetcheck run`")
+    if not run.compare.exists():
+        from forgetcheck.compare import compare_run
+
+        compare_run(run)
+    atomic_write_text(run.report, render(build_view(run)))
+    return run.report

@@ -1,0 +1,55 @@
+"""The config is validated in full before any heavy work, and every problem is reported at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from forgetcheck import config as C
+from forgetcheck.errors import BadInput
+from forgetcheck.pipeline import config_from_dict
+
+
+def test_every_problem_reported_at_once():
+    cfg = C.RunConfig(arms=("sft", "dpo"), device="tpu",
+                      train=C.TrainConfig(precision="fp8", optim="sgd", grad_accum=0),
+                      eval=C.EvalConfig(suites=("retention", "vibes"), limit=0))
+    problems = C.validate(cfg)
+    text = "; ".join(problems)
+    for needle in ("dpo", "tpu", "fp8", "sgd", "--grad-accum", "vibes", "--limit"):
+        assert needle in text
+    with pytest.raises(BadInput) as e:
+        C.check(problems)
+    assert f"({len(problems)} problems)" in str(e.value)
+
+
+def test_budget_smaller_than_one_step_is_refused():
+    t = C.TrainConfig(budget_tokens=100, seq_len=64, micro_batch=4)
+    assert any("less than one optimizer step" in p for p in C.validate_train(t))
+
+
+def test_preset_then_flags():
+    train, ev = C.apply_preset("quick", {"lr": 1e-4, "seq_len": None}, {"limit": 5})
+    assert train.lr == 1e-4 and train.seq_len == C.PRESET_VALUES["quick"]["train"]["seq_len"]
+    assert ev.limit == 5
+    with pytest.raises(BadInput, match="--preset"):
+        C.apply_preset("huge", {}, {})
+
+
+def test_config_roundtrips_through_json():
+    cfg = C.RunConfig(base="tiny-gpt2", arms=("cpt",), eval=C.EvalConfig(tasks=("a", "b"), limit=3))
+    back = config_from_dict(json.loads(json.dumps(C.to_dict(cfg))))
+    assert back == cfg
+
+
+def test_cli_bad_flags_exit_2_one_line(fc_home):
+    r = subprocess.run([sys.executable, "-m", "forgetcheck", "run", "--base", "tiny-gpt2", "--data", "med",
+                        "--arms", "sft,dpo", "--precision", "fp8"],
+                       capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dpo" in lines[0] and "fp8" in lines[0] and "Traceback" not in r.stderr

@@ -1,0 +1,147 @@
+"""report: one self-contained HTML file from the run directory's JSON; escaped; renders in a real browser."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from runfixture import make_run
+
+from forgetcheck.compare import compare_run
+from forgetcheck.errors import BadInput
+from forgetcheck.gate import gate_run
+from forgetcheck.report import write_report
+
+XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("rep") / "run", n=120, random_weights=True,
+                   flips={("sft", "ret_mmlu"): (30, 2), ("cpt", "dom_terms"): (1, 12)},
+                   ll_shift={("sft", "ret_ppl"): -3.0}, kl={"sft": 0.2, "cpt": 0.04},
+                   texts={"ret_mmlu": {i: f'Q{i} {XSS} & "quoted" <b>bold</b>' for i in range(120)}})
+    compare_run(run, n_boot=500)
+    gate_run(run.root)
+    return run, write_report(run).read_text(encoding="utf-8")
+
+
+def test_writes_self_contained_report(report):
+    run, html = report
+    assert run.report.exists() and html.startswith("<!DOCTYPE html>")
+    # no external resource of any kind: no http(s) or protocol-relative reference, no <link>, no url()
+    assert not re.search(r"https?://", html)
+    assert not re.search(r"""(?:src|href|action)\s*=\s*["']?\s*//""", html)
+    assert "<link" not in html and "url(" not in html and "@import" not in html
+    assert "default-src 'none'" in html
+
+
+def test_flipped_item_text_is_escaped(report):
+    _, html = report
+    assert XSS not in html and "<b>bold</b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;b&gt;bold&lt;/b&gt;" in html
+    assert html.count("<script") == 1  # the report's own check script, nothing from the data
+    # that one script is the only one the CSP allows, by its hash
+    script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in html
+
+
+def test_verdict_first_and_sections(report):
+    run, html = report
+    gate = json.loads(run.gate.read_text())
+    assert not gate["passed"]
+    verdict = html.index('id="verdict"')
+    for later in ('id="learn-forget"', 'id="task-table"', 'id="flips"', 'id="chart-loss"', 'id="budget-table"',
+                  'id="chart-memory"', 'id="config-json"', 'id="versions-table"'):
+        assert verdict < html.index(later), later
+    assert "Source: gate.json" in html
+    assert 'id="random-weights"' in html and "RANDOM WEIGHTS" in html
+    assert "arms matched" in html and "▼ drop" in html
+    # every failed gate reason is shown
+    for r in gate["rules"]:
+        if not r["passed"]:
+            assert r["reason"].replace('"', "&#34;").replace(">", "&gt;") in html
+
+
+def test_no_gate_verdict_from_compare_and_no_banner_on_real_weights(tmp_path):
+    run = make_run(tmp_path / "r", n=40)
+    html = write_report(run).read_text()  # compare.json computed on the way
+    assert run.compare.exists() and not run.gate.exists()
+    assert "`forgetcheck gate` not run" in html and ">PASS<" in html
+    assert "RANDOM WEIGHTS" not in html
+
+
+def test_report_survives_missing_optional_files(tmp_path):
+    run = make_run(tmp_path / "r", n=30, with_train=False)
+    run.manifest.unlink()
+    ev = json.loads(run.eval_json("sft").read_text())
+    for t in ev["tasks"].values():
+        t.pop("samples")
+        t.pop("chance")
+    run.eval_json("sft").write_text(json.dumps(ev))
+    html = write_report(run).read_text()
+    assert "No training records" in html and "No memory records" in html and "No loss curves" in html
+    with pytest.raises(BadInput):
+        write_report(tmp_path / "nope")
+
+
+def test_report_cli(report):
+    run, _ = report
+    r = subprocess.run([sys.executable, "-m", "forgetcheck", "report", str(run.root)], capture_output=True, text=True)
+    assert r.returncode == 0 and "report.html" in r.stdout
+
+
+# ---- a real browser ---------------------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0"]
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: CI must run `make install-browser` before the tests")
+        pytest.skip("chromium is not installed (`make install-browser`)")
+    return exe
+
+
+def open_in_browser(path: Path, profile: Path) -> tuple[str, list[str]]:
+    """(DOM after load, console messages) of a local page in headless chromium."""
+    r = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", path.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    console = [line for line in r.stderr.splitlines() if ":CONSOLE" in line]
+    return r.stdout, console
+
+
+def test_browser_detects_console_errors(tmp_path):
+    """The check below can fail: a page with a console error, a throw and a blocked resource is caught."""
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!DOCTYPE html><html><head><meta http-equiv='Content-Security-Policy' content=\"default-src "
+                   "'none'; script-src 'unsafe-inline'\"></head><body><script>console.error('boom');"
+                   "throw new Error('bang')</script></body></html>")
+    _, console = open_in_browser(bad, tmp_path / "profile")
+    assert any("boom" in c for c in console) and any("bang" in c for c in console)
+
+
+def test_report_loads_in_chromium_and_charts_render(report, tmp_path):
+    run, html = report
+    dom, console = open_in_browser(run.report, tmp_path / "profile")
+    assert console == [], console
+    n_charts = html.count('class="chart')
+    assert n_charts >= 3
+    assert f'data-charts="{n_charts}/{n_charts}"' in dom  # the inline check ran and every chart drew shapes
+    for chart in ("chart-learn-forget", "chart-loss", "chart-memory"):
+        tag = re.search(rf'<svg[^>]*id="{chart}"[^>]*>', dom).group(0)
+        assert 'data-ok="1"' in tag, tag
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom

@@ -1,0 +1,139 @@
+"""Benchmark data and the lm-eval task YAMLs in tasks/: they hold no absolute paths, their metadata matches
+the data, and every task loads in lm-eval's TaskManager and scores a tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forgetcheck import benchdata, data
+from forgetcheck.config import repo_root
+from forgetcheck.errors import BadInput
+
+TASKS = repo_root() / "tasks"
+PPL_METRICS = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+
+
+def _yamls() -> dict[str, dict]:
+    return {f.name: yaml.safe_load(f.read_text()) for f in sorted(TASKS.glob("*.yaml"))}
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def bench(fc_home):
+    if not (benchdata.downloads_dir() / benchdata.BIGBENCH_SDIST).exists():
+        pytest.skip(f"{benchdata.BIGBENCH_SDIST} is not in the user's cache downloads/: run `make install` "
+                    f"(or `forgetcheck data prepare med`) once")
+    data.prepare_dataset("med")
+    return benchdata.prepare_bench()
+
+
+def test_yamls_are_portable_and_complete():
+    docs = _yamls()
+    tasks = {d["task"]: d for d in docs.values() if "task" in d and "group" not in d}
+    groups = {d["group"]: d["task"] for d in docs.values() if "group" in d}
+    assert set(groups) == {"forgetcheck_retention", "forgetcheck_domain"}
+    grouped = [t for g in groups.values() for t in g]
+    assert sorted(grouped) == sorted(tasks)  # every task in exactly one suite
+    for text in (f.read_text() for f in TASKS.iterdir() if f.suffix == ".yaml" or f.name.endswith("_yaml")):
+        assert not re.search(r"""["'\s](/root|/home|/tmp|/work|~/)""", text)
+        assert "!function" not in text
+    for name, d in tasks.items():
+        path = d["dataset_kwargs"]["data_files"]["test"]
+        assert path.startswith("${FORGETCHECK_HOME}/"), name
+        meta = d["metadata"]
+        assert meta["suite"] in benchdata.SUITES and meta["kind"] in ("multiple_choice", "perplexity")
+        assert name in groups[f"forgetcheck_{meta['suite']}"]
+        metrics = {m["metric"] for m in d.get("metric_list", [])} or {"acc"}  # MMLU's come from its template
+        assert meta["primary_metric"] in metrics, name
+        assert (meta["kind"] == "perplexity") == (d.get("output_type") == "loglikelihood_rolling")
+        assert meta["source"] and meta["licence"] and meta["items"] > 0
+
+
+def test_suite_tasks_and_task_info():
+    retention = benchdata.suite_tasks("retention")
+    domain = benchdata.suite_tasks("domain")
+    assert len(retention) >= 10 and {"fc_mmlu_medical", "fc_med_terms", "fc_med_text_ppl"} == set(domain)
+    info = benchdata.task_info("fc_winogrande")
+    assert info["suite"] == "retention" and info["chance"] == 0.5 and info["kind"] == "multiple_choice"
+    ppl = benchdata.task_info("fc_squad_shifts_ppl")
+    assert ppl["kind"] == "perplexity" and ppl["chance"] is None and ppl["higher_is_better"] is False
+    assert "${" not in ppl["data_file"]
+    with pytest.raises(BadInput, match="fc_winogrande"):
+        benchdata.task_info("winogrand")
+    with pytest.raises(BadInput):
+        benchdata.suite_tasks("everything")
+
+
+def test_metadata_matches_built_data(bench):
+    files = bench["files"]
+    for name in benchdata.suite_tasks("retention") + benchdata.suite_tasks("domain"):
+        info = benchdata.task_info(name)
+        rows = _lines(Path(info["data_file"]))
+        assert info["items"] == len(rows), name
+        if info["kind"] == "multiple_choice":
+            key = "contexts" if "contexts" in rows[0] else "choices"
+            chance = sum(1 / len(r[key]) for r in rows) / len(rows)
+            assert info["chance"] == pytest.approx(chance, abs=1e-3), name
+            fname = Path(info["data_file"]).name
+            if fname in files:
+                assert files[fname]["items"] == len(rows)
+
+
+def test_mmlu_split_keeps_medicine_out_of_retention(bench):
+    home = benchdata.bench_dir()
+    medical = set(benchdata.MEDICAL_SUBJECTS)
+    total = 0
+    for cat in benchdata.MMLU_CATEGORIES:
+        rows = _lines(home / f"mmlu_{cat}.jsonl")
+        assert rows and not {r["subject"] for r in rows} & medical
+        total += len(rows)
+    med_rows = _lines(home / "mmlu_medical.jsonl")
+    assert {r["subject"] for r in med_rows} == medical
+    assert total + len(med_rows) == 14042  # the full MMLU test set, header rows skipped
+    assert all(0 <= r["answer"] < 4 and len(r["choices"]) == 4 for r in med_rows)
+
+
+def test_render_is_idempotent(bench):
+    out = benchdata.render_tasks_dir()
+    files = sorted(out.iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert benchdata.render_tasks_dir() == out
+    assert [f.stat().st_mtime_ns for f in sorted(out.iterdir())] == stamps
+    text = (out / "fc_med_terms.yaml").read_text()
+    assert "${FORGETCHECK_HOME}" not in text and str(Path(benchdata.forgetcheck_home()).resolve()) in text
+
+
+def test_every_task_loads_and_scores_in_lm_eval(bench, tiny_ref):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from forgetcheck import models
+
+    model, tok = models.load(tiny_ref)
+    tm = TaskManager(include_path=str(benchdata.render_tasks_dir()), include_defaults=False)
+    names = benchdata.suite_tasks("retention") + benchdata.suite_tasks("domain")
+    out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=8), tasks=names,
+                                  task_manager=tm, limit=2, log_samples=True)
+    for name in names:
+        info = benchdata.task_info(name)
+        res = out["results"][name]
+        assert f"{info['primary_metric']},none" in res, (name, res)
+        assert out["configs"][name]["metadata"]["suite"] == info["suite"]
+        samples = out["samples"][name]
+        assert len(samples) == 2
+        if info["kind"] == "multiple_choice":
+            for s in samples:
+                for context, continuation in s["arguments"]:
+                    assert continuation.startswith(" ") and not continuation.startswith("  "), (name, continuation)
+                    assert context and not context.endswith(" "), name
+        else:
+            assert set(res) >= {f"{m},none" for m in PPL_METRICS}
