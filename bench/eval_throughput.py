@@ -1,0 +1,130 @@
+"""Throughput of `forgetcheck eval` (backend fast and hf) against stock lm-eval, side by side, same items.
+
+    python bench/eval_throughput.py [--model smollm2-135m] [--tasks a,b,c] [--limit 12] [--repeats 3]
+
+Each engine scores the same tasks and the same items (forgetcheck's deterministic --limit subset, passed to
+stock lm-eval as `samples=`) with the same model folder, fp32, on the same device:
+  * `lm-eval hf (stock)`: `lm_eval.simple_evaluate(model="hf", model_args="pretrained=<folder>,dtype=float32")`;
+  * `forgetcheck hf`:   `forgetcheck.evaluation.evaluate(..., EvalConfig(backend="hf"))` (stock HFLM inside);
+  * `forgetcheck fast`: the same with `backend="fast"` (forgetcheck.fast_lm.FastLM).
+Wall time includes loading the model for every engine; forgetcheck's drift measurement (not done by stock
+lm-eval) is timed separately and left out. forgetcheck runs with an empty eval cache every time. Items/s
+counts benchmark items; tokens/s counts the tokens of every (context + continuation) request as lm-eval
+builds them, the same work units for all three engines. With --repeats N the median wall time is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_TASKS = "fc_mmlu_stem,fc_social_iqa,fc_hyperbaton"
+ENGINES = ("lm-eval hf (stock)", "forgetcheck hf", "forgetcheck fast")
+
+
+def _stock(ref, tasks_dir: Path, names: list[str], samples: dict, batch_size: int, device: str):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    t0 = time.perf_counter()
+    out = simple_evaluate(model="hf", model_args=f"pretrained={ref.path},dtype=float32", tasks=names,
+                          task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                          samples=samples or None, batch_size=batch_size, device=device, log_samples=True,
+                          bootstrap_iters=1000)
+    return time.perf_counter() - t0, out
+
+
+def _forgetcheck(ref, tasks_dir: Path, names: list[str], limit: int, backend: str, batch_size: int,
+                 device: str) -> tuple[float, float, dict]:
+    """(wall without drift, drift wall, eval doc), with an empty cache (a throwaway FORGETCHECK_HOME)."""
+    from forgetcheck.config import EvalConfig
+    from forgetcheck.evaluation import evaluate
+
+    saved = os.environ.get("FORGETCHECK_HOME")
+    with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
+        os.environ["FORGETCHECK_HOME"] = tmp
+        try:
+            t0 = time.perf_counter()
+            doc = evaluate(ref, EvalConfig(tasks=tuple(names), limit=limit, backend=backend, batch_size=batch_size),
+                           Path(tmp) / "eval" / f"{backend}.json", device=device, tasks_dir=tasks_dir)
+            wall = time.perf_counter() - t0
+        finally:
+            if saved is None:
+                os.environ.pop("FORGETCHECK_HOME", None)
+            else:
+                os.environ["FORGETCHECK_HOME"] = saved
+    drift_s = doc["timings"]["drift"]["wall_s"]
+    return wall - drift_s, drift_s, doc
+
+
+def _request_tokens(tok, out: dict, names: list[str]) -> int:
+    """Tokens of every request lm-eval built: context + continuation (multiple choice), the text (rolling)."""
+    n = 0
+    for name in names:
+        for s in out["samples"][name]:
+            for args in s["arguments"]:
+                n += len(tok("".join(str(a) for a in args), add_special_tokens=False)["input_ids"])
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default=DEFAULT_TASKS)
+    p.add_argument("--limit", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+
+    from forgetcheck import benchdata, models
+    from forgetcheck.config import EvalConfig
+    from forgetcheck.device import choose_device
+    from forgetcheck.evaluation import resolve_tasks, select_items
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    ref = models.resolve(a.model)
+    dev = choose_device(a.device)
+    tasks_dir = benchdata.render_tasks_dir()
+    specs = resolve_tasks(EvalConfig(tasks=tuple(names)), tasks_dir)
+    samples = {s.name: idx for s in specs if (idx := select_items(s.task, a.limit, s.kind)) is not None}
+    print(f"model {ref.name}; {dev.describe()}; tasks {', '.join(names)}; limit {a.limit}; batch size "
+          f"{a.batch_size}; repeats {a.repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+          flush=True)
+
+    walls: dict[str, list[float]] = {e: [] for e in ENGINES}
+    drift_walls: list[float] = []
+    items = tokens = None
+    for r in range(a.repeats):
+        print(f"\n--- repeat {r + 1}/{a.repeats}", flush=True)
+        wall, out = _stock(ref, tasks_dir, names, samples, a.batch_size, dev.device)
+        walls[ENGINES[0]].append(wall)
+        if items is None:
+            items = sum(len(out["samples"][n]) for n in names)
+            tokens = _request_tokens(models.load_tokenizer(ref), out, names)
+        for engine, backend in ((ENGINES[1], "hf"), (ENGINES[2], "fast")):
+            wall, drift_s, doc = _forgetcheck(ref, tasks_dir, names, a.limit, backend, a.batch_size, dev.device)
+            assert sum(t["n"] for t in doc["tasks"].values()) == items, "engines scored different item counts"
+            walls[engine].append(wall)
+            drift_walls.append(drift_s)
+        print("    " + "; ".join(f"{e}: {w[-1]:.1f} s" for e, w in walls.items()), flush=True)
+
+    stock = statistics.median(walls[ENGINES[0]])
+    print(f"\n{items} items, {tokens} request tokens per engine; median of {a.repeats} run(s); model load included, "
+          f"forgetcheck's drift pass ({statistics.median(drift_walls):.1f} s median) excluded\n")
+    print(f"{'engine':<22} {'wall s':>8} {'items/s':>9} {'tokens/s':>10} {'vs stock':>9}")
+    for engine, ws in walls.items():
+        w = statistics.median(ws)
+        print(f"{engine:<22} {w:>8.1f} {items / w:>9.2f} {tokens / w:>10.0f} {stock / w:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
