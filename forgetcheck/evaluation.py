@@ -55,7 +55,7 @@ DRIFT_TOP_K = 64
 DRIFT_TOKENS = 2048
 DRIFT_SEQ_LEN = 256
 BOOTSTRAP_ITERS = 1000  # acc stderr is closed-form; this only matters for bootstrapped metrics
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 BUILTIN_DRIFT_TEXT = (
     "The history of the city goes back more than two thousand years. It began as a small settlement on the "
@@ -487,8 +487,12 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
     """Evaluate `model_ref` on the tasks of `cfg`, write `out_file` (EvalFile) and the per-item files, and
     return the EvalFile dict. `reference`: an earlier eval JSON (the base) to measure KL drift against.
     `tasks_dir`: lm-eval task YAMLs to use instead of forgetcheck's rendered tasks/."""
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
 
+    # lm-eval shells out to `git describe` in the current folder (noise outside a repo); forgetcheck records
+    # its own version and git hash in manifest.json instead.
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     check(validate_eval(cfg))
     out_file = Path(out_file)
     label = label or out_file.stem

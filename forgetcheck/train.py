@@ -1,0 +1,448 @@
+"""`forgetcheck train`: full fine-tuning, one plain PyTorch loop for every arm (nanoGPT / LitGPT spirit).
+
+An arm changes only the data and the label mask:
+  * `sft`: each prompt/response pair is rendered with the tokenizer's chat template (a plain
+    "### Instruction / ### Response" template when it has none); loss on the response tokens (and the EOS)
+    only, or on everything with `include_prompt_loss`. Each example is truncated to seq_len.
+  * `cpt`: raw text + EOS, loss on every token.
+
+Both arms then go through the same packer: examples are concatenated, each with its own label mask, and the
+stream is cut into rows of exactly seq_len tokens (TRL's "wrapped" packing). An example that does not fit the
+rest of a row continues in the next row. So every row of both arms is full, no row is padded, and both arms
+feed exactly seq_len * micro_batch * grad_accum * nproc tokens per optimizer step: with
+steps = budget_tokens // tokens_per_step, their tokens_seen["forward"] are equal (and within one step of the
+budget), and they take the same optimizer steps. The loss is normalised by the label tokens of the whole
+accumulated batch (all micro-batches and ranks), so grad-accum K x micro 1 gives the gradient of 1 x K, padded
+rows included. Rows are built in a fixed order from `data_seed` (the data is reshuffled each epoch), so the
+data position of a resumed run is just the step number.
+
+Dropout is switched off while training (as LitGPT and Llama-style configs do): the same batch must give the
+same gradient, which the exact checks (accumulation, sharding, resume) rely on.
+
+Memory techniques (see plan.py): precision, grad_accum, grad_checkpointing, optim (8-bit AdamW), nproc (FSDP2
+through torchrun: sharding.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from forgetcheck import config as C
+from forgetcheck.errors import BadInput
+from forgetcheck.rundir import RunDir, atomic_write_json, read_json
+from forgetcheck.schema import SCHEMA_VERSION
+
+IGNORE = -100
+PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+# ---- data: the only place where the arms differ ----------------------------------------------------------
+
+def render_sft(tok, prompt: str, response: str) -> tuple[str, str]:
+    """(prompt text, response text) of one pair: the chat template when the tokenizer has one."""
+    if getattr(tok, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+        if full.startswith(head):
+            return head, full[len(head):]
+    return PLAIN_TEMPLATE.format(prompt=prompt), response
+
+
+def sft_example(tok, row: dict, seq_len: int, include_prompt_loss: bool) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one pair: prompt tokens masked (unless include_prompt_loss), EOS appended."""
+    head, tail = render_sft(tok, row["prompt"], row["response"])
+    p = tok(head, add_special_tokens=False)["input_ids"]
+    r = tok(tail, add_special_tokens=False)["input_ids"]
+    if not r or r[-1] != tok.eos_token_id:
+        r = r + [tok.eos_token_id]
+    ids = (p + r)[:seq_len]
+    labels = ((p if include_prompt_loss else [IGNORE] * len(p)) + r)[:seq_len]
+    return ids, labels
+
+
+def cpt_example(tok, row: dict) -> tuple[list[int], list[int]]:
+    ids = tok(row["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return ids, list(ids)
+
+
+@dataclass
+class Rows:
+    """Training rows in the order they are consumed: [n, seq_len] tensors."""
+
+    input_ids: object
+    labels: object
+    attention_mask: object
+
+
+def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int, n_rows: int, seq_len: int,
+         data_seed: int, pad_id: int) -> Rows:
+    """Concatenate examples (shuffled per epoch with data_seed + epoch) and cut the stream into n_rows full
+    rows of seq_len. `example(i)` tokenizes example i (each is tokenized once)."""
+    import torch
+
+    if n_examples == 0:
+        raise BadInput("the training data has no examples: check the domain's sft.jsonl / cpt.jsonl")
+    need = n_rows * seq_len
+    cache: dict[int, tuple[list[int], list[int]]] = {}
+    ids: list[int] = []
+    labels: list[int] = []
+    epoch = 0
+    while len(ids) < need:
+        order = list(range(n_examples))
+        random.Random(data_seed + epoch).shuffle(order)
+        before = len(ids)
+        for i in order:
+            if i not in cache:
+                cache[i] = example(i)
+            a, b = cache[i]
+            ids.extend(a)
+            labels.extend(b)
+            if len(ids) >= need:
+                break
+        if len(ids) == before:
+            raise BadInput("the training data tokenizes to nothing: check the domain's data files")
+        epoch += 1
+    t_ids = torch.tensor(ids[:need], dtype=torch.long).view(n_rows, seq_len)
+    t_lab = torch.tensor(labels[:need], dtype=torch.long).view(n_rows, seq_len)
+    return Rows(t_ids, t_lab, torch.ones_like(t_ids))
+
+
+def build_rows(arm: str, tok, data_path: Path, cfg: C.TrainConfig, n_rows: int) -> Rows:
+    from forgetcheck import data
+
+    if arm == "sft":
+        records = data.read_sft(data_path)
+        return pack(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),
+                    len(records), n_rows, cfg.seq_len, cfg.data_seed, tok.pad_token_id)
+    records = data.read_cpt(data_path)
+    return pack(lambda i: cpt_example(tok, records[i]), len(records), n_rows, cfg.seq_len, cfg.data_seed,
+                tok.pad_token_id)
+
+
+# ---- one optimizer step's gradient ------------------------------------------------------------------------
+
+def label_count(labels) -> int:
+    """Tokens that carry a loss: the model predicts labels[:, 1:] from the positions before them."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def micro_batch_loss(model, input_ids, labels, attention_mask, n_label_total: int, autocast) -> object:
+    """Summed next-token loss of one micro-batch divided by the label tokens of the WHOLE accumulated batch,
+    so that K accumulated micro-batches give exactly the gradient of one batch of K (padding included)."""
+    import torch.nn.functional as F
+
+    if bool(attention_mask.all()):  # full rows (always, with packing): the plain causal path is faster
+        attention_mask = None
+    with autocast():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+    return loss_sum / max(1, n_label_total)
+
+
+def accumulate(model, micro_batches: list[tuple], n_label_total: int, *, autocast=contextlib.nullcontext,
+               scale: float = 1.0, scaler=None) -> float:
+    """Forward/backward every micro-batch (input_ids, labels, attention_mask) into .grad; returns the
+    loss (sum over the micro-batches, per label token of the whole batch)."""
+    total = 0.0
+    for input_ids, labels, attention_mask in micro_batches:
+        loss = micro_batch_loss(model, input_ids, labels, attention_mask, n_label_total, autocast)
+        scaled = loss * scale
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += float(loss.detach())
+    return total
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+
+def tokens_per_step(cfg: C.TrainConfig) -> int:
+    return cfg.seq_len * cfg.micro_batch * cfg.grad_accum * cfg.nproc
+
+
+def optimizer_steps(cfg: C.TrainConfig) -> int:
+    return cfg.budget_tokens // tokens_per_step(cfg)
+
+
+def resume_dir(run: RunDir, arm: str) -> Path:
+    return run.ckpt(arm).parent / f"{arm}.resume"
+
+
+def _param_bytes(tensors) -> int:
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def _set_seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
+               rank: int = 0, world: int = 1, on_step: Callable[[int], None] | None = None) -> dict | None:
+    """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<arm>.json and
+    returns the record. `on_step(step)` is called after every optimizer step (tests use it to interrupt)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from forgetcheck import models, optim, plan, sharding
+    from forgetcheck.device import choose_precision, peak_memory_bytes, reset_peak_memory
+
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
+    steps = optimizer_steps(cfg)
+    rows_per_step = cfg.micro_batch * cfg.grad_accum * cfg.nproc
+
+    # the memory plan, from the architecture alone: refuse before loading anything that would not fit
+    from transformers import AutoConfig
+
+    arch = plan.arch_from_hf_config(AutoConfig.from_pretrained(model_ref.path))
+    mem_plan = plan.plan_memory(arch, cfg)
+    say(plan.format_plan(mem_plan, plan.plan_memory(arch, plan.baseline(cfg))))
+    say(plan.check_fits(mem_plan, device, cfg.force))
+
+    # model, precision, techniques
+    _set_seed(cfg.seed)
+    dtypes = choose_precision(cfg.precision, device)
+    say(f"precision: {dtypes.reason}")
+    model, tok = models.load(model_ref, device=device)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if cfg.precision == "bf16-true":
+        warnings.warn("--precision bf16-true: pure bf16 weights lose small updates (lr * update below bf16's "
+                      "resolution); use bf16-mixed to keep fp32 master weights", stacklevel=2)
+        model.to(torch.bfloat16)
+    if cfg.grad_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if world > 1:
+        sharding.shard_model(model)
+    optimizer = optim.build_optimizer(model.parameters(), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_lambda(steps, cfg))
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
+    if dtypes.autocast_dtype:
+        dev_type = "cuda" if device.startswith("cuda") else "cpu"
+        amp_dtype = getattr(torch, dtypes.autocast_dtype)
+
+        def autocast():
+            return torch.autocast(dev_type, dtype=amp_dtype)
+    else:
+        autocast = contextlib.nullcontext
+
+    rows = build_rows(arm, tok, data_path, cfg, steps * rows_per_step)
+
+    # resume
+    state = {"step": 0, "loss_curve": [], "lr_curve": [], "tokens": {"forward": 0, "padding": 0, "label": 0}}
+    rdir = resume_dir(run, arm)
+    if sharding.has_resume(rdir, cfg):
+        state = sharding.load_resume(rdir, model, optimizer, scheduler, scaler, world=world, rank=rank)
+        say(f"resumed {arm} from step {state['step']} of {steps} ({rdir})")
+
+    say(f"training {arm}: {steps} optimizer steps x {tokens_per_step(cfg)} tokens "
+        f"(budget {cfg.budget_tokens} tokens, seq-len {cfg.seq_len}, micro-batch {cfg.micro_batch}, "
+        f"grad-accum {cfg.grad_accum}, nproc {cfg.nproc})")
+    reset_peak_memory(device)
+    measured_components = None
+    bar = tqdm(total=steps, initial=state["step"], desc=f"train {arm}", disable=not main, unit="step",
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    session_tokens = 0
+    step_s: list[float] = []
+    for step in range(state["step"], steps):
+        t_step = time.perf_counter()
+        lo = step * rows_per_step
+        step_ids = rows.input_ids[lo:lo + rows_per_step]
+        step_lab = rows.labels[lo:lo + rows_per_step]
+        step_mask = rows.attention_mask[lo:lo + rows_per_step]
+        n_label = label_count(step_lab)
+        micro = []
+        for k in range(cfg.grad_accum):  # rows of accumulation step k, then rank, then micro-batch
+            a = (k * world + rank) * cfg.micro_batch
+            micro.append(tuple(t[a:a + cfg.micro_batch].to(device) for t in (step_ids, step_lab, step_mask)))
+        # FSDP2 averages gradients over ranks; scale by world so the result is sum / n_label of the joined batch
+        loss = accumulate(model, micro, n_label, autocast=autocast, scale=float(world), scaler=scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if measured_components is None:
+            measured_components = {
+                "weights": _param_bytes(model.parameters()),
+                "gradients": _param_bytes(p.grad for p in model.parameters()),
+                "optimizer_state": optim.optimizer_state_bytes(optimizer),
+            }
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = sharding.sum_over_ranks(loss, world)
+        del grad_norm
+        forward = int(step_mask.sum())
+        state["tokens"]["forward"] += forward
+        state["tokens"]["padding"] += int(step_mask.numel()) - forward
+        state["tokens"]["label"] += n_label
+        state["loss_curve"].append([step + 1, round(loss, 6)])
+        state["lr_curve"].append([step + 1, lr])
+        state["step"] = step + 1
+        session_tokens += forward
+        step_s.append(round(time.perf_counter() - t_step, 4))
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{session_tokens / max(elapsed, 1e-9):,.0f}")
+        bar.update(1)
+        if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < steps:
+            sharding.save_resume(rdir, model, optimizer, scheduler, scaler, state, cfg, world=world, rank=rank)
+        if on_step is not None:
+            on_step(state["step"])
+    bar.close()
+    wall = time.perf_counter() - t0
+    peak, method = peak_memory_bytes(device)
+
+    ckpt = run.ckpt(arm)
+    sharding.save_hf_checkpoint(model, tok, ckpt, model_ref, arm, world=world, rank=rank)
+    if not main:
+        return None
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "train",
+        "arm": arm,
+        "base": model_ref.name,
+        "base_ref": model_ref.to_dict(),
+        "random_weights": model_ref.random_weights,
+        "data": str(data_path),
+        "tokens_seen": state["tokens"],
+        "budget_tokens": cfg.budget_tokens,
+        "tokens_per_step": tokens_per_step(cfg),
+        "optimizer_steps": state["step"],
+        "loss_curve": state["loss_curve"],
+        "lr_curve": state["lr_curve"],
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(session_tokens / wall, 2) if wall > 0 else None,
+        "step_s": step_s,
+        "memory": {
+            "planned": {**mem_plan["per_device"], "total": mem_plan["per_device_total"]},
+            "measured_components": measured_components,
+            "measured_peak_bytes": peak,
+            "method": method,
+            "note": "planned and measured_components are per device (rank 0); the peak is rank 0's process",
+        },
+        "packing": "wrapped: examples concatenated with their own label masks, cut into full seq_len rows",
+        "config": C.to_dict(cfg),
+        "checkpoint": str(ckpt),
+    }
+    atomic_write_json(run.train_json(arm), record)
+    shutil.rmtree(rdir, ignore_errors=True)
+    say(f"{arm}: {state['step']} steps, {state['tokens']['forward']} tokens, final loss "
+        f"{state['loss_curve'][-1][1] if state['loss_curve'] else float('nan'):.4f}, {wall:.1f} s; "
+        f"checkpoint {ckpt}")
+    return record
+
+
+def _data_path(arm: str, domain) -> Path:
+    path = getattr(domain, arm, None)
+    if path is None:
+        raise BadInput(f"domain '{domain.name}' has no {arm}.jsonl, so arm '{arm}' cannot train: add the file "
+                       f"or drop the arm with --arms")
+    return Path(path)
+
+
+def validate(arm: str, cfg: C.TrainConfig, device: str) -> None:
+    """Every problem with this training request, raised at once before anything heavy starts."""
+    from forgetcheck import optim
+
+    problems = [] if arm in C.ARMS else [f"unknown arm '{arm}': choose from {', '.join(C.ARMS)}"]
+    C.check(problems + C.validate_train(cfg) + optim.check_combination(cfg, device))
+
+
+def reusable(run: RunDir, arm: str, cfg: C.TrainConfig) -> dict | None:
+    """The existing record when train/<arm>.json and its checkpoint are there for this same config."""
+    if not (run.train_json(arm).exists() and (run.ckpt(arm) / "config.json").exists()):
+        return None
+    record = read_json(run.train_json(arm))
+    if json.loads(json.dumps(record.get("config"))) != json.loads(json.dumps(C.to_dict(cfg))):
+        return None
+    return record
+
+
+def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
+              on_step: Callable[[int], None] | None = None) -> dict:
+    """Train `arm` of `run` on `domain` from `model_ref`; writes run.train_json(arm) and run.ckpt(arm) and
+    returns the record. Reuses a finished arm; resumes an interrupted one from run.ckpt(arm)/../<arm>.resume/.
+    With cfg.nproc > 1 the loop runs under torchrun (FSDP2)."""
+    validate(arm, cfg, device)
+    record = reusable(run, arm, cfg)
+    if record is not None:
+        print(f"{arm}: already trained ({run.train_json(arm)}): reused")
+        return record
+    data_path = _data_path(arm, domain)
+    if cfg.nproc > 1:
+        from forgetcheck import sharding
+
+        sharding.launch(arm, model_ref, data_path, cfg, run, device)
+        return read_json(run.train_json(arm))
+    return train_loop(arm, model_ref, data_path, cfg, run, device=device, on_step=on_step)
+
+
+
+def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, run: RunDir, device: str = "auto") -> list[dict]:
+    """`forgetcheck train`: validate every arm at once, then train each into `run` (reusing finished ones)."""
+    from forgetcheck import data as D
+    from forgetcheck import models, optim
+    from forgetcheck.device import choose_device
+
+    problems = [] if arms else ["--arms is empty: give at least one of sft,cpt"]
+    problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(C.ARMS)}" for a in arms if a not in C.ARMS]
+    problems += C.validate_train(cfg)
+    model_ref = domain = None
+    try:
+        model_ref = models.resolve(base, prepare=False)
+    except BadInput as e:
+        problems.append(str(e))
+    try:
+        domain = D.load_domain(data, prepare=False)
+    except BadInput as e:
+        problems.append(str(e))
+    if domain is not None:
+        problems += [f"--data {data} has no {a}.jsonl, so arm '{a}' cannot train: add it or drop the arm with --arms"
+                     for a in arms if a in C.ARMS and getattr(domain, a) is None]
+    dev = choose_device(device)
+    problems += optim.check_combination(cfg, dev.device)
+    C.check(problems)
+    model_ref = models.resolve(base, prepare=True)
+    domain = D.load_domain(data, prepare=True)
+    print(dev.describe())
+    print("train config: " + json.dumps(C.to_dict(cfg), separators=(",", ":")))
+    if model_ref.random_weights:
+        print(f"NOTE: --base {base} has RANDOM WEIGHTS: plumbing only")
+    records = []
+    for arm in arms:
+        records.append(train_arm(arm, model_ref, domain, cfg, run, device=dev.device))
+    for r in records:
+        print(f"{r['arm']}: {r['optimizer_steps']} steps, tokens forward {r['tokens_seen']['forward']} "
+              f"(label {r['tokens_seen']['label']}, padding {r['tokens_seen']['padding']}), "
+              f"{r['tokens_per_s']} tokens/s, peak {r['memory']['measured_peak_bytes'] / 1e9:.2f} GB "
+              f"(planned {r['memory']['planned']['total'] / 1e9:.2f} GB) -> {r['checkpoint']}")
+    return records

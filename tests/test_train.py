@@ -1,0 +1,334 @@
+"""forgetcheck train on the tiny random GPT-2, CPU: budget parity, label masks, the memory techniques,
+checkpoints, resume and FSDP2."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgetcheck import optim, sharding, train
+from forgetcheck.config import TrainConfig
+from forgetcheck.data import DomainData
+from forgetcheck.errors import BadInput
+from forgetcheck.rundir import RunDir
+
+WORDS = ("fever cough anemia insulin biopsy cardiac renal hepatic tumor lesion dose therapy chronic acute "
+         "symptom syndrome patient clinical nerve muscle").split()
+
+CFG = TrainConfig(budget_tokens=4 * 2 * 32, seq_len=32, micro_batch=2, grad_accum=1, lr=1e-3, warmup_frac=0.25,
+                  seed=0, data_seed=0)
+
+
+def _text(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory) -> DomainData:
+    root = tmp_path_factory.mktemp("domain")
+    with open(root / "sft.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": f"What is {_text(i, 3)}?", "response": _text(i + 1, 4 + i % 9),
+                                "id": i}) + "\n")
+    with open(root / "cpt.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"text": _text(i, 10 + i % 17)}) + "\n")
+    return DomainData(name="fixture", root=root, sft=root / "sft.jsonl", cpt=root / "cpt.jsonl", heldout=None,
+                      packaged=False)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def both_arms(tiny_ref, domain, tmp_path_factory):
+    run = RunDir(tmp_path_factory.mktemp("run"))
+    return run, {arm: train.train_arm(arm, tiny_ref, domain, CFG, run) for arm in ("sft", "cpt")}
+
+
+def test_arms_share_budget_steps_and_schedule(both_arms):
+    run, rec = both_arms
+    sft, cpt = rec["sft"], rec["cpt"]
+    assert sft["optimizer_steps"] == cpt["optimizer_steps"] == CFG.budget_tokens // (32 * 2) == 4
+    assert abs(sft["tokens_seen"]["forward"] - cpt["tokens_seen"]["forward"]) <= CFG.seq_len
+    assert abs(sft["tokens_seen"]["forward"] - CFG.budget_tokens) <= CFG.seq_len
+    assert sft["lr_curve"] == cpt["lr_curve"]
+    lrs = [lr for _, lr in sft["lr_curve"]]
+    assert lrs[0] == pytest.approx(CFG.lr) and lrs[-1] == pytest.approx(CFG.lr * CFG.min_lr_ratio)
+    # SFT trains on responses only; CPT on every token (a row's first token is never predicted)
+    assert cpt["tokens_seen"]["label"] == cpt["tokens_seen"]["forward"] - 4 * 2
+    assert 0 < sft["tokens_seen"]["label"] < cpt["tokens_seen"]["label"]
+    assert sft["tokens_seen"]["padding"] == cpt["tokens_seen"]["padding"] == 0
+    on_disk = json.loads(run.train_json("sft").read_text())
+    assert on_disk["schema_version"] == 1 and on_disk["random_weights"] is True
+    assert on_disk["memory"]["measured_peak_bytes"] > 0 and on_disk["memory"]["planned"]["weights"] > 0
+    assert len(on_disk["loss_curve"]) == 4
+
+
+def test_weights_change_in_every_arm(both_arms, tiny_ref):
+    run, _ = both_arms
+    base = _weights(tiny_ref.path)
+    for arm in ("sft", "cpt"):
+        trained = _weights(run.ckpt(arm))
+        changed = sum(int((trained[k] != base[k]).sum()) for k in base)
+        total = sum(v.numel() for v in base.values())
+        assert changed / total > 0.5, arm
+        marker = json.loads((run.ckpt(arm) / "forgetcheck.json").read_text())
+        assert marker["random_weights"] is True and marker["arm"] == arm
+
+
+def test_finished_arm_is_reused(both_arms, tiny_ref, domain):
+    run, rec = both_arms
+    stamp = run.ckpt("cpt").stat().st_mtime_ns
+    again = train.train_arm("cpt", tiny_ref, domain, CFG, run)
+    assert again == rec["cpt"] and run.ckpt("cpt").stat().st_mtime_ns == stamp
+
+
+def test_sft_masks_prompt_and_plain_template(tiny_ref):
+    from forgetcheck import models
+
+    tok = models.load_tokenizer(tiny_ref)
+    row = {"prompt": "Name a bone.", "response": "The femur."}
+    ids, labels = train.sft_example(tok, row, 64, include_prompt_loss=False)
+    head, _ = train.render_sft(tok, row["prompt"], row["response"])
+    n_prompt = len(tok(head, add_special_tokens=False)["input_ids"])
+    assert head.startswith("### Instruction:")  # GPT-2 has no chat template
+    assert labels[:n_prompt] == [train.IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
+    ids2, labels2 = train.sft_example(tok, row, 64, include_prompt_loss=True)
+    assert ids2 == ids and labels2 == ids
+    ids3, labels3 = train.sft_example(tok, row, 5, include_prompt_loss=False)
+    assert len(ids3) == len(labels3) == 5
+
+
+def test_sft_uses_chat_template_when_present(tiny_ref):
+    from forgetcheck import models
+
+    tok = models.load_tokenizer(tiny_ref)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    head, tail = train.render_sft(tok, "Name a bone.", "The femur.")
+    assert head == "<|user|>Name a bone.\n<|assistant|>" and tail == "The femur.\n"
+
+
+def test_packing_fills_rows_and_keeps_masks():
+    examples = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [6, 7, 8, 9])]
+    rows = train.pack(lambda i: examples[i], 3, n_rows=4, seq_len=5, data_seed=0, pad_id=0)
+    assert rows.input_ids.shape == (4, 5) and bool(rows.attention_mask.all())
+    stream = rows.input_ids.flatten().tolist()
+    labels = rows.labels.flatten().tolist()
+    lookup = {tok: lab for ex in examples for tok, lab in zip(*ex)}
+    assert all(lookup[t] == lab for t, lab in zip(stream, labels))
+    assert sorted(stream[:9]) == list(range(1, 10))  # one whole epoch first, in a shuffled order
+
+
+def _padded_batch(vocab: int, seq_len: int = 16):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (4, seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    for r, real in enumerate((16, 9, 12, 5)):
+        mask[r, real:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = train.IGNORE
+    labels[1, :4] = train.IGNORE  # a masked prompt too
+    return ids, labels, mask
+
+
+def test_grad_accum_equals_one_big_batch_with_padded_rows(tiny_ref):
+    from forgetcheck import models
+
+    model, _ = models.load(tiny_ref)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ids, labels, mask = _padded_batch(model.config.vocab_size)
+    n = train.label_count(labels)
+
+    def grads(micro):
+        model.zero_grad(set_to_none=True)
+        train.accumulate(model, micro, n)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    one = grads([(ids, labels, mask)])
+    accum = grads([(ids[i:i + 1], labels[i:i + 1], mask[i:i + 1]) for i in range(4)])
+    rel = float((one - accum).norm() / one.norm())
+    assert rel < 1e-5
+    # the naive loss/K per micro-batch is what this guards against: it differs visibly with padded rows
+    model.zero_grad(set_to_none=True)
+    for i in range(4):
+        (train.micro_batch_loss(model, ids[i:i + 1], labels[i:i + 1], mask[i:i + 1],
+                                train.label_count(labels[i:i + 1]), train.contextlib.nullcontext) / 4).backward()
+    naive = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert float((one - naive).norm() / one.norm()) > 1e-2
+
+
+def test_checkpoint_reloads_to_identical_logits(tiny_ref, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from forgetcheck import models
+
+    model, tok = models.load(tiny_ref)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    sharding.save_hf_checkpoint(model, tok, tmp_path / "ck", tiny_ref, "sft", world=1, rank=0)
+    assert list((tmp_path / "ck").glob("*.safetensors"))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    x = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, again(x).logits)
+    assert models.resolve(str(tmp_path / "ck")).random_weights is True
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_ref, domain, tmp_path):
+    cfg = replace(CFG, budget_tokens=6 * 2 * 32, save_every=2)
+    full = RunDir(tmp_path / "full")
+    train.train_arm("cpt", tiny_ref, domain, cfg, full)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step):
+        if step == 3:
+            raise Killed
+
+    cut = RunDir(tmp_path / "cut")
+    with pytest.raises(Killed):
+        train.train_arm("cpt", tiny_ref, domain, cfg, cut, on_step=kill_at_3)
+    assert json.loads((train.resume_dir(cut, "cpt") / "meta.json").read_text())["step"] == 2
+    assert not cut.train_json("cpt").exists()
+    rec = train.train_arm("cpt", tiny_ref, domain, cfg, cut)
+    assert rec["optimizer_steps"] == 6
+    assert rec["loss_curve"] == json.loads(full.train_json("cpt").read_text())["loss_curve"]
+    assert _max_diff(_weights(full.ckpt("cpt")), _weights(cut.ckpt("cpt"))) == 0.0
+    assert not train.resume_dir(cut, "cpt").exists()
+
+
+def test_bf16_mixed_and_grad_checkpointing_train(tiny_ref, domain, tmp_path):
+    cfg = replace(CFG, budget_tokens=2 * 2 * 32, precision="bf16-mixed", grad_checkpointing=True)
+    rec = train.train_arm("cpt", tiny_ref, domain, cfg, RunDir(tmp_path))
+    assert rec["optimizer_steps"] == 2 and all(loss == loss for _, loss in rec["loss_curve"])
+    from forgetcheck import models
+
+    n_params = sum(p.numel() for p in models.load(tiny_ref)[0].parameters())
+    mem = rec["memory"]["measured_components"]
+    assert mem["weights"] == mem["gradients"] == 4 * n_params  # fp32 master weights and gradients
+
+
+def test_bf16_true_warns(tiny_ref, domain, tmp_path):
+    cfg = replace(CFG, budget_tokens=2 * 32, micro_batch=1, precision="bf16-true")
+    with pytest.warns(UserWarning, match="bf16-true"):
+        rec = train.train_arm("cpt", tiny_ref, domain, cfg, RunDir(tmp_path))
+    assert rec["optimizer_steps"] == 2
+
+
+@pytest.mark.slow  # torchao compiles its step once per parameter shape: ~30 s on 2 CPU cores
+def test_adamw8bit_state_under_2_5_bytes_per_param():
+    if optim.eightbit_backend() is None:
+        pytest.skip("neither torchao nor bitsandbytes is installed (pip install 'forgetcheck[optim8bit]')")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # 8-bit state is kept for tensors whose size is a multiple of the 256-value block (GPT-2 124M's are; the
+    # tiny model's 50257 x 64 embedding is not, so it would stay fp32): hidden 256 here.
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=4, n_embd=256, n_positions=64))
+    model.train()
+    opt = optim.build_optimizer(model.parameters(), replace(CFG, optim="adamw8bit"))
+    x = torch.randint(0, 1000, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    per_param = optim.optimizer_state_bytes(opt) / n
+    assert 1.5 < per_param < 2.5
+    fp32 = torch.optim.AdamW(model.parameters())
+    fp32.step()
+    assert optim.optimizer_state_bytes(fp32) / n >= 8
+
+
+def test_impossible_combinations_are_refused(monkeypatch):
+    monkeypatch.setattr(optim, "eightbit_backend", lambda: "bitsandbytes")
+    with pytest.raises(BadInput, match="torchao"):
+        train.validate("sft", replace(CFG, optim="adamw8bit", nproc=2, budget_tokens=10_000), "cpu")
+    monkeypatch.setattr(optim, "eightbit_backend", lambda: None)
+    with pytest.raises(BadInput, match="optim8bit"):
+        train.validate("sft", replace(CFG, optim="adamw8bit"), "cpu")
+    with pytest.raises(BadInput, match="bf16-mixed"):
+        train.validate("sft", replace(CFG, precision="fp16-mixed"), "cpu")
+    with pytest.raises(BadInput, match="less than one optimizer step"):
+        train.validate("cpt", replace(CFG, budget_tokens=10), "cpu")
+
+
+def test_refuses_when_plan_does_not_fit(tiny_ref, domain, tmp_path, monkeypatch):
+    from forgetcheck import plan
+
+    monkeypatch.setattr(plan, "device_capacity", lambda device: (1_000_000, "test capacity"))
+    with pytest.raises(BadInput, match="does not fit.*--force"):
+        train.train_arm("cpt", tiny_ref, domain, CFG, RunDir(tmp_path / "a"))
+    assert not RunDir(tmp_path / "a").train_json("cpt").exists()
+    rec = train.train_arm("cpt", tiny_ref, domain, replace(CFG, budget_tokens=64, micro_batch=1, force=True),
+                          RunDir(tmp_path / "b"))
+    assert rec["optimizer_steps"] == 2
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_process_on_joined_batch(tiny_ref, domain, tmp_path):
+    one = RunDir(tmp_path / "one")
+    two = RunDir(tmp_path / "two")
+    cfg1 = replace(CFG, budget_tokens=3 * 2 * 32, micro_batch=2, nproc=1)
+    cfg2 = replace(CFG, budget_tokens=3 * 2 * 32, micro_batch=1, nproc=2)
+    r1 = train.train_arm("sft", tiny_ref, domain, cfg1, one)
+    r2 = train.train_arm("sft", tiny_ref, domain, cfg2, two)
+    assert r1["optimizer_steps"] == r2["optimizer_steps"] == 3
+    assert r1["tokens_seen"] == r2["tokens_seen"]
+    assert _max_diff(_weights(one.ckpt("sft")), _weights(two.ckpt("sft"))) < 1e-5
+    assert Path(two.ckpt("sft") / "forgetcheck.json").exists()
+
+
+def test_cli_train_writes_the_run_and_refuses_bad_flags(tiny_ref, domain, tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "forgetcheck", "train", "--base", "tiny-gpt2", "--data", str(domain.root),
+            "--run", str(run), "--seq-len", "32", "--micro-batch", "2"]
+    r = subprocess.run(base + ["--arms", "cpt", "--budget-tokens", "128"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((run / "train" / "cpt.json").read_text())
+    assert rec["optimizer_steps"] == 2 and "weights+grads+optim" in r.stdout and "tokens/s" in r.stdout
+    assert (run / "ckpt" / "cpt" / "model.safetensors").exists()
+    r = subprocess.run(base + ["--arms", "sft,xyz", "--budget-tokens", "10", "--precision", "fp16-mixed",
+                               "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()[-1]
+    assert "xyz" in err and "--budget-tokens" in err and "fp16-mixed" in err
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_after_crash_matches_uninterrupted(tiny_ref, domain, tmp_path, monkeypatch):
+    from forgetcheck.errors import RuntimeFailure
+
+    cfg = replace(CFG, budget_tokens=4 * 2 * 32, micro_batch=1, nproc=2, save_every=2)
+    full = RunDir(tmp_path / "full")
+    train.train_arm("cpt", tiny_ref, domain, cfg, full)
+    cut = RunDir(tmp_path / "cut")
+    monkeypatch.setenv(sharding.FAIL_AT_STEP_ENV, "3")
+    with pytest.raises(RuntimeFailure):
+        train.train_arm("cpt", tiny_ref, domain, cfg, cut)
+    assert json.loads((train.resume_dir(cut, "cpt") / "meta.json").read_text())["step"] == 2
+    monkeypatch.delenv(sharding.FAIL_AT_STEP_ENV)
+    rec = train.train_arm("cpt", tiny_ref, domain, cfg, cut)
+    assert rec["loss_curve"] == json.loads(full.train_json("cpt").read_text())["loss_curve"]
+    assert _max_diff(_weights(full.ckpt("cpt")), _weights(cut.ckpt("cpt"))) == 0.0
