@@ -268,6 +268,7 @@ def run(
     optim: Optional[str] = typer.Option(None, "--optim", help="adamw | adamw8bit"),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes for FSDP2 sharding."),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Resumable training checkpoint every N steps (0: none)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Eval backend: fast | hf (stock lm-eval HFLM)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
     max_drop: float = typer.Option(2.0, "--max-drop", help="Gate: max significant drop on a retention task (points)."),
@@ -286,7 +287,7 @@ def run(
         preset,
         dict(budget_tokens=budget_tokens, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
              precision=precision, grad_checkpointing=grad_checkpointing, optim=optim, nproc=nproc, seed=seed,
-             data_seed=seed),
+             data_seed=seed, save_every=save_every),
         dict(suites=C.split_csv(suite), tasks=C.split_csv(tasks), limit=limit, backend=backend),
     )
     cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out), run_id=run_id,

@@ -468,8 +468,9 @@ def budget_block(run: RunDir, arms: list[str]) -> dict:
         seen = tr.get("tokens_seen") or {}
         per_arm[arm] = {"tokens_forward": seen.get("forward"), "tokens_padding": seen.get("padding"),
                         "tokens_label": seen.get("label"), "budget_tokens": tr.get("budget_tokens"),
-                        "optimizer_steps": tr.get("optimizer_steps"), "wall_s": tr.get("wall_s"),
-                        "tokens_per_s": tr.get("tokens_per_s")}
+                        "optimizer_steps": tr.get("optimizer_steps")}
+        # Wall-clock figures stay in train/<arm>.json: compare.json holds only what the data decides, so an
+        # interrupted-and-resumed run compares identically to an uninterrupted one.
         seq_len = seq_len or (tr.get("config") or {}).get("seq_len")
     out: dict[str, Any] = {"arms": per_arm, "seq_len": seq_len, "matched": None, "reasons": []}
     if len(per_arm) < 2:

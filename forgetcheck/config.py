@@ -119,12 +119,13 @@ PRESET_VALUES: dict[str, dict[str, dict]] = {
         "eval": {"limit": 40},
     },
     "standard": {
-        "train": {"budget_tokens": 400_000, "seq_len": 512, "micro_batch": 8, "grad_accum": 2, "lr": 2e-5},
+        "train": {"budget_tokens": 400_000, "seq_len": 512, "micro_batch": 8, "grad_accum": 2, "lr": 2e-5,
+                  "save_every": 50},
         "eval": {"limit": 200},
     },
     "full": {
         "train": {"budget_tokens": 4_000_000, "seq_len": 1024, "micro_batch": 8, "grad_accum": 4, "lr": 2e-5,
-                  "precision": "bf16-mixed"},
+                  "precision": "bf16-mixed", "save_every": 50},
         "eval": {"limit": None},
     },
 }

@@ -75,6 +75,12 @@ def prepare(cfg: C.RunConfig, resume: Path | None = None):
     domain = data.load_domain(cfg.data, prepare=True)
     benchdata.prepare_bench()  # instant once built; the first time reads the bigbench sdist (~20 s)
     device = choose_device(cfg.device)
+    if resume is None and not domain.packaged and "domain" in cfg.eval.suites and not cfg.eval.tasks:
+        # The packaged domain suite measures `med`; a user's own data has no domain benchmark of its own yet.
+        _print(f"note: the 'domain' suite measures the packaged med data, not {cfg.data}: running retention only "
+               f"(learning is not measured; pick domain tasks with --tasks to measure it)")
+        suites = tuple(s for s in cfg.eval.suites if s != "domain") or ("retention",)
+        cfg = replace(cfg, eval=replace(cfg.eval, suites=suites))
     if resume is None:
         run = RunDir.new(cfg.out_dir, cfg.base, cfg.data, cfg.run_id)
         if run.exists():
