@@ -1,6 +1,7 @@
 """Throughput of `forgetcheck eval` (backend fast and hf) against stock lm-eval, side by side, same items.
 
-    python bench/eval_throughput.py [--model smollm2-135m] [--tasks a,b,c] [--limit 12] [--repeats 3]
+    python bench/eval_throughput.py [--model smollm2-135m] [--tasks a,b,c | --suite retention] [--limit 12]
+                                    [--repeats 3]
 
 Each engine scores the same tasks and the same items (forgetcheck's deterministic --limit subset, passed to
 stock lm-eval as `samples=`) with the same model folder, fp32, on the same device:
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tasks", default=DEFAULT_TASKS)
+    p.add_argument("--suite", default=None, help="Every task of this suite (overrides --tasks).")
     p.add_argument("--limit", type=int, default=12)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     from forgetcheck.evaluation import resolve_tasks, select_items
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    names = (benchdata.suite_tasks(a.suite) if a.suite
+             else [t.strip() for t in a.tasks.split(",") if t.strip()])
     ref = models.resolve(a.model)
     dev = choose_device(a.device)
     tasks_dir = benchdata.render_tasks_dir()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import random
 import re
 import shutil
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from forgetcheck.config import forgetcheck_home, repo_root
 from forgetcheck.errors import BadInput, RuntimeFailure
-from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, atomic_write_text, replace_dir
 
 BUILD_VERSION = 2
 SEED = "forgetcheck-bench-v1"
@@ -315,13 +314,7 @@ def prepare_bench(*, force: bool = False) -> dict:
             "build_s": round(time.perf_counter() - t0, 2),
         }
         atomic_write_json(tmp / "manifest.json", man)
-        old = None
-        if final.exists():
-            old = final.parent / f".bench.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -115,8 +115,8 @@ class RunConfig:
 # with smollm2-135m (training ~140 tokens/s, forward ~600 tokens/s: DESIGN.md); `full` uses every item.
 PRESET_VALUES: dict[str, dict[str, dict]] = {
     "quick": {
-        "train": {"budget_tokens": 24_576, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 5e-5},
-        "eval": {"limit": 40},
+        "train": {"budget_tokens": 32_768, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 5e-5},
+        "eval": {"limit": 50},
     },
     "standard": {
         "train": {"budget_tokens": 400_000, "seq_len": 512, "micro_batch": 8, "grad_accum": 2, "lr": 2e-5,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import random
 import re
 import shutil
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from forgetcheck.config import forgetcheck_home
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl
+from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, replace_dir
 
 BUILD_VERSION = 2  # bump when the builder's output changes: a prepared folder of another version is rebuilt
 SPLIT_SEED = "forgetcheck-med-v1"
@@ -251,13 +250,7 @@ def prepare_dataset(name: str, *, force: bool = False) -> dict:
         manifest = _BUILDERS[name](tmp)
         manifest["build_s"] = round(time.perf_counter() - t0, 2)
         atomic_write_json(tmp / "manifest.json", manifest)
-        old = None
-        if final.exists():
-            old = final.parent / f".{name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

