@@ -29,10 +29,10 @@ demo:
 	$(PY) -m forgetcheck run --base smollm2-135m --data med --preset quick
 
 test:
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow"
 
 test-slow:
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m slow
 
 bench:
 	$(PY) bench/eval_throughput.py

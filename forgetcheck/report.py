@@ -278,11 +278,13 @@ def _num(v, digits=1):
 
 
 def _signed(v, digits=1):
-    return "–" if v is None else f"{v:+.{digits}f}"
+    if v is None:
+        return "–"
+    return f"{(v if round(v, digits) != 0 else 0.0):+.{digits}f}"  # no "-0.00"
 
 
 def _ci(ci, digits=1):
-    return "–" if not ci else f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+    return "–" if not ci else f"[{_signed(ci[0], digits)}, {_signed(ci[1], digits)}]"
 
 
 def _pval(p):
