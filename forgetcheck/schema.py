@@ -62,6 +62,12 @@ class TrainFile(TypedDict, total=False):
     memory: dict[str, Any]  # planned (bytes per component), measured_peak_bytes, method
     config: dict[str, Any]
     checkpoint: str
+    base_ref: dict[str, Any]  # the resolved --base (models.ModelRef)
+    random_weights: bool  # copied from the base: a random-init base makes every result a plumbing check
+    data: str  # the domain file the arm read
+    tokens_per_step: int
+    step_s: list[float]  # wall seconds of each optimizer step
+    packing: str  # how rows were built (both arms: wrapped packing, no padding)
 
 
 def require(obj: Any, kind: str, path: str = "") -> dict:
