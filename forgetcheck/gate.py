@@ -54,8 +54,13 @@ def _p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.3g}"
 
 
+def signed(v: float, digits: int = 1) -> str:
+    """`+1.2` / `-0.4`, and `+0.0` rather than `-0.0` for what rounds to zero."""
+    return f"{(v if round(v, digits) != 0 else 0.0):+.{digits}f}"
+
+
 def _ci(ci) -> str:
-    return "no CI" if not ci else f"CI [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+    return "no CI" if not ci else f"CI [{signed(ci[0])}, {signed(ci[1])}]"
 
 
 def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
@@ -86,7 +91,7 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
             p = a.get("p_holm")
             base_s = t["base"].get("score_paired", t["base"].get("score"))
             nums = (f"{name} {t['metric']} {_f(base_s)} -> {_f(a.get('score'))} "
-                    f"(delta {a['delta']:+.1f} points, {level} {_ci(a.get('ci'))}, "
+                    f"(delta {signed(a['delta'])} points, {level} {_ci(a.get('ci'))}, "
                     f"Holm p={_p(p)})")
             vals = {"drop": drop, "p_holm": p, "max_drop": pol.max_drop, "alpha": alpha}
             if drop <= pol.max_drop + EPS:
@@ -108,7 +113,7 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
             drop = 0.0 - ret["delta"]
             p = ret.get("p_value")
             nums = (f"retention mean over {ret.get('n_tasks')} tasks {_f(ret.get('base_mean'))} -> "
-                    f"{_f(ret.get('arm_mean'))} (delta {ret['delta']:+.1f} points, {level} {_ci(ret.get('ci'))}, "
+                    f"{_f(ret.get('arm_mean'))} (delta {signed(ret['delta'])} points, {level} {_ci(ret.get('ci'))}, "
                     f"bootstrap p={_p(p)})")
             vals = {"drop": drop, "p_value": p, "max_mean_drop": pol.max_mean_drop, "alpha": alpha}
             if drop <= pol.max_mean_drop + EPS:
@@ -131,7 +136,7 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
             else:
                 g = dom["delta"]
                 nums = (f"domain mean {_f(dom.get('base_mean'))} -> {_f(dom.get('arm_mean'))} "
-                        f"(gain {g:+.1f} points, {level} {_ci(dom.get('ci'))})")
+                        f"(gain {signed(g)} points, {level} {_ci(dom.get('ci'))})")
                 ok = g >= pol.min_domain_gain - EPS
                 add("domain_gain", arm, ok, f"{nums}: {'at least' if ok else 'below'} the required "
                     f"{pol.min_domain_gain:g} points", gain=g, min_domain_gain=pol.min_domain_gain)

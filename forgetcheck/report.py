@@ -20,6 +20,7 @@ from typing import Any
 import jinja2
 
 from forgetcheck.errors import BadInput
+from forgetcheck.gate import signed
 from forgetcheck.rundir import RunDir, atomic_write_text, read_json
 
 TEMPLATE = "report.html.j2"
@@ -278,9 +279,7 @@ def _num(v, digits=1):
 
 
 def _signed(v, digits=1):
-    if v is None:
-        return "–"
-    return f"{(v if round(v, digits) != 0 else 0.0):+.{digits}f}"  # no "-0.00"
+    return "–" if v is None else signed(v, digits)
 
 
 def _ci(ci, digits=1):
