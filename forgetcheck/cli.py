@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -29,6 +29,40 @@ app.add_typer(data_app, name="data")
 
 def echo(msg: str = "") -> None:
     typer.echo(msg)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Options shared by `train` and `run`: one definition, one help text. Training flags default to None ("not
+# given"), so the preset fills them (config.apply_preset).
+# ------------------------------------------------------------------------------------------------------
+BaseOpt = Annotated[str, typer.Option("--base", help="Model to fine-tune: alias (smollm2-135m, tiny-gpt2), hub id, HF folder or .gguf.")]
+DataOpt = Annotated[str, typer.Option("--data", help="Domain data: packaged name (med) or a folder with sft.jsonl / cpt.jsonl.")]
+ArmsOpt = Annotated[str, typer.Option("--arms", help="Arms to train, comma-separated (sft, cpt).")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="quick (2-core CPU) | standard | full (every item; GPU): defaults for the flags below.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder that holds the run folders.")]
+RunIdOpt = Annotated[Optional[str], typer.Option("--run-id", help="Name of the new run folder (default: time-model-data).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]")]
+BudgetOpt = Annotated[Optional[int], typer.Option("--budget-tokens", help="Tokens each arm feeds forward (padding excluded).")]
+SeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per training row.")]
+MicroBatchOpt = Annotated[Optional[int], typer.Option("--micro-batch", help="Rows per forward pass (per process).")]
+GradAccumOpt = Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (warmup + cosine).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true")]
+GradCkptOpt = Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in backward.")]
+OptimOpt = Annotated[Optional[str], typer.Option("--optim", help="adamw | adamw8bit (torchao, else bitsandbytes)")]
+NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="Processes for FSDP2 sharding (torchrun).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed and data-order seed.")]
+PromptLossOpt = Annotated[Optional[bool], typer.Option("--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens.")]
+SaveEveryOpt = Annotated[Optional[int], typer.Option("--save-every", help="Resumable checkpoint every N steps (0: none).")]
+ForceOpt = Annotated[Optional[bool], typer.Option("--force/--no-force", help="Start even when the memory plan does not fit.")]
+
+
+def _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
+                 seed, include_prompt_loss, save_every, force) -> dict:
+    """The training flags as TrainConfig overrides (None: not given, the preset decides)."""
+    return dict(budget_tokens=budget_tokens, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
+                precision=precision, grad_checkpointing=grad_checkpointing, optim=optim, nproc=nproc, seed=seed,
+                data_seed=seed, include_prompt_loss=include_prompt_loss, save_every=save_every, force=force)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -114,27 +148,27 @@ def eval_cmd(
 # ------------------------------------------------------------------------------------------------------
 @app.command()
 def train(
-    base: str = typer.Option("smollm2-135m", "--base", help="Model to fine-tune: alias (smollm2-135m, tiny-gpt2), hub id, HF folder or .gguf."),
-    data: str = typer.Option("med", "--data", help="Domain data: packaged name (med) or a folder with sft.jsonl / cpt.jsonl."),
-    arms: str = typer.Option("sft,cpt", "--arms", help="Arms to train, comma-separated (sft, cpt)."),
+    base: BaseOpt = "smollm2-135m",
+    data: DataOpt = "med",
+    arms: ArmsOpt = "sft,cpt",
     run_dir: Optional[Path] = typer.Option(None, "--run", help="Run folder to train into (default: a new one under --out)."),
-    out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds the run folders."),
-    run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the new run folder."),
-    preset: str = typer.Option("quick", "--preset", help="quick | standard | full: defaults for the flags below."),
-    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Tokens fed forward per arm (padding excluded)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row."),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Rows per forward pass (per process)."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (warmup + cosine)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true"),
-    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing"),
-    optim: Optional[str] = typer.Option(None, "--optim", help="adamw | adamw8bit (torchao, else bitsandbytes)"),
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes for FSDP2 sharding (torchrun)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed and data-order seed."),
-    include_prompt_loss: Optional[bool] = typer.Option(None, "--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Resumable checkpoint every N steps (0: none)."),
-    force: Optional[bool] = typer.Option(None, "--force/--no-force", help="Start even when the memory plan does not fit."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    out: OutOpt = Path("runs"),
+    run_id: RunIdOpt = None,
+    preset: PresetOpt = "quick",
+    budget_tokens: BudgetOpt = None,
+    seq_len: SeqLenOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    grad_accum: GradAccumOpt = None,
+    lr: LrOpt = None,
+    precision: PrecisionOpt = None,
+    grad_checkpointing: GradCkptOpt = None,
+    optim: OptimOpt = None,
+    nproc: NprocOpt = None,
+    seed: SeedOpt = None,
+    include_prompt_loss: PromptLossOpt = None,
+    save_every: SaveEveryOpt = None,
+    force: ForceOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Fully fine-tune each arm (SFT, CPT) on the same token budget -> train/<arm>.json and ckpt/<arm>/."""
     from forgetcheck import config as C
@@ -143,9 +177,8 @@ def train(
 
     train_cfg, _ = C.apply_preset(
         preset,
-        dict(budget_tokens=budget_tokens, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
-             precision=precision, grad_checkpointing=grad_checkpointing, optim=optim, nproc=nproc, seed=seed,
-             data_seed=seed, include_prompt_loss=include_prompt_loss, save_every=save_every, force=force),
+        _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
+                     seed, include_prompt_loss, save_every, force),
         {},
     )
     rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
@@ -251,32 +284,34 @@ def gate(
 # ------------------------------------------------------------------------------------------------------
 @app.command()
 def run(
-    base: str = typer.Option("smollm2-135m", "--base", help="Model to fine-tune: alias (smollm2-135m, tiny-gpt2), hub id, HF folder or .gguf."),
-    data: str = typer.Option("med", "--data", help="Domain data: packaged name (med) or a folder with sft.jsonl / cpt.jsonl."),
+    base: BaseOpt = "smollm2-135m",
+    data: DataOpt = "med",
     suite: str = typer.Option("retention,domain", "--suite", help="Benchmark suites, comma-separated."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Restrict to these tasks, comma-separated."),
-    arms: str = typer.Option("sft,cpt", "--arms", help="Arms to train, comma-separated (sft, cpt)."),
-    preset: str = typer.Option("quick", "--preset", help="quick (2-core CPU, <= 20 min) | standard | full (every item; GPU)."),
-    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Training tokens per arm (padding excluded)."),
+    arms: ArmsOpt = "sft,cpt",
+    preset: PresetOpt = "quick",
     limit: Optional[int] = typer.Option(None, "--limit", help="Items per task (deterministic stratified subset)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
-    micro_batch: Optional[int] = typer.Option(None, "--micro-batch"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true"),
-    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing"),
-    optim: Optional[str] = typer.Option(None, "--optim", help="adamw | adamw8bit"),
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes for FSDP2 sharding."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Resumable training checkpoint every N steps (0: none)."),
+    budget_tokens: BudgetOpt = None,
+    seq_len: SeqLenOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    grad_accum: GradAccumOpt = None,
+    lr: LrOpt = None,
+    precision: PrecisionOpt = None,
+    grad_checkpointing: GradCkptOpt = None,
+    optim: OptimOpt = None,
+    nproc: NprocOpt = None,
+    seed: SeedOpt = None,
+    include_prompt_loss: PromptLossOpt = None,
+    save_every: SaveEveryOpt = None,
+    force: ForceOpt = None,
     backend: Optional[str] = typer.Option(None, "--backend", help="Eval backend: fast | hf (stock lm-eval HFLM)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    device: DeviceOpt = "auto",
     max_drop: float = typer.Option(2.0, "--max-drop", help="Gate: max significant drop on a retention task (points)."),
     max_mean_drop: float = typer.Option(1.0, "--max-mean-drop", help="Gate: max significant drop of the retention mean (points)."),
     alpha: float = typer.Option(0.05, "--alpha", help="Gate: significance level after Holm correction."),
     min_domain_gain: Optional[float] = typer.Option(None, "--min-domain-gain", help="Gate: required domain gain (points)."),
-    out: Path = typer.Option(Path("runs"), "--out", help="Folder that holds the run folders."),
-    run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of the run folder (default: time-model-data)."),
+    out: OutOpt = Path("runs"),
+    run_id: RunIdOpt = None,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json wins)."),
 ) -> None:
     """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> report -> gate (exit 0/1)."""
@@ -285,9 +320,8 @@ def run(
 
     train_cfg, eval_cfg = C.apply_preset(
         preset,
-        dict(budget_tokens=budget_tokens, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
-             precision=precision, grad_checkpointing=grad_checkpointing, optim=optim, nproc=nproc, seed=seed,
-             data_seed=seed, save_every=save_every),
+        _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
+                     seed, include_prompt_loss, save_every, force),
         dict(suites=C.split_csv(suite), tasks=C.split_csv(tasks), limit=limit, backend=backend),
     )
     cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out), run_id=run_id,
