@@ -12,6 +12,8 @@ Wall time includes loading the model for every engine; forgetcheck's drift measu
 lm-eval) is timed separately and left out. forgetcheck runs with an empty eval cache every time. Items/s
 counts benchmark items; tokens/s counts the tokens of every (context + continuation) request as lm-eval
 builds them, the same work units for all three engines. With --repeats N the median wall time is used.
+After the table, each forgetcheck engine's per-item results (first repeat) are compared with stock lm-eval's:
+the largest loglikelihood difference and the number of items whose correctness or is_greedy flags differ.
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ def _stock(ref, tasks_dir: Path, names: list[str], samples: dict, batch_size: in
 
 def _forgetcheck(ref, tasks_dir: Path, names: list[str], limit: int, backend: str, batch_size: int,
                  device: str) -> tuple[float, float, dict]:
-    """(wall without drift, drift wall, eval doc), with an empty cache (a throwaway FORGETCHECK_HOME)."""
+    """(wall without drift, drift wall, eval doc + its per-item rows under "rows"), with an empty cache (a
+    throwaway FORGETCHECK_HOME)."""
     from forgetcheck.config import EvalConfig
     from forgetcheck.evaluation import evaluate
+    from forgetcheck.rundir import read_jsonl
 
     saved = os.environ.get("FORGETCHECK_HOME")
     with tempfile.TemporaryDirectory(prefix="fc-bench-") as tmp:
@@ -55,6 +59,7 @@ def _forgetcheck(ref, tasks_dir: Path, names: list[str], limit: int, backend: st
             doc = evaluate(ref, EvalConfig(tasks=tuple(names), limit=limit, backend=backend, batch_size=batch_size),
                            Path(tmp) / "eval" / f"{backend}.json", device=device, tasks_dir=tasks_dir)
             wall = time.perf_counter() - t0
+            doc["rows"] = {n: read_jsonl(Path(tmp) / "eval" / t["samples"]) for n, t in doc["tasks"].items()}
         finally:
             if saved is None:
                 os.environ.pop("FORGETCHECK_HOME", None)
@@ -72,6 +77,30 @@ def _request_tokens(tok, out: dict, names: list[str]) -> int:
             for args in s["arguments"]:
                 n += len(tok("".join(str(a) for a in args), add_special_tokens=False)["input_ids"])
     return n
+
+
+def agreement(stock: dict, doc: dict) -> dict:
+    """Per-item comparison of a forgetcheck evaluation with stock lm-eval's logged samples: the largest
+    loglikelihood difference (multiple choice: every choice; perplexity: the document's sum), and how many
+    items differ in correctness (acc) or in a choice's is_greedy flag."""
+    worst_mc = worst_ppl = worst_rel = 0.0
+    flips = greedy = items = 0
+    for name, rows in doc["rows"].items():
+        by_id = {s["doc_id"]: s for s in stock["samples"][name]}
+        for row in rows:
+            s = by_id[row["doc_id"]]
+            items += 1
+            if "loglikelihoods" in row:
+                ref = [float(r[0]) for r in s["filtered_resps"]]
+                worst_mc = max(worst_mc, *(abs(a - b) for a, b in zip(ref, row["loglikelihoods"], strict=True)))
+                flips += row["correct"] != bool(s["acc"])
+                greedy += [bool(r[1]) for r in s["filtered_resps"]] != row["is_greedy"]
+            else:
+                ref = float(s["filtered_resps"][0])
+                worst_ppl = max(worst_ppl, abs(ref - row["loglikelihood"]))
+                worst_rel = max(worst_rel, abs(ref - row["loglikelihood"]) / max(1.0, abs(ref)))
+    return {"items": items, "max_abs_diff_mc": worst_mc, "max_abs_diff_ppl": worst_ppl, "max_rel_diff_ppl": worst_rel,
+            "correct_differs": flips, "greedy_differs": greedy}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     walls: dict[str, list[float]] = {e: [] for e in ENGINES}
     drift_walls: list[float] = []
     items = tokens = None
+    agree: dict[str, dict] = {}
     for r in range(a.repeats):
         print(f"\n--- repeat {r + 1}/{a.repeats}", flush=True)
         wall, out = _stock(ref, tasks_dir, names, samples, a.batch_size, dev.device)
@@ -117,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             assert sum(t["n"] for t in doc["tasks"].values()) == items, "engines scored different item counts"
             walls[engine].append(wall)
             drift_walls.append(drift_s)
+            if r == 0:
+                agree[engine] = agreement(out, doc)
         print("    " + "; ".join(f"{e}: {w[-1]:.1f} s" for e, w in walls.items()), flush=True)
 
     stock = statistics.median(walls[ENGINES[0]])
@@ -126,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     for engine, ws in walls.items():
         w = statistics.median(ws)
         print(f"{engine:<22} {w:>8.1f} {items / w:>9.2f} {tokens / w:>10.0f} {stock / w:>8.2f}x")
+    print("\nper-item agreement with stock lm-eval (first repeat):")
+    for engine, a in agree.items():
+        print(f"  {engine}: {a['items']} items; max |loglikelihood diff| multiple choice {a['max_abs_diff_mc']:.2e}, "
+              f"perplexity (document sums) {a['max_abs_diff_ppl']:.2e} ({a['max_rel_diff_ppl']:.1e} relative); correctness differs on "
+              f"{a['correct_differs']} item(s), is_greedy on {a['greedy_differs']}")
     return 0
 
 

@@ -27,6 +27,8 @@ scored positions (nats per token).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -307,7 +309,9 @@ def select_items(task, limit: int | None, kind: str) -> list[int] | None:
     labels, each label's items ordered by sha256(LIMIT_SEED + doc_hash). Only the dataset decides, so every
     model gets the same items, and a larger limit keeps the items of a smaller one within each stratum.
     """
-    docs = list(task.eval_docs)
+    docs = task.eval_docs
+    # a datasets.Dataset converts to Python in one call (row by row iteration costs ~20 us a row)
+    docs = docs.to_list() if hasattr(docs, "to_list") else list(docs)
     if limit is None or limit >= len(docs):
         return None
     rank = {}
@@ -482,30 +486,103 @@ def _bare_task_manager():
 
 # ---- evaluation ------------------------------------------------------------------------------------------
 
+JOINT_ITEMS = 2000
+"""Cache-missed tasks are scored together, in one `simple_evaluate` call, up to this many items per call: one
+call pays lm-eval's setup once and lets the backend batch (and share contexts) across tasks. A larger task runs
+alone, so a long evaluation still caches its finished tasks as it goes (an interrupted run resumes from them)."""
+
+
+@dataclass(frozen=True)
+class _Pending:
+    spec: TaskSpec
+    key: str  # cache key
+    indices: list[int] | None  # the --limit subset, None for every item
+    n_items: int
+
+
+def _joint_groups(pending: list[_Pending], max_items: int = JOINT_ITEMS) -> list[list[_Pending]]:
+    """Consecutive tasks packed into groups of at most `max_items` items (a larger task is a group alone)."""
+    groups: list[list[_Pending]] = []
+    for p in pending:
+        if groups and sum(q.n_items for q in groups[-1]) + p.n_items <= max_items:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
+
+
+@contextlib.contextmanager
+def _without_env_probe():
+    """For the duration of one simple_evaluate call, skip what lm-eval does after scoring to describe the
+    environment: `git describe` in the current folder and torch's collect_env (several subprocesses: pip,
+    lscpu, nvidia-smi, ...), which costs 0.5-1.6 s per call on the 2-core dev machine and is not stored by
+    forgetcheck (it records versions, git hash and device in manifest.json). Restored afterwards: other callers get stock lm-eval."""
+    import lm_eval.evaluator as ev
+
+    saved = ev.get_git_commit_hash, ev.add_env_info
+    ev.get_git_commit_hash, ev.add_env_info = (lambda: None), (lambda storage: None)
+    try:
+        yield
+    finally:
+        ev.get_git_commit_hash, ev.add_env_info = saved
+
+
+def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, dict, list[dict], dict]]:
+    """Score the tasks of `group` in one simple_evaluate call: (pending, result, per-item rows, timing) each."""
+    from lm_eval import simple_evaluate
+
+    lm = runner.lm()
+    samples = {p.spec.name: p.indices for p in group if p.indices}
+    t0 = time.perf_counter()
+    with _without_env_probe():
+        out = simple_evaluate(model=lm, tasks=[p.spec.task for p in group], task_manager=_bare_task_manager(),
+                              samples=samples or None, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
+    wall = time.perf_counter() - t0
+    done = []
+    total = 0
+    for p in group:
+        name = p.spec.name
+        rows = _records(p.spec, out["samples"][name], runner.tokenizer)
+        result = {"suite": p.spec.suite, "kind": p.spec.kind, "primary_metric": p.spec.primary_metric,
+                  "metrics": _metrics(out["results"][name], out["higher_is_better"].get(name, {})),
+                  "n": len(rows), "chance": p.spec.chance}
+        done.append((p, result, rows))
+        total += len(rows)
+    rate = total / wall if wall > 0 else float("inf")
+    joint = f" (scored with {len(group) - 1} other task(s) in one pass: {total} items)" if len(group) > 1 else ""
+    out_rows = []
+    for p, result, rows in done:
+        # a joint pass interleaves its tasks' requests, so the time and rate are the pass's, not the task's own
+        print(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){joint}", flush=True)
+        out_rows.append((p, result, rows, {"cached": False, "wall_s": round(wall, 3), "items": len(rows),
+                                           "items_per_s": round(rate, 3), "joint_tasks": len(group),
+                                           "joint_items": total}))
+    return out_rows
+
+
 def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: str = "cpu",
              reference: Path | None = None, label: str | None = None, tasks_dir: Path | None = None) -> dict:
     """Evaluate `model_ref` on the tasks of `cfg`, write `out_file` (EvalFile) and the per-item files, and
     return the EvalFile dict. `reference`: an earlier eval JSON (the base) to measure KL drift against.
     `tasks_dir`: lm-eval task YAMLs to use instead of forgetcheck's rendered tasks/."""
-    import lm_eval.evaluator
-    from lm_eval import simple_evaluate
-
-    # lm-eval shells out to `git describe` in the current folder (noise outside a repo); forgetcheck records
-    # its own version and git hash in manifest.json instead.
-    lm_eval.evaluator.get_git_commit_hash = lambda: None
     check(validate_eval(cfg))
     out_file = Path(out_file)
     label = label or out_file.stem
     dtype, dtype_reason = eval_dtype(device)
-    specs = resolve_tasks(cfg, tasks_dir)
-    ref_data = load_reference(reference) if reference is not None else None
-    mhash = model_hash(model_ref)
+    # hashing the weights (file reads and sha256, both outside the GIL) overlaps the mostly single-threaded
+    # task loading
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        hashing = pool.submit(model_hash, model_ref)
+        specs = resolve_tasks(cfg, tasks_dir)
+        ref_data = load_reference(reference) if reference is not None else None
+        mhash = hashing.result()
     versions = _versions()
     runner = _Model(model_ref, device, dtype, cfg)
     samples_dir = out_file.parent / "samples" / label
-    tasks: dict[str, dict] = {}
+    done: dict[str, tuple[dict, list[dict]]] = {}
     timings: dict[str, dict] = {}
     backends: set[str] = set()
+    missed: list[_Pending] = []
     for spec in specs:
         indices = select_items(spec.task, cfg.limit, spec.kind)
         n_items = len(indices) if indices is not None else len(spec.task.eval_docs)
@@ -518,24 +595,19 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
             backends.add(result.pop("backend_used"))
             print(f"  {spec.name}: cache hit, {len(rows)} items ({cache_dir() / key})", flush=True)
             timings[spec.name] = {"cached": True, "wall_s": round(time.perf_counter() - t0, 3), "items": len(rows)}
+            done[spec.name] = (result, rows)
         else:
             print(f"  {spec.name}: {n_items} items ({spec.kind}) ...", flush=True)
-            lm = runner.lm()
-            t0 = time.perf_counter()
-            out = simple_evaluate(model=lm, tasks=[spec.task], task_manager=_bare_task_manager(),
-                                  samples={spec.name: indices} if indices else None,
-                                  log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
-            wall = time.perf_counter() - t0
-            rows = _records(spec, out["samples"][spec.name], runner.tokenizer)
-            result = {"suite": spec.suite, "kind": spec.kind, "primary_metric": spec.primary_metric,
-                      "metrics": _metrics(out["results"][spec.name], out["higher_is_better"].get(spec.name, {})),
-                      "n": len(rows), "chance": spec.chance}
-            _cache_write(key, {**result, "backend_used": runner.backend_used}, rows)
+            missed.append(_Pending(spec, key, indices, n_items))
+    for group in _joint_groups(missed):
+        for p, result, rows, timing in _run_group(runner, group):
+            _cache_write(p.key, {**result, "backend_used": runner.backend_used}, rows)
             backends.add(runner.backend_used)
-            rate = len(rows) / wall if wall > 0 else float("inf")
-            print(f"  {spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s)", flush=True)
-            timings[spec.name] = {"cached": False, "wall_s": round(wall, 3), "items": len(rows),
-                                  "items_per_s": round(rate, 3)}
+            timings[p.spec.name] = timing
+            done[p.spec.name] = (result, rows)
+    tasks: dict[str, dict] = {}
+    for spec in specs:  # in the resolved order, whether cached or scored
+        result, rows = done[spec.name]
         sample_file = samples_dir / f"{spec.name}.jsonl"
         atomic_write_jsonl(sample_file, rows)
         tasks[spec.name] = {**result, "samples": str(sample_file.relative_to(out_file.parent))}

@@ -21,11 +21,14 @@ level by level: each level's rows sit after their parent's cached columns (the c
 batch with `index_select`), with explicit position ids and a 2D attention mask that hides the parent
 batch's padding. Root rows are right-padded from position 0 and called without a mask, exactly like HFLM.
 
-Rows are sorted by length (longest first, like HFLM) and batched `batch_size` rows per forward pass, several
-contexts per batch. The vocabulary projection is computed only at the scored positions (transformers'
-`logits_to_keep`). Log-softmax, greedy check and sum are HFLM's own operations, in the model's dtype (or
-`softmax_dtype`), so fp32 results agree to ~1e-5 and bf16 to bf16 rounding. Truncated contexts share only
-when their truncated windows agree (HFLM's window depends on the continuation's length).
+Rows are sorted by length (longest first, like HFLM) and cut into forward passes of at most `batch_size` rows
+and `token_budget` padded tokens, the cut chosen to minimise padding plus a per-pass cost (`_batches`), several
+contexts (of several tasks, when lm-eval hands them over together) per pass. The vocabulary projection is
+computed only at the scored positions (transformers' `logits_to_keep`). Log-softmax, greedy check and sum are
+HFLM's own operations, in the model's dtype (or `softmax_dtype`), taken `SCORE_CHUNK` positions at a time (a
+long rolling window holds no second full [positions, vocab] tensor), so fp32 results agree to ~1e-5 per token
+(batch shapes differ from HFLM's, so does float rounding) and bf16 to bf16 rounding. Truncated contexts share
+only when their truncated windows agree (HFLM's window depends on the continuation's length).
 
 Models whose cache is not a plain full-attention `DynamicCache` (sliding-window layers, for example) and
 encoder-decoder models fall back to HFLM's own method.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +53,9 @@ DEFAULT_BATCH_SIZE = 16
 
 
 MIN_STEM = 8  # shortest common prefix worth running once for several rows (a pass over it, a cache copy)
+TOKEN_BUDGET = 4096  # at most this many (padded) tokens per forward pass: long rows go fewer to a batch
+PASS_OVERHEAD = 64  # a forward pass costs about as much as this many more tokens (CPU, SmolLM2-135M: ~0.08 s)
+SCORE_CHUNK = 256  # positions scored at a time (bounds the [positions, vocab] temporaries of long rows)
 
 
 @dataclass
@@ -105,6 +112,29 @@ def plan_rows(requests, max_length: int, min_stem: int = MIN_STEM) -> list[_Row]
 def _by_length(rows: list[_Row]) -> list[_Row]:
     rows.sort(key=lambda r: (-len(r.tokens), r.tokens))  # longest first, as HFLM
     return rows
+
+
+def _batches(nodes: list, per_pass: int, token_budget: int | None, overhead: int = PASS_OVERHEAD) -> list[list]:
+    """`nodes` ((parent index, row), longest first) cut into consecutive batches of at most `per_pass` rows
+    and, when `token_budget` is set, at most that many padded tokens (rows x the first row's length; a longer
+    row goes alone). The cut minimises padded tokens plus `overhead` per forward pass (dynamic programming
+    over the sorted rows), so rows of very different lengths are not padded to the longest of them."""
+    lengths = [len(row.tokens) for _, row in nodes]
+    best = [0.0] + [math.inf] * len(nodes)  # best[j]: cost of the first j nodes
+    cut = [0] * (len(nodes) + 1)
+    for j in range(1, len(nodes) + 1):
+        for i in range(j - 1, max(-1, j - 1 - per_pass), -1):  # batch nodes[i:j], padded to lengths[i]
+            rows = j - i
+            if token_budget and rows > 1 and rows * lengths[i] > token_budget:
+                break
+            cost = best[i] + rows * lengths[i] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], len(nodes)
+    while j > 0:
+        out.append(nodes[cut[j]: j])
+        j = cut[j]
+    return out[::-1]
 
 
 def _common_length(a: list[int], b: list[int]) -> int:
@@ -185,6 +215,7 @@ class FastLM(HFLM):
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keeps_logits = "logits_to_keep" in params
         self.min_stem = MIN_STEM
+        self.token_budget = TOKEN_BUDGET
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -217,8 +248,9 @@ class FastLM(HFLM):
     def _forward(self, input_ids, keep=None, **kwargs):
         """One no-grad forward pass (with HFLM's autocast); logits at positions `keep` (1D) or all."""
         if keep is not None and self._keeps_logits:
-            kwargs["logits_to_keep"] = keep
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+            whole = keep.numel() == input_ids.shape[1]  # every position (rolling windows): no index copy
+            kwargs["logits_to_keep"] = 0 if whole else keep
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
             out = self.model(input_ids=input_ids, **kwargs)
         logits = out.logits
@@ -227,16 +259,25 @@ class FastLM(HFLM):
         return logits, getattr(out, self._cache_kwarg, None)
 
     def _score(self, logits: torch.Tensor, scored: _Scored, requests, res: list, pbar) -> None:
-        """HFLM's scoring of one row's continuation logits [n, vocab] for every request that shares them."""
-        logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype).unsqueeze(0)  # [1, n, vocab]
-        greedy = logprobs.argmax(dim=-1)
-        for i in scored.requests:
-            key, _, continuation = requests[i]
-            cont = torch.tensor(continuation, dtype=torch.long, device=self.device).unsqueeze(0)
-            is_greedy = bool((greedy[:, -cont.shape[1]:] == cont).all())
-            picked = torch.gather(logprobs, 2, cont.unsqueeze(-1)).squeeze(-1)
-            answer = (float(picked.sum()), is_greedy)
+        """HFLM's scoring of one row's continuation logits [n, vocab] for every request that shares them:
+        log_softmax (in HFLM's `softmax_dtype`), greedy check, sum of the continuation's log-probabilities.
+        Positions are taken `SCORE_CHUNK` at a time, so a long row (a rolling window of thousands of positions)
+        never materialises its whole [n, vocab] log-probabilities next to the logits."""
+        n = logits.shape[0]
+        conts = [torch.tensor(requests[i][2], dtype=torch.long, device=logits.device) for i in scored.requests]
+        picked: list[list[torch.Tensor]] = [[] for _ in conts]
+        greedy = [True] * len(conts)
+        for a in range(0, n, SCORE_CHUNK):
+            logprobs = F.log_softmax(logits[a: a + SCORE_CHUNK], dim=-1, dtype=self.softmax_dtype)
+            best = logprobs.argmax(dim=-1)
+            for r, cont in enumerate(conts):
+                part = cont[a: a + SCORE_CHUNK]
+                picked[r].append(torch.gather(logprobs, 1, part.unsqueeze(1)).squeeze(1))
+                greedy[r] = greedy[r] and bool((best == part).all())
+        for r, i in enumerate(scored.requests):
+            answer = (float(torch.cat(picked[r]).sum()), greedy[r])  # summed as HFLM sums: one tensor sum
             res[i] = answer
+            key = requests[i][0]
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
             pbar.update(1)
@@ -266,8 +307,7 @@ class FastLM(HFLM):
         from transformers import DynamicCache
 
         dev = self.device
-        for c in range(0, len(nodes), per_pass):
-            chunk = nodes[c: c + per_pass]
+        for chunk in _batches(nodes, per_pass, self.token_budget):
             width = max(len(row.tokens) for _, row in chunk)
             input_ids = torch.zeros(len(chunk), width, dtype=torch.long)  # right padding, built on the host
             own_mask = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -296,9 +336,9 @@ class FastLM(HFLM):
             logits, out_cache = self._forward(input_ids, keep=keep, **kwargs)
             column = {p: k for k, p in enumerate(positions)}
             for k, (_, row) in enumerate(chunk):
-                if row.scored:
-                    cols = [column[p] for p in range(len(row.tokens) - row.scored.n_tokens, len(row.tokens))]
-                    self._score(logits[k, cols], row.scored, requests, res, pbar)
+                if row.scored:  # the row's scored positions are a run of consecutive kept columns
+                    first = column[len(row.tokens) - row.scored.n_tokens]
+                    self._score(logits[k, first: first + row.scored.n_tokens], row.scored, requests, res, pbar)
             del logits
             children = [(k, child) for k, (_, row) in enumerate(chunk) for child in row.children]
             if children:

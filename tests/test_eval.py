@@ -99,6 +99,27 @@ def test_matches_stock_lm_eval(backend, base_eval, stock, tiny_ref, tasks_dir, t
     assert doc["tasks"][MC]["chance"] == 0.25 and doc["tasks"][MC]["suite"] == "retention"
 
 
+def test_missed_tasks_share_one_lm_eval_call(base_eval):
+    """Both fixture tasks missed the cache, so one simple_evaluate call scored them; lm-eval's environment
+    probe, skipped during that call, is restored for other callers."""
+    import lm_eval.evaluator as ev
+    from lm_eval.loggers.utils import add_env_info, get_git_commit_hash
+
+    _, doc = base_eval
+    timings = doc["timings"]["tasks"]
+    assert {t["joint_tasks"] for t in timings.values()} == {2}
+    assert {t["joint_items"] for t in timings.values()} == {sum(t["n"] for t in doc["tasks"].values())}
+    assert ev.add_env_info is add_env_info and ev.get_git_commit_hash is get_git_commit_hash
+
+
+def test_joint_groups_cap_items():
+    from forgetcheck.evaluation import _joint_groups, _Pending
+
+    pending = [_Pending(spec=None, key=str(n), indices=None, n_items=n) for n in (50, 50, 3000, 10, 1990, 5)]
+    groups = _joint_groups(pending, max_items=2000)
+    assert [[p.n_items for p in g] for g in groups] == [[50, 50], [3000], [10, 1990], [5]]
+
+
 def test_second_evaluation_hits_cache(base_eval, tiny_ref, tasks_dir, capsys):
     from forgetcheck.evaluation import evaluate
 

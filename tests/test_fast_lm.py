@@ -173,6 +173,38 @@ def test_rolling_matches_hflm(tiny):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a) / 100), (a, b)
 
 
+def test_scoring_in_chunks_matches_hflm(tiny, monkeypatch):
+    """Positions scored a few at a time (as long rolling windows are) give the same results."""
+    import forgetcheck.fast_lm as fast_lm
+
+    _, _, hf, fast = tiny
+    monkeypatch.setattr(fast_lm, "SCORE_CHUNK", 5)
+    rng = random.Random(4)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(n)) for n in (3, 17, 90)]
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), 0, metadata=("fixture", i, 1)) for i, t in enumerate(texts)]
+    for a, b in zip(hf.loglikelihood_rolling(reqs, disable_tqdm=True),
+                    fast.loglikelihood_rolling(reqs, disable_tqdm=True), strict=True):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a) / 100), (a, b)
+    reqs = mc_requests(seed=5)
+    assert_same(hf.loglikelihood(reqs, disable_tqdm=True), fast.loglikelihood(reqs, disable_tqdm=True))
+
+
+def test_batches_cut_to_least_padding():
+    from forgetcheck.fast_lm import _batches, _Row
+
+    nodes = [(None, _Row(list(range(n)))) for n in (300, 200, 100, 50, 10, 10, 5)]
+
+    def widths(**kw):
+        return [[len(r.tokens) for _, r in b] for b in _batches(nodes, **kw)]
+
+    # a pass costs 64 tokens more: padding 100 to 200 (or 10 to 50) costs more than a pass, 50 to 100 less
+    assert widths(per_pass=4, token_budget=400, overhead=64) == [[300], [200], [100, 50], [10, 10, 5]]
+    # costly passes: fewer, padded batches, within 4 rows and 400 padded tokens (300 alone)
+    assert widths(per_pass=4, token_budget=400, overhead=1000) == [[300], [200, 100], [50, 10, 10, 5]]
+    assert widths(per_pass=2, token_budget=None, overhead=1000) == [[300, 200], [100], [50, 10], [10, 5]]
+    assert widths(per_pass=4, token_budget=100, overhead=0)[0] == [300]  # a long row still runs, alone
+
+
 def test_bf16_smoke(tiny_ref, tiny):
     _, _, _, fast32 = tiny
     model, tok = models.load(tiny_ref, dtype="bfloat16")
