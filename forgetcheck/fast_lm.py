@@ -284,10 +284,20 @@ class FastLM(HFLM):
 
     # ---- the method HFLM's loglikelihood and loglikelihood_rolling call --------------------------------
 
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """HFLM's own windows AND scoring: rolling windows share no context, so there is nothing to run once,
+        and HFLM's batching keeps every document's summed loglikelihood identical to stock lm-eval's (a
+        different batching changes fp32 rounding of sums of ~1,000 nats by ~1e-4)."""
+        self._exact_scoring = True
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._exact_scoring = False
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if not requests:
             return []
-        if not self._fast_path_ok():
+        if getattr(self, "_exact_scoring", False) or not self._fast_path_ok():
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         rows = plan_rows(requests, self.max_length, self.min_stem)
         res: list = [None] * len(requests)
