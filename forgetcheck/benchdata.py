@@ -17,7 +17,6 @@ suite, chance level, kind, primary metric, source and licence (`task_info`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import random
@@ -33,7 +32,13 @@ from pathlib import Path
 
 from forgetcheck.config import forgetcheck_home, repo_root
 from forgetcheck.errors import BadInput, RuntimeFailure
-from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, atomic_write_text, replace_dir
+from forgetcheck.rundir import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    file_sha256,
+    replace_dir,
+)
 
 BUILD_VERSION = 2
 SEED = "forgetcheck-bench-v1"
@@ -101,14 +106,6 @@ def _package_file(package: str, *parts: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0], *parts)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bigbench_sdist() -> Path:
     """The verified bigbench sdist in `$FORGETCHECK_HOME/downloads/`, fetched with pip when missing."""
     path = downloads_dir() / BIGBENCH_SDIST
@@ -122,7 +119,7 @@ def bigbench_sdist() -> Path:
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeFailure(f"could not download {BIGBENCH_SDIST} ({last}): check PyPI access, or put the "
                                  f"file in {downloads_dir()} yourself")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != BIGBENCH_SHA256:
         raise RuntimeFailure(f"{path} has sha256 {digest[:16]}..., expected {BIGBENCH_SHA256[:16]}...: delete it "
                              f"and run `forgetcheck data prepare` again")

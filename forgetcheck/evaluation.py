@@ -45,7 +45,14 @@ from typing import Any
 from forgetcheck.config import EvalConfig, check, forgetcheck_home, to_dict, validate_eval
 from forgetcheck.errors import BadInput
 from forgetcheck.models import ModelRef, content_hash
-from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, package_versions, read_json, read_jsonl
+from forgetcheck.rundir import (
+    atomic_write_json,
+    atomic_write_jsonl,
+    file_sha256,
+    package_versions,
+    read_json,
+    read_jsonl,
+)
 from forgetcheck.schema import SCHEMA_VERSION, require
 
 LIMIT_SEED = "forgetcheck-limit-v1"
@@ -151,21 +158,13 @@ def _data_files(cfg: dict) -> list[Path]:
     return [Path(f) for f in out]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def task_config_hash(task) -> str:
     """Hash of the task's resolved config (rendered YAML) and the content of every data file it reads."""
     cfg = task.dump_config()
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=_hashable).encode())
     for f in _data_files(cfg):
         h.update(f.name.encode())
-        h.update((_file_digest(f) if f.is_file() else "missing").encode())
+        h.update((file_sha256(f) if f.is_file() else "missing").encode())
     return h.hexdigest()[:16]
 
 
@@ -737,7 +736,7 @@ def load_reference(path: Path) -> dict:
     with np.load(npz) as z:
         data = {k: z[k] for k in z.files}
     data["file"] = str(npz)
-    data["hash"] = _file_digest(npz)[:16]
+    data["hash"] = file_sha256(npz)[:16]
     data["model"] = (doc.get("model") or {}).get("name")
     data["text_source"] = str((doc.get("drift") or {}).get("text", {}).get("source", ""))
     return data

