@@ -31,7 +31,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, read_json
+from forgetcheck.rundir import RunDir, atomic_write_json, confined, read_json
 from forgetcheck.schema import SCHEMA_VERSION, require
 
 PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -160,11 +160,26 @@ def load_eval(path: Path) -> dict:
     return require(read_json(path), "eval", str(path))
 
 
+COMPARE_FIELDS = {"arms": list, "tasks": dict, "suites": dict}
+
+
+def read_compare(path: Path) -> dict:
+    """compare.json, checked: a compare file of a schema_version this forgetcheck reads, with its fields."""
+    path = Path(path)
+    d = require(read_json(path), "compare", str(path))
+    for key, typ in COMPARE_FIELDS.items():
+        if not isinstance(d.get(key), typ):
+            raise BadInput(f"{path}: '{key}' is missing or not a JSON {'list' if typ is list else 'object'}: the "
+                           f"file is damaged or not forgetcheck's; re-run `forgetcheck compare`")
+    return d
+
+
 def load_items(eval_path: Path, task: str, entry: dict) -> list[dict] | None:
     rel = entry.get("samples")
     if not rel:
         return None
-    p = Path(eval_path).parent / rel
+    # a run folder may only point inside itself: a samples path is relative to the eval JSON's folder
+    p = confined(Path(eval_path).parent, rel, f"{eval_path}: tasks.{task}.samples")
     if not p.is_file():
         return None
     rows = []
@@ -334,7 +349,7 @@ def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float =
     if not 0 < alpha < 1:
         raise BadInput(f"--alpha must be in (0, 1) (got {alpha})")
     if n_boot < 100:
-        raise BadInput(f"n_boot must be at least 100 (got {n_boot})")
+        raise BadInput(f"--n-boot must be at least 100 (got {n_boot})")
     base = (Path(base_eval), load_eval(base_eval))
     arms = {arm: (Path(p), load_eval(p)) for arm, p in arm_evals.items()}
     if not arms:

@@ -17,6 +17,7 @@ Perplexity tasks are drift measurements in their own units, not points: they are
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -163,8 +164,13 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
 def load_policy(path: Path) -> dict:
     """A gate.toml: keys at the top level or under [gate]; '-' or '_' in names."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"--policy {path} is a folder: give a TOML file with max_drop, max_mean_drop, alpha, "
+                       "min_domain_gain")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"--policy {path}: not a UTF-8 text file; give a TOML file") from None
     except FileNotFoundError:
         raise BadInput(f"--policy {path} not found: give a TOML file with max_drop, max_mean_drop, alpha, "
                        "min_domain_gain") from None
@@ -177,8 +183,8 @@ def load_policy(path: Path) -> dict:
         raise BadInput(f"--policy {path}: unknown key(s) {', '.join(sorted(unknown))}; "
                        f"known: {', '.join(POLICY_KEYS)}")
     for k, v in out.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise BadInput(f"--policy {path}: {k} must be a number (got {v!r})")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise BadInput(f"--policy {path}: {k} must be a finite number (got {v!r})")
     return out
 
 
@@ -240,12 +246,18 @@ def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, pol
     """Gate a run directory (compare.json computed when absent) or a compare.json file. Writes gate.json
     beside compare.json. Returns (gate dict, exit code: 0 pass, 1 fail). `policy` (a dict may hold only
     some keys, None values meaning not given) overrides `policy_file`, which overrides the run's config."""
+    from forgetcheck.compare import read_compare
+    from forgetcheck.rundir import check_output_file
+
     target = Path(target)
+    for flag, path in (("--junit", junit), ("--markdown", markdown)):  # refused before anything is written
+        if path is not None:
+            check_output_file(Path(path), flag)
     run_config = None
     if target.is_dir():
         run = RunDir(target)
         if run.compare.exists():
-            compare = read_json(run.compare)
+            compare = read_compare(run.compare)
         elif run.eval_json("base").exists():
             from forgetcheck.compare import compare_run
 
@@ -257,7 +269,7 @@ def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, pol
             run_config = read_json(run.config)
         out = run.gate
     elif target.is_file():
-        compare = read_json(target)
+        compare = read_compare(target)
         out = target.parent / "gate.json"
         cfg = target.parent / "config.json"
         if cfg.exists():
@@ -265,6 +277,8 @@ def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, pol
     else:
         raise BadInput(f"{target} not found: give a run directory (runs/<id>) or its compare.json")
     require(compare, "compare", str(target))
+    if run_config is not None:
+        require(run_config, "config", "config.json beside the compare.json")
     overrides = dataclasses.asdict(policy) if isinstance(policy, GateConfig) else dict(policy or {})
     unknown = set(overrides) - set(POLICY_KEYS)
     if unknown:

@@ -199,10 +199,13 @@ def _load_optional(path: Path) -> dict | None:
 
 
 def build_view(run: RunDir) -> dict[str, Any]:
-    compare = read_json(run.compare)
+    from forgetcheck.compare import read_compare
+    from forgetcheck.schema import require
+
+    compare = read_compare(run.compare)
     config = _load_optional(run.config) or {}
     manifest = _load_optional(run.manifest) or {}
-    gate = read_json(run.gate)
+    gate = require(read_json(run.gate), "gate", str(run.gate))
     gate_source = "gate.json"
     arms = list(compare.get("arms") or [])
     colors = {a: ARM_COLORS.get(a, EXTRA_COLORS[i % len(EXTRA_COLORS)]) for i, a in enumerate(arms)}
