@@ -237,8 +237,7 @@ def test_bf16_true_warns(tiny_ref, domain, tmp_path):
 
 @pytest.mark.slow  # torchao compiles its step once per parameter shape: ~30 s on 2 CPU cores
 def test_adamw8bit_state_under_2_5_bytes_per_param():
-    if optim.eightbit_backend() is None:
-        pytest.skip("neither torchao nor bitsandbytes is installed (pip install 'forgetcheck[optim8bit]')")
+    assert optim.eightbit_backend() == "torchao", "torchao is a default dependency: pip install torchao"
     from transformers import GPT2Config, GPT2LMHeadModel
 
     # 8-bit state is kept for tensors whose size is a multiple of the 256-value block (GPT-2 124M's are; the
@@ -263,7 +262,7 @@ def test_impossible_combinations_are_refused(monkeypatch):
     with pytest.raises(BadInput, match="torchao"):
         train.validate("sft", replace(CFG, optim="adamw8bit", nproc=2, budget_tokens=10_000), "cpu")
     monkeypatch.setattr(optim, "eightbit_backend", lambda: None)
-    with pytest.raises(BadInput, match="optim8bit"):
+    with pytest.raises(BadInput, match="pip install torchao"):
         train.validate("sft", replace(CFG, optim="adamw8bit"), "cpu")
     with pytest.raises(BadInput, match="bf16-mixed"):
         train.validate("sft", replace(CFG, precision="fp16-mixed"), "cpu")
