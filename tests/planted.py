@@ -74,8 +74,12 @@ def copies(model_dir: Path, out: Path, noise: float = 5.0) -> tuple[Path, Path]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     same, damaged = out / "same", out / "damaged"
+    # one extra config field: another content hash, so the copy is evaluated afresh rather than read back from
+    # the base's cache entries (its weights are byte-identical)
+    model.config.forgetcheck_note = "unchanged copy"
     model.save_pretrained(same)
     tok.save_pretrained(same)
+    del model.config.forgetcheck_note
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.transformer.h[0].parameters():

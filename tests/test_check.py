@@ -69,6 +69,9 @@ def test_unchanged_copy_has_every_delta_exactly_zero(world):
     compare = read_json(world["run"].compare)
     base = read_json(world["run"].eval_json("base"))
     assert base["tasks"]["planted"]["metrics"]["acc"]["value"] == 1.0  # right by construction
+    same_eval = read_json(world["run"].eval_json("same"))
+    assert same_eval["timings"]["tasks"]["planted"]["cached"] is False  # scored afresh, not the base's entry
+    assert same_eval["model"]["content_hash"] != base["model"]["content_hash"]
     same = compare["tasks"]["planted"]["arms"]["same"]
     assert same["delta"] == 0.0 and same["ci"] == [0.0, 0.0]
     assert same["flips"] == {"right_to_wrong": 0, "wrong_to_right": 0}
