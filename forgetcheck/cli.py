@@ -245,7 +245,7 @@ def compare(
 def report(
     run: Path = typer.Argument(..., help="Run directory (runs/<id>)."),
 ) -> None:
-    """Write the run's self-contained report.html (computes compare.json first when absent)."""
+    """Write the run's self-contained report.html from its compare.json and gate.json (run those commands first)."""
     from forgetcheck.report import write_report
 
     path = write_report(_run_dir(run))

@@ -1,7 +1,7 @@
 """The report: a pure function from the run directory's JSON to one self-contained `report.html`.
 
-Reads compare.json (computed first when absent), gate.json (else the verdict is computed in memory from
-compare.json with the run's gate policy, and says so), train/<arm>.json, config.json and manifest.json.
+Reads compare.json and gate.json (when either is missing it names the command that writes it and writes
+nothing), train/<arm>.json, config.json and manifest.json; it writes report.html and nothing else.
 Charts are inline SVG laid out here and drawn by the Jinja2 template (autoescape, StrictUndefined): no
 JavaScript library, no CDN, no web font. A Content-Security-Policy forbids every external resource, and
 allows only the one inline script by its hash (it marks each chart `data-ok` for the browser test), so text
@@ -202,13 +202,8 @@ def build_view(run: RunDir) -> dict[str, Any]:
     compare = read_json(run.compare)
     config = _load_optional(run.config) or {}
     manifest = _load_optional(run.manifest) or {}
-    gate = _load_optional(run.gate)
+    gate = read_json(run.gate)
     gate_source = "gate.json"
-    if gate is None:
-        from forgetcheck.gate import decide, resolve_policy
-
-        gate = decide(compare, resolve_policy(config, None, {}))
-        gate_source = "computed from compare.json with the run's policy (`forgetcheck gate` not run)"
     arms = list(compare.get("arms") or [])
     colors = {a: ARM_COLORS.get(a, EXTRA_COLORS[i % len(EXTRA_COLORS)]) for i, a in enumerate(arms)}
     train = {}
@@ -317,13 +312,14 @@ def render(view: dict) -> str:
 
 
 def write_report(run: RunDir | Path | str) -> Path:
-    """Render `report.html` for a run directory (computing compare.json first when absent). Returns its path."""
+    """Render `report.html` for a run directory from its compare.json and gate.json. Returns its path.
+    A missing input is a BadInput naming the command that writes it; nothing is computed or written here."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     if not run.root.is_dir():
         raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by `forgetcheck run`")
-    if not run.compare.exists():
-        from forgetcheck.compare import compare_run
-
-        compare_run(run)
+    for path, cmd in ((run.compare, "compare"), (run.gate, "gate")):
+        if not path.is_file():
+            raise BadInput(f"{path} is missing: run `forgetcheck {cmd} {run.root}` first, then `forgetcheck "
+                           f"report {run.root}`")
     atomic_write_text(run.report, render(build_view(run)))
     return run.report

@@ -72,11 +72,20 @@ def test_verdict_first_and_sections(report):
             assert r["reason"].replace('"', "&#34;").replace(">", "&gt;") in html
 
 
-def test_no_gate_verdict_from_compare_and_no_banner_on_real_weights(tmp_path):
+def test_missing_compare_or_gate_names_the_command_and_writes_nothing(tmp_path):
     run = make_run(tmp_path / "r", n=40)
-    html = write_report(run).read_text()  # compare.json computed on the way
-    assert run.compare.exists() and not run.gate.exists()
-    assert "`forgetcheck gate` not run" in html and ">PASS<" in html
+    with pytest.raises(BadInput, match="forgetcheck compare"):
+        write_report(run)
+    assert not run.compare.exists() and not run.gate.exists() and not run.report.exists()
+    compare_run(run, n_boot=200)
+    with pytest.raises(BadInput, match="forgetcheck gate"):
+        write_report(run)
+    assert not run.gate.exists() and not run.report.exists()
+    r = subprocess.run([sys.executable, "-m", "forgetcheck", "report", str(run.root)], capture_output=True, text=True)
+    assert r.returncode == 2 and "forgetcheck gate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    gate_run(run.root)
+    html = write_report(run).read_text()
+    assert ">PASS<" in html and "Source: gate.json" in html
     assert "RANDOM WEIGHTS" not in html
 
 
@@ -88,6 +97,8 @@ def test_report_survives_missing_optional_files(tmp_path):
         t.pop("samples")
         t.pop("chance")
     run.eval_json("sft").write_text(json.dumps(ev))
+    compare_run(run, n_boot=200)
+    gate_run(run.root)
     html = write_report(run).read_text()
     assert "No training records" in html and "No memory records" in html and "No loss curves" in html
     with pytest.raises(BadInput):
