@@ -330,7 +330,9 @@ def update_manifest(run: RunDir, **fields: Any) -> dict:
     from forgetcheck.schema import SCHEMA_VERSION
 
     if run.manifest.exists():
-        man = read_json(run.manifest)
+        from forgetcheck.schema import require
+
+        man = require(read_json(run.manifest), "manifest", str(run.manifest))
     else:
         man = {
             "schema_version": SCHEMA_VERSION,

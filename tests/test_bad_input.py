@@ -421,6 +421,15 @@ CASES: list[Case] = [
     Case("plan-micro-batch-zero", ["plan", "--params", "7e9", "--micro-batch", "0"], (), r"--micro-batch"),
     Case("plan-nproc-zero", ["plan", "--params", "7e9", "--nproc", "0"], (), r"--nproc"),
     Case("plan-unknown-precision", ["plan", "--params", "7e9", "--precision", "fp4"], (), r"--precision"),
+    # -- check (models trained elsewhere) --------------------------------------------------------------------
+    Case("check-run-id-escapes", ["check", "--base", "tiny-gpt2", "--candidate", "{tmp}/model", "--out", "{tmp}/runs",
+                                  "--run-id", "../x", "--device", "cpu"], ("model",), r"--run-id"),
+    Case("check-out-is-file", ["check", "--base", "tiny-gpt2", "--candidate", "{tmp}/model", "--out", "{tmp}/afile",
+                               "--device", "cpu"], ("model", "file"), r"--out"),
+    Case("check-candidate-pickle", ["check", "--base", "tiny-gpt2", "--candidate", "{tmp}/model", "--out",
+                                    "{tmp}/runs", "--device", "cpu"], ("model",), r"pickle", custom=_evil_model),
+    Case("check-unknown-task", ["check", "--base", "tiny-gpt2", "--candidate", "{tmp}/model", "--out", "{tmp}/runs",
+                                "--tasks", "no_such_task", "--device", "cpu"], ("model",), r"unknown task"),
     # -- usage ---------------------------------------------------------------------------------------------
     Case("unknown-command", ["frobnicate"], (), r"frobnicate|command"),
     Case("unknown-option", ["gate", R, "--max-dorp", "1"], ("run",), r"--max-dorp|option"),
