@@ -84,13 +84,9 @@ ALLOWED_STATE_CLASSES = ("torchao.optim.subclass_8bit.OptimState8bit", "torchao.
                          "torchao.optim.subclass_fp8.OptimStateFp8")
 
 
-def load_state_file(rdir: Path, f: Path) -> dict:
-    """A torch.save file of the resume state, read with torch's weights-only unpickler: tensors, dicts, lists,
-    numbers and strings, plus the optimizer-state tensor classes of ALLOWED_STATE_CLASSES; a file naming any
-    other global is refused before anything is built."""
-    import importlib
-    import pickle
-
+def state_file_globals(rdir: Path, f: Path) -> list[str]:
+    """The globals a torch.save file names beyond torch's weights-only defaults, read without unpickling it;
+    BadInput when one is not in ALLOWED_STATE_CLASSES."""
     import torch
 
     if not f.is_file():
@@ -102,6 +98,38 @@ def load_state_file(rdir: Path, f: Path) -> dict:
     bad = [g for g in extra if g not in ALLOWED_STATE_CLASSES]
     if bad:
         raise _refuse(rdir, f, f"it names {bad[0]}, which is not a tensor or plain value")
+    return extra
+
+
+def check_resume_state(rdir: Path) -> None:
+    """Before any work on --resume: the resume state of an arm (when its meta.json says there is one) holds
+    only what load_resume will accept. Nothing is unpickled."""
+    rdir = Path(rdir)
+    meta = rdir / "meta.json"
+    if not meta.is_file():
+        return
+    saved = read_json(meta)
+    world = saved.get("world", 1) if isinstance(saved, dict) else None
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise _refuse(rdir, meta, "not a resume record")
+    if world == 1:
+        state_file_globals(rdir, rdir / STATE_FILE)
+    else:
+        check_dcp_metadata(rdir, rdir / "dcp")
+        for rank in range(world):
+            state_file_globals(rdir, rdir / f"rank{rank}.pt")
+
+
+def load_state_file(rdir: Path, f: Path) -> dict:
+    """A torch.save file of the resume state, read with torch's weights-only unpickler: tensors, dicts, lists,
+    numbers and strings, plus the optimizer-state tensor classes of ALLOWED_STATE_CLASSES; a file naming any
+    other global is refused before anything is built."""
+    import importlib
+    import pickle
+
+    import torch
+
+    extra = state_file_globals(rdir, f)
     classes = []
     for g in extra:
         module, name = g.rsplit(".", 1)

@@ -96,6 +96,13 @@ def prepare(cfg: C.RunConfig, resume: Path | None = None, given: dict | None = N
                            f"(runs/<id>)")
         saved = config_from_dict(read_json(run.config), run.config)
         problems, changes = C.resume_conflicts(saved, given or {}, run.root)
+        from forgetcheck import checkpoint
+
+        for arm in (a for a in saved.arms if a in C.ARMS):  # resume state checked now (never unpickled)
+            try:
+                checkpoint.check_resume_state(checkpoint.resume_dir(run, arm))
+            except BadInput as e:
+                problems.append(str(e))
         C.check(problems)
         gate_changes = {k: v for k, v in changes.items() if k != "force"}
         cfg = replace(saved, gate=replace(saved.gate, **gate_changes),
