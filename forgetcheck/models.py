@@ -457,8 +457,9 @@ def convert_pickle_folder(src: Path, dst: Path) -> Path:
 
 # ---- loading ---------------------------------------------------------------------------------------------
 
-def load(ref: ModelRef, *, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) on `device`, in eval mode. The tokenizer always has a pad token."""
+def load(ref: ModelRef, *, device: str = "cpu", dtype: str = "float32", device_map: str | None = None):
+    """(model, tokenizer) on `device`, in eval mode. The tokenizer always has a pad token. `device_map`
+    ("auto", "balanced", "sequential"): the layers spread over the visible GPUs by accelerate instead."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -467,14 +468,16 @@ def load(ref: ModelRef, *, device: str = "cpu", dtype: str = "float32"):
         check_model_folder(Path(ref.path), f"model {ref.name}")
     try:
         tok = AutoTokenizer.from_pretrained(ref.path)
+        extra = {"device_map": device_map} if device_map else {}
         # safetensors only: a pickle weights file is never unpickled (for hub ids as for folders)
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, use_safetensors=True, **extra)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"model {ref.name}: cannot load it ({first[:200]}); {OFFLINE_ALTERNATIVES}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(device)
+    if not device_map:
+        model.to(device)
     model.eval()
     return model, tok
 
