@@ -164,7 +164,7 @@ def check_models(base: str, candidates: list[str], eval_cfg: C.EvalConfig, *, ou
     except BadInput as e:
         problems.append(str(e))
     problems += _output_problems(out, base_ref.label if base_ref else "base", run_id)
-    if not problems:  # device, tasks: before any run folder or model (issue: refusals create nothing)
+    if not problems:  # device, tasks: before any run folder or model (a refusal creates nothing)
         try:
             choose_device(device)
         except BadInput as e:

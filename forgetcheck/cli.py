@@ -1,7 +1,7 @@
 """The command line: typed signatures are the CLI (typer). Each command imports its stage lazily, so
 `forgetcheck --help`, `compare`, `report` and `gate` never import torch.
 
-Exit codes (DESIGN.md): 0 success / gate passed; 1 gate failed; 2 bad input (one line, no traceback);
+Exit codes: 0 success / gate passed; 1 gate failed; 2 bad input (one line, no traceback);
 3 runtime failure.
 """
 

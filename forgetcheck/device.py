@@ -1,4 +1,4 @@
-"""Device and dtype are chosen once, here, and say why (STYLE.md 9). Peak memory is measured here too."""
+"""Device and dtype are chosen once, here, and say why. Peak memory is measured here too."""
 
 from __future__ import annotations
 

@@ -36,12 +36,46 @@ from forgetcheck.schema import SCHEMA_VERSION
 from forgetcheck.suites import TaskSpec, resolve_tasks, select_items
 
 BOOTSTRAP_ITERS = 1000  # acc stderr is closed-form; this only matters for bootstrapped metrics
-CACHE_FORMAT = 2
+CACHE_FORMAT = 4  # 4: records hold every choice's text and the model's picks; WinoGrande's target is the gold index
 
 
 # ---- per-item records ------------------------------------------------------------------------------------
 
 PROMPT_CHARS = 600  # tail of each multiple-choice context kept in the per-item record (for flip examples)
+CHOICE_CHARS = 400  # of each choice (a WinoGrande choice is its whole filled-in sentence)
+
+
+def gold_index(task, doc: Any, choices: list[str]) -> int | None:
+    """The right choice's index, as lm-eval scores it: a task with one context per choice (WinoGrande)
+    names its answer with doc_to_text, the others with doc_to_target (an index or the choice's text)."""
+    gold = task.doc_to_text(doc) if getattr(task, "multiple_input", 0) else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        gold = int(gold) if gold.strip().isdigit() else (choices.index(gold) if gold in choices else None)
+    return int(gold) if isinstance(gold, int) and 0 <= gold < len(choices) else None
+
+
+def chosen(task, doc: Any, lls: list[float]) -> dict[str, int]:
+    """The model's pick as lm-eval scores it: `acc` the highest log-likelihood, `acc_norm` the highest per
+    character of the choice (lm-eval's completion length)."""
+    picks = {"acc": max(range(len(lls)), key=lls.__getitem__)}
+    try:
+        lengths = [float(len(c)) for c in task.doc_to_choice(doc)] if doc is not None else []
+    except Exception:  # a task whose choices cannot be rebuilt from the doc: acc only
+        lengths = []
+    if len(lengths) == len(lls) and all(lengths):
+        picks["acc_norm"] = max(range(len(lls)), key=lambda i: lls[i] / lengths[i])
+    return picks
+
+
+def item_text(args: list) -> tuple[str, list[str]]:
+    """(question, choices) of one item as the model saw it, from its requests' (context, continuation)
+    pairs. Most tasks share one context (the question) and differ in the continuation; a task with one
+    context per choice (WinoGrande) shares the continuation, so each choice is its whole filled-in sentence."""
+    contexts, conts = [str(a[0]) for a in args], [str(a[1]) for a in args]
+    if len(set(contexts)) > 1:
+        return "", [(c + x).strip()[-CHOICE_CHARS:] for c, x in zip(contexts, conts)]
+    return contexts[0][-PROMPT_CHARS:], [x[:CHOICE_CHARS] for x in conts]
+
 
 def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
     rows = []
@@ -50,15 +84,20 @@ def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
             lls = [float(r[0]) for r in s["filtered_resps"]]
             greedy = [bool(r[1]) for r in s["filtered_resps"]]
             metrics = {m: float(s[m]) for m in ("acc", "acc_norm") if m in s}
+            args = [a for a in (s.get("arguments") or []) if isinstance(a, (list, tuple)) and len(a) == 2]
+            prompt, choices = item_text(args) if args else ("", [])
             target = s["target"]
+            if not isinstance(target, int) and "doc" in s:  # WinoGrande logs the shared continuation
+                target = gold_index(spec.task, s["doc"], choices)
             correct = bool(metrics["acc"]) if "acc" in metrics else lls.index(max(lls)) == target
             row = {"doc_id": int(s["doc_id"]), "doc_hash": s["doc_hash"], "target": target,
-                   "loglikelihoods": lls, "is_greedy": greedy, "correct": correct, "metrics": metrics}
-            args = s.get("arguments") or []
-            if args and isinstance(args[0], (list, tuple)) and len(args[0]) == 2:
-                # The item as the model saw it, for the report's flip examples (shared context, then choices).
-                row["prompt"] = str(args[0][0])[-PROMPT_CHARS:]
-                row["choices"] = [str(a[1])[:200] for a in args]
+                   "loglikelihoods": lls, "is_greedy": greedy, "correct": correct, "metrics": metrics,
+                   "chosen": chosen(spec.task, s.get("doc"), lls)}
+            if args:  # the item as the model saw it, for the report's flipped items
+                row["prompt"], row["choices"] = prompt, choices
+            doc = s.get("doc")
+            if isinstance(doc, dict) and doc.get("cluster") is not None:
+                row["cluster"] = str(doc["cluster"])
             rows.append(row)
         else:
             ll = float(s["filtered_resps"][0])

@@ -1,4 +1,4 @@
-"""`forgetcheck run`: the main job, one stage after another into runs/<id>/ (DESIGN.md data flow).
+"""`forgetcheck run`: the main job, one stage after another into runs/<id>/.
 
 config -> model + data -> eval(base) -> train(each arm) -> eval(each arm, from its saved checkpoint)
        -> compare -> report -> gate

@@ -1,4 +1,4 @@
-"""Typed schema of every JSON file in the run directory (STYLE.md 7), and a check that a file matches.
+"""Typed schema of every JSON file in the run directory, and a check that a file matches.
 
 Each file carries `schema_version`; readers refuse a version they do not know, with the fix.
 This module imports nothing heavy: compare, report and gate use it on JSON alone.
