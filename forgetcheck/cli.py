@@ -1,8 +1,9 @@
 """The command line: typed signatures are the CLI (typer). Each command imports its stage lazily, so
 `forgetcheck --help`, `compare`, `report` and `gate` never import torch.
 
-Exit codes (DESIGN.md): 0 success / gate passed; 1 gate failed; 2 bad input (one line, no traceback);
-3 runtime failure.
+Exit codes (DESIGN.md): 0 success / gate PASS; 1 gate FAIL; 2 bad input (one line, no traceback);
+3 runtime failure; 4 gate INCONCLUSIVE (`gate --on-inconclusive fail|pass` maps it). `run` exits 0 once every
+stage ran: its verdict is printed and in gate.json.
 """
 
 from __future__ import annotations
@@ -255,33 +256,54 @@ def report(
 @app.command()
 def gate(
     target: Path = typer.Argument(..., help="Run directory (runs/<id>) or a compare.json."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Max points a retention task may drop "
-                                             "(significant after Holm). Default 2."),
-    max_mean_drop: Optional[float] = typer.Option(None, "--max-mean-drop", help="Max points the retention mean "
-                                                  "may drop (significant). Default 1."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Significance level. Default 0.05."),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Margin: points a gated retention task may "
+                                             "drop. Default 2."),
+    max_mean_drop: Optional[float] = typer.Option(None, "--max-mean-drop", help="Margin: points the retention mean "
+                                                  "may drop. Default 1."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="One-sided level of every bound and test. "
+                                          "Default 0.05."),
     min_domain_gain: Optional[float] = typer.Option(None, "--min-domain-gain", help="Require the domain mean to "
-                                                    "rise by at least this many points."),
+                                                    "rise by at least this many points (lower bound)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="acc | soft (probability on the correct choice). "
+                                         "Default soft (docs/verdicts.md)."),
+    max_ppl_rise: Optional[str] = typer.Option(None, "--max-ppl-rise", help="Margin: percent rise of "
+                                               "general-text bits per byte, or 'off'. Default 10."),
+    max_kl: Optional[str] = typer.Option(None, "--max-kl", help="Margin: mean KL from the base, nats per token, "
+                                         "or 'off'. Default 0.1."),
+    on_inconclusive: Optional[str] = typer.Option(None, "--on-inconclusive", help="fail | pass: exit 1 or 0 "
+                                                  "instead of 4 for an INCONCLUSIVE verdict (said in the output)."),
+    keep_uninformative: Optional[bool] = typer.Option(None, "--keep-uninformative/--drop-uninformative",
+                                                      help="Gate retention tasks whose base is not above chance "
+                                                      "too (default: left out)."),
     policy: Optional[Path] = typer.Option(None, "--policy", help="gate.toml with the same keys (flags override it)."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML (one testcase per rule)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write a Markdown summary."),
 ) -> None:
-    """Release gate: exit 0 when every rule passes, 1 when one fails; every reason lands in gate.json."""
-    from forgetcheck.gate import gate_run
+    """Release gate: PASS (exit 0) when harm beyond the margins is ruled out, FAIL (1) when shown,
+    INCONCLUSIVE (4) otherwise; every reason and the run's power land in gate.json."""
+    from forgetcheck.gate import console_lines, flag_number, gate_run
 
     overrides = {"max_drop": max_drop, "max_mean_drop": max_mean_drop, "alpha": alpha,
-                 "min_domain_gain": min_domain_gain}
+                 "min_domain_gain": min_domain_gain, "metric": metric,
+                 "max_ppl_rise": flag_number("--max-ppl-rise", max_ppl_rise),
+                 "max_kl": flag_number("--max-kl", max_kl), "on_inconclusive": on_inconclusive,
+                 "keep_uninformative": keep_uninformative}
     result, code = gate_run(target, overrides, policy_file=policy, junit=junit, markdown=markdown)
-    for r in result["rules"]:
-        echo(f"{'PASS' if r['passed'] else 'FAIL'}  {r['reason']}")
-    echo(f"gate: {result['verdict'].upper()} ({sum(not r['passed'] for r in result['rules'])} of "
-         f"{len(result['rules'])} rules failed)")
+    for line in console_lines(result):
+        echo(line)
     raise typer.Exit(code)
 
 
 # ------------------------------------------------------------------------------------------------------
 # run (owned by pipeline.py)
 # ------------------------------------------------------------------------------------------------------
+def _margin(flag: str, value: str) -> float | None:
+    from forgetcheck.gate import flag_number
+
+    v = flag_number(flag, value)
+    return None if v == "off" else v
+
+
 @app.command()
 def run(
     base: BaseOpt = "smollm2-135m",
@@ -306,15 +328,19 @@ def run(
     force: ForceOpt = None,
     backend: Optional[str] = typer.Option(None, "--backend", help="Eval backend: fast | hf (stock lm-eval HFLM)."),
     device: DeviceOpt = "auto",
-    max_drop: float = typer.Option(2.0, "--max-drop", help="Gate: max significant drop on a retention task (points)."),
-    max_mean_drop: float = typer.Option(1.0, "--max-mean-drop", help="Gate: max significant drop of the retention mean (points)."),
-    alpha: float = typer.Option(0.05, "--alpha", help="Gate: significance level after Holm correction."),
+    max_drop: float = typer.Option(2.0, "--max-drop", help="Gate margin: points a retention task may drop."),
+    max_mean_drop: float = typer.Option(1.0, "--max-mean-drop", help="Gate margin: points the retention mean may drop."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Gate: one-sided level of every bound and test."),
     min_domain_gain: Optional[float] = typer.Option(None, "--min-domain-gain", help="Gate: required domain gain (points)."),
+    metric: str = typer.Option("soft", "--metric", help="Gate score: soft | acc."),
+    max_ppl_rise: str = typer.Option("10", "--max-ppl-rise", help="Gate margin: % rise of general-text bits per byte, or off."),
+    max_kl: str = typer.Option("0.1", "--max-kl", help="Gate margin: mean KL from the base (nats/token), or off."),
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json wins)."),
 ) -> None:
-    """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> report -> gate (exit 0/1)."""
+    """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> report -> gate. Exits 0 once
+    every stage ran; the verdict is printed and in gate.json (`forgetcheck gate RUN` exits 0/1/4 on it)."""
     from forgetcheck import config as C
     from forgetcheck import pipeline
 
@@ -327,7 +353,9 @@ def run(
     cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out), run_id=run_id,
                       device=device, train=train_cfg, eval=eval_cfg,
                       gate=C.GateConfig(max_drop=max_drop, max_mean_drop=max_mean_drop, alpha=alpha,
-                                        min_domain_gain=min_domain_gain))
+                                        min_domain_gain=min_domain_gain, metric=metric,
+                                        max_ppl_rise=_margin("--max-ppl-rise", max_ppl_rise),
+                                        max_kl=_margin("--max-kl", max_kl)))
     raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume))
 
 
