@@ -14,6 +14,8 @@ install:
 	@$(PY) -c "import torch" 2>/dev/null && echo "torch present: $$($(PY) -c 'import torch; print(torch.__version__)')" \
 	  || $(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev,data]'
+	@# torchao (8-bit AdamW) is a default dependency: fail here, not at the first --optim adamw8bit
+	$(PY) -c "from torchao.optim import AdamW8bit; import torchao; print('torchao', torchao.__version__, 'ok')"
 	$(PIP) install --no-deps $(NODEPS_PACKAGES)
 	$(PY) -m forgetcheck models --prepare
 	$(PY) -m forgetcheck data prepare med

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from forgetcheck import benchdata, models
     from forgetcheck.config import EvalConfig
     from forgetcheck.device import choose_device
-    from forgetcheck.evaluation import resolve_tasks, select_items
+    from forgetcheck.suites import resolve_tasks, select_items
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     names = (benchdata.suite_tasks(a.suite) if a.suite

@@ -13,7 +13,7 @@ import math
 from forgetcheck.config import TrainConfig
 from forgetcheck.errors import BadInput
 
-INSTALL_8BIT = "pip install 'forgetcheck[optim8bit]' (torchao)"
+INSTALL_8BIT = "torchao is a default dependency of forgetcheck: `pip install torchao` (or `make install`)"
 
 
 def eightbit_backend() -> str | None:
@@ -34,7 +34,7 @@ def check_combination(cfg: TrainConfig, device: str) -> list[str]:
                             "or use --optim adamw")
         elif backend == "bitsandbytes" and cfg.nproc > 1:
             problems.append("--optim adamw8bit with --nproc > 1: bitsandbytes' 8-bit AdamW fails on FSDP2's DTensor "
-                            f"parameters; install torchao ({INSTALL_8BIT}), or use --nproc 1 or --optim adamw")
+                            f"parameters; {INSTALL_8BIT}, or use --nproc 1 or --optim adamw")
     if cfg.precision == "fp16-mixed" and not device.startswith("cuda"):
         problems.append("--precision fp16-mixed needs a CUDA device (no fp16 autocast on CPU): use bf16-mixed")
     if cfg.nproc > 1 and device.startswith("cuda"):

@@ -174,10 +174,6 @@ def optimizer_steps(cfg: C.TrainConfig) -> int:
     return cfg.budget_tokens // tokens_per_step(cfg)
 
 
-def resume_dir(run: RunDir, arm: str) -> Path:
-    return run.ckpt(arm).parent / f"{arm}.resume"
-
-
 def _param_bytes(tensors) -> int:
     total = 0
     for t in tensors:
@@ -202,7 +198,7 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     import torch
     from tqdm.auto import tqdm
 
-    from forgetcheck import models, optim, plan, sharding
+    from forgetcheck import checkpoint, models, optim, plan, sharding
     from forgetcheck.device import choose_precision, peak_memory_bytes, reset_peak_memory
 
     main = rank == 0
@@ -254,9 +250,9 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
 
     # resume
     state = {"step": 0, "loss_curve": [], "lr_curve": [], "tokens": {"forward": 0, "padding": 0, "label": 0}}
-    rdir = resume_dir(run, arm)
-    if sharding.has_resume(rdir, cfg):
-        state = sharding.load_resume(rdir, model, optimizer, scheduler, scaler, world=world, rank=rank)
+    rdir = checkpoint.resume_dir(run, arm)
+    if checkpoint.has_resume(rdir, cfg):
+        state = checkpoint.load_resume(rdir, model, optimizer, scheduler, scaler, world=world, rank=rank)
         say(f"resumed {arm} from step {state['step']} of {steps} ({rdir})")
 
     say(f"training {arm}: {steps} optimizer steps x {tokens_per_step(cfg)} tokens "
@@ -314,7 +310,7 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{session_tokens / max(elapsed, 1e-9):,.0f}")
         bar.update(1)
         if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < steps:
-            sharding.save_resume(rdir, model, optimizer, scheduler, scaler, state, cfg, world=world, rank=rank)
+            checkpoint.save_resume(rdir, model, optimizer, scheduler, scaler, state, cfg, world=world, rank=rank)
         if on_step is not None:
             on_step(state["step"])
     bar.close()
@@ -322,7 +318,7 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     peak, method = peak_memory_bytes(device)
 
     ckpt = run.ckpt(arm)
-    sharding.save_hf_checkpoint(model, tok, ckpt, model_ref, arm, world=world, rank=rank)
+    checkpoint.save_hf_checkpoint(model, tok, ckpt, model_ref, arm, world=world, rank=rank)
     if not main:
         return None
     record = {
@@ -446,3 +442,25 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
               f"{r['tokens_per_s']} tokens/s, peak {r['memory']['measured_peak_bytes'] / 1e9:.2f} GB "
               f"(planned {r['memory']['planned']['total'] / 1e9:.2f} GB) -> {r['checkpoint']}")
     return records
+
+
+def _rank_main(spec_path: str) -> None:
+    """One torchrun process of `sharding.launch`: join the group, run train_loop with this rank."""
+    import torch.distributed as dist
+
+    from forgetcheck import sharding
+    from forgetcheck.models import ModelRef
+
+    spec = sharding.read_spec(spec_path)
+    rank, world, device = sharding.init_rank(spec["device"])
+    try:
+        train_loop(spec["arm"], ModelRef(**spec["model_ref"]), Path(spec["data_path"]), C.TrainConfig(**spec["cfg"]),
+                   RunDir(spec["run"]), device=device, rank=rank, world=world, on_step=sharding.crash_hook_for_tests())
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _rank_main(sys.argv[1])

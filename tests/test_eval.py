@@ -155,14 +155,14 @@ def test_limit_picks_the_same_stratified_items_for_every_model(tiny_ref, perturb
 
 
 def test_unknown_task_suggests_the_closest(tasks_dir):
-    from forgetcheck.evaluation import resolve_tasks
+    from forgetcheck.suites import resolve_tasks
 
     with pytest.raises(BadInput, match=r"unknown task 'fc_fixture_mcq'.*did you mean 'fc_fixture_mc'"):
         resolve_tasks(EvalConfig(tasks=("fc_fixture_mcq",)), tasks_dir)
 
 
 def test_hub_task_offline_is_one_clear_error(tasks_dir, monkeypatch):
-    from forgetcheck.evaluation import resolve_tasks
+    from forgetcheck.suites import resolve_tasks
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -217,7 +217,7 @@ def test_written_files_follow_the_schema(base_eval):
 
 
 def test_suites_select_tasks_by_their_yaml_metadata(tasks_dir):
-    from forgetcheck.evaluation import resolve_tasks
+    from forgetcheck.suites import resolve_tasks
 
     specs = resolve_tasks(EvalConfig(suites=("retention",)), tasks_dir)
     assert [(s.name, s.kind, s.primary_metric) for s in specs] == [
