@@ -106,7 +106,6 @@ def drift_pass(model, ids, device: str, ref: dict | None = None) -> dict:
 def drift_blocks(scored: dict, size: int = DRIFT_BLOCK) -> dict:
     """Per-block means (blocks of `size` consecutive positions within one sequence) of the per-position NLL
     and, given a reference, KL: what compare resamples for the drift rules' intervals."""
-    import numpy as np
 
     out: dict[str, list] = {"size": size, "sequence": [], "nll": [], "kl": []}
     nll, kl = scored["nll"], scored.get("kl")

@@ -57,8 +57,6 @@ def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
                 # The item as the model saw it, for the report's flip examples (shared context, then choices).
                 row["prompt"] = str(args[0][0])[-PROMPT_CHARS:]
                 row["choices"] = [str(a[1])[:200] for a in args]
-            if isinstance(s.get("doc"), dict) and s["doc"].get("cluster") is not None:
-                row["cluster"] = str(s["doc"]["cluster"])  # items sharing a source (compare resamples clusters)
             rows.append(row)
         else:
             ll = float(s["filtered_resps"][0])
@@ -70,6 +68,8 @@ def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
             if tok is not None:
                 row["tokens"] = len(tok(str(text), add_special_tokens=False)["input_ids"])
             rows.append(row)
+        if isinstance(s.get("doc"), dict) and s["doc"].get("cluster") is not None:
+            rows[-1]["cluster"] = str(s["doc"]["cluster"])  # items sharing a source (compare resamples clusters)
     return rows
 
 
