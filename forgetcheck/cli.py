@@ -227,10 +227,11 @@ def _run_dir(path: Path):
 def compare(
     run: Path = typer.Argument(..., help="Run directory (runs/<id>) holding eval/base.json and eval/<arm>.json."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level; CIs are (1 - alpha)."),
-    n_boot: int = typer.Option(2000, "--n-boot", help="Paired bootstrap resamples."),
+    n_boot: int = typer.Option(2000, "--n-boot", help="Cluster-bootstrap resamples (soft accuracy, perplexity, drift)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
 ) -> None:
-    """Paired comparison of every arm against the base: deltas, CIs, McNemar/Holm, flips -> compare.json."""
+    """Paired comparison of every arm against the base (and arm against arm): deltas with intervals and tests
+    from one method, soft accuracy, drift, flips -> compare.json."""
     from forgetcheck.compare import compare_run
 
     rd = _run_dir(run)

@@ -4,19 +4,22 @@ whether each difference is real.
 Pure: reads the run directory's JSON and JSONL, writes `compare.json`. Never imports torch, transformers or
 lm-eval (CI runs it on JSON alone).
 
-Per task and arm (items paired across models by `doc_hash`, else `doc_id`):
+Per task and arm (items paired across models by `doc_hash`, else `doc_id`; methods in forgetcheck/stats.py and
+docs/verdicts.md):
 - base and arm score of the task's primary metric, and the *oriented* delta: positive is better, negative
   is worse, whatever the metric's direction (`higher_is_better`). Accuracy-like metrics are in points
   (x100); perplexity metrics keep their own units.
-- a (1 - alpha) confidence interval of the delta by paired bootstrap over items (the same resampled items
-  for base and arm, and for every arm: seeded, vectorised);
-- the exact McNemar p-value for 0/1 metrics (a two-sided binomial test on the discordant pairs), else a
-  bootstrap p-value; Holm's correction across the tasks of a suite, per arm;
+- `acc`: the Bonett-Price estimate for 0/1 scores (design effect for clustered items), `soft`: the paired
+  difference of soft accuracy (probability on the correct choice) with a cluster-bootstrap standard error;
+  each with its (1 - alpha) interval and the two-sided p-value of the same method (they always agree); Holm's
+  correction across the gated retention tasks (accuracy, informative) per arm;
+- `informative`: whether the base is significantly above chance (else the task cannot show forgetting);
 - flip counts (right->wrong, wrong->right) and a few examples each way.
-Suite means (accuracy-like tasks only; perplexity is reported as drift), their bootstrap CI (items resampled
-within each task, the task deltas averaged), perplexity and KL drift, the budget each arm spent, and a
-learning-vs-forgetting summary per arm (Biderman et al. 2024, "LoRA Learns Less and Forgets Less":
-forgetting = drop of the mean retention score, learning = gain of the mean domain score).
+Suite means (accuracy-like tasks; over informative tasks and over all, for acc and soft; the variance is the
+sum of the task variances), general-text drift with intervals (bits-per-byte rise, mean KL), arm against arm
+on the same items, the budget each arm spent, and a learning-vs-forgetting summary per arm (Biderman et al.
+2024, "LoRA Learns Less and Forgets Less": forgetting = drop of the mean retention score, learning = gain of
+the mean domain score).
 """
 
 from __future__ import annotations
