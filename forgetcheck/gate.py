@@ -175,8 +175,14 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
                     f"points (upper bound {up:.1f}) nor show one (Holm p={_p(adj[name])}); this run detects "
                     f"drops of {est.mde(alpha):.1f} points at 80% power", name, **vals)
         if not names:
-            add("coverage", arm, "fail", "no informative retention task with a score to compare: evaluate the "
-                "retention suite (or keep uninformative tasks with --keep-uninformative)")
+            left_out = gated_tasks(tasks, arm, keep_uninformative=True)
+            if left_out and not pol.keep_uninformative:
+                add("coverage", arm, "inconclusive", f"every retention task ({', '.join(left_out)}) is uninformative "
+                    "at this model size (the base is not above chance): nothing can show forgetting; use a larger "
+                    "model or more items, or --keep-uninformative")
+            else:
+                add("coverage", arm, "fail", "no retention task with a score to compare: evaluate the retention "
+                    "suite")
 
         ret_means = ((((compare.get("suites") or {}).get("retention") or {}).get("means") or {}).get(metric)
                      or {}).get("all" if pol.keep_uninformative else "informative") or {}

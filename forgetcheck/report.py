@@ -1,8 +1,8 @@
 """The report: a pure function from the run directory's JSON to one self-contained `report.html`.
 
-Reads compare.json (computed first when absent or in an older format) and gate.json through the typed readers
-of schema.py; gate.json (else the verdict is computed in memory from
-compare.json with the run's gate policy, and says so), train/<arm>.json, config.json and manifest.json.
+Reads compare.json and gate.json through the typed readers of schema.py (an older format is refused
+with the command that rewrites it; when either is missing it names the command that writes it and writes
+nothing), train/<arm>.json, config.json and manifest.json; it writes report.html and nothing else.
 Charts are inline SVG laid out here and drawn by the Jinja2 template (autoescape, StrictUndefined): no
 JavaScript library, no CDN, no web font. A Content-Security-Policy forbids every external resource, and
 allows only the one inline script by its hash (it marks each chart `data-ok` for the browser test), so text
@@ -23,7 +23,7 @@ import jinja2
 from forgetcheck.errors import BadInput
 from forgetcheck.gate import policy_sentence, signed, verdict_reason
 from forgetcheck.rundir import RunDir, atomic_write_text, read_json
-from forgetcheck.schema import is_current, read_compare, read_gate
+from forgetcheck.schema import read_compare, read_gate
 
 TEMPLATE = "report.html.j2"
 ARM_COLORS = {"sft": "#2563eb", "cpt": "#d97706", "lora": "#059669", "replay": "#7c3aed"}
@@ -204,14 +204,8 @@ def build_view(run: RunDir) -> dict[str, Any]:
     compare = read_compare(run.compare)
     config = _load_optional(run.config) or {}
     manifest = _load_optional(run.manifest) or {}
-    gate = read_gate(run.gate) if run.gate.exists() and is_current(run.gate, "gate") else None
+    gate = read_gate(run.gate)
     gate_source = "gate.json"
-    if gate is None:
-        from forgetcheck.gate import decide, resolve_policy
-
-        gate = decide(compare, resolve_policy(config, None, {}))
-        gate_source = ("computed from compare.json with the run's policy (`forgetcheck gate` not run"
-                       + (", or its gate.json is in an older format)" if run.gate.exists() else ")"))
     arms = list(compare.get("arms") or [])
     colors = {a: ARM_COLORS.get(a, EXTRA_COLORS[i % len(EXTRA_COLORS)]) for i, a in enumerate(arms)}
     train = {}
@@ -270,7 +264,17 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "loss_chart": loss_chart(train, colors),
         "mem_chart": memory_chart(train),
         "script": CHECK_SCRIPT, "script_hash": _script_hash(CHECK_SCRIPT),
+        **check_sections(run),
     }
+
+
+def check_sections(run: RunDir) -> dict[str, Any]:
+    """What `forgetcheck check` adds (templates/check.html.j2): the comparison against the previous release
+    (history.json) and the lm-eval items present on one side only (pairing.json)."""
+    from forgetcheck import history, lmeval_samples
+
+    pairing = lmeval_samples.load_pairing(run.root / "pairing.json")
+    return {"history": history.view(run), "one_sided": lmeval_samples.one_sided_lines(pairing) if pairing else []}
 
 
 # ---- filters -------------------------------------------------------------------------------------------
@@ -346,13 +350,14 @@ def arm_pair_lines(compare: dict) -> list[dict]:
 
 
 def write_report(run: RunDir | Path | str) -> Path:
-    """Render `report.html` for a run directory (computing compare.json first when absent). Returns its path."""
+    """Render `report.html` for a run directory from its compare.json and gate.json. Returns its path.
+    A missing input is a BadInput naming the command that writes it; nothing is computed or written here."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     if not run.root.is_dir():
         raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by `forgetcheck run`")
-    if not is_current(run.compare, "compare") and run.eval_json("base").exists():
-        from forgetcheck.compare import compare_run  # absent, or an older format: recomputed from the evals
-
-        compare_run(run)
+    for path, cmd in ((run.compare, "compare"), (run.gate, "gate")):
+        if not path.is_file():
+            raise BadInput(f"{path} is missing: run `forgetcheck {cmd} {run.root}` first, then `forgetcheck "
+                           f"report {run.root}`")
     atomic_write_text(run.report, render(build_view(run)))
     return run.report

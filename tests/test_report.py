@@ -78,11 +78,20 @@ def test_verdict_first_and_sections(report):
     assert 'id="arm-vs-arm"' in html and "lost" in html and "one training seed" in html
 
 
-def test_no_gate_verdict_from_compare_and_no_banner_on_real_weights(tmp_path):
+def test_missing_compare_or_gate_names_the_command_and_writes_nothing(tmp_path):
     run = make_run(tmp_path / "r", n=40)
-    html = write_report(run).read_text()  # compare.json computed on the way
-    assert run.compare.exists() and not run.gate.exists()
-    assert "`forgetcheck gate` not run" in html and '<div class="big pass">PASS</div>' in html
+    with pytest.raises(BadInput, match="forgetcheck compare"):
+        write_report(run)
+    assert not run.compare.exists() and not run.gate.exists() and not run.report.exists()
+    compare_run(run, n_boot=200)
+    with pytest.raises(BadInput, match="forgetcheck gate"):
+        write_report(run)
+    assert not run.gate.exists() and not run.report.exists()
+    r = subprocess.run([sys.executable, "-m", "forgetcheck", "report", str(run.root)], capture_output=True, text=True)
+    assert r.returncode == 2 and "forgetcheck gate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    gate_run(run.root)
+    html = write_report(run).read_text()
+    assert '<div class="big pass">PASS</div>' in html and "Source: gate.json" in html
     assert "RANDOM WEIGHTS" not in html
 
 
@@ -100,12 +109,17 @@ def test_inconclusive_banner_and_uninformative_tasks(tmp_path):
     assert "Power</b>: 40 items per task" in html
 
 
-def test_old_gate_json_is_recomputed_in_memory(tmp_path):
+def test_old_compare_or_gate_format_is_refused_with_the_fix(tmp_path):
     run = make_run(tmp_path / "r", n=40)
     compare_run(run, n_boot=200)
     run.gate.write_text(json.dumps({"schema_version": 1, "kind": "gate", "passed": True}))
-    html = write_report(run).read_text()
-    assert "older format" in html and '<div class="big pass">PASS</div>' in html
+    with pytest.raises(BadInput, match="older gate format.*forgetcheck gate"):
+        write_report(run)
+    gate_run(run.root)
+    run.compare.write_text(json.dumps({"schema_version": 1, "kind": "compare"}))
+    with pytest.raises(BadInput, match="older compare format.*forgetcheck compare"):
+        write_report(run)
+    assert not run.report.exists()
 
 
 def test_report_survives_missing_optional_files(tmp_path):
@@ -116,6 +130,8 @@ def test_report_survives_missing_optional_files(tmp_path):
         t.pop("samples")
         t.pop("chance")
     run.eval_json("sft").write_text(json.dumps(ev))
+    compare_run(run, n_boot=200)
+    gate_run(run.root)
     html = write_report(run).read_text()
     assert "No training records" in html and "No memory records" in html and "No loss curves" in html
     with pytest.raises(BadInput):
