@@ -108,6 +108,7 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
     side = f"one-sided {round((1 - alpha) * 100)}%"
     rules: list[dict[str, Any]] = []
     excluded: list[dict[str, Any]] = []
+    not_checked: list[dict[str, Any]] = []
     tasks = compare.get("tasks") or {}
     arms = compare.get("arms") or []
     metric = pol.metric
@@ -241,6 +242,11 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
             if limit is None:
                 continue
             est = _est(dr.get(key))
+            measured = dr.get("text_perplexity") is not None or dr.get("kl") is not None or dr.get(key) is not None
+            if est is None and not measured:
+                not_checked.append({"rule": rule, "arm": arm, "reason": f"{arm}: {what}: no drift was measured for "
+                                    "this arm (e.g. lm-eval outputs carry none), so the rule was not checked"})
+                continue
             if est is None:
                 add(rule, arm, "inconclusive", f"{what}: not measured with an interval (needs per-block drift "
                     "values in both eval files: re-run `forgetcheck eval`)", **{f"max_{rule}": limit})
@@ -281,7 +287,7 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
                        "failed": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "fail"],
                        "inconclusive": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "inconclusive"]}
                  for arm, v in per_arm.items()},
-        "rules": rules, "excluded": excluded, "power": power,
+        "rules": rules, "excluded": excluded, "not_checked": not_checked, "power": power,
         "summary": summary + mapped,
     }
 
@@ -466,6 +472,8 @@ def to_markdown(gate: dict) -> str:
         lines.append(f"| {MARK[r['status']]} | {r['arm']} | {_md_cell(rule)} | {_md_cell(r['reason'])} |")
     for e in gate.get("excluded") or []:
         lines.append(f"| ➖ | all | uninformative `{e['task']}` | {_md_cell(e['reason'])} |")
+    for e in gate.get("not_checked") or []:
+        lines.append(f"| ➖ | {e['arm']} | {e['rule']} not checked | {_md_cell(e['reason'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -483,6 +491,7 @@ def console_lines(gate: dict) -> list[str]:
     """What `forgetcheck gate` (and `run`) print: one line per rule, the verdict with its reason, the power."""
     lines = [f"{r['status'].upper():<12} {r['reason']}" for r in sorted(gate["rules"], key=lambda r: ORDER[r["status"]])]
     lines += [f"{'EXCLUDED':<12} {e['reason']}" for e in gate.get("excluded") or [] if not e.get("kept")]
+    lines += [f"{'NOT CHECKED':<12} {e['reason']}" for e in gate.get("not_checked") or []]
     lines.append(f"gate: {gate['verdict'].upper()}: {verdict_reason(gate)}"
                  + (f" ({gate['exit_note']})" if gate.get("exit_note") else ""))
     lines.append(f"power: {gate['power']['sentence']}")

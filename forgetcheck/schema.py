@@ -131,6 +131,7 @@ class GateFile(TypedDict, total=False):
     arms: dict[str, dict[str, Any]]  # per arm: verdict, failed, inconclusive
     rules: list[dict[str, Any]]  # rule, arm, task, status, passed, reason, values
     excluded: list[dict[str, Any]]  # uninformative tasks left out, with the reason
+    not_checked: list[dict[str, Any]]  # drift rules with no drift measured for the arm (lm-eval outputs)
     power: dict[str, Any]  # per arm and overall: sentence, mde, items_needed
     summary: str
 
