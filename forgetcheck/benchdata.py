@@ -347,8 +347,9 @@ def render_tasks_dir() -> Path:
         if not out.exists() or out.read_text(encoding="utf-8") != text:
             atomic_write_text(out, text)
     for f in dst.iterdir():
-        if f.is_file() and f.name not in wanted:
-            f.unlink()
+        # a dot-file is another process's atomic-write temp file (two evaluations may render at once)
+        if f.is_file() and f.name not in wanted and not f.name.startswith("."):
+            f.unlink(missing_ok=True)
     return dst
 
 

@@ -8,6 +8,8 @@ stage ran: its verdict is printed and in gate.json.
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -72,10 +74,18 @@ def _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision,
 @app.command()
 def models(
     prepare: bool = typer.Option(False, "--prepare", help="Build the cached folder of every alias that is not ready."),
+    convert: Optional[Path] = typer.Option(None, "--convert", help="HF folder with pickle weights (pytorch_model.bin) "
+                                           "to copy as safetensors (tensors only; code in the pickle is refused)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New folder for --convert."),
 ) -> None:
     """List the packaged model aliases: source, parameter count, size on disk, ready or not."""
     from forgetcheck import models as m
 
+    if convert is not None or out is not None:
+        if convert is None or out is None:
+            raise BadInput("give both --convert FOLDER and --out NEW_FOLDER (e.g. --out FOLDER-safetensors)")
+        echo(f"wrote {m.convert_pickle_folder(convert, out)}: use it as --base / --model")
+        return
     if prepare:
         for name in m.ALIASES:
             m.resolve(name, prepare=True)
@@ -194,7 +204,8 @@ def train(
     rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
     cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device,
               how=Launch(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, hybrid_shard=hybrid_shard),
-              run_named=run_dir is not None or run_id is not None)
+              run_named=run_dir is not None or run_id is not None,
+              run_flag="--run" if run_dir is not None else "--out")
 
 
 @app.command()
@@ -216,9 +227,7 @@ def plan(
         raise BadInput("give exactly one of --base MODEL or --params N (e.g. --params 7e9)")
     cfg = C.TrainConfig(precision=precision, optim=optim, grad_checkpointing=grad_checkpointing, nproc=nproc,
                         micro_batch=micro_batch, seq_len=seq_len, budget_tokens=seq_len * micro_batch * nproc)
-    C.check(C.validate_train(cfg))
-    if params is not None and params < 1:
-        raise BadInput(f"--params must be a positive parameter count such as 7e9 (got {params})")
+    P.check_inputs(params, cfg)
     arch = P.arch_for_base(base) if base is not None else P.arch_from_params(params)
     echo(P.format_plan(P.plan_memory(arch, cfg), P.plan_memory(arch, P.baseline(cfg))))
 
@@ -446,7 +455,10 @@ def run(
     max_kl: str = typer.Option("0.1", "--max-kl", help="Gate margin: mean KL from the base (nats/token), or off."),
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json wins)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json "
+                                          "wins; a flag that differs from it is refused, except the gate's thresholds "
+                                          "and --force)."),
+    ctx: typer.Context = None,
 ) -> None:
     """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> report -> gate. Exits 0 once
     every stage ran; the verdict is printed and in gate.json (`forgetcheck gate RUN` exits 0/1/4 on it)."""
@@ -465,10 +477,22 @@ def run(
                                         min_domain_gain=min_domain_gain, metric=metric,
                                         max_ppl_rise=_margin("--max-ppl-rise", max_ppl_rise),
                                         max_kl=_margin("--max-kl", max_kl)))
-    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume))
+    given = {k: v for k, v in ctx.params.items()
+             if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"} if ctx is not None else {}
+    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume, given=given))
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so atomic writes remove their temp files and finished stages are kept."""
+    raise KeyboardInterrupt
+
+
+# An OSError with one of these errnos while writing the user's output is the user's to fix (exit 2).
+_USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         rc = app(standalone_mode=False)  # standalone_mode=False returns typer.Exit's code instead of exiting
         if isinstance(rc, int) and rc != 0:
@@ -477,6 +501,15 @@ def main() -> None:
         msg = " ".join(str(e).split())  # one line
         print(f"forgetcheck: error: {msg}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            traceback.print_exc()
+            print(f"forgetcheck: runtime failure: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(3)
+        where = e.filename if e.filename is not None else "a path"
+        print(f"forgetcheck: error: cannot use {where}: {e.strerror}: give a path you can read and write "
+              f"(--out, --run, --resume)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("forgetcheck: interrupted; finished stages are kept (resume a run with --resume runs/<id>)",
               file=sys.stderr)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, read_json
+from forgetcheck.rundir import RunDir, confined, read_json
 from forgetcheck.schema import COMPARE_VERSION, require, write_compare
 from forgetcheck.stats import (
     Estimate,
@@ -125,11 +125,29 @@ def load_eval(path: Path) -> dict:
     return require(read_json(path), "eval", str(path))
 
 
+COMPARE_FIELDS = {"arms": list, "tasks": dict, "suites": dict}
+
+
+def read_compare(path: Path) -> dict:
+    """compare.json, checked: a compare file of the schema_version this forgetcheck writes (schema.read_compare),
+    with its fields."""
+    from forgetcheck.schema import read_compare as read_typed
+
+    path = Path(path)
+    d = read_typed(path)
+    for key, typ in COMPARE_FIELDS.items():
+        if not isinstance(d.get(key), typ):
+            raise BadInput(f"{path}: '{key}' is missing or not a JSON {'list' if typ is list else 'object'}: the "
+                           f"file is damaged or not forgetcheck's; re-run `forgetcheck compare`")
+    return d
+
+
 def load_items(eval_path: Path, task: str, entry: dict) -> list[dict] | None:
     rel = entry.get("samples")
     if not rel:
         return None
-    p = Path(eval_path).parent / rel
+    # a run folder may only point inside itself: a samples path is relative to the eval JSON's folder
+    p = confined(Path(eval_path).parent, rel, f"{eval_path}: tasks.{task}.samples")
     if not p.is_file():
         return None
     rows = []
@@ -375,7 +393,7 @@ def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float =
     if not 0 < alpha < 1:
         raise BadInput(f"--alpha must be in (0, 1) (got {alpha})")
     if n_boot < 100:
-        raise BadInput(f"n_boot must be at least 100 (got {n_boot})")
+        raise BadInput(f"--n-boot must be at least 100 (got {n_boot})")
     base = (Path(base_eval), load_eval(base_eval))
     arms = {arm: (Path(p), load_eval(p)) for arm, p in arm_evals.items()}
     if not arms:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import atomic_write_json, file_sha256, read_json
+from forgetcheck.rundir import atomic_write_json, confined, file_sha256, read_json
 from forgetcheck.schema import require
 from forgetcheck.suites import TaskSpec, retention_perplexity_task
 
@@ -154,6 +154,8 @@ def load_reference(path: Path) -> dict:
     path = Path(path)
     doc = require(read_json(path), "eval", str(path))
     rel = (doc.get("drift") or {}).get("topk_file")
+    if rel:  # a run folder may only point inside itself
+        confined(path.parent, rel, f"--reference {path}: drift.topk_file")
     if not rel or not (path.parent / rel).is_file():
         raise BadInput(f"--reference {path}: no top-k distribution file beside it ({rel or 'none recorded'}); "
                        f"re-run `forgetcheck eval` on the reference model")

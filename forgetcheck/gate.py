@@ -37,14 +37,7 @@ from forgetcheck.compare import gated_tasks
 from forgetcheck.config import GateConfig, check, validate_gate
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_text, read_json
-from forgetcheck.schema import (
-    COMPARE_VERSION,
-    GATE_VERSION,
-    check_versioned,
-    is_current,
-    read_compare,
-    write_gate,
-)
+from forgetcheck.schema import GATE_VERSION, is_current, require, write_gate
 from forgetcheck.stats import Estimate, estimate_from_dict, holm, round_up
 
 try:
@@ -347,11 +340,16 @@ def load_policy(path: Path) -> dict:
     >= 0 (`min_domain_gain` may be negative); `max_ppl_rise`/`max_kl` may be "off"; `metric` is acc|soft,
     `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"--policy {path} is a folder: give a TOML file with max_drop, max_mean_drop, alpha, "
+                       "min_domain_gain")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"--policy {path}: not a UTF-8 text file; give a TOML file") from None
     except FileNotFoundError:
         raise BadInput(f"--policy {path} not found: give a TOML file with keys {', '.join(POLICY_KEYS)}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise BadInput(f"--policy {path}: not valid TOML ({e})") from None
     data = data.get("gate", data)
     out = {k.replace("-", "_"): v for k, v in data.items()}
@@ -516,6 +514,8 @@ def decide_hint(gate: dict, limit: int | None) -> str:
 def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:
     """(compare dict, where gate.json goes, the run's config or None) for a run directory or a compare.json.
     A run directory whose compare.json is missing or in an older format gets it (re)computed from its evals."""
+    from forgetcheck.compare import read_compare
+
     target = Path(target)
     run_config = None
     if target.is_dir():
@@ -532,15 +532,13 @@ def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:
             raise BadInput(f"{target} holds neither compare.json nor eval/base.json: give a run directory "
                            "written by `forgetcheck run`, or a compare.json")
         if run.config.exists():
-            run_config = read_json(run.config)
+            run_config = require(read_json(run.config), "config", str(run.config))
         return compare, run.gate, run_config
     if target.is_file():
-        compare = read_json(target)
-        check_versioned(compare, "compare", COMPARE_VERSION, str(target),
-                        "recompute it with `forgetcheck compare <run directory>`")
+        compare = read_compare(target)
         cfg = target.parent / "config.json"
         if cfg.exists():
-            run_config = read_json(cfg)
+            run_config = require(read_json(cfg), "config", "config.json beside the compare.json")
         return compare, target.parent / "gate.json", run_config
     raise BadInput(f"{target} not found: give a run directory (runs/<id>) or its compare.json")
 
@@ -551,6 +549,11 @@ def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, pol
     beside compare.json. Returns (gate dict, exit code: 0 pass, 1 fail, 4 inconclusive unless mapped by
     `on_inconclusive`). `policy` (a dict may hold only some keys, None values meaning not given) overrides
     `policy_file`, which overrides the run's config."""
+    from forgetcheck.rundir import check_output_file
+
+    for flag, path in (("--junit", junit), ("--markdown", markdown)):  # refused before anything is written
+        if path is not None:
+            check_output_file(Path(path), flag)
     overrides = dataclasses.asdict(policy) if isinstance(policy, GateConfig) else dict(policy or {})
     unknown = set(overrides) - set(POLICY_KEYS)
     if unknown:

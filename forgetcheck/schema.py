@@ -78,6 +78,9 @@ def require(obj: Any, kind: str, path: str = "") -> dict:
     version = obj.get("schema_version")
     if version is None:
         raise BadInput(f"{where}: no schema_version; is this a forgetcheck {kind} file?")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise BadInput(f"{where}: schema_version {version!r} is not a version number (1, 2, ...): the file was "
+                       f"edited or is not forgetcheck's; re-run the command that writes it")
     if version > SCHEMA_VERSION:
         raise BadInput(f"{where}: schema_version {version} is newer than this forgetcheck reads "
                        f"({SCHEMA_VERSION}): upgrade forgetcheck")
