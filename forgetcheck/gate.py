@@ -37,7 +37,7 @@ from forgetcheck.compare import gated_tasks
 from forgetcheck.config import GateConfig, check, validate_gate
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_text, read_json
-from forgetcheck.schema import GATE_VERSION, is_current, require, write_gate
+from forgetcheck.schema import GATE_VERSION, require, write_gate
 from forgetcheck.stats import Estimate, estimate_from_dict, holm, round_up
 
 try:
@@ -513,21 +513,20 @@ def decide_hint(gate: dict, limit: int | None) -> str:
 
 def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:
     """(compare dict, where gate.json goes, the run's config or None) for a run directory or a compare.json.
-    A run directory whose compare.json is missing or in an older format gets it (re)computed from its evals."""
+    A run directory without compare.json gets it computed from its evals; an older format is refused with the
+    command that rewrites it."""
     from forgetcheck.compare import read_compare
 
     target = Path(target)
     run_config = None
     if target.is_dir():
         run = RunDir(target)
-        if run.compare.exists() and is_current(run.compare, "compare"):
-            compare = read_compare(run.compare)
+        if run.compare.exists():
+            compare = read_compare(run.compare)  # an older format or a damaged file is refused with the fix
         elif run.eval_json("base").exists():
             from forgetcheck.compare import compare_run
 
             compare = compare_run(run)
-        elif run.compare.exists():
-            compare = read_compare(run.compare)  # older format and no evals to recompute it: says the fix
         else:
             raise BadInput(f"{target} holds neither compare.json nor eval/base.json: give a run directory "
                            "written by `forgetcheck run`, or a compare.json")
@@ -545,7 +544,7 @@ def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:
 
 def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, policy_file: Path | None = None,
              junit: Path | None = None, markdown: Path | None = None) -> tuple[dict, int]:
-    """Gate a run directory (compare.json computed when absent or old) or a compare.json file. Writes gate.json
+    """Gate a run directory (compare.json computed when absent) or a compare.json file. Writes gate.json
     beside compare.json. Returns (gate dict, exit code: 0 pass, 1 fail, 4 inconclusive unless mapped by
     `on_inconclusive`). `policy` (a dict may hold only some keys, None values meaning not given) overrides
     `policy_file`, which overrides the run's config."""

@@ -94,8 +94,8 @@ def require(obj: Any, kind: str, path: str = "") -> dict:
 # Version 2 of both (this forgetcheck) holds three-outcome verdicts: every estimate carries its centre and
 # standard error (stats.Estimate), the gate's rules have a `status` (pass | fail | inconclusive) and a power
 # statement. Version 1 files (two outcomes, bootstrap percentile CIs beside McNemar p-values) are refused by
-# these readers with the fix; `forgetcheck gate` and `forgetcheck report` given a run directory whose
-# compare.json is version 1 recompute it from the run's eval files (which did not change format).
+# these readers with the fix (`forgetcheck compare RUN` rewrites compare.json from the run's eval files, whose
+# format did not change; `forgetcheck gate RUN` then rewrites gate.json).
 
 COMPARE_VERSION = 2
 GATE_VERSION = 2
