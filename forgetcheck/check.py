@@ -12,7 +12,8 @@ Two ways in:
     by lm-eval's doc_hash, items on one side only listed in pairing.json and printed.
 
 `--previous runs/<id>` (history.py) puts the previous release beside the new candidates in the report.
-The exit code is the gate's own (gate.gate_run): 0 PASS, 1 FAIL; 2 bad input; 3 runtime failure.
+The exit code is the gate's own (gate.gate_run): 0 PASS, 1 FAIL, 4 INCONCLUSIVE (unless --on-inconclusive maps
+it); 2 bad input; 3 runtime failure.
 """
 
 from __future__ import annotations

@@ -89,13 +89,29 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
+    """The release gate's policy (gate.py; every rule in docs/verdicts.md). Margins are in points (percent for
+    `max_ppl_rise`, nats per token for `max_kl`); each rule passes when its one-sided (1 - alpha) bound rules
+    out a change beyond the margin, fails when the change beyond the margin is shown, else is inconclusive."""
+
     max_drop: float = 2.0
-    """A retention task may not drop by more than this many points (significant after correction)."""
+    """Per gated retention task: the largest drop in points a release may have."""
     max_mean_drop: float = 1.0
-    """The retention suite mean may not drop by more than this many points (significant)."""
+    """The retention suite mean: the largest drop in points."""
     alpha: float = 0.05
     min_domain_gain: float | None = None
     """When set, the domain suite mean must rise by at least this many points."""
+    metric: str = "soft"
+    """`soft` (probability on the correct choice, in points) or `acc` (0/1 accuracy): which score the task and
+    mean rules use (docs/verdicts.md: soft detects drops about half as large on the same items)."""
+    max_ppl_rise: float | None = 10.0
+    """General-text drift: the largest relative rise, in percent, of bits per byte on the drift text
+    (None: rule off)."""
+    max_kl: float | None = 0.1
+    """General-text drift: the largest mean KL(base || arm) per token, in nats (None: rule off)."""
+    on_inconclusive: str = "inconclusive"
+    """Exit code for an inconclusive verdict: `inconclusive` (4), `fail` (1) or `pass` (0)."""
+    keep_uninformative: bool = False
+    """Gate (and average) retention tasks whose base is not above chance too."""
 
 
 @dataclass(frozen=True)
@@ -189,21 +205,33 @@ def validate_eval(e: EvalConfig) -> list[str]:
 
 
 def validate_gate(g: GateConfig) -> list[str]:
-    problems = []
-    for flag, v in (("--alpha", g.alpha), ("--max-drop", g.max_drop), ("--max-mean-drop", g.max_mean_drop),
-                    ("--min-domain-gain", g.min_domain_gain)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            problems.append(f"{flag} must be a number (got {v!r})")
-        elif v is not None and not math.isfinite(v):
-            problems.append(f"{flag} must be a finite number of points (got {v})")
-    if problems:
-        return problems
-    if not 0 < g.alpha < 1:
+    problems = _gate_extra_problems(g)
+    if not problems and not 0 < g.alpha < 1:
         problems.append(f"--alpha must be in (0, 1) (got {g.alpha})")
-    if g.max_drop < 0:
-        problems.append(f"--max-drop must be >= 0 points (got {g.max_drop})")
-    if g.max_mean_drop < 0:
-        problems.append(f"--max-mean-drop must be >= 0 points (got {g.max_mean_drop})")
+    return problems
+
+
+def _gate_extra_problems(g: GateConfig) -> list[str]:
+    """Thresholds must be finite numbers >= 0 (NaN, inf and negatives refused), the choices known."""
+    import math
+
+    problems = []
+    for name, flag in (("max_drop", "--max-drop"), ("max_mean_drop", "--max-mean-drop"),
+                       ("min_domain_gain", "--min-domain-gain"), ("max_ppl_rise", "--max-ppl-rise"),
+                       ("max_kl", "--max-kl"), ("alpha", "--alpha")):
+        v = getattr(g, name)
+        if v is None and name in ("min_domain_gain", "max_ppl_rise", "max_kl"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            problems.append(f"{flag} must be a finite number (got {v!r})")
+        elif v < 0 and name != "min_domain_gain":
+            problems.append(f"{flag} must be >= 0 (got {v:g})")
+    if g.metric not in ("acc", "soft"):
+        problems.append(f"--metric must be acc or soft (got {g.metric!r})")
+    if g.on_inconclusive not in ("inconclusive", "fail", "pass"):
+        problems.append(f"--on-inconclusive must be fail or pass (got {g.on_inconclusive!r})")
+    if not isinstance(g.keep_uninformative, bool):
+        problems.append(f"keep_uninformative must be true or false (got {g.keep_uninformative!r})")
     return problems
 
 

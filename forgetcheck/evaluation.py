@@ -109,6 +109,8 @@ def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
             if tok is not None:
                 row["tokens"] = len(tok(str(text), add_special_tokens=False)["input_ids"])
             rows.append(row)
+        if isinstance(s.get("doc"), dict) and s["doc"].get("cluster") is not None:
+            rows[-1]["cluster"] = str(s["doc"]["cluster"])  # items sharing a source (compare resamples clusters)
     return rows
 
 

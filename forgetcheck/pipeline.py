@@ -186,8 +186,9 @@ def write_config(cfg: C.RunConfig, run: RunDir, model_ref, domain, device) -> No
 
 
 def run_pipeline(cfg: C.RunConfig, resume: Path | None = None, given: dict | None = None) -> int:
-    """Run (or resume) every stage; return the gate's exit code (0 pass, 1 fail). `given`: the flags typed on
-    the command line, checked against config.json on --resume."""
+    """Run (or resume) every stage; return 0 once every stage ran. The gate's verdict (pass, fail,
+    inconclusive) is printed and written to gate.json; `forgetcheck gate` turns it into an exit code.
+    `given`: the flags typed on the command line, checked against config.json on --resume."""
     cfg, run, model_ref, domain, device = prepare(cfg, resume, given)
     write_config(cfg, run, model_ref, domain, device)
     _print(f"forgetcheck run {run.root}  ({'resumed' if resume else 'new'})")
@@ -232,6 +233,7 @@ def run_pipeline(cfg: C.RunConfig, resume: Path | None = None, given: dict | Non
 
 
 def finish(run: RunDir, gate_cfg: C.GateConfig, started: float | None = None) -> int:
+    """Compare, gate, report; print the verdict, the power sentence and what would decide. Returns 0."""
     from forgetcheck import compare, gate, report
 
     _print("[4/4] comparing, reporting, gating")
@@ -243,6 +245,11 @@ def finish(run: RunDir, gate_cfg: C.GateConfig, started: float | None = None) ->
         man = read_json(run.manifest) if run.manifest.exists() else {}
         sessions = [*(man.get("timings") or {}).get("run_sessions", []), round(time.perf_counter() - started, 3)]
         update_manifest(run, timings={"run_sessions": sessions, "run_total": round(sum(sessions), 3)})
+    limit = ((read_json(run.config).get("eval") or {}).get("limit")) if run.config.exists() else None
     _print(f"report: {report_path}")
-    _print(f"gate:   {run.gate}  -> {'PASS' if code == 0 else 'FAIL'}")
-    return code
+    _print(f"gate:   {run.gate}  -> {gate_dict['verdict'].upper()}: {gate.verdict_reason(gate_dict)}")
+    _print(f"power:  {gate_dict['power']['sentence']}")
+    _print(f"        {gate.decide_hint(gate_dict, limit)}")
+    _print(f"        (`forgetcheck gate {run.root}` exits 0 pass, 1 fail, 4 inconclusive; `run` exits 0 "
+           f"once every stage ran)")
+    return 0
