@@ -44,6 +44,7 @@ def prepare(cfg: C.RunConfig, resume: Path | None = None):
     Returns (cfg, run, model_ref, domain, device_choice). Every problem found is reported at once.
     """
     from forgetcheck import data, models
+    from forgetcheck.arms import TRAINED, data_kind
     from forgetcheck.device import choose_device
 
     if resume is not None:
@@ -64,8 +65,8 @@ def prepare(cfg: C.RunConfig, resume: Path | None = None):
         problems.append(str(e))
     if domain is not None:
         for arm in cfg.arms:
-            if arm in C.ARMS and getattr(domain, arm) is None:
-                problems.append(f"--data {cfg.data} has no {arm}.jsonl, so arm '{arm}' cannot train: "
+            if arm in TRAINED and getattr(domain, data_kind(arm)) is None:
+                problems.append(f"--data {cfg.data} has no {data_kind(arm)}.jsonl, so arm '{arm}' cannot train: "
                                 f"add it or drop the arm with --arms")
     C.check(problems)
     # Now the (possibly slow, one-off) preparation of cached folders: GGUF conversion, data building.
@@ -74,6 +75,10 @@ def prepare(cfg: C.RunConfig, resume: Path | None = None):
     model_ref = models.resolve(cfg.base, prepare=True)
     domain = data.load_domain(cfg.data, prepare=True)
     benchdata.prepare_bench()  # instant once built; the first time reads the bigbench sdist (~20 s)
+    if "replay" in cfg.arms:
+        from forgetcheck import general_text
+
+        general_text.build()  # instant once built (checked against every evaluation text: ~5 s)
     device = choose_device(cfg.device)
     if resume is None and not domain.packaged and "domain" in cfg.eval.suites and not cfg.eval.tasks:
         # The packaged domain suite measures `med`; a user's own data has no domain benchmark of its own yet.
@@ -117,7 +122,7 @@ def run_pipeline(cfg: C.RunConfig, resume: Path | None = None) -> int:
         _print(f"  NOTE: --base {cfg.base} has RANDOM WEIGHTS: results are plumbing checks, not model quality")
     t0 = time.perf_counter()
 
-    from forgetcheck import evaluation, models, train
+    from forgetcheck import arms, evaluation, interpolate, models, train
 
     # 1. base evaluation (also cached across runs by model content hash)
     if not run.eval_json("base").exists():
@@ -128,7 +133,7 @@ def run_pipeline(cfg: C.RunConfig, resume: Path | None = None) -> int:
         _print("[1/4] base evaluation present: reused")
 
     # 2. train each arm on the same budget
-    for arm in cfg.arms:
+    for arm in arms.trained(cfg.arms):
         if run.train_json(arm).exists() and run.ckpt(arm).exists():
             _print(f"[2/4] arm {arm}: training present: reused")
             continue
@@ -136,8 +141,18 @@ def run_pipeline(cfg: C.RunConfig, resume: Path | None = None) -> int:
             _print(f"[2/4] training arm {arm}")
             train.train_arm(arm, model_ref, domain, cfg.train, run, device=device.device)
 
+    # 2b. wise: interpolate the base and --wise-from (no training)
+    wise = interpolate.points(cfg.arms, cfg.train)
+    for label, a in wise:
+        if (run.ckpt(label) / "config.json").exists():
+            continue
+        with StageTimer(run, f"interpolate_{label}"):
+            _print(f"[2/4] {label}: (1 - {a:g}) * base + {a:g} * {cfg.train.wise_from}")
+            interpolate.build(model_ref, run.ckpt(cfg.train.wise_from), run.ckpt(label), a,
+                              source_arm=cfg.train.wise_from)
+
     # 3. evaluate each arm from its saved checkpoint (what is reported is what ships)
-    for arm in cfg.arms:
+    for arm in arms.trained(cfg.arms) + [label for label, _ in wise]:
         if run.eval_json(arm).exists():
             _print(f"[3/4] arm {arm}: evaluation present: reused")
             continue
