@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -222,6 +223,9 @@ def plan(
     nproc: int = typer.Option(1, "--nproc", help="Devices sharing the model (FSDP2)."),
     micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per forward pass per device."),
     seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sequence."),
+    arm: str = typer.Option("sft", "--arm", help="sft/cpt/replay (full fine-tuning) | lora | freeze (need --base)."),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="lora: adapter rank."),
+    freeze_layers: Optional[int] = typer.Option(None, "--freeze-layers", help="freeze: bottom blocks frozen (default half)."),
 ) -> None:
     """Memory plan of full fine-tuning: weights, gradients, optimizer state, activations, total, per device."""
     from forgetcheck import config as C
@@ -234,8 +238,27 @@ def plan(
     C.check(C.validate_train(cfg))
     if params is not None and params < 1:
         raise BadInput(f"--params must be a positive parameter count such as 7e9 (got {params})")
+    from forgetcheck.arms import TRAINED
+
+    if arm not in TRAINED:
+        raise BadInput(f"unknown --arm '{arm}': choose from {', '.join(TRAINED)}")
+    if arm in ("lora", "freeze") and base is None:
+        raise BadInput(f"--arm {arm} needs the architecture: give --base MODEL instead of --params")
+    cfg = replace(cfg, lora_rank=lora_rank, freeze_layers=freeze_layers)
+    C.check(C.validate_train(cfg))
     arch = P.arch_for_base(base) if base is not None else P.arch_from_params(params)
-    echo(P.format_plan(P.plan_memory(arch, cfg), P.plan_memory(arch, P.baseline(cfg))))
+    hf = None
+    if base is not None and arm in ("lora", "freeze"):
+        from transformers import AutoConfig
+
+        from forgetcheck import models
+
+        hf = AutoConfig.from_pretrained(models.resolve(base).path)
+    this = P.plan_memory(arch, cfg, arm=arm, hf_config=hf)
+    echo(P.format_plan(this, P.plan_memory(arch, P.baseline(cfg))))
+    if arm in ("lora", "freeze"):
+        echo(f"{arm}: {this['trainable_params']:,} trainable parameters ({this['added_params']:,} added) of "
+             f"{arch.params:,}; gradients and optimizer state for those only")
 
 
 # ------------------------------------------------------------------------------------------------------

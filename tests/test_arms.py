@@ -193,3 +193,12 @@ def test_freeze_layers_beyond_the_model_is_refused(tiny_ref, domain, tmp_path):
 
     with pytest.raises(BadInput, match="--freeze-layers 5"):
         train.train_loop("freeze", tiny_ref, domain.sft, replace(CFG, freeze_layers=5), RunDir(tmp_path))
+
+
+def test_cli_plan_for_lora_and_freeze(tiny_ref):
+    base = [sys.executable, "-m", "forgetcheck", "plan", "--seq-len", "32", "--micro-batch", "2"]
+    r = subprocess.run(base + ["--base", "tiny-gpt2", "--arm", "freeze"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "freeze:" in r.stdout and "trainable parameters (0 added)" in r.stdout
+    r = subprocess.run(base + ["--params", "7e9", "--arm", "lora"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--base" in r.stderr.strip().splitlines()[-1]
