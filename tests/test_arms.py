@@ -202,3 +202,32 @@ def test_cli_plan_for_lora_and_freeze(tiny_ref):
     assert "freeze:" in r.stdout and "trainable parameters (0 added)" in r.stdout
     r = subprocess.run(base + ["--params", "7e9", "--arm", "lora"], capture_output=True, text=True)
     assert r.returncode == 2 and "--base" in r.stderr.strip().splitlines()[-1]
+
+
+def test_front_and_interpolation_curve_in_the_report(tmp_path):
+    import re
+
+    from runfixture import make_run
+
+    from forgetcheck import report
+    from forgetcheck.compare import compare_run
+    from forgetcheck.gate import gate_run
+
+    pts = [{"arm": a, "f": f, "l": ln, "f_missing": False, "l_missing": False}
+           for a, f, ln in (("sft", 3.0, 5.0), ("lora", 1.0, 2.0), ("replay", 2.0, 1.0), ("cpt", 0.5, 0.0))]
+    assert report.front_arms(pts) == {"sft", "lora", "cpt"}  # replay: lora learns more and forgets less
+    arms_ = ("sft", "cpt", "lora", "wise-0.25", "wise-0.5", "wise-0.75")
+    run = make_run(tmp_path / "run", arms=arms_, n=80,
+                   flips={("sft", "ret_mmlu"): (20, 0), ("wise-0.75", "ret_mmlu"): (12, 0),
+                          ("wise-0.5", "ret_mmlu"): (6, 0), ("sft", "dom_terms"): (0, 20),
+                          ("wise-0.5", "dom_terms"): (0, 12), ("lora", "dom_terms"): (0, 4)})
+    compare_run(run, n_boot=300)
+    gate_run(run.root)
+    html = report.write_report(run).read_text(encoding="utf-8")
+    chart = html[html.index('id="chart-learn-forget"'):]
+    chart = chart[:chart.index("</svg>")]
+    curve = re.search(r'id="wise-curve" points="([^"]+)"', chart)
+    assert curve and len(curve.group(1).split()) == 5  # base, wise-0.25, wise-0.5, wise-0.75, sft
+    view = report.learn_forget_chart(json.loads(run.compare.read_text()), {a: "#000" for a in arms_}, "sft")
+    assert chart.count('class="front"') == len(view["front"]) >= 1
+    assert all(f">{a}</text>" in chart for a in arms_)
