@@ -155,14 +155,17 @@ def eval_cmd(
                                              "(reference || this model) on general text."),
     tasks_dir: Optional[Path] = typer.Option(None, "--tasks-dir", help="lm-eval task YAMLs to use instead of "
                                              "forgetcheck's tasks/."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto | balanced | sequential: split a model "
+                                             "larger than one GPU across the visible GPUs (docs/scale.md)."),
 ) -> None:
-    """Benchmark one model on the suites' tasks (lm-eval, offline, cached) and measure drift on general text."""
+    """Benchmark one model on the suites' tasks (lm-eval, offline, cached) and measure drift on general text.
+    Under torchrun, every process scores its share of the items (data-parallel; docs/scale.md)."""
     from forgetcheck.config import EvalConfig, split_csv
     from forgetcheck.evaluation import cmd_eval
 
     cfg = EvalConfig(suites=split_csv(suite), tasks=split_csv(tasks), limit=limit, backend=backend,
                      batch_size=batch_size)
-    cmd_eval(model, cfg, out, device=device, reference=reference, tasks_dir=tasks_dir)
+    cmd_eval(model, cfg, out, device=device, reference=reference, tasks_dir=tasks_dir, device_map=device_map)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ def train(
     base: BaseOpt = "smollm2-135m",
     data: DataOpt = "med",
     arms: ArmsOpt = "sft,cpt",
-    run_dir: Optional[Path] = typer.Option(None, "--run", help="Run folder to train into (default: a new one under --out)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="Run folder to train into (default: a new one under --out). Under torchrun write --run-dir (torchrun's parser takes --run for its --run-path)."),
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
     preset: PresetOpt = "quick",
@@ -196,10 +199,16 @@ def train(
     replay_frac: ReplayFracOpt = None,
     freeze_layers: FreezeLayersOpt = None,
     device: DeviceOpt = "auto",
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines sharing --nproc (each runs nproc/nnodes processes; docs/scale.md)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's index, 0..nnodes-1 (0 hosts the rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0, the same on every node (--nnodes > 1)."),
+    hybrid_shard: bool = typer.Option(False, "--hybrid-shard", help="Shard within a node, replicate across nodes (FSDP2 HSDP)."),
 ) -> None:
-    """Fully fine-tune each arm (SFT, CPT) on the same token budget -> train/<arm>.json and ckpt/<arm>/."""
+    """Fully fine-tune each arm (SFT, CPT) on the same token budget -> train/<arm>.json and ckpt/<arm>/.
+    Started under torchrun or SLURM's srun, every process joins that launcher as one rank (docs/scale.md)."""
     from forgetcheck import config as C
     from forgetcheck.rundir import RunDir
+    from forgetcheck.sharding import Launch
     from forgetcheck.train import cmd_train
 
     train_cfg, _ = C.apply_preset(
@@ -210,7 +219,9 @@ def train(
         {},
     )
     rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
-    cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device)
+    cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device,
+              how=Launch(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, hybrid_shard=hybrid_shard),
+              run_named=run_dir is not None or run_id is not None)
 
 
 @app.command()
