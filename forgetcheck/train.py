@@ -362,7 +362,7 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         "packing": "wrapped: examples concatenated with their own label masks, cut into full seq_len rows",
         "arm_settings": arm_info,
         **({"replay": rows.replay} if rows.replay is not None else {}),
-        "config": C.to_dict(cfg),
+        "config": json.loads(json.dumps(C.to_dict(cfg))),  # as read back from train/<arm>.json
         "checkpoint": str(ckpt),
     }
     atomic_write_json(run.train_json(arm), record)
