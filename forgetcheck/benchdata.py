@@ -40,7 +40,7 @@ from forgetcheck.rundir import (
     replace_dir,
 )
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3  # 3: cluster ids (WinoGrande twins, cause_and_effect events, SQuAD articles)
 SEED = "forgetcheck-bench-v1"
 HOME_VAR = "${FORGETCHECK_HOME}"
 
@@ -192,12 +192,13 @@ def build_winogrande(task: dict) -> list[dict]:
             continue
         pairs.append((s1, a1, s2, a2))
     items = []
-    for s1, a1, s2, a2 in _sample(pairs, MAX_ITEMS // 2, "winogrande"):
+    for j, (s1, a1, s2, a2) in enumerate(_sample(pairs, MAX_ITEMS // 2, "winogrande")):
         for sentence, answer in ((s1, 1), (s2, 2)):
             idx = sentence.index("_")
             items.append({"sentence": sentence, "option1": a1, "option2": a2, "answer": answer,
                           "contexts": [sentence[:idx] + a1, sentence[:idx] + a2],
-                          "continuation": sentence[idx + 1:].strip(), "label": answer - 1})
+                          "continuation": sentence[idx + 1:].strip(), "label": answer - 1,
+                          "cluster": f"winogrande-pair-{j}"})  # the twin sentences share one cluster
     return items
 
 
@@ -227,14 +228,16 @@ def build_hyperbaton(task: dict) -> list[dict]:
 
 
 def build_cause_effect(one: dict, two: dict) -> list[dict]:
+    """Both subtasks list the same events in the same order (example i of one_sentence and of two_sentences
+    describe one event pair), so item i of each carries the cluster `cause-effect-<i>`."""
     items = []
-    for ex in one["examples"]:
+    for i, ex in enumerate(one["examples"]):
         if not (scored := _scored(ex)):
             continue
         choices, label = scored
         items.append({"query": "Which of these sentences makes more sense?\nAnswer:", "choices": choices,
-                      "label": label, "subtask": "one_sentence"})
-    for ex in two["examples"]:
+                      "label": label, "subtask": "one_sentence", "cluster": f"cause-effect-{i}"})
+    for i, ex in enumerate(two["examples"]):
         if not (scored := _scored(ex)):
             continue
         choices, label = scored
@@ -242,12 +245,14 @@ def build_cause_effect(one: dict, two: dict) -> list[dict]:
         choices = [choices[i] for i in order]
         items.append({"query": f"Two events: \"{choices[0]}\" and \"{choices[1]}\". Which event caused the other?"
                                f"\nAnswer:", "choices": choices, "label": order.index(label),
-                      "subtask": "two_sentences"})
+                      "subtask": "two_sentences", "cluster": f"cause-effect-{i}"})
     return items
 
 
 def build_squad_text(squad: dict) -> list[dict]:
-    return [{"title": a["title"], "text": p["context"].strip()} for a in squad["data"] for p in a["paragraphs"]]
+    """Paragraphs of one article share its title as their cluster."""
+    return [{"title": a["title"], "text": p["context"].strip(), "cluster": a["title"]}
+            for a in squad["data"] for p in a["paragraphs"]]
 
 
 def _chance(items: list[dict]) -> float | None:
@@ -342,8 +347,9 @@ def render_tasks_dir() -> Path:
         if not out.exists() or out.read_text(encoding="utf-8") != text:
             atomic_write_text(out, text)
     for f in dst.iterdir():
-        if f.is_file() and f.name not in wanted:
-            f.unlink()
+        # a dot-file is another process's atomic-write temp file (two evaluations may render at once)
+        if f.is_file() and f.name not in wanted and not f.name.startswith("."):
+            f.unlink(missing_ok=True)
     return dst
 
 

@@ -12,7 +12,8 @@ Two ways in:
     by lm-eval's doc_hash, items on one side only listed in pairing.json and printed.
 
 `--previous runs/<id>` (history.py) puts the previous release beside the new candidates in the report.
-The exit code is the gate's own (gate.gate_run): 0 PASS, 1 FAIL; 2 bad input; 3 runtime failure.
+The exit code is the gate's own (gate.gate_run): 0 PASS, 1 FAIL, 4 INCONCLUSIVE (unless --on-inconclusive maps
+it); 2 bad input; 3 runtime failure.
 """
 
 from __future__ import annotations
@@ -88,6 +89,19 @@ def _new_run(out: Path, base_label: str, run_id: str | None) -> RunDir:
     return run
 
 
+def _output_problems(out: Path, base_label: str, run_id: str | None) -> list[str]:
+    """--out and --run-id checked before anything is built or written."""
+    from forgetcheck.rundir import check_output_dir
+
+    problems = []
+    for step in (lambda: check_output_dir(Path(out), "--out"), lambda: _new_run(out, base_label, run_id)):
+        try:
+            step()
+        except BadInput as e:
+            problems.append(str(e))
+    return problems
+
+
 def _write_config(run: RunDir, cfg: dict) -> None:
     from forgetcheck.schema import SCHEMA_VERSION
 
@@ -150,6 +164,15 @@ def check_models(base: str, candidates: list[str], eval_cfg: C.EvalConfig, *, ou
         prev = history.resolve_previous(previous) if previous else None
     except BadInput as e:
         problems.append(str(e))
+    problems += _output_problems(out, base_ref.label if base_ref else "base", run_id)
+    if not problems:  # device, tasks: before any run folder or model (issue: refusals create nothing)
+        try:
+            choose_device(device)
+        except BadInput as e:
+            problems.append(str(e))
+        from forgetcheck.suites import task_problems
+
+        problems += task_problems(eval_cfg, tasks_dir)
     C.check(problems)
     run = _new_run(out, base_ref.label, run_id)
 
@@ -225,6 +248,7 @@ def check_samples(base_samples: Path, candidate_samples: list[str], *, out: Path
         prev = history.resolve_previous(previous) if previous else None
     except BadInput as e:
         problems.append(str(e))
+    problems += _output_problems(out, "base", run_id)
     C.check(problems)
     plan = lmeval_samples.plan(Path(base_samples), {c.name: Path(c.spec) for c in named}, tasks)
     run = _new_run(out, slug(Path(plan.base.model["name"]).name), run_id)

@@ -16,8 +16,9 @@ import shutil
 from pathlib import Path
 
 from forgetcheck import config as C
+from forgetcheck.errors import BadInput
 from forgetcheck.models import MARKER
-from forgetcheck.rundir import RunDir, atomic_write_json
+from forgetcheck.rundir import RunDir, atomic_write_json, read_json
 
 STATE_FILE = "state.pt"
 
@@ -121,8 +122,134 @@ def has_resume(rdir: Path, cfg: C.TrainConfig) -> bool:
     meta = rdir / "meta.json"
     if not meta.exists():
         return False
-    saved = json.loads(meta.read_text())
+    saved = read_json(meta)
+    if not isinstance(saved, dict):
+        raise BadInput(f"{meta} is not a resume record (expected a JSON object): delete {rdir} to restart the "
+                       f"arm from its first step")
     return saved.get("config") == json.loads(json.dumps(C.to_dict(cfg)))
+
+
+# ---- reading resume state: never runs code from the run folder ----------------------------------------------
+
+def _refuse(rdir: Path, f: Path, why: str) -> BadInput:
+    return BadInput(f"resume state {f} is refused ({why}): a run folder is data, and forgetcheck reads only "
+                    f"tensors and plain values from it; delete {rdir} to restart the arm from its first step")
+
+
+# Tensor subclasses an 8-bit / 4-bit optimizer keeps its state in: the only globals beyond torch's defaults
+# that a resume state may name.
+ALLOWED_STATE_CLASSES = ("torchao.optim.subclass_8bit.OptimState8bit", "torchao.optim.subclass_4bit.OptimState4bit",
+                         "torchao.optim.subclass_fp8.OptimStateFp8")
+
+
+def state_file_globals(rdir: Path, f: Path) -> list[str]:
+    """The globals a torch.save file names beyond torch's weights-only defaults, read without unpickling it;
+    BadInput when one is not in ALLOWED_STATE_CLASSES."""
+    import torch
+
+    if not f.is_file():
+        raise _refuse(rdir, f, "missing")
+    try:
+        extra = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except Exception as e:  # noqa: BLE001 - not a torch zip file, damaged, ...
+        raise _refuse(rdir, f, f"not a torch state file: {type(e).__name__}") from None
+    bad = [g for g in extra if g not in ALLOWED_STATE_CLASSES]
+    if bad:
+        raise _refuse(rdir, f, f"it names {bad[0]}, which is not a tensor or plain value")
+    return extra
+
+
+def check_resume_state(rdir: Path) -> None:
+    """Before any work on --resume: the resume state of an arm (when its meta.json says there is one) holds
+    only what load_resume will accept. Nothing is unpickled."""
+    rdir = Path(rdir)
+    meta = rdir / "meta.json"
+    if not meta.is_file():
+        return
+    saved = read_json(meta)
+    world = saved.get("world", 1) if isinstance(saved, dict) else None
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise _refuse(rdir, meta, "not a resume record")
+    if world == 1:
+        state_file_globals(rdir, rdir / STATE_FILE)
+    else:
+        check_dcp_metadata(rdir, rdir / "dcp")
+        for rank in range(world):
+            state_file_globals(rdir, rdir / f"rank{rank}.pt")
+
+
+def load_state_file(rdir: Path, f: Path) -> dict:
+    """A torch.save file of the resume state, read with torch's weights-only unpickler: tensors, dicts, lists,
+    numbers and strings, plus the optimizer-state tensor classes of ALLOWED_STATE_CLASSES; a file naming any
+    other global is refused before anything is built."""
+    import importlib
+    import pickle
+
+    import torch
+
+    extra = state_file_globals(rdir, f)
+    classes = []
+    for g in extra:
+        module, name = g.rsplit(".", 1)
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            raise _refuse(rdir, f, f"it holds {g}, and {module} is not installed") from None
+    try:
+        with torch.serialization.safe_globals(classes):
+            blob = torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        why = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0])[:200]
+        raise _refuse(rdir, f, f"not plain tensors and values: {why}") from None
+    if not isinstance(blob, dict):
+        raise _refuse(rdir, f, "not a resume state dict")
+    return blob
+
+
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+
+def check_dcp_metadata(rdir: Path, dcp_dir: Path) -> None:
+    """torch.distributed.checkpoint reads its `.metadata` with plain pickle. Before letting it, unpickle the file
+    with an allow-list (DCP's own metadata classes, torch.Size, dtypes, layouts, paths): a file naming any other
+    global is refused without anything being called."""
+    import pathlib
+    import pickle
+
+    import torch
+
+    def allowed(module: str, name: str):
+        if module in _DCP_MODULES:
+            obj = getattr(__import__(module, fromlist=[name]), name, None)
+            return obj if isinstance(obj, type) else None
+        if module == "torch":
+            obj = getattr(torch, name, None)
+            return obj if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)) \
+                else None
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return torch.serialization._get_layout
+        if module == "pathlib" and name in ("PosixPath", "PurePosixPath", "Path"):
+            return getattr(pathlib, name)
+        if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")):
+            return getattr(__import__(module), name)
+        return None
+
+    class _Checked(pickle.Unpickler):
+        def find_class(self, module, name):
+            obj = allowed(module, name)
+            if obj is None:
+                raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+            return obj
+
+    f = Path(dcp_dir) / ".metadata"
+    try:
+        with open(f, "rb") as fh:
+            _Checked(fh).load()
+    except FileNotFoundError:
+        raise _refuse(rdir, f, "missing") from None
+    except Exception as e:  # noqa: BLE001 - anything a hostile or damaged pickle raises is a refusal
+        raise _refuse(rdir, f, f"{type(e).__name__}: {str(e)[:160]}") from None
 
 
 def _rng_state() -> dict:
@@ -184,24 +311,28 @@ def save_resume(rdir: Path, model, optimizer, scheduler, scaler, state: dict, cf
 def load_resume(rdir: Path, model, optimizer, scheduler, scaler, *, world: int, rank: int) -> dict:
     import copy
 
-    import torch
 
     rdir = Path(rdir)
-    if world == 1:
-        blob = torch.load(rdir / STATE_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(blob["model"])
-        optimizer.load_state_dict(blob["optimizer"])
-    else:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    try:
+        if world == 1:
+            blob = load_state_file(rdir, rdir / STATE_FILE)
+            model.load_state_dict(blob["model"])
+            optimizer.load_state_dict(blob["optimizer"])
+        else:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        msd, osd = get_state_dict(model, optimizer)
-        sd = {"model": msd, "optimizer": osd}
-        dcp.load(sd, checkpoint_id=str(rdir / "dcp"))
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
-        blob = torch.load(rdir / f"rank{rank}.pt", map_location="cpu", weights_only=False)
-    scheduler.load_state_dict(blob["scheduler"])
-    if scaler is not None and blob["scaler"] is not None:
-        scaler.load_state_dict(blob["scaler"])
-    _set_rng_state(blob["rng"])
-    return copy.deepcopy(blob["state"])
+            check_dcp_metadata(rdir, rdir / "dcp")
+            msd, osd = get_state_dict(model, optimizer)
+            sd = {"model": msd, "optimizer": osd}
+            dcp.load(sd, checkpoint_id=str(rdir / "dcp"))
+            set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+            blob = load_state_file(rdir, rdir / f"rank{rank}.pt")
+        scheduler.load_state_dict(blob["scheduler"])
+        if scaler is not None and blob["scaler"] is not None:
+            scaler.load_state_dict(blob["scaler"])
+        _set_rng_state(blob["rng"])
+        return copy.deepcopy(blob["state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a state of another model or format
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise _refuse(rdir, rdir, f"it does not match this model and optimizer: {first}") from None

@@ -1,12 +1,15 @@
 """The command line: typed signatures are the CLI (typer). Each command imports its stage lazily, so
 `forgetcheck --help`, `compare`, `report` and `gate` never import torch.
 
-Exit codes (DESIGN.md): 0 success / gate passed; 1 gate failed; 2 bad input (one line, no traceback);
-3 runtime failure.
+Exit codes (DESIGN.md): 0 success / gate PASS; 1 gate FAIL; 2 bad input (one line, no traceback);
+3 runtime failure; 4 gate INCONCLUSIVE (`gate --on-inconclusive fail|pass` maps it). `run` exits 0 once every
+stage ran: its verdict is printed and in gate.json.
 """
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 import traceback
 from dataclasses import replace
@@ -93,10 +96,18 @@ def _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision,
 @app.command()
 def models(
     prepare: bool = typer.Option(False, "--prepare", help="Build the cached folder of every alias that is not ready."),
+    convert: Optional[Path] = typer.Option(None, "--convert", help="HF folder with pickle weights (pytorch_model.bin) "
+                                           "to copy as safetensors (tensors only; code in the pickle is refused)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="New folder for --convert."),
 ) -> None:
     """List the packaged model aliases: source, parameter count, size on disk, ready or not."""
     from forgetcheck import models as m
 
+    if convert is not None or out is not None:
+        if convert is None or out is None:
+            raise BadInput("give both --convert FOLDER and --out NEW_FOLDER (e.g. --out FOLDER-safetensors)")
+        echo(f"wrote {m.convert_pickle_folder(convert, out)}: use it as --base / --model")
+        return
     if prepare:
         for name in m.ALIASES:
             m.resolve(name, prepare=True)
@@ -221,7 +232,8 @@ def train(
     rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
     cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device,
               how=Launch(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, hybrid_shard=hybrid_shard),
-              run_named=run_dir is not None or run_id is not None)
+              run_named=run_dir is not None or run_id is not None,
+              run_flag="--run" if run_dir is not None else "--out")
 
 
 @app.command()
@@ -246,9 +258,7 @@ def plan(
         raise BadInput("give exactly one of --base MODEL or --params N (e.g. --params 7e9)")
     cfg = C.TrainConfig(precision=precision, optim=optim, grad_checkpointing=grad_checkpointing, nproc=nproc,
                         micro_batch=micro_batch, seq_len=seq_len, budget_tokens=seq_len * micro_batch * nproc)
-    C.check(C.validate_train(cfg))
-    if params is not None and params < 1:
-        raise BadInput(f"--params must be a positive parameter count such as 7e9 (got {params})")
+    P.check_inputs(params, cfg)
     from forgetcheck.arms import TRAINED
 
     if arm not in TRAINED:
@@ -287,10 +297,11 @@ def _run_dir(path: Path):
 def compare(
     run: Path = typer.Argument(..., help="Run directory (runs/<id>) holding eval/base.json and eval/<arm>.json."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level; CIs are (1 - alpha)."),
-    n_boot: int = typer.Option(2000, "--n-boot", help="Paired bootstrap resamples."),
+    n_boot: int = typer.Option(2000, "--n-boot", help="Cluster-bootstrap resamples (soft accuracy, perplexity, drift)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
 ) -> None:
-    """Paired comparison of every arm against the base: deltas, CIs, McNemar/Holm, flips -> compare.json."""
+    """Paired comparison of every arm against the base (and arm against arm): deltas with intervals and tests
+    from one method, soft accuracy, drift, flips -> compare.json."""
     from forgetcheck.compare import compare_run
 
     rd = _run_dir(run)
@@ -315,21 +326,41 @@ def report(
 
 # Gate options: one definition, used by `gate` and `check` (a gate flag added here must reach both:
 # tests/test_check.py checks that `check` accepts every option of `gate`).
-MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Max points a retention task may drop "
-                                                     "(significant after Holm). Default 2.")]
-MaxMeanDropOpt = Annotated[Optional[float], typer.Option("--max-mean-drop", help="Max points the retention mean "
-                                                         "may drop (significant). Default 1.")]
-GateAlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="Significance level. Default 0.05.")]
+MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Margin: points a gated retention task "
+                                                     "may drop. Default 2.")]
+MaxMeanDropOpt = Annotated[Optional[float], typer.Option("--max-mean-drop", help="Margin: points the retention mean "
+                                                         "may drop. Default 1.")]
+GateAlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="One-sided level of every bound and test. "
+                                                       "Default 0.05.")]
 MinDomainGainOpt = Annotated[Optional[float], typer.Option("--min-domain-gain", help="Require the domain mean to "
-                                                           "rise by at least this many points.")]
+                                                           "rise by at least this many points (lower bound).")]
+MetricOpt = Annotated[Optional[str], typer.Option("--metric", help="acc | soft (probability on the correct choice). "
+                                                  "Default soft (docs/verdicts.md).")]
+MaxPplRiseOpt = Annotated[Optional[str], typer.Option("--max-ppl-rise", help="Margin: percent rise of general-text "
+                                                      "bits per byte, or 'off'. Default 10.")]
+MaxKlOpt = Annotated[Optional[str], typer.Option("--max-kl", help="Margin: mean KL from the base, nats per token, "
+                                                 "or 'off'. Default 0.1.")]
+OnInconclusiveOpt = Annotated[Optional[str], typer.Option("--on-inconclusive", help="fail | pass: exit 1 or 0 "
+                                                          "instead of 4 for an INCONCLUSIVE verdict (said in the "
+                                                          "output).")]
+KeepUninformativeOpt = Annotated[Optional[bool], typer.Option("--keep-uninformative/--drop-uninformative",
+                                                              help="Gate retention tasks whose base is not above "
+                                                              "chance too (default: left out).")]
 PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="gate.toml with the same keys (flags override it).")]
-JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML (one testcase per rule).")]
+JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML (one testcase per rule; "
+                                                  "INCONCLUSIVE ones skipped).")]
 MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown summary.")]
 
 
-def _gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain) -> dict:
+def _gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain, metric=None, max_ppl_rise=None, max_kl=None,
+                    on_inconclusive=None, keep_uninformative=None) -> dict:
     """The gate flags as policy overrides (None: not given; the policy file or the run's config decides)."""
-    return {"max_drop": max_drop, "max_mean_drop": max_mean_drop, "alpha": alpha, "min_domain_gain": min_domain_gain}
+    from forgetcheck.gate import flag_number
+
+    return {"max_drop": max_drop, "max_mean_drop": max_mean_drop, "alpha": alpha, "min_domain_gain": min_domain_gain,
+            "metric": metric, "max_ppl_rise": flag_number("--max-ppl-rise", max_ppl_rise),
+            "max_kl": flag_number("--max-kl", max_kl), "on_inconclusive": on_inconclusive,
+            "keep_uninformative": keep_uninformative}
 
 
 @app.command()
@@ -339,19 +370,24 @@ def gate(
     max_mean_drop: MaxMeanDropOpt = None,
     alpha: GateAlphaOpt = None,
     min_domain_gain: MinDomainGainOpt = None,
+    metric: MetricOpt = None,
+    max_ppl_rise: MaxPplRiseOpt = None,
+    max_kl: MaxKlOpt = None,
+    on_inconclusive: OnInconclusiveOpt = None,
+    keep_uninformative: KeepUninformativeOpt = None,
     policy: PolicyOpt = None,
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
 ) -> None:
-    """Release gate: exit 0 when every rule passes, 1 when one fails; every reason lands in gate.json."""
-    from forgetcheck.gate import gate_run
+    """Release gate: PASS (exit 0) when harm beyond the margins is ruled out, FAIL (1) when shown,
+    INCONCLUSIVE (4) otherwise; every reason and the run's power land in gate.json."""
+    from forgetcheck.gate import console_lines, gate_run
 
-    overrides = _gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain)
+    overrides = _gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain, metric, max_ppl_rise,
+                                max_kl, on_inconclusive, keep_uninformative)
     result, code = gate_run(target, overrides, policy_file=policy, junit=junit, markdown=markdown)
-    for r in result["rules"]:
-        echo(f"{'PASS' if r['passed'] else 'FAIL'}  {r['reason']}")
-    echo(f"gate: {result['verdict'].upper()} ({sum(not r['passed'] for r in result['rules'])} of "
-         f"{len(result['rules'])} rules failed)")
+    for line in console_lines(result):
+        echo(line)
     raise typer.Exit(code)
 
 
@@ -390,6 +426,11 @@ def check(
     max_mean_drop: MaxMeanDropOpt = None,
     alpha: GateAlphaOpt = None,
     min_domain_gain: MinDomainGainOpt = None,
+    metric: MetricOpt = None,
+    max_ppl_rise: MaxPplRiseOpt = None,
+    max_kl: MaxKlOpt = None,
+    on_inconclusive: OnInconclusiveOpt = None,
+    keep_uninformative: KeepUninformativeOpt = None,
     policy: PolicyOpt = None,
     junit: JunitOpt = None,
     markdown: MarkdownOpt = None,
@@ -399,7 +440,8 @@ def check(
     from forgetcheck import check as K
     from forgetcheck import config as C
 
-    gate_flags = dict(gate_overrides=_gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain),
+    gate_flags = dict(gate_overrides=_gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain, metric, max_ppl_rise,
+                                max_kl, on_inconclusive, keep_uninformative),
                       policy_file=policy, junit=junit, markdown=markdown)
     if base_samples is not None or candidate_samples:
         mixed = [f for f, v in (("--base", base), ("--candidate", candidate), ("--limit", limit),
@@ -423,6 +465,13 @@ def check(
 # ------------------------------------------------------------------------------------------------------
 # run (owned by pipeline.py)
 # ------------------------------------------------------------------------------------------------------
+def _margin(flag: str, value: str) -> float | None:
+    from forgetcheck.gate import flag_number
+
+    v = flag_number(flag, value)
+    return None if v == "off" else v
+
+
 @app.command()
 def run(
     base: BaseOpt = "smollm2-135m",
@@ -454,15 +503,22 @@ def run(
     wise_alphas: WiseAlphasOpt = None,
     backend: Optional[str] = typer.Option(None, "--backend", help="Eval backend: fast | hf (stock lm-eval HFLM)."),
     device: DeviceOpt = "auto",
-    max_drop: float = typer.Option(2.0, "--max-drop", help="Gate: max significant drop on a retention task (points)."),
-    max_mean_drop: float = typer.Option(1.0, "--max-mean-drop", help="Gate: max significant drop of the retention mean (points)."),
-    alpha: float = typer.Option(0.05, "--alpha", help="Gate: significance level after Holm correction."),
+    max_drop: float = typer.Option(2.0, "--max-drop", help="Gate margin: points a retention task may drop."),
+    max_mean_drop: float = typer.Option(1.0, "--max-mean-drop", help="Gate margin: points the retention mean may drop."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Gate: one-sided level of every bound and test."),
     min_domain_gain: Optional[float] = typer.Option(None, "--min-domain-gain", help="Gate: required domain gain (points)."),
+    metric: str = typer.Option("soft", "--metric", help="Gate score: soft | acc."),
+    max_ppl_rise: str = typer.Option("10", "--max-ppl-rise", help="Gate margin: % rise of general-text bits per byte, or off."),
+    max_kl: str = typer.Option("0.1", "--max-kl", help="Gate margin: mean KL from the base (nats/token), or off."),
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json wins)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json "
+                                          "wins; a flag that differs from it is refused, except the gate's thresholds "
+                                          "and --force)."),
+    ctx: typer.Context = None,
 ) -> None:
-    """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> report -> gate (exit 0/1)."""
+    """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> report -> gate. Exits 0 once
+    every stage ran; the verdict is printed and in gate.json (`forgetcheck gate RUN` exits 0/1/4 on it)."""
     from forgetcheck import config as C
     from forgetcheck import pipeline
 
@@ -476,11 +532,25 @@ def run(
     cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out), run_id=run_id,
                       device=device, train=train_cfg, eval=eval_cfg,
                       gate=C.GateConfig(max_drop=max_drop, max_mean_drop=max_mean_drop, alpha=alpha,
-                                        min_domain_gain=min_domain_gain))
-    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume))
+                                        min_domain_gain=min_domain_gain, metric=metric,
+                                        max_ppl_rise=_margin("--max-ppl-rise", max_ppl_rise),
+                                        max_kl=_margin("--max-kl", max_kl)))
+    given = {k: v for k, v in ctx.params.items()
+             if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"} if ctx is not None else {}
+    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume, given=given))
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so atomic writes remove their temp files and finished stages are kept."""
+    raise KeyboardInterrupt
+
+
+# An OSError with one of these errnos while writing the user's output is the user's to fix (exit 2).
+_USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         rc = app(standalone_mode=False)  # standalone_mode=False returns typer.Exit's code instead of exiting
         if isinstance(rc, int) and rc != 0:
@@ -489,6 +559,15 @@ def main() -> None:
         msg = " ".join(str(e).split())  # one line
         print(f"forgetcheck: error: {msg}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            traceback.print_exc()
+            print(f"forgetcheck: runtime failure: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(3)
+        where = e.filename if e.filename is not None else "a path"
+        print(f"forgetcheck: error: cannot use {where}: {e.strerror}: give a path you can read and write "
+              f"(--out, --run, --resume)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("forgetcheck: interrupted; finished stages are kept (resume a run with --resume runs/<id>)",
               file=sys.stderr)

@@ -4,88 +4,53 @@ whether each difference is real.
 Pure: reads the run directory's JSON and JSONL, writes `compare.json`. Never imports torch, transformers or
 lm-eval (CI runs it on JSON alone).
 
-Per task and arm (items paired across models by `doc_hash`, else `doc_id`):
+Per task and arm (items paired across models by `doc_hash`, else `doc_id`; methods in forgetcheck/stats.py and
+docs/verdicts.md):
 - base and arm score of the task's primary metric, and the *oriented* delta: positive is better, negative
   is worse, whatever the metric's direction (`higher_is_better`). Accuracy-like metrics are in points
   (x100); perplexity metrics keep their own units.
-- a (1 - alpha) confidence interval of the delta by paired bootstrap over items (the same resampled items
-  for base and arm, and for every arm: seeded, vectorised);
-- the exact McNemar p-value for 0/1 metrics (a two-sided binomial test on the discordant pairs), else a
-  bootstrap p-value; Holm's correction across the tasks of a suite, per arm;
+- `acc`: the Bonett-Price estimate for 0/1 scores (design effect for clustered items), `soft`: the paired
+  difference of soft accuracy (probability on the correct choice) with a cluster-bootstrap standard error;
+  each with its (1 - alpha) interval and the two-sided p-value of the same method (they always agree); Holm's
+  correction across the gated retention tasks (accuracy, informative) per arm;
+- `informative`: whether the base is significantly above chance (else the task cannot show forgetting);
 - flip counts (right->wrong, wrong->right) and a few examples each way.
-Suite means (accuracy-like tasks only; perplexity is reported as drift), their bootstrap CI (items resampled
-within each task, the task deltas averaged), perplexity and KL drift, the budget each arm spent, and a
-learning-vs-forgetting summary per arm (Biderman et al. 2024, "LoRA Learns Less and Forgets Less":
-forgetting = drop of the mean retention score, learning = gain of the mean domain score).
+Suite means (accuracy-like tasks; over informative tasks and over all, for acc and soft; the variance is the
+sum of the task variances), general-text drift with intervals (bits-per-byte rise, mean KL), arm against arm
+on the same items, the budget each arm spent, and a learning-vs-forgetting summary per arm (Biderman et al.
+2024, "LoRA Learns Less and Forgets Less": forgetting = drop of the mean retention score, learning = gain of
+the mean domain score).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest
 
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, read_json
-from forgetcheck.schema import SCHEMA_VERSION, require
+from forgetcheck.rundir import RunDir, confined, read_json
+from forgetcheck.schema import COMPARE_VERSION, require, write_compare
+from forgetcheck.stats import (
+    Estimate,
+    above_chance_p,
+    bootstrap_se,
+    estimate_from_dict,
+    holm,
+    mean_of,
+    mean_of_estimates,
+    paired_binary,
+    paired_mean,
+    ratio_rise,
+    soft_scores,
+)
 
 PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 N_EXAMPLES = 5
 EXAMPLE_CHARS = 400
-_BOOT_CHUNK_CELLS = 4_000_000  # resampled indices held at once (n_boot x n_items), bounds memory
-
-
-# ---- statistics ------------------------------------------------------------------------------------------
-
-def holm(pvalues: dict[str, float]) -> dict[str, float]:
-    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
-    order = sorted(pvalues, key=lambda k: (pvalues[k], k))
-    m, running, out = len(order), 0.0, {}
-    for i, key in enumerate(order):
-        running = max(running, min(1.0, (m - i) * pvalues[key]))
-        out[key] = running
-    return out
-
-
-def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
-    """Exact two-sided McNemar p-value: binomial test of the discordant pairs against 1/2."""
-    n = right_to_wrong + wrong_to_right
-    if n == 0:
-        return 1.0
-    return float(binomtest(right_to_wrong, n, 0.5, alternative="two-sided").pvalue)
-
-
-def bootstrap_p(replicates: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of 'the delta is 0' from the replicates' sign (1.0 when all are 0)."""
-    n = len(replicates)
-    le = (np.count_nonzero(replicates <= 0) + 1) / (n + 1)
-    ge = (np.count_nonzero(replicates >= 0) + 1) / (n + 1)
-    return float(min(1.0, 2 * min(le, ge)))
-
-
-def percentile_ci(replicates: np.ndarray, alpha: float) -> list[float]:
-    lo, hi = np.quantile(replicates, [alpha / 2, 1 - alpha / 2])
-    return [float(lo), float(hi)]
-
-
-def _stable_seed(*parts: str) -> int:
-    return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "little")
-
-
-def resample_indices(n: int, n_boot: int, seed: int, key: str):
-    """Yield chunks of bootstrap index rows for one task: the same rows for every arm (paired)."""
-    rng = np.random.default_rng([seed, _stable_seed(key)])
-    rows = max(1, _BOOT_CHUNK_CELLS // max(n, 1))
-    done = 0
-    while done < n_boot:
-        k = min(rows, n_boot - done)
-        yield rng.integers(0, n, size=(k, n))
-        done += k
 
 
 # ---- metrics of a task, from its items ----------------------------------------------------------------------
@@ -160,11 +125,29 @@ def load_eval(path: Path) -> dict:
     return require(read_json(path), "eval", str(path))
 
 
+COMPARE_FIELDS = {"arms": list, "tasks": dict, "suites": dict}
+
+
+def read_compare(path: Path) -> dict:
+    """compare.json, checked: a compare file of the schema_version this forgetcheck writes (schema.read_compare),
+    with its fields."""
+    from forgetcheck.schema import read_compare as read_typed
+
+    path = Path(path)
+    d = read_typed(path)
+    for key, typ in COMPARE_FIELDS.items():
+        if not isinstance(d.get(key), typ):
+            raise BadInput(f"{path}: '{key}' is missing or not a JSON {'list' if typ is list else 'object'}: the "
+                           f"file is damaged or not forgetcheck's; re-run `forgetcheck compare`")
+    return d
+
+
 def load_items(eval_path: Path, task: str, entry: dict) -> list[dict] | None:
     rel = entry.get("samples")
     if not rel:
         return None
-    p = Path(eval_path).parent / rel
+    # a run folder may only point inside itself: a samples path is relative to the eval JSON's folder
+    p = confined(Path(eval_path).parent, rel, f"{eval_path}: tasks.{task}.samples")
     if not p.is_file():
         return None
     rows = []
@@ -233,8 +216,8 @@ def _example(b: dict, a: dict) -> dict:
 # ---- one task ----------------------------------------------------------------------------------------------
 
 def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, tuple[Path, dict]], *,
-                 alpha: float, n_boot: int, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """Compare one task for every arm that has it. Returns (entry, {arm: bootstrap replicates of delta})."""
+                 alpha: float, n_boot: int, seed: int) -> tuple[dict, dict[str, dict]]:
+    """Compare one task for every arm that has it. Returns (entry, {arm: per-item arrays for arm-vs-arm})."""
     base_path, base = base_eval
     bentry = base["tasks"][name]
     metric = bentry.get("primary_metric") or "acc"
@@ -248,9 +231,10 @@ def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, t
         "unit": unit, "scale": scale, "chance": _scaled(bentry.get("chance"), scale),
         "base": {"score": _scaled(base_value, scale), "n": bentry.get("n")}, "arms": {}, "notes": [],
     }
-    reps: dict[str, np.ndarray] = {}
+    paired_items: dict[str, dict] = {}
     base_rows = load_items(base_path, name, bentry)
     base_items = TaskItems(base_rows, metric, kind) if base_rows else None
+    out["informative"] = _informative(out, base_items, alpha)
 
     for arm, (apath, aev) in arm_evals.items():
         aentry = (aev.get("tasks") or {}).get(name)
@@ -264,32 +248,54 @@ def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, t
         if base_items is not None and arm_rows:
             arm_items = TaskItems(arm_rows, metric, kind)
             try:
-                paired = _paired_stats(name, base_items, arm_items, scale=scale, sign=sign, alpha=alpha,
+                paired = _paired_stats(name, arm, base_items, arm_items, scale=scale, sign=sign, alpha=alpha,
                                        n_boot=n_boot, seed=seed)
             except KeyError as e:
                 out["notes"].append(f"{arm}: per-item records lack metric {e}; scores from the aggregate")
         if paired is not None:
-            stats, rep, base_score = paired
+            stats, items, base_extra = paired
             res.update(stats)
-            out["base"]["score_paired"] = base_score
-            reps[arm] = rep
+            out["base"].update(base_extra)
+            paired_items[arm] = items
         else:
             if base_value is not None and arm_value is not None:
                 res["delta"] = sign * (arm_value - base_value) * scale + 0.0
             else:
                 res["delta"] = None
-            res.update({"ci": None, "p_value": None, "test": None, "n_paired": 0, "source": "aggregate"})
+            res.update({"ci": None, "p_value": None, "test": None, "n_paired": 0, "source": "aggregate",
+                        "acc": None, "soft": None})
             out["notes"].append(f"{arm}: no paired per-item records; delta from aggregate scores, no CI or test")
         out["arms"][arm] = res
-    return out, reps
+    return out, paired_items
+
+
+def _informative(t: dict, base_items: TaskItems | None, alpha: float) -> dict:
+    """Is the base clearly above chance on this task (exact one-sided binomial test at alpha)? A model at
+    chance has nothing to forget: the task cannot show forgetting at this model size."""
+    chance = t.get("chance")
+    if t["unit"] != "points" or chance is None or base_items is None:
+        return {"value": True, "p_value": None, "reason": "no chance level or per-item records: kept"}
+    try:
+        x = base_items.values(list(range(len(base_items.rows))))["x"]
+    except KeyError:
+        return {"value": True, "p_value": None, "reason": "per-item scores unreadable: kept"}
+    if not np.isin(x, (0.0, 1.0)).all() or not t["higher_is_better"]:
+        return {"value": True, "p_value": None, "reason": "not a 0/1 score: kept"}
+    k, n = int(x.sum()), len(x)
+    p = above_chance_p(k, n, chance / 100.0)
+    ok = p < alpha
+    return {"value": bool(ok), "p_value": p, "correct": k, "n": n,
+            "reason": (f"base {100 * k / n:.1f} vs chance {chance:.1f} (one-sided binomial p={p:.3g}"
+                       + (f" < {alpha:g}): informative" if ok else
+                          f" >= {alpha:g}): not above chance, uninformative at this model size"))}
 
 
 def _scaled(v, scale):
     return None if v is None else float(v) * scale
 
 
-def _paired_stats(name: str, base: TaskItems, arm: TaskItems, *, scale: float, sign: float, alpha: float,
-                  n_boot: int, seed: int):
+def _paired_stats(name: str, arm_name: str, base: TaskItems, arm: TaskItems, *, scale: float, sign: float,
+                  alpha: float, n_boot: int, seed: int):
     bidx = {k: i for i, k in enumerate(base.keys)}
     pairs = [(bidx[k], j) for j, k in enumerate(arm.keys) if k in bidx]
     if not pairs:
@@ -297,109 +303,206 @@ def _paired_stats(name: str, base: TaskItems, arm: TaskItems, *, scale: float, s
     bi, ai = [p[0] for p in pairs], [p[1] for p in pairs]
     bv, av = base.values(bi), arm.values(ai)
     n = len(pairs)
+    clusters = _clusters([base.rows[i] for i in bi])
     b_score = float(corpus_metric(base.metric, bv)) * scale
     a_score = float(corpus_metric(arm.metric, av)) * scale
-    delta = sign * (a_score - b_score) + 0.0  # + 0.0: an unchanged lower-is-better metric gives 0.0, not -0.0
-    chunks = [sign * (corpus_metric(arm.metric, av, w) - corpus_metric(base.metric, bv, w)) * scale
-              for w in resample_indices(n, n_boot, seed, name)]
-    rep = np.concatenate(chunks) + 0.0
     stats: dict[str, Any] = {
-        "score": a_score, "delta": float(delta), "ci": percentile_ci(rep, alpha), "n_paired": n,
+        "score": a_score, "n_paired": n, "clusters": None if clusters is None else int(len(np.unique(clusters))),
         "unpaired": {"base_only": len(base.keys) - n, "arm_only": len(arm.keys) - n}, "source": "items",
     }
+    base_extra: dict[str, Any] = {"score_paired": b_score}
+    items: dict[str, Any] = {"keys": [base.keys[i] for i in bi], "clusters": clusters}
     binary = "x" in bv and np.isin(bv["x"], (0.0, 1.0)).all() and np.isin(av["x"], (0.0, 1.0)).all()
-    if binary:
-        bx, ax = bv["x"].astype(bool), av["x"].astype(bool)
-        if sign < 0:  # a lower-is-better 0/1 metric: "right" is 0
-            bx, ax = ~bx, ~ax
-        r2w, w2r = np.flatnonzero(bx & ~ax), np.flatnonzero(~bx & ax)
-        stats["test"] = "mcnemar_exact"
-        stats["p_value"] = mcnemar_exact(len(r2w), len(w2r))
-        stats["flips"] = {"right_to_wrong": int(len(r2w)), "wrong_to_right": int(len(w2r))}
-        stats["examples"] = {
-            "right_to_wrong": [_example(base.rows[bi[i]], arm.rows[ai[i]]) for i in r2w[:N_EXAMPLES]],
-            "wrong_to_right": [_example(base.rows[bi[i]], arm.rows[ai[i]]) for i in w2r[:N_EXAMPLES]],
-        }
-    else:
-        stats["test"] = "paired_bootstrap"
-        stats["p_value"] = bootstrap_p(rep)
-    return stats, rep, b_score
+    if "x" in bv:
+        bx, ax = bv["x"], av["x"]
+        if binary:
+            bb, ab = bx.astype(bool), ax.astype(bool)
+            if sign < 0:  # a lower-is-better 0/1 metric: "right" is 0
+                bb, ab = ~bb, ~ab
+            est = paired_binary(bb, ab, clusters, scale=scale)
+            r2w, w2r = np.flatnonzero(bb & ~ab), np.flatnonzero(~bb & ab)
+            stats["examples"] = {
+                "right_to_wrong": [_example(base.rows[bi[i]], arm.rows[ai[i]]) for i in r2w[:N_EXAMPLES]],
+                "wrong_to_right": [_example(base.rows[bi[i]], arm.rows[ai[i]]) for i in w2r[:N_EXAMPLES]],
+            }
+            items["acc"] = (bb.astype(float), ab.astype(float))
+        else:
+            est = paired_mean(sign * bx, sign * ax, clusters, scale=scale, n_boot=n_boot, seed=seed,
+                              key=f"{name}\x1f{arm_name}")
+            items["acc"] = (sign * bx, sign * ax)
+        stats["acc"] = est.to_dict(alpha)
+        bs = _soft([base.rows[i] for i in bi])
+        as_ = _soft([arm.rows[i] for i in ai])
+        if bs is not None and as_ is not None:
+            soft = paired_mean(bs, as_, clusters, scale=scale, n_boot=n_boot, seed=seed,
+                               key=f"{name}\x1fsoft\x1f{arm_name}")
+            stats["soft"] = soft.to_dict(alpha)
+            stats["soft_score"] = float(as_.mean() * scale)
+            base_extra["soft_score"] = float(bs.mean() * scale)
+            items["soft"] = (bs, as_)
+        else:
+            stats["soft"] = None
+    else:  # perplexity: a ratio of sums over documents, resampled by document (clusters within the task)
+        def stat(w, arr, metric=base.metric):
+            return sign * (_weighted_corpus(metric, arr, "a", w) - _weighted_corpus(metric, arr, "b", w)) * scale
+
+        arrays = {f"{p}_{k}": v for p, src in (("a", av), ("b", bv)) for k, v in src.items()}
+        se = bootstrap_se(stat, arrays, clusters=clusters, n_boot=n_boot, seed=seed, key=f"{name}\x1f{arm_name}")
+        point = sign * (a_score - b_score) + 0.0
+        est = Estimate(point=point, center=point, se=se, method="cluster_bootstrap", n=n,
+                       clusters=stats["clusters"])
+        stats["acc"] = None
+        stats["soft"] = None
+        stats["estimate"] = est.to_dict(alpha)
+    primary = stats["acc"] if stats.get("acc") is not None else stats["estimate"]
+    stats.update({"delta": primary["point"], "ci": primary["ci"], "p_value": primary["p_value"],
+                  "test": primary["method"]})
+    if primary.get("flips") is not None:
+        stats["flips"] = primary["flips"]
+    return stats, items, base_extra
+
+
+def _weighted_corpus(metric: str, arr: dict, prefix: str, w: np.ndarray) -> np.ndarray:
+    ll = w @ arr[f"{prefix}_ll"]
+    denom = w @ arr[f"{prefix}_{'words' if metric == 'word_perplexity' else 'bytes'}"]
+    if metric == "bits_per_byte":
+        return -ll / denom / math.log(2)
+    return np.exp(-ll / denom)
+
+
+def _clusters(rows: list[dict]) -> np.ndarray | None:
+    """Cluster id per item (items sharing a source), or None when no item names one (items independent)."""
+    if not any(r.get("cluster") is not None for r in rows):
+        return None
+    return np.array([str(r["cluster"]) if r.get("cluster") is not None else f"\x00item:{i}"
+                     for i, r in enumerate(rows)])
+
+
+def _soft(rows: list[dict]) -> np.ndarray | None:
+    vals = [soft_scores(r.get("loglikelihoods"), r.get("target")) for r in rows]
+    if not vals or any(v is None for v in vals):
+        return None
+    return np.array(vals, dtype=float)
 
 
 # ---- the whole comparison -----------------------------------------------------------------------------------
 
 def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float = 0.05, n_boot: int = 2000,
-                  seed: int = 0) -> dict:
-    """Compare eval files (no train files needed): per-task, suite, drift and learn-vs-forget blocks."""
+                  seed: int = 0, seeds: dict[str, int] | None = None) -> dict:
+    """Compare eval files (no train files needed): per-task, suite, drift, arm-vs-arm and learn-vs-forget."""
     if not 0 < alpha < 1:
         raise BadInput(f"--alpha must be in (0, 1) (got {alpha})")
     if n_boot < 100:
-        raise BadInput(f"n_boot must be at least 100 (got {n_boot})")
+        raise BadInput(f"--n-boot must be at least 100 (got {n_boot})")
     base = (Path(base_eval), load_eval(base_eval))
     arms = {arm: (Path(p), load_eval(p)) for arm, p in arm_evals.items()}
     if not arms:
         raise BadInput("no arm evaluations to compare: evaluate at least one arm (eval/sft.json or eval/cpt.json)")
-    tasks, reps = {}, {}
+    tasks, items = {}, {}
     for name in sorted(base[1].get("tasks") or {}):
-        tasks[name], reps[name] = compare_task(name, base, arms, alpha=alpha, n_boot=n_boot, seed=seed)
-    _apply_holm(tasks, list(arms))
-    suites = _suites(tasks, reps, list(arms), alpha)
-    drift = {arm: _drift(tasks, arm, ev, base[1]) for arm, (_, ev) in arms.items()}
+        tasks[name], items[name] = compare_task(name, base, arms, alpha=alpha, n_boot=n_boot, seed=seed)
+    _apply_holm(tasks, list(arms), alpha)
+    suites = _suites(tasks, list(arms), alpha)
+    drift = {arm: _drift(tasks, arm, ev, base[1], alpha=alpha, n_boot=n_boot, seed=seed)
+             for arm, (_, ev) in arms.items()}
     model = base[1].get("model") or {}
     return {
-        "schema_version": SCHEMA_VERSION, "kind": "compare",
+        "schema_version": COMPARE_VERSION, "kind": "compare",
         "alpha": alpha, "ci_level": 1 - alpha, "n_boot": n_boot, "seed": seed,
+        "methods": METHODS,
         "base": {"model": model, "random_weights": bool(model.get("random_weights", False)),
                  "limit": base[1].get("limit"), "backend": base[1].get("backend")},
         "arms": list(arms),
         "arm_models": {arm: ev.get("model") or {} for arm, (_, ev) in arms.items()},
         "tasks": tasks, "suites": suites, "drift": drift,
+        "arm_vs_arm": _arm_vs_arm(tasks, items, list(arms), alpha, n_boot, seed, seeds or {}),
         "summary": _summary(suites, drift, list(arms)),
     }
 
 
-def _apply_holm(tasks: dict, arms: list[str]) -> None:
-    """Holm across the tasks of each suite, per arm; `significant` is the corrected test at alpha (set later)."""
+METHODS = {
+    "acc": "Bonett-Price adjusted Wald interval for paired proportions (design effect for clustered items); "
+           "the p-value is the Wald test of the same centre and standard error",
+    "soft": "paired mean difference of the probability on the correct choice; standard error from a cluster "
+            "bootstrap within the task (clusters resampled, both models on the same resample)",
+    "suite_mean": "mean of the task deltas; variance = sum of the task variances / tasks^2 (disjoint items)",
+    "drift": "relative rise of the drift text's mean NLL per token (= bits per byte on the same bytes) and mean "
+             "KL per token; standard error from a bootstrap of 32-token blocks",
+    "intervals": "every interval and p-value come from one centre and standard error with the normal quantile, "
+                 "so a (1-alpha) interval excludes 0 exactly when p < alpha",
+}
+
+
+def gated_tasks(tasks: dict, arm: str, keep_uninformative: bool = False) -> list[str]:
+    """Retention tasks scored in points that the gate checks for `arm` (uninformative ones left out unless
+    kept)."""
+    out = []
+    for n in sorted(tasks):
+        t = tasks[n]
+        if t.get("suite") != "retention" or t.get("unit") != "points":
+            continue
+        if not keep_uninformative and not (t.get("informative") or {}).get("value", True):
+            continue
+        if arm in (t.get("arms") or {}):
+            out.append(n)
+    return out
+
+
+def _apply_holm(tasks: dict, arms: list[str], alpha: float) -> None:
+    """Holm across the gated retention tasks (accuracy, informative) per arm, for the two-sided test of no
+    change; `significant` is each task's own test (p < alpha, the interval excludes 0)."""
     for arm in arms:
-        for suite in sorted({t["suite"] for t in tasks.values()}):
-            ps = {n: t["arms"][arm]["p_value"] for n, t in tasks.items()
-                  if t["suite"] == suite and arm in t["arms"] and t["arms"][arm].get("p_value") is not None}
-            for n, p in holm(ps).items():
-                tasks[n]["arms"][arm]["p_holm"] = p
-                tasks[n]["arms"][arm]["holm_family"] = len(ps)
+        names = gated_tasks(tasks, arm)
+        ps = {n: tasks[n]["arms"][arm]["p_value"] for n in names if tasks[n]["arms"][arm].get("p_value") is not None}
+        for n, p in holm(ps).items():
+            tasks[n]["arms"][arm]["p_holm"] = p
+            tasks[n]["arms"][arm]["holm_family"] = len(ps)
+        for t in tasks.values():
+            a = t["arms"].get(arm)
+            if a and a.get("p_value") is not None:
+                a["significant"] = a["p_value"] < alpha
 
 
-def _suites(tasks: dict, reps: dict, arms: list[str], alpha: float) -> dict:
+def _mean_block(tasks: dict, names: list[str], arm: str, metric: str, alpha: float) -> dict | None:
+    have = [n for n in names if (tasks[n]["arms"].get(arm) or {}).get("delta") is not None]
+    if not have:
+        return None
+    if metric == "soft":
+        ests = [tasks[n]["arms"][arm].get("soft") for n in have]
+        if any(e is None for e in ests):
+            return None
+        base_mean = _mean([tasks[n]["base"].get("soft_score") for n in have])
+        arm_mean = _mean([tasks[n]["arms"][arm].get("soft_score") for n in have])
+    else:
+        ests = [tasks[n]["arms"][arm].get("acc") for n in have]
+        base_mean = _mean([_base_score(tasks[n]) for n in have])
+        arm_mean = _mean([tasks[n]["arms"][arm]["score"] for n in have])
+    res: dict[str, Any] = {"n_tasks": len(have), "tasks": have, "base_mean": base_mean, "arm_mean": arm_mean,
+                           "delta": float(np.mean([tasks[n]["arms"][arm]["delta"] if metric == "acc"
+                                                   else tasks[n]["arms"][arm]["soft"]["point"] for n in have]))}
+    if any(e is None for e in ests):
+        res.update({"ci": None, "p_value": None, "note": "some tasks lack per-item records: no CI"})
+        return res
+    est = mean_of_estimates([estimate_from_dict(e) for e in ests])
+    res.update(est.to_dict(alpha))
+    res["significant"] = res["p_value"] < alpha
+    return res
+
+
+def _suites(tasks: dict, arms: list[str], alpha: float) -> dict:
     out = {}
     for suite in sorted({t["suite"] for t in tasks.values()}):
         names = [n for n, t in tasks.items() if t["suite"] == suite]
         points = [n for n in names if tasks[n]["unit"] == "points"]
-        entry: dict[str, Any] = {"tasks": names, "mean_over": points, "arms": {}}
-        for n in names:
-            t = tasks[n]
-            for arm in arms:
-                a = t["arms"].get(arm)
-                if a and a.get("p_holm") is not None:
-                    a["significant"] = a["p_holm"] < alpha
-        for arm in arms:
-            have = [n for n in points if arm in tasks[n]["arms"] and tasks[n]["arms"][arm].get("delta") is not None]
-            if not have:
-                entry["arms"][arm] = None
-                continue
-            base_mean = _mean([_base_score(tasks[n]) for n in have])
-            arm_mean = _mean([tasks[n]["arms"][arm]["score"] for n in have])
-            delta = float(np.mean([tasks[n]["arms"][arm]["delta"] for n in have]))
-            boot = [reps[n][arm] for n in have if arm in reps.get(n, {})]
-            res = {"n_tasks": len(have), "base_mean": base_mean, "arm_mean": arm_mean, "delta": delta,
-                   "ci": None, "p_value": None}
-            if len(boot) == len(have):
-                rep = np.mean(np.stack(boot), axis=0)
-                res["ci"] = percentile_ci(rep, alpha)
-                res["p_value"] = bootstrap_p(rep)
-                res["significant"] = res["p_value"] < alpha
-            else:
-                res["note"] = "some tasks lack per-item records: no CI"
-            entry["arms"][arm] = res
+        uninf = [n for n in points if suite == "retention" and not tasks[n]["informative"]["value"]]
+        informative = [n for n in points if n not in uninf]
+        entry: dict[str, Any] = {"tasks": names, "mean_over": informative, "uninformative": uninf, "means": {}}
+        for metric in ("acc", "soft"):
+            entry["means"][metric] = {
+                "informative": {arm: _mean_block(tasks, informative, arm, metric, alpha) for arm in arms},
+                "all": {arm: _mean_block(tasks, points, arm, metric, alpha) for arm in arms},
+            }
+        entry["arms"] = entry["means"]["acc"]["informative"]
         out[suite] = entry
     return out
 
@@ -413,8 +516,11 @@ def _mean(xs):
     return float(np.mean(xs)) if xs else None
 
 
-def _drift(tasks: dict, arm: str, arm_eval: dict, base_eval: dict) -> dict:
-    """Perplexity tasks of the arm vs base, the eval's KL block, and the drift text's perplexity."""
+def _drift(tasks: dict, arm: str, arm_eval: dict, base_eval: dict, *, alpha: float, n_boot: int,
+           seed: int) -> dict:
+    """Perplexity tasks of the arm vs base, the eval's KL block, the drift text's perplexity, and the two
+    gated drift estimates: the relative rise of the mean NLL per token (percent; equal to the rise of bits
+    per byte on the same text) and the mean KL per token, each with a bootstrap of 32-token blocks."""
     ppl = {}
     for n, t in tasks.items():
         a = t["arms"].get(arm)
@@ -431,8 +537,73 @@ def _drift(tasks: dict, arm: str, arm_eval: dict, base_eval: dict) -> dict:
                 "ratio": float(d["perplexity"]) / float(bd["perplexity"]) if bd["perplexity"] else None,
                 "source": (d.get("text") or {}).get("source"),
                 "tokens": (d.get("text") or {}).get("tokens_scored")}
-    kl = d.get("kl") if isinstance(d.get("kl"), dict) else None
-    return {"perplexity": ppl, "kl": kl, "text_perplexity": text}
+    kl = {k: v for k, v in d["kl"].items()} if isinstance(d.get("kl"), dict) else None
+    ab, bb = d.get("blocks") or {}, bd.get("blocks") or {}
+    rise = kl_est = None
+    notes = []
+    if ab.get("nll") and bb.get("nll") and len(ab["nll"]) == len(bb["nll"]):
+        rise = ratio_rise(np.array(bb["nll"]), np.array(ab["nll"]), n_boot=n_boot, seed=seed,
+                          key=f"drift-nll\x1f{arm}").to_dict(alpha)
+        rise["unit"] = "percent"
+    elif text is not None:
+        notes.append("no per-block NLL in the eval files (written by an older forgetcheck): the perplexity "
+                     "rise has no interval; re-run `forgetcheck eval`")
+    if ab.get("kl"):
+        kl_est = mean_of(np.array(ab["kl"]), n_boot=n_boot, seed=seed, key=f"drift-kl\x1f{arm}").to_dict(alpha)
+        kl_est["unit"] = "nats per token"
+    elif kl is not None:
+        notes.append("no per-block KL in the eval file (written by an older forgetcheck): the KL has no "
+                     "interval; re-run `forgetcheck eval`")
+    return {"perplexity": ppl, "kl": kl, "text_perplexity": text, "ppl_rise": rise, "kl_mean": kl_est,
+            "notes": notes}
+
+
+def _arm_vs_arm(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot: int, seed: int,
+                seeds: dict[str, int]) -> dict:
+    """Each pair of arms on the same items: (arm a's score) - (arm b's score), per task and per suite mean,
+    for accuracy and soft accuracy (positive: a kept or learned more). The statement is about the training
+    runs compared: with one seed per arm, about that seed."""
+    pairs = []
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            per_task: dict[str, dict] = {}
+            for n, t in tasks.items():
+                ia, ib = items[n].get(a), items[n].get(b)
+                if t["unit"] != "points" or not ia or not ib:
+                    continue
+                ka = {k: j for j, k in enumerate(ia["keys"])}
+                common = [(ka[k], j) for j, k in enumerate(ib["keys"]) if k in ka]
+                if not common:
+                    continue
+                xa, xb = [c[0] for c in common], [c[1] for c in common]
+                cl = ib["clusters"][xb] if ib["clusters"] is not None else None
+                entry = {}
+                for metric in ("acc", "soft"):
+                    if metric not in ia or metric not in ib:
+                        continue
+                    va, vb = ia[metric][1][xa], ib[metric][1][xb]
+                    if metric == "acc" and np.isin(va, (0.0, 1.0)).all() and np.isin(vb, (0.0, 1.0)).all():
+                        est = paired_binary(vb.astype(bool), va.astype(bool), cl)
+                    else:
+                        est = paired_mean(vb, va, cl, n_boot=n_boot, seed=seed, key=f"{n}\x1f{a}-{b}\x1f{metric}")
+                    entry[metric] = est.to_dict(alpha)
+                per_task[n] = entry
+            suites: dict[str, dict] = {}
+            for suite in ("retention", "domain"):
+                s_tasks = [n for n in per_task if tasks[n]["suite"] == suite
+                           and (suite != "retention" or tasks[n]["informative"]["value"])]
+                for metric in ("acc", "soft"):
+                    ests = [per_task[n].get(metric) for n in s_tasks]
+                    if s_tasks and all(e is not None for e in ests):
+                        suites.setdefault(suite, {})[metric] = {
+                            **mean_of_estimates([estimate_from_dict(e) for e in ests]).to_dict(alpha),
+                            "tasks": s_tasks}
+            n_seeds = min(seeds.get(a, 1), seeds.get(b, 1))
+            pairs.append({"a": a, "b": b, "tasks": per_task, "suites": suites, "seeds": n_seeds,
+                          "note": ("rests on one training seed per arm: it compares these two training runs, "
+                                   "not the methods (train with --seeds K to compare methods)")
+                          if n_seeds <= 1 else f"{n_seeds} training seeds per arm"})
+    return {"pairs": pairs}
 
 
 def _summary(suites: dict, drift: dict, arms: list[str]) -> dict:
@@ -508,7 +679,7 @@ def compare_run(run: RunDir | Path | str, *, alpha: float = 0.05, n_boot: int = 
     result = compare_evals(run.eval_json("base"), arms, alpha=alpha, n_boot=n_boot, seed=seed)
     result["run_id"] = run.run_id
     result["budget"] = budget_block(run, list(arms))
-    atomic_write_json(run.compare, result)
+    write_compare(run.compare, result)
     return result
 
 

@@ -8,6 +8,7 @@ training. `to_dict()` is what lands in `runs/<id>/config.json`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,13 +110,29 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
+    """The release gate's policy (gate.py; every rule in docs/verdicts.md). Margins are in points (percent for
+    `max_ppl_rise`, nats per token for `max_kl`); each rule passes when its one-sided (1 - alpha) bound rules
+    out a change beyond the margin, fails when the change beyond the margin is shown, else is inconclusive."""
+
     max_drop: float = 2.0
-    """A retention task may not drop by more than this many points (significant after correction)."""
+    """Per gated retention task: the largest drop in points a release may have."""
     max_mean_drop: float = 1.0
-    """The retention suite mean may not drop by more than this many points (significant)."""
+    """The retention suite mean: the largest drop in points."""
     alpha: float = 0.05
     min_domain_gain: float | None = None
     """When set, the domain suite mean must rise by at least this many points."""
+    metric: str = "soft"
+    """`soft` (probability on the correct choice, in points) or `acc` (0/1 accuracy): which score the task and
+    mean rules use (docs/verdicts.md: soft detects drops about half as large on the same items)."""
+    max_ppl_rise: float | None = 10.0
+    """General-text drift: the largest relative rise, in percent, of bits per byte on the drift text
+    (None: rule off)."""
+    max_kl: float | None = 0.1
+    """General-text drift: the largest mean KL(base || arm) per token, in nats (None: rule off)."""
+    on_inconclusive: str = "inconclusive"
+    """Exit code for an inconclusive verdict: `inconclusive` (4), `fail` (1) or `pass` (0)."""
+    keep_uninformative: bool = False
+    """Gate (and average) retention tasks whose base is not above chance too."""
 
 
 @dataclass(frozen=True)
@@ -172,8 +189,10 @@ def validate_train(t: TrainConfig) -> list[str]:
         problems.append(f"--micro-batch must be at least 1 (got {t.micro_batch})")
     if t.grad_accum < 1:
         problems.append(f"--grad-accum must be at least 1 (got {t.grad_accum})")
-    if not 0 < t.lr < 1:
+    if not 0 < t.lr < 1:  # NaN fails this too
         problems.append(f"--lr must be in (0, 1) (got {t.lr})")
+    if t.save_every < 0:
+        problems.append(f"--save-every must be >= 0 steps (0: no resumable checkpoint) (got {t.save_every})")
     if not 0 <= t.warmup_frac < 1:
         problems.append(f"--warmup-frac must be in [0, 1) (got {t.warmup_frac})")
     if t.precision not in PRECISIONS:
@@ -224,13 +243,33 @@ def validate_eval(e: EvalConfig) -> list[str]:
 
 
 def validate_gate(g: GateConfig) -> list[str]:
-    problems = []
-    if not 0 < g.alpha < 1:
+    problems = _gate_extra_problems(g)
+    if not problems and not 0 < g.alpha < 1:
         problems.append(f"--alpha must be in (0, 1) (got {g.alpha})")
-    if g.max_drop < 0:
-        problems.append(f"--max-drop must be >= 0 points (got {g.max_drop})")
-    if g.max_mean_drop < 0:
-        problems.append(f"--max-mean-drop must be >= 0 points (got {g.max_mean_drop})")
+    return problems
+
+
+def _gate_extra_problems(g: GateConfig) -> list[str]:
+    """Thresholds must be finite numbers >= 0 (NaN, inf and negatives refused), the choices known."""
+    import math
+
+    problems = []
+    for name, flag in (("max_drop", "--max-drop"), ("max_mean_drop", "--max-mean-drop"),
+                       ("min_domain_gain", "--min-domain-gain"), ("max_ppl_rise", "--max-ppl-rise"),
+                       ("max_kl", "--max-kl"), ("alpha", "--alpha")):
+        v = getattr(g, name)
+        if v is None and name in ("min_domain_gain", "max_ppl_rise", "max_kl"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            problems.append(f"{flag} must be a finite number (got {v!r})")
+        elif v < 0 and name != "min_domain_gain":
+            problems.append(f"{flag} must be >= 0 (got {v:g})")
+    if g.metric not in ("acc", "soft"):
+        problems.append(f"--metric must be acc or soft (got {g.metric!r})")
+    if g.on_inconclusive not in ("inconclusive", "fail", "pass"):
+        problems.append(f"--on-inconclusive must be fail or pass (got {g.on_inconclusive!r})")
+    if not isinstance(g.keep_uninformative, bool):
+        problems.append(f"keep_uninformative must be true or false (got {g.keep_uninformative!r})")
     return problems
 
 
@@ -268,3 +307,71 @@ def split_csv(value: str | None) -> tuple[str, ...]:
     if not value:
         return ()
     return tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+# ---- --resume: which flags may change --------------------------------------------------------------------
+
+RESUME_MAY_CHANGE = ("max_drop", "max_mean_drop", "alpha", "min_domain_gain", "force")
+"""Flags that may differ from the run's config.json on `--resume`: the gate's thresholds (compare, report and
+gate run again over the finished results, and config.json records the new values) and --force (whether a
+memory plan that does not fit may start). Every other flag given with --resume must repeat the recorded value:
+a resumed run is the run that was started, so its results stay comparable."""
+
+# CLI parameter name -> (section of RunConfig or None, field)
+_RESUME_FIELDS = {
+    "base": (None, "base"), "data": (None, "data"), "arms": (None, "arms"), "preset": (None, "preset"),
+    "device": (None, "device"), "suite": ("eval", "suites"), "tasks": ("eval", "tasks"), "limit": ("eval", "limit"),
+    "backend": ("eval", "backend"), "max_drop": ("gate", "max_drop"), "max_mean_drop": ("gate", "max_mean_drop"),
+    "alpha": ("gate", "alpha"), "min_domain_gain": ("gate", "min_domain_gain"),
+    **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(v) -> str:
+    return ",".join(v) if isinstance(v, tuple) else str(v)
+
+
+def _as_config_value(name: str, value):
+    if name in ("arms", "suite", "tasks"):
+        return split_csv(value) if isinstance(value, str) else tuple(value or ())
+    return value
+
+
+def resume_conflicts(saved: RunConfig, given: dict, run_root: Path) -> tuple[list[str], dict]:
+    """(problems, gate changes) of flags given on the command line with `--resume` (`given`: CLI parameter
+    name -> value, only those the user typed). A flag that repeats the recorded value is fine; one of
+    RESUME_MAY_CHANGE is a change to apply; any other difference is a problem naming the flag and both values."""
+    problems, gate_changes = [], {}
+    for name, value in given.items():
+        if name in ("resume",):
+            continue
+        if name == "run_id":
+            if value != Path(run_root).name:
+                problems.append(f"--run-id {value} with --resume {run_root}: the resumed run's id is "
+                                f"{Path(run_root).name}; drop --run-id")
+            continue
+        if name == "out":
+            if Path(value).resolve() != Path(run_root).resolve().parent:
+                problems.append(f"--out {value} with --resume {run_root}: a resumed run stays in "
+                                f"{Path(run_root).parent}; drop --out")
+            continue
+        if name not in _RESUME_FIELDS:
+            continue
+        section, fld = _RESUME_FIELDS[name]
+        old = getattr(getattr(saved, section) if section else saved, fld)
+        new = _as_config_value(name, value)
+        same = (old == new) or (isinstance(old, float) and isinstance(new, (int, float)) and
+                                math.isclose(old, new, rel_tol=1e-12, abs_tol=0.0))
+        if same:
+            continue
+        if name in RESUME_MAY_CHANGE:
+            gate_changes[name] = new
+            continue
+        problems.append(f"{_flag(name)} {_shown(new)} differs from the resumed run's {_shown(old)} (config.json): a "
+                        f"resumed run keeps its settings (only {', '.join(_flag(n) for n in RESUME_MAY_CHANGE)} "
+                        f"may change); drop {_flag(name)}, or start a new run with another --run-id")
+    return problems, gate_changes

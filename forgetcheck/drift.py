@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import atomic_write_json, file_sha256, read_json
+from forgetcheck.rundir import atomic_write_json, confined, file_sha256, read_json
 from forgetcheck.schema import require
 from forgetcheck.suites import TaskSpec, retention_perplexity_task
 
 DRIFT_TOP_K = 64
 DRIFT_TOKENS = 2048
 DRIFT_SEQ_LEN = 256
+DRIFT_BLOCK = 32  # positions per block of the stored per-block means (compare resamples blocks for intervals)
 
 BUILTIN_DRIFT_TEXT = (
     "The history of the city goes back more than two thousand years. It began as a small settlement on the "
@@ -102,6 +103,23 @@ def drift_pass(model, ids, device: str, ref: dict | None = None) -> dict:
     return {k: np.stack(v) for k, v in rows.items() if v}
 
 
+def drift_blocks(scored: dict, size: int = DRIFT_BLOCK) -> dict:
+    """Per-block means (blocks of `size` consecutive positions within one sequence) of the per-position NLL
+    and, given a reference, KL: what compare resamples for the drift rules' intervals."""
+
+    out: dict[str, list] = {"size": size, "sequence": [], "nll": [], "kl": []}
+    nll, kl = scored["nll"], scored.get("kl")
+    for s in range(nll.shape[0]):
+        for b in range(0, nll.shape[1], size):
+            out["sequence"].append(s)
+            out["nll"].append(round(float(nll[s, b:b + size].mean()), 6))
+            if kl is not None:
+                out["kl"].append(round(float(kl[s, b:b + size].mean()), 7))
+    if kl is None:
+        del out["kl"]
+    return out
+
+
 def topk_summary(logp, k: int = DRIFT_TOP_K) -> dict:
     """Top-k log-probs, their token ids, and the log of the remaining (tail) mass, per position (numpy)."""
     import torch
@@ -136,6 +154,8 @@ def load_reference(path: Path) -> dict:
     path = Path(path)
     doc = require(read_json(path), "eval", str(path))
     rel = (doc.get("drift") or {}).get("topk_file")
+    if rel:  # a run folder may only point inside itself
+        confined(path.parent, rel, f"--reference {path}: drift.topk_file")
     if not rel or not (path.parent / rel).is_file():
         raise BadInput(f"--reference {path}: no top-k distribution file beside it ({rel or 'none recorded'}); "
                        f"re-run `forgetcheck eval` on the reference model")
@@ -163,7 +183,7 @@ def measure_drift(load_model: Callable[[], tuple[Any, Any]], cache_entry: Callab
     else:
         texts, source = drift_text(specs, tasks_dir)
         ids = None
-    d = cache_entry(kind="drift", model=mhash, k=DRIFT_TOP_K, n=DRIFT_TOKENS, seq=DRIFT_SEQ_LEN,
+    d = cache_entry(kind="drift", model=mhash, k=DRIFT_TOP_K, n=DRIFT_TOKENS, seq=DRIFT_SEQ_LEN, blocks=DRIFT_BLOCK,
                     ref=ref["hash"] if ref else None, device=device.split(":")[0], dtype=dtype,
                     text=hashlib.sha256(ids.tobytes() if ids is not None else "\x00".join(texts).encode()
                                         ).hexdigest())
@@ -187,7 +207,8 @@ def measure_drift(load_model: Callable[[], tuple[Any, Any]], cache_entry: Callab
                           "tokens_scored": n_pos},
                  "perplexity": float(np.exp(nll.mean())),
                  "mean_nll": float(nll.mean()),
-                 "topk_mass": float(np.exp(summary["topk_logp"]).sum(-1).mean())}
+                 "topk_mass": float(np.exp(summary["topk_logp"]).sum(-1).mean()),
+                 "blocks": drift_blocks(scored)}
         if ref is not None:
             kl = scored["kl"]
             drift["kl"] = {

@@ -29,7 +29,7 @@ from typing import Any
 
 from forgetcheck.config import EvalConfig, check, forgetcheck_home, to_dict, validate_eval
 from forgetcheck.drift import DRIFT_TOP_K, load_reference, measure_drift
-from forgetcheck.errors import RuntimeFailure
+from forgetcheck.errors import BadInput, RuntimeFailure
 from forgetcheck.models import ModelRef, content_hash
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, package_versions, read_json, read_jsonl
 from forgetcheck.schema import SCHEMA_VERSION
@@ -70,6 +70,8 @@ def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
             if tok is not None:
                 row["tokens"] = len(tok(str(text), add_special_tokens=False)["input_ids"])
             rows.append(row)
+        if isinstance(s.get("doc"), dict) and s["doc"].get("cluster") is not None:
+            rows[-1]["cluster"] = str(s["doc"]["cluster"])  # items sharing a source (compare resamples clusters)
     return rows
 
 
@@ -435,6 +437,9 @@ def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", re
 
     from forgetcheck import models, sharding
     from forgetcheck.device import choose_device
+    from forgetcheck.rundir import check_output_file
+    from forgetcheck.schema import require
+    from forgetcheck.suites import task_problems
 
     ext = sharding.external_ranks()
     problems = validate_eval(cfg)
@@ -443,7 +448,16 @@ def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", re
     if ext is not None and device_map:
         problems.append("--device-map splits one model over the GPUs, but under torchrun every process scores its "
                         "own items with a whole model: use one or the other")
-    check(problems)
+    for step in (lambda: models.resolve(model, prepare=False, flag="--model"), lambda: choose_device(device),
+                 lambda: check_output_file(Path(out), "--out"),
+                 lambda: reference is not None and require(read_json(reference), "eval", f"--reference {reference}")):
+        try:
+            step()
+        except BadInput as e:
+            problems.append(str(e))
+    if not problems:
+        problems += task_problems(cfg, tasks_dir)
+    check(problems)  # everything refused before a model is built or loaded and before anything is written
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     dev = choose_device(device)
     dev_name, rank = dev.device, 0
@@ -453,7 +467,7 @@ def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", re
         rank, _, dev_name = sharding.join_external(dev.device)
         if rank != 0:
             dist.barrier()  # rank 0 prepares the model folder first
-    ref = models.resolve(model)
+    ref = models.resolve(model, flag="--model")
     if ext is not None and rank == 0:
         dist.barrier()
     if rank != 0:

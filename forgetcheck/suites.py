@@ -177,6 +177,40 @@ def resolve_tasks(cfg: EvalConfig, tasks_dir: Path | None = None) -> list[TaskSp
     return sorted(specs, key=lambda s: order[s.name])
 
 
+def task_problems(cfg: EvalConfig, tasks_dir: Path | None = None) -> list[str]:
+    """What is wrong with the task names of `cfg`, found from the task index alone (no dataset is read, no
+    model loaded), so `run`, `eval` and `train` refuse an unknown task before any work. lm-eval's own hub tasks
+    pass when the hub can be reached (resolve_tasks loads them later)."""
+    if not cfg.tasks and tasks_dir is None:
+        return []
+    if tasks_dir is not None and not Path(tasks_dir).is_dir():
+        return [f"--tasks-dir {tasks_dir} is not a folder: give a folder of lm-eval task YAMLs"]
+    if not cfg.tasks:
+        return []
+    from lm_eval.tasks import TaskManager
+
+    from forgetcheck.models import hub_reachable
+
+    tdir = Path(tasks_dir) if tasks_dir is not None else default_tasks_dir()
+    tm = TaskManager(include_path=str(tdir), include_defaults=False)
+    ours = _our_task_names(tm)
+    unknown = [n for n in cfg.tasks if n not in tm.all_tasks]
+    if not unknown:
+        return []
+    online = hub_reachable()
+    hub = _hub_task_manager().all_tasks if online else ()
+    problems = []
+    for n in unknown:
+        if n in hub:
+            continue
+        close = difflib.get_close_matches(n, ours, n=3, cutoff=0.5)
+        hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
+                else f"known tasks: {', '.join(ours) or 'none'}")
+        where = "" if online else " (lm-eval's hub tasks need the Hugging Face hub, which cannot be reached)"
+        problems.append(f"unknown task '{n}' in --tasks: {hint}{where}")
+    return problems
+
+
 def _load_task(tm, name: str):
     loaded = tm.load([name])["tasks"]
     if name not in loaded:

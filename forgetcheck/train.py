@@ -440,18 +440,20 @@ def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, d
 
 
 def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, run: RunDir, device: str = "auto",
-              how=None, run_named: bool = True) -> list[dict]:
+              how=None, run_named: bool = True, run_flag: str = "--out") -> list[dict]:
     """`forgetcheck train`: validate every arm at once, then train each into `run` (reusing finished ones).
     `how`: a sharding.Launch (several nodes, hybrid sharding). Under an external launcher (torchrun, srun) every
     rank runs this; rank 0 prepares the model and data first and alone prints and writes the run's files.
     `run_named`: the run folder was named by --run / --run-id (required under an external launcher, so that
-    every rank trains into the same folder)."""
+    every rank trains into the same folder). `run_flag`: the flag that named the run folder (--run, or --out
+    with --run-id), for messages."""
     from dataclasses import replace
 
     from forgetcheck import data as D
     from forgetcheck import models, optim, sharding
     from forgetcheck.arms import TRAINED, data_kind
     from forgetcheck.device import choose_device
+    from forgetcheck.rundir import check_output_dir
 
     how = how or sharding.Launch()
     ext = sharding.external_ranks()
@@ -473,6 +475,12 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
         how = sharding.Launch(nnodes=ext["nodes"], hybrid_shard=how.hybrid_shard)
     problems += [] if arms else ["--arms is empty: give at least one of sft,cpt"]
     problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(C.ARMS)}" for a in arms if a not in C.ARMS]
+    if len(set(arms)) != len(arms):
+        problems.append(f"--arms lists an arm twice: {','.join(arms)}")
+    try:
+        check_output_dir(run.root, run_flag)
+    except BadInput as e:
+        problems.append(str(e))
     problems += C.validate_train(cfg)
     model_ref = domain = None
     try:
@@ -488,8 +496,12 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
                      for a in arms if a in TRAINED and getattr(domain, data_kind(a)) is None]
     problems += [f"arm '{a}' is not trained (it interpolates weights): use `forgetcheck run --arms ...,{a}`"
                  for a in arms if a in C.ARMS and a not in TRAINED]
-    dev = choose_device(device)
-    problems += optim.check_combination(cfg, dev.device, None if how.nnodes == 1 else cfg.nproc // max(1, how.nnodes))
+    try:
+        dev = choose_device(device)
+        problems += optim.check_combination(cfg, dev.device,
+                                            None if how.nnodes == 1 else cfg.nproc // max(1, how.nnodes))
+    except BadInput as e:
+        problems.append(str(e))
     C.check(problems)
     rank = 0
     if ext is not None:  # join now: rank 0 builds the cached model and data folders before the others look

@@ -129,8 +129,14 @@ def make_run(root: Path, *, arms=("sft", "cpt"), tasks: dict | None = None, n: i
             doc["drift"] = drift
         atomic_write_json(run.eval_json(label), doc)
 
-    write_eval("base", base_rows, {"text": {"source": "squad_shifts", "tokens_scored": 4080}, "perplexity": 31.0}
-               if kl else None)
+    # Drift on general text: per-block mean NLL (64 blocks of 32 positions) for every model, and per-block KL
+    # for each arm; an arm without a `kl` entry is an unchanged copy (same NLL, KL 0).
+    brng = np.random.default_rng(seed + 1)
+    base_nll = np.round(math.log(31.0) + brng.normal(0, 0.3, 64), 6)
+    kl_shape = brng.uniform(0.5, 1.5, 64)
+    blocks = {"size": 32, "sequence": [i // 8 for i in range(64)], "nll": base_nll.tolist()}
+    write_eval("base", base_rows, {"text": {"source": "squad_shifts", "tokens_scored": 2040}, "perplexity": 31.0,
+                                   "mean_nll": math.log(31.0), "blocks": blocks})
     for arm in arms:
         rows_by_task = copy.deepcopy(base_rows)
         for name, rows in rows_by_task.items():
@@ -147,12 +153,14 @@ def make_run(root: Path, *, arms=("sft", "cpt"), tasks: dict | None = None, n: i
             if shift:
                 for r in rows:
                     r["loglikelihood"] += shift
-        drift = None
-        if arm in kl:  # the shape forgetcheck eval writes: drift-text perplexity, KL from the base
-            drift = {"text": {"source": "squad_shifts", "sequences": 16, "seq_len": 256, "tokens_scored": 4080},
-                     "perplexity": 31.0 * (1 + kl[arm]), "mean_nll": math.log(31.0 * (1 + kl[arm])),
-                     "kl": {"mean": kl[arm], "median": kl[arm] / 2, "p95": kl[arm] * 3, "max": kl[arm] * 9,
-                            "unit": "nats per token", "method": "KL(reference || model) over the top-k tokens"}}
+        k = kl.get(arm, 0.0)  # the shape forgetcheck eval writes: drift-text perplexity, KL from the base
+        arm_nll = base_nll + math.log1p(k) * kl_shape if k else base_nll
+        drift = {"text": {"source": "squad_shifts", "sequences": 8, "seq_len": 256, "tokens_scored": 2040},
+                 "perplexity": 31.0 * (1 + k), "mean_nll": math.log(31.0 * (1 + k)),
+                 "kl": {"mean": k, "median": k / 2, "p95": k * 3, "max": k * 9,
+                        "unit": "nats per token", "method": "KL(reference || model) over the top-k tokens"},
+                 "blocks": {**blocks, "nll": np.round(arm_nll, 6).tolist(),
+                            "kl": np.round(k * kl_shape / kl_shape.mean(), 7).tolist()}}
         write_eval(arm, rows_by_task, drift)
         if with_train:
             fw = (forward_tokens or {}).get(arm, budget)

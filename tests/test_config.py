@@ -42,7 +42,7 @@ def test_preset_then_flags():
 
 def test_config_roundtrips_through_json():
     cfg = C.RunConfig(base="tiny-gpt2", arms=("cpt",), eval=C.EvalConfig(tasks=("a", "b"), limit=3))
-    back = config_from_dict(json.loads(json.dumps(C.to_dict(cfg))))
+    back = config_from_dict(json.loads(json.dumps({"schema_version": 1, **C.to_dict(cfg)})))
     assert back == cfg
 
 

@@ -59,12 +59,13 @@ def finished_run(tmp_path_factory, fc_home):
 
 def test_run_writes_the_run_directory_contract(finished_run):
     _, _, run, code = finished_run
-    assert code in (0, 1)
+    assert code == 0  # `run` exits 0 once every stage ran; the verdict is in gate.json
+    assert read_json(run.gate)["verdict"] in ("pass", "fail", "inconclusive")
     for p in (run.config, run.manifest, run.eval_json("base"), run.eval_json("sft"), run.eval_json("cpt"),
               run.train_json("sft"), run.train_json("cpt"), run.compare, run.report, run.gate):
         assert p.exists(), p
         if p.suffix == ".json":
-            assert read_json(p)["schema_version"] == 1
+            assert read_json(p)["schema_version"] == (2 if p in (run.compare, run.gate) else 1)
     for arm in ("sft", "cpt"):
         assert (run.ckpt(arm) / "config.json").exists() and list(run.ckpt(arm).glob("*.safetensors"))
         for task in TASKS:
@@ -167,15 +168,15 @@ metadata:
     tok.save_pretrained(tmp_path / "damaged")
     for label in ("same", "damaged"):
         evaluation.evaluate(models.resolve(str(tmp_path / label)), cfg, run.eval_json(label), tasks_dir=tasks_dir,
-                            label=label)
+                            label=label, reference=run.eval_json("base"))
 
     result = compare.compare_run(run)
     same = result["tasks"]["planted"]["arms"]["same"]
     assert same["delta"] == 0.0 and same["flips"]["right_to_wrong"] == 0 and same["flips"]["wrong_to_right"] == 0
     verdict, _ = gate.gate_run(run.root)
-    assert verdict["arms"]["same"]["passed"] is True
-    assert verdict["arms"]["damaged"]["passed"] is False
-    failed = [r for r in verdict["rules"] if r["arm"] == "damaged" and not r["passed"]]
+    assert verdict["arms"]["same"]["passed"] is True and verdict["arms"]["same"]["verdict"] == "pass"
+    assert verdict["arms"]["damaged"]["verdict"] == "fail"
+    failed = [r for r in verdict["rules"] if r["arm"] == "damaged" and r["status"] == "fail"]
     assert any(r.get("task") == "planted" and "planted" in r["reason"] for r in failed)
 
     html = report.write_report(run).read_text()

@@ -66,10 +66,16 @@ def test_verdict_first_and_sections(report):
     assert "Source: gate.json" in html
     assert 'id="random-weights"' in html and "RANDOM WEIGHTS" in html
     assert "arms matched" in html and "▼ drop" in html
-    # every failed gate reason is shown
+    # the banner says which outcome and why, with the power sentence; every failed or open rule is shown
+    assert gate["verdict"] == "fail" and 'class="card verdict fail"' in html
+    assert '<div id="verdict-why"><b>FAIL</b>: ' in html
+    assert "Power</b>: 120 items per task can only rule out" in html
     for r in gate["rules"]:
         if not r["passed"]:
-            assert r["reason"].replace('"', "&#34;").replace(">", "&gt;") in html
+            assert r["reason"].replace('"', "&#34;").replace("<", "&lt;").replace(">", "&gt;") in html
+    # one interval and one test per line, from the same method: no Holm p beside an unadjusted interval
+    assert "p (Holm)" not in html and "Bonett–Price" in html
+    assert 'id="arm-vs-arm"' in html and "lost" in html and "one training seed" in html
 
 
 def test_missing_compare_or_gate_names_the_command_and_writes_nothing(tmp_path):
@@ -85,8 +91,35 @@ def test_missing_compare_or_gate_names_the_command_and_writes_nothing(tmp_path):
     assert r.returncode == 2 and "forgetcheck gate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     gate_run(run.root)
     html = write_report(run).read_text()
-    assert ">PASS<" in html and "Source: gate.json" in html
+    assert '<div class="big pass">PASS</div>' in html and "Source: gate.json" in html
     assert "RANDOM WEIGHTS" not in html
+
+
+def test_inconclusive_banner_and_uninformative_tasks(tmp_path):
+    tasks = {"ret_a": ("retention", "multiple_choice", "acc", 2, 0.8),
+             "ret_chance": ("retention", "multiple_choice", "acc", 4, 0.25),
+             "dom": ("domain", "multiple_choice", "acc", 4, 0.4)}
+    run = make_run(tmp_path / "r", tasks=tasks, n=40, flips={("sft", "ret_a"): (3, 1)})
+    compare_run(run, n_boot=200)
+    gate, code = gate_run(run.root, {"metric": "acc"})
+    assert code == 4
+    html = write_report(run).read_text()
+    assert '<div class="big inconclusive">INCONCLUSIVE</div>' in html and "can neither rule out nor show" in html
+    assert 'id="uninformative"' in html and "ret_chance: uninformative at this model size" in html
+    assert "Power</b>: 40 items per task" in html
+
+
+def test_old_compare_or_gate_format_is_refused_with_the_fix(tmp_path):
+    run = make_run(tmp_path / "r", n=40)
+    compare_run(run, n_boot=200)
+    run.gate.write_text(json.dumps({"schema_version": 1, "kind": "gate", "passed": True}))
+    with pytest.raises(BadInput, match="older gate format.*forgetcheck gate"):
+        write_report(run)
+    gate_run(run.root)
+    run.compare.write_text(json.dumps({"schema_version": 1, "kind": "compare"}))
+    with pytest.raises(BadInput, match="older compare format.*forgetcheck compare"):
+        write_report(run)
+    assert not run.report.exists()
 
 
 def test_report_survives_missing_optional_files(tmp_path):

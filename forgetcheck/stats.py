@@ -1,0 +1,321 @@
+"""The statistics behind compare and gate: paired estimates whose interval and test come from one method.
+
+Every estimate is a difference in points (or percent, or nats) with a centre and a standard error, and every
+interval, p-value and bound is computed from that pair with the normal quantile, so an interval that excludes
+a value always comes with a test that rejects it at the same level (and back); `Estimate` is the one place
+where that happens. How the centre and standard error are obtained depends on the data (docs/verdicts.md):
+
+- 0/1 scores of the same items under two models (accuracy): the Bonett-Price adjusted Wald interval for a
+  difference of paired proportions (Bonett & Price 2012, "Adjusted Wald confidence interval for a difference
+  of binomial proportions based on paired data"): one pseudo-observation is added to each discordant cell and
+  two to the sample size, which keeps the coverage near nominal at n = 50 where the plain Wald interval and the
+  exact McNemar test disagree. When items share a source (`clusters`), the variance is multiplied by the design
+  effect (cluster-robust over item-level variance of the paired differences, within strata, at least 1).
+- continuous per-item scores (soft accuracy: the probability the model gives the correct choice) and ratios
+  (perplexity, bits per byte, KL): a cluster bootstrap within strata (clusters of items resampled with
+  replacement inside each stratum; the same resampled clusters for both models, so the pairing is kept)
+  gives the standard error; the centre is the plain estimate.
+- a mean over tasks (a suite): the tasks' items are disjoint and independent, so the variance of the mean of
+  the task deltas is the sum of the task variances over the squared task count.
+
+One-sided bounds at level 1 - alpha (used by the gate) are the ends of the two-sided 1 - 2 alpha interval.
+Power: a change of zero is ruled out at margin M with 80% power when M >= (z_{1-alpha} + z_{0.8}) * se;
+that margin is the minimal detectable drop (MDE), and since se shrinks as 1/sqrt(n) the items needed to decide
+at margin M are n * (MDE / M)^2.
+
+Pure numpy/scipy; no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.stats import binom, norm
+
+POWER = 0.8
+
+
+def z(q: float) -> float:
+    return float(norm.ppf(q))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A difference (positive = better for the arm) with its centre and standard error.
+
+    point:  the plain estimate (what the report prints as the change);
+    center: where the interval is centred (Bonett-Price's adjusted difference; else `point`);
+    se:     standard error of `center` (0 when every resample agrees, e.g. an unchanged copy).
+    """
+
+    point: float
+    center: float
+    se: float
+    method: str
+    n: int
+    clusters: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    # -- intervals and tests from (center, se) only --------------------------------------------------------
+    def ci(self, alpha: float) -> list[float]:
+        h = z(1 - alpha / 2) * self.se
+        return [self.center - h + 0.0, self.center + h + 0.0]
+
+    def lower(self, alpha: float) -> float:
+        """One-sided (1 - alpha) lower bound of the difference."""
+        return self.center - z(1 - alpha) * self.se + 0.0
+
+    def upper(self, alpha: float) -> float:
+        return self.center + z(1 - alpha) * self.se + 0.0
+
+    def p_zero(self) -> float:
+        """Two-sided p-value of 'no difference' (< alpha exactly when `ci(alpha)` excludes 0)."""
+        return _p_two_sided(self.center, self.se)
+
+    def p_above(self, value: float) -> float:
+        """One-sided p-value of H0 'difference >= value' (small: the difference is below `value`).
+        < alpha exactly when `upper(alpha)` < value."""
+        return _p_less(self.center - value, self.se)
+
+    def p_below(self, value: float) -> float:
+        """One-sided p-value of H0 'difference <= value' (small: the difference is above `value`).
+        < alpha exactly when `lower(alpha)` > value."""
+        return _p_less(value - self.center, self.se)
+
+    def mde(self, alpha: float, power: float = POWER) -> float:
+        """Smallest margin a true change of zero is ruled out at, with `power`."""
+        return (z(1 - alpha) + z(power)) * self.se
+
+    def items_needed(self, margin: float, alpha: float, power: float = POWER) -> int | None:
+        """Items (same design) at which the MDE equals `margin` (None when it cannot be said)."""
+        if margin <= 0 or self.n <= 0:
+            return None
+        m = self.mde(alpha, power)
+        if m == 0:
+            return self.n
+        return int(math.ceil(self.n * (m / margin) ** 2))
+
+    def to_dict(self, alpha: float) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        d["ci"] = self.ci(alpha)
+        d["p_value"] = self.p_zero()
+        d["mde"] = self.mde(alpha)
+        return d
+
+
+def estimate_from_dict(d: dict) -> Estimate:
+    return Estimate(point=float(d["point"]), center=float(d["center"]), se=float(d["se"]), method=d["method"],
+                    n=int(d.get("n") or 0), clusters=d.get("clusters"))
+
+
+def _p_less(diff: float, se: float) -> float:
+    """P(N(0,1) >= -diff/se): the one-sided p of H0 'diff >= 0' against 'diff < 0'."""
+    if se <= 0:
+        return 0.0 if diff < 0 else 1.0
+    return float(norm.sf(-diff / se))
+
+
+def _p_two_sided(center: float, se: float) -> float:
+    if se <= 0:
+        return 1.0 if center == 0 else 0.0
+    return float(min(1.0, 2 * norm.sf(abs(center) / se)))
+
+
+# ---- paired 0/1 scores -------------------------------------------------------------------------------------
+
+def design_effect(d: np.ndarray, clusters: np.ndarray | None, strata: np.ndarray | None = None) -> float:
+    """Cluster-robust over item-level variance of the mean of `d` (within strata), at least 1."""
+    if clusters is None or len(d) < 2:
+        return 1.0
+    strata = np.zeros(len(d), dtype=int) if strata is None else strata
+    v_item = v_clu = 0.0
+    for s in np.unique(strata):
+        m = strata == s
+        ds, cs = d[m], clusters[m]
+        n_h = len(ds)
+        if n_h < 2:
+            continue
+        mu = ds.mean()
+        v_item += n_h / (n_h - 1) * float(((ds - mu) ** 2).sum())
+        _, inv = np.unique(cs, return_inverse=True)
+        tot = np.bincount(inv, weights=ds - mu)
+        g = len(tot)
+        if g >= 2:
+            v_clu += g / (g - 1) * float((tot ** 2).sum())
+    if v_item <= 0:
+        return 1.0
+    return max(1.0, v_clu / v_item)
+
+
+def paired_binary(base: np.ndarray, arm: np.ndarray, clusters: np.ndarray | None = None, *,
+                  scale: float = 100.0) -> Estimate:
+    """Bonett-Price adjusted Wald estimate of mean(arm) - mean(base) for 0/1 scores of the same items."""
+    b = np.asarray(base, dtype=bool)
+    a = np.asarray(arm, dtype=bool)
+    n = len(b)
+    r2w = int(np.count_nonzero(b & ~a))  # right -> wrong
+    w2r = int(np.count_nonzero(~b & a))
+    p_r2w, p_w2r = (r2w + 1) / (n + 2), (w2r + 1) / (n + 2)
+    center = p_w2r - p_r2w
+    var = max(p_r2w + p_w2r - center ** 2, 0.0) / (n + 2)
+    deff = design_effect(a.astype(float) - b.astype(float), clusters)
+    se = math.sqrt(var * deff)
+    point = (w2r - r2w) / n if n else 0.0
+    n_clu = int(len(np.unique(clusters))) if clusters is not None else None
+    return Estimate(point=point * scale + 0.0, center=center * scale + 0.0, se=se * scale, method="bonett_price",
+                    n=n, clusters=n_clu, extra={"design_effect": round(deff, 4),
+                                                 "flips": {"right_to_wrong": r2w, "wrong_to_right": w2r}})
+
+
+# ---- cluster bootstrap -------------------------------------------------------------------------------------
+
+def stable_seed(*parts: str) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(parts).encode()).digest()[:8], "little")
+
+
+def cluster_weights(clusters: np.ndarray | None, n: int, n_boot: int, rng: np.random.Generator,
+                    strata: np.ndarray | None = None) -> np.ndarray:
+    """[n_boot, n] multiplicity of each item in each resample: clusters drawn with replacement inside each
+    stratum (every item of a drawn cluster counts once per draw)."""
+    cl = np.arange(n) if clusters is None else np.asarray(clusters)
+    st = np.zeros(n, dtype=int) if strata is None else np.asarray(strata)
+    w = np.zeros((n_boot, n))
+    for s in np.unique(st):
+        idx = np.flatnonzero(st == s)
+        _, inv = np.unique(cl[idx], return_inverse=True)
+        g = int(inv.max()) + 1
+        draws = rng.integers(0, g, size=(n_boot, g))
+        counts = np.zeros((n_boot, g))
+        np.add.at(counts, (np.repeat(np.arange(n_boot), g), draws.ravel()), 1.0)
+        w[:, idx] = counts[:, inv]
+    return w
+
+
+def bootstrap_se(stat, arrays: dict[str, np.ndarray], *, clusters=None, strata=None, n_boot: int = 1000,
+                 seed: int = 0, key: str = "") -> float:
+    """Standard error of `stat(weights, arrays)` over cluster-bootstrap resamples. `stat` takes item weights
+    [n_boot, n] (or [n] of ones for the point) and returns one value per row."""
+    n = len(next(iter(arrays.values())))
+    rng = np.random.default_rng([seed, stable_seed(key)])
+    reps = []
+    chunk = max(1, 2_000_000 // max(n, 1))
+    done = 0
+    while done < n_boot:
+        k = min(chunk, n_boot - done)
+        reps.append(stat(cluster_weights(clusters, n, k, rng, strata), arrays))
+        done += k
+    r = np.concatenate(reps)
+    sd = float(np.std(r, ddof=1)) if len(r) > 1 else 0.0
+    return 0.0 if sd < 1e-12 else sd
+
+
+def paired_mean(base: np.ndarray, arm: np.ndarray, clusters=None, *, scale: float = 100.0, n_boot: int = 1000,
+                seed: int = 0, key: str = "") -> Estimate:
+    """mean(arm) - mean(base) of continuous per-item scores; se by cluster bootstrap."""
+    d = (np.asarray(arm, float) - np.asarray(base, float)) * scale
+
+    def stat(w, arr):
+        return (w @ arr["d"]) / w.sum(axis=1)
+
+    se = bootstrap_se(stat, {"d": d}, clusters=clusters, n_boot=n_boot, seed=seed, key=key)
+    point = float(d.mean()) + 0.0 if len(d) else 0.0
+    n_clu = int(len(np.unique(clusters))) if clusters is not None else None
+    return Estimate(point=point, center=point, se=se, method="cluster_bootstrap", n=len(d), clusters=n_clu)
+
+
+def ratio_rise(base_num: np.ndarray, arm_num: np.ndarray, denom: np.ndarray | None = None, clusters=None, *,
+               n_boot: int = 1000, seed: int = 0, key: str = "") -> Estimate:
+    """Relative rise in percent of sum(arm_num)/sum(denom) over sum(base_num)/sum(denom) (the denominators
+    cancel for paired items, e.g. bits per byte over the same bytes); se by cluster bootstrap."""
+    bn, an = np.asarray(base_num, float), np.asarray(arm_num, float)
+
+    def stat(w, arr):
+        return ((w @ arr["a"]) / (w @ arr["b"]) - 1.0) * 100.0
+
+    point = float((an.sum() / bn.sum() - 1.0) * 100.0) + 0.0
+    se = bootstrap_se(stat, {"a": an, "b": bn}, clusters=clusters, n_boot=n_boot, seed=seed, key=key)
+    n_clu = int(len(np.unique(clusters))) if clusters is not None else None
+    return Estimate(point=point, center=point, se=se, method="cluster_bootstrap", n=len(bn), clusters=n_clu)
+
+
+def mean_of(values: np.ndarray, clusters=None, *, n_boot: int = 1000, seed: int = 0, key: str = "") -> Estimate:
+    """Mean of per-unit values (e.g. KL per block of positions); se by cluster bootstrap."""
+    v = np.asarray(values, float)
+
+    def stat(w, arr):
+        return (w @ arr["v"]) / w.sum(axis=1)
+
+    se = bootstrap_se(stat, {"v": v}, clusters=clusters, n_boot=n_boot, seed=seed, key=key)
+    point = float(v.mean()) + 0.0
+    n_clu = int(len(np.unique(clusters))) if clusters is not None else None
+    return Estimate(point=point, center=point, se=se, method="cluster_bootstrap", n=len(v), clusters=n_clu)
+
+
+def mean_of_estimates(ests: list[Estimate]) -> Estimate:
+    """Mean of independent estimates (disjoint item sets): variances summed over the squared count."""
+    k = len(ests)
+    return Estimate(point=sum(e.point for e in ests) / k + 0.0, center=sum(e.center for e in ests) / k + 0.0,
+                    se=math.sqrt(sum(e.se ** 2 for e in ests)) / k, method="mean_of_tasks",
+                    n=min(e.n for e in ests), extra={"n_tasks": k})
+
+
+# ---- multiplicity, chance --------------------------------------------------------------------------------
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1)."""
+    order = sorted(pvalues, key=lambda k: (pvalues[k], k))
+    m, running, out = len(order), 0.0, {}
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (m - i) * pvalues[key]))
+        out[key] = running
+    return out
+
+
+def above_chance_p(correct: int, n: int, chance: float) -> float:
+    """Exact one-sided binomial p-value of 'the score is at or below chance' (small: clearly above chance)."""
+    if n <= 0:
+        return 1.0
+    return float(binom.sf(correct - 1, n, chance))
+
+
+def soft_scores(loglikelihoods: list, target) -> float | None:
+    """Probability (0..1) the model puts on the correct choice among the choices: softmax of the choices'
+    log-likelihoods at the target. None when the target is not one choice index."""
+    if not loglikelihoods or isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+        return None
+    try:
+        ll = np.array([float(x[0]) if isinstance(x, (list, tuple)) else float(x) for x in loglikelihoods])
+    except (TypeError, ValueError):
+        return None
+    if not 0 <= target < len(ll) or not np.isfinite(ll).all():
+        return None
+    ll = ll - ll.max()
+    p = np.exp(ll)
+    return float(p[int(target)] / p.sum())
+
+
+def power_sentence(n_items: int | None, mde: float | None, needed: int | None, margin: float,
+                   unit: str = "points") -> str:
+    """'50 items per task can only rule out drops larger than 31 points; about 500 per task would decide at
+    2 points.'"""
+    if n_items is None or mde is None:
+        return "no per-item records: the power of this run cannot be stated"
+    head = f"{n_items} items per task can only rule out drops larger than {mde:.1f} {unit}"
+    if needed is None:
+        return head
+    if needed <= n_items:
+        return head + f"; that decides at {margin:g} {unit}"
+    return head + f"; about {round_up(needed):,} per task would decide at {margin:g} {unit}"
+
+
+def round_up(n: int) -> int:
+    """Up to two significant digits (482 -> 490, 12345 -> 13000)."""
+    if n < 100:
+        return int(n)
+    mag = 10 ** (len(str(int(n))) - 2)
+    return int(math.ceil(n / mag) * mag)
