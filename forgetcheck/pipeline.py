@@ -42,7 +42,8 @@ def _typed(section: str, cls, d, path: Path) -> dict:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if isinstance(default, tuple):
-            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+            kind = (int, float) if default and isinstance(default[0], float) else str  # wise_alphas: numbers
+            ok = isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
             v = tuple(v) if ok else v
         elif isinstance(default, bool):
             ok = isinstance(v, bool)
