@@ -12,6 +12,7 @@ import errno
 import signal
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -40,7 +41,8 @@ def echo(msg: str = "") -> None:
 # ------------------------------------------------------------------------------------------------------
 BaseOpt = Annotated[str, typer.Option("--base", help="Model to fine-tune: alias (smollm2-135m, tiny-gpt2), hub id, HF folder or .gguf.")]
 DataOpt = Annotated[str, typer.Option("--data", help="Domain data: packaged name (med) or a folder with sft.jsonl / cpt.jsonl.")]
-ArmsOpt = Annotated[str, typer.Option("--arms", help="Arms to train, comma-separated (sft, cpt).")]
+ArmsOpt = Annotated[str, typer.Option("--arms", help="Arms, comma-separated: sft, cpt (full fine-tuning), lora, replay, "
+                    "freeze (mitigations, same budget), wise (base/arm weight interpolation, no training).")]
 PresetOpt = Annotated[str, typer.Option("--preset", help="quick (2-core CPU) | standard | full (every item; GPU): defaults for the flags below.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Folder that holds the run folders.")]
 RunIdOpt = Annotated[Optional[str], typer.Option("--run-id", help="Name of the new run folder (default: time-model-data).")]
@@ -58,6 +60,26 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed and data-or
 PromptLossOpt = Annotated[Optional[bool], typer.Option("--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens.")]
 SaveEveryOpt = Annotated[Optional[int], typer.Option("--save-every", help="Resumable checkpoint every N steps (0: none).")]
 ForceOpt = Annotated[Optional[bool], typer.Option("--force/--no-force", help="Start even when the memory plan does not fit.")]
+# The mitigation arms' flags (arms.py, interpolate.py); defaults and their reasons in arms.py
+LoraRankOpt = Annotated[Optional[int], typer.Option("--lora-rank", help="lora: adapter rank. Default 16.")]
+LoraAlphaOpt = Annotated[Optional[float], typer.Option("--lora-alpha", help="lora: alpha (scale alpha/rank). Default 32.")]
+LoraLrOpt = Annotated[Optional[float], typer.Option("--lora-lr", help="lora: peak learning rate. Default 2e-4.")]
+ReplayFracOpt = Annotated[Optional[float], typer.Option("--replay-frac", help="replay: share of tokens that is general text. Default 0.05.")]
+FreezeLayersOpt = Annotated[Optional[int], typer.Option("--freeze-layers", help="freeze: bottom blocks frozen. Default half.")]
+WiseFromOpt = Annotated[Optional[str], typer.Option("--wise-from", help="wise: the trained arm interpolated with the base. Default sft.")]
+WiseAlphasOpt = Annotated[Optional[str], typer.Option("--wise-alphas", help="wise: a of (1-a)*base + a*arm, comma list. Default 0.25,0.5,0.75.")]
+
+
+def _arm_flags(lora_rank, lora_alpha, lora_lr, replay_frac, freeze_layers, wise_from, wise_alphas) -> dict:
+    """The arm flags as TrainConfig overrides (None: not given)."""
+    alphas = None
+    if wise_alphas is not None:
+        try:
+            alphas = tuple(float(x) for x in wise_alphas.split(",") if x.strip())
+        except ValueError:
+            raise BadInput(f"--wise-alphas '{wise_alphas}' is not a comma list of numbers such as 0.25,0.5,0.75") from None
+    return dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_lr=lora_lr, replay_frac=replay_frac,
+                freeze_layers=freeze_layers, wise_from=wise_from, wise_alphas=alphas)
 
 
 def _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
@@ -182,6 +204,11 @@ def train(
     include_prompt_loss: PromptLossOpt = None,
     save_every: SaveEveryOpt = None,
     force: ForceOpt = None,
+    lora_rank: LoraRankOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_lr: LoraLrOpt = None,
+    replay_frac: ReplayFracOpt = None,
+    freeze_layers: FreezeLayersOpt = None,
     device: DeviceOpt = "auto",
     nnodes: int = typer.Option(1, "--nnodes", help="Machines sharing --nproc (each runs nproc/nnodes processes; docs/scale.md)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This machine's index, 0..nnodes-1 (0 hosts the rendezvous)."),
@@ -197,8 +224,9 @@ def train(
 
     train_cfg, _ = C.apply_preset(
         preset,
-        _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
-                     seed, include_prompt_loss, save_every, force),
+        {**_train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim,
+                        nproc, seed, include_prompt_loss, save_every, force),
+         **_arm_flags(lora_rank, lora_alpha, lora_lr, replay_frac, freeze_layers, None, None)},
         {},
     )
     rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
@@ -218,6 +246,9 @@ def plan(
     nproc: int = typer.Option(1, "--nproc", help="Devices sharing the model (FSDP2)."),
     micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per forward pass per device."),
     seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sequence."),
+    arm: str = typer.Option("sft", "--arm", help="sft/cpt/replay (full fine-tuning) | lora | freeze (need --base)."),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="lora: adapter rank."),
+    freeze_layers: Optional[int] = typer.Option(None, "--freeze-layers", help="freeze: bottom blocks frozen (default half)."),
 ) -> None:
     """Memory plan of full fine-tuning: weights, gradients, optimizer state, activations, total, per device."""
     from forgetcheck import config as C
@@ -228,8 +259,27 @@ def plan(
     cfg = C.TrainConfig(precision=precision, optim=optim, grad_checkpointing=grad_checkpointing, nproc=nproc,
                         micro_batch=micro_batch, seq_len=seq_len, budget_tokens=seq_len * micro_batch * nproc)
     P.check_inputs(params, cfg)
+    from forgetcheck.arms import TRAINED
+
+    if arm not in TRAINED:
+        raise BadInput(f"unknown --arm '{arm}': choose from {', '.join(TRAINED)}")
+    if arm in ("lora", "freeze") and base is None:
+        raise BadInput(f"--arm {arm} needs the architecture: give --base MODEL instead of --params")
+    cfg = replace(cfg, lora_rank=lora_rank, freeze_layers=freeze_layers)
+    C.check(C.validate_train(cfg))
     arch = P.arch_for_base(base) if base is not None else P.arch_from_params(params)
-    echo(P.format_plan(P.plan_memory(arch, cfg), P.plan_memory(arch, P.baseline(cfg))))
+    hf = None
+    if base is not None and arm in ("lora", "freeze"):
+        from transformers import AutoConfig
+
+        from forgetcheck import models
+
+        hf = AutoConfig.from_pretrained(models.resolve(base).path)
+    this = P.plan_memory(arch, cfg, arm=arm, hf_config=hf)
+    echo(P.format_plan(this, P.plan_memory(arch, P.baseline(cfg))))
+    if arm in ("lora", "freeze"):
+        echo(f"{arm}: {this['trainable_params']:,} trainable parameters ({this['added_params']:,} added) of "
+             f"{arch.params:,}; gradients and optimizer state for those only")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -444,6 +494,13 @@ def run(
     include_prompt_loss: PromptLossOpt = None,
     save_every: SaveEveryOpt = None,
     force: ForceOpt = None,
+    lora_rank: LoraRankOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_lr: LoraLrOpt = None,
+    replay_frac: ReplayFracOpt = None,
+    freeze_layers: FreezeLayersOpt = None,
+    wise_from: WiseFromOpt = None,
+    wise_alphas: WiseAlphasOpt = None,
     backend: Optional[str] = typer.Option(None, "--backend", help="Eval backend: fast | hf (stock lm-eval HFLM)."),
     device: DeviceOpt = "auto",
     max_drop: float = typer.Option(2.0, "--max-drop", help="Gate margin: points a retention task may drop."),
@@ -467,8 +524,9 @@ def run(
 
     train_cfg, eval_cfg = C.apply_preset(
         preset,
-        _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
-                     seed, include_prompt_loss, save_every, force),
+        {**_train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim,
+                        nproc, seed, include_prompt_loss, save_every, force),
+         **_arm_flags(lora_rank, lora_alpha, lora_lr, replay_frac, freeze_layers, wise_from, wise_alphas)},
         dict(suites=C.split_csv(suite), tasks=C.split_csv(tasks), limit=limit, backend=backend),
     )
     cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out), run_id=run_id,

@@ -15,7 +15,10 @@ from pathlib import Path
 
 from forgetcheck.errors import BadInput
 
-ARMS = ("sft", "cpt")
+ARMS = ("sft", "cpt", "lora", "replay", "freeze", "wise")
+"""Arms (arms.py): full fine-tuning on SFT pairs or raw text, and the mitigations: LoRA, SFT with general-text
+replay, SFT with the bottom blocks frozen, and weight interpolation (interpolate.py; not trained)."""
+DEFAULT_ARMS = ("sft", "cpt")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 OPTIMIZERS = ("adamw", "adamw8bit")
 BACKENDS = ("fast", "hf")
@@ -73,6 +76,24 @@ class TrainConfig:
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
     force: bool = False
     """Start even when the memory plan says it does not fit the device."""
+    # The mitigation arms (arms.py, interpolate.py; the reasons for these defaults are in arms.py's docstring)
+    lora_rank: int = 16
+    """lora: adapter rank on every linear layer of the blocks."""
+    lora_alpha: float = 32.0
+    """lora: scale numerator (update scale alpha / rank)."""
+    lora_lr: float = 2e-4
+    """lora: peak learning rate (LoRA needs a higher one than full fine-tuning)."""
+    replay_frac: float = 0.05
+    """replay: share of the training tokens that is general text (general_text.py)."""
+    freeze_layers: int | None = None
+    """freeze: bottom blocks kept frozen (None: half of the blocks)."""
+    wise_from: str = "sft"
+    """wise: the trained arm interpolated with the base."""
+    wise_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """wise: the mixing weights a of (1 - a) * base + a * arm."""
+
+    def __post_init__(self):  # config.json gives a list back
+        object.__setattr__(self, "wise_alphas", tuple(float(a) for a in self.wise_alphas))
 
 
 @dataclass(frozen=True)
@@ -118,7 +139,7 @@ class GateConfig:
 class RunConfig:
     base: str = "smollm2-135m"
     data: str = "med"
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = DEFAULT_ARMS
     preset: str = "quick"
     out_dir: str = "runs"
     run_id: str | None = None
@@ -180,6 +201,23 @@ def validate_train(t: TrainConfig) -> list[str]:
         problems.append(f"unknown --optim '{t.optim}': choose one of {', '.join(OPTIMIZERS)}")
     if t.nproc < 1:
         problems.append(f"--nproc must be at least 1 (got {t.nproc})")
+    if t.lora_rank < 1:
+        problems.append(f"--lora-rank must be at least 1 (got {t.lora_rank})")
+    if not t.lora_alpha > 0:
+        problems.append(f"--lora-alpha must be positive (got {t.lora_alpha})")
+    if not 0 < t.lora_lr < 1:
+        problems.append(f"--lora-lr must be in (0, 1) (got {t.lora_lr})")
+    if not 0 < t.replay_frac < 1:
+        problems.append(f"--replay-frac must be in (0, 1) (got {t.replay_frac})")
+    if t.freeze_layers is not None and t.freeze_layers < 0:
+        problems.append(f"--freeze-layers must be >= 0 (got {t.freeze_layers})")
+    if not t.wise_alphas or any(not 0 <= a <= 1 for a in t.wise_alphas):
+        problems.append(f"--wise-alphas must be numbers in [0, 1] (got {','.join(map(str, t.wise_alphas))})")
+    if len(set(t.wise_alphas)) != len(t.wise_alphas):
+        problems.append(f"--wise-alphas lists a value twice: {','.join(map(str, t.wise_alphas))}")
+    if t.wise_from in ("wise",) or t.wise_from not in ARMS:
+        problems.append(f"--wise-from '{t.wise_from}' is not a trained arm: choose from "
+                        f"{', '.join(a for a in ARMS if a != 'wise')}")
     tokens_per_step = t.seq_len * t.micro_batch * t.grad_accum * t.nproc
     if t.budget_tokens > 0 and t.budget_tokens < tokens_per_step:
         problems.append(
@@ -244,6 +282,9 @@ def validate(cfg: RunConfig) -> list[str]:
             problems.append(f"unknown arm '{a}' in --arms: choose from {', '.join(ARMS)}")
     if len(set(cfg.arms)) != len(cfg.arms):
         problems.append(f"--arms lists an arm twice: {','.join(cfg.arms)}")
+    if "wise" in cfg.arms and cfg.train.wise_from not in cfg.arms:
+        problems.append(f"--arms wise interpolates --wise-from {cfg.train.wise_from}, which is not in --arms: "
+                        f"add it (--arms {','.join(cfg.arms)},{cfg.train.wise_from})")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         problems.append(f"unknown --device '{cfg.device}': use auto, cpu or cuda[:N]")
     return problems + validate_train(cfg.train) + validate_eval(cfg.eval) + validate_gate(cfg.gate)

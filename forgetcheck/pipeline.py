@@ -42,7 +42,8 @@ def _typed(section: str, cls, d, path: Path) -> dict:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if isinstance(default, tuple):
-            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+            kind = (int, float) if default and isinstance(default[0], float) else str  # wise_alphas: numbers
+            ok = isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
             v = tuple(v) if ok else v
         elif isinstance(default, bool):
             ok = isinstance(v, bool)
@@ -82,6 +83,7 @@ def prepare(cfg: C.RunConfig, resume: Path | None = None, given: dict | None = N
     Returns (cfg, run, model_ref, domain, device_choice). Every problem found is reported at once.
     """
     from forgetcheck import data, models, optim, suites
+    from forgetcheck.arms import TRAINED, data_kind
     from forgetcheck.device import choose_device
     from forgetcheck.rundir import check_output_dir
 
@@ -132,8 +134,8 @@ def prepare(cfg: C.RunConfig, resume: Path | None = None, given: dict | None = N
         problems.append(str(e))
     if domain is not None:
         for arm in cfg.arms:
-            if arm in C.ARMS and getattr(domain, arm) is None:
-                problems.append(f"--data {cfg.data} has no {arm}.jsonl, so arm '{arm}' cannot train: "
+            if arm in TRAINED and getattr(domain, data_kind(arm)) is None:
+                problems.append(f"--data {cfg.data} has no {data_kind(arm)}.jsonl, so arm '{arm}' cannot train: "
                                 f"add it or drop the arm with --arms")
     try:
         device = choose_device(cfg.device)
@@ -153,6 +155,10 @@ def prepare(cfg: C.RunConfig, resume: Path | None = None, given: dict | None = N
     model_ref = models.resolve(cfg.base, prepare=True)
     domain = data.load_domain(cfg.data, prepare=True)
     benchdata.prepare_bench()  # instant once built; the first time reads the bigbench sdist (~20 s)
+    if "replay" in cfg.arms:
+        from forgetcheck import general_text
+
+        general_text.build()  # instant once built (checked against every evaluation text: ~5 s)
     if resume is None and not domain.packaged and "domain" in cfg.eval.suites and not cfg.eval.tasks:
         # The packaged domain suite measures `med`; a user's own data has no domain benchmark of its own yet.
         _print(f"note: the 'domain' suite measures the packaged med data, not {cfg.data}: running retention only "
@@ -198,7 +204,7 @@ def run_pipeline(cfg: C.RunConfig, resume: Path | None = None, given: dict | Non
         _print(f"  NOTE: --base {cfg.base} has RANDOM WEIGHTS: results are plumbing checks, not model quality")
     t0 = time.perf_counter()
 
-    from forgetcheck import evaluation, models, train
+    from forgetcheck import arms, evaluation, interpolate, models, train
 
     # 1. base evaluation (also cached across runs by model content hash)
     if not run.eval_json("base").exists():
@@ -209,7 +215,7 @@ def run_pipeline(cfg: C.RunConfig, resume: Path | None = None, given: dict | Non
         _print("[1/4] base evaluation present: reused")
 
     # 2. train each arm on the same budget
-    for arm in cfg.arms:
+    for arm in arms.trained(cfg.arms):
         if run.train_json(arm).exists() and run.ckpt(arm).exists():
             _print(f"[2/4] arm {arm}: training present: reused")
             continue
@@ -217,8 +223,18 @@ def run_pipeline(cfg: C.RunConfig, resume: Path | None = None, given: dict | Non
             _print(f"[2/4] training arm {arm}")
             train.train_arm(arm, model_ref, domain, cfg.train, run, device=device.device)
 
+    # 2b. wise: interpolate the base and --wise-from (no training)
+    wise = interpolate.points(cfg.arms, cfg.train)
+    for label, a in wise:
+        if (run.ckpt(label) / "config.json").exists():
+            continue
+        with StageTimer(run, f"interpolate_{label}"):
+            _print(f"[2/4] {label}: (1 - {a:g}) * base + {a:g} * {cfg.train.wise_from}")
+            interpolate.build(model_ref, run.ckpt(cfg.train.wise_from), run.ckpt(label), a,
+                              source_arm=cfg.train.wise_from)
+
     # 3. evaluate each arm from its saved checkpoint (what is reported is what ships)
-    for arm in cfg.arms:
+    for arm in arms.trained(cfg.arms) + [label for label, _ in wise]:
         if run.eval_json(arm).exists():
             _print(f"[3/4] arm {arm}: evaluation present: reused")
             continue

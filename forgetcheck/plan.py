@@ -151,9 +151,14 @@ def activation_bytes(arch: Arch, cfg: TrainConfig) -> int:
     return int(layers + head)
 
 
-def plan_memory(config_or_params: Any, cfg: TrainConfig) -> dict:
+def plan_memory(config_or_params: Any, cfg: TrainConfig, *, arm: str | None = None, hf_config=None) -> dict:
     """Memory plan, in bytes per component. `config_or_params`: a transformers config, an `Arch`, or a
-    parameter count (then the architecture is assumed, see `arch_from_params`)."""
+    parameter count (then the architecture is assumed, see `arch_from_params`).
+
+    `arm` (with the transformers config, `hf_config` or `config_or_params`) plans a mitigation arm (arms.py):
+    `lora` holds the base weights plus the adapters, and gradients and optimizer state for the adapters only;
+    `freeze` holds gradients and optimizer state for the unfrozen parameters only. Activations are planned as
+    for full fine-tuning in both (gradients flow down to the adapters of the first block / to the embeddings)."""
     if isinstance(config_or_params, Arch):
         arch = config_or_params
     elif isinstance(config_or_params, (int, float)):
@@ -162,7 +167,15 @@ def plan_memory(config_or_params: Any, cfg: TrainConfig) -> dict:
         arch = arch_from_hf_config(config_or_params)
     n = cfg.nproc
     bpp = _bytes_per_param(cfg)
-    total = {k: int(round(arch.params * v)) for k, v in bpp.items()}
+    trainable, extra = arch.params, 0
+    if arm in ("lora", "freeze"):
+        from forgetcheck.arms import trainable_count
+
+        hf = hf_config if hf_config is not None else config_or_params
+        trainable, extra = trainable_count(hf, arm, cfg)
+    total = {"weights": int(round((arch.params + extra) * bpp["weights"])),
+             "gradients": int(round(trainable * bpp["gradients"])),
+             "optimizer_state": int(round(trainable * bpp["optimizer_state"]))}
     total["activations"] = activation_bytes(arch, cfg) * n  # every device runs its own micro-batch
     per_device = {k: int(math.ceil(total[k] / n)) for k in ("weights", "gradients", "optimizer_state")}
     per_device["activations"] = activation_bytes(arch, cfg)
@@ -170,6 +183,7 @@ def plan_memory(config_or_params: Any, cfg: TrainConfig) -> dict:
         per_device["gathered_blocks"] = int(2 * arch.block_params * bpp["weights"])
     return {
         "params": arch.params,
+        "arm": arm, "trainable_params": trainable, "added_params": extra,
         "arch": {"layers": arch.layers, "hidden": arch.hidden, "heads": arch.heads, "vocab": arch.vocab,
                  "intermediate": arch.intermediate, "eager_attention": arch.eager_attention,
                  "assumed": arch.assumed},

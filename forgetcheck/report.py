@@ -26,7 +26,8 @@ from forgetcheck.rundir import RunDir, atomic_write_text, read_json
 from forgetcheck.schema import read_compare, read_gate
 
 TEMPLATE = "report.html.j2"
-ARM_COLORS = {"sft": "#2563eb", "cpt": "#d97706", "lora": "#059669", "replay": "#7c3aed"}
+ARM_COLORS = {"sft": "#2563eb", "cpt": "#d97706", "lora": "#059669", "replay": "#7c3aed", "freeze": "#be123c"}
+WISE_COLOR = "#0891b2"  # every interpolated model (wise-<a>) and the interpolation curve
 EXTRA_COLORS = ("#db2777", "#0891b2", "#65a30d", "#9333ea")
 
 # Runs after load; marks every chart that rendered visible SVG shapes. Its hash goes into the CSP.
@@ -78,8 +79,28 @@ def _tick_label(v: float) -> str:
     return f"{v:g}"
 
 
-def learn_forget_chart(compare: dict, colors: dict) -> dict | None:
-    """Scatter of arms: x = forgetting (retention mean drop), y = learning (domain mean gain), with CIs."""
+def front_arms(points: list[dict]) -> set[str]:
+    """The arms on the learning-forgetting front: no other arm both learns at least as much and forgets at
+    most as much, one of them strictly (arms without both scores are left out)."""
+    full = [p for p in points if not p["f_missing"] and not p["l_missing"]]
+    return {p["arm"] for p in full
+            if not any(q["l"] >= p["l"] and q["f"] <= p["f"] and (q["l"] > p["l"] or q["f"] < p["f"])
+                       for q in full if q is not p)}
+
+
+def wise_alpha(arm: str) -> float | None:
+    """a of an interpolated model's label `wise-<a>` (interpolate.name), else None."""
+    if not arm.startswith("wise-"):
+        return None
+    try:
+        return float(arm[len("wise-"):])
+    except ValueError:
+        return None
+
+
+def learn_forget_chart(compare: dict, colors: dict, wise_from: str | None = None) -> dict | None:
+    """Scatter of arms: x = forgetting (retention mean drop), y = learning (domain mean gain), with CIs; the
+    front's arms ringed; the interpolation curve base (0, 0) -> wise-<a> by a -> `wise_from` drawn as a line."""
     pts = []
     for arm, s in (compare.get("summary") or {}).items():
         if s.get("forgetting") is None and s.get("learning") is None:
@@ -96,10 +117,18 @@ def learn_forget_chart(compare: dict, colors: dict) -> dict | None:
     pad = lambda a, b: (a - 0.08 * max(b - a, 1.0), b + 0.08 * max(b - a, 1.0))  # noqa: E731
     sx = Scale(*pad(min(xs), max(xs)), ml, w - mr)
     sy = Scale(*pad(min(ys), max(ys)), h - mb, mt)
+    front = front_arms(pts)
     for p in pts:
         p.update(cx=sx(p["f"]), cy=sy(p["l"]), fx0=sx(p["fci"][0]), fx1=sx(p["fci"][1]),
-                 ly0=sy(p["lci"][0]), ly1=sy(p["lci"][1]))
-    return {"w": w, "h": h, "ml": ml, "mr": mr, "mt": mt, "mb": mb, "points": pts,
+                 ly0=sy(p["lci"][0]), ly1=sy(p["lci"][1]), front=p["arm"] in front)
+    wise = sorted((wise_alpha(p["arm"]), p) for p in pts if wise_alpha(p["arm"]) is not None)
+    curve = ""
+    if wise:
+        chain = [(sx(0.0), sy(0.0))] + [(p["cx"], p["cy"]) for _, p in wise]
+        chain += [(p["cx"], p["cy"]) for p in pts if p["arm"] == wise_from]
+        curve = " ".join(f"{x},{y}" for x, y in chain)
+    return {"w": w, "h": h, "ml": ml, "mr": mr, "mt": mt, "mb": mb, "points": pts, "curve": curve,
+            "wise_from": wise_from, "front": sorted(front), "wise_color": WISE_COLOR,
             "xticks": [{"v": _tick_label(t), "x": sx(t)} for t in sx.ticks],
             "yticks": [{"v": _tick_label(t), "y": sy(t)} for t in sy.ticks],
             "x0": sx(0.0), "y0": sy(0.0), "left": ml, "right": w - mr, "top": mt, "bottom": h - mb}
@@ -207,7 +236,8 @@ def build_view(run: RunDir) -> dict[str, Any]:
     gate = read_gate(run.gate)
     gate_source = "gate.json"
     arms = list(compare.get("arms") or [])
-    colors = {a: ARM_COLORS.get(a, EXTRA_COLORS[i % len(EXTRA_COLORS)]) for i, a in enumerate(arms)}
+    colors = {a: ARM_COLORS.get(a) or (WISE_COLOR if wise_alpha(a) is not None else EXTRA_COLORS[i % len(EXTRA_COLORS)])
+              for i, a in enumerate(arms)}
     train = {}
     for arm in arms:
         p = run.train_json(arm)
@@ -260,7 +290,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "train": train,
         "verdict_why": verdict_reason(gate), "policy_text": policy_sentence(gate["policy"]),
         "arm_pairs": arm_pair_lines(compare),
-        "lf_chart": learn_forget_chart(compare, colors),
+        "lf_chart": learn_forget_chart(compare, colors, (config.get("train") or {}).get("wise_from", "sft")),
         "loss_chart": loss_chart(train, colors),
         "mem_chart": memory_chart(train),
         "script": CHECK_SCRIPT, "script_hash": _script_hash(CHECK_SCRIPT),

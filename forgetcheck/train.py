@@ -81,6 +81,8 @@ class Rows:
     input_ids: object
     labels: object
     attention_mask: object
+    replay: dict | None = None
+    """replay arm: the measured replay share (arms.replay_rows)."""
 
 
 def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int, n_rows: int, seq_len: int,
@@ -117,9 +119,18 @@ def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int,
 
 
 def build_rows(arm: str, tok, data_path: Path, cfg: C.TrainConfig, n_rows: int) -> Rows:
-    from forgetcheck import data
+    from forgetcheck import arms, data
 
-    if arm == "sft":
+    if arm == "replay":
+        from forgetcheck import general_text
+
+        records = data.read_sft(data_path)
+        pieces = arms.replay_pieces(tok, general_text.load(), max(8, cfg.seq_len // 2), cfg.data_seed)
+        rows, stats = arms.replay_rows(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),
+                                       len(records), pieces, cfg.replay_frac, n_rows, cfg.seq_len, cfg.data_seed)
+        rows.replay = stats
+        return rows
+    if arms.data_kind(arm) == "sft":
         records = data.read_sft(data_path)
         return pack(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),
                     len(records), n_rows, cfg.seq_len, cfg.data_seed, tok.pad_token_id)
@@ -198,7 +209,7 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     import torch
     from tqdm.auto import tqdm
 
-    from forgetcheck import checkpoint, models, optim, plan, sharding
+    from forgetcheck import arms, checkpoint, models, optim, plan, sharding
     from forgetcheck.device import choose_precision, peak_memory_bytes, reset_peak_memory
 
     main = rank == 0
@@ -210,7 +221,7 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     from transformers import AutoConfig
 
     arch = plan.arch_from_hf_config(AutoConfig.from_pretrained(model_ref.path))
-    mem_plan = plan.plan_memory(arch, cfg)
+    mem_plan = plan.plan_memory(arch, cfg, arm=arm, hf_config=AutoConfig.from_pretrained(model_ref.path))
     say(plan.format_plan(mem_plan, plan.plan_memory(arch, plan.baseline(cfg))))
     say(plan.check_fits(mem_plan, device, cfg.force))
 
@@ -231,10 +242,11 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, arm_info = arms.prepare_model(arm, model, cfg)  # lora: peft adapters; freeze: bottom blocks frozen
     model.train()
     if world > 1:
         sharding.shard_model(model, hybrid_nodes=hybrid_nodes, device=device)
-    optimizer = optim.build_optimizer(model.parameters(), cfg)
+    optimizer = optim.build_optimizer(arms.trainable_parameters(model), arms.optimizer_config(arm, cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_lambda(steps, cfg))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
     if dtypes.autocast_dtype:
@@ -318,6 +330,8 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     peak, method = peak_memory_bytes(device)
 
     ckpt = run.ckpt(arm)
+    if main:
+        model = arms.finish_model(arm, model, ckpt)  # lora: adapter saved, then merged into the base weights
     checkpoint.save_hf_checkpoint(model, tok, ckpt, model_ref, arm, world=world, rank=rank)
     if not main:
         return None
@@ -346,7 +360,9 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
             "note": "planned and measured_components are per device (rank 0); the peak is rank 0's process",
         },
         "packing": "wrapped: examples concatenated with their own label masks, cut into full seq_len rows",
-        "config": C.to_dict(cfg),
+        "arm_settings": arm_info,
+        **({"replay": rows.replay} if rows.replay is not None else {}),
+        "config": json.loads(json.dumps(C.to_dict(cfg))),  # as read back from train/<arm>.json
         "checkpoint": str(ckpt),
     }
     atomic_write_json(run.train_json(arm), record)
@@ -358,9 +374,11 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
 
 
 def _data_path(arm: str, domain) -> Path:
-    path = getattr(domain, arm, None)
+    from forgetcheck.arms import data_kind
+
+    path = getattr(domain, data_kind(arm), None)
     if path is None:
-        raise BadInput(f"domain '{domain.name}' has no {arm}.jsonl, so arm '{arm}' cannot train: add the file "
+        raise BadInput(f"domain '{domain.name}' has no {data_kind(arm)}.jsonl, so arm '{arm}' cannot train: add the file "
                        f"or drop the arm with --arms")
     return Path(path)
 
@@ -368,8 +386,11 @@ def _data_path(arm: str, domain) -> Path:
 def validate(arm: str, cfg: C.TrainConfig, device: str, nnodes: int = 1) -> None:
     """Every problem with this training request, raised at once before anything heavy starts."""
     from forgetcheck import optim
+    from forgetcheck.arms import TRAINED
 
-    problems = [] if arm in C.ARMS else [f"unknown arm '{arm}': choose from {', '.join(C.ARMS)}"]
+    problems = [] if arm in TRAINED else [f"unknown arm '{arm}' to train: choose from {', '.join(TRAINED)}"]
+    if arm == "lora" and cfg.nproc > 1:
+        problems.append("--arms lora with --nproc > 1: LoRA under FSDP2 is not supported; use --nproc 1")
     per_node = None if nnodes == 1 else cfg.nproc // nnodes
     C.check(problems + C.validate_train(cfg) + optim.check_combination(cfg, device, per_node))
 
@@ -430,6 +451,7 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
 
     from forgetcheck import data as D
     from forgetcheck import models, optim, sharding
+    from forgetcheck.arms import TRAINED, data_kind
     from forgetcheck.device import choose_device
     from forgetcheck.rundir import check_output_dir
 
@@ -471,7 +493,9 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
         problems.append(str(e))
     if domain is not None:
         problems += [f"--data {data} has no {a}.jsonl, so arm '{a}' cannot train: add it or drop the arm with --arms"
-                     for a in arms if a in C.ARMS and getattr(domain, a) is None]
+                     for a in arms if a in TRAINED and getattr(domain, data_kind(a)) is None]
+    problems += [f"arm '{a}' is not trained (it interpolates weights): use `forgetcheck run --arms ...,{a}`"
+                 for a in arms if a in C.ARMS and a not in TRAINED]
     try:
         dev = choose_device(device)
         problems += optim.check_combination(cfg, dev.device,
