@@ -194,12 +194,12 @@ def replay_pieces(tok, texts: list[str], max_len: int, seed: int) -> list[list[i
 
 def replay_rows(example, n_examples: int, pieces: list[list[int]], frac: float, n_rows: int, seq_len: int,
                 data_seed: int):
-    """Rows of the SFT stream with replay pieces inserted; returns (train.Rows, stats). After each SFT example,
+    """Rows of the SFT stream with replay pieces inserted; returns (input_ids, labels, stats) as [n_rows, seq_len]
+    tensors (train.build_rows wraps them in its Rows). After each SFT example,
     replay pieces are appended while replay tokens < frac x tokens so far; loss on every replay token."""
     import torch
 
     from forgetcheck.errors import BadInput
-    from forgetcheck.train import Rows
 
     if n_examples == 0:
         raise BadInput("the training data has no examples: check the domain's sft.jsonl")
@@ -237,4 +237,4 @@ def replay_rows(example, n_examples: int, pieces: list[list[int]], frac: float, 
     replay_tokens = sum(source[:need])
     stats = {"frac": frac, "tokens": replay_tokens, "share": round(replay_tokens / need, 6),
              "pieces_used": p, "pieces_available": len(pieces)}
-    return Rows(t_ids, t_lab, torch.ones_like(t_ids)), stats
+    return t_ids, t_lab, stats

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, confined, read_json
-from forgetcheck.schema import COMPARE_VERSION, require, write_compare
+from forgetcheck.rundir import RunDir, atomic_write_json, confined, read_json
+from forgetcheck.schema import COMPARE_VERSION, checked_compare, require
 from forgetcheck.stats import (
     Estimate,
     above_chance_p,
@@ -689,7 +689,7 @@ def compare_run(run: RunDir | Path | str, *, alpha: float = 0.05, n_boot: int = 
     result = compare_evals(run.eval_json("base"), arms, alpha=alpha, n_boot=n_boot, seed=seed)
     result["run_id"] = run.run_id
     result["budget"] = budget_block(run, list(arms))
-    write_compare(run.compare, result)
+    atomic_write_json(run.compare, checked_compare(result))
     return result
 
 

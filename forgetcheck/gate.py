@@ -36,8 +36,8 @@ from xml.etree import ElementTree as ET
 from forgetcheck.compare import gated_tasks
 from forgetcheck.config import GateConfig, check, validate_gate
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_text, read_json
-from forgetcheck.schema import GATE_VERSION, require, write_gate
+from forgetcheck.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from forgetcheck.schema import GATE_VERSION, checked_gate, require
 from forgetcheck.stats import Estimate, estimate_from_dict, holm, round_up
 
 try:
@@ -560,7 +560,7 @@ def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, pol
     compare, out, run_config = load_compare_for(Path(target))
     pol = resolve_policy(run_config, policy_file, overrides)
     gate = decide(compare, pol)
-    write_gate(out, gate)
+    atomic_write_json(out, checked_gate(gate))
     if junit is not None:
         atomic_write_text(Path(junit), to_junit(gate))
     if markdown is not None:

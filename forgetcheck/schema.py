@@ -194,15 +194,13 @@ def is_current(path, kind: str) -> bool:
     return isinstance(obj, dict) and obj.get("schema_version") == want and obj.get("kind") in (None, kind)
 
 
-def write_compare(path, obj: dict) -> None:
-    from forgetcheck.rundir import atomic_write_json
-
+def checked_compare(obj: dict) -> dict:
+    """A compare result about to be written: the version and kind this module reads (rundir writes it)."""
     check_versioned(obj, "compare", COMPARE_VERSION, "compare result", "internal error")
-    atomic_write_json(path, obj)
+    return obj
 
 
-def write_gate(path, obj: dict) -> None:
-    from forgetcheck.rundir import atomic_write_json
-
+def checked_gate(obj: dict) -> dict:
+    """A gate result about to be written: the version and kind this module reads (rundir writes it)."""
     check_versioned(obj, "gate", GATE_VERSION, "gate result", "internal error")
-    atomic_write_json(path, obj)
+    return obj

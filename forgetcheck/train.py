@@ -119,6 +119,8 @@ def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int,
 
 
 def build_rows(arm: str, tok, data_path: Path, cfg: C.TrainConfig, n_rows: int) -> Rows:
+    import torch
+
     from forgetcheck import arms, data
 
     if arm == "replay":
@@ -126,10 +128,10 @@ def build_rows(arm: str, tok, data_path: Path, cfg: C.TrainConfig, n_rows: int) 
 
         records = data.read_sft(data_path)
         pieces = arms.replay_pieces(tok, general_text.load(), max(8, cfg.seq_len // 2), cfg.data_seed)
-        rows, stats = arms.replay_rows(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),
-                                       len(records), pieces, cfg.replay_frac, n_rows, cfg.seq_len, cfg.data_seed)
-        rows.replay = stats
-        return rows
+        ids, labels, stats = arms.replay_rows(
+            lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),
+            len(records), pieces, cfg.replay_frac, n_rows, cfg.seq_len, cfg.data_seed)
+        return Rows(ids, labels, torch.ones_like(ids), replay=stats)
     if arms.data_kind(arm) == "sft":
         records = data.read_sft(data_path)
         return pack(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),

@@ -125,9 +125,9 @@ def test_replay_rows_share_and_sources():
     seq_len, n_rows = 16, 40
     pieces = [[1000 + i] * (3 + i % 5) for i in range(50)]
     for frac in (0.01, 0.05, 0.3):
-        rows, stats = arms.replay_rows(lambda i: ([7] * (5 + i % 7), [7] * (5 + i % 7)), 10, pieces, frac, n_rows,
+        ids, _, stats = arms.replay_rows(lambda i: ([7] * (5 + i % 7), [7] * (5 + i % 7)), 10, pieces, frac, n_rows,
                                        seq_len, 0)
-        flat = rows.input_ids.flatten()
+        flat = ids.flatten()
         assert stats["tokens"] == int((flat >= 1000).sum())
         assert abs(stats["share"] - frac) <= 8 / (seq_len * n_rows)
 
