@@ -292,7 +292,7 @@ CASES: list[Case] = [
     Case("train-lr-nan", ["train", *TINY, "--lr", "nan"], ("data",), r"--lr"),
     Case("train-budget-below-one-step", ["train", *TINY, "--budget-tokens", "10"], ("data",), r"--budget-tokens"),
     Case("run-unknown-preset", ["run", *TINY, "--run-id", "r", "--preset", "huge"], ("data",), r"--preset"),
-    Case("run-unknown-arm", ["run", *TINY, "--run-id", "r", "--arms", "lora"], ("data",), r"--arms"),
+    Case("run-unknown-arm", ["run", *TINY, "--run-id", "r", "--arms", "dpo"], ("data",), r"--arms"),
     Case("train-arm-twice", ["train", *TINY, "--arms", "sft,sft"], ("data",), r"--arms"),
     # -- gate thresholds given to run ------------------------------------------------------------------------
     *[Case(f"run-{flag.strip('-')}-{name}", ["run", *TINY, "--run-id", "r", flag, value], ("data",), flag)
