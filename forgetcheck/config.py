@@ -311,7 +311,8 @@ def split_csv(value: str | None) -> tuple[str, ...]:
 
 # ---- --resume: which flags may change --------------------------------------------------------------------
 
-RESUME_MAY_CHANGE = ("max_drop", "max_mean_drop", "alpha", "min_domain_gain", "force")
+RESUME_MAY_CHANGE = ("max_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric", "max_ppl_rise", "max_kl",
+                     "force")
 """Flags that may differ from the run's config.json on `--resume`: the gate's thresholds (compare, report and
 gate run again over the finished results, and config.json records the new values) and --force (whether a
 memory plan that does not fit may start). Every other flag given with --resume must repeat the recorded value:
@@ -322,7 +323,8 @@ _RESUME_FIELDS = {
     "base": (None, "base"), "data": (None, "data"), "arms": (None, "arms"), "preset": (None, "preset"),
     "device": (None, "device"), "suite": ("eval", "suites"), "tasks": ("eval", "tasks"), "limit": ("eval", "limit"),
     "backend": ("eval", "backend"), "max_drop": ("gate", "max_drop"), "max_mean_drop": ("gate", "max_mean_drop"),
-    "alpha": ("gate", "alpha"), "min_domain_gain": ("gate", "min_domain_gain"),
+    "alpha": ("gate", "alpha"), "min_domain_gain": ("gate", "min_domain_gain"), "metric": ("gate", "metric"),
+    "max_ppl_rise": ("gate", "max_ppl_rise"), "max_kl": ("gate", "max_kl"),
     **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
 }
 
@@ -338,6 +340,8 @@ def _shown(v) -> str:
 def _as_config_value(name: str, value):
     if name in ("arms", "suite", "tasks"):
         return split_csv(value) if isinstance(value, str) else tuple(value or ())
+    if name in ("max_ppl_rise", "max_kl") and isinstance(value, str):
+        return None if value.strip().lower() == "off" else float(value)
     return value
 
 

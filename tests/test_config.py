@@ -53,3 +53,15 @@ def test_cli_bad_flags_exit_2_one_line(fc_home):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "dpo" in lines[0] and "fp8" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_resume_may_change_every_gate_threshold_and_nothing_else(tmp_path):
+    from forgetcheck.config import GateConfig, RunConfig, resume_conflicts
+
+    saved = RunConfig(base="tiny-gpt2", data="med", gate=GateConfig())
+    problems, changes = resume_conflicts(saved, {"metric": "acc", "max_kl": "off", "max_ppl_rise": "25",
+                                                 "max_drop": 3.0}, tmp_path / "r1")
+    assert problems == []
+    assert changes == {"metric": "acc", "max_kl": None, "max_ppl_rise": 25.0, "max_drop": 3.0}
+    problems, _ = resume_conflicts(saved, {"base": "smollm2-135m"}, tmp_path / "r1")
+    assert len(problems) == 1 and "--base" in problems[0]
