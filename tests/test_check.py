@@ -135,11 +135,19 @@ def test_lm_eval_folders_give_lm_evals_accuracies_and_the_same_verdicts(world, l
     assert not (run.root / "eval" / "base.topk.npz").exists()
 
 
+
+def _samples_file(folder: Path, task: str) -> Path:
+    """lm-eval's samples_<task>_<date>.jsonl of exactly this task (a glob `samples_planted_*` also matches
+    samples_planted_ppl_*, in whatever order the file system lists them)."""
+    hits = [p for p in folder.glob(f"samples_{task}_*.jsonl") if p.name[len(f"samples_{task}_")].isdigit()]
+    assert len(hits) == 1, hits
+    return hits[0]
+
 def test_items_on_one_side_are_reported_not_dropped(world, lmeval, capsys):
     tmp = world["tmp"]
     cut = tmp / "lm_eval_cut"
     shutil.copytree(lmeval["damaged"], cut)
-    sf = next(cut.glob("samples_planted_*.jsonl"))
+    sf = _samples_file(cut, "planted")
     rows = [json.loads(x) for x in sf.read_text().splitlines()]
     extra = {**rows[0], "doc_id": 999, "doc_hash": "f" * 64}  # a document the base never saw
     sf.write_text("".join(json.dumps(r) + "\n" for r in rows[5:] + [extra]))
@@ -172,7 +180,7 @@ def test_mismatched_task_config_or_prompt_is_refused(world, lmeval):
         rf.write_text(json.dumps(r))
 
     def prompt(folder: Path):
-        sf = next(folder.glob("samples_planted_*.jsonl"))
+        sf = _samples_file(folder, "planted")
         rows = [json.loads(x) for x in sf.read_text().splitlines()]
         rows[2]["prompt_hash"] = "0" * 64  # e.g. a chat template on this side only
         sf.write_text("".join(json.dumps(r) + "\n" for r in rows))
