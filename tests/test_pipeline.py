@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from planted import TASK_YAML
 
 from forgetcheck import compare, evaluation, gate, models, pipeline, report
 from forgetcheck import config as C
@@ -130,24 +131,7 @@ def test_planted_regression_fails_and_unchanged_copy_passes(tmp_path, tiny_ref):
             f.writelines(json.dumps(it) + "\n" for it in items)
 
     write_items()
-    (tasks_dir / "planted.yaml").write_text(f"""task: planted
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tasks_dir / 'planted.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  suite: retention
-  chance: 0.25
-""")
+    (tasks_dir / "planted.yaml").write_text(TASK_YAML.format(data=tasks_dir / "planted.jsonl"))
     cfg = C.EvalConfig(tasks=("planted",), batch_size=8)
     run = RunDir(tmp_path / "run")
     probe = evaluation.evaluate(tiny_ref, cfg, tmp_path / "probe.json", tasks_dir=tasks_dir)
