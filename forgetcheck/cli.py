@@ -7,13 +7,20 @@ Exit codes (DESIGN.md): 0 success / gate passed; 1 gate failed; 2 bad input (one
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import inspect
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_type_hints
 
 import typer
 
+from forgetcheck.config import split_csv
 from forgetcheck.errors import BadInput, ForgetcheckError
 
 app = typer.Typer(
@@ -32,37 +39,110 @@ def echo(msg: str = "") -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Options shared by `train` and `run`: one definition, one help text. Training flags default to None ("not
-# given"), so the preset fills them (config.apply_preset).
+# Option groups: each is a frozen dataclass whose fields are the options (one definition, one help text);
+# `options(...)` puts a group's fields into a command's signature and hands the command one value per group.
+# Training and eval flags default to None ("not given"), so the preset fills them (config.apply_preset).
 # ------------------------------------------------------------------------------------------------------
 BaseOpt = Annotated[str, typer.Option("--base", help="Model to fine-tune: alias (smollm2-135m, tiny-gpt2), hub id, HF folder or .gguf.")]
 DataOpt = Annotated[str, typer.Option("--data", help="Domain data: packaged name (med) or a folder with sft.jsonl / cpt.jsonl.")]
 ArmsOpt = Annotated[str, typer.Option("--arms", help="Arms to train, comma-separated (sft, cpt).")]
-PresetOpt = Annotated[str, typer.Option("--preset", help="quick (2-core CPU) | standard | full (every item; GPU): defaults for the flags below.")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="quick (2-core CPU) | standard | full (every item; GPU): defaults for the training and eval flags.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Folder that holds the run folders.")]
 RunIdOpt = Annotated[Optional[str], typer.Option("--run-id", help="Name of the new run folder (default: time-model-data).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]")]
-BudgetOpt = Annotated[Optional[int], typer.Option("--budget-tokens", help="Tokens each arm feeds forward (padding excluded).")]
-SeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per training row.")]
-MicroBatchOpt = Annotated[Optional[int], typer.Option("--micro-batch", help="Rows per forward pass (per process).")]
-GradAccumOpt = Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (warmup + cosine).")]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true")]
-GradCkptOpt = Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in backward.")]
-OptimOpt = Annotated[Optional[str], typer.Option("--optim", help="adamw | adamw8bit (torchao, else bitsandbytes)")]
-NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="Processes for FSDP2 sharding (torchrun).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed and data-order seed.")]
-PromptLossOpt = Annotated[Optional[bool], typer.Option("--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens.")]
-SaveEveryOpt = Annotated[Optional[int], typer.Option("--save-every", help="Resumable checkpoint every N steps (0: none).")]
-ForceOpt = Annotated[Optional[bool], typer.Option("--force/--no-force", help="Start even when the memory plan does not fit.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show lm-eval's, datasets' and transformers' own output on the console (else it goes to the log file).")]
 
 
-def _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
-                 seed, include_prompt_loss, save_every, force) -> dict:
-    """The training flags as TrainConfig overrides (None: not given, the preset decides)."""
-    return dict(budget_tokens=budget_tokens, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
-                precision=precision, grad_checkpointing=grad_checkpointing, optim=optim, nproc=nproc, seed=seed,
-                data_seed=seed, include_prompt_loss=include_prompt_loss, save_every=save_every, force=force)
+@dataclass(frozen=True)
+class TrainFlags:
+    """Training options shared by `train` and `run` (TrainConfig overrides)."""
+
+    PANEL = "Training (the preset fills what is not given)"
+
+    budget_tokens: Annotated[Optional[int], typer.Option("--budget-tokens", help="Tokens each arm feeds forward (padding excluded).")] = None
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per training row.")] = None
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Rows per forward pass (per process).")] = None
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (warmup + cosine).")] = None
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true")] = None
+    grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in backward.")] = None
+    optim: Annotated[Optional[str], typer.Option("--optim", help="adamw | adamw8bit (torchao, else bitsandbytes)")] = None
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes for FSDP2 sharding (torchrun).")] = None
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed and data-order seed.")] = None
+    include_prompt_loss: Annotated[Optional[bool], typer.Option("--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens.")] = None
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Resumable checkpoint every N steps (0: none).")] = None
+    force: Annotated[Optional[bool], typer.Option("--force/--no-force", help="Start even when the memory plan does not fit.")] = None
+
+    def overrides(self) -> dict:
+        """TrainConfig overrides (None: not given, the preset decides); --seed also seeds the data order."""
+        return {**dataclasses.asdict(self), "data_seed": self.seed}
+
+
+@dataclass(frozen=True)
+class EvalFlags:
+    """Evaluation options shared by `eval` and `run` (EvalConfig overrides)."""
+
+    PANEL = "Evaluation"
+
+    suite: Annotated[str, typer.Option("--suite", help="Suites to run: retention, domain (comma list).")] = "retention,domain"
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Only these tasks (comma list; overrides --suite): ours, a group of ours (forgetcheck_retention) or lm-eval's hub tasks.")] = None
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Deterministic stratified subset of N items per task (the same items for every model). Default: the preset's.")] = None
+    backend: Annotated[Optional[str], typer.Option("--backend", help="fast (each context scored once) | hf (stock lm-eval HFLM).")] = None
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Requests per forward pass.")] = None
+
+    def overrides(self) -> dict:
+        return dict(suites=split_csv(self.suite), tasks=split_csv(self.tasks), limit=self.limit, backend=self.backend,
+                    batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class GateFlags:
+    """The release gate's policy, for `run` (the `gate` command also reads a policy file)."""
+
+    PANEL = "Release gate"
+
+    max_drop: Annotated[float, typer.Option("--max-drop", help="Gate: max significant drop on a retention task (points).")] = 2.0
+    max_mean_drop: Annotated[float, typer.Option("--max-mean-drop", help="Gate: max significant drop of the retention mean (points).")] = 1.0
+    alpha: Annotated[float, typer.Option("--alpha", help="Gate: significance level after Holm correction.")] = 0.05
+    min_domain_gain: Annotated[Optional[float], typer.Option("--min-domain-gain", help="Gate: required domain gain (points).")] = None
+
+
+def _in_panel(annotation, panel: str):
+    """`Annotated[T, typer.Option(...)]` shown under its group's heading in --help."""
+    info = copy.copy(annotation.__metadata__[0])
+    info.rich_help_panel = panel
+    return Annotated[annotation.__origin__, info]
+
+
+def options(**groups: type) -> Callable:
+    """`@options(train=TrainFlags)`: the command gets every field of TrainFlags as an option, and receives
+    them as one `train: TrainFlags` argument."""
+
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        hints = get_type_hints(fn, include_extras=True)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
+               if p.name not in groups]
+        fields = {g: [(f.name, _in_panel(get_type_hints(cls, include_extras=True)[f.name], cls.PANEL), f.default)
+                      for f in dataclasses.fields(cls)] for g, cls in groups.items()}
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+                 for fs in fields.values() for n, a, d in fs]
+        names = [p.name for p in own] + [p.name for p in extra]
+        assert len(names) == len(set(names)), f"option names collide in {fn.__name__}"
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            for g, cls in groups.items():
+                kwargs[g] = cls(**{n: kwargs.pop(n) for n, _, _ in fields[g]})
+            return fn(**kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + extra
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # typer must see the new signature, not fn's
+        return command
+
+    return wrap
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -117,36 +197,36 @@ def data_prepare(
 # eval (owned by evaluation.py)
 # ------------------------------------------------------------------------------------------------------
 @app.command("eval")
+@options(ev=EvalFlags)
 def eval_cmd(
     model: str = typer.Option(..., "--model", help="Alias (smollm2-135m, tiny-gpt2), local HF folder (e.g. a "
                               "checkpoint), .gguf file or hub id."),
     out: Path = typer.Option(..., "--out", help="Eval JSON to write; per-item lines go to <folder>/samples/<stem>/."),
-    suite: str = typer.Option("retention,domain", "--suite", help="Suites to run: retention, domain (comma list)."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma list; overrides --suite): ours, a "
-                                        "group of ours (forgetcheck_retention) or lm-eval's hub tasks."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Deterministic stratified subset of N items per task "
-                                        "(the same items for every model). Default: all."),
-    backend: str = typer.Option("fast", "--backend", help="fast (each context scored once) | hf (stock HFLM)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Requests per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    ev: EvalFlags = EvalFlags(),
+    preset: PresetOpt = "full",
+    device: DeviceOpt = "auto",
     reference: Optional[Path] = typer.Option(None, "--reference", help="The base model's eval JSON: adds KL drift "
                                              "(reference || this model) on general text."),
     tasks_dir: Optional[Path] = typer.Option(None, "--tasks-dir", help="lm-eval task YAMLs to use instead of "
                                              "forgetcheck's tasks/."),
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Benchmark one model on the suites' tasks (lm-eval, offline, cached) and measure drift on general text."""
-    from forgetcheck.config import EvalConfig, split_csv
+    """Benchmark one model on the suites' tasks (lm-eval, offline, cached) and measure drift on general text.
+    `--preset quick` scores the same items (and hits the same cache) as `forgetcheck run --preset quick`."""
+    from forgetcheck import config as C
     from forgetcheck.evaluation import cmd_eval
+    from forgetcheck.inputs import resolve_eval
 
-    cfg = EvalConfig(suites=split_csv(suite), tasks=split_csv(tasks), limit=limit, backend=backend,
-                     batch_size=batch_size)
-    cmd_eval(model, cfg, out, device=device, reference=reference, tasks_dir=tasks_dir)
+    _, eval_cfg = C.apply_preset(preset, {}, ev.overrides())
+    cmd_eval(resolve_eval(model, eval_cfg, out, device=device, reference=reference, tasks_dir=tasks_dir),
+             verbose=verbose)
 
 
 # ------------------------------------------------------------------------------------------------------
 # train + plan (owned by train.py / plan.py)
 # ------------------------------------------------------------------------------------------------------
 @app.command()
+@options(flags=TrainFlags)
 def train(
     base: BaseOpt = "smollm2-135m",
     data: DataOpt = "med",
@@ -155,34 +235,21 @@ def train(
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
     preset: PresetOpt = "quick",
-    budget_tokens: BudgetOpt = None,
-    seq_len: SeqLenOpt = None,
-    micro_batch: MicroBatchOpt = None,
-    grad_accum: GradAccumOpt = None,
-    lr: LrOpt = None,
-    precision: PrecisionOpt = None,
-    grad_checkpointing: GradCkptOpt = None,
-    optim: OptimOpt = None,
-    nproc: NprocOpt = None,
-    seed: SeedOpt = None,
-    include_prompt_loss: PromptLossOpt = None,
-    save_every: SaveEveryOpt = None,
-    force: ForceOpt = None,
+    flags: TrainFlags = TrainFlags(),
     device: DeviceOpt = "auto",
+    verbose: VerboseOpt = False,
 ) -> None:
     """Fully fine-tune each arm (SFT, CPT) on the same token budget -> train/<arm>.json and ckpt/<arm>/."""
     from forgetcheck import config as C
+    from forgetcheck.inputs import resolve_train
     from forgetcheck.rundir import RunDir
     from forgetcheck.train import cmd_train
 
-    train_cfg, _ = C.apply_preset(
-        preset,
-        _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
-                     seed, include_prompt_loss, save_every, force),
-        {},
-    )
+    train_cfg, _ = C.apply_preset(preset, flags.overrides(), {})
+    cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out), run_id=run_id,
+                      device=device, train=train_cfg)
     rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
-    cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device)
+    cmd_train(resolve_train(cfg, rd), verbose=verbose)
 
 
 @app.command()
@@ -214,14 +281,6 @@ def plan(
 # ------------------------------------------------------------------------------------------------------
 # compare, report, gate (owned by compare.py / report.py / gate.py): pure, JSON in and out, never torch
 # ------------------------------------------------------------------------------------------------------
-def _run_dir(path: Path):
-    from forgetcheck.rundir import RunDir
-
-    if not path.is_dir():
-        raise BadInput(f"run directory {path} not found: give a folder under runs/ written by `forgetcheck run`")
-    return RunDir(path)
-
-
 @app.command()
 def compare(
     run: Path = typer.Argument(..., help="Run directory (runs/<id>) holding eval/base.json and eval/<arm>.json."),
@@ -231,8 +290,9 @@ def compare(
 ) -> None:
     """Paired comparison of every arm against the base: deltas, CIs, McNemar/Holm, flips -> compare.json."""
     from forgetcheck.compare import compare_run
+    from forgetcheck.rundir import RunDir
 
-    rd = _run_dir(run)
+    rd = RunDir.existing(run)
     result = compare_run(rd, alpha=alpha, n_boot=n_boot, seed=seed)
     for arm, s in result["summary"].items():
         fg, ln = s["forgetting"], s["learning"]
@@ -247,8 +307,9 @@ def report(
 ) -> None:
     """Write the run's self-contained report.html from its compare.json and gate.json (run those commands first)."""
     from forgetcheck.report import write_report
+    from forgetcheck.rundir import RunDir
 
-    path = write_report(_run_dir(run))
+    path = write_report(RunDir.existing(run))
     echo(f"wrote {path}")
 
 
@@ -283,52 +344,29 @@ def gate(
 # run (owned by pipeline.py)
 # ------------------------------------------------------------------------------------------------------
 @app.command()
+@options(flags=TrainFlags, ev=EvalFlags, policy=GateFlags)
 def run(
     base: BaseOpt = "smollm2-135m",
     data: DataOpt = "med",
-    suite: str = typer.Option("retention,domain", "--suite", help="Benchmark suites, comma-separated."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Restrict to these tasks, comma-separated."),
     arms: ArmsOpt = "sft,cpt",
     preset: PresetOpt = "quick",
-    limit: Optional[int] = typer.Option(None, "--limit", help="Items per task (deterministic stratified subset)."),
-    budget_tokens: BudgetOpt = None,
-    seq_len: SeqLenOpt = None,
-    micro_batch: MicroBatchOpt = None,
-    grad_accum: GradAccumOpt = None,
-    lr: LrOpt = None,
-    precision: PrecisionOpt = None,
-    grad_checkpointing: GradCkptOpt = None,
-    optim: OptimOpt = None,
-    nproc: NprocOpt = None,
-    seed: SeedOpt = None,
-    include_prompt_loss: PromptLossOpt = None,
-    save_every: SaveEveryOpt = None,
-    force: ForceOpt = None,
-    backend: Optional[str] = typer.Option(None, "--backend", help="Eval backend: fast | hf (stock lm-eval HFLM)."),
+    flags: TrainFlags = TrainFlags(),
+    ev: EvalFlags = EvalFlags(),
+    policy: GateFlags = GateFlags(),
     device: DeviceOpt = "auto",
-    max_drop: float = typer.Option(2.0, "--max-drop", help="Gate: max significant drop on a retention task (points)."),
-    max_mean_drop: float = typer.Option(1.0, "--max-mean-drop", help="Gate: max significant drop of the retention mean (points)."),
-    alpha: float = typer.Option(0.05, "--alpha", help="Gate: significance level after Holm correction."),
-    min_domain_gain: Optional[float] = typer.Option(None, "--min-domain-gain", help="Gate: required domain gain (points)."),
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json wins)."),
+    verbose: VerboseOpt = False,
 ) -> None:
-    """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> report -> gate (exit 0/1)."""
+    """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> gate -> report (exit 0/1)."""
     from forgetcheck import config as C
     from forgetcheck import pipeline
 
-    train_cfg, eval_cfg = C.apply_preset(
-        preset,
-        _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
-                     seed, include_prompt_loss, save_every, force),
-        dict(suites=C.split_csv(suite), tasks=C.split_csv(tasks), limit=limit, backend=backend),
-    )
+    train_cfg, eval_cfg = C.apply_preset(preset, flags.overrides(), ev.overrides())
     cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out), run_id=run_id,
-                      device=device, train=train_cfg, eval=eval_cfg,
-                      gate=C.GateConfig(max_drop=max_drop, max_mean_drop=max_mean_drop, alpha=alpha,
-                                        min_domain_gain=min_domain_gain))
-    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume))
+                      device=device, train=train_cfg, eval=eval_cfg, gate=C.GateConfig(**dataclasses.asdict(policy)))
+    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume, verbose=verbose))
 
 
 def main() -> None:

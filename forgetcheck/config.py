@@ -196,18 +196,24 @@ def validate_gate(g: GateConfig) -> list[str]:
     return problems
 
 
+def validate_arms(arms: tuple[str, ...]) -> list[str]:
+    """The one home of the arm rules: at least one, each known, none twice."""
+    problems = [] if arms else ["--arms is empty: give at least one of sft,cpt"]
+    problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(ARMS)}" for a in arms if a not in ARMS]
+    if len(set(arms)) != len(arms):
+        problems.append(f"--arms lists an arm twice: {','.join(arms)}")
+    return problems
+
+
+def validate_device(device: str) -> list[str]:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        return [f"unknown --device '{device}': use auto, cpu or cuda[:N]"]
+    return []
+
+
 def validate(cfg: RunConfig) -> list[str]:
-    problems = []
-    if not cfg.arms:
-        problems.append("--arms is empty: give at least one of sft,cpt")
-    for a in cfg.arms:
-        if a not in ARMS:
-            problems.append(f"unknown arm '{a}' in --arms: choose from {', '.join(ARMS)}")
-    if len(set(cfg.arms)) != len(cfg.arms):
-        problems.append(f"--arms lists an arm twice: {','.join(cfg.arms)}")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        problems.append(f"unknown --device '{cfg.device}': use auto, cpu or cuda[:N]")
-    return problems + validate_train(cfg.train) + validate_eval(cfg.eval) + validate_gate(cfg.gate)
+    return (validate_arms(cfg.arms) + validate_device(cfg.device) + validate_train(cfg.train)
+            + validate_eval(cfg.eval) + validate_gate(cfg.gate))
 
 
 def check(problems: list[str]) -> None:
@@ -221,6 +227,14 @@ def check(problems: list[str]) -> None:
 def to_dict(cfg) -> dict:
     """Plain JSON-able dict of a config dataclass (tuples become lists)."""
     return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> RunConfig:
+    """The RunConfig that `to_dict` turned into `d` (config.json minus its schema_version, kind and resolved)."""
+    d = {k: v for k, v in d.items() if k not in ("schema_version", "kind", "resolved")}
+    train, ev, gate = TrainConfig(**d.pop("train")), dict(d.pop("eval")), GateConfig(**d.pop("gate"))
+    ev["suites"], ev["tasks"] = tuple(ev["suites"]), tuple(ev["tasks"])
+    return RunConfig(**{**d, "arms": tuple(d["arms"])}, train=train, eval=EvalConfig(**ev), gate=gate)
 
 
 def split_csv(value: str | None) -> tuple[str, ...]:

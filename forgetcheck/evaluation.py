@@ -24,13 +24,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from forgetcheck import console
 from forgetcheck.config import EvalConfig, check, forgetcheck_home, to_dict, validate_eval
 from forgetcheck.drift import DRIFT_TOP_K, load_reference, measure_drift
 from forgetcheck.models import ModelRef, content_hash
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, package_versions, read_json, read_jsonl
-from forgetcheck.schema import SCHEMA_VERSION
+from forgetcheck.schema import EvalFile, write_eval
 from forgetcheck.suites import TaskSpec, resolve_tasks, select_items
 
 BOOTSTRAP_ITERS = 1000  # acc stderr is closed-form; this only matters for bootstrapped metrics
@@ -111,8 +111,8 @@ class _Model:
 
             t0 = time.perf_counter()
             self._model, self._tok = models.load(self.ref, device=self.device, dtype=self.dtype)
-            print(f"loaded {self.ref.name} on {self.device} ({self.dtype}) in {time.perf_counter() - t0:.1f} s",
-                  flush=True)
+            console.detail(f"loaded {self.ref.name} on {self.device} ({self.dtype}) in "
+                           f"{time.perf_counter() - t0:.1f} s")
         return self._model, self._tok
 
     @property
@@ -136,7 +136,7 @@ def lm_class(backend: str):
         try:
             from forgetcheck.fast_lm import FastLM
         except ImportError as e:
-            print(f"note: --backend fast unavailable ({e}); using lm-eval's HFLM", flush=True)
+            console.say(f"note: --backend fast unavailable ({e}); using lm-eval's HFLM")
             return HFLM, "hf"
         return FastLM, "fast"
     return HFLM, "hf"
@@ -258,7 +258,7 @@ def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, di
     out_rows = []
     for p, result, rows in done:
         # a joint pass interleaves its tasks' requests, so the time and rate are the pass's, not the task's own
-        print(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){joint}", flush=True)
+        console.detail(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){joint}")
         out_rows.append((p, result, rows, {"cached": False, "wall_s": round(wall, 3), "items": len(rows),
                                            "items_per_s": round(rate, 3), "joint_tasks": len(group),
                                            "joint_items": total}))
@@ -281,6 +281,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         specs = resolve_tasks(cfg, tasks_dir)
         ref_data = load_reference(reference) if reference is not None else None
         mhash = hashing.result()
+    console.set_total(len(specs) + 1)  # every task, then drift
     versions = _versions()
     runner = _Model(model_ref, device, dtype, cfg)
     samples_dir = out_file.parent / "samples" / label
@@ -298,11 +299,12 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         if hit is not None:
             result, rows = hit
             backends.add(result.pop("backend_used"))
-            print(f"  {spec.name}: cache hit, {len(rows)} items ({cache_dir() / key})", flush=True)
+            console.detail(f"  {spec.name}: cache hit, {len(rows)} items ({cache_dir() / key})")
+            console.advance()
             timings[spec.name] = {"cached": True, "wall_s": round(time.perf_counter() - t0, 3), "items": len(rows)}
             done[spec.name] = (result, rows)
         else:
-            print(f"  {spec.name}: {n_items} items ({spec.kind}) ...", flush=True)
+            console.detail(f"  {spec.name}: {n_items} items ({spec.kind}) ...")
             missed.append(_Pending(spec, key, indices, n_items))
     for group in _joint_groups(missed):
         for p, result, rows, timing in _run_group(runner, group):
@@ -310,6 +312,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
             backends.add(runner.backend_used)
             timings[p.spec.name] = timing
             done[p.spec.name] = (result, rows)
+            console.advance()
     tasks: dict[str, dict] = {}
     for spec in specs:  # in the resolved order, whether cached or scored
         result, rows = done[spec.name]
@@ -319,11 +322,12 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
 
     drift, drift_timing = measure_drift(runner.load, _entry(versions), out_file, label, mhash, specs, ref_data,
                                         device, dtype, tasks_dir)
-    doc: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "eval",
-        "model": {"name": model_ref.name, "path": model_ref.path, "kind": model_ref.kind,
-                  "content_hash": mhash, "random_weights": model_ref.random_weights},
+    console.advance()
+    n_items = sum(t["n"] for t in tasks.values())
+    console.note(f"{len(tasks)} tasks, {n_items:,} items ({sum(bool(t['cached']) for t in timings.values())} "
+                 f"from the cache)" + (f"; KL from base {drift['kl']['mean']:.4f} nats/token" if "kl" in drift else ""))
+    doc: EvalFile = {
+        "model": {**model_ref.to_dict(), "content_hash": mhash},
         "config": to_dict(cfg),
         "limit": cfg.limit,
         "backend": cfg.backend,
@@ -336,39 +340,33 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         "drift": drift,
         "timings": {"tasks": timings, "drift": drift_timing},
     }
-    atomic_write_json(out_file, doc)
-    return doc
+    return dict(write_eval(out_file, doc))
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------
 
-def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", reference: Path | None = None,
-             tasks_dir: Path | None = None) -> dict:
-    """`forgetcheck eval`: resolve, print the resolved config, evaluate, print a summary table."""
-    import logging
-
-    from forgetcheck import models
-    from forgetcheck.device import choose_device
-
-    check(validate_eval(cfg))
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    ref = models.resolve(model)
-    dev = choose_device(device)
-    print(f"eval {ref.name} ({ref.path}{', RANDOM WEIGHTS' if ref.random_weights else ''}); {dev.describe()}; "
-          f"suites {','.join(cfg.suites)}; tasks {','.join(cfg.tasks) or 'all of the suites'}; "
-          f"limit {cfg.limit if cfg.limit is not None else 'all items'}; backend {cfg.backend}; "
-          f"batch size {cfg.batch_size}", flush=True)
-    doc = evaluate(ref, cfg, Path(out), device=dev.device, reference=reference, tasks_dir=tasks_dir)
-    print(f"\n{'task':<28} {'suite':<10} {'n':>5} {'metric':<16} {'value':>10} {'stderr':>8}")
-    for name, t in doc["tasks"].items():
-        m = t["metrics"].get(t["primary_metric"], {})
-        se = m.get("stderr")
-        print(f"{name:<28} {t['suite']:<10} {t['n']:>5} {t['primary_metric']:<16} {m.get('value', float('nan')):>10.4f} "
-              f"{'' if se is None else f'{se:.4f}':>8}")
-    dr = doc["drift"]
-    line = f"\ndrift text: {dr['text']['source']}; perplexity {dr['perplexity']:.3f}"
-    if "kl" in dr:
-        line += f"; KL(reference || model) {dr['kl']['mean']:.5f} nats/token (top-{DRIFT_TOP_K} + tail, lower bound)"
-    print(line)
-    print(f"wrote {out}")
+def cmd_eval(inp, *, verbose: bool = False) -> dict:
+    """`forgetcheck eval`: evaluate `inp.model` into `inp.eval_out` (log beside it), print a summary table."""
+    out, cfg = inp.eval_out, inp.cfg.eval
+    log = out.parent / f"{out.stem}.log.txt"
+    with console.session(log, verbose=verbose):
+        console.say(f"eval {inp.model.name} ({inp.model.path}{', RANDOM WEIGHTS' if inp.model.random_weights else ''}); "
+                    f"{inp.device.describe()}; suites {','.join(cfg.suites)}; tasks {','.join(cfg.tasks) or 'all of the suites'}; "
+                    f"limit {cfg.limit if cfg.limit is not None else 'all items'}; backend {cfg.backend}; log: {log}")
+        with console.stage(f"evaluate {inp.model.name}"):
+            doc = evaluate(inp.model, cfg, out, device=inp.device.device, reference=inp.reference, label=out.stem,
+                           tasks_dir=inp.tasks_dir)
+        console.say(f"{'task':<28} {'suite':<10} {'n':>5} {'metric':<16} {'value':>10} {'stderr':>8}")
+        for name, t in doc["tasks"].items():
+            m = t["metrics"].get(t["primary_metric"], {})
+            se = m.get("stderr")
+            console.say(f"{name:<28} {t['suite']:<10} {t['n']:>5} {t['primary_metric']:<16} "
+                        f"{m.get('value', float('nan')):>10.4f} {'' if se is None else f'{se:.4f}':>8}")
+        dr = doc["drift"]
+        line = f"drift text: {dr['text']['source']}; perplexity {dr['perplexity']:.3f}"
+        if "kl" in dr:
+            line += (f"; KL(reference || model) {dr['kl']['mean']:.5f} nats/token (top-{DRIFT_TOP_K} + tail, "
+                     f"lower bound)")
+        console.say(line)
+        console.say(f"wrote {out}")
     return doc

@@ -1,166 +1,113 @@
-"""`forgetcheck run`: the main job, one stage after another into runs/<id>/ (DESIGN.md data flow).
+"""`forgetcheck run`: the main job, one stage after another into runs/<id>/ (docs/design.md, "Data flow").
 
-config -> model + data -> eval(base) -> train(each arm) -> eval(each arm, from its saved checkpoint)
-       -> compare -> report -> gate
+inputs (inputs.py, once) -> eval(base) -> train(each arm) -> eval(each arm, from its saved checkpoint)
+       -> compare -> gate -> report
 
-Every stage writes its own files into the run directory and is skipped when its result is already there, so
-`--resume runs/<id>` continues an interrupted run from the last finished stage (training itself resumes from
-its last resumable checkpoint). The base evaluation is also cached across runs (evaluation's cache).
+Every stage receives the same frozen `Inputs`, writes its own files into the run folder and is skipped when
+its result is already there, so `--resume runs/<id>` continues an interrupted run from the last finished stage
+(training itself resumes from its last resumable checkpoint). The base evaluation is also cached across runs
+(evaluation's cache). The console shows one line per stage; everything else goes to runs/<id>/log.txt.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from forgetcheck import config as C
-from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, StageTimer, atomic_write_json, read_json, update_manifest
+from forgetcheck import console
+from forgetcheck.inputs import Inputs, resolve_run
+from forgetcheck.rundir import RunDir
+from forgetcheck.schema import StageTimer, update_manifest, write_config
 
 
-def _print(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def config_from_dict(d: dict) -> C.RunConfig:
-    """Rebuild a RunConfig from config.json (for --resume)."""
-    d = dict(d)
-    d.pop("schema_version", None)
-    d.pop("resolved", None)
-    train = C.TrainConfig(**d.pop("train"))
-    ev = d.pop("eval")
-    ev["suites"] = tuple(ev["suites"])
-    ev["tasks"] = tuple(ev["tasks"])
-    gate = C.GateConfig(**d.pop("gate"))
-    d["arms"] = tuple(d["arms"])
-    return C.RunConfig(**d, train=train, eval=C.EvalConfig(**ev), gate=gate)
-
-
-def prepare(cfg: C.RunConfig, resume: Path | None = None):
-    """Validate everything and resolve model, data and device before any heavy work.
-
-    Returns (cfg, run, model_ref, domain, device_choice). Every problem found is reported at once.
-    """
-    from forgetcheck import data, models
-    from forgetcheck.device import choose_device
-
-    if resume is not None:
-        run = RunDir(resume)
-        if not run.config.exists():
-            raise BadInput(f"--resume {resume}: no config.json there; give a folder made by `forgetcheck run` "
-                           f"(runs/<id>)")
-        cfg = config_from_dict(read_json(run.config))
-    problems = C.validate(cfg)
-    model_ref = domain = None
-    try:
-        model_ref = models.resolve(cfg.base, prepare=False)
-    except BadInput as e:
-        problems.append(str(e))
-    try:
-        domain = data.load_domain(cfg.data, prepare=False)
-    except BadInput as e:
-        problems.append(str(e))
-    if domain is not None:
-        for arm in cfg.arms:
-            if arm in C.ARMS and getattr(domain, arm) is None:
-                problems.append(f"--data {cfg.data} has no {arm}.jsonl, so arm '{arm}' cannot train: "
-                                f"add it or drop the arm with --arms")
-    C.check(problems)
-    # Now the (possibly slow, one-off) preparation of cached folders: GGUF conversion, data building.
-    from forgetcheck import benchdata
-
-    model_ref = models.resolve(cfg.base, prepare=True)
-    domain = data.load_domain(cfg.data, prepare=True)
-    benchdata.prepare_bench()  # instant once built; the first time reads the bigbench sdist (~20 s)
-    device = choose_device(cfg.device)
-    if resume is None and not domain.packaged and "domain" in cfg.eval.suites and not cfg.eval.tasks:
-        # The packaged domain suite measures `med`; a user's own data has no domain benchmark of its own yet.
-        _print(f"note: the 'domain' suite measures the packaged med data, not {cfg.data}: running retention only "
-               f"(learning is not measured; pick domain tasks with --tasks to measure it)")
-        suites = tuple(s for s in cfg.eval.suites if s != "domain") or ("retention",)
-        cfg = replace(cfg, eval=replace(cfg.eval, suites=suites))
-    if resume is None:
-        run = RunDir.new(cfg.out_dir, cfg.base, cfg.data, cfg.run_id)
-        if run.exists():
-            raise BadInput(f"{run.root} already holds a run: continue it with --resume {run.root} "
-                           f"or pick another --run-id")
-        cfg = replace(cfg, run_id=run.run_id)
-    return cfg, run, model_ref, domain, device
-
-
-def write_config(cfg: C.RunConfig, run: RunDir, model_ref, domain, device) -> None:
-    from forgetcheck.schema import SCHEMA_VERSION
-
+def record_inputs(inp: Inputs) -> None:
+    """config.json (the request and what it resolved to) and the manifest's first fields; once per run."""
+    run = inp.run
     if run.config.exists():
         return
     resolved = {
-        "model": model_ref.to_dict(),
-        "data": {"name": domain.name, "root": str(domain.root), "packaged": domain.packaged},
-        "device": device.device,
-        "device_reason": device.reason,
+        "model": inp.model.to_dict(),
+        "data": {"name": inp.data.name, "root": str(inp.data.root), "packaged": inp.data.packaged},
+        "device": inp.device.device,
+        "device_reason": inp.device.reason,
     }
-    atomic_write_json(run.config, {"schema_version": SCHEMA_VERSION, **C.to_dict(cfg), "resolved": resolved})
-    update_manifest(run, run_id=run.run_id, device=device.device, seed=cfg.train.seed,
-                    model=model_ref.to_dict(), random_weights=model_ref.random_weights)
+    write_config(run.config, inp.cfg, resolved)
+    update_manifest(run, run_id=run.run_id, device=inp.device.device, seed=inp.cfg.train.seed,
+                    model=inp.model.to_dict())
 
 
-def run_pipeline(cfg: C.RunConfig, resume: Path | None = None) -> int:
-    """Run (or resume) every stage; return the gate's exit code (0 pass, 1 fail)."""
-    cfg, run, model_ref, domain, device = prepare(cfg, resume)
-    write_config(cfg, run, model_ref, domain, device)
-    _print(f"forgetcheck run {run.root}  ({'resumed' if resume else 'new'})")
-    _print(f"  {device.describe()}")
-    _print("  config: " + json.dumps(C.to_dict(cfg), separators=(",", ":")))
-    if model_ref.random_weights:
-        _print(f"  NOTE: --base {cfg.base} has RANDOM WEIGHTS: results are plumbing checks, not model quality")
-    t0 = time.perf_counter()
+def run_pipeline(cfg: C.RunConfig, resume: Path | None = None, *, verbose: bool = False,
+                 tasks_dir: Path | None = None) -> int:
+    """Run (or resume) every stage; return the gate's exit code (0 pass, 1 fail, 4 inconclusive)."""
+    inp = resolve_run(cfg, resume, tasks_dir=tasks_dir)
+    record_inputs(inp)
+    with console.session(inp.run.root / "log.txt", verbose=verbose):
+        return _stages(inp)
 
+
+def _stages(inp: Inputs) -> int:
     from forgetcheck import evaluation, models, train
 
-    # 1. base evaluation (also cached across runs by model content hash)
-    if not run.eval_json("base").exists():
-        with StageTimer(run, "eval_base"):
-            _print("[1/4] evaluating the base model")
-            evaluation.evaluate(model_ref, cfg.eval, run.eval_json("base"), device=device.device, label="base")
+    cfg, run = inp.cfg, inp.run
+    console.say(f"forgetcheck run {run.root} ({'resumed' if inp.resumed else 'new'}); {inp.device.describe()}; "
+                f"log: {run.root / 'log.txt'}")
+    console.detail("config: " + json.dumps(C.to_dict(cfg), separators=(",", ":")))
+    if inp.model.random_weights:
+        console.say(f"NOTE: --base {cfg.base} has RANDOM WEIGHTS: results are plumbing checks, not model quality")
+    if not inp.data.packaged and "domain" not in cfg.eval.suites and not cfg.eval.tasks:
+        console.say(f"note: the 'domain' suite measures the packaged med data, not {cfg.data}: retention only "
+                    f"(pick domain tasks with --tasks to measure learning)")
+    t0 = time.perf_counter()
+    n = 2 + 2 * len(cfg.arms)
+    step = iter(range(1, n + 1))
+
+    # base evaluation (also cached across runs by model content hash)
+    title = f"[{next(step)}/{n}] evaluate base"
+    if run.eval_json("base").exists():
+        console.say(f"{title}: present, reused")
     else:
-        _print("[1/4] base evaluation present: reused")
+        with StageTimer(run, "eval_base"), console.stage(title):
+            evaluation.evaluate(inp.model, cfg.eval, run.eval_json("base"), device=inp.device.device, label="base",
+                                tasks_dir=inp.tasks_dir)
 
-    # 2. train each arm on the same budget
+    # train each arm on the same budget
     for arm in cfg.arms:
+        title = f"[{next(step)}/{n}] train {arm}"
         if run.train_json(arm).exists() and run.ckpt(arm).exists():
-            _print(f"[2/4] arm {arm}: training present: reused")
+            console.say(f"{title}: present, reused")
             continue
-        with StageTimer(run, f"train_{arm}"):
-            _print(f"[2/4] training arm {arm}")
-            train.train_arm(arm, model_ref, domain, cfg.train, run, device=device.device)
+        with StageTimer(run, f"train_{arm}"), console.stage(title):
+            train.train_arm(arm, inp)
 
-    # 3. evaluate each arm from its saved checkpoint (what is reported is what ships)
+    # evaluate each arm from its saved checkpoint (what is reported is what ships)
     for arm in cfg.arms:
+        title = f"[{next(step)}/{n}] evaluate {arm} (from {run.ckpt(arm)})"
         if run.eval_json(arm).exists():
-            _print(f"[3/4] arm {arm}: evaluation present: reused")
+            console.say(f"{title}: present, reused")
             continue
-        with StageTimer(run, f"eval_{arm}"):
-            _print(f"[3/4] evaluating arm {arm} from {run.ckpt(arm)}")
-            arm_ref = models.resolve(str(run.ckpt(arm)))
-            evaluation.evaluate(arm_ref, cfg.eval, run.eval_json(arm), device=device.device,
-                                reference=run.eval_json("base"), label=arm)
+        with StageTimer(run, f"eval_{arm}"), console.stage(title):
+            evaluation.evaluate(models.resolve(str(run.ckpt(arm))), cfg.eval, run.eval_json(arm),
+                                device=inp.device.device, reference=run.eval_json("base"), label=arm,
+                                tasks_dir=inp.tasks_dir)
 
-    # 4. compare, report, gate (pure JSON)
-    return finish(run, cfg.gate, started=t0)
+    return finish(run, cfg.gate, started=t0, title=f"[{next(step)}/{n}] compare, gate, report")
 
 
-def finish(run: RunDir, gate_cfg: C.GateConfig, started: float | None = None) -> int:
+def finish(run: RunDir, gate_cfg: C.GateConfig, started: float | None = None,
+           title: str = "compare, gate, report") -> int:
+    """compare -> gate -> report (pure JSON); the gate's exit code."""
     from forgetcheck import compare, gate, report
 
-    _print("[4/4] comparing, reporting, gating")
-    with StageTimer(run, "compare"):
-        compare.compare_run(run, alpha=gate_cfg.alpha)
-    gate_dict, code = gate.gate_run(run.root, policy=gate_cfg)
-    report_path = report.write_report(run)
-    if started is not None:
-        update_manifest(run, timings={"run_total": round(time.perf_counter() - started, 3)})
-    _print(f"report: {report_path}")
-    _print(f"gate:   {run.gate}  -> {'PASS' if code == 0 else 'FAIL'}")
+    with console.stage(title):
+        with StageTimer(run, "compare"):
+            compare.compare_run(run, alpha=gate_cfg.alpha)
+        gate_dict, code = gate.gate_run(run.root, policy=gate_cfg)
+        report_path = report.write_report(run)
+        if started is not None:
+            update_manifest(run, timings={"run_total": round(time.perf_counter() - started, 3)})
+        console.note(f"verdict {str(gate_dict.get('verdict', '')).upper()}")
+    console.say(f"report: {report_path}")
+    console.say(f"gate:   {run.gate}  -> {str(gate_dict.get('verdict', 'pass' if code == 0 else 'fail')).upper()}")
     return code

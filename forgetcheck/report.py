@@ -314,9 +314,7 @@ def render(view: dict) -> str:
 def write_report(run: RunDir | Path | str) -> Path:
     """Render `report.html` for a run directory from its compare.json and gate.json. Returns its path.
     A missing input is a BadInput naming the command that writes it; nothing is computed or written here."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
-    if not run.root.is_dir():
-        raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by `forgetcheck run`")
+    run = RunDir.existing(run)
     for path, cmd in ((run.compare, "compare"), (run.gate, "gate")):
         if not path.is_file():
             raise BadInput(f"{path} is missing: run `forgetcheck {cmd} {run.root}` first, then `forgetcheck "

@@ -13,8 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -111,6 +110,15 @@ class RunDir:
             run_id = f"{stamp}-{slug(Path(base).name)}-{slug(Path(data).name)}"
         return cls(Path(out_dir) / run_id)
 
+    @classmethod
+    def existing(cls, root: RunDir | Path | str) -> RunDir:
+        """The run folder at `root`, which must exist (the one home of "run folder not found")."""
+        run = root if isinstance(root, RunDir) else cls(root)
+        if not run.root.is_dir():
+            raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by "
+                           f"`forgetcheck run`")
+        return run
+
     @property
     def run_id(self) -> str:
         return self.root.name
@@ -176,42 +184,3 @@ def git_hash(cwd: Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout.strip() or None if r.returncode == 0 else None
-
-
-def update_manifest(run: RunDir, **fields: Any) -> dict:
-    """Merge `fields` into manifest.json (creating it with versions and git hash), atomically."""
-    from forgetcheck.schema import SCHEMA_VERSION
-
-    if run.manifest.exists():
-        man = read_json(run.manifest)
-    else:
-        man = {
-            "schema_version": SCHEMA_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": package_versions(),
-            "git": git_hash(),
-            "timings": {},
-        }
-    for k, v in fields.items():
-        if k == "timings":
-            man.setdefault("timings", {}).update(v)
-        else:
-            man[k] = v
-    atomic_write_json(run.manifest, man)
-    return man
-
-
-class StageTimer:
-    """`with StageTimer(run, "train_sft"):` records the stage's wall time in manifest.json."""
-
-    def __init__(self, run: RunDir, stage: str):
-        self.run, self.stage = run, stage
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            update_manifest(self.run, timings={self.stage: round(time.perf_counter() - self.t0, 3)})
-        return False

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from forgetcheck import config as C
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, read_json
-from forgetcheck.schema import SCHEMA_VERSION
+from forgetcheck.rundir import RunDir
+from forgetcheck.schema import read_train, write_train
 
 IGNORE = -100
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -196,13 +196,12 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<arm>.json and
     returns the record. `on_step(step)` is called after every optimizer step (tests use it to interrupt)."""
     import torch
-    from tqdm.auto import tqdm
 
-    from forgetcheck import checkpoint, models, optim, plan, sharding
+    from forgetcheck import checkpoint, console, models, optim, plan, sharding
     from forgetcheck.device import choose_precision, peak_memory_bytes, reset_peak_memory
 
     main = rank == 0
-    say = print if main else (lambda *a, **k: None)
+    say = console.detail if main else (lambda *a, **k: None)
     steps = optimizer_steps(cfg)
     rows_per_step = cfg.micro_batch * cfg.grad_accum * cfg.nproc
 
@@ -260,8 +259,9 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         f"grad-accum {cfg.grad_accum}, nproc {cfg.nproc})")
     reset_peak_memory(device)
     measured_components = None
-    bar = tqdm(total=steps, initial=state["step"], desc=f"train {arm}", disable=not main, unit="step",
-               dynamic_ncols=True)
+    if main:
+        console.set_total(steps)
+        console.advance(state["step"])
     t0 = time.perf_counter()
     session_tokens = 0
     step_s: list[float] = []
@@ -307,13 +307,14 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         session_tokens += forward
         step_s.append(round(time.perf_counter() - t_step, 4))
         elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{session_tokens / max(elapsed, 1e-9):,.0f}")
-        bar.update(1)
+        if main:
+            console.advance()
+            if step % 10 == 0 or step + 1 == steps:
+                say(f"step {step + 1}/{steps}: loss {loss:.4f}, {session_tokens / max(elapsed, 1e-9):,.0f} tokens/s")
         if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < steps:
             checkpoint.save_resume(rdir, model, optimizer, scheduler, scaler, state, cfg, world=world, rank=rank)
         if on_step is not None:
             on_step(state["step"])
-    bar.close()
     wall = time.perf_counter() - t0
     peak, method = peak_memory_bytes(device)
 
@@ -322,8 +323,6 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     if not main:
         return None
     record = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "train",
         "arm": arm,
         "base": model_ref.name,
         "base_ref": model_ref.to_dict(),
@@ -349,98 +348,75 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         "config": C.to_dict(cfg),
         "checkpoint": str(ckpt),
     }
-    atomic_write_json(run.train_json(arm), record)
+    record = dict(write_train(run.train_json(arm), record))
     shutil.rmtree(rdir, ignore_errors=True)
     say(f"{arm}: {state['step']} steps, {state['tokens']['forward']} tokens, final loss "
         f"{state['loss_curve'][-1][1] if state['loss_curve'] else float('nan'):.4f}, {wall:.1f} s; "
         f"checkpoint {ckpt}")
+    console.note(f"{state['step']} steps, final loss {record['loss_curve'][-1][1] if record['loss_curve'] else float('nan'):.4f}, "
+                 f"{record['tokens_per_s']} tokens/s; memory peak {(peak or 0) / 1e9:.2f} GB, planned "
+                 f"{mem_plan['per_device_total'] / 1e9:.2f} GB (weights+grads+optim "
+                 f"{mem_plan['states_bytes'] / 1e9:.2f} GB)")
     return record
-
-
-def _data_path(arm: str, domain) -> Path:
-    path = getattr(domain, arm, None)
-    if path is None:
-        raise BadInput(f"domain '{domain.name}' has no {arm}.jsonl, so arm '{arm}' cannot train: add the file "
-                       f"or drop the arm with --arms")
-    return Path(path)
 
 
 def validate(arm: str, cfg: C.TrainConfig, device: str) -> None:
     """Every problem with this training request, raised at once before anything heavy starts."""
     from forgetcheck import optim
 
-    problems = [] if arm in C.ARMS else [f"unknown arm '{arm}': choose from {', '.join(C.ARMS)}"]
-    C.check(problems + C.validate_train(cfg) + optim.check_combination(cfg, device))
+    C.check(C.validate_arms((arm,)) + C.validate_train(cfg) + optim.check_combination(cfg, device))
 
 
 def reusable(run: RunDir, arm: str, cfg: C.TrainConfig) -> dict | None:
     """The existing record when train/<arm>.json and its checkpoint are there for this same config."""
     if not (run.train_json(arm).exists() and (run.ckpt(arm) / "config.json").exists()):
         return None
-    record = read_json(run.train_json(arm))
+    record = read_train(run.train_json(arm))
     if json.loads(json.dumps(record.get("config"))) != json.loads(json.dumps(C.to_dict(cfg))):
         return None
-    return record
+    return dict(record)
 
 
-def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
-              on_step: Callable[[int], None] | None = None) -> dict:
-    """Train `arm` of `run` on `domain` from `model_ref`; writes run.train_json(arm) and run.ckpt(arm) and
-    returns the record. Reuses a finished arm; resumes an interrupted one from run.ckpt(arm)/../<arm>.resume/.
-    With cfg.nproc > 1 the loop runs under torchrun (FSDP2)."""
+def train_arm(arm: str, inp, *, on_step: Callable[[int], None] | None = None) -> dict:
+    """Train `arm` of the run in `inp` (inputs.Inputs: model, data, device, run, cfg.train); writes
+    run.train_json(arm) and run.ckpt(arm) and returns the record. Reuses a finished arm; resumes an interrupted
+    one from its resumable state (checkpoint.resume_dir). With nproc > 1 the loop runs under torchrun (FSDP2)."""
+    from forgetcheck import console, data
+
+    cfg, run, device = inp.cfg.train, inp.run, inp.device.device
     validate(arm, cfg, device)
     record = reusable(run, arm, cfg)
     if record is not None:
-        print(f"{arm}: already trained ({run.train_json(arm)}): reused")
+        console.note(f"already trained ({run.train_json(arm)}): reused")
         return record
-    data_path = _data_path(arm, domain)
+    C.check(data.arm_problems(inp.data, (arm,)))
+    data_path = Path(getattr(inp.data, arm))
     if cfg.nproc > 1:
         from forgetcheck import sharding
 
-        sharding.launch(arm, model_ref, data_path, cfg, run, device)
-        return read_json(run.train_json(arm))
-    return train_loop(arm, model_ref, data_path, cfg, run, device=device, on_step=on_step)
+        sharding.launch(arm, inp.model, data_path, cfg, run, device)
+        return dict(read_train(run.train_json(arm)))
+    return train_loop(arm, inp.model, data_path, cfg, run, device=device, on_step=on_step)
 
 
+def cmd_train(inp, *, verbose: bool = False) -> list[dict]:
+    """`forgetcheck train`: train each arm of `inp` into its run folder (reusing finished ones)."""
+    from forgetcheck import console
 
-def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, run: RunDir, device: str = "auto") -> list[dict]:
-    """`forgetcheck train`: validate every arm at once, then train each into `run` (reusing finished ones)."""
-    from forgetcheck import data as D
-    from forgetcheck import models, optim
-    from forgetcheck.device import choose_device
-
-    problems = [] if arms else ["--arms is empty: give at least one of sft,cpt"]
-    problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(C.ARMS)}" for a in arms if a not in C.ARMS]
-    problems += C.validate_train(cfg)
-    model_ref = domain = None
-    try:
-        model_ref = models.resolve(base, prepare=False)
-    except BadInput as e:
-        problems.append(str(e))
-    try:
-        domain = D.load_domain(data, prepare=False)
-    except BadInput as e:
-        problems.append(str(e))
-    if domain is not None:
-        problems += [f"--data {data} has no {a}.jsonl, so arm '{a}' cannot train: add it or drop the arm with --arms"
-                     for a in arms if a in C.ARMS and getattr(domain, a) is None]
-    dev = choose_device(device)
-    problems += optim.check_combination(cfg, dev.device)
-    C.check(problems)
-    model_ref = models.resolve(base, prepare=True)
-    domain = D.load_domain(data, prepare=True)
-    print(dev.describe())
-    print("train config: " + json.dumps(C.to_dict(cfg), separators=(",", ":")))
-    if model_ref.random_weights:
-        print(f"NOTE: --base {base} has RANDOM WEIGHTS: plumbing only")
-    records = []
-    for arm in arms:
-        records.append(train_arm(arm, model_ref, domain, cfg, run, device=dev.device))
-    for r in records:
-        print(f"{r['arm']}: {r['optimizer_steps']} steps, tokens forward {r['tokens_seen']['forward']} "
-              f"(label {r['tokens_seen']['label']}, padding {r['tokens_seen']['padding']}), "
-              f"{r['tokens_per_s']} tokens/s, peak {r['memory']['measured_peak_bytes'] / 1e9:.2f} GB "
-              f"(planned {r['memory']['planned']['total'] / 1e9:.2f} GB) -> {r['checkpoint']}")
+    with console.session(inp.run.root / "log.txt", verbose=verbose):
+        console.say(f"forgetcheck train into {inp.run.root}; {inp.device.describe()}; log: {inp.run.root / 'log.txt'}")
+        console.detail("train config: " + json.dumps(C.to_dict(inp.cfg.train), separators=(",", ":")))
+        if inp.model.random_weights:
+            console.say(f"NOTE: --base {inp.cfg.base} has RANDOM WEIGHTS: plumbing only")
+        records = []
+        for i, arm in enumerate(inp.cfg.arms, start=1):
+            with console.stage(f"[{i}/{len(inp.cfg.arms)}] train {arm}"):
+                records.append(train_arm(arm, inp))
+        for r in records:
+            console.say(f"{r['arm']}: {r['optimizer_steps']} steps, tokens forward {r['tokens_seen']['forward']} "
+                        f"(label {r['tokens_seen']['label']}, padding {r['tokens_seen']['padding']}), "
+                        f"{r['tokens_per_s']} tokens/s, peak {(r['memory']['measured_peak_bytes'] or 0) / 1e9:.2f} GB "
+                        f"(planned {r['memory']['planned']['total'] / 1e9:.2f} GB) -> {r['checkpoint']}")
     return records
 
 
