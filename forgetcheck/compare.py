@@ -227,6 +227,9 @@ def _example(b: dict, a: dict) -> dict:
     text = _item_text(b) or _item_text(a)
     if text is not None:
         ex["text"] = text
+    choices = b.get("choices") or a.get("choices")
+    if choices:  # every choice's text, for the report's flipped items
+        ex["choices"] = [str(c) for c in choices]
     return ex
 
 

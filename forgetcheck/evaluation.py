@@ -24,6 +24,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from forgetcheck import console
 from forgetcheck.config import EvalConfig, check, forgetcheck_home, to_dict, validate_eval
@@ -34,12 +35,33 @@ from forgetcheck.schema import EvalFile, write_eval
 from forgetcheck.suites import TaskSpec, resolve_tasks, select_items
 
 BOOTSTRAP_ITERS = 1000  # acc stderr is closed-form; this only matters for bootstrapped metrics
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: records hold every choice's text, WinoGrande's target is the gold index
 
 
 # ---- per-item records ------------------------------------------------------------------------------------
 
 PROMPT_CHARS = 600  # tail of each multiple-choice context kept in the per-item record (for flip examples)
+CHOICE_CHARS = 400  # of each choice (a WinoGrande choice is its whole filled-in sentence)
+
+
+def gold_index(task, doc: Any, choices: list[str]) -> int | None:
+    """The right choice's index, as lm-eval scores it: a task with one context per choice (WinoGrande)
+    names its answer with doc_to_text, the others with doc_to_target (an index or the choice's text)."""
+    gold = task.doc_to_text(doc) if getattr(task, "multiple_input", 0) else task.doc_to_target(doc)
+    if isinstance(gold, str):
+        gold = int(gold) if gold.strip().isdigit() else (choices.index(gold) if gold in choices else None)
+    return int(gold) if isinstance(gold, int) and 0 <= gold < len(choices) else None
+
+
+def item_text(args: list) -> tuple[str, list[str]]:
+    """(question, choices) of one item as the model saw it, from its requests' (context, continuation)
+    pairs. Most tasks share one context (the question) and differ in the continuation; a task with one
+    context per choice (WinoGrande) shares the continuation, so each choice is its whole filled-in sentence."""
+    contexts, conts = [str(a[0]) for a in args], [str(a[1]) for a in args]
+    if len(set(contexts)) > 1:
+        return "", [(c + x).strip()[-CHOICE_CHARS:] for c, x in zip(contexts, conts)]
+    return contexts[0][-PROMPT_CHARS:], [x[:CHOICE_CHARS] for x in conts]
+
 
 def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
     rows = []
@@ -48,15 +70,19 @@ def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
             lls = [float(r[0]) for r in s["filtered_resps"]]
             greedy = [bool(r[1]) for r in s["filtered_resps"]]
             metrics = {m: float(s[m]) for m in ("acc", "acc_norm") if m in s}
+            args = [a for a in (s.get("arguments") or []) if isinstance(a, (list, tuple)) and len(a) == 2]
+            prompt, choices = item_text(args) if args else ("", [])
             target = s["target"]
+            if not isinstance(target, int) and "doc" in s:  # WinoGrande logs the shared continuation
+                target = gold_index(spec.task, s["doc"], choices)
             correct = bool(metrics["acc"]) if "acc" in metrics else lls.index(max(lls)) == target
             row = {"doc_id": int(s["doc_id"]), "doc_hash": s["doc_hash"], "target": target,
                    "loglikelihoods": lls, "is_greedy": greedy, "correct": correct, "metrics": metrics}
-            args = s.get("arguments") or []
-            if args and isinstance(args[0], (list, tuple)) and len(args[0]) == 2:
-                # The item as the model saw it, for the report's flip examples (shared context, then choices).
-                row["prompt"] = str(args[0][0])[-PROMPT_CHARS:]
-                row["choices"] = [str(a[1])[:200] for a in args]
+            if args:  # the item as the model saw it, for the report's flipped items
+                row["prompt"], row["choices"] = prompt, choices
+            doc = s.get("doc")
+            if isinstance(doc, dict) and doc.get("cluster") is not None:
+                row["cluster"] = str(doc["cluster"])
             rows.append(row)
         else:
             ll = float(s["filtered_resps"][0])
