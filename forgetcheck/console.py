@@ -1,10 +1,11 @@
 """The console of a command: one line per stage (a progress bar with ETA while it runs), everything else in the
 log file (docs/design.md, "Console and log").
 
-Inside `session(log_file, verbose=False)` (what the CLI opens once the inputs are valid), file descriptors 1 and
-2 point at the log file, so the output of lm-eval, datasets, transformers, torchrun and their warnings lands
-there; forgetcheck's own lines go to the terminal through a duplicate of the original stdout. `--verbose`
-leaves the descriptors alone. Outside a session (library use, tests) every line is simply printed.
+Inside `session()` (what a command opens first), file descriptors 1 and 2 point at a holding file, and once
+the inputs are valid and the run folder exists, at its log (`log_to`), so the output of lm-eval, datasets,
+transformers, torchrun and their warnings lands there; forgetcheck's own lines go to the terminal through a
+duplicate of the original stdout. `--verbose` leaves the descriptors alone. Outside a session (library use,
+tests) every line is simply printed.
 
   * `say(msg)`: a line for the person at the terminal (and the log);
   * `detail(msg)`: a line for the log (and the terminal with --verbose or outside a session);
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
@@ -53,26 +55,35 @@ def detail(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def session(log_file: Path, *, verbose: bool = False):
-    """Route the process's output: forgetcheck's lines to the terminal, everything else to `log_file`."""
+def session(*, verbose: bool = False):
+    """Route the process's output for one command: forgetcheck's lines to the terminal, everything else to a
+    holding file until `log_to` names the log (what came before is copied there). A command that fails on bad
+    input leaves no log; a runtime failure shows the tail of what was held."""
     from rich.console import Console
 
     if _session:  # nested (a command calling another): the outer session already routes everything
         yield
         return
-    log_file = Path(log_file)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     term = os.fdopen(os.dup(saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")
-    log = open(log_file, "a", encoding="utf-8", buffering=1)
-    _session.update(console=Console(file=term, highlight=False), log=log, verbose=verbose)
+    held = tempfile.TemporaryFile("w+", encoding="utf-8")
+    _session.update(console=Console(file=term, highlight=False), log=held, verbose=verbose, saved=saved)
     if not verbose:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+        os.dup2(held.fileno(), 1)
+        os.dup2(held.fileno(), 2)
     try:
         yield
+    except BaseException as e:
+        log = _session.get("log")
+        if not verbose and log is held and type(e).__name__ not in ("BadInput", "Exit", "KeyboardInterrupt"):
+            held.flush()
+            held.seek(0)
+            tail = held.read()[-4000:]
+            if tail.strip():
+                os.write(saved[1], ("(output before the failure)\n" + tail + "\n").encode("utf-8", "replace"))
+        raise
     finally:
         if _session.get("progress") is not None:
             _session["progress"].stop()
@@ -82,9 +93,32 @@ def session(log_file: Path, *, verbose: bool = False):
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
+        log = _session.get("log")
         _session.clear()
         term.close()
-        log.close()
+        held.close()
+        if log is not held:
+            log.close()
+
+
+def log_to(path: Path) -> None:
+    """The command's log file is now known (its run folder exists): move what was held there, keep writing."""
+    held = _session.get("log")
+    if held is None or getattr(held, "name", None) == str(path):
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    held.flush()
+    held.seek(0)
+    log = open(path, "a", encoding="utf-8", buffering=1)
+    log.write(held.read())
+    log.flush()
+    _session["log"] = log
+    if not _session.get("verbose"):
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
 
 
 @contextlib.contextmanager
@@ -106,7 +140,8 @@ def stage(title: str):
     )
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("eta"), TimeRemainingColumn(), console=con, transient=True)
+                        TextColumn("eta"), TimeRemainingColumn(), console=con, transient=True,
+                        disable=not con.is_terminal)  # a pipe or file gets the closing line only
     _session.update(progress=progress, task=progress.add_task(title, total=None), note="")
     _log(f"== {title}")
     progress.start()

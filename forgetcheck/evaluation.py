@@ -375,7 +375,8 @@ def cmd_eval(inp, *, verbose: bool = False) -> dict:
     """`forgetcheck eval`: evaluate `inp.model` into `inp.eval_out` (log beside it), print a summary table."""
     out, cfg = inp.eval_out, inp.cfg.eval
     log = out.parent / f"{out.stem}.log.txt"
-    with console.session(log, verbose=verbose):
+    with console.session(verbose=verbose):
+        console.log_to(log)
         console.say(f"eval {inp.model.name} ({inp.model.path}{', RANDOM WEIGHTS' if inp.model.random_weights else ''}); "
                     f"{inp.device.describe()}; suites {','.join(cfg.suites)}; tasks {','.join(cfg.tasks) or 'all of the suites'}; "
                     f"limit {cfg.limit if cfg.limit is not None else 'all items'}; backend {cfg.backend}; log: {log}")

@@ -1,4 +1,4 @@
-"""A faster lm-eval backend: each distinct context is run once for all of its continuations (issue 6).
+"""A faster lm-eval backend: each distinct context is run once for all of its continuations.
 
 `FastLM` is lm-eval's own `HFLM` with one method replaced, `_loglikelihood_tokens`. Everything that decides
 *what* is scored stays HFLM's: tokenization (`_encode_pair`, which moves a context's trailing spaces onto the

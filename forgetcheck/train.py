@@ -403,7 +403,8 @@ def cmd_train(inp, *, verbose: bool = False) -> list[dict]:
     """`forgetcheck train`: train each arm of `inp` into its run folder (reusing finished ones)."""
     from forgetcheck import console
 
-    with console.session(inp.run.root / "log.txt", verbose=verbose):
+    with console.session(verbose=verbose):
+        console.log_to(inp.run.root / "log.txt")
         console.say(f"forgetcheck train into {inp.run.root}; {inp.device.describe()}; log: {inp.run.root / 'log.txt'}")
         console.detail("train config: " + json.dumps(C.to_dict(inp.cfg.train), separators=(",", ":")))
         if inp.model.random_weights:
