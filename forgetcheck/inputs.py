@@ -3,9 +3,9 @@ output, in one frozen `Inputs` value that every stage of the command receives (d
 
 Resolution happens in two passes so that bad input is reported before anything is built or written: first
 every problem is collected (flags, `--base`, `--data`, arms the data cannot train, device and technique
-combinations) and raised as one `BadInput`; only then are cached folders prepared (GGUF conversion, the
-`med` build, the benchmark data) and the run folder named. Each rule is checked in its own module (config,
-models, data, device, optim); this module only asks each of them once.
+combinations) and raised as one `BadInput`, the data files being read and checked once; only then are
+cached folders prepared (a model's GGUF conversion, the benchmark data) and the run folder named. Each rule
+is checked in its own module (config, models, data, device, optim); this module only asks each of them once.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ class Inputs:
     resumed: bool = False
 
 
-def _collect(cfg: C.RunConfig, *, need_data: bool) -> list[str]:
-    """Every problem with `cfg` and what it names, without building anything."""
+def _check(cfg: C.RunConfig, *, need_data: bool) -> tuple[ModelRef, DomainData | None]:
+    """Every problem with `cfg` and what it names, raised as one BadInput, without building anything; the
+    model reference and the (validated) domain data otherwise."""
     from forgetcheck import data, models, optim
 
     problems = C.validate(cfg) if need_data else C.validate_eval(cfg.eval) + C.validate_device(cfg.device)
@@ -48,7 +49,7 @@ def _collect(cfg: C.RunConfig, *, need_data: bool) -> list[str]:
         problems.append(str(e))
     if need_data:
         try:
-            domain = data.load_domain(cfg.data, prepare=False)
+            domain = data.load_domain(cfg.data)  # every line is read and checked here, once
         except BadInput as e:
             problems.append(str(e))
         if domain is not None:
@@ -58,8 +59,8 @@ def _collect(cfg: C.RunConfig, *, need_data: bool) -> list[str]:
                 problems += optim.check_combination(cfg.train, _device(cfg.device).device)
             except BadInput as e:
                 problems.append(str(e))
-    del model_ref
-    return problems
+    C.check(problems)
+    return model_ref, domain
 
 
 def _device(requested: str) -> DeviceChoice:
@@ -71,7 +72,7 @@ def _device(requested: str) -> DeviceChoice:
 def resolve_run(cfg: C.RunConfig, resume: Path | None = None, *, tasks_dir: Path | None = None) -> Inputs:
     """`forgetcheck run` (and `train` with a new run folder): validate, prepare, name the run folder.
     With `resume`, the run folder's config.json is the request (flags are ignored)."""
-    from forgetcheck import benchdata, data, models
+    from forgetcheck import benchdata, models
     from forgetcheck.schema import read_run_config
 
     run = None
@@ -81,9 +82,8 @@ def resolve_run(cfg: C.RunConfig, resume: Path | None = None, *, tasks_dir: Path
             raise BadInput(f"--resume {resume}: no config.json there; give a folder made by `forgetcheck run` "
                            f"(runs/<id>)")
         cfg = read_run_config(run.config)
-    C.check(_collect(cfg, need_data=True))
-    model_ref = models.resolve(cfg.base, prepare=True)
-    domain = data.load_domain(cfg.data, prepare=True)
+    _, domain = _check(cfg, need_data=True)
+    model_ref = models.resolve(cfg.base, prepare=True)  # builds a packaged model's folder the first time
     benchdata.prepare_bench()  # instant once built; the first time reads the bigbench sdist (~20 s)
     device = _device(cfg.device)
     if run is None:
@@ -101,11 +101,10 @@ def resolve_run(cfg: C.RunConfig, resume: Path | None = None, *, tasks_dir: Path
 
 def resolve_train(cfg: C.RunConfig, run: RunDir) -> Inputs:
     """`forgetcheck train`: like `run`, into a given (or new) run folder that may already hold other arms."""
-    from forgetcheck import data, models
+    from forgetcheck import models
 
-    C.check(_collect(cfg, need_data=True))
+    _, domain = _check(cfg, need_data=True)
     model_ref = models.resolve(cfg.base, prepare=True)
-    domain = data.load_domain(cfg.data, prepare=True)
     return Inputs(replace(cfg, run_id=run.run_id), model_ref, _device(cfg.device), domain, run)
 
 
@@ -115,11 +114,10 @@ def resolve_eval(model: str, ev: C.EvalConfig, out: Path, *, device: str = "auto
     from forgetcheck import models
 
     cfg = C.RunConfig(base=model, data="", arms=(), device=device, eval=ev)
-    problems = _collect(cfg, need_data=False)
     if reference is not None and not Path(reference).is_file():
-        problems.append(f"--reference {reference} not found: give the base model's eval JSON "
-                        f"(runs/<id>/eval/base.json)")
-    C.check(problems)
+        raise BadInput(f"--reference {reference} not found: give the base model's eval JSON "
+                       f"(runs/<id>/eval/base.json)")
+    _check(cfg, need_data=False)
     return Inputs(cfg, models.resolve(model, prepare=True), _device(device), eval_out=Path(out),
                   reference=reference, tasks_dir=tasks_dir)
 

@@ -130,6 +130,17 @@ def _typed(obj: Any, kind: str, path: Path) -> dict:
     return doc
 
 
+def _read(kind: str, path: Path) -> dict:
+    return _typed(read_json(path), kind, Path(path))
+
+
+def _write(kind: str, path: Path, doc: dict) -> dict:
+    """Write a `kind` file (schema_version and kind added, required keys checked); returns what was written."""
+    full = _typed({"schema_version": SCHEMA_VERSION, "kind": kind, **doc}, kind, Path(path))
+    atomic_write_json(path, full)
+    return full
+
+
 def read_run_config(path: Path) -> C.RunConfig:
     """config.json as the RunConfig it records (`read_config_doc` for the `resolved` block too)."""
     doc = read_config_doc(path)
@@ -140,38 +151,31 @@ def read_run_config(path: Path) -> C.RunConfig:
 
 
 def read_config_doc(path: Path) -> dict:
-    return _typed(read_json(path), "config", Path(path))
+    return _read("config", path)
 
 
 def write_config(path: Path, cfg: C.RunConfig, resolved: dict) -> None:
-    atomic_write_json(path, {"schema_version": SCHEMA_VERSION, "kind": "config", **C.to_dict(cfg),
-                             "resolved": resolved})
+    _write("config", path, {**C.to_dict(cfg), "resolved": resolved})
 
 
 def read_manifest(path: Path) -> ManifestFile:
-    return _typed(read_json(path), "manifest", Path(path))  # type: ignore[return-value]
+    return _read("manifest", path)  # type: ignore[return-value]
 
 
 def read_train(path: Path) -> TrainFile:
-    return _typed(read_json(path), "train", Path(path))  # type: ignore[return-value]
+    return _read("train", path)  # type: ignore[return-value]
 
 
 def write_train(path: Path, record: TrainFile) -> TrainFile:
-    """Write a train file (schema_version and kind added, required keys checked); returns what was written."""
-    full = _typed({"schema_version": SCHEMA_VERSION, "kind": "train", **record}, "train", Path(path))
-    atomic_write_json(path, full)
-    return full  # type: ignore[return-value]
+    return _write("train", path, record)  # type: ignore[return-value,arg-type]
 
 
 def read_eval(path: Path) -> EvalFile:
-    return _typed(read_json(path), "eval", Path(path))  # type: ignore[return-value]
+    return _read("eval", path)  # type: ignore[return-value]
 
 
 def write_eval(path: Path, doc: EvalFile) -> EvalFile:
-    """Write a eval file (schema_version and kind added, required keys checked); returns what was written."""
-    full = _typed({"schema_version": SCHEMA_VERSION, "kind": "eval", **doc}, "eval", Path(path))
-    atomic_write_json(path, full)
-    return full  # type: ignore[return-value]
+    return _write("eval", path, doc)  # type: ignore[return-value,arg-type]
 
 
 def update_manifest(run: RunDir, **fields: Any) -> dict:
