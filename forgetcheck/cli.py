@@ -315,31 +315,111 @@ def report(
     echo(f"wrote {path}")
 
 
+# Gate options: one definition, used by `gate` and `check` (a gate flag added here must reach both:
+# tests/test_check.py checks that `check` accepts every option of `gate`).
+MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Max points a retention task may drop "
+                                                     "(significant after Holm). Default 2.")]
+MaxMeanDropOpt = Annotated[Optional[float], typer.Option("--max-mean-drop", help="Max points the retention mean "
+                                                         "may drop (significant). Default 1.")]
+GateAlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="Significance level. Default 0.05.")]
+MinDomainGainOpt = Annotated[Optional[float], typer.Option("--min-domain-gain", help="Require the domain mean to "
+                                                           "rise by at least this many points.")]
+PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="gate.toml with the same keys (flags override it).")]
+JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML (one testcase per rule).")]
+MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown summary.")]
+
+
+def _gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain) -> dict:
+    """The gate flags as policy overrides (None: not given; the policy file or the run's config decides)."""
+    return {"max_drop": max_drop, "max_mean_drop": max_mean_drop, "alpha": alpha, "min_domain_gain": min_domain_gain}
+
+
 @app.command()
 def gate(
     target: Path = typer.Argument(..., help="Run directory (runs/<id>) or a compare.json."),
-    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Max points a retention task may drop "
-                                             "(significant after Holm). Default 2."),
-    max_mean_drop: Optional[float] = typer.Option(None, "--max-mean-drop", help="Max points the retention mean "
-                                                  "may drop (significant). Default 1."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="Significance level. Default 0.05."),
-    min_domain_gain: Optional[float] = typer.Option(None, "--min-domain-gain", help="Require the domain mean to "
-                                                    "rise by at least this many points."),
-    policy: Optional[Path] = typer.Option(None, "--policy", help="gate.toml with the same keys (flags override it)."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write JUnit XML (one testcase per rule)."),
-    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write a Markdown summary."),
+    max_drop: MaxDropOpt = None,
+    max_mean_drop: MaxMeanDropOpt = None,
+    alpha: GateAlphaOpt = None,
+    min_domain_gain: MinDomainGainOpt = None,
+    policy: PolicyOpt = None,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
 ) -> None:
     """Release gate: exit 0 when every rule passes, 1 when one fails; every reason lands in gate.json."""
     from forgetcheck.gate import gate_run
 
-    overrides = {"max_drop": max_drop, "max_mean_drop": max_mean_drop, "alpha": alpha,
-                 "min_domain_gain": min_domain_gain}
+    overrides = _gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain)
     result, code = gate_run(target, overrides, policy_file=policy, junit=junit, markdown=markdown)
     for r in result["rules"]:
         echo(f"{'PASS' if r['passed'] else 'FAIL'}  {r['reason']}")
     echo(f"gate: {result['verdict'].upper()} ({sum(not r['passed'] for r in result['rules'])} of "
          f"{len(result['rules'])} rules failed)")
     raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------------------------------
+# check (owned by check.py): gate models trained elsewhere, or two sides' existing lm-eval outputs
+# ------------------------------------------------------------------------------------------------------
+@app.command()
+def check(
+    base: Annotated[Optional[str], typer.Option("--base", help="The model the candidates are checked against: "
+                                                "alias (smollm2-135m, tiny-gpt2), HF folder, .gguf or hub id.")] = None,
+    candidate: Annotated[Optional[list[str]], typer.Option("--candidate", help="A model to gate, [NAME=]MODEL "
+                         "(anything --base accepts, e.g. a run's ckpt/<arm>); repeat for several. NAME defaults to "
+                         "the folder's name.")] = None,
+    base_samples: Annotated[Optional[Path], typer.Option("--base-samples", help="Instead of --base: the base's "
+                            "`lm_eval --output_path DIR --log_samples` folder.")] = None,
+    candidate_samples: Annotated[Optional[list[str]], typer.Option("--candidate-samples", help="Instead of "
+                                 "--candidate: [NAME=]DIR of a candidate's lm_eval --log_samples output; repeatable. "
+                                 "Items are paired by lm-eval's doc_hash.")] = None,
+    previous: Annotated[Optional[str], typer.Option("--previous", help="The last release: runs/<id> of its check "
+                        "(or runs/<id>/eval/<arm>.json); the report also compares each candidate with it.")] = None,
+    suite: Annotated[str, typer.Option("--suite", help="Benchmark suites, comma-separated.")] = "retention,domain",
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Only these tasks (comma list; overrides --suite; "
+                     "with --base-samples: a subset of the lm-eval tasks).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Items per task (deterministic stratified subset, "
+                     "the same for every model).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="quick (50 items per task) | standard (200) | "
+                      "full (every item); --limit overrides it. Default quick.")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Eval backend: fast | hf (stock lm-eval HFLM).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Requests per forward pass.")] = None,
+    tasks_dir: Annotated[Optional[Path], typer.Option("--tasks-dir", help="lm-eval task YAMLs to use instead of "
+                         "forgetcheck's tasks/.")] = None,
+    device: DeviceOpt = "auto",
+    out: OutOpt = Path("runs"),
+    run_id: RunIdOpt = None,
+    max_drop: MaxDropOpt = None,
+    max_mean_drop: MaxMeanDropOpt = None,
+    alpha: GateAlphaOpt = None,
+    min_domain_gain: MinDomainGainOpt = None,
+    policy: PolicyOpt = None,
+    junit: JunitOpt = None,
+    markdown: MarkdownOpt = None,
+) -> None:
+    """Gate models trained elsewhere: evaluate --base and each --candidate (or pair two sides' lm-eval
+    --log_samples outputs), then compare, report and gate into runs/<id>/. Exit codes as `gate`."""
+    from forgetcheck import check as K
+    from forgetcheck import config as C
+
+    gate_flags = dict(gate_overrides=_gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain),
+                      policy_file=policy, junit=junit, markdown=markdown)
+    if base_samples is not None or candidate_samples:
+        mixed = [f for f, v in (("--base", base), ("--candidate", candidate), ("--limit", limit),
+                                ("--preset", preset), ("--backend", backend), ("--batch-size", batch_size),
+                                ("--tasks-dir", tasks_dir)) if v]
+        if mixed or base_samples is None:
+            raise BadInput("--base-samples/--candidate-samples compare existing lm-eval outputs: give both, and none "
+                           f"of {', '.join(mixed) or '--base, --candidate'} (those evaluate models)")
+        raise typer.Exit(K.check_samples(base_samples, list(candidate_samples or []), out=out, run_id=run_id,
+                                         tasks=C.split_csv(tasks), previous=previous, **gate_flags))
+    if base is None:
+        raise BadInput("give --base MODEL and --candidate [NAME=]MODEL (or --base-samples DIR and "
+                       "--candidate-samples DIR for existing lm-eval outputs)")
+    _, eval_cfg = C.apply_preset(preset or "quick", {},
+                                 dict(suites=C.split_csv(suite), tasks=C.split_csv(tasks), limit=limit,
+                                      backend=backend, batch_size=batch_size))
+    raise typer.Exit(K.check_models(base, list(candidate or []), eval_cfg, out=out, run_id=run_id, device=device,
+                                    tasks_dir=tasks_dir, previous=previous, preset=preset or "quick", **gate_flags))
 
 
 # ------------------------------------------------------------------------------------------------------

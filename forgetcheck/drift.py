@@ -122,9 +122,10 @@ def kl_topk(ref: dict, logp) -> Any:
     p_logp = torch.as_tensor(ref["topk_logp"], device=dev).double()
     idx = torch.as_tensor(ref["topk_idx"], device=dev).long()
     p_tail = torch.as_tensor(ref["tail_logp"], device=dev).double()
-    q = logp.double()
-    q_logp = q.gather(-1, idx)
-    q_tail = torch.logsumexp(q.scatter(-1, idx, float("-inf")), dim=-1)
+    # q's top-k values and tail bin are computed in the same precision and by the same operations as the
+    # reference's own (topk_summary), so a model identical to the reference has KL exactly 0
+    q_logp = logp.float().gather(-1, idx).double()
+    q_tail = torch.logsumexp(logp.float().scatter(-1, idx, float("-inf")), dim=-1).double()
     kl = (p_logp.exp() * (p_logp - q_logp)).sum(-1) + p_tail.exp() * (p_tail - q_tail)
     return kl.clamp_min(0.0)
 

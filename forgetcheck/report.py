@@ -257,7 +257,17 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "loss_chart": loss_chart(train, colors),
         "mem_chart": memory_chart(train),
         "script": CHECK_SCRIPT, "script_hash": _script_hash(CHECK_SCRIPT),
+        **check_sections(run),
     }
+
+
+def check_sections(run: RunDir) -> dict[str, Any]:
+    """What `forgetcheck check` adds (templates/check.html.j2): the comparison against the previous release
+    (history.json) and the lm-eval items present on one side only (pairing.json)."""
+    from forgetcheck import history, lmeval_samples
+
+    pairing = lmeval_samples.load_pairing(run.root / "pairing.json")
+    return {"history": history.view(run), "one_sided": lmeval_samples.one_sided_lines(pairing) if pairing else []}
 
 
 # ---- filters -------------------------------------------------------------------------------------------
