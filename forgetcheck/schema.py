@@ -111,7 +111,7 @@ class ManifestFile(TypedDict, total=False):
 
 
 REQUIRED = {
-    "config": ("base", "data", "arms", "train", "eval", "gate"),
+    "config": ("arms", "eval", "gate"),  # `run` and `check` both write these
     "manifest": ("versions", "timings"),
     "train": ("arm", "tokens_seen", "budget_tokens", "optimizer_steps", "loss_curve", "memory", "config",
               "checkpoint"),

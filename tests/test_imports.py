@@ -19,12 +19,12 @@ ORDER = GROUND + (
     "med", "benchdata", "data",
     "suites", "fast_lm", "drift", "evaluation",  # eval
     "plan", "optim", "checkpoint", "sharding", "train",  # train
-    "compare", "gate", "report",  # verdict: JSON only
-    "inputs", "pipeline", "cli", "__main__", "__init__",  # commands
+    "compare", "gate", "lmeval_samples", "history", "report",  # verdict: JSON only
+    "inputs", "check", "pipeline", "cli", "__main__", "__init__",  # commands
 )
 """Every module of the package, each after everything it imports."""
 
-NO_TORCH = ("compare", "gate", "report")
+NO_TORCH = ("compare", "gate", "lmeval_samples", "history", "report")
 
 
 def _imports(path: Path) -> set[str]:
