@@ -237,7 +237,8 @@ def check_samples(base_samples: Path, candidate_samples: list[str], *, out: Path
         "resolved": {"base": plan.base.model, "candidates": {n: c.model for n, c in plan.candidates.items()}}})
     update_manifest(run, run_id=run.run_id, command="check", source="lm-eval --log_samples",
                     model=plan.base.model, candidates={n: c.model for n, c in plan.candidates.items()},
-                    random_weights=plan.base.model["random_weights"])
+                    random_weights=plan.base.model["random_weights"],
+                    notes=["no KL drift: lm-eval --log_samples outputs hold no next-token distributions"])
     _print(f"forgetcheck check {run.root} (lm-eval outputs, items paired by doc_hash)")
     _print(f"  base {plan.base.folder}; candidates: "
            + ", ".join(f"{n} ({c.folder})" for n, c in plan.candidates.items()))

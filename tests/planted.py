@@ -29,6 +29,53 @@ metadata:
 """
 
 
+# Two more kinds of lm-eval task on the same documents, for the lm-eval-outputs path (any task): rolling
+# perplexity of the question text, and a short greedy generation scored by exact match.
+PPL_YAML = """task: planted_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: question
+metric_list:
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+metadata:
+  suite: retention
+"""
+
+GEN_YAML = """task: planted_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices[answer]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 3
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  suite: domain
+"""
+
+
 def _items(n: int) -> list[dict]:
     rng = random.Random(1)
     return [{"question": " ".join(rng.choices(WORDS, k=8)),
@@ -40,6 +87,8 @@ def write_task(tasks_dir: Path, items: list[dict], yaml_text: str = TASK_YAML) -
     data = tasks_dir / "planted.jsonl"
     data.write_text("".join(json.dumps(it) + "\n" for it in items))
     (tasks_dir / "planted.yaml").write_text(yaml_text.format(data=data))
+    (tasks_dir / "planted_ppl.yaml").write_text(PPL_YAML.format(data=data))
+    (tasks_dir / "planted_gen.yaml").write_text(GEN_YAML.format(data=data))
     return tasks_dir
 
 

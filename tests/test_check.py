@@ -18,6 +18,8 @@ from forgetcheck import config as C
 from forgetcheck.rundir import RunDir, read_json
 
 CFG = C.EvalConfig(tasks=("planted",), backend="hf", batch_size=32)
+LM_TASKS = {"planted": ("acc", 100.0), "planted_ppl": ("word_perplexity", 1.0), "planted_gen": ("exact_match", 100.0)}
+"""lm-eval tasks of three output types (multiple choice, rolling perplexity, generation): primary metric, scale."""
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -41,7 +43,7 @@ def world(tmp_path_factory, tiny_ref):
 def lmeval(world, tiny_ref):
     """Stock lm-eval outputs (model="hf", log_samples, lm-eval's own EvaluationTracker) of the three models."""
     out = world["tmp"] / "lm_eval"
-    return {name: planted.lmeval_outputs(path, world["tasks"], out / name)
+    return {name: planted.lmeval_outputs(path, world["tasks"], out / name, tasks=LM_TASKS)
             for name, path in (("base", Path(tiny_ref.path)), ("same", world["same"]),
                                ("damaged", world["damaged"]))}
 
@@ -109,12 +111,14 @@ def test_lm_eval_folders_give_lm_evals_accuracies_and_the_same_verdicts(world, l
                            out=tmp / "runs", run_id="samples")
     run = RunDir(tmp / "runs" / "samples")
     compare = read_json(run.compare)
+    for t, (metric, scale) in LM_TASKS.items():  # per task, lm-eval's own scores, from the paired items
+        task = compare["tasks"][t]
+        assert task["metric"] == metric and task["arms"]["same"]["delta"] == 0.0
+        for name, score in (("base", task["base"]["score_paired"]), ("same", task["arms"]["same"]["score"]),
+                            ("damaged", task["arms"]["damaged"]["score"])):
+            lm = read_json(next(lmeval[name].glob("results_*.json")))
+            assert score == pytest.approx(lm["results"][t][f"{metric},none"] * scale, rel=1e-9, abs=1e-9), (t, name)
     task = compare["tasks"]["planted"]
-    for name, score in (("base", task["base"]["score_paired"]), ("same", task["arms"]["same"]["score"]),
-                        ("damaged", task["arms"]["damaged"]["score"])):
-        lm = read_json(next(lmeval[name].glob("results_*.json")))
-        assert score == pytest.approx(lm["results"]["planted"]["acc,none"] * 100, abs=1e-9), name
-    assert task["arms"]["same"]["delta"] == 0.0
     # the same models and items through `forgetcheck check`: the same scores, flips and verdicts
     models_compare = read_json(world["run"].compare)["tasks"]["planted"]
     for arm in ("same", "damaged"):
@@ -208,6 +212,7 @@ def test_differing_tokenizers_skip_kl_with_a_note(world, tmp_path, capsys):
     assert "kl" not in read_json(run.eval_json("other-vocab"))["drift"]
     assert read_json(run.compare)["drift"]["other-vocab"]["kl"] is None
     assert any("KL drift skipped" in n for n in read_json(run.manifest)["notes"])
+    assert 'id="check-notes"' in run.report.read_text()
 
 
 def test_bad_input_is_one_line_and_creates_nothing(tmp_path):
