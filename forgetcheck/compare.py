@@ -210,7 +210,12 @@ def _item_text(row: dict) -> str | None:
     return None
 
 
-def _choice(row: dict) -> int | None:
+def _choice(row: dict, metric: str = "acc") -> int | None:
+    """The choice the model picked, as the task's metric scores it (acc_norm: length-normalised), when the
+    record says; else the highest log-likelihood."""
+    chosen = (row.get("chosen") or {}).get(metric)
+    if isinstance(chosen, int):
+        return chosen
     lls = row.get("loglikelihoods")
     if not lls:
         return None
@@ -221,9 +226,9 @@ def _choice(row: dict) -> int | None:
     return int(np.argmax(vals))
 
 
-def _example(b: dict, a: dict) -> dict:
+def _example(b: dict, a: dict, metric: str = "acc") -> dict:
     ex = {"doc_id": b.get("doc_id"), "doc_hash": b.get("doc_hash"), "target": b.get("target"),
-          "base_choice": _choice(b), "arm_choice": _choice(a)}
+          "base_choice": _choice(b, metric), "arm_choice": _choice(a, metric)}
     text = _item_text(b) or _item_text(a)
     if text is not None:
         ex["text"] = text
@@ -320,8 +325,8 @@ def _paired_stats(name: str, base: TaskItems, arm: TaskItems, *, scale: float, s
         stats["p_value"] = mcnemar_exact(len(r2w), len(w2r))
         stats["flips"] = {"right_to_wrong": int(len(r2w)), "wrong_to_right": int(len(w2r))}
         stats["examples"] = {
-            "right_to_wrong": [_example(base.rows[bi[i]], arm.rows[ai[i]]) for i in r2w[:N_EXAMPLES]],
-            "wrong_to_right": [_example(base.rows[bi[i]], arm.rows[ai[i]]) for i in w2r[:N_EXAMPLES]],
+            "right_to_wrong": [_example(base.rows[bi[i]], arm.rows[ai[i]], base.metric) for i in r2w[:N_EXAMPLES]],
+            "wrong_to_right": [_example(base.rows[bi[i]], arm.rows[ai[i]], base.metric) for i in w2r[:N_EXAMPLES]],
         }
     else:
         stats["test"] = "paired_bootstrap"

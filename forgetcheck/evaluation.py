@@ -35,7 +35,7 @@ from forgetcheck.schema import EvalFile, write_eval
 from forgetcheck.suites import TaskSpec, resolve_tasks, select_items
 
 BOOTSTRAP_ITERS = 1000  # acc stderr is closed-form; this only matters for bootstrapped metrics
-CACHE_FORMAT = 3  # 3: records hold every choice's text, WinoGrande's target is the gold index
+CACHE_FORMAT = 4  # 4: records hold every choice's text and the model's picks; WinoGrande's target is the gold index
 
 
 # ---- per-item records ------------------------------------------------------------------------------------
@@ -51,6 +51,19 @@ def gold_index(task, doc: Any, choices: list[str]) -> int | None:
     if isinstance(gold, str):
         gold = int(gold) if gold.strip().isdigit() else (choices.index(gold) if gold in choices else None)
     return int(gold) if isinstance(gold, int) and 0 <= gold < len(choices) else None
+
+
+def chosen(task, doc: Any, lls: list[float]) -> dict[str, int]:
+    """The model's pick as lm-eval scores it: `acc` the highest log-likelihood, `acc_norm` the highest per
+    character of the choice (lm-eval's completion length)."""
+    picks = {"acc": max(range(len(lls)), key=lls.__getitem__)}
+    try:
+        lengths = [float(len(c)) for c in task.doc_to_choice(doc)] if doc is not None else []
+    except Exception:  # a task whose choices cannot be rebuilt from the doc: acc only
+        lengths = []
+    if len(lengths) == len(lls) and all(lengths):
+        picks["acc_norm"] = max(range(len(lls)), key=lambda i: lls[i] / lengths[i])
+    return picks
 
 
 def item_text(args: list) -> tuple[str, list[str]]:
@@ -77,7 +90,8 @@ def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
                 target = gold_index(spec.task, s["doc"], choices)
             correct = bool(metrics["acc"]) if "acc" in metrics else lls.index(max(lls)) == target
             row = {"doc_id": int(s["doc_id"]), "doc_hash": s["doc_hash"], "target": target,
-                   "loglikelihoods": lls, "is_greedy": greedy, "correct": correct, "metrics": metrics}
+                   "loglikelihoods": lls, "is_greedy": greedy, "correct": correct, "metrics": metrics,
+                   "chosen": chosen(spec.task, s.get("doc"), lls)}
             if args:  # the item as the model saw it, for the report's flipped items
                 row["prompt"], row["choices"] = prompt, choices
             doc = s.get("doc")

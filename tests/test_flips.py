@@ -69,6 +69,10 @@ def test_records_hold_the_question_every_choice_and_the_gold_index(tiny_ref, tas
     first = json.loads((tasks_dir / "mc.jsonl").read_text().splitlines()[0])
     assert mc[0]["prompt"].endswith(f"Question: {first['question']}\nAnswer:")
     assert [c.strip() for c in mc[0]["choices"]] == first["choices"] and mc[0]["target"] == first["answer"]
+    for row in mc:  # the picks agree with lm-eval's own acc and acc_norm for every item
+        assert row["chosen"]["acc"] == max(range(4), key=lambda i: row["loglikelihoods"][i])
+        assert (row["chosen"]["acc"] == row["target"]) == bool(row["metrics"]["acc"])
+        assert (row["chosen"]["acc_norm"] == row["target"]) == bool(row["metrics"]["acc_norm"])
 
     wino = read_jsonl(tmp_path / doc["tasks"]["fc_fixture_wino"]["samples"])
     assert len(wino) == len(WINO_ITEMS)
