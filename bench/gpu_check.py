@@ -152,7 +152,6 @@ def child_train(spec: dict) -> dict:
     from forgetcheck import train
     from forgetcheck.config import TrainConfig
     from forgetcheck.data import DomainData
-    from forgetcheck.inputs import given
     from forgetcheck.models import resolve
     from forgetcheck.rundir import RunDir
 
@@ -161,7 +160,7 @@ def child_train(spec: dict) -> dict:
     data = Path(spec["data"])
     dom = DomainData(name="gpu-check", root=data, sft=None, cpt=data / "cpt.jsonl", heldout=None, packaged=False)
     with tempfile.TemporaryDirectory(prefix="gpu-check-run-") as tmp:
-        rec = train.train_arm("cpt", given(ref, dom, cfg, RunDir(tmp), device=spec["device"]))
+        rec = train.train_arm("cpt", ref, dom, cfg, RunDir(tmp), device=spec["device"])
     mem = rec["memory"]
     steps = rec["step_s"]
     s_step = statistics.median(steps[1:] if len(steps) > 1 else steps)

@@ -66,7 +66,6 @@ def run_ours(model_dir: Path, data_dir: Path, cfg_kw: dict, device: str) -> dict
     from forgetcheck import train
     from forgetcheck.config import TrainConfig
     from forgetcheck.data import DomainData
-    from forgetcheck.inputs import given
     from forgetcheck.models import resolve
     from forgetcheck.rundir import RunDir
 
@@ -75,7 +74,7 @@ def run_ours(model_dir: Path, data_dir: Path, cfg_kw: dict, device: str) -> dict
     ref = resolve(str(model_dir))
     dom = DomainData(name="bench", root=data_dir, sft=None, cpt=data_dir / "cpt.jsonl", heldout=None, packaged=False)
     with tempfile.TemporaryDirectory() as tmp:
-        rec = train.train_arm("cpt", given(ref, dom, cfg, RunDir(tmp), device=device))
+        rec = train.train_arm("cpt", ref, dom, cfg, RunDir(tmp), device=device)
     mem = rec["memory"]
     planned = mem["planned"]
     measured = mem["measured_components"]

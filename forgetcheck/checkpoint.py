@@ -1,7 +1,8 @@
 """What training leaves behind: the HF checkpoint folder, and the resumable state of an interrupted arm.
 
 The HF folder (`runs/<id>/ckpt/<arm>/`) is an ordinary `from_pretrained` folder plus a forgetcheck.json marker,
-written by rank 0 from the gathered full state dict and moved into place atomically. The resumable state
+moved into place atomically by rank 0; under FSDP2 it is written as sharded safetensors straight from the
+sharded state, one tensor gathered at a time (no process holds the whole model). The resumable state
 (`runs/<id>/ckpt/<arm>.resume/`: model, optimizer, scheduler, RNG, step and counters) is a `torch.save` file
 in one process, and a `torch.distributed.checkpoint` folder (each rank its shards) under FSDP2; its meta.json
 is written last and names the training config, so a half-written or foreign state is never trusted.
@@ -26,28 +27,85 @@ def resume_dir(run: RunDir, arm: str) -> Path:
     return run.ckpt(arm).parent / f"{arm}.resume"
 
 
-def save_hf_checkpoint(model, tok, out: Path, model_ref, arm: str, *, world: int, rank: int) -> None:
-    """An ordinary HF folder (safetensors, tokenizer, forgetcheck.json marker), written atomically by rank 0."""
-    if world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+SHARD_BYTES_ENV = "FORGETCHECK_CKPT_SHARD_BYTES"  # tests: small shards, so a tiny model is written as several files
+DEFAULT_SHARD_BYTES = 2 * 1024**3  # as transformers' save_pretrained (max_shard_size "2GB"-ish)
 
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = None
+
+def _unique_state_names(model) -> list[str]:
+    """State-dict names to save: every parameter once (tied weights under their first name, as
+    save_pretrained does) and the persistent buffers, in state-dict order."""
+    all_params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    first = {n for n, _ in model.named_parameters()}
+    return [k for k in model.state_dict() if k in first or k not in all_params]
+
+
+def _write_sharded_from_fsdp(model, folder: Path, *, rank: int) -> None:
+    """Write `model` (FSDP2: DTensor parameters) as HF sharded safetensors, gathering ONE tensor at a time: every
+    rank takes part in each gather, rank 0 keeps the full tensor on CPU until its shard file is full, writes it,
+    and frees it. Peak memory on rank 0: one shard (SHARD_BYTES) plus one tensor, never the whole model."""
+    import torch
+    from safetensors.torch import save_file
+
+    limit = int(os.environ.get(SHARD_BYTES_ENV, DEFAULT_SHARD_BYTES))
+    sd = model.state_dict()
+    names = _unique_state_names(model)
+    files: list[list[str]] = []
+    buf: dict[str, torch.Tensor] = {}
+    buf_bytes = 0
+    total = 0
+
+    def flush() -> None:
+        nonlocal buf, buf_bytes
+        if rank == 0 and buf:
+            save_file(buf, str(folder / f".part-{len(files):05d}.safetensors"), metadata={"format": "pt"})
+            files.append(list(buf))
+        buf, buf_bytes = {}, 0
+
+    for name in names:
+        t = sd[name]
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t  # a collective: every rank calls it
+        if rank != 0:
+            del full
+            continue
+        full = full.detach().to("cpu").contiguous()
+        size = full.numel() * full.element_size()
+        if buf and buf_bytes + size > limit:
+            flush()
+        buf[name] = full
+        buf_bytes += size
+        total += size
+    flush()
     if rank != 0:
         return
+    n = len(files)
+    weight_map = {}
+    for i, keys in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+        os.replace(folder / f".part-{i:05d}.safetensors", folder / final)
+        weight_map.update({k: final for k in keys})
+    if n > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_hf_checkpoint(model, tok, out: Path, model_ref, arm: str, *, world: int, rank: int) -> None:
+    """An ordinary HF folder (safetensors, tokenizer, forgetcheck.json marker), moved into place atomically by
+    rank 0. Under FSDP2 the weights are written straight from the sharded state, one tensor gathered at a time,
+    as sharded safetensors (model-0000i-of-0000n.safetensors + model.safetensors.index.json) that
+    `from_pretrained` loads; no process ever holds the whole model."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     model.config.use_cache = True
-    if sd is not None:  # build an unsharded copy from the gathered weights and save that
-        from transformers import AutoModelForCausalLM
-
-        dtype = next(iter(sd.values())).dtype
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-        plain.load_state_dict(sd, strict=True)
-        plain.tie_weights()
-        plain.save_pretrained(tmp)
+    if world > 1:
+        _write_sharded_from_fsdp(model, tmp, rank=rank)
+        if rank != 0:
+            return
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
     else:
         model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

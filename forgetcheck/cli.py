@@ -20,7 +20,6 @@ from typing import Annotated, Optional, get_type_hints
 
 import typer
 
-from forgetcheck import console
 from forgetcheck.config import split_csv
 from forgetcheck.errors import BadInput, ForgetcheckError
 
@@ -210,17 +209,19 @@ def eval_cmd(
                                              "(reference || this model) on general text."),
     tasks_dir: Optional[Path] = typer.Option(None, "--tasks-dir", help="lm-eval task YAMLs to use instead of "
                                              "forgetcheck's tasks/."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto | balanced | sequential: split a model "
+                                             "larger than one GPU across the visible GPUs (docs/scale.md)."),
     verbose: VerboseOpt = False,
 ) -> None:
     """Benchmark one model on the suites' tasks (lm-eval, offline, cached) and measure drift on general text.
-    `--preset quick` scores the same items (and hits the same cache) as `forgetcheck run --preset quick`."""
+    `--preset quick` scores the same items (and hits the same cache) as `forgetcheck run --preset quick`.
+    Under torchrun, every process scores its share of the items (data-parallel; docs/scale.md)."""
     from forgetcheck import config as C
     from forgetcheck.evaluation import cmd_eval
-    from forgetcheck.inputs import resolve_eval
 
-    with console.session(verbose=verbose):
-        _, eval_cfg = C.apply_preset(preset, {}, ev.overrides())
-        cmd_eval(resolve_eval(model, eval_cfg, out, device=device, reference=reference, tasks_dir=tasks_dir))
+    _, eval_cfg = C.apply_preset(preset, {}, ev.overrides())
+    cmd_eval(model, eval_cfg, out, device=device, reference=reference, tasks_dir=tasks_dir, device_map=device_map,
+             verbose=verbose)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -232,26 +233,29 @@ def train(
     base: BaseOpt = "smollm2-135m",
     data: DataOpt = "med",
     arms: ArmsOpt = "sft,cpt",
-    run_dir: Optional[Path] = typer.Option(None, "--run", help="Run folder to train into (default: a new one under --out)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="Run folder to train into (default: a new one under --out). Under torchrun write --run-dir (torchrun's parser takes --run for its --run-path)."),
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
     preset: PresetOpt = "quick",
     flags: TrainFlags = TrainFlags(),
     device: DeviceOpt = "auto",
-    verbose: VerboseOpt = False,
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines sharing --nproc (each runs nproc/nnodes processes; docs/scale.md)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's index, 0..nnodes-1 (0 hosts the rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0, the same on every node (--nnodes > 1)."),
+    hybrid_shard: bool = typer.Option(False, "--hybrid-shard", help="Shard within a node, replicate across nodes (FSDP2 HSDP)."),
 ) -> None:
-    """Fully fine-tune each arm (SFT, CPT) on the same token budget -> train/<arm>.json and ckpt/<arm>/."""
+    """Fully fine-tune each arm (SFT, CPT) on the same token budget -> train/<arm>.json and ckpt/<arm>/.
+    Started under torchrun or SLURM's srun, every process joins that launcher as one rank (docs/scale.md)."""
     from forgetcheck import config as C
-    from forgetcheck.inputs import resolve_train
     from forgetcheck.rundir import RunDir
+    from forgetcheck.sharding import Launch
     from forgetcheck.train import cmd_train
 
-    with console.session(verbose=verbose):
-        train_cfg, _ = C.apply_preset(preset, flags.overrides(), {})
-        cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out),
-                          run_id=run_id, device=device, train=train_cfg)
-        rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
-        cmd_train(resolve_train(cfg, rd))
+    train_cfg, _ = C.apply_preset(preset, flags.overrides(), {})
+    rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
+    cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device,
+              how=Launch(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, hybrid_shard=hybrid_shard),
+              run_named=run_dir is not None or run_id is not None)
 
 
 @app.command()

@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 from forgetcheck import console
 from forgetcheck.config import EvalConfig, check, forgetcheck_home, to_dict, validate_eval
 from forgetcheck.drift import DRIFT_TOP_K, load_reference, measure_drift
+from forgetcheck.errors import RuntimeFailure
 from forgetcheck.models import ModelRef, content_hash
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, package_versions, read_json, read_jsonl
 from forgetcheck.schema import EvalFile, write_eval
@@ -140,8 +142,9 @@ def model_hash(ref: ModelRef) -> str:
 class _Model:
     """Loads the model once, on first need (a run fully served by the cache never loads it)."""
 
-    def __init__(self, ref: ModelRef, device: str, dtype: str, cfg: EvalConfig):
+    def __init__(self, ref: ModelRef, device: str, dtype: str, cfg: EvalConfig, device_map: str | None = None):
         self.ref, self.device, self.dtype, self.cfg = ref, device, dtype, cfg
+        self.device_map = device_map
         self._model = self._tok = self._lm = None
         self.backend_used: str | None = None
 
@@ -150,9 +153,12 @@ class _Model:
             from forgetcheck import models
 
             t0 = time.perf_counter()
-            self._model, self._tok = models.load(self.ref, device=self.device, dtype=self.dtype)
-            console.detail(f"loaded {self.ref.name} on {self.device} ({self.dtype}) in "
-                           f"{time.perf_counter() - t0:.1f} s")
+            self._model, self._tok = models.load(self.ref, device=self.device, dtype=self.dtype,
+                                                 device_map=self.device_map)
+            where = self.device
+            if self.device_map:
+                where = f"{sorted({str(d) for d in getattr(self._model, 'hf_device_map', {}).values()})} (device map)"
+            console.detail(f"loaded {self.ref.name} on {where} ({self.dtype}) in {time.perf_counter() - t0:.1f} s")
         return self._model, self._tok
 
     @property
@@ -272,41 +278,115 @@ def _without_env_probe():
         ev.get_git_commit_hash, ev.add_env_info = saved
 
 
+def data_parallel() -> tuple[int, int]:
+    """(rank, world) of data-parallel evaluation: this process's place in an initialized process group (the
+    ranks of `torchrun ... -m forgetcheck eval`), else (0, 1)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _merged_metrics(spec: TaskSpec, rows: list[dict], names: list[str], hib: dict) -> dict:
+    """The task's metrics recomputed from every rank's per-item rows with lm-eval's own aggregations, so N ranks
+    report what one process would: acc/acc_norm (mean, closed-form stderr); word/byte perplexity and bits per
+    byte (weighted by words / bytes; lm-eval gives them no stderr)."""
+    from lm_eval.api.metrics import bits_per_byte, mean, mean_stderr, weighted_perplexity
+
+    out = {}
+    for m in names:
+        if m in ("acc", "acc_norm"):
+            xs = [r["metrics"][m] for r in rows]
+            value, stderr = mean(xs), (mean_stderr(xs) if len(xs) > 1 else None)
+        elif m == "word_perplexity":
+            value, stderr = weighted_perplexity([(r["loglikelihood"], r["words"]) for r in rows]), None
+        elif m == "byte_perplexity":
+            value, stderr = weighted_perplexity([(r["loglikelihood"], r["bytes"]) for r in rows]), None
+        elif m == "bits_per_byte":
+            value, stderr = bits_per_byte([(r["loglikelihood"], r["bytes"]) for r in rows]), None
+        else:
+            raise RuntimeFailure(f"data-parallel evaluation cannot merge metric '{m}' of task {spec.name}: "
+                                 f"evaluate it in one process")
+        out[m] = {"value": float(value), "stderr": None if stderr is None else float(stderr),
+                  "higher_is_better": bool(hib.get(m, True))}
+    return out
+
+
 def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, dict, list[dict], dict]]:
-    """Score the tasks of `group` in one simple_evaluate call: (pending, result, per-item rows, timing) each."""
+    """Score the tasks of `group` in one simple_evaluate call: (pending, result, per-item rows, timing) each.
+    Data-parallel (see `data_parallel`): rank r scores items r, r+N, r+2N, ... of each task's item list, and
+    every rank gets all rows back, in doc_id order, with the metrics recomputed from them."""
     from lm_eval import simple_evaluate
 
+    rank, world = data_parallel()
     lm = runner.lm()
-    samples = {p.spec.name: p.indices for p in group if p.indices}
+    if world == 1:
+        samples = {p.spec.name: p.indices for p in group if p.indices}
+        mine = list(group)
+    else:
+        samples = {}
+        for p in group:
+            every = p.indices if p.indices is not None else list(range(p.n_items))
+            samples[p.spec.name] = every[rank::world]
+        mine = [p for p in group if samples[p.spec.name]]
     t0 = time.perf_counter()
-    with _without_env_probe():
-        out = simple_evaluate(model=lm, tasks=[p.spec.task for p in group], task_manager=_bare_task_manager(),
-                              samples=samples or None, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
+    out = {"samples": {}, "results": {}, "higher_is_better": {}}
+    if mine:
+        # lm-eval returns results only where LOCAL_RANK is 0 (its guard for tensor-parallel torchrun); here every
+        # rank scores its own items with a single-process model, so each must get its results back
+        saved_local = os.environ.pop("LOCAL_RANK", None) if world > 1 else None
+        try:
+            with _without_env_probe():
+                out = simple_evaluate(model=lm, tasks=[p.spec.task for p in mine], task_manager=_bare_task_manager(),
+                                      samples={n: samples[n] for n in (p.spec.name for p in mine) if n in samples}
+                                      or None, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)
+        finally:
+            if saved_local is not None:
+                os.environ["LOCAL_RANK"] = saved_local
+    own = {p.spec.name: _records(p.spec, out["samples"][p.spec.name], runner.tokenizer) for p in mine}
+    if world > 1:
+        import torch.distributed as dist
+
+        mine_meta = {p.spec.name: (own[p.spec.name], sorted(_metrics(out["results"][p.spec.name], {})),
+                                   out["higher_is_better"].get(p.spec.name, {})) for p in mine}
+        gathered: list[dict] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, mine_meta)
     wall = time.perf_counter() - t0
     done = []
     total = 0
     for p in group:
         name = p.spec.name
-        rows = _records(p.spec, out["samples"][name], runner.tokenizer)
+        if world == 1:
+            rows = own[name]
+            metrics = _metrics(out["results"][name], out["higher_is_better"].get(name, {}))
+        else:
+            parts = [g[name] for g in gathered if name in g]
+            rows = sorted((r for part in parts for r in part[0]), key=lambda r: r["doc_id"])
+            metrics = _merged_metrics(p.spec, rows, parts[0][1], parts[0][2])
         result = {"suite": p.spec.suite, "kind": p.spec.kind, "primary_metric": p.spec.primary_metric,
-                  "metrics": _metrics(out["results"][name], out["higher_is_better"].get(name, {})),
-                  "n": len(rows), "chance": p.spec.chance}
+                  "metrics": metrics, "n": len(rows), "chance": p.spec.chance}
         done.append((p, result, rows))
         total += len(rows)
     rate = total / wall if wall > 0 else float("inf")
     joint = f" (scored with {len(group) - 1} other task(s) in one pass: {total} items)" if len(group) > 1 else ""
+    ranks = f" on {world} ranks" if world > 1 else ""
     out_rows = []
     for p, result, rows in done:
         # a joint pass interleaves its tasks' requests, so the time and rate are the pass's, not the task's own
-        console.detail(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){joint}")
+        if rank == 0:
+            console.detail(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){ranks}{joint}")
         out_rows.append((p, result, rows, {"cached": False, "wall_s": round(wall, 3), "items": len(rows),
                                            "items_per_s": round(rate, 3), "joint_tasks": len(group),
-                                           "joint_items": total}))
+                                           "joint_items": total, "ranks": world}))
     return out_rows
 
 
 def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: str = "cpu",
-             reference: Path | None = None, label: str | None = None, tasks_dir: Path | None = None) -> dict:
+             reference: Path | None = None, label: str | None = None, tasks_dir: Path | None = None,
+             device_map: str | None = None) -> dict:
     """Evaluate `model_ref` on the tasks of `cfg`, write `out_file` (EvalFile) and the per-item files, and
     return the EvalFile dict. `reference`: an earlier eval JSON (the base) to measure KL drift against.
     `tasks_dir`: lm-eval task YAMLs to use instead of forgetcheck's rendered tasks/."""
@@ -323,7 +403,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         mhash = hashing.result()
     console.set_total(len(specs) + 1)  # every task, then drift
     versions = _versions()
-    runner = _Model(model_ref, device, dtype, cfg)
+    runner = _Model(model_ref, device, dtype, cfg, device_map)
     samples_dir = out_file.parent / "samples" / label
     done: dict[str, tuple[dict, list[dict]]] = {}
     timings: dict[str, dict] = {}
@@ -346,13 +426,17 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         else:
             console.detail(f"  {spec.name}: {n_items} items ({spec.kind}) ...")
             missed.append(_Pending(spec, key, indices, n_items))
+    rank, world = data_parallel()
     for group in _joint_groups(missed):
         for p, result, rows, timing in _run_group(runner, group):
-            _cache_write(p.key, {**result, "backend_used": runner.backend_used}, rows)
+            if rank == 0:
+                _cache_write(p.key, {**result, "backend_used": runner.backend_used}, rows)
             backends.add(runner.backend_used)
             timings[p.spec.name] = timing
             done[p.spec.name] = (result, rows)
             console.advance()
+    if rank != 0:  # data-parallel: rank 0 holds every row and writes the files
+        return {}
     tasks: dict[str, dict] = {}
     for spec in specs:  # in the resolved order, whether cached or scored
         result, rows = done[spec.name]
@@ -385,29 +469,67 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
 
 # ---- CLI -------------------------------------------------------------------------------------------------
 
-def cmd_eval(inp, *, verbose: bool = False) -> dict:
-    """`forgetcheck eval`: evaluate `inp.model` into `inp.eval_out` (log beside it), print a summary table."""
-    out, cfg = inp.eval_out, inp.cfg.eval
-    log = out.parent / f"{out.stem}.log.txt"
+def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", reference: Path | None = None,
+             tasks_dir: Path | None = None, device_map: str | None = None, verbose: bool = False) -> dict:
+    """`forgetcheck eval`: resolve, print the resolved config, evaluate, print a summary table. The libraries'
+    output goes to `<out folder>/<out stem>.log.txt` (console.py) unless `verbose`."""
     with console.session(verbose=verbose):
-        console.log_to(log)
-        console.say(f"eval {inp.model.name} ({inp.model.path}{', RANDOM WEIGHTS' if inp.model.random_weights else ''}); "
-                    f"{inp.device.describe()}; suites {','.join(cfg.suites)}; tasks {','.join(cfg.tasks) or 'all of the suites'}; "
-                    f"limit {cfg.limit if cfg.limit is not None else 'all items'}; backend {cfg.backend}; log: {log}")
-        with console.stage(f"evaluate {inp.model.name}"):
-            doc = evaluate(inp.model, cfg, out, device=inp.device.device, reference=inp.reference, label=out.stem,
-                           tasks_dir=inp.tasks_dir)
-        console.say(f"{'task':<28} {'suite':<10} {'n':>5} {'metric':<16} {'value':>10} {'stderr':>8}")
-        for name, t in doc["tasks"].items():
-            m = t["metrics"].get(t["primary_metric"], {})
-            se = m.get("stderr")
-            console.say(f"{name:<28} {t['suite']:<10} {t['n']:>5} {t['primary_metric']:<16} "
-                        f"{m.get('value', float('nan')):>10.4f} {'' if se is None else f'{se:.4f}':>8}")
-        dr = doc["drift"]
-        line = f"drift text: {dr['text']['source']}; perplexity {dr['perplexity']:.3f}"
-        if "kl" in dr:
-            line += (f"; KL(reference || model) {dr['kl']['mean']:.5f} nats/token (top-{DRIFT_TOP_K} + tail, "
-                     f"lower bound)")
-        console.say(line)
-        console.say(f"wrote {out}")
+        return _cmd_eval(model, cfg, out, device=device, reference=reference, tasks_dir=tasks_dir,
+                         device_map=device_map)
+
+
+def _cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str, reference: Path | None,
+              tasks_dir: Path | None, device_map: str | None) -> dict:
+    import logging
+
+    from forgetcheck import models, sharding
+    from forgetcheck.device import choose_device
+
+    ext = sharding.external_ranks()
+    problems = validate_eval(cfg)
+    if device_map not in (None, "auto", "balanced", "sequential"):
+        problems.append(f"unknown --device-map '{device_map}': use auto, balanced or sequential")
+    if ext is not None and device_map:
+        problems.append("--device-map splits one model over the GPUs, but under torchrun every process scores its "
+                        "own items with a whole model: use one or the other")
+    check(problems)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    dev = choose_device(device)
+    dev_name, rank = dev.device, 0
+    if ext is not None:  # data-parallel: every rank scores its share of the items; rank 0 writes the files
+        import torch.distributed as dist
+
+        rank, _, dev_name = sharding.join_external(dev.device)
+        if rank != 0:
+            dist.barrier()  # rank 0 prepares the model folder first
+    ref = models.resolve(model)
+    if ext is not None and rank == 0:
+        dist.barrier()
+    if rank != 0:
+        evaluate(ref, cfg, Path(out), device=dev_name, reference=reference, tasks_dir=tasks_dir)
+        return {}
+    if device_map:
+        dev_name = "cuda" if dev_name.startswith("cuda") else dev_name
+    log = Path(out).parent / f"{Path(out).stem}.log.txt"
+    console.log_to(log)
+    console.say(f"eval {ref.name} ({ref.path}{', RANDOM WEIGHTS' if ref.random_weights else ''}); {dev.describe()}; "
+          f"suites {','.join(cfg.suites)}; tasks {','.join(cfg.tasks) or 'all of the suites'}; "
+          f"limit {cfg.limit if cfg.limit is not None else 'all items'}; backend {cfg.backend}; "
+          f"batch size {cfg.batch_size}" + (f"; data-parallel over {ext['world']} processes ({ext['source']})"
+                                            if ext else "") + f"; log: {log}")
+    with console.stage(f"evaluate {ref.name}"):
+        doc = evaluate(ref, cfg, Path(out), device=dev_name, reference=reference, tasks_dir=tasks_dir,
+                       device_map=device_map)
+    console.say(f"{'task':<28} {'suite':<10} {'n':>5} {'metric':<16} {'value':>10} {'stderr':>8}")
+    for name, t in doc["tasks"].items():
+        m = t["metrics"].get(t["primary_metric"], {})
+        se = m.get("stderr")
+        console.say(f"{name:<28} {t['suite']:<10} {t['n']:>5} {t['primary_metric']:<16} {m.get('value', float('nan')):>10.4f} "
+              f"{'' if se is None else f'{se:.4f}':>8}")
+    dr = doc["drift"]
+    line = f"drift text: {dr['text']['source']}; perplexity {dr['perplexity']:.3f}"
+    if "kl" in dr:
+        line += f"; KL(reference || model) {dr['kl']['mean']:.5f} nats/token (top-{DRIFT_TOP_K} + tail, lower bound)"
+    console.say(line)
+    console.say(f"wrote {out}")
     return doc

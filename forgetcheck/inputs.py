@@ -121,8 +121,3 @@ def resolve_eval(model: str, ev: C.EvalConfig, out: Path, *, device: str = "auto
     return Inputs(cfg, models.resolve(model, prepare=True), _device(device), eval_out=Path(out),
                   reference=reference, tasks_dir=tasks_dir)
 
-
-def given(model: ModelRef, data: DomainData, train: C.TrainConfig, run: RunDir, device: str = "cpu") -> Inputs:
-    """Inputs from parts already resolved, for calling a training stage directly (tests, bench/)."""
-    cfg = C.RunConfig(base=model.name, data=str(data.root), device=device, train=train, run_id=run.run_id)
-    return Inputs(cfg, model, DeviceChoice(device, "given by the caller"), data, run)

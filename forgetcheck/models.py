@@ -234,21 +234,24 @@ _BUILDERS = {"smollm2-135m": build_smollm2, "tiny-gpt2": build_tiny_gpt2}
 
 # ---- loading ---------------------------------------------------------------------------------------------
 
-def load(ref: ModelRef, *, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) on `device`, in eval mode. The tokenizer always has a pad token."""
+def load(ref: ModelRef, *, device: str = "cpu", dtype: str = "float32", device_map: str | None = None):
+    """(model, tokenizer) on `device`, in eval mode. The tokenizer always has a pad token. `device_map`
+    ("auto", "balanced", "sequential"): the layers spread over the visible GPUs by accelerate instead."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(ref.path)
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype)
+        extra = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, **extra)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"--base {ref.name}: cannot load ({first}); {OFFLINE_ALTERNATIVES}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(device)
+    if not device_map:
+        model.to(device)
     model.eval()
     return model, tok
 

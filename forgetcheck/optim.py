@@ -24,8 +24,13 @@ def eightbit_backend() -> str | None:
     return None
 
 
-def check_combination(cfg: TrainConfig, device: str) -> list[str]:
-    """Problems with a combination of techniques that cannot work, each naming the alternative."""
+def check_combination(cfg: TrainConfig, device: str, per_node: int | None = None) -> list[str]:
+    """Problems with a combination of techniques that cannot work, each naming the alternative. `per_node`:
+    processes on this machine (cfg.nproc on one node; fewer when --nproc spans several nodes)."""
+    import os
+
+    if per_node is None:  # under torchrun, the launcher says how many processes this node runs
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc))
     problems = []
     if cfg.optim == "adamw8bit":
         backend = eightbit_backend()
@@ -37,12 +42,12 @@ def check_combination(cfg: TrainConfig, device: str) -> list[str]:
                             f"parameters; {INSTALL_8BIT}, or use --nproc 1 or --optim adamw")
     if cfg.precision == "fp16-mixed" and not device.startswith("cuda"):
         problems.append("--precision fp16-mixed needs a CUDA device (no fp16 autocast on CPU): use bf16-mixed")
-    if cfg.nproc > 1 and device.startswith("cuda"):
+    if per_node > 1 and device.startswith("cuda"):
         import torch
 
-        if torch.cuda.device_count() < cfg.nproc:
-            problems.append(f"--nproc {cfg.nproc} but only {torch.cuda.device_count()} CUDA device(s): "
-                            f"use --nproc {max(1, torch.cuda.device_count())}")
+        if torch.cuda.device_count() < per_node:
+            problems.append(f"{per_node} processes on this node but only {torch.cuda.device_count()} CUDA device(s): "
+                            f"use --nproc {max(1, torch.cuda.device_count())} per node")
     return problems
 
 

@@ -80,7 +80,7 @@ def _stages(inp: Inputs) -> int:
             console.say(f"{title}: present, reused")
             continue
         with StageTimer(run, f"train_{arm}"), console.stage(title):
-            train.train_arm(arm, inp)
+            train.train_arm(arm, inp.model, inp.data, cfg.train, run, device=inp.device.device)
 
     # evaluate each arm from its saved checkpoint (what is reported is what ships)
     for arm in cfg.arms:

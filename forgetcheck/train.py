@@ -192,7 +192,7 @@ def _set_seed(seed: int) -> None:
 
 
 def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
-               rank: int = 0, world: int = 1, on_step: Callable[[int], None] | None = None) -> dict | None:
+               rank: int = 0, world: int = 1, hybrid_nodes: int = 0, on_step: Callable[[int], None] | None = None) -> dict | None:
     """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<arm>.json and
     returns the record. `on_step(step)` is called after every optimizer step (tests use it to interrupt)."""
     import torch
@@ -232,7 +232,7 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if world > 1:
-        sharding.shard_model(model)
+        sharding.shard_model(model, hybrid_nodes=hybrid_nodes, device=device)
     optimizer = optim.build_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_lambda(steps, cfg))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16-mixed" else None
@@ -360,64 +360,138 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     return record
 
 
-def validate(arm: str, cfg: C.TrainConfig, device: str) -> None:
+def _data_path(arm: str, domain) -> Path:
+    from forgetcheck import data
+
+    C.check(data.arm_problems(domain, (arm,)))
+    return Path(getattr(domain, arm))
+
+
+def validate(arm: str, cfg: C.TrainConfig, device: str, nnodes: int = 1) -> None:
     """Every problem with this training request, raised at once before anything heavy starts."""
     from forgetcheck import optim
 
-    C.check(C.validate_arms((arm,)) + C.validate_train(cfg) + optim.check_combination(cfg, device))
+    problems = C.validate_arms((arm,))
+    per_node = None if nnodes == 1 else cfg.nproc // nnodes
+    C.check(problems + C.validate_train(cfg) + optim.check_combination(cfg, device, per_node))
 
 
 def reusable(run: RunDir, arm: str, cfg: C.TrainConfig) -> dict | None:
     """The existing record when train/<arm>.json and its checkpoint are there for this same config."""
     if not (run.train_json(arm).exists() and (run.ckpt(arm) / "config.json").exists()):
         return None
-    record = read_train(run.train_json(arm))
+    record = dict(read_train(run.train_json(arm)))
     if json.loads(json.dumps(record.get("config"))) != json.loads(json.dumps(C.to_dict(cfg))):
         return None
-    return dict(record)
+    return record
 
 
-def train_arm(arm: str, inp, *, on_step: Callable[[int], None] | None = None) -> dict:
-    """Train `arm` of the run in `inp` (inputs.Inputs: model, data, device, run, cfg.train); writes
-    run.train_json(arm) and run.ckpt(arm) and returns the record. Reuses a finished arm; resumes an interrupted
-    one from its resumable state (checkpoint.resume_dir). With nproc > 1 the loop runs under torchrun (FSDP2)."""
-    from forgetcheck import console, data
+def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
+              on_step: Callable[[int], None] | None = None, how=None) -> dict | None:
+    """Train `arm` of `run` on `domain` from `model_ref`; writes run.train_json(arm) and run.ckpt(arm) and
+    returns the record. Reuses a finished arm; resumes an interrupted one from run.ckpt(arm)/../<arm>.resume/.
+    With cfg.nproc > 1 the loop runs under torchrun (FSDP2): launched here (`how`: a sharding.Launch, for
+    several nodes), or, when this process is already one rank of an external launcher (torchrun, srun), run
+    here as that rank. Returns None on every process but global rank 0 (which writes the run's files)."""
+    from forgetcheck import sharding
 
-    cfg, run, device = inp.cfg.train, inp.run, inp.device.device
-    validate(arm, cfg, device)
+    how = how or sharding.Launch()
+    validate(arm, cfg, device, how.nnodes)
     record = reusable(run, arm, cfg)
     if record is not None:
-        console.note(f"already trained ({run.train_json(arm)}): reused")
+        print(f"{arm}: already trained ({run.train_json(arm)}): reused")
         return record
-    C.check(data.arm_problems(inp.data, (arm,)))
-    data_path = Path(getattr(inp.data, arm))
+    data_path = _data_path(arm, domain)
+    ext = sharding.external_ranks()
+    if ext is not None:
+        import torch.distributed as dist
+
+        if cfg.nproc != ext["world"]:
+            raise BadInput(f"--nproc {cfg.nproc} but the {ext['source']} launcher started {ext['world']} processes: "
+                           f"give --nproc {ext['world']} (or leave it out)")
+        rank, world, dev = sharding.join_external(device)
+        rec = train_loop(arm, model_ref, data_path, cfg, run, device=dev, rank=rank, world=world,
+                         hybrid_nodes=how.nnodes if how.hybrid_shard else 0, on_step=on_step)
+        dist.barrier()
+        return rec if rank == 0 else None
     if cfg.nproc > 1:
-        from forgetcheck import sharding
-
-        sharding.launch(arm, inp.model, data_path, cfg, run, device)
-        return dict(read_train(run.train_json(arm)))
-    return train_loop(arm, inp.model, data_path, cfg, run, device=device, on_step=on_step)
+        sharding.launch(arm, model_ref, data_path, cfg, run, device, how)
+        return dict(read_train(run.train_json(arm))) if how.node_rank == 0 else None
+    return train_loop(arm, model_ref, data_path, cfg, run, device=device, on_step=on_step)
 
 
-def cmd_train(inp, *, verbose: bool = False) -> list[dict]:
-    """`forgetcheck train`: train each arm of `inp` into its run folder (reusing finished ones)."""
-    from forgetcheck import console
+def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, run: RunDir, device: str = "auto",
+              how=None, run_named: bool = True) -> list[dict]:
+    """`forgetcheck train`: validate every arm at once, then train each into `run` (reusing finished ones).
+    `how`: a sharding.Launch (several nodes, hybrid sharding). Under an external launcher (torchrun, srun) every
+    rank runs this; rank 0 prepares the model and data first and alone prints and writes the run's files.
+    `run_named`: the run folder was named by --run / --run-id (required under an external launcher, so that
+    every rank trains into the same folder)."""
+    from dataclasses import replace
 
-    with console.session(verbose=verbose):
-        console.log_to(inp.run.root / "log.txt")
-        console.say(f"forgetcheck train into {inp.run.root}; {inp.device.describe()}; log: {inp.run.root / 'log.txt'}")
-        console.detail("train config: " + json.dumps(C.to_dict(inp.cfg.train), separators=(",", ":")))
-        if inp.model.random_weights:
-            console.say(f"NOTE: --base {inp.cfg.base} has RANDOM WEIGHTS: plumbing only")
-        records = []
-        for i, arm in enumerate(inp.cfg.arms, start=1):
-            with console.stage(f"[{i}/{len(inp.cfg.arms)}] train {arm}"):
-                records.append(train_arm(arm, inp))
-        for r in records:
-            console.say(f"{r['arm']}: {r['optimizer_steps']} steps, tokens forward {r['tokens_seen']['forward']} "
-                        f"(label {r['tokens_seen']['label']}, padding {r['tokens_seen']['padding']}), "
-                        f"{r['tokens_per_s']} tokens/s, peak {(r['memory']['measured_peak_bytes'] or 0) / 1e9:.2f} GB "
-                        f"(planned {r['memory']['planned']['total'] / 1e9:.2f} GB) -> {r['checkpoint']}")
+    from forgetcheck import data as D
+    from forgetcheck import models, optim, sharding
+    from forgetcheck.device import choose_device
+
+    how = how or sharding.Launch()
+    ext = sharding.external_ranks()
+    problems = how.problems(cfg.nproc) if ext is None else []
+    if ext is not None:
+        if cfg.nproc == 1:  # not given: the launcher's process count
+            cfg = replace(cfg, nproc=ext["world"])
+        if cfg.nproc != ext["world"]:
+            problems.append(f"--nproc {cfg.nproc} but the {ext['source']} launcher started {ext['world']} processes: "
+                            f"give --nproc {ext['world']} (or leave it out)")
+        if how.nnodes > 1 or how.rdzv_endpoint:
+            problems.append(f"started by {ext['source']}: --nnodes/--node-rank/--rdzv-endpoint are the launcher's "
+                            f"business here; drop them")
+        if not run_named:
+            problems.append(f"started by {ext['source']}: give --run or --run-id, so that every rank trains into the "
+                            f"same run folder")
+        if how.hybrid_shard and ext["nodes"] < 2:
+            problems.append(f"--hybrid-shard replicates across nodes, but the {ext['source']} launcher runs one node")
+        how = sharding.Launch(nnodes=ext["nodes"], hybrid_shard=how.hybrid_shard)
+    problems += C.validate_arms(arms)
+    problems += C.validate_train(cfg)
+    model_ref = domain = None
+    try:
+        model_ref = models.resolve(base, prepare=False)
+    except BadInput as e:
+        problems.append(str(e))
+    try:
+        domain = D.load_domain(data, prepare=False)
+    except BadInput as e:
+        problems.append(str(e))
+    if domain is not None:
+        problems += D.arm_problems(domain, arms)
+    dev = choose_device(device)
+    problems += optim.check_combination(cfg, dev.device, None if how.nnodes == 1 else cfg.nproc // max(1, how.nnodes))
+    C.check(problems)
+    rank = 0
+    if ext is not None:  # join now: rank 0 builds the cached model and data folders before the others look
+        import torch.distributed as dist
+
+        rank = sharding.join_external(dev.device)[0]
+        if rank != 0:
+            dist.barrier()
+    model_ref = models.resolve(base, prepare=True)
+    domain = D.load_domain(data, prepare=True)
+    if ext is not None and rank == 0:
+        dist.barrier()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(dev.describe() + (f"; rank {rank} of {ext['world']} ({ext['source']})" if ext else ""))
+    say("train config: " + json.dumps(C.to_dict(cfg), separators=(",", ":")))
+    if model_ref.random_weights:
+        say(f"NOTE: --base {base} has RANDOM WEIGHTS: plumbing only")
+    records = []
+    for arm in arms:
+        records.append(train_arm(arm, model_ref, domain, cfg, run, device=dev.device, how=how))
+    records = [r for r in records if r is not None]
+    for r in records:
+        print(f"{r['arm']}: {r['optimizer_steps']} steps, tokens forward {r['tokens_seen']['forward']} "
+              f"(label {r['tokens_seen']['label']}, padding {r['tokens_seen']['padding']}), "
+              f"{r['tokens_per_s']} tokens/s, peak {r['memory']['measured_peak_bytes'] / 1e9:.2f} GB "
+              f"(planned {r['memory']['planned']['total'] / 1e9:.2f} GB) -> {r['checkpoint']}")
     return records
 
 
@@ -432,7 +506,8 @@ def _rank_main(spec_path: str) -> None:
     rank, world, device = sharding.init_rank(spec["device"])
     try:
         train_loop(spec["arm"], ModelRef(**spec["model_ref"]), Path(spec["data_path"]), C.TrainConfig(**spec["cfg"]),
-                   RunDir(spec["run"]), device=device, rank=rank, world=world, on_step=sharding.crash_hook_for_tests())
+                   RunDir(spec["run"]), device=device, rank=rank, world=world,
+                   hybrid_nodes=spec.get("hybrid_nodes", 0), on_step=sharding.crash_hook_for_tests())
     finally:
         dist.destroy_process_group()
 

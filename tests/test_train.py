@@ -14,7 +14,6 @@ from forgetcheck import checkpoint, optim, sharding, train
 from forgetcheck.config import TrainConfig
 from forgetcheck.data import DomainData
 from forgetcheck.errors import BadInput
-from forgetcheck.inputs import given
 from forgetcheck.rundir import RunDir
 
 WORDS = ("fever cough anemia insulin biopsy cardiac renal hepatic tumor lesion dose therapy chronic acute "
@@ -56,7 +55,7 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def both_arms(tiny_ref, domain, tmp_path_factory):
     run = RunDir(tmp_path_factory.mktemp("run"))
-    return run, {arm: train.train_arm(arm, given(tiny_ref, domain, CFG, run)) for arm in ("sft", "cpt")}
+    return run, {arm: train.train_arm(arm, tiny_ref, domain, CFG, run) for arm in ("sft", "cpt")}
 
 
 def test_arms_share_budget_steps_and_schedule(both_arms):
@@ -93,7 +92,7 @@ def test_weights_change_in_every_arm(both_arms, tiny_ref):
 def test_finished_arm_is_reused(both_arms, tiny_ref, domain):
     run, rec = both_arms
     stamp = run.ckpt("cpt").stat().st_mtime_ns
-    again = train.train_arm("cpt", given(tiny_ref, domain, CFG, run))
+    again = train.train_arm("cpt", tiny_ref, domain, CFG, run)
     assert again == rec["cpt"] and run.ckpt("cpt").stat().st_mtime_ns == stamp
 
 
@@ -197,7 +196,7 @@ def test_checkpoint_reloads_to_identical_logits(tiny_ref, tmp_path):
 def test_resume_after_interruption_matches_uninterrupted(tiny_ref, domain, tmp_path):
     cfg = replace(CFG, budget_tokens=6 * 2 * 32, save_every=2)
     full = RunDir(tmp_path / "full")
-    train.train_arm("cpt", given(tiny_ref, domain, cfg, full))
+    train.train_arm("cpt", tiny_ref, domain, cfg, full)
 
     class Killed(Exception):
         pass
@@ -208,10 +207,10 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_ref, domain, tmp_p
 
     cut = RunDir(tmp_path / "cut")
     with pytest.raises(Killed):
-        train.train_arm("cpt", given(tiny_ref, domain, cfg, cut), on_step=kill_at_3)
+        train.train_arm("cpt", tiny_ref, domain, cfg, cut, on_step=kill_at_3)
     assert json.loads((checkpoint.resume_dir(cut, "cpt") / "meta.json").read_text())["step"] == 2
     assert not cut.train_json("cpt").exists()
-    rec = train.train_arm("cpt", given(tiny_ref, domain, cfg, cut))
+    rec = train.train_arm("cpt", tiny_ref, domain, cfg, cut)
     assert rec["optimizer_steps"] == 6
     assert rec["loss_curve"] == json.loads(full.train_json("cpt").read_text())["loss_curve"]
     assert _max_diff(_weights(full.ckpt("cpt")), _weights(cut.ckpt("cpt"))) == 0.0
@@ -220,7 +219,7 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_ref, domain, tmp_p
 
 def test_bf16_mixed_and_grad_checkpointing_train(tiny_ref, domain, tmp_path):
     cfg = replace(CFG, budget_tokens=2 * 2 * 32, precision="bf16-mixed", grad_checkpointing=True)
-    rec = train.train_arm("cpt", given(tiny_ref, domain, cfg, RunDir(tmp_path)))
+    rec = train.train_arm("cpt", tiny_ref, domain, cfg, RunDir(tmp_path))
     assert rec["optimizer_steps"] == 2 and all(loss == loss for _, loss in rec["loss_curve"])
     from forgetcheck import models
 
@@ -232,7 +231,7 @@ def test_bf16_mixed_and_grad_checkpointing_train(tiny_ref, domain, tmp_path):
 def test_bf16_true_warns(tiny_ref, domain, tmp_path):
     cfg = replace(CFG, budget_tokens=2 * 32, micro_batch=1, precision="bf16-true")
     with pytest.warns(UserWarning, match="bf16-true"):
-        rec = train.train_arm("cpt", given(tiny_ref, domain, cfg, RunDir(tmp_path)))
+        rec = train.train_arm("cpt", tiny_ref, domain, cfg, RunDir(tmp_path))
     assert rec["optimizer_steps"] == 2
 
 
@@ -276,10 +275,10 @@ def test_refuses_when_plan_does_not_fit(tiny_ref, domain, tmp_path, monkeypatch)
 
     monkeypatch.setattr(plan, "device_capacity", lambda device: (1_000_000, "test capacity"))
     with pytest.raises(BadInput, match="does not fit.*--force"):
-        train.train_arm("cpt", given(tiny_ref, domain, CFG, RunDir(tmp_path / "a")))
+        train.train_arm("cpt", tiny_ref, domain, CFG, RunDir(tmp_path / "a"))
     assert not RunDir(tmp_path / "a").train_json("cpt").exists()
-    rec = train.train_arm("cpt", given(tiny_ref, domain, replace(CFG, budget_tokens=64, micro_batch=1, force=True),
-                                       RunDir(tmp_path / "b")))
+    rec = train.train_arm("cpt", tiny_ref, domain, replace(CFG, budget_tokens=64, micro_batch=1, force=True),
+                          RunDir(tmp_path / "b"))
     assert rec["optimizer_steps"] == 2
 
 
@@ -289,8 +288,8 @@ def test_fsdp2_two_processes_match_one_process_on_joined_batch(tiny_ref, domain,
     two = RunDir(tmp_path / "two")
     cfg1 = replace(CFG, budget_tokens=3 * 2 * 32, micro_batch=2, nproc=1)
     cfg2 = replace(CFG, budget_tokens=3 * 2 * 32, micro_batch=1, nproc=2)
-    r1 = train.train_arm("sft", given(tiny_ref, domain, cfg1, one))
-    r2 = train.train_arm("sft", given(tiny_ref, domain, cfg2, two))
+    r1 = train.train_arm("sft", tiny_ref, domain, cfg1, one)
+    r2 = train.train_arm("sft", tiny_ref, domain, cfg2, two)
     assert r1["optimizer_steps"] == r2["optimizer_steps"] == 3
     assert r1["tokens_seen"] == r2["tokens_seen"]
     assert _max_diff(_weights(one.ckpt("sft")), _weights(two.ckpt("sft"))) < 1e-5
@@ -322,13 +321,13 @@ def test_fsdp2_resume_after_crash_matches_uninterrupted(tiny_ref, domain, tmp_pa
 
     cfg = replace(CFG, budget_tokens=4 * 2 * 32, micro_batch=1, nproc=2, save_every=2)
     full = RunDir(tmp_path / "full")
-    train.train_arm("cpt", given(tiny_ref, domain, cfg, full))
+    train.train_arm("cpt", tiny_ref, domain, cfg, full)
     cut = RunDir(tmp_path / "cut")
     monkeypatch.setenv(sharding.FAIL_AT_STEP_ENV, "3")
     with pytest.raises(RuntimeFailure):
-        train.train_arm("cpt", given(tiny_ref, domain, cfg, cut))
+        train.train_arm("cpt", tiny_ref, domain, cfg, cut)
     assert json.loads((checkpoint.resume_dir(cut, "cpt") / "meta.json").read_text())["step"] == 2
     monkeypatch.delenv(sharding.FAIL_AT_STEP_ENV)
-    rec = train.train_arm("cpt", given(tiny_ref, domain, cfg, cut))
+    rec = train.train_arm("cpt", tiny_ref, domain, cfg, cut)
     assert rec["loss_curve"] == json.loads(full.train_json("cpt").read_text())["loss_curve"]
     assert _max_diff(_weights(full.ckpt("cpt")), _weights(cut.ckpt("cpt"))) == 0.0
