@@ -17,8 +17,9 @@ GROUND = ("errors", "config", "rundir", "schema", "device", "console")
 ORDER = GROUND + (
     "gpt2_tokenizer", "models",  # model + data
     "med", "benchdata", "data",
+    "sharding",  # processes: torchrun launching, FSDP2, data-parallel ranks (eval and train use it)
     "suites", "fast_lm", "drift", "evaluation",  # eval
-    "plan", "optim", "checkpoint", "sharding", "train",  # train
+    "plan", "optim", "checkpoint", "train",  # train
     "compare", "gate", "lmeval_samples", "history", "report",  # verdict: JSON only
     "inputs", "check", "pipeline", "cli", "__main__", "__init__",  # commands
 )
