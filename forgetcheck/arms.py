@@ -35,7 +35,8 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-ARM_DATA = {"sft": "sft", "cpt": "cpt", "lora": "sft", "replay": "sft", "freeze": "sft"}
+from forgetcheck.config import ARM_DATA
+
 TRAINED = tuple(ARM_DATA)
 WISE = "wise"
 IGNORE = -100

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from forgetcheck import config as C
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, StageTimer, atomic_write_json, slug, update_manifest
+from forgetcheck.rundir import RunDir, atomic_write_json, slug
+from forgetcheck.schema import StageTimer, update_manifest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RESERVED = ("base",)

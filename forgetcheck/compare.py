@@ -679,9 +679,7 @@ def budget_block(run: RunDir, arms: list[str]) -> dict:
 
 def compare_run(run: RunDir | Path | str, *, alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> dict:
     """Compare every evaluated arm of a run against its base, write `compare.json`, return it."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
-    if not run.root.is_dir():
-        raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by `forgetcheck run`")
+    run = RunDir.existing(run)
     if not run.eval_json("base").exists():
         raise BadInput(f"{run.eval_json('base')} not found: evaluate the base first (`forgetcheck run` or eval)")
     arm_names = _arm_names(run)

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forgetcheck import console
 from forgetcheck.config import EvalConfig, check, forgetcheck_home, to_dict, validate_eval
 from forgetcheck.drift import DRIFT_TOP_K, load_reference, measure_drift
 from forgetcheck.errors import BadInput, RuntimeFailure
 from forgetcheck.models import ModelRef, content_hash
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, package_versions, read_json, read_jsonl
-from forgetcheck.schema import SCHEMA_VERSION
+from forgetcheck.schema import EvalFile, write_eval
 from forgetcheck.suites import TaskSpec, resolve_tasks, select_items
 
 BOOTSTRAP_ITERS = 1000  # acc stderr is closed-form; this only matters for bootstrapped metrics
@@ -159,8 +160,7 @@ class _Model:
             where = self.device
             if self.device_map:
                 where = f"{sorted({str(d) for d in getattr(self._model, 'hf_device_map', {}).values()})} (device map)"
-            print(f"loaded {self.ref.name} on {where} ({self.dtype}) in {time.perf_counter() - t0:.1f} s",
-                  flush=True)
+            console.detail(f"loaded {self.ref.name} on {where} ({self.dtype}) in {time.perf_counter() - t0:.1f} s")
         return self._model, self._tok
 
     @property
@@ -184,7 +184,7 @@ def lm_class(backend: str):
         try:
             from forgetcheck.fast_lm import FastLM
         except ImportError as e:
-            print(f"note: --backend fast unavailable ({e}); using lm-eval's HFLM", flush=True)
+            console.say(f"note: --backend fast unavailable ({e}); using lm-eval's HFLM")
             return HFLM, "hf"
         return FastLM, "fast"
     return HFLM, "hf"
@@ -379,8 +379,7 @@ def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, di
     for p, result, rows in done:
         # a joint pass interleaves its tasks' requests, so the time and rate are the pass's, not the task's own
         if rank == 0:
-            print(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){ranks}{joint}",
-                  flush=True)
+            console.detail(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){ranks}{joint}")
         out_rows.append((p, result, rows, {"cached": False, "wall_s": round(wall, 3), "items": len(rows),
                                            "items_per_s": round(rate, 3), "joint_tasks": len(group),
                                            "joint_items": total, "ranks": world}))
@@ -404,6 +403,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         specs = resolve_tasks(cfg, tasks_dir)
         ref_data = load_reference(reference) if reference is not None else None
         mhash = hashing.result()
+    console.set_total(len(specs) + 1)  # every task, then drift
     versions = _versions()
     runner = _Model(model_ref, device, dtype, cfg, device_map)
     samples_dir = out_file.parent / "samples" / label
@@ -421,11 +421,12 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         if hit is not None:
             result, rows = hit
             backends.add(result.pop("backend_used"))
-            print(f"  {spec.name}: cache hit, {len(rows)} items ({cache_dir() / key})", flush=True)
+            console.detail(f"  {spec.name}: cache hit, {len(rows)} items ({cache_dir() / key})")
+            console.advance()
             timings[spec.name] = {"cached": True, "wall_s": round(time.perf_counter() - t0, 3), "items": len(rows)}
             done[spec.name] = (result, rows)
         else:
-            print(f"  {spec.name}: {n_items} items ({spec.kind}) ...", flush=True)
+            console.detail(f"  {spec.name}: {n_items} items ({spec.kind}) ...")
             missed.append(_Pending(spec, key, indices, n_items))
     rank, world = data_parallel()
     for group in _joint_groups(missed):
@@ -435,6 +436,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
             backends.add(runner.backend_used)
             timings[p.spec.name] = timing
             done[p.spec.name] = (result, rows)
+            console.advance()
     if rank != 0:  # data-parallel: rank 0 holds every row and writes the files
         return {}
     tasks: dict[str, dict] = {}
@@ -446,11 +448,12 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
 
     drift, drift_timing = measure_drift(runner.load, _entry(versions), out_file, label, mhash, specs, ref_data,
                                         device, dtype, tasks_dir)
-    doc: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "eval",
-        "model": {"name": model_ref.name, "path": model_ref.path, "kind": model_ref.kind,
-                  "content_hash": mhash, "random_weights": model_ref.random_weights},
+    console.advance()
+    n_items = sum(t["n"] for t in tasks.values())
+    console.note(f"{len(tasks)} tasks, {n_items:,} items ({sum(bool(t['cached']) for t in timings.values())} "
+                 f"from the cache)" + (f"; KL from base {drift['kl']['mean']:.4f} nats/token" if "kl" in drift else ""))
+    doc: EvalFile = {
+        "model": {**model_ref.to_dict(), "content_hash": mhash},
         "config": to_dict(cfg),
         "limit": cfg.limit,
         "backend": cfg.backend,
@@ -463,15 +466,22 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         "drift": drift,
         "timings": {"tasks": timings, "drift": drift_timing},
     }
-    atomic_write_json(out_file, doc)
-    return doc
+    return dict(write_eval(out_file, doc))
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------
 
 def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", reference: Path | None = None,
-             tasks_dir: Path | None = None, device_map: str | None = None) -> dict:
-    """`forgetcheck eval`: resolve, print the resolved config, evaluate, print a summary table."""
+             tasks_dir: Path | None = None, device_map: str | None = None, verbose: bool = False) -> dict:
+    """`forgetcheck eval`: resolve, print the resolved config, evaluate, print a summary table. The libraries'
+    output goes to `<out folder>/<out stem>.log.txt` (console.py) unless `verbose`."""
+    with console.session(verbose=verbose):
+        return _cmd_eval(model, cfg, out, device=device, reference=reference, tasks_dir=tasks_dir,
+                         device_map=device_map)
+
+
+def _cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str, reference: Path | None,
+              tasks_dir: Path | None, device_map: str | None) -> dict:
     import logging
 
     from forgetcheck import models, sharding
@@ -514,23 +524,26 @@ def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", re
         return {}
     if device_map:
         dev_name = "cuda" if dev_name.startswith("cuda") else dev_name
-    print(f"eval {ref.name} ({ref.path}{', RANDOM WEIGHTS' if ref.random_weights else ''}); {dev.describe()}; "
+    log = Path(out).parent / f"{Path(out).stem}.log.txt"
+    console.log_to(log)
+    console.say(f"eval {ref.name} ({ref.path}{', RANDOM WEIGHTS' if ref.random_weights else ''}); {dev.describe()}; "
           f"suites {','.join(cfg.suites)}; tasks {','.join(cfg.tasks) or 'all of the suites'}; "
           f"limit {cfg.limit if cfg.limit is not None else 'all items'}; backend {cfg.backend}; "
           f"batch size {cfg.batch_size}" + (f"; data-parallel over {ext['world']} processes ({ext['source']})"
-                                            if ext else ""), flush=True)
-    doc = evaluate(ref, cfg, Path(out), device=dev_name, reference=reference, tasks_dir=tasks_dir,
-                   device_map=device_map)
-    print(f"\n{'task':<28} {'suite':<10} {'n':>5} {'metric':<16} {'value':>10} {'stderr':>8}")
+                                            if ext else "") + f"; log: {log}")
+    with console.stage(f"evaluate {ref.name}"):
+        doc = evaluate(ref, cfg, Path(out), device=dev_name, reference=reference, tasks_dir=tasks_dir,
+                       device_map=device_map)
+    console.say(f"{'task':<28} {'suite':<10} {'n':>5} {'metric':<16} {'value':>10} {'stderr':>8}")
     for name, t in doc["tasks"].items():
         m = t["metrics"].get(t["primary_metric"], {})
         se = m.get("stderr")
-        print(f"{name:<28} {t['suite']:<10} {t['n']:>5} {t['primary_metric']:<16} {m.get('value', float('nan')):>10.4f} "
+        console.say(f"{name:<28} {t['suite']:<10} {t['n']:>5} {t['primary_metric']:<16} {m.get('value', float('nan')):>10.4f} "
               f"{'' if se is None else f'{se:.4f}':>8}")
     dr = doc["drift"]
-    line = f"\ndrift text: {dr['text']['source']}; perplexity {dr['perplexity']:.3f}"
+    line = f"drift text: {dr['text']['source']}; perplexity {dr['perplexity']:.3f}"
     if "kl" in dr:
         line += f"; KL(reference || model) {dr['kl']['mean']:.5f} nats/token (top-{DRIFT_TOP_K} + tail, lower bound)"
-    print(line)
-    print(f"wrote {out}")
+    console.say(line)
+    console.say(f"wrote {out}")
     return doc

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from forgetcheck import console
 from forgetcheck.config import forgetcheck_home
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import atomic_write_text, check_output_dir, file_lock, file_sha256, replace_dir
@@ -361,7 +362,7 @@ def _convert_gguf(gguf: Path, folder: Path, tmp: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
-    print(f"converting {gguf.name} to a cached safetensors folder (once; ~20 s) ...", flush=True)
+    console.say(f"converting {gguf.name} to a cached safetensors folder (once; ~20 s) ...")
     src_dir, fname = str(gguf.parent), gguf.name
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
     loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)

@@ -22,8 +22,8 @@ import jinja2
 
 from forgetcheck.errors import BadInput
 from forgetcheck.gate import policy_sentence, signed, verdict_reason
-from forgetcheck.rundir import RunDir, atomic_write_text, read_json
-from forgetcheck.schema import read_compare, read_gate
+from forgetcheck.rundir import RunDir, atomic_write_text
+from forgetcheck.schema import read_compare, read_config_doc, read_gate, read_manifest, read_train
 
 TEMPLATE = "report.html.j2"
 ARM_COLORS = {"sft": "#2563eb", "cpt": "#d97706", "lora": "#059669", "replay": "#7c3aed", "freeze": "#be123c"}
@@ -225,14 +225,10 @@ def forest_scale(compare: dict) -> Scale | None:
 
 # ---- view ----------------------------------------------------------------------------------------------
 
-def _load_optional(path: Path) -> dict | None:
-    return read_json(path) if path.exists() else None
-
-
 def build_view(run: RunDir) -> dict[str, Any]:
     compare = read_compare(run.compare)
-    config = _load_optional(run.config) or {}
-    manifest = _load_optional(run.manifest) or {}
+    config = read_config_doc(run.config) if run.config.exists() else {}
+    manifest = dict(read_manifest(run.manifest)) if run.manifest.exists() else {}
     gate = read_gate(run.gate)
     gate_source = "gate.json"
     arms = list(compare.get("arms") or [])
@@ -242,7 +238,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
     for arm in arms:
         p = run.train_json(arm)
         if p.exists():
-            train[arm] = read_json(p)
+            train[arm] = dict(read_train(p))
     fs = forest_scale(compare)
     rows = []
     for name, t in sorted((compare.get("tasks") or {}).items(), key=lambda kv: (kv[1].get("suite") != "retention",
@@ -382,9 +378,7 @@ def arm_pair_lines(compare: dict) -> list[dict]:
 def write_report(run: RunDir | Path | str) -> Path:
     """Render `report.html` for a run directory from its compare.json and gate.json. Returns its path.
     A missing input is a BadInput naming the command that writes it; nothing is computed or written here."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
-    if not run.root.is_dir():
-        raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by `forgetcheck run`")
+    run = RunDir.existing(run)
     for path, cmd in ((run.compare, "compare"), (run.gate, "gate")):
         if not path.is_file():
             raise BadInput(f"{path} is missing: run `forgetcheck {cmd} {run.root}` first, then `forgetcheck "

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from forgetcheck import config as C
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, read_json
-from forgetcheck.schema import SCHEMA_VERSION
+from forgetcheck.rundir import RunDir
+from forgetcheck.schema import read_train, write_train
 
 IGNORE = -100
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -209,13 +209,12 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<arm>.json and
     returns the record. `on_step(step)` is called after every optimizer step (tests use it to interrupt)."""
     import torch
-    from tqdm.auto import tqdm
 
-    from forgetcheck import arms, checkpoint, models, optim, plan, sharding
+    from forgetcheck import arms, checkpoint, console, models, optim, plan, sharding
     from forgetcheck.device import choose_precision, peak_memory_bytes, reset_peak_memory
 
     main = rank == 0
-    say = print if main else (lambda *a, **k: None)
+    say = console.detail if main else (lambda *a, **k: None)
     steps = optimizer_steps(cfg)
     rows_per_step = cfg.micro_batch * cfg.grad_accum * cfg.nproc
 
@@ -274,8 +273,9 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         f"grad-accum {cfg.grad_accum}, nproc {cfg.nproc})")
     reset_peak_memory(device)
     measured_components = None
-    bar = tqdm(total=steps, initial=state["step"], desc=f"train {arm}", disable=not main, unit="step",
-               dynamic_ncols=True)
+    if main:
+        console.set_total(steps)
+        console.advance(state["step"])
     t0 = time.perf_counter()
     session_tokens = 0
     step_s: list[float] = []
@@ -321,13 +321,14 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         session_tokens += forward
         step_s.append(round(time.perf_counter() - t_step, 4))
         elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{session_tokens / max(elapsed, 1e-9):,.0f}")
-        bar.update(1)
+        if main:
+            console.advance()
+            if step % 10 == 0 or step + 1 == steps:
+                say(f"step {step + 1}/{steps}: loss {loss:.4f}, {session_tokens / max(elapsed, 1e-9):,.0f} tokens/s")
         if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < steps:
             checkpoint.save_resume(rdir, model, optimizer, scheduler, scaler, state, cfg, world=world, rank=rank)
         if on_step is not None:
             on_step(state["step"])
-    bar.close()
     wall = time.perf_counter() - t0
     peak, method = peak_memory_bytes(device)
 
@@ -338,8 +339,6 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     if not main:
         return None
     record = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "train",
         "arm": arm,
         "base": model_ref.name,
         "base_ref": model_ref.to_dict(),
@@ -367,22 +366,23 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         "config": json.loads(json.dumps(C.to_dict(cfg))),  # as read back from train/<arm>.json
         "checkpoint": str(ckpt),
     }
-    atomic_write_json(run.train_json(arm), record)
+    record = dict(write_train(run.train_json(arm), record))
     shutil.rmtree(rdir, ignore_errors=True)
     say(f"{arm}: {state['step']} steps, {state['tokens']['forward']} tokens, final loss "
         f"{state['loss_curve'][-1][1] if state['loss_curve'] else float('nan'):.4f}, {wall:.1f} s; "
         f"checkpoint {ckpt}")
+    console.note(f"{state['step']} steps, final loss {record['loss_curve'][-1][1] if record['loss_curve'] else float('nan'):.4f}, "
+                 f"{record['tokens_per_s']} tokens/s; memory peak {(peak or 0) / 1e9:.2f} GB, planned "
+                 f"{mem_plan['per_device_total'] / 1e9:.2f} GB (weights+grads+optim "
+                 f"{mem_plan['states_bytes'] / 1e9:.2f} GB)")
     return record
 
 
 def _data_path(arm: str, domain) -> Path:
-    from forgetcheck.arms import data_kind
+    from forgetcheck import data
 
-    path = getattr(domain, data_kind(arm), None)
-    if path is None:
-        raise BadInput(f"domain '{domain.name}' has no {data_kind(arm)}.jsonl, so arm '{arm}' cannot train: add the file "
-                       f"or drop the arm with --arms")
-    return Path(path)
+    C.check(data.arm_problems(domain, (arm,)))
+    return Path(getattr(domain, C.ARM_DATA[arm]))
 
 
 def validate(arm: str, cfg: C.TrainConfig, device: str, nnodes: int = 1) -> None:
@@ -401,7 +401,7 @@ def reusable(run: RunDir, arm: str, cfg: C.TrainConfig) -> dict | None:
     """The existing record when train/<arm>.json and its checkpoint are there for this same config."""
     if not (run.train_json(arm).exists() and (run.ckpt(arm) / "config.json").exists()):
         return None
-    record = read_json(run.train_json(arm))
+    record = dict(read_train(run.train_json(arm)))
     if json.loads(json.dumps(record.get("config"))) != json.loads(json.dumps(C.to_dict(cfg))):
         return None
     return record
@@ -437,7 +437,7 @@ def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, d
         return rec if rank == 0 else None
     if cfg.nproc > 1:
         sharding.launch(arm, model_ref, data_path, cfg, run, device, how)
-        return read_json(run.train_json(arm)) if how.node_rank == 0 else None
+        return dict(read_train(run.train_json(arm))) if how.node_rank == 0 else None
     return train_loop(arm, model_ref, data_path, cfg, run, device=device, on_step=on_step)
 
 
@@ -453,7 +453,7 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
 
     from forgetcheck import data as D
     from forgetcheck import models, optim, sharding
-    from forgetcheck.arms import TRAINED, data_kind
+    from forgetcheck.arms import TRAINED
     from forgetcheck.device import choose_device
     from forgetcheck.rundir import check_output_dir
 
@@ -475,10 +475,7 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
         if how.hybrid_shard and ext["nodes"] < 2:
             problems.append(f"--hybrid-shard replicates across nodes, but the {ext['source']} launcher runs one node")
         how = sharding.Launch(nnodes=ext["nodes"], hybrid_shard=how.hybrid_shard)
-    problems += [] if arms else ["--arms is empty: give at least one of sft,cpt"]
-    problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(C.ARMS)}" for a in arms if a not in C.ARMS]
-    if len(set(arms)) != len(arms):
-        problems.append(f"--arms lists an arm twice: {','.join(arms)}")
+    problems += C.validate_arms(arms)
     try:
         check_output_dir(run.root, run_flag)
     except BadInput as e:
@@ -494,8 +491,7 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
     except BadInput as e:
         problems.append(str(e))
     if domain is not None:
-        problems += [f"--data {data} has no {a}.jsonl, so arm '{a}' cannot train: add it or drop the arm with --arms"
-                     for a in arms if a in TRAINED and getattr(domain, data_kind(a)) is None]
+        problems += D.arm_problems(domain, arms)
     problems += [f"arm '{a}' is not trained (it interpolates weights): use `forgetcheck run --arms ...,{a}`"
                  for a in arms if a in C.ARMS and a not in TRAINED]
     try:

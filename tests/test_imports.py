@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "forgetcheck"
 
-GROUND = ("errors", "config", "schema", "rundir", "device")
+GROUND = ("errors", "config", "rundir", "schema", "device", "console")
 """The ground floor: imported by everything, importing only each other (in this order)."""
 
 ORDER = GROUND + (
@@ -21,7 +21,7 @@ ORDER = GROUND + (
     "suites", "fast_lm", "drift", "evaluation",  # eval
     "arms", "plan", "optim", "checkpoint", "train", "interpolate",  # train
     "stats", "compare", "gate", "lmeval_samples", "history", "report",  # verdict: JSON only
-    "check", "pipeline", "cli", "__main__", "__init__",  # commands
+    "inputs", "check", "pipeline", "cli", "__main__", "__init__",  # commands
 )
 """Every module of the package, each after everything it imports."""
 
