@@ -113,7 +113,7 @@ def finish(run: RunDir, gate_cfg: C.GateConfig, started: float | None = None,
            title: str = "compare, gate, report") -> int:
     """Compare, gate, report (pure JSON); print the verdict, the power sentence and what would decide.
     Returns 0: `run` exits 0 once every stage ran (`forgetcheck gate` turns the verdict into an exit code)."""
-    from forgetcheck import compare, gate, report
+    from forgetcheck import compare, gate, report, verdict_text
     from forgetcheck.schema import read_config_doc, read_manifest
 
     with console.stage(title):
@@ -127,9 +127,9 @@ def finish(run: RunDir, gate_cfg: C.GateConfig, started: float | None = None,
             update_manifest(run, timings={"run_sessions": sessions, "run_total": round(sum(sessions), 3)})
     limit = (read_config_doc(run.config).get("eval") or {}).get("limit") if run.config.exists() else None
     console.say(f"report: {report_path}")
-    console.say(f"gate:   {run.gate}  -> {gate_dict['verdict'].upper()}: {gate.verdict_reason(gate_dict)}")
+    console.say(f"gate:   {run.gate}  -> {gate_dict['verdict'].upper()}: {verdict_text.verdict_reason(gate_dict)}")
     console.say(f"power:  {gate_dict['power']['sentence']}")
-    console.say(f"        {gate.decide_hint(gate_dict, limit)}")
+    console.say(f"        {verdict_text.decide_hint(gate_dict, limit)}")
     console.say(f"        (`forgetcheck gate {run.root}` exits 0 pass, 1 fail, 4 inconclusive; `run` exits 0 "
                 f"once every stage ran)")
     return 0

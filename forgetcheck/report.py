@@ -21,9 +21,9 @@ from typing import Any
 import jinja2
 
 from forgetcheck.errors import BadInput
-from forgetcheck.gate import policy_sentence, signed, verdict_reason
 from forgetcheck.rundir import RunDir, atomic_write_text
 from forgetcheck.schema import read_compare, read_config_doc, read_gate, read_manifest, read_train
+from forgetcheck.verdict_text import policy_sentence, signed, verdict_reason
 
 TEMPLATE = "report.html.j2"
 ARM_COLORS = {"sft": "#2563eb", "cpt": "#d97706", "lora": "#059669", "replay": "#7c3aed", "freeze": "#be123c"}
@@ -297,10 +297,10 @@ def build_view(run: RunDir) -> dict[str, Any]:
 def check_sections(run: RunDir) -> dict[str, Any]:
     """What `forgetcheck check` adds (templates/check.html.j2): the comparison against the previous release
     (history.json) and the lm-eval items present on one side only (pairing.json)."""
-    from forgetcheck import history, lmeval_samples
+    from forgetcheck import history, lmeval_pairing
 
-    pairing = lmeval_samples.load_pairing(run.root / "pairing.json")
-    return {"history": history.view(run), "one_sided": lmeval_samples.one_sided_lines(pairing) if pairing else []}
+    pairing = lmeval_pairing.load_pairing(run.root / "pairing.json")
+    return {"history": history.view(run), "one_sided": lmeval_pairing.one_sided_lines(pairing) if pairing else []}
 
 
 # ---- filters -------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_json, git_hash, package_versions, read_json
 
 SCHEMA_VERSION = 1
+PROMPT_CHARS = 600  # tail of each multiple-choice context kept in the per-item record (for flip examples)
+CHOICE_CHARS = 400  # of each choice (a WinoGrande choice is its whole filled-in sentence)
 
 
 class MetricValue(TypedDict):

@@ -1,14 +1,8 @@
 """`forgetcheck train`: full fine-tuning, one plain PyTorch loop for every arm (nanoGPT / LitGPT spirit).
 
-An arm changes only the data and the label mask:
-  * `sft`: each prompt/response pair is rendered with the tokenizer's chat template (a plain
-    "### Instruction / ### Response" template when it has none); loss on the response tokens (and the EOS)
-    only, or on everything with `include_prompt_loss`. Each example is truncated to seq_len.
-  * `cpt`: raw text + EOS, loss on every token.
-
-Both arms then go through the same packer: examples are concatenated, each with its own label mask, and the
-stream is cut into rows of exactly seq_len tokens (TRL's "wrapped" packing). An example that does not fit the
-rest of a row continues in the next row. So every row of both arms is full, no row is padded, and both arms
+An arm changes only the data and the label mask (packing.py: `sft` pairs with the prompt masked, `cpt` raw
+text, `replay` SFT with general text mixed in) and which weights train (arms.py: `lora`, `freeze`). Every row
+of every arm is full (packing.py's wrapped packing), so all arms
 feed exactly seq_len * micro_batch * grad_accum * nproc tokens per optimizer step: with
 steps = budget_tokens // tokens_per_step, their tokens_seen["forward"] are equal (and within one step of the
 budget), and they take the same optimizer steps. The loss is normalised by the label tokens of the whole
@@ -32,114 +26,13 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from forgetcheck import config as C
 from forgetcheck.errors import BadInput
+from forgetcheck.packing import IGNORE, build_rows
 from forgetcheck.rundir import RunDir
 from forgetcheck.schema import read_train, write_train
-
-IGNORE = -100
-PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-
-
-# ---- data: the only place where the arms differ ----------------------------------------------------------
-
-def render_sft(tok, prompt: str, response: str) -> tuple[str, str]:
-    """(prompt text, response text) of one pair: the chat template when the tokenizer has one."""
-    if getattr(tok, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
-        head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-        if full.startswith(head):
-            return head, full[len(head):]
-    return PLAIN_TEMPLATE.format(prompt=prompt), response
-
-
-def sft_example(tok, row: dict, seq_len: int, include_prompt_loss: bool) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one pair: prompt tokens masked (unless include_prompt_loss), EOS appended."""
-    head, tail = render_sft(tok, row["prompt"], row["response"])
-    p = tok(head, add_special_tokens=False)["input_ids"]
-    r = tok(tail, add_special_tokens=False)["input_ids"]
-    if not r or r[-1] != tok.eos_token_id:
-        r = r + [tok.eos_token_id]
-    ids = (p + r)[:seq_len]
-    labels = ((p if include_prompt_loss else [IGNORE] * len(p)) + r)[:seq_len]
-    return ids, labels
-
-
-def cpt_example(tok, row: dict) -> tuple[list[int], list[int]]:
-    ids = tok(row["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return ids, list(ids)
-
-
-@dataclass
-class Rows:
-    """Training rows in the order they are consumed: [n, seq_len] tensors."""
-
-    input_ids: object
-    labels: object
-    attention_mask: object
-    replay: dict | None = None
-    """replay arm: the measured replay share (arms.replay_rows)."""
-
-
-def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int, n_rows: int, seq_len: int,
-         data_seed: int, pad_id: int) -> Rows:
-    """Concatenate examples (shuffled per epoch with data_seed + epoch) and cut the stream into n_rows full
-    rows of seq_len. `example(i)` tokenizes example i (each is tokenized once)."""
-    import torch
-
-    if n_examples == 0:
-        raise BadInput("the training data has no examples: check the domain's sft.jsonl / cpt.jsonl")
-    need = n_rows * seq_len
-    cache: dict[int, tuple[list[int], list[int]]] = {}
-    ids: list[int] = []
-    labels: list[int] = []
-    epoch = 0
-    while len(ids) < need:
-        order = list(range(n_examples))
-        random.Random(data_seed + epoch).shuffle(order)
-        before = len(ids)
-        for i in order:
-            if i not in cache:
-                cache[i] = example(i)
-            a, b = cache[i]
-            ids.extend(a)
-            labels.extend(b)
-            if len(ids) >= need:
-                break
-        if len(ids) == before:
-            raise BadInput("the training data tokenizes to nothing: check the domain's data files")
-        epoch += 1
-    t_ids = torch.tensor(ids[:need], dtype=torch.long).view(n_rows, seq_len)
-    t_lab = torch.tensor(labels[:need], dtype=torch.long).view(n_rows, seq_len)
-    return Rows(t_ids, t_lab, torch.ones_like(t_ids))
-
-
-def build_rows(arm: str, tok, data_path: Path, cfg: C.TrainConfig, n_rows: int) -> Rows:
-    import torch
-
-    from forgetcheck import arms, data
-
-    if arm == "replay":
-        from forgetcheck import general_text
-
-        records = data.read_sft(data_path)
-        pieces = arms.replay_pieces(tok, general_text.load(), max(8, cfg.seq_len // 2), cfg.data_seed)
-        ids, labels, stats = arms.replay_rows(
-            lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),
-            len(records), pieces, cfg.replay_frac, n_rows, cfg.seq_len, cfg.data_seed)
-        return Rows(ids, labels, torch.ones_like(ids), replay=stats)
-    if arms.data_kind(arm) == "sft":
-        records = data.read_sft(data_path)
-        return pack(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),
-                    len(records), n_rows, cfg.seq_len, cfg.data_seed, tok.pad_token_id)
-    records = data.read_cpt(data_path)
-    return pack(lambda i: cpt_example(tok, records[i]), len(records), n_rows, cfg.seq_len, cfg.data_seed,
-                tok.pad_token_id)
-
 
 # ---- one optimizer step's gradient ------------------------------------------------------------------------
 

@@ -15,17 +15,17 @@ GROUND = ("errors", "config", "rundir", "schema", "device", "console")
 """The ground floor: imported by everything, importing only each other (in this order)."""
 
 ORDER = GROUND + (
-    "gpt2_tokenizer", "models",  # model + data
+    "gpt2_tokenizer", "modelfiles", "models",  # model + data
     "med", "benchdata", "general_text", "data",
     "sharding",  # processes: torchrun launching, FSDP2, data-parallel ranks (eval and train use it)
-    "suites", "fast_lm", "drift", "evaluation",  # eval
-    "arms", "plan", "optim", "checkpoint", "train", "interpolate",  # train
-    "stats", "compare", "gate", "lmeval_samples", "history", "report",  # verdict: JSON only
-    "inputs", "check", "pipeline", "cli", "__main__", "__init__",  # commands
+    "suites", "fast_lm", "drift", "records", "evalcache", "evaluation",  # eval
+    "arms", "packing", "plan", "optim", "checkpoint", "train", "interpolate",  # train
+    "stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing", "history", "report",  # verdict: JSON only
+    "inputs", "check", "pipeline", "options", "cli", "__main__", "__init__",  # commands
 )
 """Every module of the package, each after everything it imports."""
 
-NO_TORCH = ("stats", "compare", "gate", "lmeval_samples", "history", "report")
+NO_TORCH = ("stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing", "history", "report")
 
 
 def _imports(path: Path) -> set[str]:
