@@ -347,7 +347,7 @@ def _soft(rows: list[dict]) -> np.ndarray | None:
 # ---- the whole comparison -----------------------------------------------------------------------------------
 
 def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float = 0.05, n_boot: int = 2000,
-                  seed: int = 0, seeds: dict[str, int] | None = None) -> dict:
+                  seed: int = 0) -> dict:
     """Compare eval files (no train files needed): per-task, suite, drift, arm-vs-arm and learn-vs-forget."""
     if not 0 < alpha < 1:
         raise BadInput(f"--alpha must be in (0, 1) (got {alpha})")
@@ -374,7 +374,8 @@ def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float =
         "arms": list(arms),
         "arm_models": {arm: ev.get("model") or {} for arm, (_, ev) in arms.items()},
         "tasks": tasks, "suites": suites, "drift": drift,
-        "arm_vs_arm": rollup.arm_vs_arm(tasks, items, list(arms), alpha, n_boot, seed, seeds or {}),
+        "arm_vs_arm": rollup.arm_vs_arm(tasks, items, list(arms), alpha, n_boot, seed),
+        "seed_groups": rollup.seed_groups(tasks, items, list(arms), alpha, n_boot, seed),
         "summary": rollup.summary(suites, drift, list(arms)),
     }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from forgetcheck.errors import BadInput
@@ -72,6 +72,8 @@ class TrainConfig:
     """Processes for FSDP2 sharding (torchrun; gloo on CPU, nccl on GPU)."""
     seed: int = 0
     data_seed: int = 0
+    seeds: int = 1
+    """Training runs per arm: replica i (label `<arm>_s<i>`, i >= 1) trains with seed + i and data_seed + i."""
     include_prompt_loss: bool = False
     """SFT only: also train on prompt tokens."""
     save_every: int = 0
@@ -181,8 +183,32 @@ def apply_preset(preset: str, train_overrides: dict, eval_overrides: dict) -> tu
     return TrainConfig(**train), EvalConfig(**ev)
 
 
+MAX_SEEDS = 20
+
+
+def replica_label(arm: str, i: int) -> str:
+    """The label of training run i of `arm` (`--seeds`): the arm itself for i = 0, else `<arm>_s<i>`."""
+    return arm if i == 0 else f"{arm}_s{i}"
+
+
+def replica_of(label: str) -> tuple[str, int]:
+    """(arm, replica index) of a label written by `replica_label` (any other label: itself, 0)."""
+    arm, sep, idx = label.rpartition("_s")
+    if sep and arm in ARMS and idx.isdigit() and int(idx) > 0 and str(int(idx)) == idx:
+        return arm, int(idx)
+    return label, 0
+
+
+def replica_config(label: str, t: TrainConfig) -> tuple[str, TrainConfig]:
+    """(arm, the TrainConfig replica `label` trains with: seed and data_seed shifted by its index)."""
+    arm, i = replica_of(label)
+    return arm, (t if i == 0 else replace(t, seed=t.seed + i, data_seed=t.data_seed + i))
+
+
 def validate_train(t: TrainConfig) -> list[str]:
     problems = []
+    if not 1 <= t.seeds <= MAX_SEEDS:
+        problems.append(f"--seeds must be between 1 and {MAX_SEEDS} (got {t.seeds})")
     if t.budget_tokens <= 0:
         problems.append(f"--budget-tokens must be positive (got {t.budget_tokens})")
     if t.seq_len < 8:

@@ -47,6 +47,7 @@ class TrainFlags:
     optim: Annotated[Optional[str], typer.Option("--optim", help="adamw | adamw8bit (torchao, else bitsandbytes)")] = None
     nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes for FSDP2 sharding (torchrun).")] = None
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed and data-order seed.")] = None
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Train each arm K times (data order seed, seed+1, ...); arms are then compared with a two-level bootstrap (seeds, then items). Default 1.")] = None
     include_prompt_loss: Annotated[Optional[bool], typer.Option("--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens.")] = None
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Resumable checkpoint every N steps (0: none).")] = None
     force: Annotated[Optional[bool], typer.Option("--force/--no-force", help="Start even when the memory plan does not fit.")] = None

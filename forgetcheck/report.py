@@ -98,17 +98,30 @@ def wise_alpha(arm: str) -> float | None:
         return None
 
 
+def chart_summary(compare: dict) -> dict:
+    """The learning-vs-forgetting point of each arm: its one training run's, or, with several (`--seeds`),
+    the arm's over all its runs with two-level intervals (the replicas' own points are not drawn)."""
+    out = dict(compare.get("summary") or {})
+    for arm, g in (compare.get("seed_groups") or {}).items():
+        if g.get("seeds", 1) > 1:
+            for label in g["labels"]:
+                out.pop(label, None)
+            out[arm] = {**g["summary"], "seeds": g["seeds"]}
+    return out
+
+
 def learn_forget_chart(compare: dict, colors: dict, wise_from: str | None = None) -> dict | None:
     """Scatter of arms: x = forgetting (retention mean drop), y = learning (domain mean gain), with CIs; the
     front's arms ringed; the interpolation curve base (0, 0) -> wise-<a> by a -> `wise_from` drawn as a line."""
     pts = []
-    for arm, s in (compare.get("summary") or {}).items():
+    for arm, s in chart_summary(compare).items():
         if s.get("forgetting") is None and s.get("learning") is None:
             continue
         f, ln = s.get("forgetting") or 0.0, s.get("learning") or 0.0
         pts.append({"arm": arm, "f": f, "l": ln, "fci": s.get("forgetting_ci") or [f, f],
                     "lci": s.get("learning_ci") or [ln, ln], "color": colors[arm],
-                    "f_missing": s.get("forgetting") is None, "l_missing": s.get("learning") is None})
+                    "f_missing": s.get("forgetting") is None, "l_missing": s.get("learning") is None,
+                    "seeds": s.get("seeds", 1)})
     if not pts:
         return None
     w, h, ml, mr, mt, mb = 560, 340, 64, 24, 20, 52

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from forgetcheck.config import replica_of
 from forgetcheck.stats import (
     estimate_from_dict,
     holm,
@@ -19,6 +20,7 @@ from forgetcheck.stats import (
     paired_binary,
     paired_mean,
     ratio_rise,
+    two_level_diff,
 )
 
 
@@ -147,51 +149,122 @@ def drift_block(tasks: dict, arm: str, arm_eval: dict, base_eval: dict, *, alpha
             "notes": notes}
 
 
-def arm_vs_arm(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot: int, seed: int,
-                seeds: dict[str, int]) -> dict:
+def replica_groups(arms: list[str]) -> dict[str, list[str]]:
+    """Each arm's training runs (`--seeds`): {arm: [arm, arm_s1, ...]} in the order given."""
+    groups: dict[str, list[str]] = {}
+    for label in arms:
+        groups.setdefault(replica_of(label)[0], []).append(label)
+    return groups
+
+
+def _aligned(items_t: dict, labels: list[str], metric: str):
+    """([runs, items] scores of `labels`, [1, items] base scores, clusters) on the items every label has,
+    in the first label's order; None when a label lacks per-item `metric` scores for the task."""
+    its = [items_t.get(label) for label in labels]
+    if any(it is None or metric not in it for it in its):
+        return None
+    common = set(its[0]["keys"]).intersection(*(set(it["keys"]) for it in its[1:]))
+    order = [k for k in its[0]["keys"] if k in common]
+    if not order:
+        return None
+    idx = [[{k: j for j, k in enumerate(it["keys"])}[k] for k in order] for it in its]
+    runs = np.stack([it[metric][1][ix] for it, ix in zip(its, idx)])
+    base = its[0][metric][0][idx[0]][None, :]
+    cl = its[0]["clusters"][idx[0]] if its[0]["clusters"] is not None else None
+    return runs, base, cl
+
+
+def _suite_tasks(tasks: dict, suite: str) -> list[str]:
+    """The tasks a suite mean is over: points tasks, informative ones for retention."""
+    return [n for n, t in tasks.items() if t["suite"] == suite and t["unit"] == "points"
+            and (suite != "retention" or t["informative"]["value"])]
+
+
+def seed_groups(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot: int, seed: int) -> dict | None:
+    """With several training runs per arm (`--seeds K`): per arm, the change of each suite mean against the
+    base with a two-level bootstrap (runs, then items), and the learning-vs-forgetting point it gives. None
+    when every arm was trained once."""
+    groups = replica_groups(arms)
+    if all(len(labels) < 2 for labels in groups.values()):
+        return None
+    out = {}
+    for arm, labels in groups.items():
+        entry: dict[str, Any] = {"labels": labels, "seeds": len(labels), "suites": {}}
+        for suite in ("retention", "domain"):
+            for metric in ("acc", "soft"):
+                parts = [(n, _aligned(items[n], labels, metric)) for n in _suite_tasks(tasks, suite)]
+                parts = [(n, p) for n, p in parts if p is not None]
+                if not parts:
+                    continue
+                est = two_level_diff([p[0] for _, p in parts], [p[1] for _, p in parts], [p[2] for _, p in parts],
+                                     n_boot=n_boot, seed=seed, key=f"group\x1f{arm}\x1f{suite}\x1f{metric}")
+                entry["suites"].setdefault(suite, {})[metric] = {**est.to_dict(alpha), "tasks": [n for n, _ in parts]}
+        ret = (entry["suites"].get("retention") or {}).get("acc")
+        dom = (entry["suites"].get("domain") or {}).get("acc")
+        entry["summary"] = {
+            "forgetting": 0.0 - ret["point"] if ret else None,
+            "forgetting_ci": [0.0 - ret["ci"][1], 0.0 - ret["ci"][0]] if ret else None,
+            "learning": dom["point"] if dom else None,
+            "learning_ci": dom["ci"] if dom else None,
+        }
+        out[arm] = entry
+    return out
+
+
+def arm_vs_arm(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot: int, seed: int) -> dict:
     """Each pair of arms on the same items: (arm a's score) - (arm b's score), per task and per suite mean,
-    for accuracy and soft accuracy (positive: a kept or learned more). The statement is about the training
-    runs compared: with one seed per arm, about that seed."""
+    for accuracy and soft accuracy (positive: a kept or learned more). With one training run per arm the
+    statement is about those two runs; with several (`--seeds`), each side is all of its arm's runs and the
+    interval comes from a two-level bootstrap (runs, then items), so it is about the methods."""
+    groups = replica_groups(arms)
+    multi = any(len(labels) > 1 for labels in groups.values())
+    sides = list(groups.items()) if multi else [(a, [a]) for a in arms]
     pairs = []
-    for i, a in enumerate(arms):
-        for b in arms[i + 1:]:
+    for i, (a, la) in enumerate(sides):
+        for b, lb in sides[i + 1:]:
             per_task: dict[str, dict] = {}
+            joint: dict[str, dict] = {"acc": {}, "soft": {}}
             for n, t in tasks.items():
-                ia, ib = items[n].get(a), items[n].get(b)
-                if t["unit"] != "points" or not ia or not ib:
+                if t["unit"] != "points":
                     continue
-                ka = {k: j for j, k in enumerate(ia["keys"])}
-                common = [(ka[k], j) for j, k in enumerate(ib["keys"]) if k in ka]
-                if not common:
-                    continue
-                xa, xb = [c[0] for c in common], [c[1] for c in common]
-                cl = ib["clusters"][xb] if ib["clusters"] is not None else None
                 entry = {}
                 for metric in ("acc", "soft"):
-                    if metric not in ia or metric not in ib:
+                    al = _aligned(items[n], la + lb, metric)
+                    if al is None:
                         continue
-                    va, vb = ia[metric][1][xa], ib[metric][1][xb]
-                    if metric == "acc" and np.isin(va, (0.0, 1.0)).all() and np.isin(vb, (0.0, 1.0)).all():
-                        est = paired_binary(vb.astype(bool), va.astype(bool), cl)
+                    runs, _, cl = al
+                    xa, xb = runs[:len(la)], runs[len(la):]
+                    joint[metric][n] = (xa, xb, cl)
+                    if multi:
+                        est = two_level_diff([xa], [xb], [cl], n_boot=n_boot, seed=seed,
+                                             key=f"{n}\x1f{a}-{b}\x1f{metric}")
+                    elif metric == "acc" and np.isin(xa, (0.0, 1.0)).all() and np.isin(xb, (0.0, 1.0)).all():
+                        est = paired_binary(xb[0].astype(bool), xa[0].astype(bool), cl)
                     else:
-                        est = paired_mean(vb, va, cl, n_boot=n_boot, seed=seed, key=f"{n}\x1f{a}-{b}\x1f{metric}")
+                        est = paired_mean(xb[0], xa[0], cl, n_boot=n_boot, seed=seed, key=f"{n}\x1f{a}-{b}\x1f{metric}")
                     entry[metric] = est.to_dict(alpha)
-                per_task[n] = entry
+                if entry:
+                    per_task[n] = entry
             suites: dict[str, dict] = {}
             for suite in ("retention", "domain"):
-                s_tasks = [n for n in per_task if tasks[n]["suite"] == suite
-                           and (suite != "retention" or tasks[n]["informative"]["value"])]
+                s_tasks = [n for n in _suite_tasks(tasks, suite) if n in per_task]
                 for metric in ("acc", "soft"):
-                    ests = [per_task[n].get(metric) for n in s_tasks]
-                    if s_tasks and all(e is not None for e in ests):
-                        suites.setdefault(suite, {})[metric] = {
-                            **mean_of_estimates([estimate_from_dict(e) for e in ests]).to_dict(alpha),
-                            "tasks": s_tasks}
-            n_seeds = min(seeds.get(a, 1), seeds.get(b, 1))
-            pairs.append({"a": a, "b": b, "tasks": per_task, "suites": suites, "seeds": n_seeds,
+                    if not s_tasks or any(per_task[n].get(metric) is None for n in s_tasks):
+                        continue
+                    if multi:
+                        parts = [joint[metric][n] for n in s_tasks]
+                        est = two_level_diff([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts],
+                                             n_boot=n_boot, seed=seed, key=f"{suite}\x1f{a}-{b}\x1f{metric}")
+                    else:
+                        est = mean_of_estimates([estimate_from_dict(per_task[n][metric]) for n in s_tasks])
+                    suites.setdefault(suite, {})[metric] = {**est.to_dict(alpha), "tasks": s_tasks}
+            n_seeds = min(len(la), len(lb))
+            pairs.append({"a": a, "b": b, "a_runs": la, "b_runs": lb, "tasks": per_task, "suites": suites,
+                          "seeds": n_seeds,
                           "note": ("rests on one training seed per arm: it compares these two training runs, "
                                    "not the methods (train with --seeds K to compare methods)")
-                          if n_seeds <= 1 else f"{n_seeds} training seeds per arm"})
+                          if n_seeds <= 1 else f"{n_seeds} training seeds per arm; two-level bootstrap "
+                                               f"(seeds, then items)"})
     return {"pairs": pairs}
 
 

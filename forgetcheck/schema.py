@@ -126,6 +126,7 @@ class CompareFile(TypedDict, total=False):
     suites: dict[str, dict[str, Any]]  # per suite: means{acc|soft}{informative|all}{arm: estimate}
     drift: dict[str, dict[str, Any]]  # per arm: ppl_rise, kl_mean (estimates), perplexity tasks, kl
     arm_vs_arm: dict[str, Any]
+    seed_groups: dict[str, Any] | None  # --seeds K: per arm, its runs and two-level suite estimates
     summary: dict[str, dict[str, Any]]
     run_id: str
     budget: dict[str, Any]

@@ -97,15 +97,17 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
+def train_loop(label: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
                rank: int = 0, world: int = 1, hybrid_nodes: int = 0, on_step: Callable[[int], None] | None = None) -> dict | None:
-    """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<arm>.json and
-    returns the record. `on_step(step)` is called after every optimizer step (tests use it to interrupt)."""
+    """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<label>.json and
+    returns the record. `label` is the arm, or one of its `--seeds` replicas (`<arm>_s<i>`: seed and data
+    order shifted by i). `on_step(step)` is called after every optimizer step (tests use it to interrupt)."""
     import torch
 
     from forgetcheck import arms, checkpoint, console, models, optim, plan, sharding
     from forgetcheck.device import choose_precision, peak_memory_bytes, reset_peak_memory
 
+    arm, cfg = C.replica_config(label, cfg)
     main = rank == 0
     say = console.detail if main else (lambda *a, **k: None)
     steps = optimizer_steps(cfg)
@@ -156,12 +158,12 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
 
     # resume
     state = {"step": 0, "loss_curve": [], "lr_curve": [], "tokens": {"forward": 0, "padding": 0, "label": 0}}
-    rdir = checkpoint.resume_dir(run, arm)
+    rdir = checkpoint.resume_dir(run, label)
     if checkpoint.has_resume(rdir, cfg):
         state = checkpoint.load_resume(rdir, model, optimizer, scheduler, scaler, world=world, rank=rank)
-        say(f"resumed {arm} from step {state['step']} of {steps} ({rdir})")
+        say(f"resumed {label} from step {state['step']} of {steps} ({rdir})")
 
-    say(f"training {arm}: {steps} optimizer steps x {tokens_per_step(cfg)} tokens "
+    say(f"training {label}: {steps} optimizer steps x {tokens_per_step(cfg)} tokens "
         f"(budget {cfg.budget_tokens} tokens, seq-len {cfg.seq_len}, micro-batch {cfg.micro_batch}, "
         f"grad-accum {cfg.grad_accum}, nproc {cfg.nproc})")
     reset_peak_memory(device)
@@ -225,14 +227,16 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     wall = time.perf_counter() - t0
     peak, method = peak_memory_bytes(device)
 
-    ckpt = run.ckpt(arm)
+    ckpt = run.ckpt(label)
     if main:
         model = arms.finish_model(arm, model, ckpt)  # lora: adapter saved, then merged into the base weights
-    checkpoint.save_hf_checkpoint(model, tok, ckpt, model_ref, arm, world=world, rank=rank)
+    checkpoint.save_hf_checkpoint(model, tok, ckpt, model_ref, label, world=world, rank=rank)
     if not main:
         return None
     record = {
-        "arm": arm,
+        "arm": label,
+        "method": arm,
+        "replica": C.replica_of(label)[1],
         "base": model_ref.name,
         "base_ref": model_ref.to_dict(),
         "random_weights": model_ref.random_weights,
@@ -259,9 +263,9 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         "config": json.loads(json.dumps(C.to_dict(cfg))),  # as read back from train/<arm>.json
         "checkpoint": str(ckpt),
     }
-    record = dict(write_train(run.train_json(arm), record))
+    record = dict(write_train(run.train_json(label), record))
     shutil.rmtree(rdir, ignore_errors=True)
-    say(f"{arm}: {state['step']} steps, {state['tokens']['forward']} tokens, final loss "
+    say(f"{label}: {state['step']} steps, {state['tokens']['forward']} tokens, final loss "
         f"{state['loss_curve'][-1][1] if state['loss_curve'] else float('nan'):.4f}, {wall:.1f} s; "
         f"checkpoint {ckpt}")
     console.note(f"{state['step']} steps, final loss {record['loss_curve'][-1][1] if record['loss_curve'] else float('nan'):.4f}, "
@@ -271,18 +275,20 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
     return record
 
 
-def _data_path(arm: str, domain) -> Path:
+def _data_path(label: str, domain) -> Path:
     from forgetcheck import data
 
+    arm = C.replica_of(label)[0]
     C.check(data.arm_problems(domain, (arm,)))
     return Path(getattr(domain, C.ARM_DATA[arm]))
 
 
-def validate(arm: str, cfg: C.TrainConfig, device: str, nnodes: int = 1) -> None:
+def validate(label: str, cfg: C.TrainConfig, device: str, nnodes: int = 1) -> None:
     """Every problem with this training request, raised at once before anything heavy starts."""
     from forgetcheck import optim
     from forgetcheck.arms import TRAINED
 
+    arm = C.replica_of(label)[0]
     problems = [] if arm in TRAINED else [f"unknown arm '{arm}' to train: choose from {', '.join(TRAINED)}"]
     if arm == "lora" and cfg.nproc > 1:
         problems.append("--arms lora with --nproc > 1: LoRA under FSDP2 is not supported; use --nproc 1")
@@ -290,11 +296,12 @@ def validate(arm: str, cfg: C.TrainConfig, device: str, nnodes: int = 1) -> None
     C.check(problems + C.validate_train(cfg) + optim.check_combination(cfg, device, per_node))
 
 
-def reusable(run: RunDir, arm: str, cfg: C.TrainConfig) -> dict | None:
-    """The existing record when train/<arm>.json and its checkpoint are there for this same config."""
-    if not (run.train_json(arm).exists() and (run.ckpt(arm) / "config.json").exists()):
+def reusable(run: RunDir, label: str, cfg: C.TrainConfig) -> dict | None:
+    """The existing record when train/<label>.json and its checkpoint are there for this same config."""
+    if not (run.train_json(label).exists() and (run.ckpt(label) / "config.json").exists()):
         return None
-    record = dict(read_train(run.train_json(arm)))
+    _, cfg = C.replica_config(label, cfg)
+    record = dict(read_train(run.train_json(label)))
     if json.loads(json.dumps(record.get("config"))) != json.loads(json.dumps(C.to_dict(cfg))):
         return None
     return record
@@ -302,7 +309,8 @@ def reusable(run: RunDir, arm: str, cfg: C.TrainConfig) -> dict | None:
 
 def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
               on_step: Callable[[int], None] | None = None, how=None) -> dict | None:
-    """Train `arm` of `run` on `domain` from `model_ref`; writes run.train_json(arm) and run.ckpt(arm) and
+    """Train `arm` (or its replica label `<arm>_s<i>`, config.replica_label) of `run` on `domain` from
+    `model_ref`; writes run.train_json(arm) and run.ckpt(arm) and
     returns the record. Reuses a finished arm; resumes an interrupted one from run.ckpt(arm)/../<arm>.resume/.
     With cfg.nproc > 1 the loop runs under torchrun (FSDP2): launched here (`how`: a sharding.Launch, for
     several nodes), or, when this process is already one rank of an external launcher (torchrun, srun), run
@@ -412,7 +420,8 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
         say(f"NOTE: --base {base} has RANDOM WEIGHTS: plumbing only")
     records = []
     for arm in arms:
-        records.append(train_arm(arm, model_ref, domain, cfg, run, device=dev.device, how=how))
+        for i in range(cfg.seeds):
+            records.append(train_arm(C.replica_label(arm, i), model_ref, domain, cfg, run, device=dev.device, how=how))
     records = [r for r in records if r is not None]
     for r in records:
         print(f"{r['arm']}: {r['optimizer_steps']} steps, tokens forward {r['tokens_seen']['forward']} "
