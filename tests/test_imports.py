@@ -15,17 +15,20 @@ GROUND = ("errors", "config", "rundir", "schema", "device", "console")
 """The ground floor: imported by everything, importing only each other (in this order)."""
 
 ORDER = GROUND + (
+    "forecast",  # pure numpy/scipy: fits curves' forgetting series (curves.py), imports nothing of ours
     "gpt2_tokenizer", "modelfiles", "models",  # model + data
     "med", "benchdata", "general_text", "data",
     "sharding",  # processes: torchrun launching, FSDP2, data-parallel ranks (eval and train use it)
-    "suites", "fast_lm", "drift", "records", "evalcache", "evaluation",  # eval
+    "suites", "fast_lm", "drift", "curves", "records", "evalcache", "evaluation",  # eval; curves: signals during training
     "arms", "packing", "plan", "optim", "checkpoint", "train", "interpolate",  # train
-    "stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing", "history", "report",  # verdict: JSON only
+    "stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing",
+    "history", "report",  # verdict: JSON only
     "inputs", "check", "pipeline", "options", "cli", "__main__", "__init__",  # commands
 )
 """Every module of the package, each after everything it imports."""
 
-NO_TORCH = ("stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing", "history", "report")
+NO_TORCH = ("forecast", "stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples",
+            "lmeval_pairing", "history", "report")
 
 
 def _imports(path: Path) -> set[str]:
