@@ -12,7 +12,8 @@ on medical text), tasks drawn from Wikipedia claims (the drift text is Wikipedia
 Each task is scored on a fixed seeded sample of up to `--items` examples the way lm-eval's multiple-choice
 tasks score: the log-likelihood of each choice (" " + choice) after the context, through forgetcheck's FastLM
 (lm-eval's HFLM scoring). acc takes the highest log-likelihood, acc_norm the highest per character. The
-context is BIG-bench's own zero-shot prompt: task_prefix + example_input_prefix + input + example_output_prefix
+context is BIG-bench's own zero-shot prompt (`forgetcheck.benchdata.bigbench_prompt`, which also builds the
+tasks' data): task_prefix + example_input_prefix + input + example_output_prefix
 (defaults "\\nQ: " and "\\nA: "), or, for a cloze input that ends in a space ("The athlete "), task_prefix +
 input. Printed per task: n, acc, acc_norm, chance (mean 1/#choices), the one-sided exact binomial p of acc
 against chance (scipy.stats.binomtest) at n, the p expected at 50 items (the same accuracy at n = 50), the
@@ -72,7 +73,8 @@ def _is_english_lang(name: str) -> bool:
 
 
 def candidates(sdist: Path, only: set[str] | None) -> dict[str, dict]:
-    """task path (under benchmark_tasks/) -> {keywords, prefix, input_prefix, output_prefix, items}."""
+    """task path (under benchmark_tasks/) -> {keywords, task_prefix, example_input_prefix,
+    example_output_prefix, items}."""
     out = {}
     with tarfile.open(sdist, "r:gz") as tar:
         for m in tar:
@@ -100,22 +102,17 @@ def candidates(sdist: Path, only: set[str] | None) -> dict[str, dict]:
             if only is None and (max(len(i["choices"]) for i in items) > MAX_CHOICES
                                  or statistics.median(len(i["input"]) for i in items) > MAX_MEDIAN_INPUT):
                 continue
-            out[name] = {"keywords": doc.get("keywords", []), "prefix": doc.get("task_prefix") or "",
-                         "input_prefix": doc.get("example_input_prefix"),
-                         "output_prefix": doc.get("example_output_prefix"), "items": items}
+            out[name] = {"keywords": doc.get("keywords", []), "task_prefix": doc.get("task_prefix"),
+                         "example_input_prefix": doc.get("example_input_prefix"),
+                         "example_output_prefix": doc.get("example_output_prefix"), "items": items}
     return out
 
 
 def context_of(task: dict, item: dict) -> str:
-    """BIG-bench's zero-shot prompt for one item (a cloze input continues directly)."""
-    inp = item["input"]
-    if inp.endswith(" ") and task["input_prefix"] is None and task["output_prefix"] is None:
-        text = task["prefix"] + inp
-    else:
-        ip = "\nQ: " if task["input_prefix"] is None else task["input_prefix"]
-        op = "\nA: " if task["output_prefix"] is None else task["output_prefix"]
-        text = task["prefix"] + ip + inp + op
-    return text.strip()
+    """BIG-bench's zero-shot prompt for one item: the same function builds forgetcheck's task data."""
+    from forgetcheck.benchdata import bigbench_prompt
+
+    return bigbench_prompt(task, item["input"])
 
 
 def sample(items: list, n: int, salt: str) -> list:

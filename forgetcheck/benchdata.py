@@ -67,14 +67,19 @@ BIGBENCH_MEMBERS = {
 SMALL_MODEL_TASKS: dict[str, dict[str, str]] = {
     "subject_verb_agreement": {"nounpp": "subject_verb_agreement/nounpp_english.json",
                                "namepp": "subject_verb_agreement/namepp_english.json"},
-    "unit_conversion": {"unit_identification": "unit_conversion/unit_identification/task.json",
-                        "different_systems": "unit_conversion/different_systems/task.json"},
+    "unit_identification": {"unit_identification": "unit_conversion/unit_identification/task.json"},
+    "unit_conversion": {"different_systems": "unit_conversion/different_systems/task.json"},
     "metaphor_understanding": {"lit2met": "metaphor_understanding/lit2met/task.json",
                                "met2lit": "metaphor_understanding/met2lit/task.json"},
     "wikihow_step_inference": {"step_inference": "goal_step_wikihow/step_inference/task.json"},
-    "arithmetic_1digit": {"addition": "arithmetic/1_digit_addition/task.json",
-                          "subtraction": "arithmetic/1_digit_subtraction/task.json",
-                          "multiplication": "arithmetic/1_digit_multiplication/task.json"},
+    "unscramble_words": {"reorder_words": "undo_permutation/reorder_words/task.json"},
+    "movie_recommendation": {"movie_recommendation": "movie_recommendation/task.json"},
+    "ruin_names": {"ruin_names": "ruin_names/task.json"},
+    "phrase_relatedness": {"phrase_relatedness": "phrase_relatedness/task.json"},
+    "emoji_movie": {"emoji_movie": "emoji_movie/task.json"},
+    "arithmetic_addition": {"1_digit_addition": "arithmetic/1_digit_addition/task.json"},
+    "arithmetic_subtraction": {"1_digit_subtraction": "arithmetic/1_digit_subtraction/task.json"},
+    "arithmetic_multiplication": {"1_digit_multiplication": "arithmetic/1_digit_multiplication/task.json"},
 }
 for _file, _subtasks in SMALL_MODEL_TASKS.items():
     for _sub, _rel in _subtasks.items():

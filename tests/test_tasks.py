@@ -140,29 +140,38 @@ def test_every_task_loads_and_scores_in_lm_eval(bench, tiny_ref):
 
 
 SMALL_MODEL = {  # task -> (data file, subtasks, items, chance)
-    "fc_subject_verb_agreement": ("subject_verb_agreement", {"nounpp", "namepp"}, 2000, 0.5),
-    "fc_unit_conversion": ("unit_conversion", {"unit_identification", "different_systems"}, 2000, 0.2667),
-    "fc_metaphor_understanding": ("metaphor_understanding", {"lit2met", "met2lit"}, 234, 0.25),
-    "fc_wikihow_step_inference": ("wikihow_step_inference", {"step_inference"}, 1000, 0.25),
-    "fc_arithmetic_1digit": ("arithmetic_1digit", {"addition", "subtraction", "multiplication"}, 300, 0.1573),
+    "fc_subject_verb_agreement": ("subject_verb_agreement", ["namepp", "nounpp"], 2000, 0.5),
+    "fc_metaphor_understanding": ("metaphor_understanding", ["lit2met", "met2lit"], 234, 0.25),
+    "fc_unit_identification": ("unit_identification", ["unit_identification"], 1000, 0.3333),
+    "fc_unit_conversion": ("unit_conversion", ["different_systems"], 1000, 0.2),
+    "fc_wikihow_step_inference": ("wikihow_step_inference", ["step_inference"], 1000, 0.25),
+    "fc_unscramble_words": ("unscramble_words", ["reorder_words"], 100, 0.1247),
+    "fc_movie_recommendation": ("movie_recommendation", ["movie_recommendation"], 500, 0.25),
+    "fc_ruin_names": ("ruin_names", ["ruin_names"], 448, 0.2502),
+    "fc_phrase_relatedness": ("phrase_relatedness", ["phrase_relatedness"], 100, 0.25),
+    "fc_emoji_movie": ("emoji_movie", ["emoji_movie"], 100, 0.2),
+    "fc_arithmetic_addition": ("arithmetic_addition", ["1_digit_addition"], 100, 0.1579),
+    "fc_arithmetic_subtraction": ("arithmetic_subtraction", ["1_digit_subtraction"], 100, 0.159),
+    "fc_arithmetic_multiplication": ("arithmetic_multiplication", ["1_digit_multiplication"], 100, 0.1552),
 }
 
 
 def test_small_model_tasks_build_as_bigbench_prompts(bench):
     assert set(SMALL_MODEL) <= set(benchdata.suite_tasks("retention"))
+    assert {f"fc_{f}" for f in benchdata.SMALL_MODEL_TASKS} == set(SMALL_MODEL)
     for name, (fname, subtasks, items, chance) in SMALL_MODEL.items():
         rows = _lines(benchdata.bench_dir() / f"{fname}.jsonl")
         info = benchdata.task_info(name)
         assert info["items"] == len(rows) == items == bench["files"][f"{fname}.jsonl"]["items"], name
         assert info["chance"] == chance == bench["files"][f"{fname}.jsonl"]["chance"], name
-        assert {r["subtask"] for r in rows} == subtasks, name
+        assert {r["subtask"] for r in rows} == set(subtasks), name
         for r in rows:
             assert 0 <= r["label"] < len(r["choices"]) and len(set(r["choices"])) == len(r["choices"]) >= 2
             assert r["query"] == r["query"].strip() and all(c == c.strip() and c for c in r["choices"])
     # the prompt is BIG-bench's own: a cloze input continues directly, others get its Q:/A: defaults
     svA = _lines(benchdata.bench_dir() / "subject_verb_agreement.jsonl")[0]
     assert not svA["query"].startswith("Q:") and svA["choices"][svA["label"]].endswith("s")
-    arith = _lines(benchdata.bench_dir() / "arithmetic_1digit.jsonl")
+    arith = _lines(benchdata.bench_dir() / "arithmetic_addition.jsonl")
     assert arith[0]["query"].startswith("Q: What is ") and arith[0]["query"].endswith("\nA:")
     assert benchdata.bigbench_prompt({"task_prefix": "Say:"}, "x y ") == "Say:x y"
     assert benchdata.bigbench_prompt({"example_output_prefix": "\nIntent: "}, "Utterance: hi") == "Q: Utterance: hi\nIntent:"
