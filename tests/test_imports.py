@@ -15,17 +15,18 @@ GROUND = ("errors", "config", "schema", "rundir", "device")
 """The ground floor: imported by everything, importing only each other (in this order)."""
 
 ORDER = GROUND + (
+    "forecast",  # pure numpy/scipy: fits curves' forgetting series (curves.py), imports nothing of ours
     "gpt2_tokenizer", "models",  # model + data
     "med", "benchdata", "general_text", "data",
     "sharding",  # processes: torchrun launching, FSDP2, data-parallel ranks (eval and train use it)
-    "suites", "fast_lm", "drift", "evaluation",  # eval
+    "suites", "fast_lm", "drift", "curves", "evaluation",  # eval; curves: signals during training
     "arms", "plan", "optim", "checkpoint", "train", "interpolate",  # train
     "stats", "compare", "gate", "lmeval_samples", "history", "report",  # verdict: JSON only
     "check", "pipeline", "cli", "__main__", "__init__",  # commands
 )
 """Every module of the package, each after everything it imports."""
 
-NO_TORCH = ("stats", "compare", "gate", "lmeval_samples", "history", "report")
+NO_TORCH = ("forecast", "stats", "compare", "gate", "lmeval_samples", "history", "report")
 
 
 def _imports(path: Path) -> set[str]:

@@ -1,0 +1,77 @@
+"""What curves.py costs against training: seconds per curve point and per optimizer step, and the schedule
+`plan_schedule` picks so that all points stay within 25% of an arm's training time.
+
+    python bench/curve_overhead.py [--model smollm2-135m] [--items 32] [--tokens 1024] [--preset quick]
+                                   [--device cpu|cuda] [--repeats 2]
+
+A point is measured at the given sizes on the base model (general text: drift.py's built-in paragraphs
+repeated to length; domain text: med-like sentences; items: MMLU-shaped synthetic 4-choice prompts of about
+150 tokens, bench/fast_lm_throughput.py's); a training step is one AdamW step (fp32) on micro_batch x seq_len
+tokens of the preset, repeated `--repeats` times after one warm-up step. Prints the medians and the schedule
+for the preset's budget (config.py's PRESET_VALUES).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--items", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+
+    import torch
+    from fast_lm_throughput import make_items
+
+    from forgetcheck import curves, models
+    from forgetcheck.config import PRESET_VALUES
+    from forgetcheck.drift import BUILTIN_DRIFT_TEXT
+
+    tr = PRESET_VALUES[a.preset]["train"]
+    model, tok = models.load(models.resolve(a.model), device=a.device)
+    general = list(BUILTIN_DRIFT_TEXT) * 8
+    domain = ["The patient presented with fever and a dry cough for three days; chest examination was normal, "
+              "and rest, fluids and paracetamol were advised with a follow-up visit after one week."] * 40
+    pool = [(prompt, [" " + o for o in opts], i % 4) for i, (prompt, opts) in enumerate(make_items(a.items))]
+    items = curves.choose_items({"mmlu_like": pool}, a.items)
+    ref = curves.build_reference(model, tok, general, domain, items, n_tokens=a.tokens)
+    point_s = []
+    for _ in range(a.repeats):
+        point_s.append(curves.measure_point(model, tok, ref, tokens=0, step=0).measure_s)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    x = torch.randint(0, model.config.vocab_size, (tr["micro_batch"], tr["seq_len"]), device=a.device)
+    model.train()
+    step_s = []
+    for i in range(a.repeats + 1):
+        t0 = time.perf_counter()
+        for _ in range(tr.get("grad_accum", 1)):
+            model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            step_s.append(time.perf_counter() - t0)
+    steps = tr["budget_tokens"] // (tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1))
+    p, s = statistics.median(point_s), statistics.median(step_s)
+    sched = curves.plan_schedule(steps, s, p, n_items=a.items, n_tokens=a.tokens)
+    print(f"{a.model} on {a.device}, preset {a.preset}: {steps} steps of {s:.2f} s (train {steps * s:.0f} s); "
+          f"one point ({a.tokens} tokens x 2 texts, {a.items} items) {p:.2f} s")
+    print(f"schedule: {len(sched.steps)} points at steps {sched.steps}, {sched.n_items} items, {sched.n_tokens} "
+          f"tokens, overhead {sched.overhead_s:.0f} s = {sched.overhead_fraction:.0%} of training"
+          + (f" ({sched.note})" if sched.note else ""))
+
+
+if __name__ == "__main__":
+    main()
