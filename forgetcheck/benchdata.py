@@ -62,7 +62,7 @@ BIGBENCH_MEMBERS = {
     "squad_new_wiki": "squad_shifts/new_wiki_v1.0.json",
 }
 # Retention tasks that a small model (smollm2-135m) scores clearly above chance at 50 items, chosen by
-# bench/task_screen.py (tasks/README.md has the screen). Output file -> {subtask: sdist member}; each item is
+# bench/task_screen.py and checked with `forgetcheck eval --limit 50` (tasks/README.md, docs/verdicts.md). Output file -> {subtask: sdist member}; each item is
 # BIG-bench's own zero-shot prompt (`bigbench_prompt`) and its choices.
 SMALL_MODEL_TASKS: dict[str, dict[str, str]] = {
     "subject_verb_agreement": {"nounpp": "subject_verb_agreement/nounpp_english.json",
@@ -74,11 +74,9 @@ SMALL_MODEL_TASKS: dict[str, dict[str, str]] = {
     "wikihow_step_inference": {"step_inference": "goal_step_wikihow/step_inference/task.json"},
     "unscramble_words": {"reorder_words": "undo_permutation/reorder_words/task.json"},
     "movie_recommendation": {"movie_recommendation": "movie_recommendation/task.json"},
-    "ruin_names": {"ruin_names": "ruin_names/task.json"},
     "phrase_relatedness": {"phrase_relatedness": "phrase_relatedness/task.json"},
     "emoji_movie": {"emoji_movie": "emoji_movie/task.json"},
     "arithmetic_addition": {"1_digit_addition": "arithmetic/1_digit_addition/task.json"},
-    "arithmetic_subtraction": {"1_digit_subtraction": "arithmetic/1_digit_subtraction/task.json"},
     "arithmetic_multiplication": {"1_digit_multiplication": "arithmetic/1_digit_multiplication/task.json"},
 }
 for _file, _subtasks in SMALL_MODEL_TASKS.items():

@@ -147,11 +147,9 @@ SMALL_MODEL = {  # task -> (data file, subtasks, items, chance)
     "fc_wikihow_step_inference": ("wikihow_step_inference", ["step_inference"], 1000, 0.25),
     "fc_unscramble_words": ("unscramble_words", ["reorder_words"], 100, 0.1247),
     "fc_movie_recommendation": ("movie_recommendation", ["movie_recommendation"], 500, 0.25),
-    "fc_ruin_names": ("ruin_names", ["ruin_names"], 448, 0.2502),
     "fc_phrase_relatedness": ("phrase_relatedness", ["phrase_relatedness"], 100, 0.25),
     "fc_emoji_movie": ("emoji_movie", ["emoji_movie"], 100, 0.2),
     "fc_arithmetic_addition": ("arithmetic_addition", ["1_digit_addition"], 100, 0.1579),
-    "fc_arithmetic_subtraction": ("arithmetic_subtraction", ["1_digit_subtraction"], 100, 0.159),
     "fc_arithmetic_multiplication": ("arithmetic_multiplication", ["1_digit_multiplication"], 100, 0.1552),
 }
 
