@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from forgetcheck.compare import _mean_block  # noqa: E402
 from forgetcheck.config import GateConfig  # noqa: E402
 from forgetcheck.gate import decide  # noqa: E402
+from forgetcheck.rollup import mean_block  # noqa: E402
 from forgetcheck.stats import paired_binary  # noqa: E402
 
 N_TASKS = 11
@@ -55,7 +55,7 @@ def simulate_compare(n: int, drops: list[float], rng: np.random.Generator, alpha
                                  "base": {"score": 100 * base.mean()},
                                  "arms": {"arm": {"score": 100 * arm.mean(), "delta": est.point,
                                                   "acc": est.to_dict(alpha), "soft": None}}}
-    mean = _mean_block(tasks, sorted(tasks), "arm", "acc", alpha)
+    mean = mean_block(tasks, sorted(tasks), "arm", "acc", alpha)
     return {"schema_version": 2, "kind": "compare", "alpha": alpha, "arms": ["arm"], "tasks": tasks,
             "suites": {"retention": {"means": {"acc": {"informative": {"arm": mean}, "all": {"arm": mean}}}}},
             "drift": {}}
@@ -112,7 +112,7 @@ def real_models(limit: int, sigmas: list[float], workdir: Path) -> list[dict]:
     from forgetcheck.compare import compare_evals
     from forgetcheck.config import EvalConfig
     from forgetcheck.evaluation import evaluate
-    from forgetcheck.gate import resolve_policy
+    from forgetcheck.policy import resolve_policy
 
     base_ref = models.resolve("smollm2-135m")
     cfg = EvalConfig(suites=("retention",), limit=limit)

@@ -96,14 +96,14 @@ def run_trainer(model_dir: Path, data_dir: Path, cfg_kw: dict, device: str) -> d
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from forgetcheck import models, train
+    from forgetcheck import models, packing, train
     from forgetcheck.config import TrainConfig
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cfg = TrainConfig(**cfg_kw)
     tok = models.load_tokenizer(models.resolve(str(model_dir)))
     n_rows = train.optimizer_steps(cfg) * cfg.micro_batch * cfg.grad_accum
-    rows = train.build_rows("cpt", tok, data_dir / "cpt.jsonl", cfg, n_rows)
+    rows = packing.build_rows("cpt", tok, data_dir / "cpt.jsonl", cfg, n_rows)
     dataset = [{"input_ids": rows.input_ids[i], "labels": rows.labels[i]} for i in range(n_rows)]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     for m in model.modules():  # same as forgetcheck's loop: no dropout

@@ -31,14 +31,13 @@ about 1,600 tokens spread over the run. The measured share is written to train/r
 
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 from pathlib import Path
 
-ARM_DATA = {"sft": "sft", "cpt": "cpt", "lora": "sft", "replay": "sft", "freeze": "sft"}
+from forgetcheck.config import ARM_DATA
+
 TRAINED = tuple(ARM_DATA)
 WISE = "wise"
-IGNORE = -100
 
 
 def data_kind(arm: str) -> str:
@@ -177,64 +176,3 @@ def trainable_count(hf_config, arm: str, cfg) -> tuple[int, int]:
         frozen = sum(p.numel() for b in list(layers)[:freeze_count(len(layers), cfg)] for p in b.parameters())
         return total - frozen, 0
     return total, 0
-
-
-# ---- replay: general text mixed into the SFT stream -------------------------------------------------------
-
-def replay_pieces(tok, texts: list[str], max_len: int, seed: int) -> list[list[int]]:
-    """The replay paragraphs tokenized (+EOS), in a seeded order, cut into pieces of at most max_len tokens."""
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    pieces = []
-    for i in order:
-        ids = tok(texts[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        pieces += [ids[j:j + max_len] for j in range(0, len(ids), max_len)]
-    return pieces
-
-
-def replay_rows(example, n_examples: int, pieces: list[list[int]], frac: float, n_rows: int, seq_len: int,
-                data_seed: int):
-    """Rows of the SFT stream with replay pieces inserted; returns (input_ids, labels, stats) as [n_rows, seq_len]
-    tensors (train.build_rows wraps them in its Rows). After each SFT example,
-    replay pieces are appended while replay tokens < frac x tokens so far; loss on every replay token."""
-    import torch
-
-    from forgetcheck.errors import BadInput
-
-    if n_examples == 0:
-        raise BadInput("the training data has no examples: check the domain's sft.jsonl")
-    if not pieces:
-        raise BadInput("the replay text is empty: rebuild it with `forgetcheck data prepare med`")
-    need = n_rows * seq_len
-    cache: dict[int, tuple[list[int], list[int]]] = {}
-    ids: list[int] = []
-    labels: list[int] = []
-    source: list[int] = []
-    p = n_replay = 0
-    epoch = 0
-    while len(ids) < need:
-        order = list(range(n_examples))
-        random.Random(data_seed + epoch).shuffle(order)
-        for i in order:
-            if i not in cache:
-                cache[i] = example(i)
-            a, b = cache[i]
-            ids.extend(a)
-            labels.extend(b)
-            source.extend([0] * len(a))
-            while len(ids) < need and n_replay < frac * len(ids):
-                piece = pieces[p % len(pieces)]
-                p += 1
-                ids.extend(piece)
-                labels.extend(piece)
-                source.extend([1] * len(piece))
-                n_replay += len(piece)
-            if len(ids) >= need:
-                break
-        epoch += 1
-    t_ids = torch.tensor(ids[:need], dtype=torch.long).view(n_rows, seq_len)
-    t_lab = torch.tensor(labels[:need], dtype=torch.long).view(n_rows, seq_len)
-    replay_tokens = sum(source[:need])
-    stats = {"frac": frac, "tokens": replay_tokens, "share": round(replay_tokens / need, 6),
-             "pieces_used": p, "pieces_available": len(pieces)}
-    return t_ids, t_lab, stats

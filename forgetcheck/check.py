@@ -25,7 +25,8 @@ from pathlib import Path
 
 from forgetcheck import config as C
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, StageTimer, atomic_write_json, slug, update_manifest
+from forgetcheck.rundir import RunDir, atomic_write_json, slug
+from forgetcheck.schema import StageTimer, update_manifest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RESERVED = ("base",)
@@ -77,7 +78,7 @@ def name_candidates(values: list[str], flag: str, default=None) -> tuple[list[Na
 
 
 def _gate_policy(gate_overrides: dict, policy_file: Path | None) -> C.GateConfig:
-    from forgetcheck.gate import resolve_policy
+    from forgetcheck.policy import resolve_policy
 
     return resolve_policy(None, policy_file, gate_overrides)
 
@@ -230,7 +231,7 @@ def check_samples(base_samples: Path, candidate_samples: list[str], *, out: Path
                   policy_file: Path | None = None, junit: Path | None = None,
                   markdown: Path | None = None) -> int:
     """Pair two sides' lm-eval --log_samples outputs, then compare, gate and report."""
-    from forgetcheck import history, lmeval_samples
+    from forgetcheck import history, lmeval_pairing
 
     gate_overrides = dict(gate_overrides or {})
     problems = []
@@ -250,7 +251,7 @@ def check_samples(base_samples: Path, candidate_samples: list[str], *, out: Path
         problems.append(str(e))
     problems += _output_problems(out, "base", run_id)
     C.check(problems)
-    plan = lmeval_samples.plan(Path(base_samples), {c.name: Path(c.spec) for c in named}, tasks)
+    plan = lmeval_pairing.plan(Path(base_samples), {c.name: Path(c.spec) for c in named}, tasks)
     run = _new_run(out, slug(Path(plan.base.model["name"]).name), run_id)
     _write_config(run, {
         "base_samples": str(base_samples), "candidates": {c.name: c.spec for c in named},
@@ -266,12 +267,12 @@ def check_samples(base_samples: Path, candidate_samples: list[str], *, out: Path
     _print(f"  base {plan.base.folder}; candidates: "
            + ", ".join(f"{n} ({c.folder})" for n, c in plan.candidates.items()))
     t0 = time.perf_counter()
-    pairing = lmeval_samples.write(plan, run.eval_json)
+    pairing = lmeval_pairing.write(plan, run.eval_json)
     atomic_write_json(run.root / "pairing.json", pairing)
     for t in plan.tasks:
         counts = ", ".join(f"{n} {c['paired']}/{c['base']}" for n, c in plan.pairing[t].items())
         _print(f"  {t}: items paired {counts}")
-    for line in lmeval_samples.one_sided_lines(pairing):
+    for line in lmeval_pairing.one_sided_lines(pairing):
         _print(f"  note: {line}")
     return finish(run, prev, gate_overrides, policy_file, junit, markdown, started=t0, step="[1/1]")
 

@@ -1,7 +1,7 @@
 """The command line: typed signatures are the CLI (typer). Each command imports its stage lazily, so
 `forgetcheck --help`, `compare`, `report` and `gate` never import torch.
 
-Exit codes: 0 success / gate PASS; 1 gate FAIL; 2 bad input (one line, no traceback);
+Exit codes (docs/design.md): 0 success / gate PASS; 1 gate FAIL; 2 bad input (one line, no traceback);
 3 runtime failure; 4 gate INCONCLUSIVE (`gate --on-inconclusive fail|pass` maps it). `run` exits 0 once every
 stage ran: its verdict is printed and in gate.json.
 """
@@ -19,6 +19,22 @@ from typing import Annotated, Optional
 import typer
 
 from forgetcheck.errors import BadInput, ForgetcheckError
+from forgetcheck.options import (
+    ArmsOpt,
+    BaseOpt,
+    DataOpt,
+    DeviceOpt,
+    EvalFlags,
+    GateFlags,
+    OutOpt,
+    PresetOpt,
+    RunIdOpt,
+    TrainFlags,
+    VerboseOpt,
+    VerdictFlags,
+    WiseFlags,
+    options,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -33,61 +49,6 @@ app.add_typer(data_app, name="data")
 
 def echo(msg: str = "") -> None:
     typer.echo(msg)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Options shared by `train` and `run`: one definition, one help text. Training flags default to None ("not
-# given"), so the preset fills them (config.apply_preset).
-# ------------------------------------------------------------------------------------------------------
-BaseOpt = Annotated[str, typer.Option("--base", help="Model to fine-tune: alias (smollm2-135m, tiny-gpt2), hub id, HF folder or .gguf.")]
-DataOpt = Annotated[str, typer.Option("--data", help="Domain data: packaged name (med) or a folder with sft.jsonl / cpt.jsonl.")]
-ArmsOpt = Annotated[str, typer.Option("--arms", help="Arms, comma-separated: sft, cpt (full fine-tuning), lora, replay, "
-                    "freeze (mitigations, same budget), wise (base/arm weight interpolation, no training).")]
-PresetOpt = Annotated[str, typer.Option("--preset", help="quick (2-core CPU) | standard | full (every item; GPU): defaults for the flags below.")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Folder that holds the run folders.")]
-RunIdOpt = Annotated[Optional[str], typer.Option("--run-id", help="Name of the new run folder (default: time-model-data).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]")]
-BudgetOpt = Annotated[Optional[int], typer.Option("--budget-tokens", help="Tokens each arm feeds forward (padding excluded).")]
-SeqLenOpt = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per training row.")]
-MicroBatchOpt = Annotated[Optional[int], typer.Option("--micro-batch", help="Rows per forward pass (per process).")]
-GradAccumOpt = Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (warmup + cosine).")]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true")]
-GradCkptOpt = Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in backward.")]
-OptimOpt = Annotated[Optional[str], typer.Option("--optim", help="adamw | adamw8bit (torchao, else bitsandbytes)")]
-NprocOpt = Annotated[Optional[int], typer.Option("--nproc", help="Processes for FSDP2 sharding (torchrun).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed and data-order seed.")]
-PromptLossOpt = Annotated[Optional[bool], typer.Option("--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens.")]
-SaveEveryOpt = Annotated[Optional[int], typer.Option("--save-every", help="Resumable checkpoint every N steps (0: none).")]
-ForceOpt = Annotated[Optional[bool], typer.Option("--force/--no-force", help="Start even when the memory plan does not fit.")]
-# The mitigation arms' flags (arms.py, interpolate.py); defaults and their reasons in arms.py
-LoraRankOpt = Annotated[Optional[int], typer.Option("--lora-rank", help="lora: adapter rank. Default 16.")]
-LoraAlphaOpt = Annotated[Optional[float], typer.Option("--lora-alpha", help="lora: alpha (scale alpha/rank). Default 32.")]
-LoraLrOpt = Annotated[Optional[float], typer.Option("--lora-lr", help="lora: peak learning rate. Default 2e-4.")]
-ReplayFracOpt = Annotated[Optional[float], typer.Option("--replay-frac", help="replay: share of tokens that is general text. Default 0.05.")]
-FreezeLayersOpt = Annotated[Optional[int], typer.Option("--freeze-layers", help="freeze: bottom blocks frozen. Default half.")]
-WiseFromOpt = Annotated[Optional[str], typer.Option("--wise-from", help="wise: the trained arm interpolated with the base. Default sft.")]
-WiseAlphasOpt = Annotated[Optional[str], typer.Option("--wise-alphas", help="wise: a of (1-a)*base + a*arm, comma list. Default 0.25,0.5,0.75.")]
-
-
-def _arm_flags(lora_rank, lora_alpha, lora_lr, replay_frac, freeze_layers, wise_from, wise_alphas) -> dict:
-    """The arm flags as TrainConfig overrides (None: not given)."""
-    alphas = None
-    if wise_alphas is not None:
-        try:
-            alphas = tuple(float(x) for x in wise_alphas.split(",") if x.strip())
-        except ValueError:
-            raise BadInput(f"--wise-alphas '{wise_alphas}' is not a comma list of numbers such as 0.25,0.5,0.75") from None
-    return dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_lr=lora_lr, replay_frac=replay_frac,
-                freeze_layers=freeze_layers, wise_from=wise_from, wise_alphas=alphas)
-
-
-def _train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim, nproc,
-                 seed, include_prompt_loss, save_every, force) -> dict:
-    """The training flags as TrainConfig overrides (None: not given, the preset decides)."""
-    return dict(budget_tokens=budget_tokens, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr,
-                precision=precision, grad_checkpointing=grad_checkpointing, optim=optim, nproc=nproc, seed=seed,
-                data_seed=seed, include_prompt_loss=include_prompt_loss, save_every=save_every, force=force)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -106,7 +67,9 @@ def models(
     if convert is not None or out is not None:
         if convert is None or out is None:
             raise BadInput("give both --convert FOLDER and --out NEW_FOLDER (e.g. --out FOLDER-safetensors)")
-        echo(f"wrote {m.convert_pickle_folder(convert, out)}: use it as --base / --model")
+        from forgetcheck.modelfiles import convert_pickle_folder
+
+        echo(f"wrote {convert_pickle_folder(convert, out)}: use it as --base / --model")
         return
     if prepare:
         for name in m.ALIASES:
@@ -150,39 +113,38 @@ def data_prepare(
 # eval (owned by evaluation.py)
 # ------------------------------------------------------------------------------------------------------
 @app.command("eval")
+@options(ev=EvalFlags)
 def eval_cmd(
     model: str = typer.Option(..., "--model", help="Alias (smollm2-135m, tiny-gpt2), local HF folder (e.g. a "
                               "checkpoint), .gguf file or hub id."),
     out: Path = typer.Option(..., "--out", help="Eval JSON to write; per-item lines go to <folder>/samples/<stem>/."),
-    suite: str = typer.Option("retention,domain", "--suite", help="Suites to run: retention, domain (comma list)."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Only these tasks (comma list; overrides --suite): ours, a "
-                                        "group of ours (forgetcheck_retention) or lm-eval's hub tasks."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Deterministic stratified subset of N items per task "
-                                        "(the same items for every model). Default: all."),
-    backend: str = typer.Option("fast", "--backend", help="fast (each context scored once) | hf (stock HFLM)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Requests per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    ev: EvalFlags = EvalFlags(),
+    preset: PresetOpt = "full",
+    device: DeviceOpt = "auto",
     reference: Optional[Path] = typer.Option(None, "--reference", help="The base model's eval JSON: adds KL drift "
                                              "(reference || this model) on general text."),
     tasks_dir: Optional[Path] = typer.Option(None, "--tasks-dir", help="lm-eval task YAMLs to use instead of "
                                              "forgetcheck's tasks/."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto | balanced | sequential: split a model "
                                              "larger than one GPU across the visible GPUs (docs/scale.md)."),
+    verbose: VerboseOpt = False,
 ) -> None:
     """Benchmark one model on the suites' tasks (lm-eval, offline, cached) and measure drift on general text.
+    `--preset quick` scores the same items (and hits the same cache) as `forgetcheck run --preset quick`.
     Under torchrun, every process scores its share of the items (data-parallel; docs/scale.md)."""
-    from forgetcheck.config import EvalConfig, split_csv
+    from forgetcheck import config as C
     from forgetcheck.evaluation import cmd_eval
 
-    cfg = EvalConfig(suites=split_csv(suite), tasks=split_csv(tasks), limit=limit, backend=backend,
-                     batch_size=batch_size)
-    cmd_eval(model, cfg, out, device=device, reference=reference, tasks_dir=tasks_dir, device_map=device_map)
+    _, eval_cfg = C.apply_preset(preset, {}, ev.overrides())
+    cmd_eval(model, eval_cfg, out, device=device, reference=reference, tasks_dir=tasks_dir, device_map=device_map,
+             verbose=verbose)
 
 
 # ------------------------------------------------------------------------------------------------------
 # train + plan (owned by train.py / plan.py)
 # ------------------------------------------------------------------------------------------------------
 @app.command()
+@options(flags=TrainFlags)
 def train(
     base: BaseOpt = "smollm2-135m",
     data: DataOpt = "med",
@@ -191,24 +153,7 @@ def train(
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
     preset: PresetOpt = "quick",
-    budget_tokens: BudgetOpt = None,
-    seq_len: SeqLenOpt = None,
-    micro_batch: MicroBatchOpt = None,
-    grad_accum: GradAccumOpt = None,
-    lr: LrOpt = None,
-    precision: PrecisionOpt = None,
-    grad_checkpointing: GradCkptOpt = None,
-    optim: OptimOpt = None,
-    nproc: NprocOpt = None,
-    seed: SeedOpt = None,
-    include_prompt_loss: PromptLossOpt = None,
-    save_every: SaveEveryOpt = None,
-    force: ForceOpt = None,
-    lora_rank: LoraRankOpt = None,
-    lora_alpha: LoraAlphaOpt = None,
-    lora_lr: LoraLrOpt = None,
-    replay_frac: ReplayFracOpt = None,
-    freeze_layers: FreezeLayersOpt = None,
+    flags: TrainFlags = TrainFlags(),
     device: DeviceOpt = "auto",
     nnodes: int = typer.Option(1, "--nnodes", help="Machines sharing --nproc (each runs nproc/nnodes processes; docs/scale.md)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This machine's index, 0..nnodes-1 (0 hosts the rendezvous)."),
@@ -222,13 +167,7 @@ def train(
     from forgetcheck.sharding import Launch
     from forgetcheck.train import cmd_train
 
-    train_cfg, _ = C.apply_preset(
-        preset,
-        {**_train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim,
-                        nproc, seed, include_prompt_loss, save_every, force),
-         **_arm_flags(lora_rank, lora_alpha, lora_lr, replay_frac, freeze_layers, None, None)},
-        {},
-    )
+    train_cfg, _ = C.apply_preset(preset, flags.overrides(), {})
     rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)
     cmd_train(base, data, C.split_csv(arms), train_cfg, rd, device=device,
               how=Launch(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, hybrid_shard=hybrid_shard),
@@ -285,14 +224,6 @@ def plan(
 # ------------------------------------------------------------------------------------------------------
 # compare, report, gate (owned by compare.py / report.py / gate.py): pure, JSON in and out, never torch
 # ------------------------------------------------------------------------------------------------------
-def _run_dir(path: Path):
-    from forgetcheck.rundir import RunDir
-
-    if not path.is_dir():
-        raise BadInput(f"run directory {path} not found: give a folder under runs/ written by `forgetcheck run`")
-    return RunDir(path)
-
-
 @app.command()
 def compare(
     run: Path = typer.Argument(..., help="Run directory (runs/<id>) holding eval/base.json and eval/<arm>.json."),
@@ -303,8 +234,9 @@ def compare(
     """Paired comparison of every arm against the base (and arm against arm): deltas with intervals and tests
     from one method, soft accuracy, drift, flips -> compare.json."""
     from forgetcheck.compare import compare_run
+    from forgetcheck.rundir import RunDir
 
-    rd = _run_dir(run)
+    rd = RunDir.existing(run)
     result = compare_run(rd, alpha=alpha, n_boot=n_boot, seed=seed)
     for arm, s in result["summary"].items():
         fg, ln = s["forgetting"], s["learning"]
@@ -319,73 +251,25 @@ def report(
 ) -> None:
     """Write the run's self-contained report.html from its compare.json and gate.json (run those commands first)."""
     from forgetcheck.report import write_report
+    from forgetcheck.rundir import RunDir
 
-    path = write_report(_run_dir(run))
+    path = write_report(RunDir.existing(run))
     echo(f"wrote {path}")
 
 
-# Gate options: one definition, used by `gate` and `check` (a gate flag added here must reach both:
-# tests/test_check.py checks that `check` accepts every option of `gate`).
-MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Margin: points a gated retention task "
-                                                     "may drop. Default 2.")]
-MaxMeanDropOpt = Annotated[Optional[float], typer.Option("--max-mean-drop", help="Margin: points the retention mean "
-                                                         "may drop. Default 1.")]
-GateAlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="One-sided level of every bound and test. "
-                                                       "Default 0.05.")]
-MinDomainGainOpt = Annotated[Optional[float], typer.Option("--min-domain-gain", help="Require the domain mean to "
-                                                           "rise by at least this many points (lower bound).")]
-MetricOpt = Annotated[Optional[str], typer.Option("--metric", help="acc | soft (probability on the correct choice). "
-                                                  "Default soft (docs/verdicts.md).")]
-MaxPplRiseOpt = Annotated[Optional[str], typer.Option("--max-ppl-rise", help="Margin: percent rise of general-text "
-                                                      "bits per byte, or 'off'. Default 10.")]
-MaxKlOpt = Annotated[Optional[str], typer.Option("--max-kl", help="Margin: mean KL from the base, nats per token, "
-                                                 "or 'off'. Default 0.1.")]
-OnInconclusiveOpt = Annotated[Optional[str], typer.Option("--on-inconclusive", help="fail | pass: exit 1 or 0 "
-                                                          "instead of 4 for an INCONCLUSIVE verdict (said in the "
-                                                          "output).")]
-KeepUninformativeOpt = Annotated[Optional[bool], typer.Option("--keep-uninformative/--drop-uninformative",
-                                                              help="Gate retention tasks whose base is not above "
-                                                              "chance too (default: left out).")]
-PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="gate.toml with the same keys (flags override it).")]
-JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML (one testcase per rule; "
-                                                  "INCONCLUSIVE ones skipped).")]
-MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown summary.")]
-
-
-def _gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain, metric=None, max_ppl_rise=None, max_kl=None,
-                    on_inconclusive=None, keep_uninformative=None) -> dict:
-    """The gate flags as policy overrides (None: not given; the policy file or the run's config decides)."""
-    from forgetcheck.gate import flag_number
-
-    return {"max_drop": max_drop, "max_mean_drop": max_mean_drop, "alpha": alpha, "min_domain_gain": min_domain_gain,
-            "metric": metric, "max_ppl_rise": flag_number("--max-ppl-rise", max_ppl_rise),
-            "max_kl": flag_number("--max-kl", max_kl), "on_inconclusive": on_inconclusive,
-            "keep_uninformative": keep_uninformative}
-
-
 @app.command()
+@options(verdict=VerdictFlags)
 def gate(
     target: Path = typer.Argument(..., help="Run directory (runs/<id>) or a compare.json."),
-    max_drop: MaxDropOpt = None,
-    max_mean_drop: MaxMeanDropOpt = None,
-    alpha: GateAlphaOpt = None,
-    min_domain_gain: MinDomainGainOpt = None,
-    metric: MetricOpt = None,
-    max_ppl_rise: MaxPplRiseOpt = None,
-    max_kl: MaxKlOpt = None,
-    on_inconclusive: OnInconclusiveOpt = None,
-    keep_uninformative: KeepUninformativeOpt = None,
-    policy: PolicyOpt = None,
-    junit: JunitOpt = None,
-    markdown: MarkdownOpt = None,
+    verdict: VerdictFlags = VerdictFlags(),
 ) -> None:
     """Release gate: PASS (exit 0) when harm beyond the margins is ruled out, FAIL (1) when shown,
     INCONCLUSIVE (4) otherwise; every reason and the run's power land in gate.json."""
-    from forgetcheck.gate import console_lines, gate_run
+    from forgetcheck.gate import gate_run
+    from forgetcheck.verdict_text import console_lines
 
-    overrides = _gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain, metric, max_ppl_rise,
-                                max_kl, on_inconclusive, keep_uninformative)
-    result, code = gate_run(target, overrides, policy_file=policy, junit=junit, markdown=markdown)
+    result, code = gate_run(target, verdict.overrides(), policy_file=verdict.policy, junit=verdict.junit,
+                            markdown=verdict.markdown)
     for line in console_lines(result):
         echo(line)
     raise typer.Exit(code)
@@ -395,6 +279,7 @@ def gate(
 # check (owned by check.py): gate models trained elsewhere, or two sides' existing lm-eval outputs
 # ------------------------------------------------------------------------------------------------------
 @app.command()
+@options(verdict=VerdictFlags)
 def check(
     base: Annotated[Optional[str], typer.Option("--base", help="The model the candidates are checked against: "
                                                 "alias (smollm2-135m, tiny-gpt2), HF folder, .gguf or hub id.")] = None,
@@ -422,27 +307,15 @@ def check(
     device: DeviceOpt = "auto",
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
-    max_drop: MaxDropOpt = None,
-    max_mean_drop: MaxMeanDropOpt = None,
-    alpha: GateAlphaOpt = None,
-    min_domain_gain: MinDomainGainOpt = None,
-    metric: MetricOpt = None,
-    max_ppl_rise: MaxPplRiseOpt = None,
-    max_kl: MaxKlOpt = None,
-    on_inconclusive: OnInconclusiveOpt = None,
-    keep_uninformative: KeepUninformativeOpt = None,
-    policy: PolicyOpt = None,
-    junit: JunitOpt = None,
-    markdown: MarkdownOpt = None,
+    verdict: VerdictFlags = VerdictFlags(),
 ) -> None:
     """Gate models trained elsewhere: evaluate --base and each --candidate (or pair two sides' lm-eval
     --log_samples outputs), then compare, report and gate into runs/<id>/. Exit codes as `gate`."""
     from forgetcheck import check as K
     from forgetcheck import config as C
 
-    gate_flags = dict(gate_overrides=_gate_overrides(max_drop, max_mean_drop, alpha, min_domain_gain, metric, max_ppl_rise,
-                                max_kl, on_inconclusive, keep_uninformative),
-                      policy_file=policy, junit=junit, markdown=markdown)
+    gate_flags = dict(gate_overrides=verdict.overrides(), policy_file=verdict.policy, junit=verdict.junit,
+                      markdown=verdict.markdown)
     if base_samples is not None or candidate_samples:
         mixed = [f for f, v in (("--base", base), ("--candidate", candidate), ("--limit", limit),
                                 ("--preset", preset), ("--backend", backend), ("--batch-size", batch_size),
@@ -465,79 +338,37 @@ def check(
 # ------------------------------------------------------------------------------------------------------
 # run (owned by pipeline.py)
 # ------------------------------------------------------------------------------------------------------
-def _margin(flag: str, value: str) -> float | None:
-    from forgetcheck.gate import flag_number
-
-    v = flag_number(flag, value)
-    return None if v == "off" else v
-
-
 @app.command()
+@options(flags=TrainFlags, wise=WiseFlags, ev=EvalFlags, policy=GateFlags)
 def run(
     base: BaseOpt = "smollm2-135m",
     data: DataOpt = "med",
-    suite: str = typer.Option("retention,domain", "--suite", help="Benchmark suites, comma-separated."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Restrict to these tasks, comma-separated."),
     arms: ArmsOpt = "sft,cpt",
     preset: PresetOpt = "quick",
-    limit: Optional[int] = typer.Option(None, "--limit", help="Items per task (deterministic stratified subset)."),
-    budget_tokens: BudgetOpt = None,
-    seq_len: SeqLenOpt = None,
-    micro_batch: MicroBatchOpt = None,
-    grad_accum: GradAccumOpt = None,
-    lr: LrOpt = None,
-    precision: PrecisionOpt = None,
-    grad_checkpointing: GradCkptOpt = None,
-    optim: OptimOpt = None,
-    nproc: NprocOpt = None,
-    seed: SeedOpt = None,
-    include_prompt_loss: PromptLossOpt = None,
-    save_every: SaveEveryOpt = None,
-    force: ForceOpt = None,
-    lora_rank: LoraRankOpt = None,
-    lora_alpha: LoraAlphaOpt = None,
-    lora_lr: LoraLrOpt = None,
-    replay_frac: ReplayFracOpt = None,
-    freeze_layers: FreezeLayersOpt = None,
-    wise_from: WiseFromOpt = None,
-    wise_alphas: WiseAlphasOpt = None,
-    backend: Optional[str] = typer.Option(None, "--backend", help="Eval backend: fast | hf (stock lm-eval HFLM)."),
+    flags: TrainFlags = TrainFlags(),
+    wise: WiseFlags = WiseFlags(),
+    ev: EvalFlags = EvalFlags(),
+    policy: GateFlags = GateFlags(),
     device: DeviceOpt = "auto",
-    max_drop: float = typer.Option(2.0, "--max-drop", help="Gate margin: points a retention task may drop."),
-    max_mean_drop: float = typer.Option(1.0, "--max-mean-drop", help="Gate margin: points the retention mean may drop."),
-    alpha: float = typer.Option(0.05, "--alpha", help="Gate: one-sided level of every bound and test."),
-    min_domain_gain: Optional[float] = typer.Option(None, "--min-domain-gain", help="Gate: required domain gain (points)."),
-    metric: str = typer.Option("soft", "--metric", help="Gate score: soft | acc."),
-    max_ppl_rise: str = typer.Option("10", "--max-ppl-rise", help="Gate margin: % rise of general-text bits per byte, or off."),
-    max_kl: str = typer.Option("0.1", "--max-kl", help="Gate margin: mean KL from the base (nats/token), or off."),
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json "
                                           "wins; a flag that differs from it is refused, except the gate's thresholds "
                                           "and --force)."),
+    verbose: VerboseOpt = False,
     ctx: typer.Context = None,
 ) -> None:
-    """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> report -> gate. Exits 0 once
+    """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> gate -> report. Exits 0 once
     every stage ran; the verdict is printed and in gate.json (`forgetcheck gate RUN` exits 0/1/4 on it)."""
     from forgetcheck import config as C
     from forgetcheck import pipeline
 
-    train_cfg, eval_cfg = C.apply_preset(
-        preset,
-        {**_train_flags(budget_tokens, seq_len, micro_batch, grad_accum, lr, precision, grad_checkpointing, optim,
-                        nproc, seed, include_prompt_loss, save_every, force),
-         **_arm_flags(lora_rank, lora_alpha, lora_lr, replay_frac, freeze_layers, wise_from, wise_alphas)},
-        dict(suites=C.split_csv(suite), tasks=C.split_csv(tasks), limit=limit, backend=backend),
-    )
+    train_cfg, eval_cfg = C.apply_preset(preset, {**flags.overrides(), **wise.overrides()}, ev.overrides())
     cfg = C.RunConfig(base=base, data=data, arms=C.split_csv(arms), preset=preset, out_dir=str(out), run_id=run_id,
-                      device=device, train=train_cfg, eval=eval_cfg,
-                      gate=C.GateConfig(max_drop=max_drop, max_mean_drop=max_mean_drop, alpha=alpha,
-                                        min_domain_gain=min_domain_gain, metric=metric,
-                                        max_ppl_rise=_margin("--max-ppl-rise", max_ppl_rise),
-                                        max_kl=_margin("--max-kl", max_kl)))
+                      device=device, train=train_cfg, eval=eval_cfg, gate=policy.config())
     given = {k: v for k, v in ctx.params.items()
              if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"} if ctx is not None else {}
-    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume, given=given))
+    raise typer.Exit(pipeline.run_pipeline(cfg, resume=resume, given=given, verbose=verbose))
 
 
 def _terminated(signum, frame) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from forgetcheck.errors import BadInput
 
 ARMS = ("sft", "cpt", "lora", "replay", "freeze", "wise")
+ARM_DATA = {"sft": "sft", "cpt": "cpt", "lora": "sft", "replay": "sft", "freeze": "sft"}
+"""Which file of the domain each trained arm reads (`wise` trains on nothing)."""
 """Arms (arms.py): full fine-tuning on SFT pairs or raw text, and the mitigations: LoRA, SFT with general-text
 replay, SFT with the bottom blocks frozen, and weight interpolation (interpolate.py; not trained)."""
 DEFAULT_ARMS = ("sft", "cpt")
@@ -70,6 +72,8 @@ class TrainConfig:
     """Processes for FSDP2 sharding (torchrun; gloo on CPU, nccl on GPU)."""
     seed: int = 0
     data_seed: int = 0
+    seeds: int = 1
+    """Training runs per arm: replica i (label `<arm>_s<i>`, i >= 1) trains with seed + i and data_seed + i."""
     include_prompt_loss: bool = False
     """SFT only: also train on prompt tokens."""
     save_every: int = 0
@@ -179,8 +183,32 @@ def apply_preset(preset: str, train_overrides: dict, eval_overrides: dict) -> tu
     return TrainConfig(**train), EvalConfig(**ev)
 
 
+MAX_SEEDS = 20
+
+
+def replica_label(arm: str, i: int) -> str:
+    """The label of training run i of `arm` (`--seeds`): the arm itself for i = 0, else `<arm>_s<i>`."""
+    return arm if i == 0 else f"{arm}_s{i}"
+
+
+def replica_of(label: str) -> tuple[str, int]:
+    """(arm, replica index) of a label written by `replica_label` (any other label: itself, 0)."""
+    arm, sep, idx = label.rpartition("_s")
+    if sep and arm in ARMS and idx.isdigit() and int(idx) > 0 and str(int(idx)) == idx:
+        return arm, int(idx)
+    return label, 0
+
+
+def replica_config(label: str, t: TrainConfig) -> tuple[str, TrainConfig]:
+    """(arm, the TrainConfig replica `label` trains with: seed and data_seed shifted by its index)."""
+    arm, i = replica_of(label)
+    return arm, (t if i == 0 else replace(t, seed=t.seed + i, data_seed=t.data_seed + i))
+
+
 def validate_train(t: TrainConfig) -> list[str]:
     problems = []
+    if not 1 <= t.seeds <= MAX_SEEDS:
+        problems.append(f"--seeds must be between 1 and {MAX_SEEDS} (got {t.seeds})")
     if t.budget_tokens <= 0:
         problems.append(f"--budget-tokens must be positive (got {t.budget_tokens})")
     if t.seq_len < 8:
@@ -273,21 +301,28 @@ def _gate_extra_problems(g: GateConfig) -> list[str]:
     return problems
 
 
+def validate_arms(arms: tuple[str, ...]) -> list[str]:
+    """The one home of the arm rules: at least one, each known, none twice."""
+    problems = [] if arms else ["--arms is empty: give at least one of sft,cpt"]
+    problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(ARMS)}" for a in arms if a not in ARMS]
+    if len(set(arms)) != len(arms):
+        problems.append(f"--arms lists an arm twice: {','.join(arms)}")
+    return problems
+
+
+def validate_device(device: str) -> list[str]:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        return [f"unknown --device '{device}': use auto, cpu or cuda[:N]"]
+    return []
+
+
 def validate(cfg: RunConfig) -> list[str]:
-    problems = []
-    if not cfg.arms:
-        problems.append("--arms is empty: give at least one of sft,cpt")
-    for a in cfg.arms:
-        if a not in ARMS:
-            problems.append(f"unknown arm '{a}' in --arms: choose from {', '.join(ARMS)}")
-    if len(set(cfg.arms)) != len(cfg.arms):
-        problems.append(f"--arms lists an arm twice: {','.join(cfg.arms)}")
+    problems = validate_arms(cfg.arms)
     if "wise" in cfg.arms and cfg.train.wise_from not in cfg.arms:
         problems.append(f"--arms wise interpolates --wise-from {cfg.train.wise_from}, which is not in --arms: "
                         f"add it (--arms {','.join(cfg.arms)},{cfg.train.wise_from})")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        problems.append(f"unknown --device '{cfg.device}': use auto, cpu or cuda[:N]")
-    return problems + validate_train(cfg.train) + validate_eval(cfg.eval) + validate_gate(cfg.gate)
+    return (problems + validate_device(cfg.device) + validate_train(cfg.train)
+            + validate_eval(cfg.eval) + validate_gate(cfg.gate))
 
 
 def check(problems: list[str]) -> None:
@@ -301,6 +336,51 @@ def check(problems: list[str]) -> None:
 def to_dict(cfg) -> dict:
     """Plain JSON-able dict of a config dataclass (tuples become lists)."""
     return dataclasses.asdict(cfg)
+
+
+def _typed_section(section: str, cls, d, path: Path) -> dict:
+    """The keys of one config.json section, each of the type its field's default has; BadInput otherwise."""
+    if not isinstance(d, dict):
+        raise BadInput(f"{path}: '{section}' is not a JSON object: the file was edited or is not forgetcheck's; "
+                       f"start a new run")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise BadInput(f"{path}: unknown key(s) {', '.join(unknown)} in {section}: this config.json was not written "
+                       f"by this forgetcheck (known: {', '.join(fields)}); remove them or start a new run")
+    out = {}
+    for k, v in d.items():
+        f = fields[k]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if isinstance(default, tuple):
+            kind = (int, float) if default and isinstance(default[0], float) else str  # wise_alphas: numbers
+            ok = isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
+            v = tuple(v) if ok else v
+        elif isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif isinstance(default, str):
+            ok = isinstance(v, str)
+        else:  # None by default: a number or a string (limit, min_domain_gain, run_id)
+            ok = v is None or (isinstance(v, (int, float, str)) and not isinstance(v, bool))
+        if not ok:
+            raise BadInput(f"{path}: {section}.{k} is {v!r}, of the wrong type: the file was edited; restore it "
+                           f"or start a new run")
+        out[k] = v
+    return out
+
+
+def from_dict(d: dict, path: Path = Path("config.json")) -> RunConfig:
+    """The RunConfig that `to_dict` turned into `d` (config.json minus its schema_version, kind and resolved):
+    every key known and of its field's type, so an edited file is refused naming the key."""
+    d = {k: v for k, v in d.items() if k not in ("schema_version", "kind", "resolved")}
+    sections = {"train": TrainConfig, "eval": EvalConfig, "gate": GateConfig}
+    parts = {k: cls(**_typed_section(k, cls, d.pop(k, {}), path)) for k, cls in sections.items()}
+    return RunConfig(**_typed_section("config.json", RunConfig, d, path), **parts)
 
 
 def split_csv(value: str | None) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetcheck import med
-from forgetcheck.config import forgetcheck_home
+from forgetcheck.config import ARM_DATA, forgetcheck_home
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import atomic_write_json, replace_dir
 
@@ -101,6 +101,12 @@ def load_domain(name_or_dir: str, *, prepare: bool = False) -> DomainData:
     _validate_files(root, files)
     return DomainData(root.name, root.resolve(), _abs(files.get("sft.jsonl")), _abs(files.get("cpt.jsonl")),
                       _abs(files.get("heldout.jsonl")), False)
+
+
+def arm_problems(domain: DomainData, arms: tuple[str, ...]) -> list[str]:
+    """The one home of the rule "an arm needs its file": the arms that `domain` has no file for."""
+    return [f"--data {domain.name} has no {ARM_DATA[a]}.jsonl, so arm '{a}' cannot train: add the file or drop "
+            f"the arm with --arms" for a in arms if a in ARM_DATA and getattr(domain, ARM_DATA[a]) is None]
 
 
 def _abs(p: Path | None) -> Path | None:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from forgetcheck.config import check, validate_device
 from forgetcheck.errors import BadInput
 
 
@@ -19,6 +20,7 @@ class DeviceChoice:
 
 
 def choose_device(requested: str = "auto") -> DeviceChoice:
+    check(validate_device(requested))
     import torch
 
     if requested == "auto":
@@ -29,9 +31,7 @@ def choose_device(requested: str = "auto") -> DeviceChoice:
         if not torch.cuda.is_available():
             raise BadInput(f"--device {requested} asked for, but torch sees no CUDA device: use --device cpu or auto")
         return DeviceChoice(requested, "asked for with --device")
-    if requested == "cpu":
-        return DeviceChoice("cpu", "asked for with --device")
-    raise BadInput(f"unknown --device '{requested}': use auto, cpu or cuda[:N]")
+    return DeviceChoice("cpu", "asked for with --device")
 
 
 @dataclass(frozen=True)

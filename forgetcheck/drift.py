@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from forgetcheck import console
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import atomic_write_json, confined, file_sha256, read_json
 from forgetcheck.schema import require
@@ -190,7 +191,7 @@ def measure_drift(load_model: Callable[[], tuple[Any, Any]], cache_entry: Callab
     t0 = time.perf_counter()
     if (d / "drift.json").is_file() and (d / "topk.npz").is_file():
         drift = read_json(d / "drift.json")
-        print(f"  drift: cache hit ({d})", flush=True)
+        console.detail(f"  drift: cache hit ({d})")
         timing = {"cached": True, "wall_s": round(time.perf_counter() - t0, 3)}
     else:
         model, tok = load_model()
@@ -228,7 +229,7 @@ def measure_drift(load_model: Callable[[], tuple[Any, Any]], cache_entry: Callab
         tmp.replace(d / "topk.npz")
         atomic_write_json(d / "drift.json", drift)
         timing = {"cached": False, "wall_s": round(time.perf_counter() - t0, 3)}
-        print(f"  drift: {n_pos} positions in {timing['wall_s']:.1f} s", flush=True)
+        console.detail(f"  drift: {n_pos} positions in {timing['wall_s']:.1f} s")
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(d / "topk.npz", npz_path)
     return {**drift, "topk_file": npz_path.name, "top_k": DRIFT_TOP_K}, timing

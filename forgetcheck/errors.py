@@ -1,4 +1,4 @@
-"""The two failures a user can meet, and their exit codes.
+"""The two failures a user can meet, and their exit codes (docs/design.md, "Commands and exit codes").
 
 `BadInput` is the user's to fix: the CLI prints its message as one line and exits 2, with no traceback.
 Its message names the problem *and* the fix (the flag, the alternative). `RuntimeFailure` is ours or the

@@ -9,122 +9,28 @@ What one evaluation writes (docs/design.md, "The run folder"):
 
 Which tasks and which items: suites.py.
 
-Cache: each task's records and metrics are kept under `$FORGETCHECK_HOME/eval_cache/<key>/`, the key hashing
-the model's weights and config, the task's rendered config and data files, the limit, the backend, the
-device/dtype and the library versions. Evaluating the same model again reads them back unchanged, without
-loading the model.
+Per-item records: records.py. Cache (each task's records and metrics, keyed by content): evalcache.py.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from forgetcheck.config import EvalConfig, check, forgetcheck_home, to_dict, validate_eval
+from forgetcheck import console, evalcache, records
+from forgetcheck.config import EvalConfig, check, to_dict, validate_eval
 from forgetcheck.drift import DRIFT_TOP_K, load_reference, measure_drift
 from forgetcheck.errors import BadInput, RuntimeFailure
 from forgetcheck.models import ModelRef, content_hash
-from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, package_versions, read_json, read_jsonl
-from forgetcheck.schema import SCHEMA_VERSION
+from forgetcheck.rundir import atomic_write_jsonl, read_json
+from forgetcheck.schema import EvalFile, write_eval
 from forgetcheck.suites import TaskSpec, resolve_tasks, select_items
 
 BOOTSTRAP_ITERS = 1000  # acc stderr is closed-form; this only matters for bootstrapped metrics
-CACHE_FORMAT = 4  # 4: records hold every choice's text and the model's picks; WinoGrande's target is the gold index
-
-
-# ---- per-item records ------------------------------------------------------------------------------------
-
-PROMPT_CHARS = 600  # tail of each multiple-choice context kept in the per-item record (for flip examples)
-CHOICE_CHARS = 400  # of each choice (a WinoGrande choice is its whole filled-in sentence)
-
-
-def gold_index(task, doc: Any, choices: list[str]) -> int | None:
-    """The right choice's index, as lm-eval scores it: a task with one context per choice (WinoGrande)
-    names its answer with doc_to_text, the others with doc_to_target (an index or the choice's text)."""
-    gold = task.doc_to_text(doc) if getattr(task, "multiple_input", 0) else task.doc_to_target(doc)
-    if isinstance(gold, str):
-        gold = int(gold) if gold.strip().isdigit() else (choices.index(gold) if gold in choices else None)
-    return int(gold) if isinstance(gold, int) and 0 <= gold < len(choices) else None
-
-
-def chosen(task, doc: Any, lls: list[float]) -> dict[str, int]:
-    """The model's pick as lm-eval scores it: `acc` the highest log-likelihood, `acc_norm` the highest per
-    character of the choice (lm-eval's completion length)."""
-    picks = {"acc": max(range(len(lls)), key=lls.__getitem__)}
-    try:
-        lengths = [float(len(c)) for c in task.doc_to_choice(doc)] if doc is not None else []
-    except Exception:  # a task whose choices cannot be rebuilt from the doc: acc only
-        lengths = []
-    if len(lengths) == len(lls) and all(lengths):
-        picks["acc_norm"] = max(range(len(lls)), key=lambda i: lls[i] / lengths[i])
-    return picks
-
-
-def item_text(args: list) -> tuple[str, list[str]]:
-    """(question, choices) of one item as the model saw it, from its requests' (context, continuation)
-    pairs. Most tasks share one context (the question) and differ in the continuation; a task with one
-    context per choice (WinoGrande) shares the continuation, so each choice is its whole filled-in sentence."""
-    contexts, conts = [str(a[0]) for a in args], [str(a[1]) for a in args]
-    if len(set(contexts)) > 1:
-        return "", [(c + x).strip()[-CHOICE_CHARS:] for c, x in zip(contexts, conts)]
-    return contexts[0][-PROMPT_CHARS:], [x[:CHOICE_CHARS] for x in conts]
-
-
-def _records(spec: TaskSpec, samples: list[dict], tok) -> list[dict]:
-    rows = []
-    for s in sorted(samples, key=lambda x: x["doc_id"]):
-        if spec.kind == "multiple_choice":
-            lls = [float(r[0]) for r in s["filtered_resps"]]
-            greedy = [bool(r[1]) for r in s["filtered_resps"]]
-            metrics = {m: float(s[m]) for m in ("acc", "acc_norm") if m in s}
-            args = [a for a in (s.get("arguments") or []) if isinstance(a, (list, tuple)) and len(a) == 2]
-            prompt, choices = item_text(args) if args else ("", [])
-            target = s["target"]
-            if not isinstance(target, int) and "doc" in s:  # WinoGrande logs the shared continuation
-                target = gold_index(spec.task, s["doc"], choices)
-            correct = bool(metrics["acc"]) if "acc" in metrics else lls.index(max(lls)) == target
-            row = {"doc_id": int(s["doc_id"]), "doc_hash": s["doc_hash"], "target": target,
-                   "loglikelihoods": lls, "is_greedy": greedy, "correct": correct, "metrics": metrics,
-                   "chosen": chosen(spec.task, s.get("doc"), lls)}
-            if args:  # the item as the model saw it, for the report's flipped items
-                row["prompt"], row["choices"] = prompt, choices
-            doc = s.get("doc")
-            if isinstance(doc, dict) and doc.get("cluster") is not None:
-                row["cluster"] = str(doc["cluster"])
-            rows.append(row)
-        else:
-            ll = float(s["filtered_resps"][0])
-            text = s["target"]
-            words = s["word_perplexity"][1] if "word_perplexity" in s else len(str(text).split())
-            nbytes = s["byte_perplexity"][1] if "byte_perplexity" in s else len(str(text).encode("utf-8"))
-            row = {"doc_id": int(s["doc_id"]), "doc_hash": s["doc_hash"], "loglikelihood": ll,
-                   "words": int(words), "bytes": int(nbytes)}
-            if tok is not None:
-                row["tokens"] = len(tok(str(text), add_special_tokens=False)["input_ids"])
-            rows.append(row)
-        if isinstance(s.get("doc"), dict) and s["doc"].get("cluster") is not None:
-            rows[-1]["cluster"] = str(s["doc"]["cluster"])  # items sharing a source (compare resamples clusters)
-    return rows
-
-
-def _metrics(res: dict, hib: dict) -> dict:
-    out = {}
-    for key, value in res.items():
-        if "," not in key or "_stderr," in key:
-            continue
-        metric = key.split(",")[0]
-        stderr = res.get(f"{metric}_stderr,{key.split(',', 1)[1]}")
-        out[metric] = {"value": float(value),
-                       "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                       "higher_is_better": bool(hib.get(metric, True))}
-    return out
 
 
 # ---- the model -------------------------------------------------------------------------------------------
@@ -159,8 +65,7 @@ class _Model:
             where = self.device
             if self.device_map:
                 where = f"{sorted({str(d) for d in getattr(self._model, 'hf_device_map', {}).values()})} (device map)"
-            print(f"loaded {self.ref.name} on {where} ({self.dtype}) in {time.perf_counter() - t0:.1f} s",
-                  flush=True)
+            console.detail(f"loaded {self.ref.name} on {where} ({self.dtype}) in {time.perf_counter() - t0:.1f} s")
         return self._model, self._tok
 
     @property
@@ -184,7 +89,7 @@ def lm_class(backend: str):
         try:
             from forgetcheck.fast_lm import FastLM
         except ImportError as e:
-            print(f"note: --backend fast unavailable ({e}); using lm-eval's HFLM", flush=True)
+            console.say(f"note: --backend fast unavailable ({e}); using lm-eval's HFLM")
             return HFLM, "hf"
         return FastLM, "fast"
     return HFLM, "hf"
@@ -194,39 +99,6 @@ def eval_dtype(device: str) -> tuple[str, str]:
     """(dtype, why). Always fp32: log-likelihood differences between a base and its fine-tunes are small,
     and bf16 rounding would be of the same order."""
     return "float32", ("fp32 on CPU" if device == "cpu" else "fp32 for exact log-likelihoods")
-
-
-# ---- cache -----------------------------------------------------------------------------------------------
-
-def _versions() -> dict:
-    v = package_versions()
-    return {k: v.get(k) for k in ("forgetcheck", "torch", "transformers", "lm_eval")}
-
-
-def _key(**parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def cache_dir() -> Path:
-    return forgetcheck_home() / "eval_cache"
-
-
-def _entry(versions: dict):
-    """The cache folder of one result: `cache_entry(**key_parts)` (the format and versions always in the key)."""
-    return lambda **parts: cache_dir() / _key(fmt=CACHE_FORMAT, versions=versions, **parts)
-
-
-def _cache_read(key: str) -> tuple[dict, list[dict]] | None:
-    d = cache_dir() / key
-    if not (d / "result.json").is_file() or not (d / "samples.jsonl").is_file():
-        return None
-    return read_json(d / "result.json"), read_jsonl(d / "samples.jsonl")
-
-
-def _cache_write(key: str, result: dict, rows: list[dict]) -> None:
-    d = cache_dir() / key
-    atomic_write_jsonl(d / "samples.jsonl", rows)
-    atomic_write_json(d / "result.json", result)  # written last: its presence means the entry is whole
 
 
 def _bare_task_manager():
@@ -348,11 +220,11 @@ def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, di
         finally:
             if saved_local is not None:
                 os.environ["LOCAL_RANK"] = saved_local
-    own = {p.spec.name: _records(p.spec, out["samples"][p.spec.name], runner.tokenizer) for p in mine}
+    own = {p.spec.name: records.records(p.spec, out["samples"][p.spec.name], runner.tokenizer) for p in mine}
     if world > 1:
         import torch.distributed as dist
 
-        mine_meta = {p.spec.name: (own[p.spec.name], sorted(_metrics(out["results"][p.spec.name], {})),
+        mine_meta = {p.spec.name: (own[p.spec.name], sorted(records.task_metrics(out["results"][p.spec.name], {})),
                                    out["higher_is_better"].get(p.spec.name, {})) for p in mine}
         gathered: list[dict] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(gathered, mine_meta)
@@ -363,7 +235,7 @@ def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, di
         name = p.spec.name
         if world == 1:
             rows = own[name]
-            metrics = _metrics(out["results"][name], out["higher_is_better"].get(name, {}))
+            metrics = records.task_metrics(out["results"][name], out["higher_is_better"].get(name, {}))
         else:
             parts = [g[name] for g in gathered if name in g]
             rows = sorted((r for part in parts for r in part[0]), key=lambda r: r["doc_id"])
@@ -379,8 +251,7 @@ def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, di
     for p, result, rows in done:
         # a joint pass interleaves its tasks' requests, so the time and rate are the pass's, not the task's own
         if rank == 0:
-            print(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){ranks}{joint}",
-                  flush=True)
+            console.detail(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){ranks}{joint}")
         out_rows.append((p, result, rows, {"cached": False, "wall_s": round(wall, 3), "items": len(rows),
                                            "items_per_s": round(rate, 3), "joint_tasks": len(group),
                                            "joint_items": total, "ranks": world}))
@@ -404,7 +275,8 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         specs = resolve_tasks(cfg, tasks_dir)
         ref_data = load_reference(reference) if reference is not None else None
         mhash = hashing.result()
-    versions = _versions()
+    console.set_total(len(specs) + 1)  # every task, then drift
+    versions = evalcache.versions()
     runner = _Model(model_ref, device, dtype, cfg, device_map)
     samples_dir = out_file.parent / "samples" / label
     done: dict[str, tuple[dict, list[dict]]] = {}
@@ -414,27 +286,29 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
     for spec in specs:
         indices = select_items(spec.task, cfg.limit, spec.kind)
         n_items = len(indices) if indices is not None else len(spec.task.eval_docs)
-        key = _key(fmt=CACHE_FORMAT, model=mhash, task=spec.config_hash, limit=cfg.limit, backend=cfg.backend,
+        key = evalcache.key(fmt=evalcache.CACHE_FORMAT, model=mhash, task=spec.config_hash, limit=cfg.limit, backend=cfg.backend,
                    device=device.split(":")[0], dtype=dtype, versions=versions)
         t0 = time.perf_counter()
-        hit = _cache_read(key)
+        hit = evalcache.read(key)
         if hit is not None:
             result, rows = hit
             backends.add(result.pop("backend_used"))
-            print(f"  {spec.name}: cache hit, {len(rows)} items ({cache_dir() / key})", flush=True)
+            console.detail(f"  {spec.name}: cache hit, {len(rows)} items ({evalcache.cache_dir() / key})")
+            console.advance()
             timings[spec.name] = {"cached": True, "wall_s": round(time.perf_counter() - t0, 3), "items": len(rows)}
             done[spec.name] = (result, rows)
         else:
-            print(f"  {spec.name}: {n_items} items ({spec.kind}) ...", flush=True)
+            console.detail(f"  {spec.name}: {n_items} items ({spec.kind}) ...")
             missed.append(_Pending(spec, key, indices, n_items))
     rank, world = data_parallel()
     for group in _joint_groups(missed):
         for p, result, rows, timing in _run_group(runner, group):
             if rank == 0:
-                _cache_write(p.key, {**result, "backend_used": runner.backend_used}, rows)
+                evalcache.write(p.key, {**result, "backend_used": runner.backend_used}, rows)
             backends.add(runner.backend_used)
             timings[p.spec.name] = timing
             done[p.spec.name] = (result, rows)
+            console.advance()
     if rank != 0:  # data-parallel: rank 0 holds every row and writes the files
         return {}
     tasks: dict[str, dict] = {}
@@ -444,13 +318,14 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         atomic_write_jsonl(sample_file, rows)
         tasks[spec.name] = {**result, "samples": str(sample_file.relative_to(out_file.parent))}
 
-    drift, drift_timing = measure_drift(runner.load, _entry(versions), out_file, label, mhash, specs, ref_data,
+    drift, drift_timing = measure_drift(runner.load, evalcache.entry(versions), out_file, label, mhash, specs, ref_data,
                                         device, dtype, tasks_dir)
-    doc: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "eval",
-        "model": {"name": model_ref.name, "path": model_ref.path, "kind": model_ref.kind,
-                  "content_hash": mhash, "random_weights": model_ref.random_weights},
+    console.advance()
+    n_items = sum(t["n"] for t in tasks.values())
+    console.note(f"{len(tasks)} tasks, {n_items:,} items ({sum(bool(t['cached']) for t in timings.values())} "
+                 f"from the cache)" + (f"; KL from base {drift['kl']['mean']:.4f} nats/token" if "kl" in drift else ""))
+    doc: EvalFile = {
+        "model": {**model_ref.to_dict(), "content_hash": mhash},
         "config": to_dict(cfg),
         "limit": cfg.limit,
         "backend": cfg.backend,
@@ -463,15 +338,22 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         "drift": drift,
         "timings": {"tasks": timings, "drift": drift_timing},
     }
-    atomic_write_json(out_file, doc)
-    return doc
+    return dict(write_eval(out_file, doc))
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------
 
 def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", reference: Path | None = None,
-             tasks_dir: Path | None = None, device_map: str | None = None) -> dict:
-    """`forgetcheck eval`: resolve, print the resolved config, evaluate, print a summary table."""
+             tasks_dir: Path | None = None, device_map: str | None = None, verbose: bool = False) -> dict:
+    """`forgetcheck eval`: resolve, print the resolved config, evaluate, print a summary table. The libraries'
+    output goes to `<out folder>/<out stem>.log.txt` (console.py) unless `verbose`."""
+    with console.session(verbose=verbose):
+        return _cmd_eval(model, cfg, out, device=device, reference=reference, tasks_dir=tasks_dir,
+                         device_map=device_map)
+
+
+def _cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str, reference: Path | None,
+              tasks_dir: Path | None, device_map: str | None) -> dict:
     import logging
 
     from forgetcheck import models, sharding
@@ -514,23 +396,26 @@ def cmd_eval(model: str, cfg: EvalConfig, out: Path, *, device: str = "auto", re
         return {}
     if device_map:
         dev_name = "cuda" if dev_name.startswith("cuda") else dev_name
-    print(f"eval {ref.name} ({ref.path}{', RANDOM WEIGHTS' if ref.random_weights else ''}); {dev.describe()}; "
+    log = Path(out).parent / f"{Path(out).stem}.log.txt"
+    console.log_to(log)
+    console.say(f"eval {ref.name} ({ref.path}{', RANDOM WEIGHTS' if ref.random_weights else ''}); {dev.describe()}; "
           f"suites {','.join(cfg.suites)}; tasks {','.join(cfg.tasks) or 'all of the suites'}; "
           f"limit {cfg.limit if cfg.limit is not None else 'all items'}; backend {cfg.backend}; "
           f"batch size {cfg.batch_size}" + (f"; data-parallel over {ext['world']} processes ({ext['source']})"
-                                            if ext else ""), flush=True)
-    doc = evaluate(ref, cfg, Path(out), device=dev_name, reference=reference, tasks_dir=tasks_dir,
-                   device_map=device_map)
-    print(f"\n{'task':<28} {'suite':<10} {'n':>5} {'metric':<16} {'value':>10} {'stderr':>8}")
+                                            if ext else "") + f"; log: {log}")
+    with console.stage(f"evaluate {ref.name}"):
+        doc = evaluate(ref, cfg, Path(out), device=dev_name, reference=reference, tasks_dir=tasks_dir,
+                       device_map=device_map)
+    console.say(f"{'task':<28} {'suite':<10} {'n':>5} {'metric':<16} {'value':>10} {'stderr':>8}")
     for name, t in doc["tasks"].items():
         m = t["metrics"].get(t["primary_metric"], {})
         se = m.get("stderr")
-        print(f"{name:<28} {t['suite']:<10} {t['n']:>5} {t['primary_metric']:<16} {m.get('value', float('nan')):>10.4f} "
+        console.say(f"{name:<28} {t['suite']:<10} {t['n']:>5} {t['primary_metric']:<16} {m.get('value', float('nan')):>10.4f} "
               f"{'' if se is None else f'{se:.4f}':>8}")
     dr = doc["drift"]
-    line = f"\ndrift text: {dr['text']['source']}; perplexity {dr['perplexity']:.3f}"
+    line = f"drift text: {dr['text']['source']}; perplexity {dr['perplexity']:.3f}"
     if "kl" in dr:
         line += f"; KL(reference || model) {dr['kl']['mean']:.5f} nats/token (top-{DRIFT_TOP_K} + tail, lower bound)"
-    print(line)
-    print(f"wrote {out}")
+    console.say(line)
+    console.say(f"wrote {out}")
     return doc

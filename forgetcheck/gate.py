@@ -28,56 +28,19 @@ decide at the margins.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree as ET
 
-from forgetcheck.compare import gated_tasks
 from forgetcheck.config import GateConfig, check, validate_gate
 from forgetcheck.errors import BadInput
+from forgetcheck.policy import as_policy, check_keys, resolve_policy
+from forgetcheck.rollup import gated_tasks
 from forgetcheck.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
 from forgetcheck.schema import GATE_VERSION, checked_gate, require
 from forgetcheck.stats import Estimate, estimate_from_dict, holm, round_up
+from forgetcheck.verdict_text import _f, _p, signed, to_junit, to_markdown
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
-POLICY_KEYS = tuple(f.name for f in dataclasses.fields(GateConfig))
 EXIT = {"pass": 0, "fail": 1, "inconclusive": 4}
-STRING_KEYS = {"metric": ("acc", "soft"), "on_inconclusive": ("fail", "pass", "inconclusive")}
-BOOL_KEYS = ("keep_uninformative",)
-NULLABLE_KEYS = ("min_domain_gain", "max_ppl_rise", "max_kl")
-
-
-def _policy(policy: GateConfig | dict | None) -> GateConfig:
-    if policy is None:
-        return GateConfig()
-    if isinstance(policy, GateConfig):
-        return policy
-    unknown = set(policy) - set(POLICY_KEYS)
-    if unknown:
-        raise BadInput(f"unknown gate policy key(s) {', '.join(sorted(unknown))}: use {', '.join(POLICY_KEYS)}")
-    return GateConfig(**policy)
-
-
-def _f(x: float | None, digits: int = 1) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def _p(p: float | None) -> str:
-    return "n/a" if p is None else f"{p:.3g}"
-
-
-def signed(v: float, digits: int = 1) -> str:
-    """`+1.2` / `-0.4`, and `+0.0` rather than `-0.0` for what rounds to zero."""
-    return f"{(v if round(v, digits) != 0 else 0.0):+.{digits}f}"
-
-
-def _ci(ci) -> str:
-    return "no CI" if not ci else f"CI [{signed(ci[0])}, {signed(ci[1])}]"
 
 
 def _three(lower_bad: float, upper_bad: float, margin: float) -> str:
@@ -95,7 +58,7 @@ def _est(d: dict | None) -> Estimate | None:
 
 def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
     """Apply the policy's rules to a compare.json dict. Returns the gate dict (written as gate.json)."""
-    pol = _policy(policy)
+    pol = as_policy(policy)
     check(validate_gate(pol))
     alpha = pol.alpha
     side = f"one-sided {round((1 - alpha) * 100)}%"
@@ -333,184 +296,6 @@ def _overall_sentence(arms: dict, pol: GateConfig) -> str:
     return s
 
 
-# ---- policy --------------------------------------------------------------------------------------------
-
-def load_policy(path: Path) -> dict:
-    """A gate.toml: keys at the top level or under [gate]; '-' or '_' in names. Numbers must be finite and
-    >= 0 (`min_domain_gain` may be negative); `max_ppl_rise`/`max_kl` may be "off"; `metric` is acc|soft,
-    `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false."""
-    path = Path(path)
-    if path.is_dir():
-        raise BadInput(f"--policy {path} is a folder: give a TOML file with max_drop, max_mean_drop, alpha, "
-                       "min_domain_gain")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise BadInput(f"--policy {path}: not a UTF-8 text file; give a TOML file") from None
-    except FileNotFoundError:
-        raise BadInput(f"--policy {path} not found: give a TOML file with keys {', '.join(POLICY_KEYS)}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise BadInput(f"--policy {path}: not valid TOML ({e})") from None
-    data = data.get("gate", data)
-    out = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = set(out) - set(POLICY_KEYS)
-    if unknown:
-        raise BadInput(f"--policy {path}: unknown key(s) {', '.join(sorted(unknown))}; "
-                       f"known: {', '.join(POLICY_KEYS)}")
-    for k, v in list(out.items()):
-        if k in STRING_KEYS:
-            if v not in STRING_KEYS[k]:
-                raise BadInput(f"--policy {path}: {k} must be one of {', '.join(STRING_KEYS[k])} (got {v!r})")
-        elif k in BOOL_KEYS:
-            if not isinstance(v, bool):
-                raise BadInput(f"--policy {path}: {k} must be true or false (got {v!r})")
-        elif k in NULLABLE_KEYS and v == "off":
-            out[k] = None
-        elif not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise BadInput(f"--policy {path}: {k} must be a finite number (got {v!r})")
-        elif v < 0 and k != "min_domain_gain":
-            raise BadInput(f"--policy {path}: {k} must be >= 0 (got {v!r})")
-    return out
-
-
-def resolve_policy(run_config: dict | None, policy_file: Path | None, overrides: dict) -> GateConfig:
-    """Defaults <- the run's config.json gate section <- the policy file <- CLI flags (None = not given)."""
-    values: dict[str, Any] = {}
-    if run_config:
-        values.update({k: v for k, v in (run_config.get("gate") or {}).items() if k in POLICY_KEYS})
-    if policy_file is not None:
-        values.update(load_policy(policy_file))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for k in NULLABLE_KEYS:  # "off" (a flag or the file) turns a rule off
-        if values.get(k) == "off":
-            values[k] = None
-    pol = GateConfig(**values)
-    check(validate_gate(pol))
-    return pol
-
-
-# ---- outputs -------------------------------------------------------------------------------------------
-
-def _case_name(r: dict) -> str:
-    return r["rule"] + (f"[{r['task']}]" if r.get("task") else "")
-
-
-def to_junit(gate: dict) -> str:
-    """JUnit XML: one testcase per rule; FAIL carries a <failure>, INCONCLUSIVE a <skipped> with the reason;
-    uninformative tasks left out are <skipped> too."""
-    rules = gate["rules"]
-    excluded = [e for e in gate.get("excluded") or [] if not e.get("kept")]
-    n_fail = sum(r["status"] == "fail" for r in rules)
-    n_skip = sum(r["status"] == "inconclusive" for r in rules) + len(excluded)
-    total = len(rules) + len(excluded)
-    suite = ET.Element("testsuite", name="forgetcheck.gate", tests=str(total), failures=str(n_fail), errors="0",
-                       skipped=str(n_skip))
-    ET.SubElement(ET.SubElement(suite, "properties"), "property", name="verdict", value=gate["verdict"])
-    for r in rules:
-        case = ET.SubElement(suite, "testcase", classname=f"forgetcheck.gate.{r['arm']}", name=_case_name(r))
-        if r["status"] == "pass":
-            ET.SubElement(case, "system-out").text = r["reason"]
-        elif r["status"] == "fail":
-            ET.SubElement(case, "failure", message=r["reason"], type=r["rule"]).text = r["reason"]
-        else:
-            ET.SubElement(case, "skipped", message="INCONCLUSIVE: " + r["reason"])
-    for e in excluded:
-        case = ET.SubElement(suite, "testcase", classname="forgetcheck.gate.uninformative", name=e["task"])
-        ET.SubElement(case, "skipped", message=e["reason"])
-    root = ET.Element("testsuites", name="forgetcheck", tests=str(total), failures=str(n_fail),
-                      skipped=str(n_skip))
-    root.append(suite)
-    ET.indent(root)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
-
-
-def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
-
-
-MARK = {"pass": "✅", "fail": "❌", "inconclusive": "❔"}
-ORDER = {"fail": 0, "inconclusive": 1, "pass": 2}
-
-
-def policy_sentence(pol: dict) -> str:
-    s = (f"harm must be ruled out at one-sided level {1 - pol['alpha']:.0%} ({'soft accuracy' if pol.get('metric') == 'soft' else 'accuracy'}): "
-         f"at most {pol['max_drop']:g} points drop per retention task (failing a task needs Holm p < "
-         f"{pol['alpha']:g}), {pol['max_mean_drop']:g} on the retention mean")
-    if pol.get("max_ppl_rise") is not None:
-        s += f", a {pol['max_ppl_rise']:g}% rise of general-text bits per byte"
-    if pol.get("max_kl") is not None:
-        s += f", {pol['max_kl']:g} nats/token mean KL from the base"
-    if pol.get("min_domain_gain") is not None:
-        s += f"; the domain mean must gain at least {pol['min_domain_gain']:g} points"
-    return s
-
-
-def verdict_reason(gate: dict) -> str:
-    """One plain sentence: which outcome and why."""
-    v = gate["verdict"]
-    if v == "pass":
-        return "every rule rules out harm beyond its margin"
-    bad = [r for r in gate["rules"] if r["status"] == v]
-    what = "show harm beyond the margin" if v == "fail" else "can neither rule out nor show harm beyond the margin"
-    names = ", ".join(f"{r['arm']} {_case_name(r)}" if r["arm"] else _case_name(r) for r in bad[:6])
-    more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
-    return f"{len(bad)} rule(s) {what}: {names}{more}"
-
-
-def to_markdown(gate: dict) -> str:
-    pol = gate["policy"]
-    head = gate["verdict"].upper()
-    lines = [f"## forgetcheck gate: **{head}**", "",
-             f"{head}: {verdict_reason(gate)}." + (f" {gate['exit_note']}." if gate.get("exit_note") else ""), "",
-             f"Power: {gate['power']['sentence']}.", "",
-             f"Policy: {policy_sentence(pol)}.", "",
-             "| | arm | rule | reason |", "|---|---|---|---|"]
-    for r in sorted(gate["rules"], key=lambda r: ORDER[r["status"]]):
-        rule = r["rule"] + (f" `{r['task']}`" if r.get("task") else "")
-        lines.append(f"| {MARK[r['status']]} | {r['arm']} | {_md_cell(rule)} | {_md_cell(r['reason'])} |")
-    for e in gate.get("excluded") or []:
-        lines.append(f"| ➖ | all | uninformative `{e['task']}` | {_md_cell(e['reason'])} |")
-    for e in gate.get("not_checked") or []:
-        lines.append(f"| ➖ | {e['arm']} | {e['rule']} not checked | {_md_cell(e['reason'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def flag_number(flag: str, value: str | None) -> float | str | None:
-    """A margin flag that also takes 'off' (None: not given)."""
-    if value is None or value == "off":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise BadInput(f"{flag} must be a number or 'off' (got {value!r})") from None
-
-
-def console_lines(gate: dict) -> list[str]:
-    """What `forgetcheck gate` (and `run`) print: one line per rule, the verdict with its reason, the power."""
-    lines = [f"{r['status'].upper():<12} {r['reason']}" for r in sorted(gate["rules"], key=lambda r: ORDER[r["status"]])]
-    lines += [f"{'EXCLUDED':<12} {e['reason']}" for e in gate.get("excluded") or [] if not e.get("kept")]
-    lines += [f"{'NOT CHECKED':<12} {e['reason']}" for e in gate.get("not_checked") or []]
-    lines.append(f"gate: {gate['verdict'].upper()}: {verdict_reason(gate)}"
-                 + (f" ({gate['exit_note']})" if gate.get("exit_note") else ""))
-    lines.append(f"power: {gate['power']['sentence']}")
-    return lines
-
-
-def decide_hint(gate: dict, limit: int | None) -> str:
-    """What it would take to decide, for `run`'s closing lines: the --limit (or preset) that would."""
-    if gate["verdict"] != "inconclusive":
-        return f"the verdict is {gate['verdict'].upper()}: no more items are needed to decide"
-    needs = [p.get("items_needed") for p in gate["power"]["arms"].values() if p.get("items_needed")]
-    if not needs:
-        return "re-evaluate with per-item records to decide"
-    need = round_up(max(needs))
-    if limit is not None and need <= limit:
-        return (f"the margins could be decided at {limit} items per task; the rules still open are about drift or "
-                "the domain gain (see gate.json)")
-    presets = "--preset standard (200 items per task)" if need <= 200 else "--preset full (every item)"
-    return f"to decide, re-run with --limit {need} (about {need:,} items per task) or {presets}"
-
-
 def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:
     """(compare dict, where gate.json goes, the run's config or None) for a run directory or a compare.json.
     A run directory without compare.json gets it computed from its evals; an older format is refused with the
@@ -554,9 +339,7 @@ def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, pol
         if path is not None:
             check_output_file(Path(path), flag)
     overrides = dataclasses.asdict(policy) if isinstance(policy, GateConfig) else dict(policy or {})
-    unknown = set(overrides) - set(POLICY_KEYS)
-    if unknown:
-        raise BadInput(f"unknown gate policy key(s) {', '.join(sorted(unknown))}: use {', '.join(POLICY_KEYS)}")
+    check_keys(overrides)
     compare, out, run_config = load_compare_for(Path(target))
     pol = resolve_policy(run_config, policy_file, overrides)
     gate = decide(compare, pol)

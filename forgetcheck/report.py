@@ -21,9 +21,9 @@ from typing import Any
 import jinja2
 
 from forgetcheck.errors import BadInput
-from forgetcheck.gate import policy_sentence, signed, verdict_reason
-from forgetcheck.rundir import RunDir, atomic_write_text, read_json
-from forgetcheck.schema import read_compare, read_gate
+from forgetcheck.rundir import RunDir, atomic_write_text
+from forgetcheck.schema import read_compare, read_config_doc, read_gate, read_manifest, read_train
+from forgetcheck.verdict_text import policy_sentence, signed, verdict_reason
 
 TEMPLATE = "report.html.j2"
 ARM_COLORS = {"sft": "#2563eb", "cpt": "#d97706", "lora": "#059669", "replay": "#7c3aed", "freeze": "#be123c"}
@@ -98,17 +98,30 @@ def wise_alpha(arm: str) -> float | None:
         return None
 
 
+def chart_summary(compare: dict) -> dict:
+    """The learning-vs-forgetting point of each arm: its one training run's, or, with several (`--seeds`),
+    the arm's over all its runs with two-level intervals (the replicas' own points are not drawn)."""
+    out = dict(compare.get("summary") or {})
+    for arm, g in (compare.get("seed_groups") or {}).items():
+        if g.get("seeds", 1) > 1:
+            for label in g["labels"]:
+                out.pop(label, None)
+            out[arm] = {**g["summary"], "seeds": g["seeds"]}
+    return out
+
+
 def learn_forget_chart(compare: dict, colors: dict, wise_from: str | None = None) -> dict | None:
     """Scatter of arms: x = forgetting (retention mean drop), y = learning (domain mean gain), with CIs; the
     front's arms ringed; the interpolation curve base (0, 0) -> wise-<a> by a -> `wise_from` drawn as a line."""
     pts = []
-    for arm, s in (compare.get("summary") or {}).items():
+    for arm, s in chart_summary(compare).items():
         if s.get("forgetting") is None and s.get("learning") is None:
             continue
         f, ln = s.get("forgetting") or 0.0, s.get("learning") or 0.0
         pts.append({"arm": arm, "f": f, "l": ln, "fci": s.get("forgetting_ci") or [f, f],
                     "lci": s.get("learning_ci") or [ln, ln], "color": colors[arm],
-                    "f_missing": s.get("forgetting") is None, "l_missing": s.get("learning") is None})
+                    "f_missing": s.get("forgetting") is None, "l_missing": s.get("learning") is None,
+                    "seeds": s.get("seeds", 1)})
     if not pts:
         return None
     w, h, ml, mr, mt, mb = 560, 340, 64, 24, 20, 52
@@ -225,14 +238,10 @@ def forest_scale(compare: dict) -> Scale | None:
 
 # ---- view ----------------------------------------------------------------------------------------------
 
-def _load_optional(path: Path) -> dict | None:
-    return read_json(path) if path.exists() else None
-
-
 def build_view(run: RunDir) -> dict[str, Any]:
     compare = read_compare(run.compare)
-    config = _load_optional(run.config) or {}
-    manifest = _load_optional(run.manifest) or {}
+    config = read_config_doc(run.config) if run.config.exists() else {}
+    manifest = dict(read_manifest(run.manifest)) if run.manifest.exists() else {}
     gate = read_gate(run.gate)
     gate_source = "gate.json"
     arms = list(compare.get("arms") or [])
@@ -242,7 +251,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
     for arm in arms:
         p = run.train_json(arm)
         if p.exists():
-            train[arm] = read_json(p)
+            train[arm] = dict(read_train(p))
     fs = forest_scale(compare)
     rows = []
     for name, t in sorted((compare.get("tasks") or {}).items(), key=lambda kv: (kv[1].get("suite") != "retention",
@@ -301,10 +310,10 @@ def build_view(run: RunDir) -> dict[str, Any]:
 def check_sections(run: RunDir) -> dict[str, Any]:
     """What `forgetcheck check` adds (templates/check.html.j2): the comparison against the previous release
     (history.json) and the lm-eval items present on one side only (pairing.json)."""
-    from forgetcheck import history, lmeval_samples
+    from forgetcheck import history, lmeval_pairing
 
-    pairing = lmeval_samples.load_pairing(run.root / "pairing.json")
-    return {"history": history.view(run), "one_sided": lmeval_samples.one_sided_lines(pairing) if pairing else []}
+    pairing = lmeval_pairing.load_pairing(run.root / "pairing.json")
+    return {"history": history.view(run), "one_sided": lmeval_pairing.one_sided_lines(pairing) if pairing else []}
 
 
 # ---- filters -------------------------------------------------------------------------------------------
@@ -382,9 +391,7 @@ def arm_pair_lines(compare: dict) -> list[dict]:
 def write_report(run: RunDir | Path | str) -> Path:
     """Render `report.html` for a run directory from its compare.json and gate.json. Returns its path.
     A missing input is a BadInput naming the command that writes it; nothing is computed or written here."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
-    if not run.root.is_dir():
-        raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by `forgetcheck run`")
+    run = RunDir.existing(run)
     for path, cmd in ((run.compare, "compare"), (run.gate, "gate")):
         if not path.is_file():
             raise BadInput(f"{path} is missing: run `forgetcheck {cmd} {run.root}` first, then `forgetcheck "

@@ -1,4 +1,4 @@
-"""The run directory: the contract between stages. Paths, atomic JSON writes, the manifest.
+"""The run directory: the contract between stages (docs/design.md). Paths, atomic JSON writes, the manifest.
 
 Every stage reads what earlier stages wrote here and writes its own files here, atomically (temp file,
 then rename), so an interrupted stage never leaves a half-written result that a later stage would trust.
@@ -15,8 +15,7 @@ import re
 import secrets
 import shutil
 import subprocess
-import time
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -258,6 +257,15 @@ class RunDir:
             run_id = f"{stamp}-{slug(Path(base).name)}-{slug(Path(data).name)}"[:128]
         return cls(Path(out_dir) / check_run_id(run_id))
 
+    @classmethod
+    def existing(cls, root: RunDir | Path | str) -> RunDir:
+        """The run folder at `root`, which must exist (the one home of "run folder not found")."""
+        run = root if isinstance(root, RunDir) else cls(root)
+        if not run.root.is_dir():
+            raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by "
+                           f"`forgetcheck run`")
+        return run
+
     @property
     def run_id(self) -> str:
         return self.root.name
@@ -323,44 +331,3 @@ def git_hash(cwd: Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout.strip() or None if r.returncode == 0 else None
-
-
-def update_manifest(run: RunDir, **fields: Any) -> dict:
-    """Merge `fields` into manifest.json (creating it with versions and git hash), atomically."""
-    from forgetcheck.schema import SCHEMA_VERSION
-
-    if run.manifest.exists():
-        from forgetcheck.schema import require
-
-        man = require(read_json(run.manifest), "manifest", str(run.manifest))
-    else:
-        man = {
-            "schema_version": SCHEMA_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": package_versions(),
-            "git": git_hash(),
-            "timings": {},
-        }
-    for k, v in fields.items():
-        if k == "timings":
-            man.setdefault("timings", {}).update(v)
-        else:
-            man[k] = v
-    atomic_write_json(run.manifest, man)
-    return man
-
-
-class StageTimer:
-    """`with StageTimer(run, "train_sft"):` records the stage's wall time in manifest.json."""
-
-    def __init__(self, run: RunDir, stage: str):
-        self.run, self.stage = run, stage
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            update_manifest(self.run, timings={self.stage: round(time.perf_counter() - self.t0, 3)})
-        return False

@@ -1,16 +1,25 @@
-"""Typed schema of every JSON file in the run directory, and a check that a file matches.
+"""Typed schema of every JSON file in the run folder (docs/design.md, "The run folder"), and typed readers
+and writers for them.
 
-Each file carries `schema_version`; readers refuse a version they do not know, with the fix.
+Each file carries `schema_version` and `kind`; a reader refuses a version it does not know or a file missing
+a key it needs, naming the file and the fix, so a renamed key is an error rather than a blank in the report.
 This module imports nothing heavy: compare, report and gate use it on JSON alone.
 """
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TypedDict
 
+from forgetcheck import config as C
 from forgetcheck.errors import BadInput
+from forgetcheck.rundir import RunDir, atomic_write_json, git_hash, package_versions, read_json
 
 SCHEMA_VERSION = 1
+PROMPT_CHARS = 600  # tail of each multiple-choice context kept in the per-item record (for flip examples)
+CHOICE_CHARS = 400  # of each choice (a WinoGrande choice is its whole filled-in sentence)
 
 
 class MetricValue(TypedDict):
@@ -117,6 +126,7 @@ class CompareFile(TypedDict, total=False):
     suites: dict[str, dict[str, Any]]  # per suite: means{acc|soft}{informative|all}{arm: estimate}
     drift: dict[str, dict[str, Any]]  # per arm: ppl_rise, kl_mean (estimates), perplexity tasks, kl
     arm_vs_arm: dict[str, Any]
+    seed_groups: dict[str, Any] | None  # --seeds K: per arm, its runs and two-level suite estimates
     summary: dict[str, dict[str, Any]]
     run_id: str
     budget: dict[str, Any]
@@ -204,3 +214,120 @@ def checked_gate(obj: dict) -> dict:
     """A gate result about to be written: the version and kind this module reads (rundir writes it)."""
     check_versioned(obj, "gate", GATE_VERSION, "gate result", "internal error")
     return obj
+# ---- typed readers and writers: config.json, manifest.json, train/<arm>.json, eval/<model>.json ----------
+
+class ManifestFile(TypedDict, total=False):
+    """manifest.json: how the run was made (merged into by each stage: `update_manifest`)."""
+
+    schema_version: int
+    kind: str  # "manifest"
+    created: str  # ISO time, UTC
+    versions: dict[str, str | None]  # tracked package versions
+    git: str | None
+    run_id: str
+    device: str
+    seed: int
+    model: dict[str, Any]  # the resolved --base (models.ModelRef)
+    timings: dict[str, float]  # wall seconds per stage
+
+
+REQUIRED = {
+    "config": ("arms", "eval", "gate"),  # `run` and `check` both write these
+    "manifest": ("versions", "timings"),
+    "train": ("arm", "tokens_seen", "budget_tokens", "optimizer_steps", "loss_curve", "memory", "config",
+              "checkpoint"),
+    "eval": ("model", "tasks"),
+}
+WRITTEN_BY = {"config": "forgetcheck run", "manifest": "forgetcheck run", "train": "forgetcheck train",
+              "eval": "forgetcheck eval"}
+
+
+def _typed(obj: Any, kind: str, path: Path) -> dict:
+    doc = require(obj, kind, str(path))
+    missing = [k for k in REQUIRED[kind] if k not in doc]
+    if missing:
+        raise BadInput(f"{path}: {kind} file without {', '.join(missing)}: written by another forgetcheck version "
+                       f"or edited; re-run `{WRITTEN_BY[kind]}` to write it again")
+    return doc
+
+
+def _read(kind: str, path: Path) -> dict:
+    return _typed(read_json(path), kind, Path(path))
+
+
+def _write(kind: str, path: Path, doc: dict) -> dict:
+    """Write a `kind` file (schema_version and kind added, required keys checked); returns what was written."""
+    full = _typed({"schema_version": SCHEMA_VERSION, "kind": kind, **doc}, kind, Path(path))
+    atomic_write_json(path, full)
+    return full
+
+
+def read_run_config(path: Path) -> C.RunConfig:
+    """config.json as the RunConfig it records (`read_config_doc` for the `resolved` block too)."""
+    return C.from_dict(read_config_doc(path), Path(path))
+
+
+def read_config_doc(path: Path) -> dict:
+    return _read("config", path)
+
+
+def write_config(path: Path, cfg: C.RunConfig, resolved: dict) -> None:
+    _write("config", path, {**C.to_dict(cfg), "resolved": resolved})
+
+
+def read_manifest(path: Path) -> ManifestFile:
+    return _read("manifest", path)  # type: ignore[return-value]
+
+
+def read_train(path: Path) -> TrainFile:
+    return _read("train", path)  # type: ignore[return-value]
+
+
+def write_train(path: Path, record: TrainFile) -> TrainFile:
+    return _write("train", path, record)  # type: ignore[return-value,arg-type]
+
+
+def read_eval(path: Path) -> EvalFile:
+    return _read("eval", path)  # type: ignore[return-value]
+
+
+def write_eval(path: Path, doc: EvalFile) -> EvalFile:
+    return _write("eval", path, doc)  # type: ignore[return-value,arg-type]
+
+
+def update_manifest(run: RunDir, **fields: Any) -> dict:
+    """Merge `fields` into manifest.json (creating it with versions and git hash), atomically."""
+    if run.manifest.exists():
+        man = dict(read_manifest(run.manifest))
+    else:
+        man = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "manifest",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": package_versions(),
+            "git": git_hash(),
+            "timings": {},
+        }
+    for k, v in fields.items():
+        if k == "timings":
+            man.setdefault("timings", {}).update(v)
+        else:
+            man[k] = v
+    atomic_write_json(run.manifest, man)
+    return man
+
+
+class StageTimer:
+    """`with StageTimer(run, "train_sft"):` records the stage's wall time in manifest.json."""
+
+    def __init__(self, run: RunDir, stage: str):
+        self.run, self.stage = run, stage
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            update_manifest(self.run, timings={self.stage: round(time.perf_counter() - self.t0, 3)})
+        return False

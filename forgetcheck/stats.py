@@ -17,6 +17,11 @@ where that happens. How the centre and standard error are obtained depends on th
   gives the standard error; the centre is the plain estimate.
 - a mean over tasks (a suite): the tasks' items are disjoint and independent, so the variance of the mean of
   the task deltas is the sum of the task variances over the squared task count.
+- several training seeds per arm (`--seeds K`): a two-level bootstrap (`two_level_diff`). Each resample draws
+  K training runs with replacement, then item clusters with replacement within each task (the same items for
+  every run, so the pairing is kept); the statistic is the mean over tasks of the difference of the drawn
+  runs' mean scores. Its spread holds both the seed-to-seed and the item-to-item variation, so a comparison
+  of two arms is a statement about the methods, not about one training run each.
 
 One-sided bounds at level 1 - alpha (used by the gate) are the ends of the two-sided 1 - 2 alpha interval.
 Power: a change of zero is ruled out at margin M with 80% power when M >= (z_{1-alpha} + z_{0.8}) * se;
@@ -254,6 +259,33 @@ def mean_of(values: np.ndarray, clusters=None, *, n_boot: int = 1000, seed: int 
     point = float(v.mean()) + 0.0
     n_clu = int(len(np.unique(clusters))) if clusters is not None else None
     return Estimate(point=point, center=point, se=se, method="cluster_bootstrap", n=len(v), clusters=n_clu)
+
+
+def two_level_diff(a: list[np.ndarray], b: list[np.ndarray], clusters: list[np.ndarray | None] | None = None, *,
+                   scale: float = 100.0, n_boot: int = 2000, seed: int = 0, key: str = "") -> Estimate:
+    """Mean over tasks of (mean score of side a's runs - mean score of side b's runs), with a two-level
+    bootstrap standard error (runs drawn with replacement on each side, then item clusters within each task).
+    `a[t]`, `b[t]`: [runs, items] per-item scores of task t, the same items in the same order on both sides
+    (b may be the base: one run). `clusters[t]`: cluster id per item of task t, or None (items independent)."""
+    if not a or len(a) != len(b):
+        raise ValueError("two_level_diff needs the same tasks on both sides")
+    a = [np.atleast_2d(np.asarray(x, float)) for x in a]
+    b = [np.atleast_2d(np.asarray(x, float)) for x in b]
+    clusters = clusters or [None] * len(a)
+    ka, kb, n_tasks = a[0].shape[0], b[0].shape[0], len(a)
+    point = float(np.mean([x.mean() - y.mean() for x, y in zip(a, b)]) * scale) + 0.0
+    rng = np.random.default_rng([seed, stable_seed(key)])
+    wa = rng.multinomial(ka, np.full(ka, 1.0 / ka), size=n_boot) / ka  # [n_boot, runs]: weight of each run
+    wb = rng.multinomial(kb, np.full(kb, 1.0 / kb), size=n_boot) / kb
+    reps = np.zeros(n_boot)
+    for x, y, cl in zip(a, b, clusters):
+        w = cluster_weights(cl, x.shape[1], n_boot, rng)
+        w /= w.sum(axis=1, keepdims=True)
+        reps += ((w @ x.T) * wa).sum(axis=1) - ((w @ y.T) * wb).sum(axis=1)
+    reps *= scale / n_tasks
+    sd = float(np.std(reps, ddof=1)) if n_boot > 1 else 0.0
+    return Estimate(point=point, center=point, se=0.0 if sd < 1e-12 else sd, method="two_level_bootstrap",
+                    n=min(x.shape[1] for x in a), extra={"n_tasks": n_tasks, "runs": [ka, kb]})
 
 
 def mean_of_estimates(ests: list[Estimate]) -> Estimate:

@@ -189,7 +189,7 @@ def task_problems(cfg: EvalConfig, tasks_dir: Path | None = None) -> list[str]:
         return []
     from lm_eval.tasks import TaskManager
 
-    from forgetcheck.models import hub_reachable
+    from forgetcheck.modelfiles import hub_reachable
 
     tdir = Path(tasks_dir) if tasks_dir is not None else default_tasks_dir()
     tm = TaskManager(include_path=str(tdir), include_defaults=False)
@@ -227,7 +227,7 @@ def _hub_task_manager():
 
 
 def _hub_tasks(names: list[str], ours: list[str]) -> list[TaskSpec]:
-    from forgetcheck.models import hub_reachable
+    from forgetcheck.modelfiles import hub_reachable
 
     hub_tm = _hub_task_manager()
     specs = []

@@ -1,14 +1,8 @@
 """`forgetcheck train`: full fine-tuning, one plain PyTorch loop for every arm (nanoGPT / LitGPT spirit).
 
-An arm changes only the data and the label mask:
-  * `sft`: each prompt/response pair is rendered with the tokenizer's chat template (a plain
-    "### Instruction / ### Response" template when it has none); loss on the response tokens (and the EOS)
-    only, or on everything with `include_prompt_loss`. Each example is truncated to seq_len.
-  * `cpt`: raw text + EOS, loss on every token.
-
-Both arms then go through the same packer: examples are concatenated, each with its own label mask, and the
-stream is cut into rows of exactly seq_len tokens (TRL's "wrapped" packing). An example that does not fit the
-rest of a row continues in the next row. So every row of both arms is full, no row is padded, and both arms
+An arm changes only the data and the label mask (packing.py: `sft` pairs with the prompt masked, `cpt` raw
+text, `replay` SFT with general text mixed in) and which weights train (arms.py: `lora`, `freeze`). Every row
+of every arm is full (packing.py's wrapped packing), so all arms
 feed exactly seq_len * micro_batch * grad_accum * nproc tokens per optimizer step: with
 steps = budget_tokens // tokens_per_step, their tokens_seen["forward"] are equal (and within one step of the
 budget), and they take the same optimizer steps. The loss is normalised by the label tokens of the whole
@@ -32,114 +26,13 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from forgetcheck import config as C
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, read_json
-from forgetcheck.schema import SCHEMA_VERSION
-
-IGNORE = -100
-PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-
-
-# ---- data: the only place where the arms differ ----------------------------------------------------------
-
-def render_sft(tok, prompt: str, response: str) -> tuple[str, str]:
-    """(prompt text, response text) of one pair: the chat template when the tokenizer has one."""
-    if getattr(tok, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
-        head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-        if full.startswith(head):
-            return head, full[len(head):]
-    return PLAIN_TEMPLATE.format(prompt=prompt), response
-
-
-def sft_example(tok, row: dict, seq_len: int, include_prompt_loss: bool) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one pair: prompt tokens masked (unless include_prompt_loss), EOS appended."""
-    head, tail = render_sft(tok, row["prompt"], row["response"])
-    p = tok(head, add_special_tokens=False)["input_ids"]
-    r = tok(tail, add_special_tokens=False)["input_ids"]
-    if not r or r[-1] != tok.eos_token_id:
-        r = r + [tok.eos_token_id]
-    ids = (p + r)[:seq_len]
-    labels = ((p if include_prompt_loss else [IGNORE] * len(p)) + r)[:seq_len]
-    return ids, labels
-
-
-def cpt_example(tok, row: dict) -> tuple[list[int], list[int]]:
-    ids = tok(row["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return ids, list(ids)
-
-
-@dataclass
-class Rows:
-    """Training rows in the order they are consumed: [n, seq_len] tensors."""
-
-    input_ids: object
-    labels: object
-    attention_mask: object
-    replay: dict | None = None
-    """replay arm: the measured replay share (arms.replay_rows)."""
-
-
-def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int, n_rows: int, seq_len: int,
-         data_seed: int, pad_id: int) -> Rows:
-    """Concatenate examples (shuffled per epoch with data_seed + epoch) and cut the stream into n_rows full
-    rows of seq_len. `example(i)` tokenizes example i (each is tokenized once)."""
-    import torch
-
-    if n_examples == 0:
-        raise BadInput("the training data has no examples: check the domain's sft.jsonl / cpt.jsonl")
-    need = n_rows * seq_len
-    cache: dict[int, tuple[list[int], list[int]]] = {}
-    ids: list[int] = []
-    labels: list[int] = []
-    epoch = 0
-    while len(ids) < need:
-        order = list(range(n_examples))
-        random.Random(data_seed + epoch).shuffle(order)
-        before = len(ids)
-        for i in order:
-            if i not in cache:
-                cache[i] = example(i)
-            a, b = cache[i]
-            ids.extend(a)
-            labels.extend(b)
-            if len(ids) >= need:
-                break
-        if len(ids) == before:
-            raise BadInput("the training data tokenizes to nothing: check the domain's data files")
-        epoch += 1
-    t_ids = torch.tensor(ids[:need], dtype=torch.long).view(n_rows, seq_len)
-    t_lab = torch.tensor(labels[:need], dtype=torch.long).view(n_rows, seq_len)
-    return Rows(t_ids, t_lab, torch.ones_like(t_ids))
-
-
-def build_rows(arm: str, tok, data_path: Path, cfg: C.TrainConfig, n_rows: int) -> Rows:
-    import torch
-
-    from forgetcheck import arms, data
-
-    if arm == "replay":
-        from forgetcheck import general_text
-
-        records = data.read_sft(data_path)
-        pieces = arms.replay_pieces(tok, general_text.load(), max(8, cfg.seq_len // 2), cfg.data_seed)
-        ids, labels, stats = arms.replay_rows(
-            lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),
-            len(records), pieces, cfg.replay_frac, n_rows, cfg.seq_len, cfg.data_seed)
-        return Rows(ids, labels, torch.ones_like(ids), replay=stats)
-    if arms.data_kind(arm) == "sft":
-        records = data.read_sft(data_path)
-        return pack(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss),
-                    len(records), n_rows, cfg.seq_len, cfg.data_seed, tok.pad_token_id)
-    records = data.read_cpt(data_path)
-    return pack(lambda i: cpt_example(tok, records[i]), len(records), n_rows, cfg.seq_len, cfg.data_seed,
-                tok.pad_token_id)
-
+from forgetcheck.packing import IGNORE, build_rows
+from forgetcheck.rundir import RunDir
+from forgetcheck.schema import read_train, write_train
 
 # ---- one optimizer step's gradient ------------------------------------------------------------------------
 
@@ -204,18 +97,19 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
+def train_loop(label: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
                rank: int = 0, world: int = 1, hybrid_nodes: int = 0, on_step: Callable[[int], None] | None = None) -> dict | None:
-    """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<arm>.json and
-    returns the record. `on_step(step)` is called after every optimizer step (tests use it to interrupt)."""
+    """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<label>.json and
+    returns the record. `label` is the arm, or one of its `--seeds` replicas (`<arm>_s<i>`: seed and data
+    order shifted by i). `on_step(step)` is called after every optimizer step (tests use it to interrupt)."""
     import torch
-    from tqdm.auto import tqdm
 
-    from forgetcheck import arms, checkpoint, models, optim, plan, sharding
+    from forgetcheck import arms, checkpoint, console, models, optim, plan, sharding
     from forgetcheck.device import choose_precision, peak_memory_bytes, reset_peak_memory
 
+    arm, cfg = C.replica_config(label, cfg)
     main = rank == 0
-    say = print if main else (lambda *a, **k: None)
+    say = console.detail if main else (lambda *a, **k: None)
     steps = optimizer_steps(cfg)
     rows_per_step = cfg.micro_batch * cfg.grad_accum * cfg.nproc
 
@@ -264,18 +158,19 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
 
     # resume
     state = {"step": 0, "loss_curve": [], "lr_curve": [], "tokens": {"forward": 0, "padding": 0, "label": 0}}
-    rdir = checkpoint.resume_dir(run, arm)
+    rdir = checkpoint.resume_dir(run, label)
     if checkpoint.has_resume(rdir, cfg):
         state = checkpoint.load_resume(rdir, model, optimizer, scheduler, scaler, world=world, rank=rank)
-        say(f"resumed {arm} from step {state['step']} of {steps} ({rdir})")
+        say(f"resumed {label} from step {state['step']} of {steps} ({rdir})")
 
-    say(f"training {arm}: {steps} optimizer steps x {tokens_per_step(cfg)} tokens "
+    say(f"training {label}: {steps} optimizer steps x {tokens_per_step(cfg)} tokens "
         f"(budget {cfg.budget_tokens} tokens, seq-len {cfg.seq_len}, micro-batch {cfg.micro_batch}, "
         f"grad-accum {cfg.grad_accum}, nproc {cfg.nproc})")
     reset_peak_memory(device)
     measured_components = None
-    bar = tqdm(total=steps, initial=state["step"], desc=f"train {arm}", disable=not main, unit="step",
-               dynamic_ncols=True)
+    if main:
+        console.set_total(steps)
+        console.advance(state["step"])
     t0 = time.perf_counter()
     session_tokens = 0
     step_s: list[float] = []
@@ -321,26 +216,27 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         session_tokens += forward
         step_s.append(round(time.perf_counter() - t_step, 4))
         elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{session_tokens / max(elapsed, 1e-9):,.0f}")
-        bar.update(1)
+        if main:
+            console.advance()
+            if step % 10 == 0 or step + 1 == steps:
+                say(f"step {step + 1}/{steps}: loss {loss:.4f}, {session_tokens / max(elapsed, 1e-9):,.0f} tokens/s")
         if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < steps:
             checkpoint.save_resume(rdir, model, optimizer, scheduler, scaler, state, cfg, world=world, rank=rank)
         if on_step is not None:
             on_step(state["step"])
-    bar.close()
     wall = time.perf_counter() - t0
     peak, method = peak_memory_bytes(device)
 
-    ckpt = run.ckpt(arm)
+    ckpt = run.ckpt(label)
     if main:
         model = arms.finish_model(arm, model, ckpt)  # lora: adapter saved, then merged into the base weights
-    checkpoint.save_hf_checkpoint(model, tok, ckpt, model_ref, arm, world=world, rank=rank)
+    checkpoint.save_hf_checkpoint(model, tok, ckpt, model_ref, label, world=world, rank=rank)
     if not main:
         return None
     record = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "train",
-        "arm": arm,
+        "arm": label,
+        "method": arm,
+        "replica": C.replica_of(label)[1],
         "base": model_ref.name,
         "base_ref": model_ref.to_dict(),
         "random_weights": model_ref.random_weights,
@@ -367,29 +263,32 @@ def train_loop(arm: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: Ru
         "config": json.loads(json.dumps(C.to_dict(cfg))),  # as read back from train/<arm>.json
         "checkpoint": str(ckpt),
     }
-    atomic_write_json(run.train_json(arm), record)
+    record = dict(write_train(run.train_json(label), record))
     shutil.rmtree(rdir, ignore_errors=True)
-    say(f"{arm}: {state['step']} steps, {state['tokens']['forward']} tokens, final loss "
+    say(f"{label}: {state['step']} steps, {state['tokens']['forward']} tokens, final loss "
         f"{state['loss_curve'][-1][1] if state['loss_curve'] else float('nan'):.4f}, {wall:.1f} s; "
         f"checkpoint {ckpt}")
+    console.note(f"{state['step']} steps, final loss {record['loss_curve'][-1][1] if record['loss_curve'] else float('nan'):.4f}, "
+                 f"{record['tokens_per_s']} tokens/s; memory peak {(peak or 0) / 1e9:.2f} GB, planned "
+                 f"{mem_plan['per_device_total'] / 1e9:.2f} GB (weights+grads+optim "
+                 f"{mem_plan['states_bytes'] / 1e9:.2f} GB)")
     return record
 
 
-def _data_path(arm: str, domain) -> Path:
-    from forgetcheck.arms import data_kind
+def _data_path(label: str, domain) -> Path:
+    from forgetcheck import data
 
-    path = getattr(domain, data_kind(arm), None)
-    if path is None:
-        raise BadInput(f"domain '{domain.name}' has no {data_kind(arm)}.jsonl, so arm '{arm}' cannot train: add the file "
-                       f"or drop the arm with --arms")
-    return Path(path)
+    arm = C.replica_of(label)[0]
+    C.check(data.arm_problems(domain, (arm,)))
+    return Path(getattr(domain, C.ARM_DATA[arm]))
 
 
-def validate(arm: str, cfg: C.TrainConfig, device: str, nnodes: int = 1) -> None:
+def validate(label: str, cfg: C.TrainConfig, device: str, nnodes: int = 1) -> None:
     """Every problem with this training request, raised at once before anything heavy starts."""
     from forgetcheck import optim
     from forgetcheck.arms import TRAINED
 
+    arm = C.replica_of(label)[0]
     problems = [] if arm in TRAINED else [f"unknown arm '{arm}' to train: choose from {', '.join(TRAINED)}"]
     if arm == "lora" and cfg.nproc > 1:
         problems.append("--arms lora with --nproc > 1: LoRA under FSDP2 is not supported; use --nproc 1")
@@ -397,11 +296,12 @@ def validate(arm: str, cfg: C.TrainConfig, device: str, nnodes: int = 1) -> None
     C.check(problems + C.validate_train(cfg) + optim.check_combination(cfg, device, per_node))
 
 
-def reusable(run: RunDir, arm: str, cfg: C.TrainConfig) -> dict | None:
-    """The existing record when train/<arm>.json and its checkpoint are there for this same config."""
-    if not (run.train_json(arm).exists() and (run.ckpt(arm) / "config.json").exists()):
+def reusable(run: RunDir, label: str, cfg: C.TrainConfig) -> dict | None:
+    """The existing record when train/<label>.json and its checkpoint are there for this same config."""
+    if not (run.train_json(label).exists() and (run.ckpt(label) / "config.json").exists()):
         return None
-    record = read_json(run.train_json(arm))
+    _, cfg = C.replica_config(label, cfg)
+    record = dict(read_train(run.train_json(label)))
     if json.loads(json.dumps(record.get("config"))) != json.loads(json.dumps(C.to_dict(cfg))):
         return None
     return record
@@ -409,7 +309,8 @@ def reusable(run: RunDir, arm: str, cfg: C.TrainConfig) -> dict | None:
 
 def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
               on_step: Callable[[int], None] | None = None, how=None) -> dict | None:
-    """Train `arm` of `run` on `domain` from `model_ref`; writes run.train_json(arm) and run.ckpt(arm) and
+    """Train `arm` (or its replica label `<arm>_s<i>`, config.replica_label) of `run` on `domain` from
+    `model_ref`; writes run.train_json(arm) and run.ckpt(arm) and
     returns the record. Reuses a finished arm; resumes an interrupted one from run.ckpt(arm)/../<arm>.resume/.
     With cfg.nproc > 1 the loop runs under torchrun (FSDP2): launched here (`how`: a sharding.Launch, for
     several nodes), or, when this process is already one rank of an external launcher (torchrun, srun), run
@@ -437,7 +338,7 @@ def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, d
         return rec if rank == 0 else None
     if cfg.nproc > 1:
         sharding.launch(arm, model_ref, data_path, cfg, run, device, how)
-        return read_json(run.train_json(arm)) if how.node_rank == 0 else None
+        return dict(read_train(run.train_json(arm))) if how.node_rank == 0 else None
     return train_loop(arm, model_ref, data_path, cfg, run, device=device, on_step=on_step)
 
 
@@ -453,7 +354,7 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
 
     from forgetcheck import data as D
     from forgetcheck import models, optim, sharding
-    from forgetcheck.arms import TRAINED, data_kind
+    from forgetcheck.arms import TRAINED
     from forgetcheck.device import choose_device
     from forgetcheck.rundir import check_output_dir
 
@@ -475,10 +376,7 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
         if how.hybrid_shard and ext["nodes"] < 2:
             problems.append(f"--hybrid-shard replicates across nodes, but the {ext['source']} launcher runs one node")
         how = sharding.Launch(nnodes=ext["nodes"], hybrid_shard=how.hybrid_shard)
-    problems += [] if arms else ["--arms is empty: give at least one of sft,cpt"]
-    problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(C.ARMS)}" for a in arms if a not in C.ARMS]
-    if len(set(arms)) != len(arms):
-        problems.append(f"--arms lists an arm twice: {','.join(arms)}")
+    problems += C.validate_arms(arms)
     try:
         check_output_dir(run.root, run_flag)
     except BadInput as e:
@@ -494,8 +392,7 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
     except BadInput as e:
         problems.append(str(e))
     if domain is not None:
-        problems += [f"--data {data} has no {a}.jsonl, so arm '{a}' cannot train: add it or drop the arm with --arms"
-                     for a in arms if a in TRAINED and getattr(domain, data_kind(a)) is None]
+        problems += D.arm_problems(domain, arms)
     problems += [f"arm '{a}' is not trained (it interpolates weights): use `forgetcheck run --arms ...,{a}`"
                  for a in arms if a in C.ARMS and a not in TRAINED]
     try:
@@ -523,7 +420,8 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, r
         say(f"NOTE: --base {base} has RANDOM WEIGHTS: plumbing only")
     records = []
     for arm in arms:
-        records.append(train_arm(arm, model_ref, domain, cfg, run, device=dev.device, how=how))
+        for i in range(cfg.seeds):
+            records.append(train_arm(C.replica_label(arm, i), model_ref, domain, cfg, run, device=dev.device, how=how))
     records = [r for r in records if r is not None]
     for r in records:
         print(f"{r['arm']}: {r['optimizer_steps']} steps, tokens forward {r['tokens_seen']['forward']} "

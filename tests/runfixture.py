@@ -1,4 +1,4 @@
-"""Builder of synthetic run directories (the run-folder contract) for the compare, report and gate tests.
+"""Builder of synthetic run directories (the contract of docs/design.md, "The run folder") for the compare, report and gate tests.
 
 Items are drawn once for the base (seeded); each arm starts as an exact copy of the base's records and is then
 changed as asked: `flips={(arm, task): (right_to_wrong, wrong_to_right)}` for multiple-choice tasks,

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from forgetcheck import arms, compare, general_text, interpolate, train
+from forgetcheck import arms, compare, general_text, interpolate, packing, train
 from forgetcheck.config import TrainConfig
 from forgetcheck.data import DomainData
 from forgetcheck.rundir import RunDir
@@ -125,9 +125,9 @@ def test_replay_rows_share_and_sources():
     seq_len, n_rows = 16, 40
     pieces = [[1000 + i] * (3 + i % 5) for i in range(50)]
     for frac in (0.01, 0.05, 0.3):
-        ids, _, stats = arms.replay_rows(lambda i: ([7] * (5 + i % 7), [7] * (5 + i % 7)), 10, pieces, frac, n_rows,
-                                       seq_len, 0)
-        flat = ids.flatten()
+        rows = packing.pack(lambda i: ([7] * (5 + i % 7), [7] * (5 + i % 7)), 10, n_rows, seq_len, 0,
+                            replay=packing.Replay(pieces, frac))
+        stats, flat = rows.replay, rows.input_ids.flatten()
         assert stats["tokens"] == int((flat >= 1000).sum())
         assert abs(stats["share"] - frac) <= 8 / (seq_len * n_rows)
 

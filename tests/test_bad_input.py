@@ -408,7 +408,7 @@ CASES: list[Case] = [
     Case("gate-policy-missing", ["gate", R, "--policy", "{tmp}/nope.toml"], ("run",), r"--policy"),
     Case("gate-policy-bad-toml", ["gate", R, "--policy", "{tmp}/p.toml"], ("run",), r"TOML",
          custom=lambda t: _corrupt(t / "p.toml", "max_drop = = 2")),
-    Case("gate-policy-unknown-key", ["gate", R, "--policy", "{tmp}/p.toml"], ("run",), r"unknown key",
+    Case("gate-policy-unknown-key", ["gate", R, "--policy", "{tmp}/p.toml"], ("run",), r"unknown gate policy key",
          custom=lambda t: _corrupt(t / "p.toml", "max_dorp = 2\n")),
     Case("gate-policy-nan", ["gate", R, "--policy", "{tmp}/p.toml"], ("run",), r"max_drop",
          custom=lambda t: _corrupt(t / "p.toml", "max_drop = nan\n")),

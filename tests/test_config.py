@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from forgetcheck import config as C
+from forgetcheck.config import from_dict as config_from_dict
 from forgetcheck.errors import BadInput
-from forgetcheck.pipeline import config_from_dict
 
 
 def test_every_problem_reported_at_once():

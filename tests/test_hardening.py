@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_bad_input import cli, plant_pickle, run_config, snapshot, user_data
 
-from forgetcheck import models
+from forgetcheck import modelfiles, models
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import atomic_write_text, check_run_id, confined
 
@@ -238,17 +238,17 @@ def _tiny_gguf(path: Path) -> None:
 def test_gguf_checks_find_truncation_and_garbage(tmp_path):
     g = tmp_path / "m.gguf"
     _tiny_gguf(g)
-    models.check_gguf(g, "--base m.gguf")  # whole: passes
+    modelfiles.check_gguf(g, "--base m.gguf")  # whole: passes
     data = g.read_bytes()
     g.write_bytes(data[:-100])
     with pytest.raises(BadInput, match="truncated|corrupt"):
-        models.check_gguf(g, "--base m.gguf")
+        modelfiles.check_gguf(g, "--base m.gguf")
     g.write_bytes(data[:40])
     with pytest.raises(BadInput, match="corrupt or truncated"):
-        models.check_gguf(g, "--base m.gguf")
+        modelfiles.check_gguf(g, "--base m.gguf")
     g.write_bytes(b"\x00" * 64)
     with pytest.raises(BadInput, match="not a GGUF"):
-        models.check_gguf(g, "--base m.gguf")
+        modelfiles.check_gguf(g, "--base m.gguf")
 
 
 # ---- concurrency ----------------------------------------------------------------------------------------

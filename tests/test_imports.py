@@ -11,22 +11,24 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "forgetcheck"
 
-GROUND = ("errors", "config", "schema", "rundir", "device")
+GROUND = ("errors", "config", "rundir", "schema", "device", "console")
 """The ground floor: imported by everything, importing only each other (in this order)."""
 
 ORDER = GROUND + (
     "forecast",  # pure numpy/scipy: fits curves' forgetting series (curves.py), imports nothing of ours
-    "gpt2_tokenizer", "models",  # model + data
+    "gpt2_tokenizer", "modelfiles", "models",  # model + data
     "med", "benchdata", "general_text", "data",
     "sharding",  # processes: torchrun launching, FSDP2, data-parallel ranks (eval and train use it)
-    "suites", "fast_lm", "drift", "curves", "evaluation",  # eval; curves: signals during training
-    "arms", "plan", "optim", "checkpoint", "train", "interpolate",  # train
-    "stats", "compare", "gate", "lmeval_samples", "history", "report",  # verdict: JSON only
-    "check", "pipeline", "cli", "__main__", "__init__",  # commands
+    "suites", "fast_lm", "drift", "curves", "records", "evalcache", "evaluation",  # eval; curves: signals during training
+    "arms", "packing", "plan", "optim", "checkpoint", "train", "interpolate",  # train
+    "stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing",
+    "history", "report",  # verdict: JSON only
+    "inputs", "check", "pipeline", "options", "cli", "__main__", "__init__",  # commands
 )
 """Every module of the package, each after everything it imports."""
 
-NO_TORCH = ("forecast", "stats", "compare", "gate", "lmeval_samples", "history", "report")
+NO_TORCH = ("forecast", "stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples",
+            "lmeval_pairing", "history", "report")
 
 
 def _imports(path: Path) -> set[str]:

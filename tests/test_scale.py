@@ -225,7 +225,8 @@ def test_data_parallel_eval_matches_one_process(tiny_ref, tasks_dir, tmp_path, b
                          *_eval_cmd(tasks_dir, two, backend)], capture_output=True, text=True,
                         env=_env(FORGETCHECK_HOME=tmp_path / "home2"), timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "data-parallel over 2 processes" in r2.stdout and "on 2 ranks" in r2.stdout
+    shown = r2.stdout + (two.parent / "base.log.txt").read_text()  # detail lines go to the log (console.py)
+    assert "data-parallel over 2 processes" in shown and "on 2 ranks" in shown
     d1, d2 = json.loads(one.read_text()), json.loads(two.read_text())
     for name in ("fc_fixture_mc", "fc_fixture_ppl"):
         rows1 = [json.loads(x) for x in (one.parent / d1["tasks"][name]["samples"]).read_text().splitlines()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from forgetcheck import checkpoint, optim, sharding, train
+from forgetcheck import checkpoint, optim, packing, sharding, train
 from forgetcheck.config import TrainConfig
 from forgetcheck.data import DomainData
 from forgetcheck.errors import BadInput
@@ -101,15 +101,15 @@ def test_sft_masks_prompt_and_plain_template(tiny_ref):
 
     tok = models.load_tokenizer(tiny_ref)
     row = {"prompt": "Name a bone.", "response": "The femur."}
-    ids, labels = train.sft_example(tok, row, 64, include_prompt_loss=False)
-    head, _ = train.render_sft(tok, row["prompt"], row["response"])
+    ids, labels = packing.sft_example(tok, row, 64, include_prompt_loss=False)
+    head, _ = packing.render_sft(tok, row["prompt"], row["response"])
     n_prompt = len(tok(head, add_special_tokens=False)["input_ids"])
     assert head.startswith("### Instruction:")  # GPT-2 has no chat template
-    assert labels[:n_prompt] == [train.IGNORE] * n_prompt
+    assert labels[:n_prompt] == [packing.IGNORE] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
-    ids2, labels2 = train.sft_example(tok, row, 64, include_prompt_loss=True)
+    ids2, labels2 = packing.sft_example(tok, row, 64, include_prompt_loss=True)
     assert ids2 == ids and labels2 == ids
-    ids3, labels3 = train.sft_example(tok, row, 5, include_prompt_loss=False)
+    ids3, labels3 = packing.sft_example(tok, row, 5, include_prompt_loss=False)
     assert len(ids3) == len(labels3) == 5
 
 
@@ -119,13 +119,13 @@ def test_sft_uses_chat_template_when_present(tiny_ref):
     tok = models.load_tokenizer(tiny_ref)
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    head, tail = train.render_sft(tok, "Name a bone.", "The femur.")
+    head, tail = packing.render_sft(tok, "Name a bone.", "The femur.")
     assert head == "<|user|>Name a bone.\n<|assistant|>" and tail == "The femur.\n"
 
 
 def test_packing_fills_rows_and_keeps_masks():
     examples = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [6, 7, 8, 9])]
-    rows = train.pack(lambda i: examples[i], 3, n_rows=4, seq_len=5, data_seed=0, pad_id=0)
+    rows = packing.pack(lambda i: examples[i], 3, n_rows=4, seq_len=5, data_seed=0)
     assert rows.input_ids.shape == (4, 5) and bool(rows.attention_mask.all())
     stream = rows.input_ids.flatten().tolist()
     labels = rows.labels.flatten().tolist()
@@ -141,8 +141,8 @@ def _padded_batch(vocab: int, seq_len: int = 16):
     for r, real in enumerate((16, 9, 12, 5)):
         mask[r, real:] = 0
     labels = ids.clone()
-    labels[mask == 0] = train.IGNORE
-    labels[1, :4] = train.IGNORE  # a masked prompt too
+    labels[mask == 0] = packing.IGNORE
+    labels[1, :4] = packing.IGNORE  # a masked prompt too
     return ids, labels, mask
 
 

@@ -1,0 +1,101 @@
+"""The gate's policy: margins, level, metric and options, from (in increasing precedence) the defaults, the
+run's config.json, a gate.toml file and command-line flags; every key known and every value checked here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from forgetcheck.config import GateConfig, check, validate_gate
+from forgetcheck.errors import BadInput
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+POLICY_KEYS = tuple(f.name for f in dataclasses.fields(GateConfig))
+STRING_KEYS = {"metric": ("acc", "soft"), "on_inconclusive": ("fail", "pass", "inconclusive")}
+BOOL_KEYS = ("keep_uninformative",)
+NULLABLE_KEYS = ("min_domain_gain", "max_ppl_rise", "max_kl")
+
+
+def check_keys(values: dict, where: str | None = None) -> None:
+    """The one home of "unknown policy key": BadInput naming the unknown keys and the known ones."""
+    unknown = set(values) - set(POLICY_KEYS)
+    if unknown:
+        raise BadInput(f"{where + ': ' if where else ''}unknown gate policy key(s) {', '.join(sorted(unknown))}; "
+                       f"known: {', '.join(POLICY_KEYS)}")
+
+
+def as_policy(policy: GateConfig | dict | None) -> GateConfig:
+    if policy is None:
+        return GateConfig()
+    if isinstance(policy, GateConfig):
+        return policy
+    check_keys(policy)
+    return GateConfig(**policy)
+
+
+def load_policy(path: Path) -> dict:
+    """A gate.toml: keys at the top level or under [gate]; '-' or '_' in names. Numbers must be finite and
+    >= 0 (`min_domain_gain` may be negative); `max_ppl_rise`/`max_kl` may be "off"; `metric` is acc|soft,
+    `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"--policy {path} is a folder: give a TOML file with max_drop, max_mean_drop, alpha, "
+                       "min_domain_gain")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"--policy {path}: not a UTF-8 text file; give a TOML file") from None
+    except FileNotFoundError:
+        raise BadInput(f"--policy {path} not found: give a TOML file with keys {', '.join(POLICY_KEYS)}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"--policy {path}: not valid TOML ({e})") from None
+    data = data.get("gate", data)
+    out = {k.replace("-", "_"): v for k, v in data.items()}
+    check_keys(out, f"--policy {path}")
+    for k, v in list(out.items()):
+        if k in STRING_KEYS:
+            if v not in STRING_KEYS[k]:
+                raise BadInput(f"--policy {path}: {k} must be one of {', '.join(STRING_KEYS[k])} (got {v!r})")
+        elif k in BOOL_KEYS:
+            if not isinstance(v, bool):
+                raise BadInput(f"--policy {path}: {k} must be true or false (got {v!r})")
+        elif k in NULLABLE_KEYS and v == "off":
+            out[k] = None
+        elif not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise BadInput(f"--policy {path}: {k} must be a finite number (got {v!r})")
+        elif v < 0 and k != "min_domain_gain":
+            raise BadInput(f"--policy {path}: {k} must be >= 0 (got {v!r})")
+    return out
+
+
+def resolve_policy(run_config: dict | None, policy_file: Path | None, overrides: dict) -> GateConfig:
+    """Defaults <- the run's config.json gate section <- the policy file <- CLI flags (None = not given)."""
+    values: dict[str, Any] = {}
+    if run_config:
+        values.update({k: v for k, v in (run_config.get("gate") or {}).items() if k in POLICY_KEYS})
+    if policy_file is not None:
+        values.update(load_policy(policy_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for k in NULLABLE_KEYS:  # "off" (a flag or the file) turns a rule off
+        if values.get(k) == "off":
+            values[k] = None
+    pol = GateConfig(**values)
+    check(validate_gate(pol))
+    return pol
+
+
+def flag_number(flag: str, value: str | None) -> float | str | None:
+    """A margin flag that also takes 'off' (None: not given)."""
+    if value is None or value == "off":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise BadInput(f"{flag} must be a number or 'off' (got {value!r})") from None
