@@ -6,7 +6,9 @@ Sources (tasks/README.md has the data card):
     importlib, never imported). Retention: four groups minus the five medical subjects; domain: those five.
   * BIG-bench: the `bigbench==1.0.0` sdist (fetched with `pip download`, read with `tarfile`, never
     installed): WinoGrande pairs, TruthfulQA MC1, Social IQa, StrategyQA, hyperbaton, cause_and_effect,
-    general_knowledge, and squad_shifts' new-Wikipedia paragraphs as general English text (perplexity).
+    general_knowledge, and squad_shifts' new-Wikipedia paragraphs as general English text (perplexity); and
+    the tasks a 135M model scores clearly above chance (`SMALL_MODEL_TASKS`, chosen by bench/task_screen.py),
+    each in BIG-bench's own zero-shot prompt.
   * The held-out part of the packaged `med` dataset (forgetcheck.data): held-out term MC and text.
 
 Task YAMLs hold no absolute paths: they write `${FORGETCHECK_HOME}/bench/<file>.jsonl`, and
@@ -17,6 +19,7 @@ suite, chance level, kind, primary metric, source and licence (`task_info`).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -40,7 +43,7 @@ from forgetcheck.rundir import (
     replace_dir,
 )
 
-BUILD_VERSION = 3  # 3: cluster ids (WinoGrande twins, cause_and_effect events, SQuAD articles)
+BUILD_VERSION = 4  # 3: cluster ids (WinoGrande twins, cause_and_effect events, SQuAD articles); 4: SMALL_MODEL_TASKS
 SEED = "forgetcheck-bench-v1"
 HOME_VAR = "${FORGETCHECK_HOME}"
 
@@ -58,6 +61,29 @@ BIGBENCH_MEMBERS = {
     "general_knowledge": "general_knowledge/task.json",
     "squad_new_wiki": "squad_shifts/new_wiki_v1.0.json",
 }
+# Retention tasks that a small model (smollm2-135m) scores clearly above chance at 50 items, chosen by
+# bench/task_screen.py and checked with `forgetcheck eval --limit 50` (tasks/README.md, docs/verdicts.md). Output file -> {subtask: sdist member}; each item is
+# BIG-bench's own zero-shot prompt (`bigbench_prompt`) and its choices.
+SMALL_MODEL_TASKS: dict[str, dict[str, str]] = {
+    "subject_verb_agreement": {"nounpp": "subject_verb_agreement/nounpp_english.json",
+                               "namepp": "subject_verb_agreement/namepp_english.json"},
+    "unit_identification": {"unit_identification": "unit_conversion/unit_identification/task.json"},
+    "unit_conversion": {"different_systems": "unit_conversion/different_systems/task.json"},
+    "metaphor_understanding": {"lit2met": "metaphor_understanding/lit2met/task.json",
+                               "met2lit": "metaphor_understanding/met2lit/task.json"},
+    "wikihow_step_inference": {"step_inference": "goal_step_wikihow/step_inference/task.json"},
+    "unscramble_words": {"reorder_words": "undo_permutation/reorder_words/task.json"},
+    "movie_recommendation": {"movie_recommendation": "movie_recommendation/task.json"},
+    "phrase_relatedness": {"phrase_relatedness": "phrase_relatedness/task.json"},
+    "emoji_movie": {"emoji_movie": "emoji_movie/task.json"},
+    "arithmetic_addition": {"1_digit_addition": "arithmetic/1_digit_addition/task.json"},
+    "arithmetic_multiplication": {"1_digit_multiplication": "arithmetic/1_digit_multiplication/task.json"},
+}
+for _file, _subtasks in SMALL_MODEL_TASKS.items():
+    for _sub, _rel in _subtasks.items():
+        BIGBENCH_MEMBERS[f"{_file}:{_sub}"] = _rel
+SUBTASK_ITEMS = 1000  # per subtask of a SMALL_MODEL_TASKS file, seeded
+CLUSTER_BY = {"subject_verb_agreement": "prompt", "metaphor_understanding": "distractors"}
 MAX_ITEMS = 2000  # larger BIG-bench sets are sampled (seeded) to this many items; WinoGrande to 1000 pairs
 
 MEDICAL_SUBJECTS = ("anatomy", "clinical knowledge", "college medicine", "medical genetics",
@@ -249,6 +275,42 @@ def build_cause_effect(one: dict, two: dict) -> list[dict]:
     return items
 
 
+def bigbench_prompt(task: dict, text: str) -> str:
+    """BIG-bench's zero-shot prompt for one example: task_prefix + example_input_prefix + input +
+    example_output_prefix (BIG-bench's defaults "\nQ: " and "\nA: "), or, for a cloze input that ends in a
+    space ("The athlete behind the bike "), task_prefix + input. Stripped: lm-eval joins it to each choice with
+    one space."""
+    ip, op = task.get("example_input_prefix"), task.get("example_output_prefix")
+    prefix = task.get("task_prefix") or ""
+    if text.endswith(" ") and ip is None and op is None:
+        return (prefix + text).strip()
+    ip = "\nQ: " if ip is None else ip
+    op = "\nA: " if op is None else op
+    return (prefix + ip + text + op).strip()
+
+
+def build_prompted(subtasks: dict[str, dict], salt: str, cluster_by: str | None = None) -> list[dict]:
+    """Items {query, choices, label, subtask[, cluster]} of BIG-bench tasks in their own zero-shot prompt, at
+    most SUBTASK_ITEMS (seeded) per subtask. `cluster_by`: items that share a source share a cluster id, by
+    "prompt" (subject_verb_agreement lists one sentence start with several verbs) or by "distractors" (the
+    same set of wrong choices: metaphor_understanding's lit2met and met2lit pair a sentence with the same ones)."""
+    items = []
+    for sub, task in subtasks.items():
+        rows = []
+        for ex in task["examples"]:
+            if not (scored := _scored(ex)):
+                continue
+            choices, label = scored
+            row = {"query": bigbench_prompt(task, ex["input"]), "choices": choices, "label": label, "subtask": sub}
+            if cluster_by is not None:
+                key = row["query"] if cluster_by == "prompt" else "\x00".join(
+                    sorted(c for i, c in enumerate(choices) if i != label))
+                row["cluster"] = f"{salt}-{hashlib.sha256(key.encode('utf-8')).hexdigest()[:12]}"
+            rows.append(row)
+        items += _sample(rows, SUBTASK_ITEMS, f"{salt}:{sub}")
+    return items
+
+
 def build_squad_text(squad: dict) -> list[dict]:
     """Paragraphs of one article share its title as their cluster."""
     return [{"title": a["title"], "text": p["context"].strip(), "cluster": a["title"]}
@@ -300,6 +362,8 @@ def prepare_bench(*, force: bool = False) -> dict:
     files["cause_and_effect"] = build_cause_effect(bb["cause_effect_one"], bb["cause_effect_two"])
     files["general_knowledge"] = build_choice_task(bb["general_knowledge"], "general_knowledge")
     files["squad_shifts_text"] = build_squad_text(bb["squad_new_wiki"])
+    for name, subtasks in SMALL_MODEL_TASKS.items():
+        files[name] = build_prompted({sub: bb[f"{name}:{sub}"] for sub in subtasks}, name, CLUSTER_BY.get(name))
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".bench.building-"))

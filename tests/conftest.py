@@ -52,3 +52,30 @@ def smollm2_ref(fc_home):
     from forgetcheck import models
 
     return models.resolve("smollm2-135m")
+
+
+WORDS = ("fever cough anemia insulin biopsy cardiac renal hepatic tumor lesion dose therapy chronic acute "
+         "symptom syndrome patient clinical nerve muscle").split()
+
+
+def _text(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    """A small domain folder (24 SFT pairs, 24 CPT texts of medical words) for training tests."""
+    import json
+
+    from forgetcheck.data import DomainData
+
+    root = tmp_path_factory.mktemp("domain")
+    with open(root / "sft.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": f"What is {_text(i, 3)}?", "response": _text(i + 1, 4 + i % 9),
+                                "id": i}) + "\n")
+    with open(root / "cpt.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"text": _text(i, 10 + i % 17)}) + "\n")
+    return DomainData(name="fixture", root=root, sft=root / "sft.jsonl", cpt=root / "cpt.jsonl", heldout=None,
+                      packaged=False)

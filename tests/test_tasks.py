@@ -137,3 +137,69 @@ def test_every_task_loads_and_scores_in_lm_eval(bench, tiny_ref):
                     assert context and not context.endswith(" "), name
         else:
             assert set(res) >= {f"{m},none" for m in PPL_METRICS}
+
+
+SMALL_MODEL = {  # task -> (data file, subtasks, items, chance)
+    "fc_subject_verb_agreement": ("subject_verb_agreement", ["namepp", "nounpp"], 2000, 0.5),
+    "fc_metaphor_understanding": ("metaphor_understanding", ["lit2met", "met2lit"], 234, 0.25),
+    "fc_unit_identification": ("unit_identification", ["unit_identification"], 1000, 0.3333),
+    "fc_unit_conversion": ("unit_conversion", ["different_systems"], 1000, 0.2),
+    "fc_wikihow_step_inference": ("wikihow_step_inference", ["step_inference"], 1000, 0.25),
+    "fc_unscramble_words": ("unscramble_words", ["reorder_words"], 100, 0.1247),
+    "fc_movie_recommendation": ("movie_recommendation", ["movie_recommendation"], 500, 0.25),
+    "fc_phrase_relatedness": ("phrase_relatedness", ["phrase_relatedness"], 100, 0.25),
+    "fc_emoji_movie": ("emoji_movie", ["emoji_movie"], 100, 0.2),
+    "fc_arithmetic_addition": ("arithmetic_addition", ["1_digit_addition"], 100, 0.1579),
+    "fc_arithmetic_multiplication": ("arithmetic_multiplication", ["1_digit_multiplication"], 100, 0.1552),
+}
+
+
+def test_small_model_tasks_build_as_bigbench_prompts(bench):
+    assert set(SMALL_MODEL) <= set(benchdata.suite_tasks("retention"))
+    assert {f"fc_{f}" for f in benchdata.SMALL_MODEL_TASKS} == set(SMALL_MODEL)
+    for name, (fname, subtasks, items, chance) in SMALL_MODEL.items():
+        rows = _lines(benchdata.bench_dir() / f"{fname}.jsonl")
+        info = benchdata.task_info(name)
+        assert info["items"] == len(rows) == items == bench["files"][f"{fname}.jsonl"]["items"], name
+        assert info["chance"] == chance == bench["files"][f"{fname}.jsonl"]["chance"], name
+        assert {r["subtask"] for r in rows} == set(subtasks), name
+        for r in rows:
+            assert 0 <= r["label"] < len(r["choices"]) and len(set(r["choices"])) == len(r["choices"]) >= 2
+            assert r["query"] == r["query"].strip() and all(c == c.strip() and c for c in r["choices"])
+    # the prompt is BIG-bench's own: a cloze input continues directly, others get its Q:/A: defaults
+    svA = _lines(benchdata.bench_dir() / "subject_verb_agreement.jsonl")[0]
+    assert not svA["query"].startswith("Q:") and svA["choices"][svA["label"]].endswith("s")
+    arith = _lines(benchdata.bench_dir() / "arithmetic_addition.jsonl")
+    assert arith[0]["query"].startswith("Q: What is ") and arith[0]["query"].endswith("\nA:")
+    assert benchdata.bigbench_prompt({"task_prefix": "Say:"}, "x y ") == "Say:x y"
+    assert benchdata.bigbench_prompt({"example_output_prefix": "\nIntent: "}, "Utterance: hi") == "Q: Utterance: hi\nIntent:"
+
+
+def test_small_model_task_clusters_join_shared_sources(bench):
+    sva = _lines(benchdata.bench_dir() / "subject_verb_agreement.jsonl")
+    by_cluster: dict[str, set[str]] = {}
+    for r in sva:
+        by_cluster.setdefault(r["cluster"], set()).add(r["query"])
+    assert all(len(q) == 1 for q in by_cluster.values())  # one sentence start per cluster
+    assert len(by_cluster) < len(sva)  # and several verbs per sentence start
+    met = _lines(benchdata.bench_dir() / "metaphor_understanding.jsonl")
+    subtasks_of: dict[str, set[str]] = {}
+    for r in met:
+        subtasks_of.setdefault(r["cluster"], set()).add(r["subtask"])
+    # lit2met and met2lit pair most sentences with the same distractors: those items share a cluster
+    assert sum(s == {"lit2met", "met2lit"} for s in subtasks_of.values()) >= 50
+
+
+def test_small_model_tasks_share_no_13gram_with_training_or_drift_text(bench):
+    from forgetcheck import general_text
+
+    texts = [general_text.evaluation_texts([benchdata.bench_dir() / f"{f}.jsonl"]) for f, *_ in SMALL_MODEL.values()]
+    texts = [t for group in texts for t in group]
+    med = benchdata.forgetcheck_home() / "data" / "med"
+    others = [benchdata.bench_dir() / "squad_shifts_text.jsonl", med / "cpt.jsonl", med / "heldout.jsonl",
+              med / "heldout_mc.jsonl"]
+    assert all(p.exists() for p in others)
+    n_shared, hit = general_text.overlap_count(texts, general_text.evaluation_texts(others))
+    assert n_shared == 0 and not hit
+    n_shared, hit = general_text.overlap_count(texts, (p for _, p in general_text.paragraphs()))  # replay text
+    assert n_shared == 0 and not hit

@@ -12,33 +12,11 @@ import torch
 
 from forgetcheck import checkpoint, optim, packing, sharding, train
 from forgetcheck.config import TrainConfig
-from forgetcheck.data import DomainData
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir
 
-WORDS = ("fever cough anemia insulin biopsy cardiac renal hepatic tumor lesion dose therapy chronic acute "
-         "symptom syndrome patient clinical nerve muscle").split()
-
 CFG = TrainConfig(budget_tokens=4 * 2 * 32, seq_len=32, micro_batch=2, grad_accum=1, lr=1e-3, warmup_frac=0.25,
                   seed=0, data_seed=0)
-
-
-def _text(i: int, n: int) -> str:
-    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
-
-
-@pytest.fixture(scope="module")
-def domain(tmp_path_factory) -> DomainData:
-    root = tmp_path_factory.mktemp("domain")
-    with open(root / "sft.jsonl", "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"prompt": f"What is {_text(i, 3)}?", "response": _text(i + 1, 4 + i % 9),
-                                "id": i}) + "\n")
-    with open(root / "cpt.jsonl", "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"text": _text(i, 10 + i % 17)}) + "\n")
-    return DomainData(name="fixture", root=root, sft=root / "sft.jsonl", cpt=root / "cpt.jsonl", heldout=None,
-                      packaged=False)
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
