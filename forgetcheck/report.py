@@ -20,6 +20,7 @@ from typing import Any
 
 import jinja2
 
+from forgetcheck.config import replica_of
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_text
 from forgetcheck.schema import read_compare, read_config_doc, read_gate, read_manifest, read_train
@@ -245,7 +246,8 @@ def build_view(run: RunDir) -> dict[str, Any]:
     gate = read_gate(run.gate)
     gate_source = "gate.json"
     arms = list(compare.get("arms") or [])
-    colors = {a: ARM_COLORS.get(a) or (WISE_COLOR if wise_alpha(a) is not None else EXTRA_COLORS[i % len(EXTRA_COLORS)])
+    colors = {a: ARM_COLORS.get(replica_of(a)[0])  # an arm's --seeds runs share its colour
+              or (WISE_COLOR if wise_alpha(a) is not None else EXTRA_COLORS[i % len(EXTRA_COLORS)])
               for i, a in enumerate(arms)}
     train = {}
     for arm in arms:
