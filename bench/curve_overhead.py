@@ -68,6 +68,16 @@ def main() -> None:
     sched = curves.plan_schedule(steps, s, p, n_items=a.items, n_tokens=a.tokens)
     print(f"{a.model} on {a.device}, preset {a.preset}: {steps} steps of {s:.2f} s (train {steps * s:.0f} s); "
           f"one point ({a.tokens} tokens x 2 texts, {a.items} items) {p:.2f} s")
+    from forgetcheck import training_curve
+
+    steps_in = training_curve.curve_steps(steps, tr.get("eval_every", 0))
+    item_tokens = [len(tok(it.context)["input_ids"]) + sum(len(tok(c)["input_ids"]) for c in it.choices) for it in items]
+    sizes = training_curve.plan_sizes(len(steps_in), steps * tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1),
+                                      item_tokens)
+    cost = p * (2 * sizes["n_tokens"] + sum(item_tokens[:sizes["n_items"]])) / (2 * a.tokens + sum(item_tokens))
+    print(f"in training (--eval-every {tr.get('eval_every', 0)}): {len(steps_in)} points at steps {steps_in}, "
+          f"{sizes['n_items']} items, {sizes['n_tokens']} tokens: predicted {sizes['predicted_fraction']:.0%} of "
+          f"training by the token count, {len(steps_in) * cost / (steps * s):.0%} by the times measured here")
     print(f"schedule: {len(sched.steps)} points at steps {sched.steps}, {sched.n_items} items, {sched.n_tokens} "
           f"tokens, overhead {sched.overhead_s:.0f} s = {sched.overhead_fraction:.0%} of training"
           + (f" ({sched.note})" if sched.note else ""))

@@ -408,11 +408,17 @@ def budget_block(run: RunDir, arms: list[str]) -> dict:
         seen = tr.get("tokens_seen") or {}
         per_arm[arm] = {"tokens_forward": seen.get("forward"), "tokens_padding": seen.get("padding"),
                         "tokens_label": seen.get("label"), "budget_tokens": tr.get("budget_tokens"),
-                        "optimizer_steps": tr.get("optimizer_steps")}
+                        "optimizer_steps": tr.get("optimizer_steps"), "planned_steps": tr.get("planned_steps"),
+                        "stopped_early": tr.get("stopped_early")}
         # Wall-clock figures stay in train/<arm>.json: compare.json holds only what the data decides, so an
         # interrupted-and-resumed run compares identically to an uninterrupted one.
         seq_len = seq_len or (tr.get("config") or {}).get("seq_len")
-    out: dict[str, Any] = {"arms": per_arm, "seq_len": seq_len, "matched": None, "reasons": []}
+    out: dict[str, Any] = {"arms": per_arm, "seq_len": seq_len, "matched": None, "reasons": [],
+                           "stopped_early": sorted(a for a, v in per_arm.items() if v["stopped_early"])}
+    for a in out["stopped_early"]:  # said first: a stopped arm trained less on purpose, not by a fault
+        st = per_arm[a]["stopped_early"]
+        out["reasons"].append(f"{a} stopped early at step {st.get('step')} of {st.get('planned_steps')} "
+                              f"(--stop-if-forecast-exceeds): {st.get('reason')}; it is compared as trained")
     if len(per_arm) < 2:
         out["reasons"].append("fewer than two arms trained: nothing to match")
         return out

@@ -25,7 +25,7 @@ PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 OPTIMIZERS = ("adamw", "adamw8bit")
 BACKENDS = ("fast", "hf")
 SUITES = ("retention", "domain")
-PRESETS = ("quick", "standard", "full")
+PRESETS = ("quick", "standard", "full", "forget")
 
 
 def forgetcheck_home() -> Path:
@@ -78,6 +78,12 @@ class TrainConfig:
     """SFT only: also train on prompt tokens."""
     save_every: int = 0
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    eval_every: int = 0
+    """Forgetting curves (training_curve.py): measure the curve signals every N optimizer steps, and every
+    max(1, N // 4) steps within the forecast window (the first quarter of the budget); 0: no curves."""
+    stop_if_forecast_exceeds: float | None = None
+    """Stop an arm early when the forecast's lower bound of the retention soft-accuracy points lost at the end
+    of the budget exceeds this margin (forecast.should_stop); None: never stop. Needs eval_every > 0."""
     force: bool = False
     """Start even when the memory plan says it does not fit the device."""
     # The mitigation arms (arms.py, interpolate.py; the reasons for these defaults are in arms.py's docstring)
@@ -157,17 +163,25 @@ class RunConfig:
 # with smollm2-135m (training ~140 tokens/s, forward ~600 tokens/s, measured); `full` uses every item.
 PRESET_VALUES: dict[str, dict[str, dict]] = {
     "quick": {
-        "train": {"budget_tokens": 32_768, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 5e-5},
+        "train": {"budget_tokens": 32_768, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 5e-5,
+                  "eval_every": 8},
+        "eval": {"limit": 50},
+    },
+    # `forget`: quick's shape with a 6x higher peak lr and twice the budget, so that smollm2-135m forgets
+    # measurably on the 2-core CPU in about half an hour (docs/curves.md has the measured run)
+    "forget": {
+        "train": {"budget_tokens": 65_536, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 3e-4,
+                  "eval_every": 8},
         "eval": {"limit": 50},
     },
     "standard": {
         "train": {"budget_tokens": 400_000, "seq_len": 512, "micro_batch": 8, "grad_accum": 2, "lr": 2e-5,
-                  "save_every": 50},
+                  "save_every": 50, "eval_every": 8},
         "eval": {"limit": 200},
     },
     "full": {
         "train": {"budget_tokens": 4_000_000, "seq_len": 1024, "micro_batch": 8, "grad_accum": 4, "lr": 2e-5,
-                  "precision": "bf16-mixed", "save_every": 50},
+                  "precision": "bf16-mixed", "save_every": 50, "eval_every": 16},
         "eval": {"limit": None},
     },
 }
@@ -221,6 +235,14 @@ def validate_train(t: TrainConfig) -> list[str]:
         problems.append(f"--lr must be in (0, 1) (got {t.lr})")
     if t.save_every < 0:
         problems.append(f"--save-every must be >= 0 steps (0: no resumable checkpoint) (got {t.save_every})")
+    if t.eval_every < 0:
+        problems.append(f"--eval-every must be >= 0 steps (0: no forgetting curves) (got {t.eval_every})")
+    stop = t.stop_if_forecast_exceeds
+    if stop is not None:
+        if isinstance(stop, bool) or not isinstance(stop, (int, float)) or not math.isfinite(stop) or stop < 0:
+            problems.append(f"--stop-if-forecast-exceeds must be a finite number of points >= 0 (got {stop!r})")
+        elif t.eval_every == 0:
+            problems.append("--stop-if-forecast-exceeds needs the forgetting curves: give --eval-every N (N > 0)")
     if not 0 <= t.warmup_frac < 1:
         problems.append(f"--warmup-frac must be in [0, 1) (got {t.warmup_frac})")
     if t.precision not in PRECISIONS:

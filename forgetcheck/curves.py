@@ -30,9 +30,8 @@ from typing import Any
 from forgetcheck.drift import DRIFT_TOP_K, drift_pass, drift_token_ids
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import atomic_write_json, read_json
-from forgetcheck.schema import check_versioned
+from forgetcheck.schema import CURVE_VERSION, check_versioned
 
-CURVE_VERSION = 1
 CURVE_TOKENS = 1024  # tokens of general text and of domain text scored at each point
 CURVE_SEQ_LEN = 256
 CURVE_ITEMS = 32  # retention multiple-choice items scored at each point

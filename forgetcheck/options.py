@@ -24,7 +24,7 @@ BaseOpt = Annotated[str, typer.Option("--base", help="Model to fine-tune: alias 
 DataOpt = Annotated[str, typer.Option("--data", help="Domain data: packaged name (med) or a folder with sft.jsonl / cpt.jsonl.")]
 ArmsOpt = Annotated[str, typer.Option("--arms", help="Arms, comma-separated: sft, cpt (full fine-tuning), lora, replay, "
                     "freeze (mitigations, same budget), wise (base/arm weight interpolation, no training).")]
-PresetOpt = Annotated[str, typer.Option("--preset", help="quick (2-core CPU) | standard | full (every item; GPU): defaults for the training and eval flags.")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="quick (2-core CPU) | forget (2-core CPU, lr and budget at which smollm2-135m forgets; docs/curves.md) | standard | full (every item; GPU): defaults for the training and eval flags.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Folder that holds the run folders.")]
 RunIdOpt = Annotated[Optional[str], typer.Option("--run-id", help="Name of the new run folder (default: time-model-data).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]")]
@@ -51,6 +51,8 @@ class TrainFlags:
     include_prompt_loss: Annotated[Optional[bool], typer.Option("--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens.")] = None
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Resumable checkpoint every N steps (0: none).")] = None
     force: Annotated[Optional[bool], typer.Option("--force/--no-force", help="Start even when the memory plan does not fit.")] = None
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Forgetting curves: measure KL, bits per byte and retention soft accuracy every N steps (every N/4 in the first quarter of the budget); 0: off. The preset chooses N.")] = None
+    stop_if_forecast_exceeds: Annotated[Optional[float], typer.Option("--stop-if-forecast-exceeds", help="Stop an arm when the forecast (at a quarter of the budget) says its retention soft accuracy will very likely drop by more than PTS points; the checkpoint it reached is kept.")] = None
     # The mitigation arms' flags (arms.py); defaults and their reasons there
     lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="lora: adapter rank. Default 16.")] = None
     lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="lora: alpha (scale alpha/rank). Default 32.")] = None

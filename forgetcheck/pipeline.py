@@ -84,7 +84,8 @@ def _stages(inp: Inputs) -> int:
             console.say(f"{title}: present, reused")
             continue
         with StageTimer(run, f"train_{arm}"), console.stage(title):
-            train.train_arm(arm, inp.model, inp.data, cfg.train, run, device=inp.device.device)
+            train.train_arm(arm, inp.model, inp.data, cfg.train, run, device=inp.device.device,
+                            tasks_dir=inp.tasks_dir)
 
     # wise: interpolate the base and --wise-from (no training)
     for label, a in wise:

@@ -21,7 +21,9 @@ from typing import Any
 import jinja2
 
 from forgetcheck.config import replica_of
+from forgetcheck.charts import Scale, nice_ticks, tick_label
 from forgetcheck.errors import BadInput
+from forgetcheck.report_curves import curves_view
 from forgetcheck.rundir import RunDir, atomic_write_text
 from forgetcheck.schema import read_compare, read_config_doc, read_gate, read_manifest, read_train
 from forgetcheck.verdict_text import policy_sentence, signed, verdict_reason
@@ -45,40 +47,9 @@ def _script_hash(script: str) -> str:
     return "sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
 
 
-# ---- chart geometry --------------------------------------------------------------------------------------
+# ---- charts (geometry in charts.py) ------------------------------------------------------------------------
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        lo, hi = 0.0, 1.0
-    if hi - lo < 1e-12:
-        lo, hi = lo - 1, hi + 1
-    raw = (hi - lo) / max(n - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t < hi + step * 0.999:
-        ticks.append(round(t, 10))
-        t += step
-    return ticks
-
-
-class Scale:
-    def __init__(self, lo: float, hi: float, px0: float, px1: float, n_ticks: int = 5):
-        self.ticks = nice_ticks(lo, hi, n_ticks)
-        self.lo, self.hi = self.ticks[0], self.ticks[-1]
-        self.px0, self.px1 = px0, px1
-
-    def __call__(self, v: float) -> float:
-        return round(self.px0 + (v - self.lo) / (self.hi - self.lo) * (self.px1 - self.px0), 2)
-
-
-def _tick_label(v: float) -> str:
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return f"{v:g}"
-
+__all__ = ["Scale", "nice_ticks", "write_report", "build_view"]
 
 def front_arms(points: list[dict]) -> set[str]:
     """The arms on the learning-forgetting front: no other arm both learns at least as much and forgets at
@@ -143,8 +114,8 @@ def learn_forget_chart(compare: dict, colors: dict, wise_from: str | None = None
         curve = " ".join(f"{x},{y}" for x, y in chain)
     return {"w": w, "h": h, "ml": ml, "mr": mr, "mt": mt, "mb": mb, "points": pts, "curve": curve,
             "wise_from": wise_from, "front": sorted(front), "wise_color": WISE_COLOR,
-            "xticks": [{"v": _tick_label(t), "x": sx(t)} for t in sx.ticks],
-            "yticks": [{"v": _tick_label(t), "y": sy(t)} for t in sy.ticks],
+            "xticks": [{"v": tick_label(t), "x": sx(t)} for t in sx.ticks],
+            "yticks": [{"v": tick_label(t), "y": sy(t)} for t in sy.ticks],
             "x0": sx(0.0), "y0": sy(0.0), "left": ml, "right": w - mr, "top": mt, "bottom": h - mb}
 
 
@@ -166,8 +137,8 @@ def loss_chart(train: dict[str, dict], colors: dict) -> dict | None:
         s["last"] = {"x": sx(s["curve"][-1][0]), "y": sy(s["curve"][-1][1]), "v": s["curve"][-1][1]}
         del s["curve"]
     return {"w": w, "h": h, "series": series, "left": ml, "right": w - mr, "top": mt, "bottom": h - mb,
-            "xticks": [{"v": _tick_label(t), "x": sx(t)} for t in sx.ticks],
-            "yticks": [{"v": _tick_label(t), "y": sy(t)} for t in sy.ticks]}
+            "xticks": [{"v": tick_label(t), "x": sx(t)} for t in sx.ticks],
+            "yticks": [{"v": tick_label(t), "y": sy(t)} for t in sy.ticks]}
 
 
 MEM_COLORS = {"weights": "#94a3b8", "gradients": "#64748b", "optimizer_state": "#475569", "optimizer": "#475569",
@@ -217,7 +188,7 @@ def memory_chart(train: dict[str, dict]) -> dict | None:
         r["ratio"] = (r["measured"] / r["total"]) if r["measured"] and r["total"] else None
         y += 2 * bar + gap + 8
     return {"w": w, "h": h, "rows": rows, "bar": bar, "left": ml, "right": w - mr, "bottom": h - 28,
-            "xticks": [{"v": _tick_label(t), "x": sx(t)} for t in sx.ticks],
+            "xticks": [{"v": tick_label(t), "x": sx(t)} for t in sx.ticks],
             "parts": [(k, colors[k]) for k in names]}
 
 
@@ -295,7 +266,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "timings": manifest.get("timings") or {},
         "summary": compare.get("summary") or {}, "suites": compare.get("suites") or {},
         "drift": compare.get("drift") or {},
-        "rows": rows, "flips": flips, "forest_ticks": ([{"v": _tick_label(t), "x": fs(t)} for t in fs.ticks]
+        "rows": rows, "flips": flips, "forest_ticks": ([{"v": tick_label(t), "x": fs(t)} for t in fs.ticks]
                                                        if fs else []),
         "budget": bud, "budget_arms": bud.get("arms") or {},
         "train": train,
@@ -304,6 +275,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "lf_chart": learn_forget_chart(compare, colors, (config.get("train") or {}).get("wise_from", "sft")),
         "loss_chart": loss_chart(train, colors),
         "mem_chart": memory_chart(train),
+        **curves_view(run, arms, colors),
         "script": CHECK_SCRIPT, "script_hash": _script_hash(CHECK_SCRIPT),
         **check_sections(run),
     }

@@ -287,6 +287,10 @@ class RunDir:
     def train_json(self, arm: str) -> Path:
         return self.root / "train" / f"{arm}.json"
 
+    def curve_json(self, arm: str) -> Path:
+        """The forgetting curve of a trained arm (curves.py's schema, kind "curve"; training_curve.py)."""
+        return self.root / "curves" / f"{arm}.json"
+
     def ckpt(self, arm: str) -> Path:
         return self.root / "ckpt" / arm
 

@@ -77,6 +77,9 @@ class TrainFile(TypedDict, total=False):
     tokens_per_step: int
     step_s: list[float]  # wall seconds of each optimizer step
     packing: str  # how rows were built (both arms: wrapped packing, no padding)
+    planned_steps: int  # optimizer steps the budget gives (optimizer_steps is fewer when it stopped early)
+    stopped_early: dict[str, Any] | None  # step, tokens, planned_steps, reason (--stop-if-forecast-exceeds)
+    curve: dict[str, Any] | None  # the forgetting curve's file, points, sizes, overhead and forecast summary
 
 
 def require(obj: Any, kind: str, path: str = "") -> dict:
@@ -162,6 +165,10 @@ def _read_versioned(path, kind: str, version: int, fix: str) -> dict:
         raise BadInput(f"{p}: not valid JSON ({e}): {fix}") from None
     check_versioned(obj, kind, version, str(p), fix)
     return obj
+
+
+CURVE_VERSION = 1
+"""runs/<id>/curves/<arm>.json (curves.py writes and reads it; report_curves.py reads it as JSON)."""
 
 
 def check_versioned(obj: Any, kind: str, version: int, where: str, fix: str) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 from forgetcheck import config as C
 from forgetcheck.errors import BadInput
 from forgetcheck.packing import IGNORE, build_rows
-from forgetcheck.rundir import RunDir
+from forgetcheck.rundir import RunDir, read_json
 from forgetcheck.schema import read_train, write_train
 
 # ---- one optimizer step's gradient ------------------------------------------------------------------------
@@ -98,13 +98,16 @@ def _set_seed(seed: int) -> None:
 
 
 def train_loop(label: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
-               rank: int = 0, world: int = 1, hybrid_nodes: int = 0, on_step: Callable[[int], None] | None = None) -> dict | None:
+               rank: int = 0, world: int = 1, hybrid_nodes: int = 0, on_step: Callable[[int], None] | None = None,
+               domain=None, tasks_dir: Path | None = None) -> dict | None:
     """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<label>.json and
     returns the record. `label` is the arm, or one of its `--seeds` replicas (`<arm>_s<i>`: seed and data
-    order shifted by i). `on_step(step)` is called after every optimizer step (tests use it to interrupt)."""
+    order shifted by i). `on_step(step)` is called after every optimizer step (tests use it to interrupt).
+    With cfg.eval_every the forgetting curve is measured on the way (training_curve.py: `domain` gives its
+    held-out text, `tasks_dir` the retention tasks its items come from) and may stop the arm early."""
     import torch
 
-    from forgetcheck import arms, checkpoint, console, models, optim, plan, sharding
+    from forgetcheck import arms, checkpoint, console, models, optim, plan, sharding, training_curve
     from forgetcheck.device import choose_precision, peak_memory_bytes, reset_peak_memory
 
     arm, cfg = C.replica_config(label, cfg)
@@ -159,7 +162,11 @@ def train_loop(label: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: 
     # resume
     state = {"step": 0, "loss_curve": [], "lr_curve": [], "tokens": {"forward": 0, "padding": 0, "label": 0}}
     rdir = checkpoint.resume_dir(run, label)
-    if checkpoint.has_resume(rdir, cfg):
+    resuming = checkpoint.has_resume(rdir, cfg)
+    tracker = training_curve.CurveTracker(label, cfg, run, total_steps=steps, tokens_per_step=tokens_per_step(cfg),
+                                          world=world, domain=domain, tasks_dir=tasks_dir)
+    tracker.start(model, tok, int(read_json(rdir / "meta.json")["step"]) if resuming else 0)  # on the base
+    if resuming:
         state = checkpoint.load_resume(rdir, model, optimizer, scheduler, scaler, world=world, rank=rank)
         say(f"resumed {label} from step {state['step']} of {steps} ({rdir})")
 
@@ -220,11 +227,15 @@ def train_loop(label: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: 
             console.advance()
             if step % 10 == 0 or step + 1 == steps:
                 say(f"step {step + 1}/{steps}: loss {loss:.4f}, {session_tokens / max(elapsed, 1e-9):,.0f} tokens/s")
-        if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < steps:
+        stop = tracker.after_step(model, tok, state["step"], state["loss_curve"])
+        if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < steps and not stop:
             checkpoint.save_resume(rdir, model, optimizer, scheduler, scaler, state, cfg, world=world, rank=rank)
         if on_step is not None:
             on_step(state["step"])
+        if stop:
+            break
     wall = time.perf_counter() - t0
+    train_s = wall - tracker.session_point_s
     peak, method = peak_memory_bytes(device)
 
     ckpt = run.ckpt(label)
@@ -245,10 +256,13 @@ def train_loop(label: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: 
         "budget_tokens": cfg.budget_tokens,
         "tokens_per_step": tokens_per_step(cfg),
         "optimizer_steps": state["step"],
+        "planned_steps": steps,
+        "stopped_early": tracker.stopped,
+        "curve": tracker.finish(train_s),
         "loss_curve": state["loss_curve"],
         "lr_curve": state["lr_curve"],
         "wall_s": round(wall, 3),
-        "tokens_per_s": round(session_tokens / wall, 2) if wall > 0 else None,
+        "tokens_per_s": round(session_tokens / train_s, 2) if train_s > 0 else None,
         "step_s": step_s,
         "memory": {
             "planned": {**mem_plan["per_device"], "total": mem_plan["per_device_total"]},
@@ -308,7 +322,7 @@ def reusable(run: RunDir, label: str, cfg: C.TrainConfig) -> dict | None:
 
 
 def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, device: str = "cpu",
-              on_step: Callable[[int], None] | None = None, how=None) -> dict | None:
+              on_step: Callable[[int], None] | None = None, how=None, tasks_dir: Path | None = None) -> dict | None:
     """Train `arm` (or its replica label `<arm>_s<i>`, config.replica_label) of `run` on `domain` from
     `model_ref`; writes run.train_json(arm) and run.ckpt(arm) and
     returns the record. Reuses a finished arm; resumes an interrupted one from run.ckpt(arm)/../<arm>.resume/.
@@ -339,7 +353,8 @@ def train_arm(arm: str, model_ref, domain, cfg: C.TrainConfig, run: RunDir, *, d
     if cfg.nproc > 1:
         sharding.launch(arm, model_ref, data_path, cfg, run, device, how)
         return dict(read_train(run.train_json(arm))) if how.node_rank == 0 else None
-    return train_loop(arm, model_ref, data_path, cfg, run, device=device, on_step=on_step)
+    return train_loop(arm, model_ref, data_path, cfg, run, device=device, on_step=on_step, domain=domain,
+                      tasks_dir=tasks_dir)
 
 
 def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: C.TrainConfig, run: RunDir, device: str = "auto",

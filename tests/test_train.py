@@ -171,10 +171,20 @@ def test_checkpoint_reloads_to_identical_logits(tiny_ref, tmp_path):
     assert models.resolve(str(tmp_path / "ck")).random_weights is True
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_ref, domain, tmp_path):
-    cfg = replace(CFG, budget_tokens=6 * 2 * 32, save_every=2)
+def test_resume_after_interruption_matches_uninterrupted(tiny_ref, domain, tmp_path, monkeypatch):
+    """With the forgetting curve measured on the way (--eval-every 2: points after steps 1, 2, 4, 6): measuring
+    does not disturb training, and the curve's points survive the interruption."""
+    from test_training_curve import planted_tasks
+
+    from forgetcheck import curves, training_curve
+
+    monkeypatch.setattr(training_curve, "FORECAST_SIGNALS", ())  # the fit window has one point: nothing to fit
+    monkeypatch.setattr(curves, "MIN_ITEMS", 2)  # small points: this test is about where they land
+    monkeypatch.setattr(curves, "MIN_TOKENS", 64)
+    tasks = planted_tasks(tmp_path / "tasks")
+    cfg = replace(CFG, budget_tokens=6 * 2 * 32, save_every=2, eval_every=2)
     full = RunDir(tmp_path / "full")
-    train.train_arm("cpt", tiny_ref, domain, cfg, full)
+    train.train_arm("cpt", tiny_ref, domain, cfg, full, tasks_dir=tasks)
 
     class Killed(Exception):
         pass
@@ -185,14 +195,23 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_ref, domain, tmp_p
 
     cut = RunDir(tmp_path / "cut")
     with pytest.raises(Killed):
-        train.train_arm("cpt", tiny_ref, domain, cfg, cut, on_step=kill_at_3)
+        train.train_arm("cpt", tiny_ref, domain, cfg, cut, on_step=kill_at_3, tasks_dir=tasks)
     assert json.loads((checkpoint.resume_dir(cut, "cpt") / "meta.json").read_text())["step"] == 2
     assert not cut.train_json("cpt").exists()
-    rec = train.train_arm("cpt", tiny_ref, domain, cfg, cut)
+    assert [p.step for p in curves.read_curve(cut.curve_json("cpt")).points] == [1, 2]  # written as measured
+    rec = train.train_arm("cpt", tiny_ref, domain, cfg, cut, tasks_dir=tasks)
     assert rec["optimizer_steps"] == 6
     assert rec["loss_curve"] == json.loads(full.train_json("cpt").read_text())["loss_curve"]
     assert _max_diff(_weights(full.ckpt("cpt")), _weights(cut.ckpt("cpt"))) == 0.0
     assert not checkpoint.resume_dir(cut, "cpt").exists()
+    a, b = curves.read_curve(full.curve_json("cpt")), curves.read_curve(cut.curve_json("cpt"))
+    assert [p.step for p in a.points] == [p.step for p in b.points] == [1, 2, 4, 6]
+    assert a.meta["complete"] and b.meta["complete"] and len(b.meta["reference_s"]) == 2  # built again on resume
+    for p, q in zip(a.points, b.points):
+        assert (p.tokens, p.train_loss) == (q.tokens, q.train_loss)
+        for sig in curves.SIGNALS:
+            assert getattr(p, sig) == pytest.approx(getattr(q, sig), rel=1e-5, abs=1e-7)
+    assert rec["curve"]["points"] == 4 and rec["curve"]["overhead"]["fraction"] > 0
 
 
 def test_bf16_mixed_and_grad_checkpointing_train(tiny_ref, domain, tmp_path):
