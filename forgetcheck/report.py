@@ -20,8 +20,8 @@ from typing import Any
 
 import jinja2
 
-from forgetcheck.config import replica_of
 from forgetcheck.charts import Scale, nice_ticks, tick_label
+from forgetcheck.config import replica_of
 from forgetcheck.errors import BadInput
 from forgetcheck.report_curves import curves_view
 from forgetcheck.rundir import RunDir, atomic_write_text
