@@ -21,6 +21,7 @@ from typing import Any
 import jinja2
 
 from forgetcheck.charts import Scale, nice_ticks, tick_label
+from forgetcheck.config import replica_of
 from forgetcheck.errors import BadInput
 from forgetcheck.report_curves import curves_view
 from forgetcheck.rundir import RunDir, atomic_write_text
@@ -216,7 +217,8 @@ def build_view(run: RunDir) -> dict[str, Any]:
     gate = read_gate(run.gate)
     gate_source = "gate.json"
     arms = list(compare.get("arms") or [])
-    colors = {a: ARM_COLORS.get(a) or (WISE_COLOR if wise_alpha(a) is not None else EXTRA_COLORS[i % len(EXTRA_COLORS)])
+    colors = {a: ARM_COLORS.get(replica_of(a)[0])  # an arm's --seeds runs share its colour
+              or (WISE_COLOR if wise_alpha(a) is not None else EXTRA_COLORS[i % len(EXTRA_COLORS)])
               for i, a in enumerate(arms)}
     train = {}
     for arm in arms:
