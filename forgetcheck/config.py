@@ -167,10 +167,10 @@ PRESET_VALUES: dict[str, dict[str, dict]] = {
                   "eval_every": 8},
         "eval": {"limit": 50},
     },
-    # `forget`: quick's shape with a 6x higher peak lr and twice the budget, so that smollm2-135m forgets
-    # measurably on the 2-core CPU in about half an hour (docs/curves.md has the measured run)
+    # `forget`: quick's budget and shape with a 6x higher peak lr, so that smollm2-135m forgets measurably on
+    # the 2-core CPU in about half an hour (docs/curves.md has the measured run)
     "forget": {
-        "train": {"budget_tokens": 65_536, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 3e-4,
+        "train": {"budget_tokens": 32_768, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 3e-4,
                   "eval_every": 8},
         "eval": {"limit": 50},
     },

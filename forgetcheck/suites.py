@@ -177,6 +177,15 @@ def resolve_tasks(cfg: EvalConfig, tasks_dir: Path | None = None) -> list[TaskSp
     return sorted(specs, key=lambda s: order[s.name])
 
 
+def suite_task_names(suite: str, tasks_dir: Path | None = None) -> list[str]:
+    """The names of our tasks in `tasks_dir` that belong to `suite`, from the task index alone (no data read)."""
+    from lm_eval.tasks import TaskManager
+
+    tdir = Path(tasks_dir) if tasks_dir is not None else default_tasks_dir()
+    tm = TaskManager(include_path=str(tdir), include_defaults=False)
+    return [n for n in _our_task_names(tm) if _suite_of(tm, n) == suite]
+
+
 def task_problems(cfg: EvalConfig, tasks_dir: Path | None = None) -> list[str]:
     """What is wrong with the task names of `cfg`, found from the task index alone (no dataset is read, no
     model loaded), so `run`, `eval` and `train` refuse an unknown task before any work. lm-eval's own hub tasks

@@ -78,9 +78,15 @@ def retention_pools(eval_cfg: C.EvalConfig, tasks_dir: Path | None, seed: int) -
 
     from forgetcheck import suites
 
-    specs = suites.resolve_tasks(eval_cfg, tasks_dir)
+    names = list(eval_cfg.tasks) or suites.suite_task_names("retention", tasks_dir)
     pools: dict[str, list] = {}
-    for s in specs:
+    skipped = []
+    for name in names:  # one at a time: a task whose data is missing is left out, not the whole pool
+        try:
+            s = suites.resolve_tasks(C.EvalConfig(tasks=(name,)), tasks_dir)[0]
+        except (BadInput, OSError, ValueError):
+            skipped.append(name)
+            continue
         if s.suite != "retention" or s.kind != "multiple_choice":
             continue
         docs = s.task.eval_docs
@@ -89,7 +95,8 @@ def retention_pools(eval_cfg: C.EvalConfig, tasks_dir: Path | None, seed: int) -
         triples = [t for i in rng.permutation(len(docs))[:POOL_DOCS] if (t := _mc_triple(s.task, docs[i]))]
         if triples:
             pools[s.name] = triples
-    return pools, f"tasks {', '.join(sorted(pools)) or 'none'} (retention multiple choice)"
+    where = f"tasks {', '.join(sorted(pools)) or 'none'} (retention multiple choice)"
+    return pools, where + (f"; left out, data missing: {', '.join(skipped)}" if skipped else "")
 
 
 def _read_texts(path: Path | None, field: str = "text") -> list[str]:
