@@ -175,14 +175,19 @@ class CurveTracker:
             return
         t0 = time.perf_counter()
         eval_cfg = self._eval_config()
+        # The curve never stops training: without the benchmark data (`forgetcheck data prepare` not run) it
+        # goes on without soft accuracy and on the built-in general text, and its meta says why.
         try:
             pools, items_from = retention_pools(eval_cfg, self.tasks_dir, self.cfg.seed)
-        except BadInput as e:  # no retention task to draw from: the curve goes on without soft accuracy
-            pools, items_from = {}, f"none ({e})"
+        except (BadInput, OSError, ValueError) as e:
+            pools, items_from = {}, f"none ({_first_line(e)})"
         items = curves.choose_items(pools, curves.CURVE_ITEMS, seed=self.cfg.seed) if pools else []
-        from forgetcheck.drift import drift_text
+        from forgetcheck.drift import BUILTIN_DRIFT_TEXT, drift_text
 
-        general, general_from = drift_text([], self.tasks_dir)
+        try:
+            general, general_from = drift_text([], self.tasks_dir)
+        except (BadInput, OSError, ValueError) as e:
+            general, general_from = list(BUILTIN_DRIFT_TEXT), f"built-in English paragraphs ({_first_line(e)})"
         dom, dom_from = domain_texts(self.domain)
         if not dom:
             dom, dom_from = general[::-1], "none in the domain data: general text from its end"
@@ -319,6 +324,10 @@ class CurveTracker:
                          f"at {fc['at_tokens']}: {s['predicted']:.2f} [{_f(s['lo'])}, {_f(s['hi'])}] points; measured "
                          f"{_f(s.get('measured'))}")
         return summary
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _f(v) -> str:
