@@ -78,8 +78,9 @@ def _device(requested: str) -> DeviceChoice:
 
 def _resumed(resume: Path, given: dict) -> tuple[RunDir, C.RunConfig, C.RunConfig]:
     """(run folder, config as recorded, config with the changes --resume allows applied); every problem with
-    the flags typed beside --resume (config.RESUME_MAY_CHANGE) and with the arms' resume state, at once."""
+    the flags typed beside --resume (resume.RESUME_MAY_CHANGE) and with the arms' resume state, at once."""
     from forgetcheck import checkpoint
+    from forgetcheck.resume import resume_conflicts
     from forgetcheck.schema import read_run_config
 
     run = RunDir(resume)
@@ -89,7 +90,7 @@ def _resumed(resume: Path, given: dict) -> tuple[RunDir, C.RunConfig, C.RunConfi
         raise BadInput(f"--resume {resume}: no config.json there; give a folder made by `forgetcheck run` "
                        f"(runs/<id>)")
     saved = read_run_config(run.config)
-    problems, changes = C.resume_conflicts(saved, given, run.root)
+    problems, changes = resume_conflicts(saved, given, run.root)
     for arm in (a for a in saved.arms if a in C.ARM_DATA):  # resume state checked now (never unpickled)
         try:
             checkpoint.check_resume_state(checkpoint.resume_dir(run, arm))
@@ -106,7 +107,7 @@ def resolve_run(cfg: C.RunConfig, resume: Path | None = None, *, given: dict | N
                 tasks_dir: Path | None = None) -> Inputs:
     """`forgetcheck run`: validate, prepare, name the run folder. A refusal creates nothing (no run folder,
     no cached model). With `resume`, the run folder's config.json is the request; `given` (CLI parameter name
-    -> value, the flags typed) may only repeat it or change what config.RESUME_MAY_CHANGE allows."""
+    -> value, the flags typed) may only repeat it or change what resume.RESUME_MAY_CHANGE allows."""
     from forgetcheck import benchdata, models
     from forgetcheck.rundir import check_output_dir
 

@@ -56,7 +56,8 @@ def test_cli_bad_flags_exit_2_one_line(fc_home):
 
 
 def test_resume_may_change_every_gate_threshold_and_nothing_else(tmp_path):
-    from forgetcheck.config import GateConfig, RunConfig, resume_conflicts
+    from forgetcheck.config import GateConfig, RunConfig
+    from forgetcheck.resume import resume_conflicts
 
     saved = RunConfig(base="tiny-gpt2", data="med", gate=GateConfig())
     problems, changes = resume_conflicts(saved, {"metric": "acc", "max_kl": "off", "max_ppl_rise": "25",

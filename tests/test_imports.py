@@ -23,7 +23,7 @@ ORDER = GROUND + (
     "arms", "packing", "training_curve", "plan", "optim", "checkpoint", "train", "interpolate",  # train
     "stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing",
     "history", "charts", "report_curves", "report",  # verdict: JSON only
-    "inputs", "check", "pipeline", "options", "cli", "__main__", "__init__",  # commands
+    "resume", "inputs", "check", "pipeline", "options", "cli", "__main__", "__init__",  # commands
 )
 """Every module of the package, each after everything it imports."""
 
