@@ -135,3 +135,13 @@ def test_resumed_run_keeps_points_up_to_its_step(tmp_path):
     curves.write_curve(run.curve_json("sft"), c)
     assert [p.step for p in t._partial(2).points] == [1, 2]
     assert t._partial(0) is None
+
+
+def test_resume_refuses_a_changed_eval_every(tmp_path):
+    from forgetcheck.config import RunConfig
+    from forgetcheck.resume import resume_conflicts
+
+    saved = RunConfig(train=TrainConfig(eval_every=8))
+    problems, _ = resume_conflicts(saved, {"eval_every": 4}, tmp_path / "run")
+    assert problems and "--eval-every 4 differs" in problems[0]
+    assert resume_conflicts(saved, {"eval_every": 8}, tmp_path / "run") == ([], {})
