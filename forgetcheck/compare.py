@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetcheck import flips, rollup
+from forgetcheck import budget, flips, rollup
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_json, confined, read_json
 from forgetcheck.schema import COMPARE_VERSION, checked_compare, require
@@ -393,55 +393,6 @@ METHODS = {
 }
 
 
-def budget_block(run: RunDir, arms: list[str]) -> dict:
-    """What each arm spent (train/<arm>.json) and whether the arms matched: same optimizer steps and
-    tokens fed forward within one sequence."""
-    seq_len = None
-    if run.config.exists():
-        seq_len = ((read_json(run.config).get("train") or {}).get("seq_len"))
-    per_arm = {}
-    for arm in arms:
-        p = run.train_json(arm)
-        if not p.exists():
-            continue
-        tr = require(read_json(p), "train", str(p))
-        seen = tr.get("tokens_seen") or {}
-        per_arm[arm] = {"tokens_forward": seen.get("forward"), "tokens_padding": seen.get("padding"),
-                        "tokens_label": seen.get("label"), "budget_tokens": tr.get("budget_tokens"),
-                        "optimizer_steps": tr.get("optimizer_steps"), "planned_steps": tr.get("planned_steps"),
-                        "stopped_early": tr.get("stopped_early")}
-        # Wall-clock figures stay in train/<arm>.json: compare.json holds only what the data decides, so an
-        # interrupted-and-resumed run compares identically to an uninterrupted one.
-        seq_len = seq_len or (tr.get("config") or {}).get("seq_len")
-    out: dict[str, Any] = {"arms": per_arm, "seq_len": seq_len, "matched": None, "reasons": [],
-                           "stopped_early": sorted(a for a, v in per_arm.items() if v["stopped_early"])}
-    for a in out["stopped_early"]:  # said first: a stopped arm trained less on purpose, not by a fault
-        st = per_arm[a]["stopped_early"]
-        out["reasons"].append(f"{a} stopped early at step {st.get('step')} of {st.get('planned_steps')} "
-                              f"(--stop-if-forecast-exceeds): {st.get('reason')}; it is compared as trained")
-    if len(per_arm) < 2:
-        out["reasons"].append("fewer than two arms trained: nothing to match")
-        return out
-    fw = [v["tokens_forward"] for v in per_arm.values()]
-    steps = [v["optimizer_steps"] for v in per_arm.values()]
-    budgets = [v["budget_tokens"] for v in per_arm.values()]
-    ok = True
-    if None in fw:
-        ok = False
-        out["reasons"].append("tokens_seen.forward missing for an arm")
-    elif seq_len and max(fw) - min(fw) > seq_len:
-        ok = False
-        out["reasons"].append(f"tokens fed forward differ by {max(fw) - min(fw)} (> one sequence, {seq_len})")
-    if len(set(steps)) > 1:
-        ok = False
-        out["reasons"].append(f"optimizer steps differ: {dict(zip(per_arm, steps))}")
-    if len(set(budgets)) > 1:
-        ok = False
-        out["reasons"].append(f"budgets differ: {dict(zip(per_arm, budgets))}")
-    out["matched"] = ok
-    return out
-
-
 def compare_run(run: RunDir | Path | str, *, alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> dict:
     """Compare every evaluated arm of a run against its base, write `compare.json`, return it."""
     run = RunDir.existing(run)
@@ -451,7 +402,7 @@ def compare_run(run: RunDir | Path | str, *, alpha: float = 0.05, n_boot: int = 
     arms = {a: run.eval_json(a) for a in arm_names if run.eval_json(a).exists()}
     result = compare_evals(run.eval_json("base"), arms, alpha=alpha, n_boot=n_boot, seed=seed)
     result["run_id"] = run.run_id
-    result["budget"] = budget_block(run, list(arms))
+    result["budget"] = budget.budget_block(run, list(arms))
     atomic_write_json(run.compare, checked_compare(result))
     return result
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from forgetcheck import arms, compare, general_text, interpolate, packing, train
+from forgetcheck import arms, budget, general_text, interpolate, packing, train
 from forgetcheck.config import TrainConfig
 from forgetcheck.rundir import RunDir
 
@@ -39,8 +39,8 @@ def test_every_trained_arm_sees_the_same_tokens(all_arms):
     seen = {a: r["tokens_seen"]["forward"] for a, r in recs.items()}
     steps = {a: r["optimizer_steps"] for a, r in recs.items()}
     assert set(seen.values()) == {CFG.budget_tokens} and set(steps.values()) == {8}, (seen, steps)
-    budget = compare.budget_block(run, list(TRAINED))
-    assert budget["matched"] is True and set(budget["arms"]) == set(TRAINED)
+    spent = budget.budget_block(run, list(TRAINED))
+    assert spent["matched"] is True and set(spent["arms"]) == set(TRAINED)
     # the learning rate differs for LoRA only; the schedule's shape is the same
     assert [lr / CFG.lora_lr for _, lr in recs["lora"]["lr_curve"]] == pytest.approx(
         [lr / CFG.lr for _, lr in recs["sft"]["lr_curve"]])

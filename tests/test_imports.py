@@ -21,13 +21,13 @@ ORDER = GROUND + (
     "sharding",  # processes: torchrun launching, FSDP2, data-parallel ranks (eval and train use it)
     "suites", "fast_lm", "drift", "curves", "records", "evalcache", "evaluation",  # eval; curves: signals during training
     "arms", "packing", "training_curve", "plan", "optim", "checkpoint", "train", "interpolate",  # train
-    "stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing",
+    "stats", "flips", "rollup", "budget", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing",
     "history", "charts", "report_curves", "report",  # verdict: JSON only
     "resume", "inputs", "check", "pipeline", "options", "cli", "__main__", "__init__",  # commands
 )
 """Every module of the package, each after everything it imports."""
 
-NO_TORCH = ("forecast", "stats", "flips", "rollup", "compare", "policy", "verdict_text", "gate", "lmeval_samples",
+NO_TORCH = ("forecast", "stats", "flips", "rollup", "budget", "compare", "policy", "verdict_text", "gate", "lmeval_samples",
             "lmeval_pairing", "history", "charts", "report_curves", "report")
 
 

@@ -14,7 +14,7 @@ import pytest
 from planted import TASK_YAML, WORDS
 from runfixture import make_run
 
-from forgetcheck import compare, curves, train, training_curve
+from forgetcheck import budget, compare, curves, train, training_curve
 from forgetcheck.config import TrainConfig, validate_train
 from forgetcheck.data import DomainData
 from forgetcheck.gate import gate_run
@@ -95,7 +95,7 @@ def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_r
     assert [p.step for p in curve.points] == [1, 2, 3, 4] and curve.meta["stopped_early"]["step"] == 4
     assert curve.meta["items"] == 8 and curve.meta["items_from"].startswith("tasks planted")
     # compare's budget block says the arm stopped early, in words, first
-    block = compare.budget_block(run, ["cpt"])
+    block = budget.budget_block(run, ["cpt"])
     assert block["stopped_early"] == ["cpt"] and block["reasons"][0].startswith("cpt stopped early at step 4 of 16")
 
 
