@@ -12,7 +12,7 @@ on medical text), tasks drawn from Wikipedia claims (the drift text is Wikipedia
 Each task is scored on a fixed seeded sample of up to `--items` examples the way lm-eval's multiple-choice
 tasks score: the log-likelihood of each choice (" " + choice) after the context, through forgetcheck's FastLM
 (lm-eval's HFLM scoring). acc takes the highest log-likelihood, acc_norm the highest per character. The
-context is BIG-bench's own zero-shot prompt (`forgetcheck.benchdata.bigbench_prompt`, which also builds the
+context is BIG-bench's own zero-shot prompt (`forgetcheck.bigbench.bigbench_prompt`, which also builds the
 tasks' data): task_prefix + example_input_prefix + input + example_output_prefix
 (defaults "\\nQ: " and "\\nA: "), or, for a cloze input that ends in a space ("The athlete "), task_prefix +
 input. Printed per task: n, acc, acc_norm, chance (mean 1/#choices), the one-sided exact binomial p of acc
@@ -110,7 +110,7 @@ def candidates(sdist: Path, only: set[str] | None) -> dict[str, dict]:
 
 def context_of(task: dict, item: dict) -> str:
     """BIG-bench's zero-shot prompt for one item: the same function builds forgetcheck's task data."""
-    from forgetcheck.benchdata import bigbench_prompt
+    from forgetcheck.bigbench import bigbench_prompt
 
     return bigbench_prompt(task, item["input"])
 

@@ -165,7 +165,7 @@ def train(
     from forgetcheck import config as C
     from forgetcheck.rundir import RunDir
     from forgetcheck.sharding import Launch
-    from forgetcheck.train import cmd_train
+    from forgetcheck.train_command import cmd_train
 
     train_cfg, _ = C.apply_preset(preset, flags.overrides(), {})
     rd = RunDir(run_dir) if run_dir is not None else RunDir.new(out, base, data, run_id)

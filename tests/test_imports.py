@@ -17,10 +17,10 @@ GROUND = ("errors", "config", "rundir", "schema", "device", "console")
 ORDER = GROUND + (
     "forecast",  # pure numpy/scipy: fits curves' forgetting series (curves.py), imports nothing of ours
     "gpt2_tokenizer", "modelfiles", "models",  # model + data
-    "med", "benchdata", "general_text", "data",
+    "med", "bigbench", "benchdata", "general_text", "data",
     "sharding",  # processes: torchrun launching, FSDP2, data-parallel ranks (eval and train use it)
     "suites", "fast_lm", "drift", "curves", "records", "evalcache", "evaluation",  # eval; curves: signals during training
-    "arms", "packing", "training_curve", "plan", "optim", "checkpoint", "train", "interpolate",  # train
+    "arms", "packing", "training_curve", "plan", "optim", "checkpoint", "train", "train_command", "interpolate",  # train
     "stats", "flips", "rollup", "budget", "compare", "policy", "verdict_text", "gate", "lmeval_samples", "lmeval_pairing",
     "history", "charts", "report_curves", "report",  # verdict: JSON only
     "resume", "inputs", "check", "pipeline", "options", "cli", "__main__", "__init__",  # commands

@@ -10,7 +10,7 @@ import pytest
 from runfixture import make_run
 
 from forgetcheck import config as C
-from forgetcheck import train
+from forgetcheck import train_command
 from forgetcheck.compare import compare_run
 from forgetcheck.gate import gate_run
 from forgetcheck.report import chart_summary, write_report
@@ -96,7 +96,7 @@ def test_replica_trains_on_its_own_data_order(tiny_ref, tmp_path):
                     + "\n")
     cfg = C.TrainConfig(budget_tokens=4 * 2 * 32, seq_len=32, micro_batch=2, grad_accum=1, lr=1e-3, seeds=2)
     run = RunDir(tmp_path / "run")
-    recs = train.cmd_train(str(tiny_ref.path), str(root), ("sft",), cfg, run, device="cpu")
+    recs = train_command.cmd_train(str(tiny_ref.path), str(root), ("sft",), cfg, run, device="cpu")
     assert [r["arm"] for r in recs] == ["sft", "sft_s1"]
     a, b = recs
     assert a["method"] == b["method"] == "sft" and (a["replica"], b["replica"]) == (0, 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forgetcheck import benchdata, data
+from forgetcheck import benchdata, bigbench, data
 from forgetcheck.config import repo_root
 from forgetcheck.errors import BadInput
 
@@ -171,8 +171,8 @@ def test_small_model_tasks_build_as_bigbench_prompts(bench):
     assert not svA["query"].startswith("Q:") and svA["choices"][svA["label"]].endswith("s")
     arith = _lines(benchdata.bench_dir() / "arithmetic_addition.jsonl")
     assert arith[0]["query"].startswith("Q: What is ") and arith[0]["query"].endswith("\nA:")
-    assert benchdata.bigbench_prompt({"task_prefix": "Say:"}, "x y ") == "Say:x y"
-    assert benchdata.bigbench_prompt({"example_output_prefix": "\nIntent: "}, "Utterance: hi") == "Q: Utterance: hi\nIntent:"
+    assert bigbench.bigbench_prompt({"task_prefix": "Say:"}, "x y ") == "Say:x y"
+    assert bigbench.bigbench_prompt({"example_output_prefix": "\nIntent: "}, "Utterance: hi") == "Q: Utterance: hi\nIntent:"
 
 
 def test_small_model_task_clusters_join_shared_sources(bench):
