@@ -167,7 +167,8 @@ def _aligned(items_t: dict, labels: list[str], metric: str):
     order = [k for k in its[0]["keys"] if k in common]
     if not order:
         return None
-    idx = [[{k: j for j, k in enumerate(it["keys"])}[k] for k in order] for it in its]
+    positions = [{k: j for j, k in enumerate(it["keys"])} for it in its]  # one index per run, not one per item
+    idx = [[pos[k] for k in order] for pos in positions]
     runs = np.stack([it[metric][1][ix] for it, ix in zip(its, idx)])
     base = its[0][metric][0][idx[0]][None, :]
     cl = its[0]["clusters"][idx[0]] if its[0]["clusters"] is not None else None
