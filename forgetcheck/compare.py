@@ -24,7 +24,6 @@ the mean domain score).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import numpy as np
 
 from forgetcheck import budget, flips, rollup
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, confined, read_json
+from forgetcheck.rundir import RunDir, atomic_write_json, confined, read_json, read_jsonl
 from forgetcheck.schema import COMPARE_VERSION, checked_compare, require
 from forgetcheck.stats import (
     Estimate,
@@ -144,14 +143,7 @@ def load_items(eval_path: Path, task: str, entry: dict) -> list[dict] | None:
     p = confined(Path(eval_path).parent, rel, f"{eval_path}: tasks.{task}.samples")
     if not p.is_file():
         return None
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise BadInput(f"{p}:{lineno}: not valid JSON ({e.msg}); re-run `forgetcheck eval`") from None
+    rows = read_jsonl(p)
     rows.sort(key=lambda r: (_sortable(r.get("doc_id")), str(r.get("doc_hash"))))
     return rows
 
