@@ -12,13 +12,18 @@ the points within the first `fit_fraction` of the token budget (default 0.25). S
   [0.02, 3], s in [1e-4, 1e3], |a| <= 1e4·max|F| (a may be negative: a signal that improves). Several starting
   points (a grid over s and b) are tried and the fit with the least squared error is kept.
 
+  The time axis may be other than tokens (`time=`): training_curve.py forecasts on the integral of the
+  learning rate (`lr_integral`, the sum of the steps' lr factors, known from the schedule before training),
+  because a decaying schedule slows the drift after the window in a way a law in tokens cannot know
+  (docs/curves.md, measured on `--preset forget`). With a constant learning rate the two axes are the same.
+
 * Forgetting linear in the training loss L:
 
       F = c·(L0 − L)
 
   fitted by least squares as F = α − c·L (L0 = α / c). Its forecast needs the loss at the end of the budget:
   given (`final_loss`) or extrapolated from the fit window's losses with the shifted power law above (on the
-  loss drop from the first fitted point).
+  loss drop from the first fitted point, on the same time axis), never below zero (a cross-entropy).
 
 Interval: for the power law, a residual bootstrap. The fit's residuals (centred, inflated by sqrt(n/(n−3))
 for the three fitted parameters) are resampled onto the fitted values, the law refitted from the estimate,
@@ -27,8 +32,9 @@ from the ordinary least-squares estimate and covariance of (α, c), combined dra
 loss (fixed when given, else the loss extrapolation's own residual-bootstrap draws). The interval is the
 central `level` quantile range of the draws (default 90%). A normal approximation of the power law's
 covariance is not used: a and t0 are strongly correlated and the curve is far from linear in them, so it
-gives absurd intervals. With no residual degree of freedom (as many points as parameters) there is no
-interval (lo = hi = None): the forecast keeps its point value and never stops a run.
+gives absurd intervals. With no residual degree of freedom (as many points as parameters), or when fewer than 10
+refits converge, there is no interval (lo = hi = None; `reason` says which): the forecast keeps its point value
+and never stops a run.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class Forecast:
     n_points: int = 0
     level: float = LEVEL
     reason: str | None = None
+    axis: str = "tokens"
 
     @property
     def ok(self) -> bool:
@@ -180,35 +187,57 @@ that fails is left out of the quantiles).
     return out
 
 
-def _not_enough(model: str, until: float, budget: float, n: int, level: float, what: str) -> Forecast:
-    return Forecast(model=model, fit_until_tokens=until, at_tokens=budget, n_points=n, level=level,
+def _not_enough(model: str, until: float, budget: float, n: int, level: float, what: str,
+                axis: str = "tokens") -> Forecast:
+    return Forecast(model=model, fit_until_tokens=until, at_tokens=budget, n_points=n, level=level, axis=axis,
                     reason=f"not enough points: {n} {what} within the first {until:.4g} tokens, need at least "
                            f"{MIN_POINTS}; measure more points early in training")
 
 
+def lr_integral(lr_factor, total_steps: int) -> np.ndarray:
+    """cum[k] = the sum of the learning-rate factors (multipliers of the peak lr) of optimizer steps 0..k−1, for
+    k = 0..total_steps: the training time in peak-lr steps, known before the first step from the schedule."""
+    return np.concatenate([[0.0], np.cumsum([float(lr_factor(i)) for i in range(total_steps)])])
+
+
 def forecast_power_law(tokens, forgetting, budget_tokens: float, *, fit_fraction: float = FIT_FRACTION,
-                       level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> Forecast:
+                       level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0, time=None,
+                       axis: str = "tokens") -> Forecast:
     """Forgetting at `budget_tokens` from the shifted power law fitted to the points (tokens, forgetting)
-    with tokens <= fit_fraction·budget_tokens (points at t <= 0 carry no information: F(0) = 0 is built in)."""
+    with tokens <= fit_fraction·budget_tokens (points at t <= 0 carry no information: F(0) = 0 is built in).
+
+    `time` (a monotone function of tokens, named `axis`) is the law's time axis when given: the points and the
+    budget are mapped through it before the fit (e.g. the learning-rate integral, `lr_integral`), so a schedule
+    that slows the drift later is known to the forecast; the window is still the first fit_fraction of the
+    tokens. The params' t0 is then in the axis's units."""
     until, t, (y,) = _window(tokens, forgetting, budget_tokens, fit_fraction)
     y, t = y[t > 0], t[t > 0]
     if len(t) < MIN_POINTS:
-        return _not_enough(POWER_LAW, until, budget_tokens, len(t), level, "points after step 0")
+        return _not_enough(POWER_LAW, until, budget_tokens, len(t), level, "points after step 0", axis)
+    u = t if time is None else np.array([float(time(v)) for v in t])
+    end = float(budget_tokens if time is None else time(budget_tokens))
+    if not end > 0 or np.any(u <= 0) or np.any(np.diff(u[np.argsort(t)]) < 0):
+        return Forecast(model=POWER_LAW, fit_until_tokens=until, at_tokens=budget_tokens, n_points=len(t),
+                        level=level, axis=axis, reason=f"the time axis ({axis}) is not positive and increasing")
     try:
-        p = fit_power_law(t, y, budget_tokens)
+        p = fit_power_law(u, y, end)
     except RuntimeError as e:
         return Forecast(model=POWER_LAW, fit_until_tokens=until, at_tokens=budget_tokens, n_points=len(t),
-                        level=level, reason=str(e))
+                        level=level, axis=axis, reason=str(e))
     a, s, b = (float(v) for v in p)
-    t0 = s * budget_tokens
+    t0 = s * end
     predicted = float(_shape(1.0, a, s, b))
-    lo, hi = _interval(_power_law_draws(t / budget_tokens, y, p, 1.0, n_boot, np.random.default_rng(seed)), level)
-    fitted = _shape(t / budget_tokens, a, s, b)
-    params = {"A": a / t0 ** b, "t0": t0, "b": b, "a": a,
+    lo, hi = _interval(_power_law_draws(u / end, y, p, 1.0, n_boot, np.random.default_rng(seed)), level)
+    fitted = _shape(u / end, a, s, b)
+    params = {"A": a / t0 ** b, "t0": t0, "b": b, "a": a, "axis_end": end,
               "rmse": float(np.sqrt(np.mean((fitted - y) ** 2)))}
+    why = None
+    if lo is None:
+        why = ("no interval: as many points as parameters" if len(t) <= 3 else
+               "no interval: fewer than 10 of the bootstrap refits converged (the window's points fit the law "
+               "too loosely to bound it)")
     return Forecast(model=POWER_LAW, params=params, predicted=predicted, lo=lo, hi=hi, fit_until_tokens=until,
-                    at_tokens=budget_tokens, n_points=len(t), level=level,
-                    reason=None if lo is not None else "no interval: as many points as parameters")
+                    at_tokens=budget_tokens, n_points=len(t), level=level, reason=why, axis=axis)
 
 
 def fit_loss_linear(losses, forgetting) -> tuple[np.ndarray, np.ndarray | None]:
@@ -229,34 +258,36 @@ def fit_loss_linear(losses, forgetting) -> tuple[np.ndarray, np.ndarray | None]:
 
 def forecast_loss_linear(tokens, forgetting, losses, budget_tokens: float, *, final_loss: float | None = None,
                          fit_fraction: float = FIT_FRACTION, level: float = LEVEL, n_boot: int = N_BOOT,
-                         seed: int = 0) -> Forecast:
+                         seed: int = 0, time=None, axis: str = "tokens") -> Forecast:
     """Forgetting at the end of the budget from F = c·(L0 − L) fitted to the points within the fit window.
     The loss at the end is `final_loss` when given, else extrapolated: the shifted power law fitted to the
     loss drop L(t1) − L(t) since the first fitted point t1, evaluated at the budget (its own bootstrap draws
-    enter the interval)."""
+    enter the interval) on the time axis `time` (tokens when None; see forecast_power_law), floored at zero."""
     until, t, (y, L) = _window(tokens, forgetting, budget_tokens, fit_fraction, losses)
     if len(t) < MIN_POINTS:
-        return _not_enough(LOSS_LINEAR, until, budget_tokens, len(t), level, "points with a training loss")
+        return _not_enough(LOSS_LINEAR, until, budget_tokens, len(t), level, "points with a training loss", axis)
     (c, L0), cov = fit_loss_linear(L, y)
     rng = np.random.default_rng(seed)
     params = {"c": float(c), "L0": float(L0)}
     if final_loss is None:
         order = np.argsort(t)
         t, y, L = t[order], y[order], L[order]
-        dt, drop = t[1:] - t[0], L[0] - L[1:]
-        if len(dt) < MIN_POINTS - 1:
+        u = t if time is None else np.array([float(time(v)) for v in t])
+        end = float(budget_tokens if time is None else time(budget_tokens))
+        du, drop = u[1:] - u[0], L[0] - L[1:]
+        if len(du) < MIN_POINTS - 1 or not np.all(du > 0):
             return Forecast(model=LOSS_LINEAR, params=params, fit_until_tokens=until, at_tokens=budget_tokens,
-                            n_points=len(t), level=level,
+                            n_points=len(t), level=level, axis=axis,
                             reason="no final loss given and too few points to extrapolate the loss")
         try:
-            lp = fit_power_law(dt, drop, budget_tokens)
+            lp = fit_power_law(du, drop, end)
         except RuntimeError as e:
             return Forecast(model=LOSS_LINEAR, params=params, fit_until_tokens=until, at_tokens=budget_tokens,
-                            n_points=len(t), level=level, reason=f"loss extrapolation failed: {e}")
-        x_end = (budget_tokens - t[0]) / budget_tokens
-        loss_end = float(L[0] - _shape(x_end, *lp))
-        loss_draws = _power_law_draws(dt / budget_tokens, drop, lp, x_end, n_boot, rng)
-        loss_draws = None if loss_draws is None else L[0] - loss_draws
+                            n_points=len(t), level=level, axis=axis, reason=f"loss extrapolation failed: {e}")
+        x_end = (end - u[0]) / end
+        loss_end = max(0.0, float(L[0] - _shape(x_end, *lp)))
+        loss_draws = _power_law_draws(du / end, drop, lp, x_end, n_boot, rng)
+        loss_draws = None if loss_draws is None else np.maximum(0.0, L[0] - loss_draws)
         params["final_loss_extrapolated"] = loss_end
     else:
         loss_end, loss_draws = float(final_loss), np.full(N_BOOT_LINEAR, float(final_loss))
@@ -268,7 +299,7 @@ def forecast_loss_linear(tokens, forgetting, losses, budget_tokens: float, *, fi
         d = rng.multivariate_normal([alpha, c], cov, size=len(loss_draws), method="svd", check_valid="ignore")
         lo, hi = _interval(d[:, 0] - d[:, 1] * loss_draws, level)
     return Forecast(model=LOSS_LINEAR, params=params, predicted=predicted, lo=lo, hi=hi, fit_until_tokens=until,
-                    at_tokens=budget_tokens, n_points=len(t), level=level,
+                    at_tokens=budget_tokens, n_points=len(t), level=level, axis=axis,
                     reason=None if lo is not None else "no interval: too few points for the covariance")
 
 

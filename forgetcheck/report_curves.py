@@ -83,13 +83,16 @@ def forecast_rows(curves: dict[str, dict], colors: dict) -> list[dict]:
     for arm, c in curves.items():
         fc = (c.get("meta") or {}).get("forecast") or {}
         for signal, e in (fc.get("signals") or {}).items():
-            for model in ("power_law", "loss_linear"):
+            for model in ("power_law", "power_law_tokens", "loss_linear"):
                 m = e.get(model)
                 if not m:
                     continue
                 measured = e.get("measured")
+                name = {"power_law": "shifted power law", "power_law_tokens": "shifted power law",
+                        "loss_linear": "linear in training loss"}[model]
+                name += {"lr_integral": " (lr integral)", "tokens": " (tokens)"}.get(m.get("axis", "tokens"), "")
                 rows.append({"arm": arm, "color": colors.get(arm, "#64748b"), "signal": SIGNAL_NAMES.get(signal, signal),
-                             "model": "shifted power law" if model == "power_law" else "linear in training loss",
+                             "model": name,
                              "made_at": fc.get("made_at_tokens"), "at": fc.get("at_tokens"),
                              "predicted": m.get("predicted"), "lo": m.get("lo"), "hi": m.get("hi"),
                              "measured": measured,

@@ -164,7 +164,8 @@ def train_loop(label: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: 
     rdir = checkpoint.resume_dir(run, label)
     resuming = checkpoint.has_resume(rdir, cfg)
     tracker = training_curve.CurveTracker(label, cfg, run, total_steps=steps, tokens_per_step=tokens_per_step(cfg),
-                                          world=world, domain=domain, tasks_dir=tasks_dir)
+                                          world=world, domain=domain, tasks_dir=tasks_dir,
+                                          lr_factor=optim.lr_lambda(steps, cfg))
     tracker.start(model, tok, int(read_json(rdir / "meta.json")["step"]) if resuming else 0)  # on the base
     if resuming:
         state = checkpoint.load_resume(rdir, model, optimizer, scheduler, scaler, world=world, rank=rank)

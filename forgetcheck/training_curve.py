@@ -161,8 +161,11 @@ class CurveTracker:
     under FSDP (several processes: the curve is not measured there)."""
 
     def __init__(self, label: str, cfg: C.TrainConfig, run: RunDir, *, total_steps: int, tokens_per_step: int,
-                 world: int = 1, domain=None, tasks_dir: Path | None = None):
+                 world: int = 1, domain=None, tasks_dir: Path | None = None, lr_factor=None):
         self.label, self.cfg, self.run = label, cfg, run
+        # The forecast's time axis: the learning-rate integral of the schedule (optim.lr_lambda, passed by
+        # train.py), known before the first step; tokens when no schedule is given.
+        self.lr_cum = forecast.lr_integral(lr_factor, total_steps) if lr_factor is not None else None
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.budget = total_steps * tokens_per_step  # the tokens at the last step: where the forecast points
         self.steps = curve_steps(total_steps, cfg.eval_every)
@@ -262,17 +265,27 @@ class CurveTracker:
         self._write()
         return stop
 
+    def _time(self, tokens: float) -> float:
+        """The learning-rate integral (in peak-lr steps) after the step that ends at `tokens`."""
+        k = int(round(tokens / self.tokens_per_step))
+        return float(self.lr_cum[min(max(k, 0), len(self.lr_cum) - 1)])
+
     def _forecast(self, step: int) -> dict:
+        axis = {} if self.lr_cum is None else {"time": self._time, "axis": "lr_integral"}
         out = {"made_at_step": step, "made_at_tokens": step * self.tokens_per_step, "at_tokens": self.budget,
-               "signals": {}}
+               "axis": axis.get("axis", "tokens"), "signals": {}}
         for sig in FORECAST_SIGNALS:
             t, f, loss = self.curve.forgetting(sig)
             if len(t) == 0:
                 continue
-            entry = {"power_law": forecast.forecast_power_law(t, f, self.budget, n_boot=FORECAST_BOOT).to_dict()}
+            entry = {"power_law": forecast.forecast_power_law(t, f, self.budget, n_boot=FORECAST_BOOT,
+                                                              **axis).to_dict()}
+            if axis:  # the same law in tokens, kept beside it so every run compares the two axes
+                entry["power_law_tokens"] = forecast.forecast_power_law(t, f, self.budget,
+                                                                        n_boot=FORECAST_BOOT).to_dict()
             if sig == "soft_acc":
-                entry["loss_linear"] = forecast.forecast_loss_linear(t, f, loss, self.budget,
-                                                                     n_boot=FORECAST_BOOT).to_dict()
+                entry["loss_linear"] = forecast.forecast_loss_linear(t, f, loss, self.budget, n_boot=FORECAST_BOOT,
+                                                                     **axis).to_dict()
             out["signals"][sig] = entry
         return out
 
@@ -304,7 +317,7 @@ class CurveTracker:
                 t, f, _ = self.curve.forgetting(sig)
                 measured = float(f[-1]) if len(t) and t[-1] >= self.budget else None
                 entry["measured"] = measured
-                for model_fc in (entry.get("power_law"), entry.get("loss_linear")):
+                for model_fc in (entry.get("power_law"), entry.get("power_law_tokens"), entry.get("loss_linear")):
                     if model_fc and measured is not None and model_fc.get("predicted") is not None:
                         model_fc["error"] = measured - model_fc["predicted"]
                         model_fc["inside"] = (model_fc["lo"] is not None and model_fc["lo"] <= measured <= model_fc["hi"])
@@ -351,7 +364,9 @@ def _forecast_summary(fc: dict | None) -> dict:
         out[sig] = {"predicted": pl.get("predicted"), "lo": pl.get("lo"), "hi": pl.get("hi"),
                     "measured": e.get("measured"), "made_at_tokens": fc["made_at_tokens"],
                     "at_tokens": fc["at_tokens"], "reason": pl.get("reason")}
-        if e.get("loss_linear"):
-            ll = e["loss_linear"]
-            out[sig]["loss_linear"] = {"predicted": ll.get("predicted"), "lo": ll.get("lo"), "hi": ll.get("hi")}
+        out[sig]["axis"] = pl.get("axis", "tokens")
+        for model in ("power_law_tokens", "loss_linear"):
+            if e.get(model):
+                m = e[model]
+                out[sig][model] = {"predicted": m.get("predicted"), "lo": m.get("lo"), "hi": m.get("hi")}
     return out

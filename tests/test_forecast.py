@@ -84,3 +84,36 @@ def test_loss_linear_extrapolates_a_power_law_loss():
     assert f.predicted == pytest.approx(truth, rel=0.02)
     missing = forecast_loss_linear(T[:2], drop[:2], L[:2], BUDGET)
     assert not missing.ok and "not enough points" in missing.reason
+
+
+def test_the_lr_integral_axis_knows_a_decaying_schedule_that_tokens_cannot():
+    """Forgetting that is a power law in the learning-rate integral bends after the window under a cosine
+    schedule: the law on that axis recovers the end value; the same law in tokens overshoots it."""
+    import math
+
+    steps, tps = 64, 1000
+    factor = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / (steps - 1))) for i in range(steps)]
+    cum = forecast.lr_integral(lambda i: factor[i], steps)
+    assert cum[0] == 0 and cum[1] == pytest.approx(1.0) and cum[-1] == pytest.approx(sum(factor))
+    k = np.arange(1, steps // 4 + 1)
+    y = law(cum[k], 0.8, 3.0, 0.6)
+    truth = law(cum[-1], 0.8, 3.0, 0.6)
+
+    def time(tokens):
+        return cum[int(round(tokens / tps))]
+
+    lr = forecast_power_law(k * tps, y, steps * tps, n_boot=20, time=time, axis="lr_integral")
+    tok = forecast_power_law(k * tps, y, steps * tps, n_boot=20)
+    assert lr.axis == "lr_integral" and tok.axis == "tokens"
+    assert lr.predicted == pytest.approx(truth, rel=1e-3)
+    assert tok.predicted > 1.2 * truth  # the decay after the window is invisible in tokens
+    assert Forecast(**lr.to_dict()) == lr
+
+
+def test_the_extrapolated_final_loss_is_never_negative():
+    """A loss falling steeply in the window would cross zero at the budget: the loss-linear model floors it."""
+    t = np.linspace(1e6, 2.5e7, 8)
+    loss = 3.0 - 1e-7 * t  # 0.5 at the window's end, -7 at the budget
+    f = forecast_loss_linear(t, 4.0 * (3.0 - loss), loss, BUDGET, n_boot=40)
+    assert f.params["final_loss_extrapolated"] >= 0.0
+    assert f.predicted <= 4.0 * 3.0 + 1e-6 and (f.hi is None or f.hi <= 4.0 * 3.0 + 1e-6)

@@ -14,7 +14,7 @@ import pytest
 from planted import TASK_YAML, WORDS
 from runfixture import make_run
 
-from forgetcheck import budget, compare, curves, train, training_curve
+from forgetcheck import budget, compare, curves, forecast, optim, train, training_curve
 from forgetcheck.config import TrainConfig, validate_train
 from forgetcheck.data import DomainData
 from forgetcheck.gate import gate_run
@@ -69,10 +69,13 @@ def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_r
             f.write(json.dumps({"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(20))}) + "\n")
     domain = DomainData(name="fx", root=root, sft=None, cpt=root / "cpt.jsonl", heldout=None, packaged=False)
     real = curves.measure_point
+    cfg = TrainConfig(budget_tokens=16 * 2 * 32, seq_len=32, micro_batch=2, lr=1e-3, eval_every=4,
+                      stop_if_forecast_exceeds=2.0)
+    cum = forecast.lr_integral(optim.lr_lambda(16, cfg), 16)  # the forecast's time axis: the lr integral
 
-    def forgetting(model, tok, ref, *, tokens, step, train_loss=None, **kw):  # soft accuracy falls as t^0.5
+    def forgetting(model, tok, ref, *, tokens, step, train_loss=None, **kw):  # falls as (lr integral)^0.5
         p = real(model, tok, ref, tokens=tokens, step=step, train_loss=train_loss, **kw) if step == 1 else None
-        drop = 8.0 * (tokens / 512) ** 0.5 + 0.05 * (-1) ** step
+        drop = 8.0 * 2 ** 0.5 * (cum[step] / cum[16]) ** 0.5 + 0.05 * (-1) ** step
         return curves.CurvePoint(tokens=tokens, step=step, train_loss=train_loss, kl_general=0.01 * step,
                                  kl_domain=0.02 * step, bpb_general=1.0, bpb_domain=1.0,
                                  soft_acc=ref.base["soft_acc"] - drop, measure_s=p.measure_s if p else 0.01)
@@ -80,14 +83,13 @@ def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_r
     monkeypatch.setattr(curves, "measure_point", forgetting)
     monkeypatch.setattr(training_curve, "FORECAST_SIGNALS", ("soft_acc",))  # the one that decides; fewer refits
     monkeypatch.setattr(training_curve, "FORECAST_BOOT", 100)
-    cfg = TrainConfig(budget_tokens=16 * 2 * 32, seq_len=32, micro_batch=2, lr=1e-3, eval_every=4,
-                      stop_if_forecast_exceeds=2.0)
     run = RunDir(tmp_path / "run")
     rec = train.train_arm("cpt", tiny_ref, domain, cfg, run, tasks_dir=planted_tasks(tmp_path / "tasks"))
     assert rec["optimizer_steps"] == 4 and rec["planned_steps"] == 16  # the window's end: steps 1-4 of 16
     assert rec["stopped_early"]["step"] == 4 and "--stop-if-forecast-exceeds 2" in rec["stopped_early"]["reason"]
     fc = rec["curve"]["forecast"]["soft_acc"]
-    assert fc["lo"] > 2.0 and fc["predicted"] == pytest.approx(8 * 2 ** 0.5, rel=0.1)  # 8 * (16 * 64 / 512) ** 0.5
+    assert fc["axis"] == "lr_integral" and fc["lo"] > 2.0
+    assert fc["predicted"] == pytest.approx(8 * 2 ** 0.5, rel=0.1)  # the law's value at the end of the schedule
     assert fc["measured"] is None  # the budget's end was never reached
     model = AutoModelForCausalLM.from_pretrained(run.ckpt("cpt"))  # an ordinary HF checkpoint
     assert model.config.vocab_size > 0
