@@ -54,9 +54,7 @@ def resolve_previous(value: str) -> Previous:
                            f"eval/<arm>.json")
         run = p.parent.parent if p.parent.name == "eval" else p.parent
         return Previous(run, p.stem, p)
-    if not p.is_dir():
-        raise BadInput(f"--previous {value}: no such run folder; give runs/<id> of the last released check")
-    run = RunDir(p)
+    run = RunDir.existing(p, flag="--previous", what="runs/<id> of the last released check")
     arms = sorted(e.stem for e in (p / "eval").glob("*.json") if e.stem != "base")
     if not arms:
         raise BadInput(f"--previous {value}: no candidate evaluation in {p / 'eval'}; give the folder of a "

@@ -83,9 +83,7 @@ def _resumed(resume: Path, given: dict) -> tuple[RunDir, C.RunConfig, C.RunConfi
     from forgetcheck.resume import resume_conflicts
     from forgetcheck.schema import read_run_config
 
-    run = RunDir(resume)
-    if not run.root.is_dir():
-        raise BadInput(f"--resume {resume}: no such run folder; give a folder made by `forgetcheck run` (runs/<id>)")
+    run = RunDir.existing(resume, flag="--resume", what="runs/<id>")
     if not run.config.exists():
         raise BadInput(f"--resume {resume}: no config.json there; give a folder made by `forgetcheck run` "
                        f"(runs/<id>)")

@@ -258,11 +258,13 @@ class RunDir:
         return cls(Path(out_dir) / check_run_id(run_id))
 
     @classmethod
-    def existing(cls, root: RunDir | Path | str) -> RunDir:
-        """The run folder at `root`, which must exist (the one home of "run folder not found")."""
+    def existing(cls, root: RunDir | Path | str, flag: str | None = None, what: str = "") -> RunDir:
+        """The run folder at `root`, which must exist (the one home of "run folder not found"); `flag` names the
+        option that gave it and `what` the run it should be, in the message."""
         run = root if isinstance(root, RunDir) else cls(root)
         if not run.root.is_dir():
-            raise BadInput(f"run directory {run.root} not found: give a folder under runs/ written by "
+            where = f"{flag} {root}" if flag else f"run directory {run.root}"
+            raise BadInput(f"{where}: run folder not found; give {what or 'a folder under runs/'} written by "
                            f"`forgetcheck run`")
         return run
 
