@@ -20,7 +20,7 @@ from typing import Any
 
 import jinja2
 
-from forgetcheck.charts import Scale, nice_ticks, tick_label
+from forgetcheck.charts import Scale, nice_ticks, place_labels, tick_label
 from forgetcheck.config import replica_of
 from forgetcheck.errors import BadInput
 from forgetcheck.report_curves import curves_view
@@ -105,7 +105,9 @@ def learn_forget_chart(compare: dict, colors: dict, wise_from: str | None = None
     front = front_arms(pts)
     for p in pts:
         p.update(cx=sx(p["f"]), cy=sy(p["l"]), fx0=sx(p["fci"][0]), fx1=sx(p["fci"][1]),
-                 ly0=sy(p["lci"][0]), ly1=sy(p["lci"][1]), front=p["arm"] in front)
+                 ly0=sy(p["lci"][0]), ly1=sy(p["lci"][1]), front=p["arm"] in front,
+                 label=p["arm"] + (f" ({p['seeds']} seeds)" if p["seeds"] > 1 else ""))
+    place_labels(pts, bottom=h - mb)  # arms at (nearly) the same point keep readable labels
     wise = sorted((wise_alpha(p["arm"]), p) for p in pts if wise_alpha(p["arm"]) is not None)
     curve = ""
     if wise:

@@ -189,3 +189,19 @@ def test_report_loads_in_chromium_and_charts_render(report, tmp_path):
         tag = re.search(rf'<svg[^>]*id="{chart}"[^>]*>', dom).group(0)
         assert 'data-ok="1"' in tag, tag
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+
+def test_arms_at_the_same_point_get_labels_that_do_not_overlap():
+    """Two arms that forgot and learned the same (e.g. wise-1 and sft) must both stay readable."""
+    from forgetcheck.charts import LABEL_LINE_PX, place_labels
+
+    pts = [{"cx": 100.0, "cy": 120.0, "label": "sft"}, {"cx": 100.0, "cy": 120.0, "label": "wise-1"},
+           {"cx": 104.0, "cy": 122.0, "label": "cpt"}, {"cx": 400.0, "cy": 120.0, "label": "lora"}]
+    place_labels(pts, bottom=300)
+    near = sorted(p["ly"] for p in pts[:3])
+    assert all(b - a >= LABEL_LINE_PX - 1e-9 for a, b in zip(near, near[1:]))
+    assert pts[3]["ly"] == pytest.approx(112.0)  # a label with room stays beside its point
+    low = [{"cx": 50.0, "cy": 298.0, "label": f"arm{i}"} for i in range(3)]
+    place_labels(low, bottom=300)  # no room below: the others go above
+    ys = sorted(p["ly"] for p in low)
+    assert len(set(ys)) == 3 and max(ys) <= 300
