@@ -32,8 +32,8 @@ from the ordinary least-squares estimate and covariance of (α, c), combined dra
 loss (fixed when given, else the loss extrapolation's own residual-bootstrap draws). The interval is the
 central `level` quantile range of the draws (default 90%). A normal approximation of the power law's
 covariance is not used: a and t0 are strongly correlated and the curve is far from linear in them, so it
-gives absurd intervals. With no residual degree of freedom (as many points as parameters), or when fewer than 10
-refits converge, there is no interval (lo = hi = None; `reason` says which): the forecast keeps its point value
+gives absurd intervals. With no residual degree of freedom (as many points as parameters), when fewer than 10
+refits converge, or when the refits' interval does not hold the fitted value itself, there is no interval (lo = hi = None; `reason` says which): the forecast keeps its point value
 and never stops a run.
 """
 
@@ -232,7 +232,11 @@ def forecast_power_law(tokens, forgetting, budget_tokens: float, *, fit_fraction
     params = {"A": a / t0 ** b, "t0": t0, "b": b, "a": a, "axis_end": end,
               "rmse": float(np.sqrt(np.mean((fitted - y) ** 2)))}
     why = None
-    if lo is None:
+    if lo is not None and not lo <= predicted <= hi:  # the refits settle elsewhere than the fit: ill-posed
+        lo = hi = None
+        why = ("no interval: the bootstrap refits do not bracket the fitted value (the window's points do not "
+               "pin the law down)")
+    elif lo is None:
         why = ("no interval: as many points as parameters" if len(t) <= 3 else
                "no interval: fewer than 10 of the bootstrap refits converged (the window's points fit the law "
                "too loosely to bound it)")
