@@ -1,5 +1,5 @@
-"""What curves.py costs against training: seconds per curve point and per optimizer step, and the schedule
-`plan_schedule` picks so that all points stay within 25% of an arm's training time.
+"""What curves.py costs against training: seconds per curve point and per optimizer step, and the points and
+sizes the training loop picks (training_curve.curve_steps, plan_sizes) to stay within 25% of an arm's training.
 
     python bench/curve_overhead.py [--model smollm2-135m] [--items 32] [--tokens 1024] [--preset quick]
                                    [--device cpu|cuda] [--repeats 2]
@@ -7,8 +7,8 @@
 A point is measured at the given sizes on the base model (general text: drift.py's built-in paragraphs
 repeated to length; domain text: med-like sentences; items: MMLU-shaped synthetic 4-choice prompts of about
 150 tokens, bench/fast_lm_throughput.py's); a training step is one AdamW step (fp32) on micro_batch x seq_len
-tokens of the preset, repeated `--repeats` times after one warm-up step. Prints the medians and the schedule
-for the preset's budget (config.py's PRESET_VALUES).
+tokens of the preset, repeated `--repeats` times after one warm-up step. Prints the medians and the points
+and sizes for the preset's budget (config.py's PRESET_VALUES).
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ def main() -> None:
             step_s.append(time.perf_counter() - t0)
     steps = tr["budget_tokens"] // (tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1))
     p, s = statistics.median(point_s), statistics.median(step_s)
-    sched = curves.plan_schedule(steps, s, p, n_items=a.items, n_tokens=a.tokens)
     print(f"{a.model} on {a.device}, preset {a.preset}: {steps} steps of {s:.2f} s (train {steps * s:.0f} s); "
           f"one point ({a.tokens} tokens x 2 texts, {a.items} items) {p:.2f} s")
     from forgetcheck import training_curve
@@ -78,9 +77,6 @@ def main() -> None:
     print(f"in training (--eval-every {tr.get('eval_every', 0)}): {len(steps_in)} points at steps {steps_in}, "
           f"{sizes['n_items']} items, {sizes['n_tokens']} tokens: predicted {sizes['predicted_fraction']:.0%} of "
           f"training by the token count, {len(steps_in) * cost / (steps * s):.0%} by the times measured here")
-    print(f"schedule: {len(sched.steps)} points at steps {sched.steps}, {sched.n_items} items, {sched.n_tokens} "
-          f"tokens, overhead {sched.overhead_s:.0f} s = {sched.overhead_fraction:.0%} of training"
-          + (f" ({sched.note})" if sched.note else ""))
 
 
 if __name__ == "__main__":

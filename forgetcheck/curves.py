@@ -14,7 +14,8 @@ accuracy on a small fixed set of retention multiple-choice items (`choose_items`
 
 A `Curve` (one arm's points, the base values, the plan) is written as JSON (`write_curve`, schema_version
 `CURVE_VERSION`, kind "curve") and read back checked (`read_curve`). `Curve.forgetting` turns a signal into
-the forgetting series that forecast.py fits. `plan_schedule` bounds the measuring overhead. See docs/curves.md.
+the forgetting series that forecast.py fits. training_curve.py schedules the points and bounds their cost
+(`curve_steps`, `plan_sizes`). See docs/curves.md.
 """
 
 from __future__ import annotations
@@ -284,66 +285,3 @@ def read_curve(path: Path) -> Curve:
 
 
 # ---- how many points, how many items -----------------------------------------------------------------------
-
-@dataclass
-class Schedule:
-    """When to measure (after these optimizer steps) and how much (items, tokens per text kind), with the
-    expected overhead as a fraction of the training time. `note` says what was cut to fit the bound."""
-
-    steps: list[int]
-    n_items: int
-    n_tokens: int
-    point_s: float
-    overhead_s: float
-    overhead_fraction: float
-    note: str = ""
-
-
-def plan_schedule(total_steps: int, train_s_per_step: float, point_s: float, *, n_items: int = CURVE_ITEMS,
-                  n_tokens: int = CURVE_TOKENS, max_fraction: float = MAX_OVERHEAD, min_points: int = 6,
-                  max_points: int = 24, fit_fraction: float = 0.25, min_fit_points: int = 4) -> Schedule:
-    """Points and sizes such that all points together cost at most `max_fraction` of the training time
-    (total_steps x train_s_per_step), given `point_s`, the measured seconds of one point at (n_items,
-    n_tokens). As many points as fit, up to `max_points`; if fewer than `min_points` fit, the items and
-    tokens are cut in proportion (a point's cost is taken as proportional to them, floors MIN_ITEMS and
-    MIN_TOKENS). About half the points (at least `min_fit_points`) fall in the first `fit_fraction` of the
-    steps, log-spaced (a power law changes fastest early), the rest evenly spaced up to the last step."""
-    if total_steps < 1 or train_s_per_step <= 0 or point_s <= 0:
-        raise BadInput(f"curve schedule: need total_steps >= 1 and positive times (got {total_steps}, "
-                       f"{train_s_per_step}, {point_s}); measure one step and one point first")
-    budget = max_fraction * total_steps * train_s_per_step
-    note = ""
-    n_points = min(max_points, total_steps, int(budget // point_s))
-    if n_points < min_points:
-        want = min(min_points, total_steps)
-        scale = budget / (want * point_s)
-        new_items, new_tokens = max(MIN_ITEMS, int(n_items * scale)), max(MIN_TOKENS, int(n_tokens * scale))
-        if n_items:
-            new_items = min(new_items, n_items)
-        new_tokens = min(new_tokens, n_tokens)
-        shrink = max(new_items / n_items if n_items else 0.0, new_tokens / n_tokens)
-        point_s *= shrink
-        n_items, n_tokens = (new_items if n_items else 0), new_tokens
-        n_points = min(want, int(budget // point_s))
-        note = (f"cut to {n_items} items and {n_tokens} tokens per point to fit {want} points in "
-                f"{max_fraction:.0%} of the training time")
-        if n_points < want:
-            note += f"; even so only {n_points} points fit"
-    steps = _spread_steps(total_steps, max(n_points, 0), fit_fraction, min_fit_points)
-    overhead = len(steps) * point_s
-    return Schedule(steps=steps, n_items=n_items, n_tokens=n_tokens, point_s=point_s, overhead_s=overhead,
-                    overhead_fraction=overhead / (total_steps * train_s_per_step), note=note)
-
-
-def _spread_steps(total_steps: int, n_points: int, fit_fraction: float, min_fit_points: int) -> list[int]:
-    import numpy as np
-
-    if n_points <= 0:
-        return []
-    fit_end = max(1, int(fit_fraction * total_steps))
-    n_fit = min(n_points, max(min_fit_points, math.ceil(n_points / 2)), fit_end)
-    early = np.unique(np.round(np.geomspace(1, fit_end, n_fit)).astype(int)).tolist()
-    late_n = n_points - len(early)
-    late = np.unique(np.round(np.linspace(fit_end, total_steps, late_n + 1)[1:]).astype(int)).tolist() \
-        if late_n > 0 and total_steps > fit_end else []
-    return sorted(set(early) | set(late))

@@ -119,16 +119,3 @@ def test_a_wrong_curve_file_is_refused_naming_the_file(tmp_path, change, message
     with pytest.raises(BadInput, match=message) as e:
         curves.read_curve(path)
     assert str(path) in str(e.value)
-
-
-def test_schedule_keeps_the_overhead_within_a_quarter_of_training():
-    s = curves.plan_schedule(1000, 0.5, 2.0)  # 500 s of training, 2 s a point: 62 would fit, 24 taken
-    assert len(s.steps) == 24 and s.overhead_fraction <= 0.25 and not s.note
-    assert s.steps == sorted(set(s.steps)) and s.steps[0] >= 1 and s.steps[-1] == 1000
-    assert sum(st <= 250 for st in s.steps) >= 12  # half the points in the fit window (forecast.py)
-    tight = curves.plan_schedule(200, 0.5, 10.0)  # 25 s of budget, 10 s a point: sizes are cut
-    assert tight.overhead_s <= 0.25 * 200 * 0.5 + 1e-9 and tight.overhead_fraction <= 0.25
-    assert tight.n_items < curves.CURVE_ITEMS and tight.n_tokens < curves.CURVE_TOKENS and "cut" in tight.note
-    assert sum(st <= 50 for st in tight.steps) >= 3
-    with pytest.raises(BadInput):
-        curves.plan_schedule(0, 0.5, 1.0)
