@@ -188,7 +188,8 @@ def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, t
     for arm, (apath, aev) in arm_evals.items():
         aentry = (aev.get("tasks") or {}).get(name)
         if aentry is None:
-            out["notes"].append(f"{arm}: task not evaluated")
+            why = (aev.get("skipped") or {}).get(name)
+            out["notes"].append(f"{arm}: not evaluated ({why})" if why else f"{arm}: task not evaluated")
             continue
         arm_value, _ = _metric_value(aentry, metric)
         res: dict[str, Any] = {"score": _scaled(arm_value, scale), "n": aentry.get("n")}
@@ -334,6 +335,21 @@ def _soft(rows: list[dict]) -> np.ndarray | None:
     if not vals or any(v is None for v in vals):
         return None
     return np.array(vals, dtype=float)
+
+
+def uninformative_tasks(base_eval: Path, *, alpha: float = 0.05) -> dict[str, str]:
+    """{task: why} for the retention tasks of a base evaluation on which the base is not above chance
+    (`_informative`): they cannot show forgetting, the gate and the retention mean leave them out by default,
+    so `forgetcheck run` does not spend the arms' evaluation on them (the gate's keep_uninformative keeps them)."""
+    base = (Path(base_eval), load_eval(base_eval))
+    out = {}
+    for name, entry in sorted((base[1].get("tasks") or {}).items()):
+        if entry.get("suite", "retention") != "retention":
+            continue
+        t, _ = compare_task(name, base, {}, alpha=alpha, n_boot=100, seed=0)
+        if t["unit"] == "points" and not t["informative"]["value"]:
+            out[name] = f"the base is not above chance on it: {t['informative']['reason']}"
+    return out
 
 
 # ---- the whole comparison -----------------------------------------------------------------------------------

@@ -260,10 +260,11 @@ def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, di
 
 def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: str = "cpu",
              reference: Path | None = None, label: str | None = None, tasks_dir: Path | None = None,
-             device_map: str | None = None) -> dict:
+             device_map: str | None = None, skip: dict[str, str] | None = None) -> dict:
     """Evaluate `model_ref` on the tasks of `cfg`, write `out_file` (EvalFile) and the per-item files, and
     return the EvalFile dict. `reference`: an earlier eval JSON (the base) to measure KL drift against.
-    `tasks_dir`: lm-eval task YAMLs to use instead of forgetcheck's rendered tasks/."""
+    `tasks_dir`: lm-eval task YAMLs to use instead of forgetcheck's rendered tasks/. `skip`: {task: why} not
+    scored (recorded under `skipped`; the drift text is still read from the suites' tasks)."""
     check(validate_eval(cfg))
     out_file = Path(out_file)
     label = label or out_file.stem
@@ -275,7 +276,9 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         specs = resolve_tasks(cfg, tasks_dir)
         ref_data = load_reference(reference) if reference is not None else None
         mhash = hashing.result()
-    console.set_total(len(specs) + 1)  # every task, then drift
+    skipped = {s.name: (skip or {})[s.name] for s in specs if s.name in (skip or {})}
+    scored = [s for s in specs if s.name not in skipped]
+    console.set_total(len(scored) + 1)  # every task, then drift
     versions = evalcache.versions()
     runner = _Model(model_ref, device, dtype, cfg, device_map)
     samples_dir = out_file.parent / "samples" / label
@@ -283,7 +286,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
     timings: dict[str, dict] = {}
     backends: set[str] = set()
     missed: list[_Pending] = []
-    for spec in specs:
+    for spec in scored:
         indices = select_items(spec.task, cfg.limit, spec.kind)
         n_items = len(indices) if indices is not None else len(spec.task.eval_docs)
         key = evalcache.key(fmt=evalcache.CACHE_FORMAT, model=mhash, task=spec.config_hash, limit=cfg.limit, backend=cfg.backend,
@@ -312,7 +315,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
     if rank != 0:  # data-parallel: rank 0 holds every row and writes the files
         return {}
     tasks: dict[str, dict] = {}
-    for spec in specs:  # in the resolved order, whether cached or scored
+    for spec in scored:  # in the resolved order, whether cached or scored
         result, rows = done[spec.name]
         sample_file = samples_dir / f"{spec.name}.jsonl"
         atomic_write_jsonl(sample_file, rows)
@@ -323,7 +326,8 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
     console.advance()
     n_items = sum(t["n"] for t in tasks.values())
     console.note(f"{len(tasks)} tasks, {n_items:,} items ({sum(bool(t['cached']) for t in timings.values())} "
-                 f"from the cache)" + (f"; KL from base {drift['kl']['mean']:.4f} nats/token" if "kl" in drift else ""))
+                 f"from the cache)" + (f"; {len(skipped)} skipped (the base is at chance on them)" if skipped else "")
+                 + (f"; KL from base {drift['kl']['mean']:.4f} nats/token" if "kl" in drift else ""))
     doc: EvalFile = {
         "model": {**model_ref.to_dict(), "content_hash": mhash},
         "config": to_dict(cfg),
@@ -335,6 +339,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         "dtype_reason": dtype_reason,
         "versions": versions,
         "tasks": tasks,
+        **({"skipped": skipped} if skipped else {}),
         "drift": drift,
         "timings": {"tasks": timings, "drift": drift_timing},
     }

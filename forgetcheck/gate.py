@@ -86,6 +86,12 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
 
     for arm in arms:
         names = gated_tasks(tasks, arm, pol.keep_uninformative)
+        for name in sorted(set(gated_tasks(tasks, None, pol.keep_uninformative)) - set(names)):
+            why = next((n.split(": ", 1)[1] for n in tasks[name].get("notes") or [] if n.startswith(f"{arm}: ")),
+                       "task not evaluated")
+            add("task_drop", arm, "inconclusive", f"{name} was not scored for this arm ({why}), so a drop there "
+                "cannot be ruled out: score it (`forgetcheck run --resume` with --keep-uninformative after removing "
+                f"eval/{arm}.json, or `forgetcheck eval`)", name, max_drop=pol.max_drop, metric=metric)
         task_power = {}
         p_fail: dict[str, float] = {}
         pending = []
@@ -132,7 +138,7 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
                     f"points (upper bound {up:.1f}) nor show one (Holm p={_p(adj[name])}); this run detects "
                     f"drops of {est.mde(alpha):.1f} points at 80% power", name, **vals)
         if not names:
-            left_out = gated_tasks(tasks, arm, keep_uninformative=True)
+            left_out = gated_tasks(tasks, None, keep_uninformative=True)
             if left_out and not pol.keep_uninformative:
                 add("coverage", arm, "inconclusive", f"every retention task ({', '.join(left_out)}) is uninformative "
                     "at this model size (the base is not above chance): nothing can show forgetting; use a larger "

@@ -97,7 +97,13 @@ def _stages(inp: Inputs) -> int:
             interpolate.build(inp.model, run.ckpt(cfg.train.wise_from), run.ckpt(label), a,
                               source_arm=cfg.train.wise_from)
 
-    # evaluate each arm from its saved checkpoint (what is reported is what ships)
+    # evaluate each arm from its saved checkpoint (what is reported is what ships), on the tasks that can show
+    # forgetting: a retention task the base is at chance on is left out of the gate and the mean by default,
+    # so it is not scored for the arms either (keep_uninformative scores and gates it)
+    skip = {} if cfg.gate.keep_uninformative else _uninformative(run, cfg.gate.alpha)
+    if skip:
+        console.say(f"        {len(skip)} retention task(s) skipped for the arms, the base is at chance on them: "
+                    f"{', '.join(sorted(skip))} (--keep-uninformative scores and gates them)")
     for arm in trained + [label for label, _ in wise]:
         title = f"[{next(step)}/{n}] evaluate {arm} (from {run.ckpt(arm)})"
         if run.eval_json(arm).exists():
@@ -106,9 +112,15 @@ def _stages(inp: Inputs) -> int:
         with StageTimer(run, f"eval_{arm}"), console.stage(title):
             evaluation.evaluate(models.resolve(str(run.ckpt(arm))), cfg.eval, run.eval_json(arm),
                                 device=inp.device.device, reference=run.eval_json("base"), label=arm,
-                                tasks_dir=inp.tasks_dir)
+                                tasks_dir=inp.tasks_dir, skip=skip)
 
     return finish(run, cfg.gate, started=t0, title=f"[{next(step)}/{n}] compare, gate, report")
+
+
+def _uninformative(run: RunDir, alpha: float) -> dict[str, str]:
+    from forgetcheck.compare import uninformative_tasks
+
+    return uninformative_tasks(run.eval_json("base"), alpha=alpha)
 
 
 def finish(run: RunDir, gate_cfg: C.GateConfig, started: float | None = None,

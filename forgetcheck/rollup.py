@@ -24,9 +24,9 @@ from forgetcheck.stats import (
 )
 
 
-def gated_tasks(tasks: dict, arm: str, keep_uninformative: bool = False) -> list[str]:
+def gated_tasks(tasks: dict, arm: str | None, keep_uninformative: bool = False) -> list[str]:
     """Retention tasks scored in points that the gate checks for `arm` (uninformative ones left out unless
-    kept)."""
+    kept); those the arm was scored on, or all of them with arm None."""
     out = []
     for n in sorted(tasks):
         t = tasks[n]
@@ -34,7 +34,7 @@ def gated_tasks(tasks: dict, arm: str, keep_uninformative: bool = False) -> list
             continue
         if not keep_uninformative and not (t.get("informative") or {}).get("value", True):
             continue
-        if arm in (t.get("arms") or {}):
+        if arm is None or arm in (t.get("arms") or {}):
             out.append(n)
     return out
 

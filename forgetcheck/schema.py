@@ -51,6 +51,7 @@ class EvalFile(TypedDict, total=False):
     backend: str
     versions: dict[str, str | None]
     tasks: dict[str, TaskResult]
+    skipped: dict[str, str]  # tasks of the suites not scored for this model, and why (uninformative at the base)
     drift: dict[str, Any]  # {"kl": {...}} when a reference (base) distribution was given
 
 

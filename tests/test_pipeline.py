@@ -67,10 +67,20 @@ def test_run_writes_the_run_directory_contract(finished_run):
         assert p.exists(), p
         if p.suffix == ".json":
             assert read_json(p)["schema_version"] == (2 if p in (run.compare, run.gate) else 1)
+    at_chance = compare.uninformative_tasks(run.eval_json("base"))
+    assert set(at_chance) == {"fc_mmlu_stem", "fc_winogrande"}  # random weights: both MC tasks at chance
     for arm in ("sft", "cpt"):
         assert (run.ckpt(arm) / "config.json").exists() and list(run.ckpt(arm).glob("*.safetensors"))
+        ev = read_json(run.eval_json(arm))
+        # the arms are scored on every task but those the base is at chance on, and the file says why
+        assert set(ev["skipped"]) == set(at_chance) and "not above chance" in ev["skipped"]["fc_winogrande"]
         for task in TASKS:
-            assert (run.samples_dir(arm) / f"{task}.jsonl").exists()
+            assert (run.samples_dir(arm) / f"{task}.jsonl").exists() == (task not in at_chance)
+    c = read_json(run.compare)
+    assert any("not evaluated (the base is not above chance" in n for n in c["tasks"]["fc_mmlu_stem"]["notes"])
+    g = read_json(run.gate)
+    assert {e["task"] for e in g["excluded"]} == set(at_chance)
+    assert [r["status"] for r in g["rules"] if r["rule"] == "coverage"] == ["inconclusive", "inconclusive"]
     manifest = read_json(run.manifest)
     assert manifest["versions"]["torch"] and manifest["versions"]["lm_eval"]
     assert {"eval_base", "train_sft", "train_cpt", "eval_sft", "eval_cpt"} <= set(manifest["timings"])
@@ -165,3 +175,22 @@ def test_planted_regression_fails_and_unchanged_copy_passes(tmp_path, tiny_ref):
 
     html = report.write_report(run).read_text()
     assert "<script>alert(" not in html and "&lt;script&gt;alert(" in html
+
+
+def test_keep_uninformative_scores_the_arms_on_every_task_and_a_task_left_unscored_is_never_passed(finished_run):
+    """--keep-uninformative: the arms are scored on the tasks the base is at chance on, and gated on them. A
+    gate asked to keep them on a run that skipped them must not pass over them: inconclusive, naming why."""
+    tmp, data, done, _ = finished_run
+    cfg = _cfg(tmp, "keep", data)
+    cfg = C.RunConfig(**{**cfg.__dict__, "gate": C.GateConfig(keep_uninformative=True)})
+    assert pipeline.run_pipeline(cfg) == 0
+    run = RunDir(tmp / "runs" / "keep")
+    for arm in ("sft", "cpt"):
+        assert "skipped" not in read_json(run.eval_json(arm))
+        assert all((run.samples_dir(arm) / f"{t}.jsonl").exists() for t in TASKS)
+    kept = gate.decide(read_json(done.compare), C.GateConfig(keep_uninformative=True))
+    unscored = [r for r in kept["rules"] if r["rule"] == "task_drop" and "was not scored" in r["reason"]]
+    assert {(r["arm"], r["task"]) for r in unscored} == {(a, t) for a in ("sft", "cpt")
+                                                           for t in ("fc_mmlu_stem", "fc_winogrande")}
+    assert all(r["status"] == "inconclusive" and "base is not above chance" in r["reason"] for r in unscored)
+    assert kept["verdict"] != "pass"
