@@ -205,3 +205,25 @@ def test_arms_at_the_same_point_get_labels_that_do_not_overlap():
     place_labels(low, bottom=300)  # no room below: the others go above
     ys = sorted(p["ly"] for p in low)
     assert len(set(ys)) == 3 and max(ys) <= 300
+
+
+def test_a_task_the_arms_were_not_scored_on_keeps_its_row_and_says_why(tmp_path):
+    tasks = {"ret_a": ("retention", "multiple_choice", "acc", 2, 0.8),
+             "ret_chance": ("retention", "multiple_choice", "acc", 4, 0.25)}
+    run = make_run(tmp_path / "r", tasks=tasks, n=40)
+    why = "the base is not above chance on it: base 25.0 vs chance 25.0"
+    for arm in ("sft", "cpt"):
+        p = run.eval_json(arm)
+        if not p.exists():
+            continue
+        doc = json.loads(p.read_text())
+        doc["tasks"].pop("ret_chance")
+        doc["skipped"] = {"ret_chance": why}
+        p.write_text(json.dumps(doc))
+    compare_run(run, n_boot=200)
+    gate, _ = gate_run(run.root, {"metric": "acc"})
+    assert [e["task"] for e in gate["excluded"]] == ["ret_chance"]
+    html = write_report(run).read_text()
+    row = html[html.index('<td class="task">ret_chance'):]
+    row = row[:row.index("</tr>")]
+    assert "uninformative" in row and "not scored for the arms" in row and f"not evaluated ({why})" in row
