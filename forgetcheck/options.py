@@ -115,6 +115,10 @@ class GateFlags:
     metric: Annotated[str, typer.Option("--metric", help="Gate score: soft | acc.")] = "soft"
     max_ppl_rise: Annotated[str, typer.Option("--max-ppl-rise", help="Gate margin: % rise of general-text bits per byte, or off.")] = "10"
     max_kl: Annotated[str, typer.Option("--max-kl", help="Gate margin: mean KL from the base (nats/token), or off.")] = "0.1"
+    keep_uninformative: Annotated[bool, typer.Option(
+        "--keep-uninformative/--drop-uninformative",
+        help="Score the arms on, and gate, retention tasks whose base is not above chance too (default: left out, "
+             "and not scored for the arms).")] = False
 
     def config(self):
         """The GateConfig these flags ask for ("off" turns a drift rule off)."""
@@ -128,7 +132,7 @@ class GateFlags:
         return C.GateConfig(max_drop=self.max_drop, max_mean_drop=self.max_mean_drop, alpha=self.alpha,
                             min_domain_gain=self.min_domain_gain, metric=self.metric,
                             max_ppl_rise=margin("--max-ppl-rise", self.max_ppl_rise),
-                            max_kl=margin("--max-kl", self.max_kl))
+                            max_kl=margin("--max-kl", self.max_kl), keep_uninformative=self.keep_uninformative)
 
 
 def _in_panel(annotation, panel: str):

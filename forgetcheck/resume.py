@@ -11,7 +11,7 @@ from pathlib import Path
 from forgetcheck.config import RunConfig, TrainConfig, split_csv
 
 RESUME_MAY_CHANGE = ("max_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric", "max_ppl_rise", "max_kl",
-                     "force")
+                     "keep_uninformative", "force")
 """Flags that may differ from the run's config.json on `--resume`: the gate's thresholds (compare, report and
 gate run again over the finished results, and config.json records the new values) and --force (whether a
 memory plan that does not fit may start). Every other flag given with --resume must repeat the recorded value:
@@ -24,6 +24,7 @@ _RESUME_FIELDS = {
     "backend": ("eval", "backend"), "max_drop": ("gate", "max_drop"), "max_mean_drop": ("gate", "max_mean_drop"),
     "alpha": ("gate", "alpha"), "min_domain_gain": ("gate", "min_domain_gain"), "metric": ("gate", "metric"),
     "max_ppl_rise": ("gate", "max_ppl_rise"), "max_kl": ("gate", "max_kl"),
+    "keep_uninformative": ("gate", "keep_uninformative"),
     **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
 }
 

@@ -61,8 +61,17 @@ def test_resume_may_change_every_gate_threshold_and_nothing_else(tmp_path):
 
     saved = RunConfig(base="tiny-gpt2", data="med", gate=GateConfig())
     problems, changes = resume_conflicts(saved, {"metric": "acc", "max_kl": "off", "max_ppl_rise": "25",
-                                                 "max_drop": 3.0}, tmp_path / "r1")
+                                                 "max_drop": 3.0, "keep_uninformative": True}, tmp_path / "r1")
     assert problems == []
-    assert changes == {"metric": "acc", "max_kl": None, "max_ppl_rise": 25.0, "max_drop": 3.0}
+    assert changes == {"metric": "acc", "max_kl": None, "max_ppl_rise": 25.0, "max_drop": 3.0,
+                       "keep_uninformative": True}
     problems, _ = resume_conflicts(saved, {"base": "smollm2-135m"}, tmp_path / "r1")
     assert len(problems) == 1 and "--base" in problems[0]
+
+
+def test_run_flags_carry_keep_uninformative_into_the_gate_config():
+    """`run --keep-uninformative` must reach cfg.gate: it decides whether the arms are scored on at-chance tasks."""
+    from forgetcheck.options import GateFlags
+
+    assert GateFlags(keep_uninformative=True).config().keep_uninformative is True
+    assert GateFlags().config().keep_uninformative is False
