@@ -159,8 +159,9 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
-# Presets: what `--preset` fills in where the user gave no flag. `quick` fits the 2-core CPU in <= 20 min
-# with smollm2-135m (training ~140 tokens/s, forward ~600 tokens/s, measured); `full` uses every item.
+# Presets: what `--preset` fills in where the user gave no flag. `quick` runs on the 2-core CPU in ~21-24 min
+# with smollm2-135m (training ~115-140 tokens/s with the curves, measured in `make demo`; README); `full` uses
+# every item.
 PRESET_VALUES: dict[str, dict[str, dict]] = {
     "quick": {
         "train": {"budget_tokens": 32_768, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 5e-5,
