@@ -189,7 +189,7 @@ def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, t
         aentry = (aev.get("tasks") or {}).get(name)
         if aentry is None:
             why = (aev.get("skipped") or {}).get(name)
-            out["notes"].append(f"{arm}: not evaluated ({why})" if why else f"{arm}: task not evaluated")
+            out["notes"].append(f"{arm}: not scored: {why}" if why else f"{arm}: not scored: task not evaluated")
             continue
         arm_value, _ = _metric_value(aentry, metric)
         res: dict[str, Any] = {"score": _scaled(arm_value, scale), "n": aentry.get("n")}
@@ -347,8 +347,10 @@ def uninformative_tasks(base_eval: Path, *, alpha: float = 0.05) -> dict[str, st
         if entry.get("suite", "retention") != "retention":
             continue
         t, _ = compare_task(name, base, {}, alpha=alpha, n_boot=100, seed=0)
-        if t["unit"] == "points" and not t["informative"]["value"]:
-            out[name] = f"the base is not above chance on it: {t['informative']['reason']}"
+        inf = t["informative"]
+        if t["unit"] == "points" and not inf["value"]:
+            out[name] = (f"the base is not above chance on it ({inf['correct']}/{inf['n']} right, chance "
+                         f"{t['chance']:.1f}%, one-sided binomial p={inf['p_value']:.3g})")
     return out
 
 

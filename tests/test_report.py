@@ -226,4 +226,4 @@ def test_a_task_the_arms_were_not_scored_on_keeps_its_row_and_says_why(tmp_path)
     html = write_report(run).read_text()
     row = html[html.index('<td class="task">ret_chance'):]
     row = row[:row.index("</tr>")]
-    assert "uninformative" in row and "not scored for the arms" in row and f"not evaluated ({why})" in row
+    assert "uninformative" in row and f"sft: not scored: {why}" in row and f"cpt: not scored: {why}" in row
