@@ -194,6 +194,20 @@ def memory_chart(train: dict[str, dict]) -> dict | None:
             "parts": [(k, colors[k]) for k in names]}
 
 
+def stage_timings(timings: dict) -> dict[str, float]:
+    """The manifest's timings as seconds per row: each stage's, and a resumed run's sessions one by one
+    (`run_sessions` is a list; `run_total` their sum)."""
+    out: dict[str, float] = {}
+    for k, v in timings.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+        elif isinstance(v, list):
+            nums = [float(x) for x in v if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            out.update({f"{k} {i}": x for i, x in enumerate(nums, 1)} if len(nums) > 1 else
+                       {k: nums[0]} if nums else {})
+    return out
+
+
 def forest_scale(compare: dict) -> Scale | None:
     """One x scale (points) shared by every task row's mini CI plot."""
     vals = [0.0]
@@ -265,7 +279,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "base_model": base.get("model") or {},
         "config": config, "config_json": json.dumps(config, indent=2, sort_keys=True) if config else "",
         "manifest": manifest, "versions": versions,
-        "timings": manifest.get("timings") or {},
+        "timings": stage_timings(manifest.get("timings") or {}),
         "summary": compare.get("summary") or {}, "suites": compare.get("suites") or {},
         "drift": compare.get("drift") or {},
         "rows": rows, "flips": flips, "forest_ticks": ([{"v": tick_label(t), "x": fs(t)} for t in fs.ticks]

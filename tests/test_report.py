@@ -227,3 +227,22 @@ def test_a_task_the_arms_were_not_scored_on_keeps_its_row_and_says_why(tmp_path)
     row = html[html.index('<td class="task">ret_chance'):]
     row = row[:row.index("</tr>")]
     assert "uninformative" in row and f"sft: not scored: {why}" in row and f"cpt: not scored: {why}" in row
+
+
+def test_report_of_a_finished_run_renders_its_session_timings(tmp_path):
+    """`forgetcheck run` records run_sessions (a list: one entry per session of a resumed run) in the manifest
+    after its report; `forgetcheck report RUN` afterwards must still render (it crashed formatting the list)."""
+    from forgetcheck.schema import update_manifest
+
+    run = make_run(tmp_path / "r", n=40)
+    compare_run(run, n_boot=200)
+    gate_run(run.root)
+    update_manifest(run, timings={"eval_base": 12.5, "run_sessions": [100.0, 50.25], "run_total": 150.25})
+    r = subprocess.run([sys.executable, "-m", "forgetcheck", "report", str(run.root)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    html = run.report.read_text()
+    table = html[html.index('id="timings-table"'):]
+    table = table[:table.index("</table>")]
+    for row in ("eval_base</td><td class=\"n\">12.5 s", "run_sessions 1</td><td class=\"n\">100.0 s",
+                "run_sessions 2</td><td class=\"n\">50.2 s", "run_total</td><td class=\"n\">150.2 s"):
+        assert row in table, table
