@@ -208,6 +208,15 @@ def stage_timings(timings: dict) -> dict[str, float]:
     return out
 
 
+def unscored_text(task: dict, arms: list[str]) -> str:
+    """Why no arm was scored on a task, once per distinct reason: 'not scored for sft, cpt: <why>'."""
+    by_why: dict[str, list[str]] = {}
+    for arm in arms:
+        note = next((n for n in task.get("notes") or [] if n.startswith(f"{arm}: ")), f"{arm}: not scored: no record")
+        by_why.setdefault(note.split(": ", 2)[-1], []).append(arm)
+    return "; ".join(f"not scored for {', '.join(a)}: {why}" for why, a in by_why.items()) or "not scored for any arm"
+
+
 def forest_scale(compare: dict) -> Scale | None:
     """One x scale (points) shared by every task row's mini CI plot."""
     vals = [0.0]
@@ -259,7 +268,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
                 r["forest"] = {"x": fs(d), "x0": fs(ci[0]) if ci else fs(d), "x1": fs(ci[1]) if ci else fs(d),
                                "zero": fs(0.0)}
             arm_rows.append(r)
-        rows.append({"name": name, "t": t, "arms": arm_rows,
+        rows.append({"name": name, "t": t, "arms": arm_rows, "unscored": "" if arm_rows else unscored_text(t, arms),
                      "base_score": t["base"].get("score_paired", t["base"].get("score"))})
     flips = []
     for name, t in sorted((compare.get("tasks") or {}).items(), key=lambda kv: (kv[1].get("suite") != "retention", kv[0])):
