@@ -159,7 +159,7 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
-# Presets: what `--preset` fills in where the user gave no flag. `quick` runs on the 2-core CPU in ~21-24 min
+# Presets: what `--preset` fills in where the user gave no flag. `quick` runs on the 2-core CPU in ~22-24 min
 # with smollm2-135m (training ~115-140 tokens/s with the curves, measured in `make demo`; README); `full` uses
 # every item.
 PRESET_VALUES: dict[str, dict[str, dict]] = {
