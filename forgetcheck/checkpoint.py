@@ -118,15 +118,19 @@ def save_hf_checkpoint(model, tok, out: Path, model_ref, arm: str, *, world: int
     os.replace(tmp, out)
 
 
-def has_resume(rdir: Path, cfg: C.TrainConfig) -> bool:
+def resume_step(rdir: Path, cfg: C.TrainConfig) -> int | None:
+    """The optimizer step the resume state in `rdir` reached, when there is one saved with this config; else
+    None (training starts from its first step)."""
     meta = rdir / "meta.json"
     if not meta.exists():
-        return False
+        return None
     saved = read_json(meta)
     if not isinstance(saved, dict):
         raise BadInput(f"{meta} is not a resume record (expected a JSON object): delete {rdir} to restart the "
                        f"arm from its first step")
-    return saved.get("config") == json.loads(json.dumps(C.to_dict(cfg)))
+    if saved.get("config") != json.loads(json.dumps(C.to_dict(cfg))):
+        return None
+    return int(saved["step"])
 
 
 # ---- reading resume state: never runs code from the run folder ----------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 from forgetcheck import config as C
 from forgetcheck.errors import BadInput
 from forgetcheck.packing import IGNORE, build_rows
-from forgetcheck.rundir import RunDir, read_json
+from forgetcheck.rundir import RunDir
 from forgetcheck.schema import read_train, write_train
 
 # ---- one optimizer step's gradient ------------------------------------------------------------------------
@@ -162,12 +162,12 @@ def train_loop(label: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: 
     # resume
     state = {"step": 0, "loss_curve": [], "lr_curve": [], "tokens": {"forward": 0, "padding": 0, "label": 0}}
     rdir = checkpoint.resume_dir(run, label)
-    resuming = checkpoint.has_resume(rdir, cfg)
+    resumed_step = checkpoint.resume_step(rdir, cfg)
     tracker = training_curve.CurveTracker(label, cfg, run, total_steps=steps, tokens_per_step=tokens_per_step(cfg),
                                           world=world, domain=domain, tasks_dir=tasks_dir,
                                           lr_factor=optim.lr_lambda(steps, cfg))
-    tracker.start(model, tok, int(read_json(rdir / "meta.json")["step"]) if resuming else 0)  # on the base
-    if resuming:
+    tracker.start(model, tok, resumed_step or 0)  # on the base
+    if resumed_step is not None:
         state = checkpoint.load_resume(rdir, model, optimizer, scheduler, scaler, world=world, rank=rank)
         say(f"resumed {label} from step {state['step']} of {steps} ({rdir})")
 
