@@ -188,8 +188,9 @@ def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, t
     for arm, (apath, aev) in arm_evals.items():
         aentry = (aev.get("tasks") or {}).get(name)
         if aentry is None:
-            why = (aev.get("skipped") or {}).get(name)
-            out["notes"].append(f"{arm}: not scored: {why}" if why else f"{arm}: not scored: task not evaluated")
+            why = (aev.get("skipped") or {}).get(name) or "task not evaluated"
+            out.setdefault("unscored", {})[arm] = why  # what the gate and the report read
+            out["notes"].append(f"{arm}: not scored: {why}")
             continue
         arm_value, _ = _metric_value(aentry, metric)
         res: dict[str, Any] = {"score": _scaled(arm_value, scale), "n": aentry.get("n")}

@@ -87,8 +87,7 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
     for arm in arms:
         names = gated_tasks(tasks, arm, pol.keep_uninformative)
         for name in sorted(set(gated_tasks(tasks, None, pol.keep_uninformative)) - set(names)):
-            why = next((n.split(": ", 2)[-1] for n in tasks[name].get("notes") or [] if n.startswith(f"{arm}: ")),
-                       "task not evaluated")
+            why = (tasks[name].get("unscored") or {}).get(arm, "task not evaluated")
             add("task_drop", arm, "inconclusive", f"{name} was not scored for this arm ({why}), so a drop there "
                 "cannot be ruled out; to score it, run with --keep-uninformative (a new run, or --resume after "
                 f"deleting eval/{arm}.json)", name, max_drop=pol.max_drop, metric=metric)

@@ -212,8 +212,7 @@ def unscored_text(task: dict, arms: list[str]) -> str:
     """Why no arm was scored on a task, once per distinct reason: 'not scored for sft, cpt: <why>'."""
     by_why: dict[str, list[str]] = {}
     for arm in arms:
-        note = next((n for n in task.get("notes") or [] if n.startswith(f"{arm}: ")), f"{arm}: not scored: no record")
-        by_why.setdefault(note.split(": ", 2)[-1], []).append(arm)
+        by_why.setdefault((task.get("unscored") or {}).get(arm, "task not evaluated"), []).append(arm)
     return "; ".join(f"not scored for {', '.join(a)}: {why}" for why, a in by_why.items()) or "not scored for any arm"
 
 

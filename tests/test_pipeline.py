@@ -78,6 +78,7 @@ def test_run_writes_the_run_directory_contract(finished_run):
             assert (run.samples_dir(arm) / f"{task}.jsonl").exists() == (task not in at_chance)
     c = read_json(run.compare)
     assert f"sft: not scored: {at_chance['fc_mmlu_stem']}" in c["tasks"]["fc_mmlu_stem"]["notes"]
+    assert c["tasks"]["fc_mmlu_stem"]["unscored"] == {"sft": at_chance["fc_mmlu_stem"], "cpt": at_chance["fc_mmlu_stem"]}
     g = read_json(run.gate)
     assert {e["task"] for e in g["excluded"]} == set(at_chance)
     assert [r["status"] for r in g["rules"] if r["rule"] == "coverage"] == ["inconclusive", "inconclusive"]
