@@ -51,7 +51,7 @@ def run_pipeline(cfg: C.RunConfig, resume: Path | None = None, given: dict | Non
 
 
 def _stages(inp: Inputs) -> int:
-    from forgetcheck import arms, evaluation, interpolate, models, train
+    from forgetcheck import arms, compare, evaluation, interpolate, models, train
 
     cfg, run = inp.cfg, inp.run
     console.say(f"forgetcheck run {run.root} ({'resumed' if inp.resumed else 'new'}); {inp.device.describe()}; "
@@ -100,7 +100,8 @@ def _stages(inp: Inputs) -> int:
     # evaluate each arm from its saved checkpoint (what is reported is what ships), on the tasks that can show
     # forgetting: a retention task the base is at chance on is left out of the gate and the mean by default,
     # so it is not scored for the arms either (keep_uninformative scores and gates it)
-    skip = {} if cfg.gate.keep_uninformative else _uninformative(run, cfg.gate.alpha)
+    skip = {} if cfg.gate.keep_uninformative else compare.uninformative_tasks(run.eval_json("base"),
+                                                                               alpha=cfg.gate.alpha)
     if skip:
         console.say(f"        {len(skip)} retention task(s) skipped for the arms, the base is at chance on them: "
                     f"{', '.join(sorted(skip))} (--keep-uninformative scores and gates them)")
@@ -115,12 +116,6 @@ def _stages(inp: Inputs) -> int:
                                 tasks_dir=inp.tasks_dir, skip=skip)
 
     return finish(run, cfg.gate, started=t0, title=f"[{next(step)}/{n}] compare, gate, report")
-
-
-def _uninformative(run: RunDir, alpha: float) -> dict[str, str]:
-    from forgetcheck.compare import uninformative_tasks
-
-    return uninformative_tasks(run.eval_json("base"), alpha=alpha)
 
 
 def finish(run: RunDir, gate_cfg: C.GateConfig, started: float | None = None,
