@@ -123,16 +123,12 @@ class GateFlags:
     def config(self):
         """The GateConfig these flags ask for ("off" turns a drift rule off)."""
         from forgetcheck import config as C
-        from forgetcheck.policy import flag_number
-
-        def margin(flag: str, value: str) -> float | None:
-            v = flag_number(flag, value)
-            return None if v == "off" else v
+        from forgetcheck.policy import margin_value
 
         return C.GateConfig(max_drop=self.max_drop, max_mean_drop=self.max_mean_drop, alpha=self.alpha,
                             min_domain_gain=self.min_domain_gain, metric=self.metric,
-                            max_ppl_rise=margin("--max-ppl-rise", self.max_ppl_rise),
-                            max_kl=margin("--max-kl", self.max_kl), keep_uninformative=self.keep_uninformative)
+                            max_ppl_rise=margin_value("--max-ppl-rise", self.max_ppl_rise),
+                            max_kl=margin_value("--max-kl", self.max_kl), keep_uninformative=self.keep_uninformative)
 
 
 def _in_panel(annotation, panel: str):

@@ -99,3 +99,9 @@ def flag_number(flag: str, value: str | None) -> float | str | None:
         return float(value)
     except ValueError:
         raise BadInput(f"{flag} must be a number or 'off' (got {value!r})") from None
+
+
+def margin_value(flag: str, value: str) -> float | None:
+    """A margin flag's value for GateConfig: the number, or None for 'off' (the rule turned off)."""
+    v = flag_number(flag, value)
+    return None if v == "off" else v

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 from forgetcheck.config import RunConfig, TrainConfig, split_csv
+from forgetcheck.policy import margin_value
 
 RESUME_MAY_CHANGE = ("max_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric", "max_ppl_rise", "max_kl",
                      "keep_uninformative", "force")
@@ -41,7 +42,7 @@ def _as_config_value(name: str, value):
     if name in ("arms", "suite", "tasks"):
         return split_csv(value) if isinstance(value, str) else tuple(value or ())
     if name in ("max_ppl_rise", "max_kl") and isinstance(value, str):
-        return None if value.strip().lower() == "off" else float(value)
+        return margin_value(_flag(name), value)
     return value
 
 
