@@ -272,8 +272,15 @@ class Curve:
         t = np.array([r[0] for r in rows], dtype=float)
         v = np.array([r[1] for r in rows], dtype=float)
         loss = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=float)
-        f = base - v if signal == "soft_acc" else (v - base if signal.startswith("bpb") else v)
-        return t, f, loss
+        return t, worse(signal, v, base), loss
+
+
+def worse(signal: str, value, base):
+    """A signal's change from the base in the direction that means worse (numbers or numpy arrays): soft_acc
+    base − value (points lost), bits per byte value − base, KL the value itself."""
+    if signal == "soft_acc":
+        return base - value
+    return value - base if signal.startswith("bpb") else value
 
 
 def write_curve(path: Path, curve: Curve) -> None:
@@ -282,6 +289,3 @@ def write_curve(path: Path, curve: Curve) -> None:
 
 def read_curve(path: Path) -> Curve:
     return Curve.from_dict(read_json(Path(path)), str(path))
-
-
-# ---- how many points, how many items -----------------------------------------------------------------------

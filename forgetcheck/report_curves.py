@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from forgetcheck.charts import Scale, tick_label
+from forgetcheck.curves import worse  # torch-free: the direction rule curves.py's forecasts use
 from forgetcheck.rundir import RunDir, read_json
 from forgetcheck.schema import CURVE_VERSION, check_versioned
 
@@ -30,8 +31,7 @@ def _series(curve: dict, signal: str, sign: int) -> list[tuple[float, float]]:
         v = p.get(signal)
         if v is None or not math.isfinite(v) or (signal != "kl_general" and base is None):
             continue
-        f = base - v if signal == "soft_acc" else (v - base if signal.startswith("bpb") else v)
-        out.append((float(p["tokens"]), sign * f))
+        out.append((float(p["tokens"]), sign * worse(signal, v, base)))
     return out if len(out) > 1 else []
 
 
