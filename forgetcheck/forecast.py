@@ -33,8 +33,8 @@ loss (fixed when given, else the loss extrapolation's own residual-bootstrap dra
 central `level` quantile range of the draws (default 90%). A normal approximation of the power law's
 covariance is not used: a and t0 are strongly correlated and the curve is far from linear in them, so it
 gives absurd intervals. With no residual degree of freedom (as many points as parameters), when fewer than 10
-refits converge, or when the refits' interval does not hold the fitted value itself, there is no interval (lo = hi = None; `reason` says which): the forecast keeps its point value
-and never stops a run.
+refits converge, or when the refits' interval does not hold the fitted value itself, there is no interval
+(lo = hi = None; `reason` says which): the forecast keeps its point value and never stops a run.
 """
 
 from __future__ import annotations
@@ -200,6 +200,13 @@ def lr_integral(lr_factor, total_steps: int) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum([float(lr_factor(i)) for i in range(total_steps)])])
 
 
+def _on_axis(t: np.ndarray, budget_tokens: float, time) -> tuple[np.ndarray, float]:
+    """(the points' times, the budget's time) on the axis `time` maps tokens to (tokens themselves: None)."""
+    if time is None:
+        return t, float(budget_tokens)
+    return np.array([float(time(v)) for v in t]), float(time(budget_tokens))
+
+
 def forecast_power_law(tokens, forgetting, budget_tokens: float, *, fit_fraction: float = FIT_FRACTION,
                        level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0, time=None,
                        axis: str = "tokens") -> Forecast:
@@ -214,8 +221,7 @@ def forecast_power_law(tokens, forgetting, budget_tokens: float, *, fit_fraction
     y, t = y[t > 0], t[t > 0]
     if len(t) < MIN_POINTS:
         return _not_enough(POWER_LAW, until, budget_tokens, len(t), level, "points after step 0", axis)
-    u = t if time is None else np.array([float(time(v)) for v in t])
-    end = float(budget_tokens if time is None else time(budget_tokens))
+    u, end = _on_axis(t, budget_tokens, time)
     if not end > 0 or np.any(u <= 0) or np.any(np.diff(u[np.argsort(t)]) < 0):
         return Forecast(model=POWER_LAW, fit_until_tokens=until, at_tokens=budget_tokens, n_points=len(t),
                         level=level, axis=axis, reason=f"the time axis ({axis}) is not positive and increasing")
@@ -276,8 +282,7 @@ def forecast_loss_linear(tokens, forgetting, losses, budget_tokens: float, *, fi
     if final_loss is None:
         order = np.argsort(t)
         t, y, L = t[order], y[order], L[order]
-        u = t if time is None else np.array([float(time(v)) for v in t])
-        end = float(budget_tokens if time is None else time(budget_tokens))
+        u, end = _on_axis(t, budget_tokens, time)
         du, drop = u[1:] - u[0], L[0] - L[1:]
         if len(du) < MIN_POINTS - 1 or not np.all(du > 0):
             return Forecast(model=LOSS_LINEAR, params=params, fit_until_tokens=until, at_tokens=budget_tokens,
