@@ -99,35 +99,22 @@ def retention_pools(eval_cfg: C.EvalConfig, tasks_dir: Path | None, seed: int) -
     return pools, where + (f"; left out, data missing: {', '.join(skipped)}" if skipped else "")
 
 
-def _read_texts(path: Path | None, field: str = "text") -> list[str]:
-    import json
-
-    if path is None or not Path(path).is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [str(json.loads(line)[field]) for line in f if line.strip()]
-
-
 def domain_texts(domain) -> tuple[list[str], str]:
     """Held-out domain text (heldout.jsonl), else the domain's raw text (cpt.jsonl; then it is trained on by
     cpt, which the curve's meta says)."""
-    held = _read_texts(getattr(domain, "heldout", None))
+    from forgetcheck.data import read_cpt, read_sft
+
+    def texts(path: Path | None, read, field: str) -> list[str]:
+        return [str(r[field]) for r in read(path)] if path is not None and Path(path).is_file() else []
+
+    held = texts(getattr(domain, "heldout", None), read_cpt, "text")
     if held:
         return held, "heldout.jsonl (not trained on)"
-    cpt = _read_texts(getattr(domain, "cpt", None))
+    cpt = texts(getattr(domain, "cpt", None), read_cpt, "text")
     if cpt:
         return cpt[::-1], "cpt.jsonl from its end (no heldout.jsonl: text the cpt arm may train on)"
-    sft = [str(r.get("response", "")) for r in _read_jsonl(getattr(domain, "sft", None))]
+    sft = texts(getattr(domain, "sft", None), read_sft, "response")
     return sft[::-1], "sft.jsonl responses from the end (no heldout.jsonl or cpt.jsonl)"
-
-
-def _read_jsonl(path: Path | None) -> list[dict]:
-    import json
-
-    if path is None or not Path(path).is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plan_sizes(n_points: int, train_tokens: int, item_tokens: list[int], *, max_fraction: float = curves.MAX_OVERHEAD,
