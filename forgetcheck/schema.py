@@ -236,7 +236,7 @@ class ManifestFile(TypedDict, total=False):
     device: str
     seed: int
     model: dict[str, Any]  # the resolved --base (models.ModelRef)
-    timings: dict[str, float]  # wall seconds per stage
+    timings: dict[str, float | list[float]]  # wall seconds per stage; run_sessions: one per session of `run`
 
 
 REQUIRED = {
