@@ -1,7 +1,7 @@
 """How well the forecast at a quarter of the budget predicted the end, on a finished run's curves, with two time
-axes for the shifted power law: training tokens (what training_curve.py forecasts with) and the integral of the
-learning rate (the sum of the lr factors of the steps taken; a schedule's decay slows the drift, which a
-power law in tokens cannot know).
+axes for the shifted power law: training tokens and the integral of the learning rate (the sum of the lr factors
+of the steps taken, `forecast.lr_integral`; what training_curve.py forecasts with, since a schedule's decay slows
+the drift, which a power law in tokens cannot know). Works on runs made before the curve files kept both.
 
     python bench/forecast_axes.py RUN_FOLDER [--signals soft_acc,kl_general,kl_domain]
 
@@ -31,22 +31,21 @@ def main() -> None:
     for path in sorted((a.run / "curves").glob("*.json")):
         curve = curves.read_curve(path)
         tr = json.loads((a.run / "train" / path.name).read_text())
-        lr = {int(s): float(v) for s, v in tr["lr_curve"]}
-        peak = max(lr.values())
-        steps = sorted(lr)
-        cum = dict(zip(steps, np.cumsum([lr[s] / peak for s in steps])))
+        lr = [float(v) for _, v in sorted(tr["lr_curve"])]  # the lr of optimizer steps 1..n
+        factors = [v / max(lr) for v in lr]
+        cum = forecast.lr_integral(factors.__getitem__, len(factors))  # cum[k]: after k steps
         until = curve.meta["fit_until_tokens"]
         budget = curve.meta["budget_tokens"]
         tps = curve.meta["tokens_per_step"]
         print(f"== {curve.arm}: window up to {until} tokens of {budget}; lr integral there "
-              f"{cum[until // tps]:.2f} of {cum[steps[-1]]:.2f} (peak-lr steps)")
+              f"{cum[until // tps]:.2f} of {cum[-1]:.2f} (peak-lr steps)")
         for sig in a.signals.split(","):
             t, f, _ = curve.forgetting(sig)
             if len(t) == 0:
                 continue
             measured = float(f[-1]) if t[-1] >= budget else None
             x = np.array([cum[int(v) // tps] for v in t])
-            x_end = cum[steps[-1]]
+            x_end = cum[-1]
             for name, xs, end, frac in (("tokens", t, budget, until / budget),
                                         ("lr integral", x, x_end, cum[until // tps] / x_end + 1e-9)):
                 fc = forecast.forecast_power_law(xs, f, end, fit_fraction=frac, n_boot=200)
