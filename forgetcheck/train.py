@@ -286,8 +286,14 @@ def train_loop(label: str, model_ref, data_path: Path, cfg: C.TrainConfig, run: 
     console.note(f"{state['step']} steps, final loss {record['loss_curve'][-1][1] if record['loss_curve'] else float('nan'):.4f}, "
                  f"{record['tokens_per_s']} tokens/s; memory peak {(peak or 0) / 1e9:.2f} GB, planned "
                  f"{mem_plan['per_device_total'] / 1e9:.2f} GB (weights+grads+optim "
-                 f"{mem_plan['states_bytes'] / 1e9:.2f} GB)")
+                 f"{mem_plan['states_bytes'] / 1e9:.2f} GB)" + _curve_note(record.get("curve")))
     return record
+
+
+def _curve_note(curve: dict | None) -> str:
+    """The forgetting curve's cost on the stage's closing line (`run`'s console shows one line per stage)."""
+    frac = ((curve or {}).get("overhead") or {}).get("fraction")
+    return "" if frac is None else f"; curve {curve['points']} points, {frac:.0%} extra time"
 
 
 def _data_path(label: str, domain) -> Path:

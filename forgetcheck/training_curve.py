@@ -289,7 +289,7 @@ class CurveTracker:
                                   f"({fc['level']:.0%} interval [{fc['lo']:.2f}, {fc['hi']:.2f}]); its lower bound "
                                   f"exceeds --stop-if-forecast-exceeds {margin:g}"}
         self.curve.meta["stopped_early"] = self.stopped
-        console.note(f"{self.label}: stopped early: {self.stopped['reason']}")
+        console.say(f"{self.label}: stopped early: {self.stopped['reason']}")
         return True
 
     # -- at the end of the arm
@@ -322,12 +322,12 @@ class CurveTracker:
                    "points": len(self.curve.points), "sizes": self.curve.meta["sizes"],
                    "overhead": self.curve.meta["overhead"], "forecast": _forecast_summary(fc)}
         o = self.curve.meta["overhead"]
-        console.note(f"curve {self.label}: {len(self.curve.points)} points, measuring took {overhead:.1f} s = "
+        console.detail(f"curve {self.label}: {len(self.curve.points)} points, measuring took {overhead:.1f} s = "
                      f"{(o['fraction'] or 0):.0%} of the {train_s:.1f} s of training "
                      f"(predicted {self.curve.meta['sizes']['predicted_fraction']:.0%})")
         s = summary["forecast"].get(STOP_SIGNAL) if summary["forecast"] else None
         if s and s.get("predicted") is not None:
-            console.note(f"curve {self.label}: forecast at {fc['made_at_tokens']} tokens of retention soft accuracy lost "
+            console.detail(f"curve {self.label}: forecast at {fc['made_at_tokens']} tokens of retention soft accuracy lost "
                          f"at {fc['at_tokens']}: {s['predicted']:.2f} [{_f(s['lo'])}, {_f(s['hi'])}] points; measured "
                          f"{_f(s.get('measured'))}")
         return summary

@@ -59,7 +59,7 @@ def test_new_flags_are_validated():
     assert not validate_train(TrainConfig(eval_every=4, stop_if_forecast_exceeds=2.0))
 
 
-def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_ref, tmp_path, monkeypatch):
+def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_ref, tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
     root = tmp_path / "domain"
@@ -91,6 +91,10 @@ def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_r
     assert fc["axis"] == "lr_integral" and fc["lo"] > 2.0
     assert fc["predicted"] == pytest.approx(8 * 2 ** 0.5, rel=0.1)  # the law's value at the end of the schedule
     assert fc["measured"] is None  # the budget's end was never reached
+    out = capsys.readouterr().out  # said on the terminal: why it stopped, what the curve cost
+    assert "cpt: stopped early: forecast at step 4 of 16" in out
+    assert "curve cpt: 4 points, measuring took" in out and "% of the" in out
+    assert train._curve_note(rec["curve"]) == f"; curve 4 points, {rec['curve']['overhead']['fraction']:.0%} extra time"
     model = AutoModelForCausalLM.from_pretrained(run.ckpt("cpt"))  # an ordinary HF checkpoint
     assert model.config.vocab_size > 0
     curve = curves.read_curve(run.curve_json("cpt"))
