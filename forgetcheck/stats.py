@@ -331,20 +331,6 @@ def soft_scores(loglikelihoods: list, target) -> float | None:
     return float(p[int(target)] / p.sum())
 
 
-def power_sentence(n_items: int | None, mde: float | None, needed: int | None, margin: float,
-                   unit: str = "points") -> str:
-    """'50 items per task can only rule out drops larger than 31 points; about 500 per task would decide at
-    2 points.'"""
-    if n_items is None or mde is None:
-        return "no per-item records: the power of this run cannot be stated"
-    head = f"{n_items} items per task can only rule out drops larger than {mde:.1f} {unit}"
-    if needed is None:
-        return head
-    if needed <= n_items:
-        return head + f"; that decides at {margin:g} {unit}"
-    return head + f"; about {round_up(needed):,} per task would decide at {margin:g} {unit}"
-
-
 def round_up(n: int) -> int:
     """Up to two significant digits (482 -> 490, 12345 -> 13000)."""
     if n < 100:
