@@ -282,7 +282,7 @@ def _overall_sentence(arms: dict, pol: GateConfig) -> str:
     2 points per task (1 for the mean).'"""
     have = [p for p in arms.values() if p.get("n") is not None]
     if not have:
-        return "no per-item records: the power of this run cannot be stated"
+        return "no retention task with per-item records was gated: the power of this run cannot be stated"
     n = min(p["n"] for p in have)
     mde = max(p["mde"] for p in have)
     mean_mdes = [p["mean_mde"] for p in have if p.get("mean_mde") is not None]
