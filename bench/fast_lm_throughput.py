@@ -8,7 +8,10 @@ Each item is an MMLU-shaped prompt of about 150 tokens (subject header, question
 HFLM already reuses one pass for these through its one-token logits cache) and the options' short phrases
 (several tokens each: stock HFLM runs the context once per choice). The two backends run side by side,
 alternating, `--repeats` times; the median requests/s of each and their ratio are printed, with the largest
-per-request loglikelihood difference and whether every is_greedy agreed. Throughput is also given from
+per-request loglikelihood difference and whether every is_greedy agreed. A third variant, `rolling`, scores
+`--items` perplexity documents of 30 to 400 words (the spread of the med and SQuAD perplexity tasks) with
+loglikelihood_rolling: stock HFLM batches `--batch-size` windows in document order, each batch padded to its
+longest; FastLM sorts and batches all windows at once. Throughput is also given from
 process CPU time, which a busy shared machine disturbs less than wall-clock time (`--threads 1` steadier still).
 """
 
@@ -48,6 +51,10 @@ def make_items(n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
 def make_requests(items, variant: str):
     from lm_eval.api.instance import Instance
 
+    if variant == "rolling":  # one document per item, of a spread of lengths, in a fixed shuffled order
+        rng = random.Random(len(items))
+        return [Instance("loglikelihood_rolling", {}, (" ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 400))),),
+                         0, metadata=("fixture", doc_id, 1)) for doc_id in range(len(items))]
     reqs = []
     for doc_id, (prompt, options) in enumerate(items):
         choices = [" A", " B", " C", " D"] if variant == "letters" else [" " + o for o in options]
@@ -59,7 +66,10 @@ def make_requests(items, variant: str):
 def timed(lm, reqs) -> tuple[float, float, list]:
     """(wall seconds, process CPU seconds, results)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    out = lm.loglikelihood(reqs, disable_tqdm=True)
+    if reqs[0].request_type == "loglikelihood_rolling":
+        out = [(ll, True) for ll in lm.loglikelihood_rolling(reqs, disable_tqdm=True)]
+    else:
+        out = lm.loglikelihood(reqs, disable_tqdm=True)
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
@@ -71,7 +81,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--variants", default="letters,phrases")
+    ap.add_argument("--variants", default="letters,phrases,rolling")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
 

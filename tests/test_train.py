@@ -153,6 +153,56 @@ def test_grad_accum_equals_one_big_batch_with_padded_rows(tiny_ref):
     assert float((one - naive).norm() / one.norm()) > 1e-2
 
 
+def test_loss_at_label_positions_only_equals_the_full_logits_loss(tiny_ref, monkeypatch):
+    """The projection runs only where a label is predicted; loss and every gradient equal the plain
+    full-logits cross-entropy (and a micro-batch with no label gives zero, not NaN). A model whose logits do
+    not come through get_output_embeddings() falls back to the full logits, with the same result."""
+    import torch.nn.functional as F
+
+    from forgetcheck import models
+
+    model, _ = models.load(tiny_ref)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ids, labels, mask = _padded_batch(model.config.vocab_size)
+    n = train.label_count(labels)
+
+    def reference():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                               ignore_index=packing.IGNORE, reduction="sum") / n
+        loss.backward()
+        return float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    def ours():
+        model.zero_grad(set_to_none=True)
+        loss = train.micro_batch_loss(model, ids, labels, mask, n, train.contextlib.nullcontext)
+        loss.backward()
+        return float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    calls = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, _a, out: calls.append(tuple(out.shape)))
+    want_loss, want_grad = reference()
+    got_loss, got_grad = ours()
+    assert calls[-1] == (n, model.config.vocab_size)  # logits only at the n label-predicting positions
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    assert float((got_grad - want_grad).norm() / want_grad.norm()) < 1e-5
+
+    none = labels.clone().fill_(packing.IGNORE)
+    zero = train.micro_batch_loss(model, ids, none, mask, n, train.contextlib.nullcontext)
+    assert float(zero) == 0.0
+
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)
+    fb_loss, fb_grad = ours()
+    assert calls[-1] == (*ids.shape, model.config.vocab_size)  # full logits: the fallback
+    assert fb_loss == pytest.approx(want_loss, rel=1e-6)
+    assert float((fb_grad - want_grad).norm() / want_grad.norm()) < 1e-5
+
+
 def test_checkpoint_reloads_to_identical_logits(tiny_ref, tmp_path):
     from transformers import AutoModelForCausalLM
 
