@@ -6,9 +6,12 @@ sizes the training loop picks (training_curve.curve_steps, plan_sizes) to stay w
 
 A point is measured at the given sizes on the base model (general text: drift.py's built-in paragraphs
 repeated to length; domain text: med-like sentences; items: MMLU-shaped synthetic 4-choice prompts of about
-150 tokens, bench/fast_lm_throughput.py's); a training step is one AdamW step (fp32) on micro_batch x seq_len
-tokens of the preset, repeated `--repeats` times after one warm-up step. Prints the medians and the points
-and sizes for the preset's budget (config.py's PRESET_VALUES).
+150 tokens, bench/fast_lm_throughput.py's); a training step is train.py's own (train.accumulate, then the
+optimizer optim.build_optimizer gives), fp32, on micro_batch x seq_len tokens of the preset, for a CPT-like batch
+(every position labelled) and an SFT-like one (a third labelled, the prompt-masked share of the med rows),
+repeated `--repeats` times after one warm-up step. Prints the medians, the cost of a training token in
+forward tokens of a point for each (training_curve.TRAIN_TOKEN_COST is set from these), and the points and
+sizes for the preset's budget (config.py's PRESET_VALUES).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> None:
     import torch
     from fast_lm_throughput import make_items
 
-    from forgetcheck import curves, models
+    from forgetcheck import curves, models, training_curve
     from forgetcheck.config import PRESET_VALUES
     from forgetcheck.drift import BUILTIN_DRIFT_TEXT
 
@@ -51,24 +54,38 @@ def main() -> None:
     for _ in range(a.repeats):
         point_s.append(curves.measure_point(model, tok, ref, tokens=0, step=0).measure_s)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    x = torch.randint(0, model.config.vocab_size, (tr["micro_batch"], tr["seq_len"]), device=a.device)
-    model.train()
-    step_s = []
-    for i in range(a.repeats + 1):
-        t0 = time.perf_counter()
-        for _ in range(tr.get("grad_accum", 1)):
-            model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:
-            step_s.append(time.perf_counter() - t0)
-    steps = tr["budget_tokens"] // (tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1))
-    p, s = statistics.median(point_s), statistics.median(step_s)
-    print(f"{a.model} on {a.device}, preset {a.preset}: {steps} steps of {s:.2f} s (train {steps * s:.0f} s); "
-          f"one point ({a.tokens} tokens x 2 texts, {a.items} items) {p:.2f} s")
-    from forgetcheck import training_curve
+    from forgetcheck import optim, packing, train
+    from forgetcheck.config import TrainConfig
 
+    opt = optim.build_optimizer(model.parameters(), TrainConfig(lr=1e-5))
+    x = torch.randint(0, model.config.vocab_size, (tr["micro_batch"], tr["seq_len"]), device=a.device)
+    sft_labels = x.clone()
+    sft_labels[:, : 2 * tr["seq_len"] // 3] = packing.IGNORE  # a third of each row labelled
+    model.train()
+    step_s = {"cpt": [], "sft": []}
+    for i in range(a.repeats + 1):  # the two kinds alternate, so that a slow spell of the machine hits both
+        for arm, labels in (("cpt", x), ("sft", sft_labels)):
+            micro = [(x, labels, torch.ones_like(x))] * tr.get("grad_accum", 1)
+            t0 = time.perf_counter()
+            train.accumulate(model, micro, train.label_count(labels) * len(micro))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i:
+                step_s[arm].append(time.perf_counter() - t0)
+    steps = tr["budget_tokens"] // (tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1))
+    p = statistics.median(point_s)
+    point_tokens = 2 * a.tokens + sum(len(tok(it.context)["input_ids"]) + sum(len(tok(c)["input_ids"])
+                                                                           for c in it.choices) for it in items)
+    step_tokens = tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1)
+    print(f"{a.model} on {a.device}, preset {a.preset}: one point ({a.tokens} tokens x 2 texts, {a.items} items, "
+          f"{point_tokens} forward tokens) {p:.2f} s")
+    for arm, times in step_s.items():
+        s = statistics.median(times)
+        ratio = (s / step_tokens) / (p / point_tokens)
+        print(f"  {arm}-like step {s:.2f} s ({steps} steps: train {steps * s:.0f} s); a training token costs "
+              f"{ratio:.2f} forward tokens of a point (training_curve.TRAIN_TOKEN_COST "
+              f"{training_curve.TRAIN_TOKEN_COST})")
+    s = statistics.median(step_s["sft"])
     steps_in = training_curve.curve_steps(steps, tr.get("eval_every", 0))
     item_tokens = [len(tok(it.context)["input_ids"]) + sum(len(tok(c)["input_ids"]) for c in it.choices) for it in items]
     sizes = training_curve.plan_sizes(len(steps_in), steps * tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1),
@@ -76,7 +93,8 @@ def main() -> None:
     cost = p * (2 * sizes["n_tokens"] + sum(item_tokens[:sizes["n_items"]])) / (2 * a.tokens + sum(item_tokens))
     print(f"in training (--eval-every {tr.get('eval_every', 0)}): {len(steps_in)} points at steps {steps_in}, "
           f"{sizes['n_items']} items, {sizes['n_tokens']} tokens: predicted {sizes['predicted_fraction']:.0%} of "
-          f"training by the token count, {len(steps_in) * cost / (steps * s):.0%} by the times measured here")
+          f"training by the token count, {len(steps_in) * cost / (steps * s):.0%} of the SFT-like training by the "
+          f"times measured here")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from forgetcheck.rundir import RunDir
 
 TRAIN_TOKEN_COST = 2.5
 """Forward-pass tokens of measuring that cost as much as one training token (forward + backward + optimizer
-step). bench/curve_overhead.py measured about 2.6 on smollm2-135m on CPU."""
+step). bench/curve_overhead.py measured 2.4-2.6 on smollm2-135m on CPU with train.py's own step (the
+projection at label positions only, fused AdamW)."""
 POOL_DOCS = 64  # documents per retention task considered for the fixed items (a seeded sample)
 FORECAST_SIGNALS = ("soft_acc", "kl_general", "kl_domain", "bpb_general")
 """Signals forecast at the end of the forecast window (soft_acc also by the loss-linear model)."""
