@@ -88,12 +88,13 @@ def main() -> None:
     s = statistics.median(step_s["sft"])
     steps_in = training_curve.curve_steps(steps, tr.get("eval_every", 0))
     item_tokens = [len(tok(it.context)["input_ids"]) + sum(len(tok(c)["input_ids"]) for c in it.choices) for it in items]
-    sizes = training_curve.plan_sizes(len(steps_in), steps * tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1),
+    sizes = training_curve.plan_sizes(len(steps_in) + 1, steps * tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1),
                                       item_tokens)
     cost = p * (2 * sizes["n_tokens"] + sum(item_tokens[:sizes["n_items"]])) / (2 * a.tokens + sum(item_tokens))
+    # the points and the reference (about one point more), as train.py's CurveTracker plans them
     print(f"in training (--eval-every {tr.get('eval_every', 0)}): {len(steps_in)} points at steps {steps_in}, "
           f"{sizes['n_items']} items, {sizes['n_tokens']} tokens: predicted {sizes['predicted_fraction']:.0%} of "
-          f"training by the token count, {len(steps_in) * cost / (steps * s):.0%} of the SFT-like training by the "
+          f"training by the token count, {(len(steps_in) + 1) * cost / (steps * s):.0%} of the SFT-like training by the "
           f"times measured here")
 
 

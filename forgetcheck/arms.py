@@ -25,7 +25,7 @@ loss on every token) are inserted while the replay share of the stream so far is
 holds along the whole run, not only on average. 5% because Bethune et al. 2025 ("Scaling laws for forgetting
 during finetuning with pretraining data injection") find about 1% of pretraining data already prevents most
 forgetting, and Ibrahim et al. 2024 ("Simple and scalable strategies to continually pre-train large language
-models") use 5%; at the `quick` budget (32,768 tokens) 1% would be 328 tokens, about one sequence, while 5% is
+models") use 5%; at the `forget` budget (32,768 tokens) 1% would be 328 tokens, about one sequence, while 5% is
 about 1,600 tokens spread over the run. The measured share is written to train/replay.json.
 """
 

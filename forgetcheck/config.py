@@ -159,17 +159,18 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
-# Presets: what `--preset` fills in where the user gave no flag. `quick` runs on the 2-core CPU in ~22-24 min
-# with smollm2-135m (training ~115-140 tokens/s with the curves, measured in `make demo`; README); `full` uses
-# every item.
+# Presets: what `--preset` fills in where the user gave no flag. `quick` is `make demo`'s: with smollm2-135m on
+# the 2-core CPU it runs within 20 min from an empty cache (README has the measured runs): 32 optimizer steps of
+# 2 x 256 tokens (the schedule and curve points of 32 steps, at half the tokens of a step) and 50 items per
+# task; `full` uses every item.
 PRESET_VALUES: dict[str, dict[str, dict]] = {
     "quick": {
-        "train": {"budget_tokens": 32_768, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 5e-5,
+        "train": {"budget_tokens": 16_384, "seq_len": 256, "micro_batch": 2, "grad_accum": 1, "lr": 5e-5,
                   "eval_every": 8},
         "eval": {"limit": 50},
     },
-    # `forget`: quick's budget and shape with a 6x higher peak lr, so that smollm2-135m forgets measurably on
-    # the 2-core CPU in about half an hour (docs/curves.md has the measured run)
+    # `forget`: 32 steps of 4 x 256 tokens at a peak lr of 3e-4, so that smollm2-135m forgets measurably on the
+    # 2-core CPU in about half an hour (docs/curves.md has the measured run)
     "forget": {
         "train": {"budget_tokens": 32_768, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 3e-4,
                   "eval_every": 8},

@@ -45,7 +45,7 @@ def test_sizes_keep_the_predicted_overhead_within_the_bound():
     items = [150] * 32
     full = training_curve.plan_sizes(4, 10**7, items)  # plenty of training: full size, a small fraction
     assert (full["n_items"], full["n_tokens"], full["note"]) == (32, 1024, "")
-    cut = training_curve.plan_sizes(7, 32 * 1024, items)  # the quick preset's 32 steps of 1024 tokens
+    cut = training_curve.plan_sizes(8, 32 * 1024, items)  # 7 points and the reference over 32 steps of 1024
     assert cut["n_items"] < 32 and cut["n_tokens"] < 1024 and cut["predicted_fraction"] <= 0.25
     tiny = training_curve.plan_sizes(7, 2048, items)  # even the floors do not fit: said, not hidden
     assert (tiny["n_items"], tiny["n_tokens"]) == (8, 256) and "even the smallest" in tiny["note"]
