@@ -41,6 +41,7 @@ test-slow:
 bench:
 	$(PY) bench/eval_throughput.py
 	$(PY) bench/train_memory.py
+	$(PY) bench/train_head.py
 
 lint:
 	$(PY) -m ruff check forgetcheck tests bench
