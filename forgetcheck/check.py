@@ -207,6 +207,15 @@ def check_models(base: str, candidates: list[str], eval_cfg: C.EvalConfig, *, ou
         _print(f"[1/{n + 1}] evaluating the base {base} (cached per task when evaluated before)")
         evaluation.evaluate(base_ref, eval_cfg, run.eval_json("base"), device=dev.device, label="base",
                             tasks_dir=tasks_dir)
+    # as `run` does: a retention task the base is at chance on cannot show forgetting; the policy leaves it out
+    # of the gate and the mean (unless keep_uninformative), so the candidates are not scored on it
+    from forgetcheck import compare
+
+    skip = {} if policy.keep_uninformative else compare.uninformative_tasks(run.eval_json("base"),
+                                                                          alpha=policy.alpha)
+    if skip:
+        _print(f"  {len(skip)} retention task(s) skipped for the candidates, the base is at chance on them: "
+               f"{', '.join(sorted(skip))} (--keep-uninformative scores and gates them)")
     notes = []
     for i, (name, ref) in enumerate(refs.items(), 2):
         ok, why = same_vocabulary(base_ref, ref)
@@ -218,7 +227,7 @@ def check_models(base: str, candidates: list[str], eval_cfg: C.EvalConfig, *, ou
         with StageTimer(run, f"eval_{name}"):
             _print(f"[{i}/{n + 1}] evaluating candidate {name} ({ref.path})")
             evaluation.evaluate(ref, eval_cfg, run.eval_json(name), device=dev.device, reference=reference,
-                                label=name, tasks_dir=tasks_dir)
+                                label=name, tasks_dir=tasks_dir, skip=skip)
     if notes:
         update_manifest(run, notes=notes)
     return finish(run, prev, gate_overrides, policy_file, junit, markdown, started=t0, step=f"[{n + 1}/{n + 1}]")

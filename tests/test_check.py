@@ -263,3 +263,36 @@ def test_check_takes_every_gate_option():
 def test_candidate_names(value, name):
     named, problems = K.name_candidates([value], "--candidate")
     assert not problems and named[0].name == name
+
+
+def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_path, capsys):
+    """As in `run`: a retention task the base cannot show forgetting on (here every answer is a choice the base
+    does not prefer: 0 right) is left out of the candidates' evaluation, with the reason in their eval file;
+    --keep-uninformative scores them on it."""
+    tasks = tmp_path / "tasks"
+    shutil.copytree(world["tasks"], tasks)
+    items = [json.loads(line) for line in (tasks / "planted.jsonl").read_text().splitlines()]
+    for it in items:
+        it["answer"] = (it["answer"] + 1) % 4  # never the base's own preference
+    (tasks / "chance.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    (tasks / "planted_chance.yaml").write_text(
+        (tasks / "planted.yaml").read_text().replace("task: planted", "task: planted_chance")
+        .replace(str(world["tasks"] / "planted.jsonl"), str(tasks / "chance.jsonl")))
+    (tasks / "planted.yaml").write_text((tasks / "planted.yaml").read_text().replace(str(world["tasks"]), str(tasks)))
+    cfg = C.EvalConfig(tasks=("planted", "planted_chance"), backend="hf", batch_size=32)
+
+    K.check_models("tiny-gpt2", [f"same={world['same']}"], cfg, out=tmp_path / "runs", run_id="skip",
+                   device="cpu", tasks_dir=tasks)
+    run = RunDir(tmp_path / "runs" / "skip")
+    assert read_json(run.eval_json("base"))["tasks"]["planted_chance"]["metrics"]["acc"]["value"] == 0.0
+    same = read_json(run.eval_json("same"))
+    assert set(same["tasks"]) == {"planted"}
+    assert set(same["skipped"]) == {"planted_chance"}
+    assert same["skipped"]["planted_chance"].startswith("the base is not above chance")
+    assert "1 retention task(s) skipped for the candidates" in capsys.readouterr().out
+    assert read_json(run.gate)["arms"]["same"]["passed"] is not False
+
+    K.check_models("tiny-gpt2", [f"same={world['same']}"], cfg, out=tmp_path / "runs", run_id="keep",
+                   device="cpu", tasks_dir=tasks, gate_overrides={"keep_uninformative": True})
+    kept = read_json(RunDir(tmp_path / "runs" / "keep").eval_json("same"))
+    assert set(kept["tasks"]) == {"planted", "planted_chance"} and "skipped" not in kept
