@@ -124,7 +124,8 @@ def _padded_batch(vocab: int, seq_len: int = 16):
     return ids, labels, mask
 
 
-def test_grad_accum_equals_one_big_batch_with_padded_rows(tiny_ref):
+def _training_model(tiny_ref):
+    """The tiny model in training mode without dropout, and the padded batch: (model, ids, labels, mask, n)."""
     from forgetcheck import models
 
     model, _ = models.load(tiny_ref)
@@ -133,7 +134,11 @@ def test_grad_accum_equals_one_big_batch_with_padded_rows(tiny_ref):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     ids, labels, mask = _padded_batch(model.config.vocab_size)
-    n = train.label_count(labels)
+    return model, ids, labels, mask, train.label_count(labels)
+
+
+def test_grad_accum_equals_one_big_batch_with_padded_rows(tiny_ref):
+    model, ids, labels, mask, n = _training_model(tiny_ref)
 
     def grads(micro):
         model.zero_grad(set_to_none=True)
@@ -159,15 +164,7 @@ def test_loss_at_label_positions_only_equals_the_full_logits_loss(tiny_ref, monk
     not come through get_output_embeddings() falls back to the full logits, with the same result."""
     import torch.nn.functional as F
 
-    from forgetcheck import models
-
-    model, _ = models.load(tiny_ref)
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    ids, labels, mask = _padded_batch(model.config.vocab_size)
-    n = train.label_count(labels)
+    model, ids, labels, mask, n = _training_model(tiny_ref)
 
     def reference():
         model.zero_grad(set_to_none=True)
