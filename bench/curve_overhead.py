@@ -72,11 +72,11 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             if i:
                 step_s[arm].append(time.perf_counter() - t0)
-    steps = tr["budget_tokens"] // (tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1))
-    p = statistics.median(point_s)
-    point_tokens = 2 * a.tokens + sum(len(tok(it.context)["input_ids"]) + sum(len(tok(c)["input_ids"])
-                                                                           for c in it.choices) for it in items)
     step_tokens = tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1)
+    steps = tr["budget_tokens"] // step_tokens
+    p = statistics.median(point_s)
+    item_tokens = training_curve.item_tokens(tok, items)
+    point_tokens = 2 * a.tokens + sum(item_tokens)
     print(f"{a.model} on {a.device}, preset {a.preset}: one point ({a.tokens} tokens x 2 texts, {a.items} items, "
           f"{point_tokens} forward tokens) {p:.2f} s")
     for arm, times in step_s.items():
@@ -87,11 +87,9 @@ def main() -> None:
               f"{training_curve.TRAIN_TOKEN_COST})")
     s = statistics.median(step_s["sft"])
     steps_in = training_curve.curve_steps(steps, tr.get("eval_every", 0))
-    item_tokens = [len(tok(it.context)["input_ids"]) + sum(len(tok(c)["input_ids"]) for c in it.choices) for it in items]
-    sizes = training_curve.plan_sizes(len(steps_in) + 1, steps * tr["micro_batch"] * tr["seq_len"] * tr.get("grad_accum", 1),
-                                      item_tokens)
-    cost = p * (2 * sizes["n_tokens"] + sum(item_tokens[:sizes["n_items"]])) / (2 * a.tokens + sum(item_tokens))
     # the points and the reference (about one point more), as train.py's CurveTracker plans them
+    sizes = training_curve.plan_sizes(len(steps_in) + 1, steps * step_tokens, item_tokens)
+    cost = p * (2 * sizes["n_tokens"] + sum(item_tokens[:sizes["n_items"]])) / point_tokens
     print(f"in training (--eval-every {tr.get('eval_every', 0)}): {len(steps_in)} points at steps {steps_in}, "
           f"{sizes['n_items']} items, {sizes['n_tokens']} tokens: predicted {sizes['predicted_fraction']:.0%} of "
           f"training by the token count, {(len(steps_in) + 1) * cost / (steps * s):.0%} of the SFT-like training by the "

@@ -211,11 +211,9 @@ def check_models(base: str, candidates: list[str], eval_cfg: C.EvalConfig, *, ou
     # of the gate and the mean (unless keep_uninformative), so the candidates are not scored on it
     from forgetcheck import compare
 
-    skip = {} if policy.keep_uninformative else compare.uninformative_tasks(run.eval_json("base"),
-                                                                          alpha=policy.alpha)
-    if skip:
-        _print(f"  {len(skip)} retention task(s) skipped for the candidates, the base is at chance on them: "
-               f"{', '.join(sorted(skip))} (--keep-uninformative scores and gates them)")
+    skip, line = compare.skipped_for(run.eval_json("base"), policy, "candidates")
+    if line:
+        _print(f"  {line}")
     notes = []
     for i, (name, ref) in enumerate(refs.items(), 2):
         ok, why = same_vocabulary(base_ref, ref)

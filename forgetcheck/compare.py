@@ -355,6 +355,16 @@ def uninformative_tasks(base_eval: Path, *, alpha: float = 0.05) -> dict[str, st
     return out
 
 
+def skipped_for(base_eval: Path, gate_cfg, who: str) -> tuple[dict[str, str], str]:
+    """What `run` (its arms) and `check` (its candidates) leave out of `who`'s evaluation: ({task: why} of the
+    `uninformative_tasks`, or nothing when the policy keeps them), and the console line naming them ('' for
+    none)."""
+    skip = {} if gate_cfg.keep_uninformative else uninformative_tasks(base_eval, alpha=gate_cfg.alpha)
+    line = (f"{len(skip)} retention task(s) skipped for the {who}, the base is at chance on them: "
+            f"{', '.join(sorted(skip))} (--keep-uninformative scores and gates them)") if skip else ""
+    return skip, line
+
+
 # ---- the whole comparison -----------------------------------------------------------------------------------
 
 def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float = 0.05, n_boot: int = 2000,

@@ -100,11 +100,9 @@ def _stages(inp: Inputs) -> int:
     # evaluate each arm from its saved checkpoint (what is reported is what ships), on the tasks that can show
     # forgetting: a retention task the base is at chance on is left out of the gate and the mean by default,
     # so it is not scored for the arms either (keep_uninformative scores and gates it)
-    skip = {} if cfg.gate.keep_uninformative else compare.uninformative_tasks(run.eval_json("base"),
-                                                                               alpha=cfg.gate.alpha)
-    if skip:
-        console.say(f"        {len(skip)} retention task(s) skipped for the arms, the base is at chance on them: "
-                    f"{', '.join(sorted(skip))} (--keep-uninformative scores and gates them)")
+    skip, line = compare.skipped_for(run.eval_json("base"), cfg.gate, "arms")
+    if line:
+        console.say(f"        {line}")
     for arm in trained + [label for label, _ in wise]:
         title = f"[{next(step)}/{n}] evaluate {arm} (from {run.ckpt(arm)})"
         if run.eval_json(arm).exists():

@@ -120,6 +120,11 @@ def domain_texts(domain) -> tuple[list[str], str]:
     return sft[::-1], "sft.jsonl responses from the end (no heldout.jsonl or cpt.jsonl)"
 
 
+def item_tokens(tok, items) -> list[int]:
+    """Forward tokens of each item at a point: its context and every continuation (what `plan_sizes` prices)."""
+    return [len(tok(it.context)["input_ids"]) + sum(len(tok(c)["input_ids"]) for c in it.choices) for it in items]
+
+
 def plan_sizes(n_points: int, train_tokens: int, item_tokens: list[int], *, max_fraction: float = curves.MAX_OVERHEAD,
                n_tokens: int = curves.CURVE_TOKENS, seq_len: int = curves.CURVE_SEQ_LEN) -> dict:
     """Items and text tokens per point such that all points together cost at most `max_fraction` of the
@@ -191,10 +196,8 @@ class CurveTracker:
         dom, dom_from = domain_texts(self.domain)
         if not dom:
             dom, dom_from = general[::-1], "none in the domain data: general text from its end"
-        item_tokens = [len(tok(it.context)["input_ids"]) + sum(len(tok(c)["input_ids"]) for c in it.choices)
-                       for it in items]
         # the reference (the same items and texts, scored once on the base) costs about one more point
-        sizes = plan_sizes(len(self.steps) + 1, self.budget, item_tokens)
+        sizes = plan_sizes(len(self.steps) + 1, self.budget, item_tokens(tok, items))
         old = self._partial(resumed_step)
         if old is not None and old.meta.get("sizes"):
             sizes = old.meta["sizes"]  # a resumed arm measures what it measured before
