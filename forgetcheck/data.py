@@ -265,9 +265,10 @@ def cmd_list() -> None:
     from forgetcheck import benchdata
 
     print()
-    print(f"Benchmark data (suites retention, domain): "
-          f"{'prepared at ' + str(benchdata.bench_dir()) if benchdata.is_bench_prepared() else 'not prepared'}"
-          f" (built by `forgetcheck data prepare med`)")
+    print(f"Benchmark tasks (built by `forgetcheck data prepare med` into {benchdata.bench_dir()}; "
+          f"sources: `forgetcheck data sources`):")
+    for line in benchdata.task_table():
+        print("  " + line)
     print()
     print("Your own data (--data DIR): a folder holding sft.jsonl, one {\"prompt\": ..., \"response\": ...} "
           "object per line, and/or cpt.jsonl, one {\"text\": ...} per line (optional heldout.jsonl: "
@@ -300,4 +301,28 @@ def cmd_prepare(name: str, *, force: bool = False) -> None:
         for line in _describe(name, man):
             print(line)
     bench = benchdata.prepare_bench(force=force)
-    print(bench["summary"])
+    for line in bench["lines"]:
+        print(line)
+
+
+def cmd_sources(*, check: bool = False) -> int:
+    """Each pinned source: what it supplies and whether its wheel is cached; with `check`, fetched afresh
+    (no cache) and verified. Returns the exit code: 0, or 3 when a source could not be had."""
+    from forgetcheck import sources
+
+    bad = 0
+    for src in sources.SOURCES.values():
+        print(f"{src.pin:<28} {src.licence:<11} {src.supplies}")
+        if check:
+            try:
+                print("    " + sources.check_fresh(src))
+            except sources.SourceUnavailable as e:
+                bad += 1
+                print(f"    UNAVAILABLE {e}")
+        else:
+            cached = (sources.downloads_dir() / src.wheel).is_file()
+            print(f"    {'cached in ' + str(sources.downloads_dir()) if cached else 'not fetched yet'}")
+    if check:
+        print(f"{len(sources.SOURCES) - bad} of {len(sources.SOURCES)} sources fetched afresh and verified"
+              + (f"; {bad} unavailable: the tasks they supply are MISSING on a new machine" if bad else ""))
+    return 3 if bad else 0

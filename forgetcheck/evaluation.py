@@ -273,7 +273,8 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
     # task loading
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         hashing = pool.submit(model_hash, model_ref)
-        specs = resolve_tasks(cfg, tasks_dir)
+        missing: dict[str, dict] = {}
+        specs = resolve_tasks(cfg, tasks_dir, missing)
         ref_data = load_reference(reference) if reference is not None else None
         mhash = hashing.result()
     skipped = {s.name: (skip or {})[s.name] for s in specs if s.name in (skip or {})}
@@ -327,6 +328,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
     n_items = sum(t["n"] for t in tasks.values())
     console.note(f"{len(tasks)} tasks, {n_items:,} items ({sum(bool(t['cached']) for t in timings.values())} "
                  f"from the cache)" + (f"; {len(skipped)} skipped (the base is at chance on them)" if skipped else "")
+                 + (f"; {len(missing)} MISSING (data not built: {', '.join(sorted(missing))})" if missing else "")
                  + (f"; KL from base {drift['kl']['mean']:.4f} nats/token" if "kl" in drift else ""))
     doc: EvalFile = {
         "model": {**model_ref.to_dict(), "content_hash": mhash},
@@ -340,6 +342,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         "versions": versions,
         "tasks": tasks,
         **({"skipped": skipped} if skipped else {}),
+        **({"missing": missing} if missing else {}),
         "drift": drift,
         "timings": {"tasks": timings, "drift": drift_timing},
     }

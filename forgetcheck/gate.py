@@ -84,9 +84,16 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
                                        + ("; kept in by keep_uninformative" if pol.keep_uninformative else
                                           "; left out of gating and of the retention mean")})
 
+    missing = compare.get("missing") or {}
     for arm in arms:
+        absent = _missing_for(tasks, missing, arm, pol)
+        for name in absent:
+            why = ((missing.get(name) or {}).get("why") or ((tasks.get(name) or {}).get("unscored") or {}).get(arm)
+                   or "the policy requires it and it was not evaluated")
+            add("task_missing", arm, "inconclusive", f"MISSING: {name} could not be evaluated ({why}), so a drop "
+                "there cannot be ruled out", name, max_drop=pol.max_drop, metric=metric)
         names = gated_tasks(tasks, arm, pol.keep_uninformative)
-        for name in sorted(set(gated_tasks(tasks, None, pol.keep_uninformative)) - set(names)):
+        for name in sorted(set(gated_tasks(tasks, None, pol.keep_uninformative)) - set(names) - set(absent)):
             why = (tasks[name].get("unscored") or {}).get(arm, "task not evaluated")
             add("task_drop", arm, "inconclusive", f"{name} was not scored for this arm ({why}), so a drop there "
                 "cannot be ruled out; to score it, run with --keep-uninformative (a new run, or --resume after "
@@ -243,14 +250,23 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
                    f"the margin: " + "; ".join(unsure))
     return {
         "schema_version": GATE_VERSION, "kind": "gate", "verdict": verdict, "passed": verdict == "pass",
-        "exit_code": code, "exit_note": mapped.strip(" ()"), "policy": dataclasses.asdict(pol),
+        "exit_code": code, "exit_note": mapped.strip(" ()"), "policy": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(pol).items()},
         "arms": {arm: {"verdict": v, "passed": v == "pass",
                        "failed": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "fail"],
                        "inconclusive": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "inconclusive"]}
                  for arm, v in per_arm.items()},
         "rules": rules, "excluded": excluded, "not_checked": not_checked, "power": power,
+        "missing": sorted({r["task"] for r in rules if r["rule"] == "task_missing"}),
         "summary": summary + mapped,
     }
+
+
+def _missing_for(tasks: dict, missing: dict, arm: str, pol) -> list[str]:
+    """Tasks the gate needs for `arm` and does not have: a retention task whose data could not be built, and
+    every task the policy requires (`require_tasks`) that was not scored for the arm."""
+    out = {n for n, m in missing.items() if m.get("suite") == "retention"}
+    out |= {n for n in pol.require_tasks if arm not in ((tasks.get(n) or {}).get("arms") or {})}
+    return sorted(out)
 
 
 def _combine(statuses: list[str]) -> str:

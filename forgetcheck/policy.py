@@ -20,6 +20,7 @@ except ImportError:  # Python 3.10
 POLICY_KEYS = tuple(f.name for f in dataclasses.fields(GateConfig))
 STRING_KEYS = {"metric": ("acc", "soft"), "on_inconclusive": ("fail", "pass", "inconclusive")}
 BOOL_KEYS = ("keep_uninformative",)
+LIST_KEYS = ("require_tasks",)
 NULLABLE_KEYS = ("min_domain_gain", "max_ppl_rise", "max_kl")
 
 
@@ -37,13 +38,14 @@ def as_policy(policy: GateConfig | dict | None) -> GateConfig:
     if isinstance(policy, GateConfig):
         return policy
     check_keys(policy)
-    return GateConfig(**policy)
+    return GateConfig(**{k: tuple(v) if k in LIST_KEYS else v for k, v in policy.items()})
 
 
 def load_policy(path: Path) -> dict:
     """A gate.toml: keys at the top level or under [gate]; '-' or '_' in names. Numbers must be finite and
     >= 0 (`min_domain_gain` may be negative); `max_ppl_rise`/`max_kl` may be "off"; `metric` is acc|soft,
-    `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false."""
+    `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false, `require_tasks` a list of task
+    names."""
     path = Path(path)
     if path.is_dir():
         raise BadInput(f"--policy {path} is a folder: give a TOML file with max_drop, max_mean_drop, alpha, "
@@ -63,6 +65,10 @@ def load_policy(path: Path) -> dict:
         if k in STRING_KEYS:
             if v not in STRING_KEYS[k]:
                 raise BadInput(f"--policy {path}: {k} must be one of {', '.join(STRING_KEYS[k])} (got {v!r})")
+        elif k in LIST_KEYS:
+            if not (isinstance(v, list) and all(isinstance(x, str) and x for x in v)):
+                raise BadInput(f"--policy {path}: {k} must be a list of task names (got {v!r})")
+            out[k] = tuple(v)
         elif k in BOOL_KEYS:
             if not isinstance(v, bool):
                 raise BadInput(f"--policy {path}: {k} must be true or false (got {v!r})")
@@ -83,6 +89,9 @@ def resolve_policy(run_config: dict | None, policy_file: Path | None, overrides:
     if policy_file is not None:
         values.update(load_policy(policy_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    for k in LIST_KEYS:  # config.json stores lists
+        if k in values:
+            values[k] = tuple(values[k])
     for k in NULLABLE_KEYS:  # "off" (a flag or the file) turns a rule off
         if values.get(k) == "off":
             values[k] = None

@@ -99,7 +99,7 @@ def atomic_write_jsonl(path: Path, rows) -> None:
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (model weights, data files, the bigbench sdist)."""
+    """Hex sha256 of a file's bytes, read in chunks (model weights, data files, source wheels)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -52,6 +52,7 @@ class EvalFile(TypedDict, total=False):
     versions: dict[str, str | None]
     tasks: dict[str, TaskResult]
     skipped: dict[str, str]  # tasks of the suites not scored for this model, and why (uninformative at the base)
+    missing: dict[str, dict]  # tasks of the suites whose data could not be built: {task: {suite, why}}
     drift: dict[str, Any]  # {"kl": {...}} when a reference (base) distribution was given
 
 

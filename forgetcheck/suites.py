@@ -144,9 +144,24 @@ def _describe(name: str, task, source: str) -> TaskSpec:
                     task_config_hash(task), source)
 
 
-def resolve_tasks(cfg: EvalConfig, tasks_dir: Path | None = None) -> list[TaskSpec]:
+def _why_missing(name: str, missing_file: Path) -> str:
+    """Why a task's data file is absent: the source its last build could not have, else not prepared."""
+    try:
+        from forgetcheck import benchdata
+
+        why = benchdata.missing_tasks().get(name)
+    except ImportError:
+        why = None
+    return why or (f"not built: {missing_file} does not exist; fix: `forgetcheck data prepare med` (it builds the "
+                   f"benchmark data)")
+
+
+def resolve_tasks(cfg: EvalConfig, tasks_dir: Path | None = None,
+                  missing: dict[str, dict] | None = None) -> list[TaskSpec]:
     """The tasks `cfg` asks for, loaded (datasets read), in a stable order. Unknown names are a BadInput
-    with the closest of our names; lm-eval's own hub tasks pass through where the hub can be reached."""
+    with the closest of our names; lm-eval's own hub tasks pass through where the hub can be reached.
+    A task of a requested suite whose data could not be built is left out and recorded in `missing`
+    ({task: {suite, why}}) when that dict is given; named in --tasks, or without `missing`, it is a BadInput."""
     from lm_eval.tasks import TaskManager
 
     tasks_dir = Path(tasks_dir) if tasks_dir is not None else default_tasks_dir()
@@ -164,11 +179,18 @@ def resolve_tasks(cfg: EvalConfig, tasks_dir: Path | None = None) -> list[TaskSp
         if not names:
             raise BadInput(f"no task in {tasks_dir} belongs to suite(s) {','.join(cfg.suites)}: "
                            f"give --tasks (known: {', '.join(ours) or 'none'})")
-    for n in names:
-        missing = [f for f in _data_files(_entry_cfg(tm, n)) if not f.is_file()] if n in ours else []
-        if missing:
-            raise BadInput(f"task '{n}' reads {missing[0]}, which does not exist: run `forgetcheck data prepare "
-                           f"med` (it builds the benchmark data), or drop the task from --tasks")
+    for n in list(names):
+        absent = [f for f in _data_files(_entry_cfg(tm, n)) if not f.is_file()] if n in ours else []
+        if not absent:
+            continue
+        why = _why_missing(n, absent[0])
+        if missing is None or cfg.tasks:
+            raise BadInput(f"task '{n}' cannot be evaluated: {why}; or drop the task from --tasks")
+        missing[n] = {"suite": _suite_of(tm, n), "why": why}
+        names.remove(n)
+    if not names:
+        raise BadInput(f"no task of suite(s) {','.join(cfg.suites)} could be built: "
+                       + "; ".join(f"{n}: {m['why']}" for n, m in sorted((missing or {}).items())))
     specs = [_describe(n, _load_task(tm, n), "forgetcheck") for n in names if n in ours]
     hub_names = [n for n in names if n not in ours]
     if hub_names:
@@ -270,7 +292,8 @@ def retention_perplexity_task(tasks_dir: Path | None = None) -> TaskSpec | None:
     tm = TaskManager(include_path=str(tdir), include_defaults=False)
     for n in _our_task_names(tm):
         c = _entry_cfg(tm, n)
-        if c.get("output_type") == "loglikelihood_rolling" and _suite_of(tm, n) == "retention":
+        if (c.get("output_type") == "loglikelihood_rolling" and _suite_of(tm, n) == "retention"
+                and all(f.is_file() for f in _data_files(c))):
             return _describe(n, _load_task(tm, n), "forgetcheck")
     return None
 

@@ -135,7 +135,7 @@ def make_run(root: Path, *, arms=("sft", "cpt"), tasks: dict | None = None, n: i
     base_nll = np.round(math.log(31.0) + brng.normal(0, 0.3, 64), 6)
     kl_shape = brng.uniform(0.5, 1.5, 64)
     blocks = {"size": 32, "sequence": [i // 8 for i in range(64)], "nll": base_nll.tolist()}
-    write_eval("base", base_rows, {"text": {"source": "squad_shifts", "tokens_scored": 2040}, "perplexity": 31.0,
+    write_eval("base", base_rows, {"text": {"source": "general_text", "tokens_scored": 2040}, "perplexity": 31.0,
                                    "mean_nll": math.log(31.0), "blocks": blocks})
     for arm in arms:
         rows_by_task = copy.deepcopy(base_rows)
@@ -155,7 +155,7 @@ def make_run(root: Path, *, arms=("sft", "cpt"), tasks: dict | None = None, n: i
                     r["loglikelihood"] += shift
         k = kl.get(arm, 0.0)  # the shape forgetcheck eval writes: drift-text perplexity, KL from the base
         arm_nll = base_nll + math.log1p(k) * kl_shape if k else base_nll
-        drift = {"text": {"source": "squad_shifts", "sequences": 8, "seq_len": 256, "tokens_scored": 2040},
+        drift = {"text": {"source": "general_text", "sequences": 8, "seq_len": 256, "tokens_scored": 2040},
                  "perplexity": 31.0 * (1 + k), "mean_nll": math.log(31.0 * (1 + k)),
                  "kl": {"mean": k, "median": k / 2, "p95": k * 3, "max": k * 9,
                         "unit": "nats per token", "method": "KL(reference || model) over the top-k tokens"},

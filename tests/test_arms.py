@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from forgetcheck import arms, budget, general_text, interpolate, packing, train
+from forgetcheck import arms, benchdata, budget, general_text, interpolate, overlap, packing, train
 from forgetcheck.config import TrainConfig
 from forgetcheck.rundir import RunDir
 
@@ -146,13 +146,13 @@ def test_replay_text_shares_no_13gram_with_any_evaluation_text():
     man = general_text.build()
     texts = general_text.load(prepare=False)
     assert len(texts) == man["kept"] > 500 and man["words"] > 20_000
-    assert "squad_shifts_text.jsonl" in man["checked_against"] and "mmlu_stem.jsonl" in man["checked_against"]
-    n_shared, hit = general_text.overlap_count(texts, general_text.evaluation_texts(general_text.evaluation_files()))
+    assert "general_text.jsonl" in man["checked_against"] and "mmlu_stem.jsonl" in man["checked_against"]
+    n_shared, hit = overlap.overlap_count(texts, overlap.evaluation_texts(benchdata.evaluation_files()))
     assert n_shared == 0 and not hit
     # the check finds a planted overlap
-    planted = json.loads(next(open(general_text.evaluation_files()[0])))
-    doc = " ".join(general_text._strings(planted))
-    n_shared, hit = general_text.overlap_count(texts[:5] + [doc], [doc])
+    planted = json.loads(next(open(benchdata.evaluation_files()[0])))
+    doc = " ".join(overlap.strings(planted))
+    n_shared, hit = overlap.overlap_count(texts[:5] + [doc], [doc])
     assert n_shared > 0 and hit == {5}
 
 

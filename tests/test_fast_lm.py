@@ -282,23 +282,15 @@ def test_smollm2_matches_hflm(smollm2_ref):
 
 
 def suite_tasks_dir(tmp_path: Path) -> tuple[Path, list[str]]:
-    """The project's task YAMLs rendered against the user's prepared data (read only); skip without it."""
-    import conftest
+    """The project's task YAMLs rendered against the session's benchmark data, built here when missing (a
+    source that cannot be had fails the test: no skip)."""
+    from forgetcheck import benchdata, data
 
-    home = Path(conftest._USER_HOME)
-    src = Path(__file__).resolve().parent.parent / "tasks"
-    out = tmp_path / "tasks"
-    out.mkdir()
-    names = []
-    for f in sorted(src.glob("*yaml")):
-        text = f.read_text().replace("${FORGETCHECK_HOME}", str(home))
-        for line in text.splitlines():
-            if line.strip().startswith("test:") and not Path(line.split(":", 1)[1].strip().strip('"')).exists():
-                pytest.skip(f"benchmark data not prepared ({line.strip()}): run `forgetcheck data prepare med`")
-        (out / f.name).write_text(text)
-        if f.name.startswith("fc_"):
-            names.append(f.stem)
-    return out, names
+    data.prepare_dataset("med")
+    man = benchdata.prepare_bench()
+    assert not man["missing"], man["lines"]
+    names = benchdata.suite_tasks("retention") + benchdata.suite_tasks("domain")
+    return benchdata.render_tasks_dir(), names
 
 
 @pytest.mark.slow

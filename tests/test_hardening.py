@@ -267,7 +267,7 @@ def test_two_evaluations_at_once_on_a_fresh_cache_both_succeed(tmp_path, fc_home
     procs = []
     for i in range(2):
         argv = [sys.executable, "-m", "forgetcheck", "eval", "--model", "tiny-gpt2", "--tasks",
-                "fc_winogrande,fc_squad_shifts_ppl", "--limit", "3", "--device", "cpu", "--out",
+                "fc_winogrande,fc_general_text_ppl", "--limit", "3", "--device", "cpu", "--out",
                 str(tmp_path / f"out{i}" / "base.json")]
         procs.append(subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, **env, "HF_HUB_OFFLINE": "1",
                                                                 "PYTHONPATH": str(REPO)},
@@ -276,7 +276,7 @@ def test_two_evaluations_at_once_on_a_fresh_cache_both_succeed(tmp_path, fc_home
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, f"rc={p.returncode}\n{err[-3000:]}\n{out[-1000:]}"
     docs = [json.loads((tmp_path / f"out{i}" / "base.json").read_text()) for i in range(2)]
-    assert docs[0]["tasks"].keys() == docs[1]["tasks"].keys() == {"fc_winogrande", "fc_squad_shifts_ppl"}
+    assert docs[0]["tasks"].keys() == docs[1]["tasks"].keys() == {"fc_winogrande", "fc_general_text_ppl"}
     for t in docs[0]["tasks"]:
         assert docs[0]["tasks"][t]["metrics"] == docs[1]["tasks"][t]["metrics"]
     leftovers = [str(p) for p in home.rglob("*") if p.name.endswith(".tmp") or ".old-" in p.name]

@@ -17,7 +17,7 @@ GROUND = ("errors", "config", "rundir", "schema", "device", "console")
 ORDER = GROUND + (
     "forecast",  # pure numpy/scipy: fits curves' forgetting series (curves.py), imports nothing of ours
     "gpt2_tokenizer", "modelfiles", "models",  # model + data
-    "med", "bigbench", "benchdata", "general_text", "data",
+    "med", "sources", "overlap", "standard_tasks", "probes", "prose", "benchdata", "general_text", "data",
     "sharding",  # processes: torchrun launching, FSDP2, data-parallel ranks (eval and train use it)
     "suites", "fast_lm", "drift", "curves", "records", "evalcache", "evaluation",  # eval; curves: signals during training
     "arms", "packing", "training_curve", "plan", "optim", "checkpoint", "train", "train_command", "interpolate",  # train

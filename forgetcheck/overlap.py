@@ -1,0 +1,59 @@
+"""The contamination check every evaluation and training text goes through: two texts overlap when they share
+a 13-word sequence (lower-cased `\\w+` words), as in the GPT-3 paper's check. The replay text (general_text.py)
+drops paragraphs that overlap any evaluation document, and the drift text (benchdata.py) drops paragraphs that
+overlap any evaluation item."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+NGRAM = 13
+WORD = re.compile(r"\w+")
+
+
+def ngrams(text: str, n: int = NGRAM) -> Iterator[tuple[str, ...]]:
+    words = WORD.findall(text.lower())
+    for i in range(len(words) - n + 1):
+        yield tuple(words[i:i + n])
+
+
+def strings(obj) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from strings(v)
+
+
+def evaluation_texts(files: Iterable[Path]) -> Iterator[str]:
+    """Every string field of every row (question, choices, passages, targets) of the evaluation files, one row
+    joined into one document."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield "\n".join(strings(json.loads(line)))
+
+
+def overlap_count(texts: Iterable[str], eval_texts: Iterable[str], n: int = NGRAM) -> tuple[int, set[int]]:
+    """(shared n-grams, indices of `texts` that share at least one n-gram with any of `eval_texts`)."""
+    texts = list(texts)
+    owner: dict[tuple[str, ...], list[int]] = {}
+    for i, t in enumerate(texts):
+        for g in ngrams(t, n):
+            owner.setdefault(g, []).append(i)
+    shared: set[tuple[str, ...]] = set()
+    for doc in eval_texts:
+        for g in ngrams(doc, n):
+            if g in owner:
+                shared.add(g)
+    hit = {i for g in shared for i in owner[g]}
+    return len(shared), hit
+
+
