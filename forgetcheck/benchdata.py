@@ -264,7 +264,11 @@ def task_table() -> list[str]:
                 state = "not prepared: `forgetcheck data prepare med`"
             else:
                 state = "not built: `forgetcheck data prepare med`"
-            out.append(f"{name:<28} {suite:<9} {state}  ({info['source'][:70]})")
+            stem = Path(info["data_file"]).stem
+            src = next((SOURCES[k].pin for k, stems in FILES_BY_SOURCE.items() if stem in stems), None)
+            if stem == DRIFT_FILE:
+                src = (man.get("drift") or {}).get("source") or " or ".join(SOURCES[k].pin for k in DRIFT_SOURCES)
+            out.append(f"{name:<28} {suite:<9} {src or 'the med dataset':<28} {state}")
     return out
 
 
