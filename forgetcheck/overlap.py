@@ -42,18 +42,26 @@ def evaluation_texts(files: Iterable[Path]) -> Iterator[str]:
 
 
 def overlap_count(texts: Iterable[str], eval_texts: Iterable[str], n: int = NGRAM) -> tuple[int, set[int]]:
-    """(shared n-grams, indices of `texts` that share at least one n-gram with any of `eval_texts`)."""
+    """(shared n-grams, indices of `texts` that share at least one n-gram with any of `eval_texts`).
+
+    Words are numbered by `texts`' vocabulary; a window of `eval_texts` holding a word `texts` never use
+    cannot be shared, so only windows of n known words are looked up (most windows of unrelated text are not)."""
     texts = list(texts)
-    owner: dict[tuple[str, ...], list[int]] = {}
+    vocab: dict[str, int] = {}
+    owner: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(texts):
-        for g in ngrams(t, n):
-            owner.setdefault(g, []).append(i)
-    shared: set[tuple[str, ...]] = set()
+        ids = [vocab.setdefault(w, len(vocab)) for w in WORD.findall(t.lower())]
+        for j in range(len(ids) - n + 1):
+            owner.setdefault(tuple(ids[j:j + n]), []).append(i)
+    shared: set[tuple[int, ...]] = set()
     for doc in eval_texts:
-        for g in ngrams(doc, n):
-            if g in owner:
-                shared.add(g)
+        ids = [vocab.get(w, -1) for w in WORD.findall(doc.lower())]
+        run = 0  # known words in a row, ending at j
+        for j, x in enumerate(ids):
+            run = run + 1 if x >= 0 else 0
+            if run >= n:
+                g = tuple(ids[j - n + 1:j + 1])
+                if g in owner:
+                    shared.add(g)
     hit = {i for g in shared for i in owner[g]}
     return len(shared), hit
-
-

