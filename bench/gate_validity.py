@@ -2,7 +2,7 @@
 
     python bench/gate_validity.py [--reps 500] [--real] [--real-limit 50] [--sigmas 0.02,0.05,0.1]
 
-(a) Simulation. Eleven retention tasks (the quick preset's count), per-item 0/1 scores of a base and an arm on
+(a) Simulation. Eleven retention tasks (the quick preset's gated count when written; 13 now), per-item 0/1 scores of a base and an arm on
     the same items: every item flips right->wrong or wrong->right with a churn of 8% each way (fine-tuning
     reshuffles answers even when the score does not move), and a true drop adds to the right->wrong rate.
     Scenarios: no change; a drop of 0.5x, 1x and 2x the per-task margin (2 points) on one task; the same on
