@@ -42,7 +42,7 @@ def as_policy(policy: GateConfig | dict | None) -> GateConfig:
 
 
 def load_policy(path: Path) -> dict:
-    """A gate.toml: keys at the top level or under [gate]; '-' or '_' in names. Numbers must be finite and
+    """A gate.toml: keys at the top level and/or under [gate] (merged); '-' or '_' in names. Numbers must be finite and
     >= 0 (`min_domain_gain` may be negative); `max_ppl_rise`/`max_kl` may be "off"; `metric` is acc|soft,
     `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false, `require_tasks` a list of task
     names."""
@@ -58,8 +58,18 @@ def load_policy(path: Path) -> dict:
         raise BadInput(f"--policy {path} not found: give a TOML file with keys {', '.join(POLICY_KEYS)}") from None
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"--policy {path}: not valid TOML ({e})") from None
-    data = data.get("gate", data)
-    out = {k.replace("-", "_"): v for k, v in data.items()}
+    # keys at the top level and under [gate] are merged, never one table dropped for the other; a key set in
+    # both to different values is refused (which one was meant cannot be told)
+    gate = data.pop("gate", {})
+    if not isinstance(gate, dict):
+        raise BadInput(f"--policy {path}: 'gate' must be a table ([gate]) of policy keys (got {gate!r})")
+    top = {k.replace("-", "_"): v for k, v in data.items()}
+    out = {k.replace("-", "_"): v for k, v in gate.items()}
+    clash = sorted(k for k in set(top) & set(out) if top[k] != out[k])
+    if clash:
+        raise BadInput(f"--policy {path}: {', '.join(clash)} set both at the top level and under [gate], to "
+                       "different values: keep one")
+    out = {**top, **out}
     check_keys(out, f"--policy {path}")
     for k, v in list(out.items()):
         if k in STRING_KEYS:

@@ -231,3 +231,18 @@ def test_junit_and_markdown(tmp_path):
     assert not any(r["task"] == "ret_chance" for r in gate["rules"])
     kept, _ = gate_run(run.root, {"metric": "acc", "keep_uninformative": True})
     assert any(r["task"] == "ret_chance" for r in kept["rules"])
+
+
+def test_policy_file_merges_top_level_and_gate_table(tmp_path):
+    """Keys at the top and under [gate] both count: strict margins at the top with [gate] on_inconclusive
+    must not lose the margins (it did: the [gate] table replaced the file)."""
+    from forgetcheck.policy import load_policy
+
+    p = tmp_path / "gate.toml"
+    p.write_text('max_drop = 0.5\nmax_mean_drop = 0.1\n[gate]\non_inconclusive = "fail"\n')
+    assert load_policy(p) == {"max_drop": 0.5, "max_mean_drop": 0.1, "on_inconclusive": "fail"}
+    p.write_text('max_drop = 0.5\n[gate]\nmax-drop = 3\n')
+    with pytest.raises(BadInput, match="max_drop set both at the top level and under \\[gate\\]"):
+        load_policy(p)
+    p.write_text('max_drop = 3\n[gate]\nmax_drop = 3\n')  # the same value twice is no conflict
+    assert load_policy(p) == {"max_drop": 3}
