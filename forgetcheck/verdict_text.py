@@ -4,6 +4,7 @@ INCONCLUSIVE ones skipped), Markdown, and the number formats every reason uses.
 
 from __future__ import annotations
 
+import re
 from xml.etree import ElementTree as ET
 
 from forgetcheck.stats import round_up
@@ -26,6 +27,16 @@ def _ci(ci) -> str:
     return "no CI" if not ci else f"CI [{signed(ci[0])}, {signed(ci[1])}]"
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character (ANSI escapes, BEL, NUL, lone surrogates) shown as `\\xNN`: task and
+    arm names come from user files, and no output of ours (terminal, JUnit XML, Markdown) may carry them raw."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                        str(text))
+
+
 def _case_name(r: dict) -> str:
     return r["rule"] + (f"[{r['task']}]" if r.get("task") else "")
 
@@ -42,16 +53,19 @@ def to_junit(gate: dict) -> str:
                        skipped=str(n_skip))
     ET.SubElement(ET.SubElement(suite, "properties"), "property", name="verdict", value=gate["verdict"])
     for r in rules:
-        case = ET.SubElement(suite, "testcase", classname=f"forgetcheck.gate.{r['arm']}", name=_case_name(r))
+        reason = printable(r["reason"])  # XML 1.0 cannot hold control characters at all
+        case = ET.SubElement(suite, "testcase", classname=printable(f"forgetcheck.gate.{r['arm']}"),
+                             name=printable(_case_name(r)))
         if r["status"] == "pass":
-            ET.SubElement(case, "system-out").text = r["reason"]
+            ET.SubElement(case, "system-out").text = reason
         elif r["status"] == "fail":
-            ET.SubElement(case, "failure", message=r["reason"], type=r["rule"]).text = r["reason"]
+            ET.SubElement(case, "failure", message=reason, type=r["rule"]).text = reason
         else:
-            ET.SubElement(case, "skipped", message="INCONCLUSIVE: " + r["reason"])
+            ET.SubElement(case, "skipped", message="INCONCLUSIVE: " + reason)
     for e in excluded:
-        case = ET.SubElement(suite, "testcase", classname="forgetcheck.gate.uninformative", name=e["task"])
-        ET.SubElement(case, "skipped", message=e["reason"])
+        case = ET.SubElement(suite, "testcase", classname="forgetcheck.gate.uninformative",
+                             name=printable(e["task"]))
+        ET.SubElement(case, "skipped", message=printable(e["reason"]))
     root = ET.Element("testsuites", name="forgetcheck", tests=str(total), failures=str(n_fail),
                       skipped=str(n_skip))
     root.append(suite)
@@ -59,8 +73,14 @@ def to_junit(gate: dict) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|!])")
+
+
 def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
+    """Text for a Markdown table cell, inert: no HTML (`<img onerror>`), no link or image (`![](http://...)`),
+    no code span or emphasis from a task name, no control character."""
+    s = printable(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
+    return _MD_SPECIAL.sub(r"\\\1", s)
 
 
 MARK = {"pass": "✅", "fail": "❌", "inconclusive": "❔"}
@@ -96,17 +116,17 @@ def to_markdown(gate: dict) -> str:
     pol = gate["policy"]
     head = gate["verdict"].upper()
     lines = [f"## forgetcheck gate: **{head}**", "",
-             f"{head}: {verdict_reason(gate)}." + (f" {gate['exit_note']}." if gate.get("exit_note") else ""), "",
+             f"{head}: {_md_cell(verdict_reason(gate))}." + (f" {gate['exit_note']}." if gate.get("exit_note") else ""), "",
              f"Power: {gate['power']['sentence']}.", "",
              f"Policy: {policy_sentence(pol)}.", "",
              "| | arm | rule | reason |", "|---|---|---|---|"]
     for r in sorted(gate["rules"], key=lambda r: ORDER[r["status"]]):
-        rule = r["rule"] + (f" `{r['task']}`" if r.get("task") else "")
-        lines.append(f"| {MARK[r['status']]} | {r['arm']} | {_md_cell(rule)} | {_md_cell(r['reason'])} |")
+        rule = r["rule"] + (f" {r['task']}" if r.get("task") else "")
+        lines.append(f"| {MARK[r['status']]} | {_md_cell(str(r['arm']))} | {_md_cell(rule)} | {_md_cell(r['reason'])} |")
     for e in gate.get("excluded") or []:
-        lines.append(f"| ➖ | all | uninformative `{e['task']}` | {_md_cell(e['reason'])} |")
+        lines.append(f"| ➖ | all | {_md_cell('uninformative ' + e['task'])} | {_md_cell(e['reason'])} |")
     for e in gate.get("not_checked") or []:
-        lines.append(f"| ➖ | {e['arm']} | {e['rule']} not checked | {_md_cell(e['reason'])} |")
+        lines.append(f"| ➖ | {_md_cell(e['arm'])} | {e['rule']} not checked | {_md_cell(e['reason'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,7 +138,7 @@ def console_lines(gate: dict) -> list[str]:
     lines.append(f"gate: {gate['verdict'].upper()}: {verdict_reason(gate)}"
                  + (f" ({gate['exit_note']})" if gate.get("exit_note") else ""))
     lines.append(f"power: {gate['power']['sentence']}")
-    return lines
+    return [printable(x) for x in lines]
 
 
 def decide_hint(gate: dict, limit: int | None) -> str:

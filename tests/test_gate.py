@@ -226,7 +226,7 @@ def test_junit_and_markdown(tmp_path):
     assert "uninformative at this model size" in unin.find("skipped").get("message")
     md = (tmp_path / "gate.md").read_text()
     assert md.startswith("## forgetcheck gate: **FAIL**") and "Power: 200 items per task" in md
-    assert md.count("❌") == 2 and md.count("❔") == n_inc and "uninformative `ret_chance`" in md
+    assert md.count("❌") == 2 and md.count("❔") == n_inc and "uninformative ret_chance" in md
     assert [e["task"] for e in gate["excluded"]] == ["ret_chance"]
     assert not any(r["task"] == "ret_chance" for r in gate["rules"])
     kept, _ = gate_run(run.root, {"metric": "acc", "keep_uninformative": True})
@@ -246,3 +246,23 @@ def test_policy_file_merges_top_level_and_gate_table(tmp_path):
         load_policy(p)
     p.write_text('max_drop = 3\n[gate]\nmax_drop = 3\n')  # the same value twice is no conflict
     assert load_policy(p) == {"max_drop": 3}
+
+
+def test_hostile_task_names_give_valid_junit_inert_markdown_and_clean_console(unchanged):
+    """A task name from a user's lm-eval folder may hold control characters, HTML and Markdown: the JUnit file
+    must stay valid XML, the Markdown summary inert, the console free of escape sequences."""
+    from forgetcheck.verdict_text import console_lines, to_junit, to_markdown
+
+    hostile = "ret\x1b[31m\x07<img src=x onerror=alert(1)>![p](http://e.example/x.png)`|"
+    cmp = read_json(unchanged.compare)
+    cmp["tasks"][hostile] = cmp["tasks"].pop("ret_mmlu")
+    gate = decide(cmp, GateConfig())
+    assert any(r["task"] == hostile for r in gate["rules"])
+    root = ET.fromstring(to_junit(gate))  # expat refuses control characters: this parse is the check
+    names = [c.get("name") for c in root.iter("testcase")]
+    assert any("\\x1b" in n and "\\x07" in n for n in names) and not any("\x1b" in n for n in names)
+    md = to_markdown(gate)
+    assert "<img" not in md and "![" not in md and "\x1b" not in md
+    assert "&lt;img" in md and "\\!\\[p\\]" in md  # shown as text: no HTML, no image to load
+    lines = console_lines(gate)
+    assert not any("\x1b" in x or "\x07" in x for x in lines) and any("\\x1b" in x for x in lines)
