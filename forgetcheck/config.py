@@ -148,6 +148,10 @@ class GateConfig:
     was not evaluated) makes the verdict MISSING-inconclusive, never PASS. Retention tasks whose data could not
     be built are missing whether listed or not."""
 
+    def __post_init__(self):
+        # a policy file and config.json give a list: one tuple whichever way the policy arrives
+        object.__setattr__(self, "require_tasks", tuple(self.require_tasks))
+
 
 @dataclass(frozen=True)
 class RunConfig:

@@ -250,7 +250,8 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
                    f"the margin: " + "; ".join(unsure))
     return {
         "schema_version": GATE_VERSION, "kind": "gate", "verdict": verdict, "passed": verdict == "pass",
-        "exit_code": code, "exit_note": mapped.strip(" ()"), "policy": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(pol).items()},
+        "exit_code": code, "exit_note": mapped.strip(" ()"),
+        "policy": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(pol).items()},  # as JSON reads back
         "arms": {arm: {"verdict": v, "passed": v == "pass",
                        "failed": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "fail"],
                        "inconclusive": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "inconclusive"]}

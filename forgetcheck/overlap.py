@@ -14,12 +14,6 @@ NGRAM = 13
 WORD = re.compile(r"\w+")
 
 
-def ngrams(text: str, n: int = NGRAM) -> Iterator[tuple[str, ...]]:
-    words = WORD.findall(text.lower())
-    for i in range(len(words) - n + 1):
-        yield tuple(words[i:i + n])
-
-
 def strings(obj) -> Iterator[str]:
     if isinstance(obj, str):
         yield obj

@@ -38,7 +38,7 @@ def as_policy(policy: GateConfig | dict | None) -> GateConfig:
     if isinstance(policy, GateConfig):
         return policy
     check_keys(policy)
-    return GateConfig(**{k: tuple(v) if k in LIST_KEYS else v for k, v in policy.items()})
+    return GateConfig(**policy)
 
 
 def load_policy(path: Path) -> dict:
@@ -99,9 +99,6 @@ def resolve_policy(run_config: dict | None, policy_file: Path | None, overrides:
     if policy_file is not None:
         values.update(load_policy(policy_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for k in LIST_KEYS:  # config.json stores lists
-        if k in values:
-            values[k] = tuple(values[k])
     for k in NULLABLE_KEYS:  # "off" (a flag or the file) turns a rule off
         if values.get(k) == "off":
             values[k] = None

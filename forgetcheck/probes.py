@@ -62,22 +62,16 @@ def geonames(wheel: Wheel) -> dict[str, list[dict]]:
     for c in big.values():
         by_continent.setdefault(c["continentcode"], []).append(c)
 
-    capital = []
+    capital, of_capital = [], []  # both directions: a country's capital, the country a capital governs
     for iso, c in sorted(big.items()):
         name, cap = c["name"], c["capital"]
         if name.lower() in cap.lower() or cap.lower() in name.lower():  # "Mexico City", "Singapore": no probe
             continue
-        pool = [o["capital"] for o in by_continent[c["continentcode"]] if o["iso"] != iso]
-        capital.append(_item(f"The capital of {name} is", cap, _pick(pool, {cap}, 3, f"capital:{iso}"),
-                             f"capital:{iso}"))
-
-    of_capital = []  # the other direction: which country a capital governs
-    for iso, c in sorted(big.items()):
-        name, cap = c["name"], c["capital"]
-        if name.lower() in cap.lower() or cap.lower() in name.lower():
-            continue
-        pool = [o["name"] for o in by_continent[c["continentcode"]] if o["iso"] != iso]
-        of_capital.append(_item(f"{cap} is the capital of", name, _pick(pool, {name}, 3, f"of_capital:{iso}"),
+        others = [o for o in by_continent[c["continentcode"]] if o["iso"] != iso]
+        capital.append(_item(f"The capital of {name} is", cap,
+                             _pick([o["capital"] for o in others], {cap}, 3, f"capital:{iso}"), f"capital:{iso}"))
+        of_capital.append(_item(f"{cap} is the capital of", name,
+                                _pick([o["name"] for o in others], {name}, 3, f"of_capital:{iso}"),
                                 f"of_capital:{iso}"))
 
     capitals = {c["capital"].lower() for c in big.values()}

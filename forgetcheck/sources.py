@@ -10,6 +10,7 @@ had is a `SourceUnavailable`: `data prepare` builds the tasks of every other sou
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import tempfile
@@ -144,8 +145,6 @@ class Wheel:
         self.read_members: dict[str, str] = {}
 
     def read(self, member: str) -> bytes:
-        import hashlib
-
         try:
             data = self._zip.read(member)
         except KeyError:
