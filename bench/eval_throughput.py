@@ -6,8 +6,8 @@
 Each engine scores the same tasks and the same items (forgetcheck's deterministic --limit subset, passed to
 stock lm-eval as `samples=`) with the same model folder, fp32, on the same device:
   * `lm-eval hf (stock)`: `lm_eval.simple_evaluate(model="hf", model_args="pretrained=<folder>,dtype=float32")`;
-  * `forgetcheck hf`:   `forgetcheck.evaluation.evaluate(..., EvalConfig(backend="hf"))` (stock HFLM inside);
-  * `forgetcheck fast`: the same with `backend="fast"` (forgetcheck.fast_lm.FastLM).
+  * `forgetcheck hf`:   `forgetcheck.eval.runner.evaluate(..., EvalConfig(backend="hf"))` (stock HFLM inside);
+  * `forgetcheck fast`: the same with `backend="fast"` (forgetcheck.eval.fast_lm.FastLM).
 Wall time includes loading the model for every engine; forgetcheck's drift measurement (not done by stock
 lm-eval) is timed separately and left out. forgetcheck runs with an empty eval cache every time. Items/s
 counts benchmark items; tokens/s counts the tokens of every (context + continuation) request as lm-eval
@@ -48,7 +48,7 @@ def _forgetcheck(ref, tasks_dir: Path, names: list[str], limit: int, backend: st
     """(wall without drift, drift wall, eval doc + its per-item rows under "rows"), with an empty cache (a
     throwaway FORGETCHECK_HOME)."""
     from forgetcheck.config import EvalConfig
-    from forgetcheck.evaluation import evaluate
+    from forgetcheck.eval.runner import evaluate
     from forgetcheck.rundir import read_jsonl
 
     saved = os.environ.get("FORGETCHECK_HOME")
@@ -114,17 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
 
-    from forgetcheck import benchdata, models
     from forgetcheck.config import EvalConfig
+    from forgetcheck.data import benchmarks
     from forgetcheck.device import choose_device
-    from forgetcheck.suites import resolve_tasks, select_items
+    from forgetcheck.eval.suites import resolve_tasks, select_items
+    from forgetcheck.models import registry
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    names = (benchdata.suite_tasks(a.suite) if a.suite
+    names = (benchmarks.suite_tasks(a.suite) if a.suite
              else [t.strip() for t in a.tasks.split(",") if t.strip()])
-    ref = models.resolve(a.model)
+    ref = registry.resolve(a.model)
     dev = choose_device(a.device)
-    tasks_dir = benchdata.render_tasks_dir()
+    tasks_dir = benchmarks.render_tasks_dir()
     specs = resolve_tasks(EvalConfig(tasks=tuple(names)), tasks_dir)
     samples = {s.name: idx for s in specs if (idx := select_items(s.task, a.limit, s.kind)) is not None}
     print(f"model {ref.name}; {dev.describe()}; tasks {', '.join(names)}; limit {a.limit}; batch size "
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         walls[ENGINES[0]].append(wall)
         if items is None:
             items = sum(len(out["samples"][n]) for n in names)
-            tokens = _request_tokens(models.load_tokenizer(ref), out, names)
+            tokens = _request_tokens(registry.load_tokenizer(ref), out, names)
         for engine, backend in ((ENGINES[1], "hf"), (ENGINES[2], "fast")):
             wall, drift_s, doc = _forgetcheck(ref, tasks_dir, names, a.limit, backend, a.batch_size, dev.device)
             assert sum(t["n"] for t in doc["tasks"].values()) == items, "engines scored different item counts"

@@ -88,13 +88,13 @@ def main() -> None:
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from forgetcheck import models
-    from forgetcheck.fast_lm import FastLM
+    from forgetcheck.eval.fast_lm import FastLM
+    from forgetcheck.models import registry
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = models.load(models.resolve(args.model), device=args.device, dtype=args.dtype)
+    model, tok = registry.load(registry.resolve(args.model), device=args.device, dtype=args.dtype)
     hf = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
     fast = FastLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
     items = make_items(args.items)

@@ -1,6 +1,6 @@
 """How well the forecast at a quarter of the budget predicted the end, on a finished run's curves, with two time
 axes for the shifted power law: training tokens and the integral of the learning rate (the sum of the lr factors
-of the steps taken, `forecast.lr_integral`; what training_curve.py forecasts with, since a schedule's decay slows
+of the steps taken, `forecast.lr_integral`; what train/curve.py forecasts with, since a schedule's decay slows
 the drift, which a power law in tokens cannot know). Works on runs made before the curve files kept both.
 
     python bench/forecast_axes.py RUN_FOLDER [--signals soft_acc,kl_general,kl_domain]
@@ -26,10 +26,10 @@ def main() -> None:
 
     import numpy as np
 
-    from forgetcheck import curves, forecast
+    from forgetcheck.train import forecast, signals
 
     for path in sorted((a.run / "curves").glob("*.json")):
-        curve = curves.read_curve(path)
+        curve = signals.read_curve(path)
         tr = json.loads((a.run / "train" / path.name).read_text())
         lr = [float(v) for _, v in sorted(tr["lr_curve"])]  # the lr of optimizer steps 1..n
         factors = [v / max(lr) for v in lr]

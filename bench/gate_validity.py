@@ -1,4 +1,4 @@
-"""Validity of the release gate (forgetcheck.gate.decide): how often it says PASS, FAIL and INCONCLUSIVE.
+"""Validity of the release gate (forgetcheck.verdict.gate.decide): how often it says PASS, FAIL and INCONCLUSIVE.
 
     python bench/gate_validity.py [--reps 500] [--real] [--real-limit 50] [--sigmas 0.02,0.05,0.1]
 
@@ -29,9 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from forgetcheck.config import GateConfig  # noqa: E402
-from forgetcheck.gate import decide  # noqa: E402
-from forgetcheck.rollup import mean_block  # noqa: E402
-from forgetcheck.stats import paired_binary  # noqa: E402
+from forgetcheck.verdict.gate import decide  # noqa: E402
+from forgetcheck.verdict.rollup import mean_block  # noqa: E402
+from forgetcheck.verdict.stats import paired_binary  # noqa: E402
 
 N_TASKS = 11
 CHURN = 0.08
@@ -108,13 +108,13 @@ def noised_copy(src: str, dst: Path, sigma: float, blocks: range, seed: int = 0)
 
 
 def real_models(limit: int, sigmas: list[float], workdir: Path) -> list[dict]:
-    from forgetcheck import models
-    from forgetcheck.compare import compare_evals
     from forgetcheck.config import EvalConfig
-    from forgetcheck.evaluation import evaluate
-    from forgetcheck.policy import resolve_policy
+    from forgetcheck.eval.runner import evaluate
+    from forgetcheck.models import registry
+    from forgetcheck.verdict.compare import compare_evals
+    from forgetcheck.verdict.policy import resolve_policy
 
-    base_ref = models.resolve("smollm2-135m")
+    base_ref = registry.resolve("smollm2-135m")
     cfg = EvalConfig(suites=("retention",), limit=limit)
     base_json = workdir / "eval" / "base.json"
     t0 = time.perf_counter()
@@ -126,7 +126,7 @@ def real_models(limit: int, sigmas: list[float], workdir: Path) -> list[dict]:
         folder = workdir / "models" / label
         noised_copy(base_ref.path, folder, sigma, range(10, 20))
         t0 = time.perf_counter()
-        evaluate(models.resolve(str(folder)), cfg, workdir / "eval" / f"{label}.json", reference=base_json,
+        evaluate(registry.resolve(str(folder)), cfg, workdir / "eval" / f"{label}.json", reference=base_json,
                  label=label)
         print(f"  {label} evaluated in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         c = compare_evals(base_json, {label: workdir / "eval" / f"{label}.json"}, n_boot=1000)

@@ -10,7 +10,7 @@ Training rows (each in a fresh process, so each peak-memory reading is its own):
 (`train.train_arm`, CPT arm) on a Llama-style ~0.9B-parameter config with RANDOM WEIGHTS (memory and speed do not
 depend on the weights' values), seq-len 2048, for bf16-mixed, fp16-mixed (with the loss scaler), gradient
 checkpointing, 8-bit AdamW (torchao), all three together, and an fp32 baseline. Columns:
-  * planned W+G+O vs measured W+G+O: `forgetcheck.plan` bytes of weights + gradients + optimizer state against
+  * planned W+G+O vs measured W+G+O: `forgetcheck.train.memory` bytes of weights + gradients + optimizer state against
     the bytes of those tensors after the first optimizer step (the +/-15% check);
   * planned total (with the activation estimate) vs measured peak (`torch.cuda.max_memory_allocated`);
   * tokens/s (median over the steps after the first) and MFU = model FLOPs/s / the GPU's dense bf16 peak, with
@@ -99,23 +99,24 @@ def peak_tflops(name: str, override: float | None) -> tuple[float | None, str]:
 
 def prepare() -> None:
     """Fill .whl/ (pip download, Python 3.12 x86-64) and .gpu_check/ (tokenizer + benchmark data) here."""
-    from forgetcheck import benchdata, models
+    from forgetcheck.data import benchmarks
+    from forgetcheck.models import registry
 
     WHEELS.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
            "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
            "--platform", "manylinux2014_x86_64", "-d", str(WHEELS), *WHEEL_PINS]
     subprocess.run(cmd, check=True)
-    ref = models.resolve("smollm2-135m")
+    ref = registry.resolve("smollm2-135m")
     tok_dir = CARRY / "smollm2-tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     for f in Path(ref.path).iterdir():
         if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "forgetcheck.json":
             shutil.copy2(f, tok_dir / f.name)
-    benchdata.prepare_bench()
+    benchmarks.prepare_bench()
     (CARRY / "bench").mkdir(exist_ok=True)
     for name in BENCH_FILES.values():
-        shutil.copy2(benchdata.bench_dir() / name, CARRY / "bench" / name)
+        shutil.copy2(benchmarks.bench_dir() / name, CARRY / "bench" / name)
     size = sum(f.stat().st_size for d in (WHEELS, CARRY) for f in d.rglob("*") if f.is_file())
     print(f"prepared {WHEELS} and {CARRY}: {size / 2**20:.1f} MiB")
 
@@ -149,18 +150,18 @@ def child_build(spec: dict) -> dict:
 def child_train(spec: dict) -> dict:
     import torch
 
-    from forgetcheck import train
     from forgetcheck.config import TrainConfig
-    from forgetcheck.data import DomainData
-    from forgetcheck.models import resolve
+    from forgetcheck.data.domain import DomainData
+    from forgetcheck.models.registry import resolve
     from forgetcheck.rundir import RunDir
+    from forgetcheck.train import loop
 
     cfg = TrainConfig(**spec["cfg"])
     ref = resolve(spec["model"])
     data = Path(spec["data"])
     dom = DomainData(name="gpu-check", root=data, sft=None, cpt=data / "cpt.jsonl", heldout=None, packaged=False)
     with tempfile.TemporaryDirectory(prefix="gpu-check-run-") as tmp:
-        rec = train.train_arm("cpt", ref, dom, cfg, RunDir(tmp), device=spec["device"])
+        rec = loop.train_arm("cpt", ref, dom, cfg, RunDir(tmp), device=spec["device"])
     mem = rec["memory"]
     steps = rec["step_s"]
     s_step = statistics.median(steps[1:] if len(steps) > 1 else steps)
@@ -173,8 +174,8 @@ def child_train(spec: dict) -> dict:
         "method": mem["method"],
         "s_step": s_step,
         "steps": rec["optimizer_steps"],
-        "tokens_per_step": train.tokens_per_step(cfg),
-        "tokens_per_s": train.tokens_per_step(cfg) / s_step,
+        "tokens_per_step": loop.tokens_per_step(cfg),
+        "tokens_per_s": loop.tokens_per_step(cfg) / s_step,
         "final_loss": rec["loss_curve"][-1][1],
         "torch": torch.__version__,
     }
@@ -192,16 +193,16 @@ def _eval_throughput():
 def child_score(spec: dict) -> dict:
     import logging
 
-    from forgetcheck import benchdata
     from forgetcheck.config import EvalConfig
-    from forgetcheck.models import resolve
-    from forgetcheck.suites import resolve_tasks, select_items
+    from forgetcheck.data import benchmarks
+    from forgetcheck.eval.suites import resolve_tasks, select_items
+    from forgetcheck.models.registry import resolve
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     et = _eval_throughput()
     ref = resolve(spec["model"])
     names = list(spec["tasks"])
-    tasks_dir = benchdata.render_tasks_dir()
+    tasks_dir = benchmarks.render_tasks_dir()
     specs = resolve_tasks(EvalConfig(tasks=tuple(names)), tasks_dir)
     samples = {s.name: idx for s in specs if (idx := select_items(s.task, spec["limit"], s.kind)) is not None}
     stock_wall, out = et._stock(ref, tasks_dir, names, samples, spec["batch_size"], spec["device"])
@@ -353,18 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     log_path = (out_md.parent if out_md else work) / "gpu_check.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w")
-    from forgetcheck import models
+    from forgetcheck.models import registry
 
     # tokenizer: SmolLM2's (carried in .gpu_check/ by --prepare, else the prepared smollm2-135m model); the dry run
     # without it takes tiny GPT-2's. Resolved before FORGETCHECK_HOME points at the throwaway home below.
     tok_src = CARRY / "smollm2-tokenizer"
     if not (tok_src / "tokenizer.json").exists():
-        tok_src = Path(models.resolve("smollm2-135m" if gpu else "tiny-gpt2", prepare=not gpu).path)
+        tok_src = Path(registry.resolve("smollm2-135m" if gpu else "tiny-gpt2", prepare=not gpu).path)
     bench_src = CARRY / "bench"
     if gpu and not all((bench_src / f).exists() for f in BENCH_FILES.values()):
-        from forgetcheck import benchdata
+        from forgetcheck.data import benchmarks
 
-        bench_src = benchdata.bench_dir()
+        bench_src = benchmarks.bench_dir()
     home = work / "home"
     home.mkdir()
     env = {"FORGETCHECK_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

@@ -32,18 +32,20 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from forgetcheck import data, models, optim, packing, train
     from forgetcheck.config import TrainConfig
+    from forgetcheck.data import domain
+    from forgetcheck.models import registry
+    from forgetcheck.train import loop, optimizer, packing
 
-    ref = models.resolve(args.model)
-    model, tok = models.load(ref)
+    ref = registry.resolve(args.model)
+    model, tok = registry.load(ref)
     model.train()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     cfg = TrainConfig(seq_len=args.seq_len, micro_batch=args.micro_batch)
-    opt = optim.build_optimizer(model.parameters(), cfg)
-    dom = data.load_domain(args.data, prepare=True)
+    opt = optimizer.build_optimizer(model.parameters(), cfg)
+    dom = domain.load_domain(args.data, prepare=True)
 
     def full_loss(ids, labels, n):
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
@@ -51,7 +53,7 @@ def main() -> None:
                                ignore_index=packing.IGNORE, reduction="sum") / n
 
     def label_loss(ids, labels, n):
-        return train.micro_batch_loss(model, ids, labels, torch.ones_like(ids), n, contextlib.nullcontext)
+        return loop.micro_batch_loss(model, ids, labels, torch.ones_like(ids), n, contextlib.nullcontext)
 
     print(f"model {args.model}, {args.micro_batch} x {args.seq_len} tokens per step, torch threads "
           f"{torch.get_num_threads()}, median of {args.steps} steps (after one warm-up step each)")
@@ -65,7 +67,7 @@ def main() -> None:
 
         def step(fn, ids, labels):
             t0 = time.perf_counter()
-            loss = fn(ids, labels, train.label_count(labels))
+            loss = fn(ids, labels, loop.label_count(labels))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -78,7 +80,7 @@ def main() -> None:
                 if k:  # the first batch warms both up
                     times[name].append(dt)
         ids, labels = batches[0]
-        n = train.label_count(labels)
+        n = loop.label_count(labels)
         got = {}
         for name, fn in (("full", full_loss), ("labels", label_loss)):
             loss = fn(ids, labels, n)

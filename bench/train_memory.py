@@ -40,7 +40,7 @@ def make_model(folder: Path) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from forgetcheck.gpt2_tokenizer import write_tokenizer_files
+    from forgetcheck.models.tokenizer import write_tokenizer_files
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)  # GPT-2 124M shape
@@ -63,18 +63,18 @@ def median_after_first(xs: list[float]) -> float:
 def run_ours(model_dir: Path, data_dir: Path, cfg_kw: dict, device: str) -> dict:
     import torch
 
-    from forgetcheck import train
     from forgetcheck.config import TrainConfig
-    from forgetcheck.data import DomainData
-    from forgetcheck.models import resolve
+    from forgetcheck.data.domain import DomainData
+    from forgetcheck.models.registry import resolve
     from forgetcheck.rundir import RunDir
+    from forgetcheck.train import loop
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cfg = TrainConfig(**cfg_kw)
     ref = resolve(str(model_dir))
     dom = DomainData(name="bench", root=data_dir, sft=None, cpt=data_dir / "cpt.jsonl", heldout=None, packaged=False)
     with tempfile.TemporaryDirectory() as tmp:
-        rec = train.train_arm("cpt", ref, dom, cfg, RunDir(tmp), device=device)
+        rec = loop.train_arm("cpt", ref, dom, cfg, RunDir(tmp), device=device)
     mem = rec["memory"]
     planned = mem["planned"]
     measured = mem["measured_components"]
@@ -86,7 +86,7 @@ def run_ours(model_dir: Path, data_dir: Path, cfg_kw: dict, device: str) -> dict
         "measured_peak": mem["measured_peak_bytes"],
         "method": mem["method"],
         "s_step": s_step,
-        "tokens_per_s": train.tokens_per_step(cfg) / s_step,
+        "tokens_per_s": loop.tokens_per_step(cfg) / s_step,
         "opt_bytes_per_param": measured["optimizer_state"] / (measured["weights"] / (2 if cfg.precision == "bf16-true" else 4)),
     }
 
@@ -96,13 +96,14 @@ def run_trainer(model_dir: Path, data_dir: Path, cfg_kw: dict, device: str) -> d
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from forgetcheck import models, packing, train
     from forgetcheck.config import TrainConfig
+    from forgetcheck.models import registry
+    from forgetcheck.train import loop, packing
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cfg = TrainConfig(**cfg_kw)
-    tok = models.load_tokenizer(models.resolve(str(model_dir)))
-    n_rows = train.optimizer_steps(cfg) * cfg.micro_batch * cfg.grad_accum
+    tok = registry.load_tokenizer(registry.resolve(str(model_dir)))
+    n_rows = loop.optimizer_steps(cfg) * cfg.micro_batch * cfg.grad_accum
     rows = packing.build_rows("cpt", tok, data_dir / "cpt.jsonl", cfg, n_rows)
     dataset = [{"input_ids": rows.input_ids[i], "labels": rows.labels[i]} for i in range(n_rows)]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -122,7 +123,7 @@ def run_trainer(model_dir: Path, data_dir: Path, cfg_kw: dict, device: str) -> d
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=cfg.micro_batch,
-            gradient_accumulation_steps=cfg.grad_accum, max_steps=train.optimizer_steps(cfg),
+            gradient_accumulation_steps=cfg.grad_accum, max_steps=loop.optimizer_steps(cfg),
             learning_rate=cfg.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm, bf16=cfg.precision == "bf16-mixed",
             gradient_checkpointing=cfg.grad_checkpointing,
@@ -132,7 +133,7 @@ def run_trainer(model_dir: Path, data_dir: Path, cfg_kw: dict, device: str) -> d
         )
         Trainer(model=model, args=args, train_dataset=dataset, callbacks=[StepTimer()]).train()
     s_step = median_after_first(times)
-    return {"s_step": s_step, "tokens_per_s": train.tokens_per_step(cfg) / s_step}
+    return {"s_step": s_step, "tokens_per_s": loop.tokens_per_step(cfg) / s_step}
 
 
 def child(argv: list[str]) -> None:
@@ -215,11 +216,11 @@ DOC_HEAD = """# Training memory: planned vs measured
 
 Written by `python bench/train_memory.py --seq-len 64 --steps 5 --out docs/train_memory.md` (see the script's docstring).
 
-* **planned W+G+O**: weights + gradients + optimizer state from `forgetcheck.plan.plan_memory` (16 bytes/param
+* **planned W+G+O**: weights + gradients + optimizer state from `forgetcheck.train.memory.plan_memory` (16 bytes/param
   in fp32 with AdamW; ~10 with 8-bit AdamW). **measured W+G+O**: the sum of the bytes of the parameter,
   gradient and optimizer-state tensors after the first optimizer step. **diff** is planned/measured - 1 (the
   acceptance bound is +/-15%).
-* **planned total** adds the activation estimate (Korthikanti et al. 2022, see `forgetcheck/plan.py`);
+* **planned total** adds the activation estimate (Korthikanti et al. 2022, see `forgetcheck/train/memory.py`);
   **measured peak** is the peak of the whole process (on CPU: peak RSS, so Python, torch and the libraries,
   ~0.8-1 GB, are included; it is an upper bound on what the tensors need).
 * **s/step, tokens/s**: median over the optimizer steps after the first; **Trainer tokens/s** is

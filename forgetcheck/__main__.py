@@ -1,4 +1,4 @@
-from forgetcheck.cli import main
+from forgetcheck.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -18,8 +18,8 @@ from forgetcheck.errors import BadInput
 ARMS = ("sft", "cpt", "lora", "replay", "freeze", "wise")
 ARM_DATA = {"sft": "sft", "cpt": "cpt", "lora": "sft", "replay": "sft", "freeze": "sft"}
 """Which file of the domain each trained arm reads (`wise` trains on nothing)."""
-"""Arms (arms.py): full fine-tuning on SFT pairs or raw text, and the mitigations: LoRA, SFT with general-text
-replay, SFT with the bottom blocks frozen, and weight interpolation (interpolate.py; not trained)."""
+"""Arms (train/arms.py): full fine-tuning on SFT pairs or raw text, and the mitigations: LoRA, SFT with general-text
+replay, SFT with the bottom blocks frozen, and weight interpolation (train/interpolate.py; not trained)."""
 DEFAULT_ARMS = ("sft", "cpt")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -79,14 +79,14 @@ class TrainConfig:
     save_every: int = 0
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
     eval_every: int = 0
-    """Forgetting curves (training_curve.py): measure the curve signals every N optimizer steps, and every
+    """Forgetting curves (train/curve.py): measure the curve signals every N optimizer steps, and every
     max(1, N // 4) steps within the forecast window (the first quarter of the budget); 0: no curves."""
     stop_if_forecast_exceeds: float | None = None
     """Stop an arm early when the forecast's lower bound of the retention soft-accuracy points lost at the end
     of the budget exceeds this margin (forecast.should_stop); None: never stop. Needs eval_every > 0."""
     force: bool = False
     """Start even when the memory plan says it does not fit the device."""
-    # The mitigation arms (arms.py, interpolate.py; the reasons for these defaults are in arms.py's docstring)
+    # The mitigation arms (train/arms.py, train/interpolate.py; the reasons for these defaults are in train/arms.py's docstring)
     lora_rank: int = 16
     """lora: adapter rank on every linear layer of the blocks."""
     lora_alpha: float = 32.0
@@ -94,7 +94,7 @@ class TrainConfig:
     lora_lr: float = 2e-4
     """lora: peak learning rate (LoRA needs a higher one than full fine-tuning)."""
     replay_frac: float = 0.05
-    """replay: share of the training tokens that is general text (general_text.py)."""
+    """replay: share of the training tokens that is general text (data/replay.py)."""
     freeze_layers: int | None = None
     """freeze: bottom blocks kept frozen (None: half of the blocks)."""
     wise_from: str = "sft"
@@ -120,7 +120,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """The release gate's policy (gate.py; every rule in docs/verdicts.md). Margins are in points (percent for
+    """The release gate's policy (verdict/gate.py; every rule in docs/verdicts.md). Margins are in points (percent for
     `max_ppl_rise`, nats per token for `max_kl`); each rule passes when its one-sided (1 - alpha) bound rules
     out a change beyond the margin, fails when the change beyond the margin is shown, else is inconclusive."""
 

@@ -290,7 +290,7 @@ class RunDir:
         return self.root / "train" / f"{arm}.json"
 
     def curve_json(self, arm: str) -> Path:
-        """The forgetting curve of a trained arm (curves.py's schema, kind "curve"; training_curve.py)."""
+        """The forgetting curve of a trained arm (train/signals.py's schema, kind "curve"; train/curve.py)."""
         return self.root / "curves" / f"{arm}.json"
 
     def ckpt(self, arm: str) -> Path:

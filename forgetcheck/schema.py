@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypedDict
 
-from forgetcheck import config as C
+from forgetcheck.config import RunConfig, from_dict, to_dict
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_json, git_hash, package_versions, read_json
 
@@ -170,7 +170,7 @@ def _read_versioned(path, kind: str, version: int, fix: str) -> dict:
 
 
 CURVE_VERSION = 1
-"""runs/<id>/curves/<arm>.json (curves.py writes and reads it; report_curves.py reads it as JSON)."""
+"""runs/<id>/curves/<arm>.json (train/signals.py writes and reads it; report/curves.py reads it as JSON)."""
 
 
 def check_versioned(obj: Any, kind: str, version: int, where: str, fix: str) -> dict:
@@ -271,17 +271,17 @@ def _write(kind: str, path: Path, doc: dict) -> dict:
     return full
 
 
-def read_run_config(path: Path) -> C.RunConfig:
+def read_run_config(path: Path) -> RunConfig:
     """config.json as the RunConfig it records (`read_config_doc` for the `resolved` block too)."""
-    return C.from_dict(read_config_doc(path), Path(path))
+    return from_dict(read_config_doc(path), Path(path))
 
 
 def read_config_doc(path: Path) -> dict:
     return _read("config", path)
 
 
-def write_config(path: Path, cfg: C.RunConfig, resolved: dict) -> None:
-    _write("config", path, {**C.to_dict(cfg), "resolved": resolved})
+def write_config(path: Path, cfg: RunConfig, resolved: dict) -> None:
+    _write("config", path, {**to_dict(cfg), "resolved": resolved})
 
 
 def read_manifest(path: Path) -> ManifestFile:

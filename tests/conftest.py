@@ -42,16 +42,16 @@ def fc_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ref(fc_home):
     """The random-init tiny GPT-2 (real GPT-2 tokenizer), built once per session."""
-    from forgetcheck import models
+    from forgetcheck.models import registry
 
-    return models.resolve("tiny-gpt2")
+    return registry.resolve("tiny-gpt2")
 
 
 @pytest.fixture(scope="session")
 def smollm2_ref(fc_home):
-    from forgetcheck import models
+    from forgetcheck.models import registry
 
-    return models.resolve("smollm2-135m")
+    return registry.resolve("smollm2-135m")
 
 
 WORDS = ("fever cough anemia insulin biopsy cardiac renal hepatic tumor lesion dose therapy chronic acute "
@@ -67,7 +67,7 @@ def domain(tmp_path_factory):
     """A small domain folder (24 SFT pairs, 24 CPT texts of medical words) for training tests."""
     import json
 
-    from forgetcheck.data import DomainData
+    from forgetcheck.data.domain import DomainData
 
     root = tmp_path_factory.mktemp("domain")
     with open(root / "sft.jsonl", "w") as f:

@@ -1,5 +1,5 @@
 """A task the base model answers right by construction, and two copies of the base (unchanged, damaged):
-the planted regression of tests/test_pipeline.py, shared by the check and CI-recipe tests."""
+the planted regression of tests/cli/test_run.py, shared by the check and CI-recipe tests."""
 
 from __future__ import annotations
 

@@ -1,0 +1,145 @@
+"""`forgetcheck run`: the main job, one stage after another into runs/<id>/ (docs/design.md, "Data flow").
+
+inputs (cli/inputs.py, once) -> eval(base) -> train(each arm) -> eval(each arm, from its saved checkpoint)
+       -> compare -> gate -> report
+
+Every stage receives the same frozen `Inputs`, writes its own files into the run folder and is skipped when
+its result is already there, so `--resume runs/<id>` continues an interrupted run from the last finished stage
+(training itself resumes from its last resumable checkpoint). The base evaluation is also cached across runs
+(evaluation's cache). The console shows one line per stage; everything else goes to runs/<id>/log.txt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from forgetcheck import config, console
+from forgetcheck.cli.inputs import Inputs, resolve_run
+from forgetcheck.rundir import RunDir
+from forgetcheck.schema import StageTimer, update_manifest, write_config
+
+
+def record_inputs(inp: Inputs) -> None:
+    """config.json (the request and what it resolved to) and the manifest's first fields; once per run."""
+    run = inp.run
+    if run.config.exists():
+        return
+    resolved = {
+        "model": inp.model.to_dict(),
+        "data": {"name": inp.data.name, "root": str(inp.data.root), "packaged": inp.data.packaged},
+        "device": inp.device.device,
+        "device_reason": inp.device.reason,
+    }
+    write_config(run.config, inp.cfg, resolved)
+    update_manifest(run, run_id=run.run_id, device=inp.device.device, seed=inp.cfg.train.seed,
+                    model=inp.model.to_dict(), random_weights=inp.model.random_weights)
+
+
+def run_pipeline(cfg: config.RunConfig, resume: Path | None = None, given: dict | None = None, *,
+                 verbose: bool = False, tasks_dir: Path | None = None) -> int:
+    """Run (or resume) every stage; return 0 once every stage ran. The gate's verdict (pass, fail,
+    inconclusive) is printed and written to gate.json; `forgetcheck gate` turns it into an exit code.
+    `given`: the flags typed on the command line, checked against config.json on --resume."""
+    with console.session(verbose=verbose):
+        inp = resolve_run(cfg, resume, given=given, tasks_dir=tasks_dir)
+        record_inputs(inp)
+        console.log_to(inp.run.root / "log.txt")
+        return _stages(inp)
+
+
+def _stages(inp: Inputs) -> int:
+    from forgetcheck.eval import runner
+    from forgetcheck.models import registry
+    from forgetcheck.train import arms, interpolate, loop
+    from forgetcheck.verdict import compare
+
+    cfg, run = inp.cfg, inp.run
+    console.say(f"forgetcheck run {run.root} ({'resumed' if inp.resumed else 'new'}); {inp.device.describe()}; "
+                f"log: {run.root / 'log.txt'}")
+    console.detail("config: " + json.dumps(config.to_dict(cfg), separators=(",", ":")))
+    if inp.model.random_weights:
+        console.say(f"NOTE: --base {cfg.base} has RANDOM WEIGHTS: results are plumbing checks, not model quality")
+    if not inp.data.packaged and "domain" not in cfg.eval.suites and not cfg.eval.tasks:
+        console.say(f"note: the 'domain' suite measures the packaged med data, not {cfg.data}: retention only "
+                    f"(pick domain tasks with --tasks to measure learning)")
+    t0 = time.perf_counter()
+    trained = [config.replica_label(a, i) for a in arms.trained(cfg.arms) for i in range(cfg.train.seeds)]
+    wise = interpolate.points(cfg.arms, cfg.train)
+    n = 2 + 2 * len(trained) + 2 * len(wise)
+    step = iter(range(1, n + 1))
+
+    # base evaluation (also cached across runs by model content hash)
+    title = f"[{next(step)}/{n}] evaluate base"
+    if run.eval_json("base").exists():
+        console.say(f"{title}: present, reused")
+    else:
+        with StageTimer(run, "eval_base"), console.stage(title):
+            runner.evaluate(inp.model, cfg.eval, run.eval_json("base"), device=inp.device.device, label="base",
+                                tasks_dir=inp.tasks_dir)
+
+    # train each arm on the same budget
+    for arm in trained:
+        title = f"[{next(step)}/{n}] train {arm}"
+        if run.train_json(arm).exists() and run.ckpt(arm).exists():
+            console.say(f"{title}: present, reused")
+            continue
+        with StageTimer(run, f"train_{arm}"), console.stage(title):
+            loop.train_arm(arm, inp.model, inp.data, cfg.train, run, device=inp.device.device,
+                            tasks_dir=inp.tasks_dir)
+
+    # wise: interpolate the base and --wise-from (no training)
+    for label, a in wise:
+        title = f"[{next(step)}/{n}] interpolate {label}: (1 - {a:g}) * base + {a:g} * {cfg.train.wise_from}"
+        if (run.ckpt(label) / "config.json").exists():
+            console.say(f"{title}: present, reused")
+            continue
+        with StageTimer(run, f"interpolate_{label}"), console.stage(title):
+            interpolate.build(inp.model, run.ckpt(cfg.train.wise_from), run.ckpt(label), a,
+                              source_arm=cfg.train.wise_from)
+
+    # evaluate each arm from its saved checkpoint (what is reported is what ships), on the tasks that can show
+    # forgetting: a retention task the base is at chance on is left out of the gate and the mean by default,
+    # so it is not scored for the arms either (keep_uninformative scores and gates it)
+    skip, line = compare.skipped_for(run.eval_json("base"), cfg.gate, "arms")
+    if line:
+        console.say(f"        {line}")
+    for arm in trained + [label for label, _ in wise]:
+        title = f"[{next(step)}/{n}] evaluate {arm} (from {run.ckpt(arm)})"
+        if run.eval_json(arm).exists():
+            console.say(f"{title}: present, reused")
+            continue
+        with StageTimer(run, f"eval_{arm}"), console.stage(title):
+            runner.evaluate(registry.resolve(str(run.ckpt(arm))), cfg.eval, run.eval_json(arm),
+                                device=inp.device.device, reference=run.eval_json("base"), label=arm,
+                                tasks_dir=inp.tasks_dir, skip=skip)
+
+    return finish(run, cfg.gate, started=t0, title=f"[{next(step)}/{n}] compare, gate, report")
+
+
+def finish(run: RunDir, gate_cfg: config.GateConfig, started: float | None = None,
+           title: str = "compare, gate, report") -> int:
+    """Compare, gate, report (pure JSON); print the verdict, the power sentence and what would decide.
+    Returns 0: `run` exits 0 once every stage ran (`forgetcheck gate` turns the verdict into an exit code)."""
+    from forgetcheck.report import html
+    from forgetcheck.schema import read_config_doc, read_manifest
+    from forgetcheck.verdict import compare, gate, text
+
+    with console.stage(title):
+        with StageTimer(run, "compare"):
+            compare.compare_run(run, alpha=gate_cfg.alpha)
+        gate_dict, _ = gate.gate_run(run.root, policy=gate_cfg)
+        report_path = html.write_report(run)
+        if started is not None:  # a resumed run adds its time to the earlier sessions' rather than replacing it
+            man = read_manifest(run.manifest) if run.manifest.exists() else {}
+            sessions = [*(man.get("timings") or {}).get("run_sessions", []), round(time.perf_counter() - started, 3)]
+            update_manifest(run, timings={"run_sessions": sessions, "run_total": round(sum(sessions), 3)})
+    limit = (read_config_doc(run.config).get("eval") or {}).get("limit") if run.config.exists() else None
+    console.say(f"report: {report_path}")
+    console.say(f"gate:   {run.gate}  -> {gate_dict['verdict'].upper()}: {text.verdict_reason(gate_dict)}")
+    console.say(f"power:  {gate_dict['power']['sentence']}")
+    console.say(f"        {text.decide_hint(gate_dict, limit)}")
+    console.say(f"        (`forgetcheck gate {run.root}` exits 0 pass, 1 fail, 4 inconclusive; `run` exits 0 "
+                f"once every stage ran)")
+    return 0

@@ -1,0 +1,350 @@
+"""Read the output folders of stock `lm_eval ... --output_path DIR --log_samples` and turn them into
+forgetcheck eval files, so compare, report and gate work on them unchanged (eval/pairing.py pairs two sides).
+
+What lm-eval writes (any backend: hf, vllm, an API, ...): `DIR/<model>/results_<date>.json` (aggregate
+metrics, each task's resolved `configs`, `n-shot`, `versions`) and, per task, `samples_<task>_<date>.jsonl`
+(one line per document and filter: `doc_id`, `doc_hash`, `prompt_hash`, `target_hash`, the responses and the
+per-item metric values).
+
+Pure JSON: never imports torch or lm-eval, so CI can gate existing lm-eval outputs on a machine without them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forgetcheck.errors import BadInput
+from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl
+from forgetcheck.schema import PROMPT_CHARS, SCHEMA_VERSION
+
+RESULTS_RE = re.compile(r"^results_(?P<date>.+)\.json$")
+PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+SUITES = ("retention", "domain")
+"""Config keys that may differ between the two sides: lm-eval writes the model's arguments into `metadata`."""
+
+
+@dataclass
+class TaskRun:
+    """One task as one lm-eval run saw it."""
+
+    name: str
+    config: dict
+    results: dict  # results[task]: "acc,none", "acc_stderr,none", ...
+    higher_is_better: dict
+    n_shot: Any
+    version: Any
+    samples_file: Path
+    samples: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class LmEvalRun:
+    """A folder of lm-eval outputs for one model: its tasks (the newest results file wins per task)."""
+
+    folder: Path
+    model: dict
+    header: dict  # the newest results file's top-level facts (config, versions, chat template, ...)
+    tasks: dict[str, TaskRun]
+
+
+# ---- reading a folder ------------------------------------------------------------------------------------
+
+def _results_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("results_*.json") if RESULTS_RE.match(p.name))
+
+
+def find_model_folder(path: Path, flag: str) -> Path:
+    """The folder holding results_*.json: `path` itself, or its one model subfolder (lm-eval's
+    `--output_path DIR` writes `DIR/<model>/`). A results_*.json file stands for its folder."""
+    path = Path(path)
+    if path.is_file() and RESULTS_RE.match(path.name):
+        return path.parent
+    if not path.is_dir():
+        raise BadInput(f"{flag} {path}: no such folder; give the --output_path folder of an "
+                       f"`lm_eval ... --log_samples` run")
+    if _results_files(path):
+        return path
+    subs = sorted(d for d in path.iterdir() if d.is_dir() and _results_files(d))
+    if len(subs) == 1:
+        return subs[0]
+    if len(subs) > 1:
+        raise BadInput(f"{flag} {path} holds the outputs of {len(subs)} models ({', '.join(d.name for d in subs)}): "
+                       f"give one of these folders")
+    raise BadInput(f"{flag} {path}: no results_*.json there or in a subfolder; give the --output_path folder of "
+                   f"an `lm_eval ... --log_samples` run")
+
+
+def _load_json(path: Path, flag: str) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{flag}: {path}:{e.lineno} is not valid JSON ({e.msg}); re-run lm_eval") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("results"), dict):
+        raise BadInput(f"{flag}: {path} is not an lm-eval results file (no 'results' object)")
+    return obj
+
+
+def read_samples_file(path: Path, flag: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{flag}: {path}:{lineno} is not valid JSON ({e.msg}); re-run lm_eval") from None
+            if not isinstance(row, dict) or "doc_id" not in row or "doc_hash" not in row:
+                raise BadInput(f"{flag}: {path}:{lineno} lacks doc_id/doc_hash: not an lm-eval --log_samples file")
+            rows.append(row)
+    return rows
+
+
+def read_run(path: Path, flag: str) -> LmEvalRun:
+    """Read one model's lm-eval outputs. Every task in a results file must have its samples file."""
+    folder = find_model_folder(path, flag)
+    files = _results_files(folder)
+    if Path(path).is_file():
+        files = [Path(path)]
+    tasks: dict[str, TaskRun] = {}
+    header: dict = {}
+    for rf in files:  # oldest first: a newer run of a task replaces an older one
+        res = _load_json(rf, flag)
+        date = RESULTS_RE.match(rf.name).group("date")
+        header = res
+        for name, cfg in (res.get("configs") or {}).items():
+            sf = folder / f"samples_{name}_{date}.jsonl"
+            if not sf.is_file():
+                raise BadInput(f"{flag}: {rf.name} has task '{name}' but no {sf.name} beside it: run lm_eval with "
+                               f"--log_samples (per-item results are what makes the diff paired)")
+            tasks[name] = TaskRun(name=name, config=cfg if isinstance(cfg, dict) else {},
+                                  results=(res.get("results") or {}).get(name) or {},
+                                  higher_is_better=(res.get("higher_is_better") or {}).get(name) or {},
+                                  n_shot=(res.get("n-shot") or {}).get(name),
+                                  version=(res.get("versions") or {}).get(name), samples_file=sf)
+    if not tasks:
+        raise BadInput(f"{flag} {folder}: its results files list no task")
+    cfg = header.get("config") or {}
+    model_args = cfg.get("model_args")
+    pretrained = None
+    if isinstance(model_args, str):
+        for part in model_args.split(","):
+            k, _, v = part.partition("=")
+            if k.strip() == "pretrained":
+                pretrained = v.strip()
+    elif isinstance(model_args, dict):
+        pretrained = model_args.get("pretrained")
+    name = header.get("model_name") or pretrained or folder.name
+    model = {"name": str(name), "path": pretrained, "kind": "lm-eval samples",
+             "lm_eval_backend": cfg.get("model"), "content_hash": None,
+             "random_weights": _random_weights(pretrained), "folder": str(folder)}
+    return LmEvalRun(folder=folder, model=model, header=header, tasks=tasks)
+
+
+def _random_weights(pretrained: str | None) -> bool:
+    """A forgetcheck-built model folder says whether its weights are random (tiny-gpt2)."""
+    if not pretrained:
+        return False
+    marker = Path(pretrained) / "forgetcheck.json"
+    try:
+        return bool(json.loads(marker.read_text()).get("random_weights", False))
+    except (OSError, ValueError):
+        return False
+
+
+# ---- lm-eval samples -> forgetcheck eval files -----------------------------------------------------------
+
+def _kind(cfg: dict) -> str:
+    out_type = cfg.get("output_type")
+    if out_type == "multiple_choice":
+        return "multiple_choice"
+    if out_type == "loglikelihood_rolling":
+        return "perplexity"
+    return str(out_type or "unknown")
+
+
+def _metric_names(task: TaskRun) -> list[str]:
+    names = []
+    for key in task.results:
+        if "," in key and "_stderr," not in key:
+            m = key.split(",")[0]
+            if m not in names:
+                names.append(m)
+    return names
+
+
+def primary_metric(task: TaskRun) -> str:
+    """metadata.primary_metric (forgetcheck's tasks say it), else the config's first metric, else the
+    default of the output type, as forgetcheck's evaluation chooses it."""
+    meta = task.config.get("metadata") or {}
+    names = _metric_names(task)
+    for m in (meta.get("primary_metric"), meta.get("primary")):
+        if m and m in names:
+            return m
+    for entry in task.config.get("metric_list") or []:
+        m = entry.get("metric") if isinstance(entry, dict) else None
+        if isinstance(m, str) and m in names:
+            return m
+    default = "word_perplexity" if _kind(task.config) == "perplexity" else "acc"
+    if default in names or not names:
+        return default
+    return names[0]
+
+
+def _filter_of(task: TaskRun, metric: str) -> str | None:
+    """The lm-eval filter whose results carry `metric` ("none" for most tasks)."""
+    for key in task.results:
+        if key.split(",")[0] == metric and "," in key:
+            return key.split(",", 1)[1]
+    return None
+
+
+def _mean_aggregated(task: TaskRun) -> set[str]:
+    """Metrics whose task score is the mean of per-item values (so a paired item diff reproduces it)."""
+    out = set()
+    listed = task.config.get("metric_list")
+    if not listed:
+        kind = _kind(task.config)
+        return {"acc", "acc_norm"} if kind == "multiple_choice" else set()
+    for entry in listed:
+        if not isinstance(entry, dict):
+            continue
+        agg = entry.get("aggregation", "mean")
+        if agg == "mean" or (isinstance(agg, str) and re.search(r"\bmean\b", agg)):
+            out.add(entry.get("metric"))
+    return out
+
+
+def _num(x: Any) -> float:
+    return float(x)
+
+
+def _bool(x: Any) -> bool:
+    return x is True or str(x).lower() == "true"
+
+
+def _target_index(target: Any, choices: list[str]) -> Any:
+    s = str(target)
+    if re.fullmatch(r"-?\d+", s):
+        return int(s)
+    stripped = [c.strip() for c in choices]
+    return stripped.index(s.strip()) if s.strip() in stripped else s
+
+
+def _arguments(sample: dict) -> list[list[str]]:
+    args = sample.get("arguments") or []
+    if isinstance(args, dict):  # the tracker's sanitized form: {"gen_args_0": {"arg_0": ctx, "arg_1": cont}}
+        return [[str(v) for _, v in sorted(a.items(), key=lambda kv: int(kv[0].split("_")[-1]))]
+                for _, a in sorted(args.items(), key=lambda kv: int(kv[0].split("_")[-1]))]
+    return [[str(x) for x in a] if isinstance(a, (list, tuple)) else [str(a)] for a in args]
+
+
+def to_record(sample: dict, kind: str, mean_metrics: set[str], primary: str) -> dict:
+    """One lm-eval sample as a forgetcheck per-item record (the keys evaluation writes)."""
+    row: dict[str, Any] = {"doc_id": int(sample["doc_id"]), "doc_hash": sample["doc_hash"]}
+    if kind == "perplexity":
+        ll = float(_num((sample.get("filtered_resps") or [math.nan])[0]))
+        wp, bp = sample.get("word_perplexity"), sample.get("byte_perplexity") or sample.get("bits_per_byte")
+        row.update(loglikelihood=ll,
+                   words=int(wp[1]) if isinstance(wp, list) and len(wp) == 2 else len(str(sample.get("target")).split()),
+                   bytes=int(bp[1]) if isinstance(bp, list) and len(bp) == 2 else len(str(sample.get("target")).encode()))
+        return row
+    metrics = {m: float(sample[m]) for m in sorted(mean_metrics)
+               if isinstance(sample.get(m), (int, float)) and not isinstance(sample.get(m), bool)}
+    metrics.update({m: float(sample[m]) for m in mean_metrics if isinstance(sample.get(m), bool)})
+    row["metrics"] = metrics
+    args = _arguments(sample)
+    if kind == "multiple_choice":
+        resps = sample.get("filtered_resps") or []
+        row["loglikelihoods"] = [_num(r[0]) if isinstance(r, list) else _num(r) for r in resps]
+        row["is_greedy"] = [_bool(r[1]) if isinstance(r, list) and len(r) > 1 else False for r in resps]
+        choices = [a[1] for a in args if len(a) == 2]
+        row["target"] = _target_index(sample.get("target"), choices)
+        if args and len(args[0]) == 2:
+            row["prompt"] = args[0][0][-PROMPT_CHARS:]
+            row["choices"] = [c[:200] for c in choices]
+    else:
+        row["target"] = sample.get("target")
+        resps = sample.get("filtered_resps") or []
+        row["response"] = str(resps[0])[:400] if resps else None
+        if args:
+            row["prompt"] = args[0][0][-PROMPT_CHARS:]
+    if primary in metrics:
+        row["correct"] = bool(metrics[primary] == 1.0)
+    elif "acc" in metrics:
+        row["correct"] = bool(metrics["acc"] == 1.0)
+    return row
+
+
+def _task_metrics(task: TaskRun, flt: str | None) -> dict:
+    out = {}
+    for key, value in task.results.items():
+        if "," not in key or "_stderr," in key:
+            continue
+        metric, f = key.split(",", 1)
+        if flt is not None and f != flt or not isinstance(value, (int, float)):
+            continue
+        stderr = task.results.get(f"{metric}_stderr,{f}")
+        out[metric] = {"value": float(value),
+                       "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                       "higher_is_better": bool(task.higher_is_better.get(metric, metric not in PERPLEXITY_METRICS))}
+    return out
+
+
+def _suite(task: TaskRun) -> str:
+    s = (task.config.get("metadata") or {}).get("suite")
+    return s if s in SUITES else "retention"
+
+
+def task_rows(task: TaskRun, flag: str) -> tuple[list[dict], dict]:
+    """(per-item records of the primary metric's filter, the eval file's task entry without `samples`)."""
+    rows_raw = task.samples or read_samples_file(task.samples_file, flag)
+    task.samples = rows_raw
+    primary = primary_metric(task)
+    flt = _filter_of(task, primary)
+    kind = _kind(task.config)
+    chosen = [s for s in rows_raw if flt is None or s.get("filter", flt) == flt]
+    mean_metrics = _mean_aggregated(task)
+    records = sorted((to_record(s, kind, mean_metrics, primary) for s in chosen), key=lambda r: r["doc_id"])
+    chance = None
+    if kind == "multiple_choice" and chosen:
+        meta_chance = (task.config.get("metadata") or {}).get("chance")
+        chance = float(meta_chance) if isinstance(meta_chance, (int, float)) else \
+            sum(1.0 / max(1, len(r["loglikelihoods"])) for r in records) / len(records)
+    entry = {"suite": _suite(task), "kind": kind, "primary_metric": primary, "metrics": _task_metrics(task, flt),
+             "n": len(records), "chance": chance, "filter": flt,
+             "lm_eval": {"results_file": str(task.samples_file.parent / task.samples_file.name.replace(
+                 f"samples_{task.name}_", "results_").replace(".jsonl", ".json")),
+                 "samples_file": str(task.samples_file), "n_shot": task.n_shot, "version": task.version}}
+    return records, entry
+
+
+def write_eval(run: LmEvalRun, tasks: list[str], out_file: Path, label: str, flag: str,
+               rows_by_task: dict[str, tuple[list[dict], dict]]) -> dict:
+    """Write `out_file` (an EvalFile) and `samples/<label>/<task>.jsonl` beside it."""
+    out_file = Path(out_file)
+    entries = {}
+    for name in tasks:
+        rows, entry = rows_by_task[name]
+        sample_file = out_file.parent / "samples" / label / f"{name}.jsonl"
+        atomic_write_jsonl(sample_file, rows)
+        entries[name] = {**entry, "samples": str(sample_file.relative_to(out_file.parent))}
+    header = run.header
+    doc = {
+        "schema_version": SCHEMA_VERSION, "kind": "eval", "model": run.model,
+        "config": {"source": "lm-eval --log_samples", "folder": str(run.folder)},
+        "limit": (header.get("config") or {}).get("limit"),
+        "backend": f"lm-eval {(header.get('config') or {}).get('model') or '?'}",
+        "backend_used": [str((header.get("config") or {}).get("model") or "?")],
+        "versions": {"lm_eval": header.get("lm_eval_version"), "transformers": header.get("transformers_version")},
+        "tasks": entries,
+        "drift": {"note": "no KL drift: lm-eval samples hold no next-token distributions"},
+        "timings": {},
+    }
+    atomic_write_json(out_file, doc)
+    return doc

@@ -1,0 +1,1 @@
+"""What `--base` names: resolving aliases and folders, model files, the offline tokenizer."""

@@ -1,0 +1,126 @@
+"""The report's forgetting-curve section: learning and forgetting against training tokens, every arm on one
+chart per signal, the forecast made at the end of the forecast window beside the value measured at the end of
+the budget, and why an arm stopped early. Reads runs/<id>/curves/<arm>.json (train/signals.py's schema) as JSON only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from forgetcheck.report.charts import Scale, tick_label
+from forgetcheck.rundir import RunDir, read_json
+from forgetcheck.schema import CURVE_VERSION, check_versioned
+from forgetcheck.train.signals import worse  # torch-free: the direction rule train/signals.py's forecasts use
+
+PANELS = (  # signal, title, y label, sign (+1: forgetting as stored, -1: learning = the drop of the signal)
+    ("soft_acc", "Forgetting: retention soft accuracy lost", "points lost", +1),
+    ("bpb_domain", "Learning: domain bits per byte gained", "bits/byte gained", -1),
+    ("kl_general", "Drift: KL(base ‖ arm) on general text", "nats/token", +1),
+)
+SIGNAL_NAMES = {"soft_acc": "retention soft accuracy lost (points)", "kl_general": "KL on general text (nats/token)",
+                "kl_domain": "KL on domain text (nats/token)", "bpb_general": "general bits per byte rise"}
+
+
+def _series(curve: dict, signal: str, sign: int) -> list[tuple[float, float]]:
+    """(tokens, value) from the base (0, 0) on: soft_acc base − value, bits per byte value − base (times
+    `sign`: −1 turns a drop into learning), KL the value."""
+    base = (curve.get("base") or {}).get(signal)
+    out = [(0.0, 0.0)]
+    for p in sorted(curve.get("points") or [], key=lambda p: p["tokens"]):
+        v = p.get(signal)
+        if v is None or not math.isfinite(v) or (signal != "kl_general" and base is None):
+            continue
+        out.append((float(p["tokens"]), sign * worse(signal, v, base)))
+    return out if len(out) > 1 else []
+
+
+def _panel(curves: dict[str, dict], colors: dict, signal: str, title: str, ylabel: str, sign: int) -> dict | None:
+    series = []
+    for arm, c in curves.items():
+        pts = _series(c, signal, sign)
+        if pts:
+            series.append({"arm": arm, "curve": pts, "color": colors.get(arm, "#64748b"),
+                           "fc": _forecast_mark(c, signal) if sign > 0 else None})
+    if not series:
+        return None
+    w, h, ml, mr, mt, mb = 420, 260, 64, 16, 16, 44
+    xs = [x for s in series for x, _ in s["curve"]]
+    ys = [y for s in series for _, y in s["curve"]]
+    ys += [v for s in series if s["fc"] for v in (s["fc"]["lo"], s["fc"]["hi"], s["fc"]["predicted"]) if v is not None]
+    xs += [s["fc"]["at"] for s in series if s["fc"]]
+    sx = Scale(0.0, max(xs), ml, w - mr)
+    sy = Scale(min(0.0, min(ys)), max(ys), h - mb, mt)
+    for s in series:
+        s["points"] = " ".join(f"{sx(x)},{sy(y)}" for x, y in s["curve"])
+        s["dots"] = [{"x": sx(x), "y": sy(y)} for x, y in s["curve"][1:]]
+        fc = s.pop("fc")
+        s["mark"] = None
+        if fc and fc["predicted"] is not None:
+            s["mark"] = {"x": sx(fc["at"]), "y": sy(fc["predicted"]),
+                         "y0": sy(fc["lo"]) if fc["lo"] is not None else None,
+                         "y1": sy(fc["hi"]) if fc["hi"] is not None else None, "fit_x": sx(fc["fit_until"])}
+        del s["curve"]
+    return {"id": signal, "title": title, "ylabel": ylabel, "w": w, "h": h, "series": series, "left": ml,
+            "right": w - mr, "top": mt, "bottom": h - mb, "y0": sy(0.0),
+            "xticks": [{"v": tick_label(t), "x": sx(t)} for t in sx.ticks],
+            "yticks": [{"v": tick_label(t), "y": sy(t)} for t in sy.ticks]}
+
+
+def _forecast_mark(curve: dict, signal: str) -> dict | None:
+    fc = (curve.get("meta") or {}).get("forecast") or {}
+    pl = ((fc.get("signals") or {}).get(signal) or {}).get("power_law") or {}
+    if pl.get("predicted") is None:
+        return None
+    return {"predicted": pl["predicted"], "lo": pl.get("lo"), "hi": pl.get("hi"), "at": float(fc["at_tokens"]),
+            "fit_until": float(fc.get("made_at_tokens") or 0.0)}
+
+
+def forecast_rows(curves: dict[str, dict], colors: dict) -> list[dict]:
+    """One row per arm, signal and model: the forecast made at the end of the window, its interval, the value
+    measured at the end of the budget, the miss, and whether the interval held it."""
+    rows = []
+    for arm, c in curves.items():
+        fc = (c.get("meta") or {}).get("forecast") or {}
+        for signal, e in (fc.get("signals") or {}).items():
+            for model in ("power_law", "power_law_tokens", "loss_linear"):
+                m = e.get(model)
+                if not m:
+                    continue
+                measured = e.get("measured")
+                name = {"power_law": "shifted power law", "power_law_tokens": "shifted power law",
+                        "loss_linear": "linear in training loss"}[model]
+                name += {"lr_integral": " (lr integral)", "tokens": " (tokens)"}.get(m.get("axis", "tokens"), "")
+                rows.append({"arm": arm, "color": colors.get(arm, "#64748b"), "signal": SIGNAL_NAMES.get(signal, signal),
+                             "model": name,
+                             "made_at": fc.get("made_at_tokens"), "at": fc.get("at_tokens"),
+                             "predicted": m.get("predicted"), "lo": m.get("lo"), "hi": m.get("hi"),
+                             "measured": measured,
+                             "error": None if measured is None or m.get("predicted") is None else measured - m["predicted"],
+                             "inside": m.get("inside"), "reason": m.get("reason") or e.get("note") or ""})
+    return rows
+
+
+def curves_view(run: RunDir, arms: list[str], colors: dict) -> dict[str, Any]:
+    """What the template's curve section needs; empty when no arm has a curve file."""
+    curves = {}
+    for arm in arms:
+        p = run.curve_json(arm)
+        if p.exists():
+            curves[arm] = check_versioned(read_json(p), "curve", CURVE_VERSION, str(p),
+                                          "re-run training with --eval-every to write it again")
+    if not curves:
+        return {"curve_panels": [], "curve_rows": [], "curve_notes": []}
+    notes = []
+    for arm, c in curves.items():
+        meta = c.get("meta") or {}
+        o = meta.get("overhead") or {}
+        sizes = meta.get("sizes") or {}
+        if o.get("fraction") is not None:
+            notes.append(f"{arm}: {len(c.get('points') or [])} points ({sizes.get('n_items')} items, "
+                         f"{sizes.get('n_tokens')} tokens of each text); measuring cost {o['fraction']:.0%} of the "
+                         f"{o.get('train_s', 0):.0f} s of training (predicted {sizes.get('predicted_fraction', 0):.0%})")
+        if meta.get("stopped_early"):
+            notes.append(f"{arm} STOPPED EARLY: {meta['stopped_early'].get('reason')}")
+    panels = [p for p in (_panel(curves, colors, *spec) for spec in PANELS) if p]
+    return {"curve_panels": panels, "curve_rows": forecast_rows(curves, colors), "curve_notes": notes}

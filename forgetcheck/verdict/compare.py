@@ -1,0 +1,453 @@
+"""Paired comparison of each fine-tuned arm against the base: what was forgotten, what was learned, and
+whether each difference is real.
+
+Pure: reads the run directory's JSON and JSONL, writes `compare.json`. Never imports torch, transformers or
+lm-eval (CI runs it on JSON alone).
+
+Per task and arm (items paired across models by `doc_hash`, else `doc_id`; methods in forgetcheck/verdict/stats.py and
+docs/verdicts.md):
+- base and arm score of the task's primary metric, and the *oriented* delta: positive is better, negative
+  is worse, whatever the metric's direction (`higher_is_better`). Accuracy-like metrics are in points
+  (x100); perplexity metrics keep their own units.
+- `acc`: the Bonett-Price estimate for 0/1 scores (design effect for clustered items), `soft`: the paired
+  difference of soft accuracy (probability on the correct choice) with a cluster-bootstrap standard error;
+  each with its (1 - alpha) interval and the two-sided p-value of the same method (they always agree); Holm's
+  correction across the gated retention tasks (accuracy, informative) per arm;
+- `informative`: whether the base is significantly above chance (else the task cannot show forgetting);
+- flip counts (right->wrong, wrong->right) and a few examples each way.
+Suite means (accuracy-like tasks; over informative tasks and over all, for acc and soft; the variance is the
+sum of the task variances), general-text drift with intervals (bits-per-byte rise, mean KL), arm against arm
+on the same items, the budget each arm spent, and a learning-vs-forgetting summary per arm (Biderman et al.
+2024, "LoRA Learns Less and Forgets Less": forgetting = drop of the mean retention score, learning = gain of
+the mean domain score).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forgetcheck.errors import BadInput
+from forgetcheck.rundir import RunDir, atomic_write_json, confined, read_json, read_jsonl
+from forgetcheck.schema import COMPARE_VERSION, checked_compare, require
+from forgetcheck.verdict import budget, flips, rollup
+from forgetcheck.verdict.stats import (
+    Estimate,
+    above_chance_p,
+    bootstrap_se,
+    paired_binary,
+    paired_mean,
+    soft_scores,
+)
+
+PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+# ---- metrics of a task, from its items ----------------------------------------------------------------------
+
+def metric_scale(metric: str, kind: str | None) -> tuple[float, str]:
+    """(scale, unit) of a metric's deltas: points for accuracy-like metrics, own units for perplexity."""
+    if metric in PERPLEXITY_METRICS or kind == "perplexity":
+        return 1.0, metric
+    return 100.0, "points"
+
+
+class TaskItems:
+    """One model's per-item records of one task, as arrays keyed for pairing."""
+
+    def __init__(self, rows: list[dict], metric: str, kind: str | None):
+        self.rows = rows
+        self.keys = _pair_keys(rows)
+        self.metric, self.kind = metric, kind
+
+    def values(self, idx: list[int]) -> dict[str, np.ndarray]:
+        rows = [self.rows[i] for i in idx]
+        if self.metric in PERPLEXITY_METRICS:
+            return {
+                "ll": np.array([float(r["loglikelihood"]) for r in rows]),
+                "words": np.array([float(r.get("words") or 0) for r in rows]),
+                "bytes": np.array([float(r.get("bytes") or 0) for r in rows]),
+            }
+        return {"x": np.array([_item_score(r, self.metric) for r in rows], dtype=float)}
+
+
+def _item_score(row: dict, metric: str) -> float:
+    m = row.get("metrics") or {}
+    if metric in m and m[metric] is not None:
+        return float(m[metric])
+    if metric == "acc" and "correct" in row:
+        return float(bool(row["correct"]))
+    raise KeyError(metric)
+
+
+def _pair_keys(rows: list[dict]) -> list[str]:
+    """doc_hash (else doc_id); repeated keys (duplicate documents) get a running suffix in doc_id order."""
+    seen: dict[str, int] = {}
+    keys = []
+    for r in rows:
+        base = r.get("doc_hash") or f"id:{r.get('doc_id')}"
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        keys.append(base if k == 0 else f"{base}#{k}")
+    return keys
+
+
+def corpus_metric(metric: str, v: dict[str, np.ndarray], w: np.ndarray | None = None) -> np.ndarray | float:
+    """The task metric from item arrays; with `w` (bootstrap rows of indices) one value per row."""
+    if metric in PERPLEXITY_METRICS:
+        def tot(a):
+            return a.sum() if w is None else a[w].sum(axis=1)
+
+        ll, denom = tot(v["ll"]), tot(v["words"] if metric == "word_perplexity" else v["bytes"])
+        if metric == "bits_per_byte":
+            return -ll / denom / math.log(2)
+        return np.exp(-ll / denom)
+    x = v["x"]
+    return x.mean() if w is None else x[w].mean(axis=1)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+def load_eval(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path} not found: run `forgetcheck eval` (or `forgetcheck run`) to write it")
+    return require(read_json(path), "eval", str(path))
+
+
+COMPARE_FIELDS = {"arms": list, "tasks": dict, "suites": dict}
+
+
+def read_compare(path: Path) -> dict:
+    """compare.json, checked: a compare file of the schema_version this forgetcheck writes (schema.read_compare),
+    with its fields."""
+    from forgetcheck.schema import read_compare as read_typed
+
+    path = Path(path)
+    d = read_typed(path)
+    for key, typ in COMPARE_FIELDS.items():
+        if not isinstance(d.get(key), typ):
+            raise BadInput(f"{path}: '{key}' is missing or not a JSON {'list' if typ is list else 'object'}: the "
+                           f"file is damaged or not forgetcheck's; re-run `forgetcheck compare`")
+    return d
+
+
+def load_items(eval_path: Path, task: str, entry: dict) -> list[dict] | None:
+    rel = entry.get("samples")
+    if not rel:
+        return None
+    # a run folder may only point inside itself: a samples path is relative to the eval JSON's folder
+    p = confined(Path(eval_path).parent, rel, f"{eval_path}: tasks.{task}.samples")
+    if not p.is_file():
+        return None
+    rows = read_jsonl(p)
+    rows.sort(key=lambda r: (_sortable(r.get("doc_id")), str(r.get("doc_hash"))))
+    return rows
+
+
+def _sortable(x):
+    return (0, x, "") if isinstance(x, (int, float)) else (1, 0, str(x))
+
+
+def _metric_value(entry: dict, metric: str) -> tuple[float | None, bool | None]:
+    m = (entry.get("metrics") or {}).get(metric) or {}
+    v = m.get("value")
+    return (float(v) if v is not None else None), m.get("higher_is_better")
+
+
+def _default_hib(metric: str) -> bool:
+    return metric not in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+# ---- one task ----------------------------------------------------------------------------------------------
+
+def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, tuple[Path, dict]], *,
+                 alpha: float, n_boot: int, seed: int) -> tuple[dict, dict[str, dict]]:
+    """Compare one task for every arm that has it. Returns (entry, {arm: per-item arrays for arm-vs-arm})."""
+    base_path, base = base_eval
+    bentry = base["tasks"][name]
+    metric = bentry.get("primary_metric") or "acc"
+    kind = bentry.get("kind") or ("perplexity" if metric in PERPLEXITY_METRICS else "multiple_choice")
+    base_value, hib = _metric_value(bentry, metric)
+    hib = _default_hib(metric) if hib is None else bool(hib)
+    scale, unit = metric_scale(metric, kind)
+    sign = 1.0 if hib else -1.0
+    out: dict[str, Any] = {
+        "suite": bentry.get("suite", "retention"), "kind": kind, "metric": metric, "higher_is_better": hib,
+        "unit": unit, "scale": scale, "chance": _scaled(bentry.get("chance"), scale),
+        "base": {"score": _scaled(base_value, scale), "n": bentry.get("n")}, "arms": {}, "notes": [],
+    }
+    paired_items: dict[str, dict] = {}
+    base_rows = load_items(base_path, name, bentry)
+    base_items = TaskItems(base_rows, metric, kind) if base_rows else None
+    out["informative"] = _informative(out, base_items, alpha)
+
+    for arm, (apath, aev) in arm_evals.items():
+        aentry = (aev.get("tasks") or {}).get(name)
+        if aentry is None:
+            why = ((aev.get("skipped") or {}).get(name) or ((aev.get("missing") or {}).get(name) or {}).get("why")
+                   or "task not evaluated")
+            out.setdefault("unscored", {})[arm] = why  # what the gate and the report read
+            out["notes"].append(f"{arm}: not scored: {why}")
+            continue
+        arm_value, _ = _metric_value(aentry, metric)
+        res: dict[str, Any] = {"score": _scaled(arm_value, scale), "n": aentry.get("n")}
+        arm_rows = load_items(apath, name, aentry)
+        paired = None
+        if base_items is not None and arm_rows:
+            arm_items = TaskItems(arm_rows, metric, kind)
+            try:
+                paired = _paired_stats(name, arm, base_items, arm_items, scale=scale, sign=sign, alpha=alpha,
+                                       n_boot=n_boot, seed=seed)
+            except KeyError as e:
+                out["notes"].append(f"{arm}: per-item records lack metric {e}; scores from the aggregate")
+        if paired is not None:
+            stats, items, base_extra = paired
+            res.update(stats)
+            out["base"].update(base_extra)
+            paired_items[arm] = items
+        else:
+            if base_value is not None and arm_value is not None:
+                res["delta"] = sign * (arm_value - base_value) * scale + 0.0
+            else:
+                res["delta"] = None
+            res.update({"ci": None, "p_value": None, "test": None, "n_paired": 0, "source": "aggregate",
+                        "acc": None, "soft": None})
+            out["notes"].append(f"{arm}: no paired per-item records; delta from aggregate scores, no CI or test")
+        out["arms"][arm] = res
+    return out, paired_items
+
+
+def _informative(t: dict, base_items: TaskItems | None, alpha: float) -> dict:
+    """Is the base clearly above chance on this task (exact one-sided binomial test at alpha)? A model at
+    chance has nothing to forget: the task cannot show forgetting at this model size."""
+    chance = t.get("chance")
+    if t["unit"] != "points" or chance is None or base_items is None:
+        return {"value": True, "p_value": None, "reason": "no chance level or per-item records: kept"}
+    try:
+        x = base_items.values(list(range(len(base_items.rows))))["x"]
+    except KeyError:
+        return {"value": True, "p_value": None, "reason": "per-item scores unreadable: kept"}
+    if not np.isin(x, (0.0, 1.0)).all() or not t["higher_is_better"]:
+        return {"value": True, "p_value": None, "reason": "not a 0/1 score: kept"}
+    k, n = int(x.sum()), len(x)
+    p = above_chance_p(k, n, chance / 100.0)
+    ok = p < alpha
+    return {"value": bool(ok), "p_value": p, "correct": k, "n": n,
+            "reason": (f"base {100 * k / n:.1f} vs chance {chance:.1f} (one-sided binomial p={p:.3g}"
+                       + (f" < {alpha:g}): informative" if ok else
+                          f" >= {alpha:g}): not above chance, uninformative at this model size"))}
+
+
+def _scaled(v, scale):
+    return None if v is None else float(v) * scale
+
+
+def _paired_stats(name: str, arm_name: str, base: TaskItems, arm: TaskItems, *, scale: float, sign: float,
+                  alpha: float, n_boot: int, seed: int):
+    bidx = {k: i for i, k in enumerate(base.keys)}
+    pairs = [(bidx[k], j) for j, k in enumerate(arm.keys) if k in bidx]
+    if not pairs:
+        return None
+    bi, ai = [p[0] for p in pairs], [p[1] for p in pairs]
+    bv, av = base.values(bi), arm.values(ai)
+    n = len(pairs)
+    clusters = _clusters([base.rows[i] for i in bi])
+    b_score = float(corpus_metric(base.metric, bv)) * scale
+    a_score = float(corpus_metric(arm.metric, av)) * scale
+    stats: dict[str, Any] = {
+        "score": a_score, "n_paired": n, "clusters": None if clusters is None else int(len(np.unique(clusters))),
+        "unpaired": {"base_only": len(base.keys) - n, "arm_only": len(arm.keys) - n}, "source": "items",
+    }
+    base_extra: dict[str, Any] = {"score_paired": b_score}
+    items: dict[str, Any] = {"keys": [base.keys[i] for i in bi], "clusters": clusters}
+    binary = "x" in bv and np.isin(bv["x"], (0.0, 1.0)).all() and np.isin(av["x"], (0.0, 1.0)).all()
+    if "x" in bv:
+        bx, ax = bv["x"], av["x"]
+        if binary:
+            bb, ab = bx.astype(bool), ax.astype(bool)
+            if sign < 0:  # a lower-is-better 0/1 metric: "right" is 0
+                bb, ab = ~bb, ~ab
+            est = paired_binary(bb, ab, clusters, scale=scale)
+            r2w, w2r = np.flatnonzero(bb & ~ab), np.flatnonzero(~bb & ab)
+            stats["examples"] = {
+                "right_to_wrong": [flips.example(base.rows[bi[i]], arm.rows[ai[i]], base.metric)
+                                   for i in r2w[:flips.N_EXAMPLES]],
+                "wrong_to_right": [flips.example(base.rows[bi[i]], arm.rows[ai[i]], base.metric)
+                                   for i in w2r[:flips.N_EXAMPLES]],
+            }
+            items["acc"] = (bb.astype(float), ab.astype(float))
+        else:
+            est = paired_mean(sign * bx, sign * ax, clusters, scale=scale, n_boot=n_boot, seed=seed,
+                              key=f"{name}\x1f{arm_name}")
+            items["acc"] = (sign * bx, sign * ax)
+        stats["acc"] = est.to_dict(alpha)
+        bs = _soft([base.rows[i] for i in bi])
+        as_ = _soft([arm.rows[i] for i in ai])
+        if bs is not None and as_ is not None:
+            soft = paired_mean(bs, as_, clusters, scale=scale, n_boot=n_boot, seed=seed,
+                               key=f"{name}\x1fsoft\x1f{arm_name}")
+            stats["soft"] = soft.to_dict(alpha)
+            stats["soft_score"] = float(as_.mean() * scale)
+            base_extra["soft_score"] = float(bs.mean() * scale)
+            items["soft"] = (bs, as_)
+        else:
+            stats["soft"] = None
+    else:  # perplexity: a ratio of sums over documents, resampled by document (clusters within the task)
+        def stat(w, arr, metric=base.metric):
+            return sign * (_weighted_corpus(metric, arr, "a", w) - _weighted_corpus(metric, arr, "b", w)) * scale
+
+        arrays = {f"{p}_{k}": v for p, src in (("a", av), ("b", bv)) for k, v in src.items()}
+        se = bootstrap_se(stat, arrays, clusters=clusters, n_boot=n_boot, seed=seed, key=f"{name}\x1f{arm_name}")
+        point = sign * (a_score - b_score) + 0.0
+        est = Estimate(point=point, center=point, se=se, method="cluster_bootstrap", n=n,
+                       clusters=stats["clusters"])
+        stats["acc"] = None
+        stats["soft"] = None
+        stats["estimate"] = est.to_dict(alpha)
+    primary = stats["acc"] if stats.get("acc") is not None else stats["estimate"]
+    stats.update({"delta": primary["point"], "ci": primary["ci"], "p_value": primary["p_value"],
+                  "test": primary["method"]})
+    if primary.get("flips") is not None:
+        stats["flips"] = primary["flips"]
+    return stats, items, base_extra
+
+
+def _weighted_corpus(metric: str, arr: dict, prefix: str, w: np.ndarray) -> np.ndarray:
+    ll = w @ arr[f"{prefix}_ll"]
+    denom = w @ arr[f"{prefix}_{'words' if metric == 'word_perplexity' else 'bytes'}"]
+    if metric == "bits_per_byte":
+        return -ll / denom / math.log(2)
+    return np.exp(-ll / denom)
+
+
+def _clusters(rows: list[dict]) -> np.ndarray | None:
+    """Cluster id per item (items sharing a source), or None when no item names one (items independent)."""
+    if not any(r.get("cluster") is not None for r in rows):
+        return None
+    return np.array([str(r["cluster"]) if r.get("cluster") is not None else f"\x00item:{i}"
+                     for i, r in enumerate(rows)])
+
+
+def _soft(rows: list[dict]) -> np.ndarray | None:
+    vals = [soft_scores(r.get("loglikelihoods"), r.get("target")) for r in rows]
+    if not vals or any(v is None for v in vals):
+        return None
+    return np.array(vals, dtype=float)
+
+
+def uninformative_tasks(base_eval: Path, *, alpha: float = 0.05) -> dict[str, str]:
+    """{task: why} for the retention tasks of a base evaluation on which the base is not above chance
+    (`_informative`): they cannot show forgetting, the gate and the retention mean leave them out by default,
+    so `forgetcheck run` does not spend the arms' evaluation on them (the gate's keep_uninformative keeps them)."""
+    base = (Path(base_eval), load_eval(base_eval))
+    out = {}
+    for name, entry in sorted((base[1].get("tasks") or {}).items()):
+        if entry.get("suite", "retention") != "retention":
+            continue
+        t, _ = compare_task(name, base, {}, alpha=alpha, n_boot=100, seed=0)
+        inf = t["informative"]
+        if t["unit"] == "points" and not inf["value"]:
+            out[name] = (f"the base is not above chance on it ({inf['correct']}/{inf['n']} right, chance "
+                         f"{t['chance']:.1f}%, one-sided binomial p={inf['p_value']:.3g})")
+    return out
+
+
+def skipped_for(base_eval: Path, gate_cfg, who: str) -> tuple[dict[str, str], str]:
+    """What `run` (its arms) and `check` (its candidates) leave out of `who`'s evaluation: ({task: why} of the
+    `uninformative_tasks`, or nothing when the policy keeps them), and the console line naming them ('' for
+    none)."""
+    skip = {} if gate_cfg.keep_uninformative else uninformative_tasks(base_eval, alpha=gate_cfg.alpha)
+    line = (f"{len(skip)} retention task(s) skipped for the {who}, the base is at chance on them: "
+            f"{', '.join(sorted(skip))} (--keep-uninformative scores and gates them)") if skip else ""
+    return skip, line
+
+
+# ---- the whole comparison -----------------------------------------------------------------------------------
+
+def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float = 0.05, n_boot: int = 2000,
+                  seed: int = 0) -> dict:
+    """Compare eval files (no train files needed): per-task, suite, drift, arm-vs-arm and learn-vs-forget."""
+    if not 0 < alpha < 1:
+        raise BadInput(f"--alpha must be in (0, 1) (got {alpha})")
+    if n_boot < 100:
+        raise BadInput(f"--n-boot must be at least 100 (got {n_boot})")
+    base = (Path(base_eval), load_eval(base_eval))
+    arms = {arm: (Path(p), load_eval(p)) for arm, p in arm_evals.items()}
+    if not arms:
+        raise BadInput("no arm evaluations to compare: evaluate at least one arm (eval/sft.json or eval/cpt.json)")
+    tasks, items = {}, {}
+    for name in sorted(base[1].get("tasks") or {}):
+        tasks[name], items[name] = compare_task(name, base, arms, alpha=alpha, n_boot=n_boot, seed=seed)
+    missing = missing_tasks(base, arms, tasks)
+    rollup.apply_holm(tasks, list(arms), alpha)
+    suites = rollup.suite_means(tasks, list(arms), alpha)
+    drift = {arm: rollup.drift_block(tasks, arm, ev, base[1], alpha=alpha, n_boot=n_boot, seed=seed)
+             for arm, (_, ev) in arms.items()}
+    model = base[1].get("model") or {}
+    return {
+        "schema_version": COMPARE_VERSION, "kind": "compare",
+        "alpha": alpha, "ci_level": 1 - alpha, "n_boot": n_boot, "seed": seed,
+        "methods": METHODS,
+        "base": {"model": model, "random_weights": bool(model.get("random_weights", False)),
+                 "limit": base[1].get("limit"), "backend": base[1].get("backend")},
+        "arms": list(arms),
+        "arm_models": {arm: ev.get("model") or {} for arm, (_, ev) in arms.items()},
+        "tasks": tasks, "missing": missing, "suites": suites, "drift": drift,
+        "arm_vs_arm": rollup.arm_vs_arm(tasks, items, list(arms), alpha, n_boot, seed),
+        "seed_groups": rollup.seed_groups(tasks, items, list(arms), alpha, n_boot, seed),
+        "summary": rollup.summary(suites, drift, list(arms)),
+    }
+
+
+def missing_tasks(base: tuple[Path, dict], arms: dict[str, tuple[Path, dict]], tasks: dict) -> dict[str, dict]:
+    """Tasks of the evaluated suites whose data could not be built, for the base or any arm: {task: {suite,
+    why, models}}. (A task the base has and an arm lacks is that task's `unscored` entry instead.)"""
+    out: dict[str, dict] = {}
+    for who, ev in [("base", base[1])] + [(a, ev) for a, (_, ev) in arms.items()]:
+        for name, m in sorted((ev.get("missing") or {}).items()):
+            if name in tasks:
+                continue
+            entry = out.setdefault(name, {"suite": m.get("suite"), "why": m.get("why"), "models": []})
+            entry["models"].append(who)
+    return out
+
+
+METHODS = {
+    "acc": "Bonett-Price adjusted Wald interval for paired proportions (design effect for clustered items); "
+           "the p-value is the Wald test of the same centre and standard error",
+    "soft": "paired mean difference of the probability on the correct choice; standard error from a cluster "
+            "bootstrap within the task (clusters resampled, both models on the same resample)",
+    "suite_mean": "mean of the task deltas; variance = sum of the task variances / tasks^2 (disjoint items)",
+    "drift": "relative rise of the drift text's mean NLL per token (= bits per byte on the same bytes) and mean "
+             "KL per token; standard error from a bootstrap of 32-token blocks",
+    "intervals": "every interval and p-value come from one centre and standard error with the normal quantile, "
+                 "so a (1-alpha) interval excludes 0 exactly when p < alpha",
+}
+
+
+def compare_run(run: RunDir | Path | str, *, alpha: float = 0.05, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Compare every evaluated arm of a run against its base, write `compare.json`, return it."""
+    run = RunDir.existing(run)
+    if not run.eval_json("base").exists():
+        raise BadInput(f"{run.eval_json('base')} not found: evaluate the base first (`forgetcheck run` or eval)")
+    arm_names = _arm_names(run)
+    arms = {a: run.eval_json(a) for a in arm_names if run.eval_json(a).exists()}
+    result = compare_evals(run.eval_json("base"), arms, alpha=alpha, n_boot=n_boot, seed=seed)
+    result["run_id"] = run.run_id
+    result["budget"] = budget.budget_block(run, list(arms))
+    atomic_write_json(run.compare, checked_compare(result))
+    return result
+
+
+def _arm_names(run: RunDir) -> list[str]:
+    names: list[str] = []
+    if run.config.exists():
+        names = list(read_json(run.config).get("arms") or [])
+    for p in sorted((run.root / "eval").glob("*.json")):
+        if p.stem != "base" and p.stem not in names:
+            names.append(p.stem)
+    return names

@@ -1,0 +1,373 @@
+"""The release gate: turn compare.json into PASS, FAIL or INCONCLUSIVE, with a reason for every rule.
+
+Pure: reads JSON (and a TOML policy), writes gate.json (+ optional JUnit XML and Markdown). Never imports
+torch. A release passes when harm is ruled out, fails when harm beyond the margin is shown, and is
+inconclusive when the run cannot tell (docs/verdicts.md has every rule and the validity benchmark):
+
+- `task_drop` (each gated retention task; `metric` = soft or acc): PASS when the one-sided (1 - alpha) upper
+  bound of the drop is below `max_drop`; FAIL when the one-sided test of "drop <= max_drop" rejects at alpha
+  after Holm's correction across the gated tasks of the arm; else INCONCLUSIVE.
+- `retention_mean`: PASS when the upper bound of the mean drop is below `max_mean_drop`; FAIL when its lower
+  bound is above it; else INCONCLUSIVE.
+- `domain_gain` (only with `min_domain_gain`): PASS when the lower bound of the mean domain gain reaches it;
+  FAIL when the upper bound is below it; else INCONCLUSIVE.
+- `ppl_rise` / `kl` (general-text drift, unless set to None): the relative rise of bits per byte on the drift
+  text (percent) and the mean KL from the base (nats per token), with the same three outcomes against
+  `max_ppl_rise` / `max_kl`.
+- `coverage`: an arm with no gated retention task FAILs (a gate that checked nothing must not pass).
+
+An arm PASSes when every one of its rules passes (an intersection-union test: no multiplicity correction is
+needed for PASS), FAILs when one fails, else is INCONCLUSIVE; the release likewise over the arms. Retention
+tasks on which the base is not significantly above chance are "uninformative at this model size" and are left
+out of the task rules and the mean (`keep_uninformative` keeps them). Exit codes: 0 pass, 1 fail,
+4 inconclusive (`on_inconclusive` maps 4 to 1 or 0 for CI systems that need two outcomes, and says so).
+Every outcome comes with the power of the run: the smallest drop it can rule out and the items that would
+decide at the margins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from forgetcheck.config import GateConfig, check, validate_gate
+from forgetcheck.errors import BadInput
+from forgetcheck.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from forgetcheck.schema import GATE_VERSION, checked_gate, require
+from forgetcheck.verdict.policy import as_policy, check_keys, resolve_policy
+from forgetcheck.verdict.rollup import gated_tasks
+from forgetcheck.verdict.stats import Estimate, estimate_from_dict, holm, round_up
+from forgetcheck.verdict.text import _f, _p, signed, to_junit, to_markdown
+
+EXIT = {"pass": 0, "fail": 1, "inconclusive": 4}
+
+
+def _three(lower_bad: float, upper_bad: float, margin: float) -> str:
+    """Outcome of 'the harm is at most `margin`' from the one-sided bounds of the harm."""
+    if upper_bad < margin:
+        return "pass"
+    if lower_bad > margin:
+        return "fail"
+    return "inconclusive"
+
+
+def _est(d: dict | None) -> Estimate | None:
+    return None if not d or d.get("se") is None else estimate_from_dict(d)
+
+
+def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
+    """Apply the policy's rules to a compare.json dict. Returns the gate dict (written as gate.json)."""
+    pol = as_policy(policy)
+    check(validate_gate(pol))
+    alpha = pol.alpha
+    side = f"one-sided {round((1 - alpha) * 100)}%"
+    rules: list[dict[str, Any]] = []
+    excluded: list[dict[str, Any]] = []
+    not_checked: list[dict[str, Any]] = []
+    tasks = compare.get("tasks") or {}
+    arms = compare.get("arms") or []
+    metric = pol.metric
+    mlabel = "soft accuracy" if metric == "soft" else "accuracy"
+    power: dict[str, Any] = {"arms": {}}
+
+    def add(rule: str, arm: str | None, status: str, reason: str, task: str | None = None, **values):
+        rules.append({"rule": rule, "arm": arm, "task": task, "status": status, "passed": status == "pass",
+                      "reason": f"{arm}: {reason}" if arm else reason, "values": values})
+
+    for name in sorted(tasks):
+        t = tasks[name]
+        inf = t.get("informative") or {}
+        if t.get("suite") == "retention" and t.get("unit") == "points" and not inf.get("value", True):
+            excluded.append({"task": name, "kept": pol.keep_uninformative,
+                             "reason": f"{name}: uninformative at this model size ({inf.get('reason')})"
+                                       + ("; kept in by keep_uninformative" if pol.keep_uninformative else
+                                          "; left out of gating and of the retention mean")})
+
+    missing = compare.get("missing") or {}
+    for arm in arms:
+        absent = _missing_for(tasks, missing, arm, pol)
+        for name in absent:
+            why = ((missing.get(name) or {}).get("why") or ((tasks.get(name) or {}).get("unscored") or {}).get(arm)
+                   or "the policy requires it and it was not evaluated")
+            add("task_missing", arm, "inconclusive", f"MISSING: {name} could not be evaluated ({why}), so a drop "
+                "there cannot be ruled out", name, max_drop=pol.max_drop, metric=metric)
+        names = gated_tasks(tasks, arm, pol.keep_uninformative)
+        for name in sorted(set(gated_tasks(tasks, None, pol.keep_uninformative)) - set(names) - set(absent)):
+            why = (tasks[name].get("unscored") or {}).get(arm, "task not evaluated")
+            add("task_drop", arm, "inconclusive", f"{name} was not scored for this arm ({why}), so a drop there "
+                "cannot be ruled out; to score it, run with --keep-uninformative (a new run, or --resume after "
+                f"deleting eval/{arm}.json)", name, max_drop=pol.max_drop, metric=metric)
+        task_power = {}
+        p_fail: dict[str, float] = {}
+        pending = []
+        for name in names:
+            t = tasks[name]
+            a = t["arms"][arm]
+            d = a.get(metric)
+            used = metric
+            if d is None and metric == "soft" and a.get("acc") is not None:
+                d, used = a["acc"], "acc"
+            est = _est(d)
+            base_s = (t["base"].get("soft_score") if used == "soft" else
+                      t["base"].get("score_paired", t["base"].get("score")))
+            arm_s = a.get("soft_score") if used == "soft" else a.get("score")
+            label = "soft accuracy" if used == "soft" else t["metric"]
+            if est is None:
+                drop = None if a.get("delta") is None else 0.0 - a["delta"]
+                add("task_drop", arm, "inconclusive", f"{name} {label} {_f(base_s)} -> {_f(arm_s)}: no per-item "
+                    "records, so the drop cannot be bounded or tested (re-run `forgetcheck eval`)", name,
+                    drop=drop, max_drop=pol.max_drop, metric=used)
+                continue
+            drop = 0.0 - est.point
+            up, lo = -est.lower(alpha), -est.upper(alpha)
+            p_fail[name] = est.p_above(-pol.max_drop)
+            task_power[name] = {"n": est.n, "mde": est.mde(alpha),
+                                "items_needed": est.items_needed(pol.max_drop, alpha)}
+            pending.append((name, t, est, used, label, base_s, arm_s, drop, up, lo))
+        adj = holm(p_fail)
+        for name, _t, est, used, label, base_s, arm_s, drop, up, lo in pending:
+            nums = (f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop {signed(drop)} points, {side} bounds "
+                    f"[{signed(lo)}, {signed(up)}])")
+            vals = {"drop": drop, "drop_upper": up, "drop_lower": lo, "p_fail": p_fail[name],
+                    "p_fail_holm": adj[name], "holm_family": len(adj), "max_drop": pol.max_drop, "alpha": alpha,
+                    "metric": used, "mde": est.mde(alpha), "n": est.n}
+            if up < pol.max_drop:
+                add("task_drop", arm, "pass", f"{nums}: a drop beyond {pol.max_drop:g} points is ruled out "
+                    f"(upper bound {up:.1f} < {pol.max_drop:g})", name, **vals)
+            elif adj[name] < alpha:
+                add("task_drop", arm, "fail", f"{nums}: dropped more than {pol.max_drop:g} points (test of drop "
+                    f"<= {pol.max_drop:g}: Holm p={_p(adj[name])} < {alpha:g} over {len(adj)} gated tasks)",
+                    name, **vals)
+            else:
+                add("task_drop", arm, "inconclusive", f"{nums}: cannot rule out a drop beyond {pol.max_drop:g} "
+                    f"points (upper bound {up:.1f}) nor show one (Holm p={_p(adj[name])}); this run detects "
+                    f"drops of {est.mde(alpha):.1f} points at 80% power", name, **vals)
+        if not names:
+            left_out = gated_tasks(tasks, None, keep_uninformative=True)
+            if left_out and not pol.keep_uninformative:
+                add("coverage", arm, "inconclusive", f"every retention task ({', '.join(left_out)}) is uninformative "
+                    "at this model size (the base is not above chance): nothing can show forgetting; use a larger "
+                    "model or more items, or --keep-uninformative")
+            else:
+                add("coverage", arm, "fail", "no retention task with a score to compare: evaluate the retention "
+                    "suite")
+
+        ret_means = ((((compare.get("suites") or {}).get("retention") or {}).get("means") or {}).get(metric)
+                     or {}).get("all" if pol.keep_uninformative else "informative") or {}
+        ret = ret_means.get(arm)
+        mean_power = None
+        if ret:
+            est = _est(ret)
+            drop = 0.0 - ret["delta"]
+            head = (f"retention mean {mlabel} over {ret.get('n_tasks')} tasks {_f(ret.get('base_mean'))} -> "
+                    f"{_f(ret.get('arm_mean'))} (drop {signed(drop)} points")
+            if est is None:
+                add("retention_mean", arm, "inconclusive", f"{head}): some tasks lack per-item records, so the "
+                    "mean drop cannot be bounded", drop=drop, max_mean_drop=pol.max_mean_drop)
+            else:
+                up, lo = -est.lower(alpha), -est.upper(alpha)
+                mean_power = {"n": est.n, "mde": est.mde(alpha),
+                              "items_needed": est.items_needed(pol.max_mean_drop, alpha)}
+                st = _three(lo, up, pol.max_mean_drop)
+                nums = f"{head}, {side} bounds [{signed(lo)}, {signed(up)}])"
+                why = {"pass": f"a mean drop beyond {pol.max_mean_drop:g} points is ruled out",
+                       "fail": f"the mean dropped more than {pol.max_mean_drop:g} points (lower bound {lo:.1f})",
+                       "inconclusive": f"cannot rule out a mean drop beyond {pol.max_mean_drop:g} points nor show "
+                                       f"one; this run detects mean drops of {est.mde(alpha):.1f} points"}[st]
+                add("retention_mean", arm, st, f"{nums}: {why}", drop=drop, drop_upper=up, drop_lower=lo,
+                    max_mean_drop=pol.max_mean_drop, alpha=alpha, metric=metric, mde=est.mde(alpha))
+
+        if pol.min_domain_gain is not None:
+            dom = (((((compare.get("suites") or {}).get("domain") or {}).get("means") or {}).get(metric) or {})
+                   .get("all") or {}).get(arm)
+            if not dom:
+                add("domain_gain", arm, "fail", f"no domain task scored, cannot show a gain of "
+                    f"{pol.min_domain_gain:g} points: evaluate the domain suite", min_domain_gain=pol.min_domain_gain)
+            else:
+                est = _est(dom)
+                g = dom["delta"]
+                if est is None:
+                    add("domain_gain", arm, "inconclusive", f"domain mean gain {signed(g)} points has no interval "
+                        "(no per-item records)", gain=g, min_domain_gain=pol.min_domain_gain)
+                else:
+                    lo, up = est.lower(alpha), est.upper(alpha)
+                    st = "pass" if lo >= pol.min_domain_gain else ("fail" if up < pol.min_domain_gain
+                                                                    else "inconclusive")
+                    nums = (f"domain mean {mlabel} {_f(dom.get('base_mean'))} -> {_f(dom.get('arm_mean'))} "
+                            f"(gain {signed(g)} points, {side} bounds [{signed(lo)}, {signed(up)}])")
+                    why = {"pass": f"the lower bound reaches the required {pol.min_domain_gain:g} points",
+                           "fail": f"the upper bound is below the required {pol.min_domain_gain:g} points",
+                           "inconclusive": f"cannot show the required {pol.min_domain_gain:g} points nor rule "
+                                           "them out"}[st]
+                    add("domain_gain", arm, st, f"{nums}: {why}", gain=g, gain_lower=lo, gain_upper=up,
+                        min_domain_gain=pol.min_domain_gain)
+
+        dr = (compare.get("drift") or {}).get(arm) or {}
+        for rule, key, limit, unit, what in (
+                ("ppl_rise", "ppl_rise", pol.max_ppl_rise, "%", "general-text bits per byte rise"),
+                ("kl", "kl_mean", pol.max_kl, " nats/token", "mean KL from the base on general text")):
+            if limit is None:
+                continue
+            est = _est(dr.get(key))
+            measured = dr.get("text_perplexity") is not None or dr.get("kl") is not None or dr.get(key) is not None
+            if est is None and not measured:
+                not_checked.append({"rule": rule, "arm": arm, "reason": f"{arm}: {what}: no drift was measured for "
+                                    "this arm (e.g. lm-eval outputs carry none), so the rule was not checked"})
+                continue
+            if est is None:
+                add(rule, arm, "inconclusive", f"{what}: not measured with an interval (needs per-block drift "
+                    "values in both eval files: re-run `forgetcheck eval`)", **{f"max_{rule}": limit})
+                continue
+            lo, up = est.lower(alpha), est.upper(alpha)
+            digits = 1 if rule == "ppl_rise" else 3
+            st = _three(lo, up, limit)
+            nums = (f"{what} {est.point:.{digits}f}{unit} ({side} bounds [{lo:.{digits}f}, {up:.{digits}f}])")
+            why = {"pass": f"ruled out above {limit:g}{unit}", "fail": f"above {limit:g}{unit}",
+                   "inconclusive": f"cannot rule out nor show a value above {limit:g}{unit}"}[st]
+            add(rule, arm, st, f"{nums}: {why}", value=est.point, lower=lo, upper=up, limit=limit)
+
+        power["arms"][arm] = _power(task_power, mean_power, pol)
+
+    if not arms:
+        add("coverage", None, "fail", "no arm was compared: nothing to release")
+    per_arm = {arm: _combine([r["status"] for r in rules if r["arm"] == arm]) for arm in arms}
+    verdict = _combine([r["status"] for r in rules])
+    code = EXIT[verdict]
+    mapped = ""
+    if verdict == "inconclusive" and pol.on_inconclusive in ("fail", "pass"):
+        code = EXIT[pol.on_inconclusive]
+        mapped = f" (exit {code}: --on-inconclusive {pol.on_inconclusive} maps INCONCLUSIVE to {pol.on_inconclusive.upper()})"
+    power["sentence"] = _overall_sentence(power["arms"], pol)
+    failed = [r["reason"] for r in rules if r["status"] == "fail"]
+    unsure = [r["reason"] for r in rules if r["status"] == "inconclusive"]
+    if verdict == "pass":
+        summary = f"PASS: all {len(rules)} rules rule out harm beyond their margins for {', '.join(arms)}"
+    elif verdict == "fail":
+        summary = f"FAIL: {len(failed)} of {len(rules)} rules show harm beyond the margin: " + "; ".join(failed)
+    else:
+        summary = (f"INCONCLUSIVE: {len(unsure)} of {len(rules)} rules can neither rule out nor show harm beyond "
+                   f"the margin: " + "; ".join(unsure))
+    return {
+        "schema_version": GATE_VERSION, "kind": "gate", "verdict": verdict, "passed": verdict == "pass",
+        "exit_code": code, "exit_note": mapped.strip(" ()"),
+        "policy": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(pol).items()},  # as JSON reads back
+        "arms": {arm: {"verdict": v, "passed": v == "pass",
+                       "failed": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "fail"],
+                       "inconclusive": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "inconclusive"]}
+                 for arm, v in per_arm.items()},
+        "rules": rules, "excluded": excluded, "not_checked": not_checked, "power": power,
+        "missing": sorted({r["task"] for r in rules if r["rule"] == "task_missing"}),
+        "summary": summary + mapped,
+    }
+
+
+def _missing_for(tasks: dict, missing: dict, arm: str, pol) -> list[str]:
+    """Tasks the gate needs for `arm` and does not have: a retention task whose data could not be built, and
+    every task the policy requires (`require_tasks`) that was not scored for the arm."""
+    out = {n for n, m in missing.items() if m.get("suite") == "retention"}
+    out |= {n for n in pol.require_tasks if arm not in ((tasks.get(n) or {}).get("arms") or {})}
+    return sorted(out)
+
+
+def _combine(statuses: list[str]) -> str:
+    if "fail" in statuses:
+        return "fail"
+    if "inconclusive" in statuses or not statuses:
+        return "inconclusive"
+    return "pass"
+
+
+def _power(task_power: dict, mean_power: dict | None, pol: GateConfig) -> dict:
+    """What this arm's run can detect and the items per task that would decide at the margins."""
+    out: dict[str, Any] = {"tasks": task_power, "mean": mean_power}
+    if not task_power:
+        out.update(n=None, mde=None, items_needed=None)
+        return out
+    n = min(v["n"] for v in task_power.values())
+    mde = max(v["mde"] for v in task_power.values())
+    needs = [v["items_needed"] for v in task_power.values() if v["items_needed"] is not None]
+    if mean_power and mean_power.get("items_needed") is not None:
+        needs.append(mean_power["items_needed"])
+    out.update(n=n, mde=mde, items_needed=max(needs) if needs else None,
+               mean_mde=mean_power["mde"] if mean_power else None)
+    return out
+
+
+def _overall_sentence(arms: dict, pol: GateConfig) -> str:
+    """'50 items per task can only rule out drops larger than 31 points; about 500 per task would decide at
+    2 points per task (1 for the mean).'"""
+    have = [p for p in arms.values() if p.get("n") is not None]
+    if not have:
+        return "no retention task with per-item records was gated: the power of this run cannot be stated"
+    n = min(p["n"] for p in have)
+    mde = max(p["mde"] for p in have)
+    mean_mdes = [p["mean_mde"] for p in have if p.get("mean_mde") is not None]
+    needs = [p["items_needed"] for p in have if p.get("items_needed") is not None]
+    what = "soft-accuracy" if pol.metric == "soft" else "accuracy"
+    s = f"{n} items per task can only rule out {what} drops larger than {mde:.1f} points"
+    if mean_mdes:
+        s += f" on a task ({max(mean_mdes):.1f} on the retention mean)"
+    if needs:
+        need = max(needs)
+        if need <= n:
+            s += f"; that decides at {pol.max_drop:g} points per task and {pol.max_mean_drop:g} for the mean"
+        else:
+            s += (f"; about {round_up(need):,} per task would decide at {pol.max_drop:g} points per task and "
+                  f"{pol.max_mean_drop:g} for the mean")
+    return s
+
+
+def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:
+    """(compare dict, where gate.json goes, the run's config or None) for a run directory or a compare.json.
+    A run directory without compare.json gets it computed from its evals; an older format is refused with the
+    command that rewrites it."""
+    from forgetcheck.verdict.compare import read_compare
+
+    target = Path(target)
+    run_config = None
+    if target.is_dir():
+        run = RunDir(target)
+        if run.compare.exists():
+            compare = read_compare(run.compare)  # an older format or a damaged file is refused with the fix
+        elif run.eval_json("base").exists():
+            from forgetcheck.verdict.compare import compare_run
+
+            compare = compare_run(run)
+        else:
+            raise BadInput(f"{target} holds neither compare.json nor eval/base.json: give a run directory "
+                           "written by `forgetcheck run`, or a compare.json")
+        if run.config.exists():
+            run_config = require(read_json(run.config), "config", str(run.config))
+        return compare, run.gate, run_config
+    if target.is_file():
+        compare = read_compare(target)
+        cfg = target.parent / "config.json"
+        if cfg.exists():
+            run_config = require(read_json(cfg), "config", "config.json beside the compare.json")
+        return compare, target.parent / "gate.json", run_config
+    raise BadInput(f"{target} not found: give a run directory (runs/<id>) or its compare.json")
+
+
+def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, policy_file: Path | None = None,
+             junit: Path | None = None, markdown: Path | None = None) -> tuple[dict, int]:
+    """Gate a run directory (compare.json computed when absent) or a compare.json file. Writes gate.json
+    beside compare.json. Returns (gate dict, exit code: 0 pass, 1 fail, 4 inconclusive unless mapped by
+    `on_inconclusive`). `policy` (a dict may hold only some keys, None values meaning not given) overrides
+    `policy_file`, which overrides the run's config."""
+    from forgetcheck.rundir import check_output_file
+
+    for flag, path in (("--junit", junit), ("--markdown", markdown)):  # refused before anything is written
+        if path is not None:
+            check_output_file(Path(path), flag)
+    overrides = dataclasses.asdict(policy) if isinstance(policy, GateConfig) else dict(policy or {})
+    check_keys(overrides)
+    compare, out, run_config = load_compare_for(Path(target))
+    pol = resolve_policy(run_config, policy_file, overrides)
+    gate = decide(compare, pol)
+    atomic_write_json(out, checked_gate(gate))
+    if junit is not None:
+        atomic_write_text(Path(junit), to_junit(gate))
+    if markdown is not None:
+        atomic_write_text(Path(markdown), to_markdown(gate))
+    return gate, gate["exit_code"]

@@ -1,0 +1,155 @@
+"""train/curve.py in the training loop, on the tiny random GPT-2 (CPU): the schedule, the overhead-bounded
+sizes, early stop on a synthetic power-law curve leaving a loadable checkpoint and saying why (train record,
+curve file, compare's budget block, report), and the report's curve section. Curve points surviving --resume
+are checked in tests/train/test_train.py's resume test."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from planted import TASK_YAML, WORDS
+from runfixture import make_run
+
+from forgetcheck.config import TrainConfig, validate_train
+from forgetcheck.data.domain import DomainData
+from forgetcheck.report.html import write_report
+from forgetcheck.rundir import RunDir, atomic_write_json
+from forgetcheck.train import curve as training_curve
+from forgetcheck.train import forecast, loop, optimizer, signals
+from forgetcheck.verdict import budget, compare
+from forgetcheck.verdict.gate import gate_run
+
+
+def planted_tasks(root: Path) -> Path:
+    """A retention multiple-choice task (tests/planted.py's YAML) to draw the curve's fixed items from."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    with open(root / "planted.jsonl", "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"question": f"Which word is number {i}?", "choices": rng.sample(WORDS, 4),
+                                "answer": i % 4}) + "\n")
+    (root / "planted.yaml").write_text(TASK_YAML.format(data=root / "planted.jsonl"))
+    return root
+
+
+def test_schedule_is_dense_in_the_forecast_window_and_ends_at_the_last_step():
+    assert training_curve.curve_steps(32, 8) == [2, 4, 6, 8, 16, 24, 32]
+    assert training_curve.curve_steps(64, 8) == [2, 4, 6, 8, 10, 12, 14, 16, 24, 32, 40, 48, 56, 64]
+    assert training_curve.curve_steps(6, 2) == [1, 2, 4, 6]
+    assert training_curve.curve_steps(50, 0) == []
+
+
+def test_sizes_keep_the_predicted_overhead_within_the_bound():
+    items = [150] * 32
+    full = training_curve.plan_sizes(4, 10**7, items)  # plenty of training: full size, a small fraction
+    assert (full["n_items"], full["n_tokens"], full["note"]) == (32, 1024, "")
+    cut = training_curve.plan_sizes(8, 32 * 1024, items)  # 7 points and the reference over 32 steps of 1024
+    assert cut["n_items"] < 32 and cut["n_tokens"] < 1024 and cut["predicted_fraction"] <= 0.25
+    tiny = training_curve.plan_sizes(7, 2048, items)  # even the floors do not fit: said, not hidden
+    assert (tiny["n_items"], tiny["n_tokens"]) == (8, 256) and "even the smallest" in tiny["note"]
+
+
+def test_new_flags_are_validated():
+    assert any("--eval-every" in p for p in validate_train(TrainConfig(eval_every=-1)))
+    assert any("needs the forgetting curves" in p for p in validate_train(TrainConfig(stop_if_forecast_exceeds=2.0)))
+    assert any("finite number" in p for p in validate_train(TrainConfig(eval_every=4,
+                                                                        stop_if_forecast_exceeds=float("nan"))))
+    assert not validate_train(TrainConfig(eval_every=4, stop_if_forecast_exceeds=2.0))
+
+
+def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_ref, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path / "domain"
+    root.mkdir()
+    with open(root / "cpt.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(20))}) + "\n")
+    domain = DomainData(name="fx", root=root, sft=None, cpt=root / "cpt.jsonl", heldout=None, packaged=False)
+    real = signals.measure_point
+    cfg = TrainConfig(budget_tokens=16 * 2 * 32, seq_len=32, micro_batch=2, lr=1e-3, eval_every=4,
+                      stop_if_forecast_exceeds=2.0)
+    cum = forecast.lr_integral(optimizer.lr_lambda(16, cfg), 16)  # the forecast's time axis: the lr integral
+
+    def forgetting(model, tok, ref, *, tokens, step, train_loss=None, **kw):  # falls as (lr integral)^0.5
+        p = real(model, tok, ref, tokens=tokens, step=step, train_loss=train_loss, **kw) if step == 1 else None
+        drop = 8.0 * 2 ** 0.5 * (cum[step] / cum[16]) ** 0.5 + 0.05 * (-1) ** step
+        return signals.CurvePoint(tokens=tokens, step=step, train_loss=train_loss, kl_general=0.01 * step,
+                                 kl_domain=0.02 * step, bpb_general=1.0, bpb_domain=1.0,
+                                 soft_acc=ref.base["soft_acc"] - drop, measure_s=p.measure_s if p else 0.01)
+
+    monkeypatch.setattr(signals, "measure_point", forgetting)
+    monkeypatch.setattr(training_curve, "FORECAST_SIGNALS", ("soft_acc",))  # the one that decides; fewer refits
+    monkeypatch.setattr(training_curve, "FORECAST_BOOT", 100)
+    run = RunDir(tmp_path / "run")
+    rec = loop.train_arm("cpt", tiny_ref, domain, cfg, run, tasks_dir=planted_tasks(tmp_path / "tasks"))
+    assert rec["optimizer_steps"] == 4 and rec["planned_steps"] == 16  # the window's end: steps 1-4 of 16
+    assert rec["stopped_early"]["step"] == 4 and "--stop-if-forecast-exceeds 2" in rec["stopped_early"]["reason"]
+    fc = rec["curve"]["forecast"]["soft_acc"]
+    assert fc["axis"] == "lr_integral" and fc["lo"] > 2.0
+    assert fc["predicted"] == pytest.approx(8 * 2 ** 0.5, rel=0.1)  # the law's value at the end of the schedule
+    assert fc["measured"] is None  # the budget's end was never reached
+    out = capsys.readouterr().out  # said on the terminal: why it stopped, what the curve cost
+    assert "cpt: stopped early: forecast at step 4 of 16" in out
+    assert "curve cpt: 4 points, measuring took" in out and "% of the" in out
+    assert loop._curve_note(rec["curve"]) == f"; curve 4 points, {rec['curve']['overhead']['fraction']:.0%} extra time"
+    model = AutoModelForCausalLM.from_pretrained(run.ckpt("cpt"))  # an ordinary HF checkpoint
+    assert model.config.vocab_size > 0
+    curve = signals.read_curve(run.curve_json("cpt"))
+    assert [p.step for p in curve.points] == [1, 2, 3, 4] and curve.meta["stopped_early"]["step"] == 4
+    assert curve.meta["items"] == 8 and curve.meta["items_from"].startswith("tasks planted")
+    # compare's budget block says the arm stopped early, in words, first
+    block = budget.budget_block(run, ["cpt"])
+    assert block["stopped_early"] == ["cpt"] and block["reasons"][0].startswith("cpt stopped early at step 4 of 16")
+
+
+def _curve(arm: str, drops: list[float], fc: dict | None) -> dict:
+    points = [{"tokens": 256 * (i + 1), "step": i + 1, "train_loss": 3.0 - 0.1 * i, "kl_general": 0.01 * (i + 1),
+               "kl_domain": 0.02 * (i + 1), "bpb_general": 1.0 + 0.01 * i, "bpb_domain": 2.0 - 0.05 * i,
+               "soft_acc": 40.0 - d, "measure_s": 1.0} for i, d in enumerate(drops)]
+    meta = {"forecast": fc, "sizes": {"n_items": 16, "n_tokens": 512, "predicted_fraction": 0.2},
+            "overhead": {"fraction": 0.18, "train_s": 100.0}, "stopped_early": None}
+    return {"schema_version": 1, "kind": "curve", "arm": arm, "meta": meta, "points": points,
+            "base": {"soft_acc": 40.0, "bpb_general": 1.0, "bpb_domain": 2.0, "kl_general": 0.0, "kl_domain": 0.0}}
+
+
+def test_report_draws_every_arm_on_one_chart_and_the_forecast_beside_the_measured(tmp_path):
+    run = make_run(tmp_path / "run", n=60)
+    fc = {"made_at_tokens": 512, "at_tokens": 1024, "signals": {"soft_acc": {
+        "power_law": {"predicted": 3.1, "lo": 2.0, "hi": 4.5, "reason": None, "inside": True},
+        "measured": 3.4}}}
+    atomic_write_json(run.curve_json("sft"), _curve("sft", [1.0, 2.0, 2.6, 3.4], fc))
+    atomic_write_json(run.curve_json("cpt"), _curve("cpt", [0.2, 0.4, 0.5, 0.6], None))
+    compare.compare_run(run, n_boot=200)
+    gate_run(run.root)
+    html = write_report(run).read_text(encoding="utf-8")
+    assert 'id="chart-curve-soft_acc"' in html and 'id="chart-curve-bpb_domain"' in html
+    section = html[html.index('id="chart-curve-soft_acc"'):html.index('id="chart-curve-bpb_domain"')]
+    assert section.count("<polyline") == 2  # both arms on the one chart
+    table = html[html.index('id="forecast-table"'):]
+    assert "3.100" in table and "[2.000, 4.500]" in table and "3.400" in table and "0.300" in table
+
+
+def test_resumed_run_keeps_points_up_to_its_step(tmp_path):
+    run = RunDir(tmp_path)
+    t = training_curve.CurveTracker("sft", replace(TrainConfig(), eval_every=2), run, total_steps=6,
+                                    tokens_per_step=256)
+    c = signals.Curve(arm="sft", meta={"steps": t.steps},
+                     points=[signals.CurvePoint(256 * s, s, 1.0, 0, 0, 1, 1, 40, 0.1) for s in (1, 2, 4)])
+    signals.write_curve(run.curve_json("sft"), c)
+    assert [p.step for p in t._partial(2).points] == [1, 2]
+    assert t._partial(0) is None
+
+
+def test_resume_refuses_a_changed_eval_every(tmp_path):
+    from forgetcheck.cli.resume import resume_conflicts
+    from forgetcheck.config import RunConfig
+
+    saved = RunConfig(train=TrainConfig(eval_every=8))
+    problems, _ = resume_conflicts(saved, {"eval_every": 4}, tmp_path / "run")
+    assert problems and "--eval-every 4 differs" in problems[0]
+    assert resume_conflicts(saved, {"eval_every": 8}, tmp_path / "run") == ([], {})

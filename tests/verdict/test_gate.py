@@ -1,0 +1,268 @@
+"""gate: rules, reasons, policy resolution, exit codes, JUnit and Markdown, on synthetic run directories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from xml.etree import ElementTree as ET
+
+import pytest
+from runfixture import make_run
+
+from forgetcheck.config import GateConfig
+from forgetcheck.errors import BadInput
+from forgetcheck.rundir import read_json
+from forgetcheck.schema import read_gate
+from forgetcheck.verdict.compare import compare_run
+from forgetcheck.verdict.gate import decide, gate_run
+
+N = 200
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "forgetcheck", "gate", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def unchanged(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("g") / "unchanged", n=N)
+    compare_run(run, n_boot=500)
+    return run
+
+
+@pytest.fixture(scope="module")
+def regressed(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("g") / "regressed", n=N, flips={("sft", "ret_mmlu"): (40, 0)})
+    compare_run(run, n_boot=500)
+    return run
+
+
+def test_unchanged_copy_passes(unchanged):
+    gate, code = gate_run(unchanged.root)
+    assert code == 0 and gate["passed"] and gate["verdict"] == "pass" and gate["exit_code"] == 0
+    assert all(r["status"] == "pass" for r in gate["rules"])
+    kinds = {(r["rule"], r["arm"], r["task"]) for r in gate["rules"]}
+    for arm in ("sft", "cpt"):
+        assert ("retention_mean", arm, None) in kinds and ("ppl_rise", arm, None) in kinds
+        assert ("kl", arm, None) in kinds
+        for task in ("ret_mmlu", "ret_wino", "ret_truthful"):
+            assert ("task_drop", arm, task) in kinds
+    assert not any(r["task"] == "ret_ppl" for r in gate["rules"])  # perplexity is drift, not gated in points
+    assert read_json(unchanged.gate) == gate and read_gate(unchanged.gate) == gate
+    assert gate["power"]["sentence"].startswith(f"{N} items per task can only rule out")
+
+
+def test_large_n_no_change_passes_on_accuracy_too(tmp_path):
+    run = make_run(tmp_path / "r", n=1000)
+    compare_run(run, n_boot=200)
+    gate, code = gate_run(run.root, {"metric": "acc"})
+    assert code == 0 and gate["verdict"] == "pass", gate["summary"]
+    up = [r["values"]["drop_upper"] for r in gate["rules"] if r["rule"] == "task_drop"]
+    assert max(up) < 0.5  # 1,000 unchanged items rule out far less than the 2-point margin
+
+
+def test_planted_regression_fails_naming_the_task(regressed):
+    for metric in ("soft", "acc"):
+        gate, code = gate_run(regressed.root, {"metric": metric})
+        assert code == 1 and gate["verdict"] == "fail" and not gate["passed"]
+        failed = [r for r in gate["rules"] if r["status"] == "fail"]
+        assert {(r["rule"], r["arm"], r["task"]) for r in failed} == {("task_drop", "sft", "ret_mmlu"),
+                                                                       ("retention_mean", "sft", None)}
+        r = next(r for r in failed if r["task"] == "ret_mmlu")
+        assert "ret_mmlu" in r["reason"] and "sft" in r["reason"] and "Holm p=" in r["reason"]
+        assert r["values"]["drop_lower"] > 2 and r["values"]["p_fail_holm"] < 0.05
+        assert gate["arms"]["cpt"]["verdict"] == "pass" and gate["arms"]["sft"]["verdict"] == "fail"
+    r = next(r for r in gate["rules"] if r["task"] == "ret_mmlu" and r["arm"] == "sft")
+    assert "-20.0" not in r["reason"] and "drop +20.0 points" in r["reason"]
+    on_disk = read_json(regressed.gate)
+    assert len(on_disk["rules"]) == len(gate["rules"]) and all(r["reason"] for r in on_disk["rules"])
+
+
+def test_small_drop_is_inconclusive_exit_4_and_on_inconclusive(tmp_path):
+    # 6 right->wrong, 1 wrong->right on 200 items: a 2.5-point drop, neither ruled out nor shown beyond 2
+    run = make_run(tmp_path / "r", n=N, flips={("sft", "ret_wino"): (6, 1)})
+    compare_run(run, n_boot=500)
+    gate, code = gate_run(run.root, {"metric": "acc"})
+    assert code == 4 and gate["verdict"] == "inconclusive" and gate["exit_code"] == 4, gate["summary"]
+    rule = next(r for r in gate["rules"] if r["task"] == "ret_wino" and r["arm"] == "sft")
+    assert rule["status"] == "inconclusive" and rule["values"]["drop"] == pytest.approx(2.5)
+    assert rule["values"]["drop_lower"] < 2 < rule["values"]["drop_upper"]
+    assert "cannot rule out" in rule["reason"] and gate["arms"]["cpt"]["verdict"] == "pass"
+    for mode, want in (("fail", 1), ("pass", 0)):
+        r = cli(run.root, "--metric", "acc", "--on-inconclusive", mode)
+        assert r.returncode == want, r.stdout + r.stderr
+        assert f"--on-inconclusive {mode} maps INCONCLUSIVE to {mode.upper()}" in r.stdout
+        assert "gate: INCONCLUSIVE" in r.stdout and "power: 200 items per task" in r.stdout
+        assert read_json(run.gate)["verdict"] == "inconclusive"
+    r = cli(run.root, "--metric", "acc")
+    assert r.returncode == 4 and "INCONCLUSIVE" in r.stdout
+
+
+def test_wide_margin_passes_a_shown_drop(regressed):
+    gate, code = gate_run(regressed.root, {"max_drop": 30.0, "max_mean_drop": 10.0, "metric": "acc"})
+    assert code == 0 and gate["policy"]["max_drop"] == 30.0
+    rule = next(r for r in gate["rules"] if r["task"] == "ret_mmlu" and r["arm"] == "sft")
+    assert rule["status"] == "pass" and "ruled out" in rule["reason"] and rule["values"]["drop_upper"] < 30
+
+
+def test_min_domain_gain_uses_the_lower_bound(unchanged, regressed):
+    gate, code = gate_run(unchanged.root, {"min_domain_gain": 1.0})
+    assert code == 1
+    failed = [r for r in gate["rules"] if r["status"] == "fail"]
+    assert {r["rule"] for r in failed} == {"domain_gain"} and {r["arm"] for r in failed} == {"sft", "cpt"}
+    assert "below the required 1 points" in failed[0]["reason"]
+    gate_run(unchanged.root)  # restore the default gate.json
+
+
+def test_decide_on_dict_policy_and_missing_tests():
+    compare = {"schema_version": 2, "kind": "compare", "alpha": 0.05, "arms": ["sft"],
+               "tasks": {"t": {"suite": "retention", "unit": "points", "metric": "acc", "informative": {"value": True},
+                               "base": {"score": 50.0}, "arms": {"sft": {"score": 40.0, "delta": -10.0}}}},
+               "suites": {}}
+    g = decide(compare, {"max_drop": 2, "max_ppl_rise": None, "max_kl": None})
+    assert g["verdict"] == "inconclusive" and g["exit_code"] == 4
+    assert "cannot be bounded or tested" in g["rules"][0]["reason"]
+    assert decide({"schema_version": 2, "arms": ["sft"], "tasks": {}}, GateConfig())["rules"][0]["rule"] == "coverage"
+    with pytest.raises(BadInput, match="unknown gate policy"):
+        decide(compare, {"max_dorp": 2})
+    with pytest.raises(BadInput, match="alpha"):
+        decide(compare, {"alpha": 2})
+    for bad in ({"max_drop": float("nan")}, {"max_kl": float("inf")}, {"max_mean_drop": -1.0},
+                {"metric": "f1"}, {"on_inconclusive": "maybe"}):
+        with pytest.raises(BadInput):
+            decide(compare, bad)
+
+
+def test_drift_rules_fail_a_drifted_arm(tmp_path):
+    run = make_run(tmp_path / "r", n=N, kl={"sft": 0.5, "cpt": 0.01})
+    compare_run(run, n_boot=500)
+    gate, code = gate_run(run.root)
+    assert code == 1
+    st = {(r["rule"], r["arm"]): r["status"] for r in gate["rules"] if r["rule"] in ("ppl_rise", "kl")}
+    assert st == {("ppl_rise", "sft"): "fail", ("kl", "sft"): "fail", ("ppl_rise", "cpt"): "pass",
+                  ("kl", "cpt"): "pass"}
+    gate, code = gate_run(run.root, {"max_ppl_rise": "off", "max_kl": "off"})
+    assert code == 0 and not any(r["rule"] in ("ppl_rise", "kl") for r in gate["rules"])
+    r = cli(run.root, "--max-ppl-rise", "off", "--max-kl", "1.0")
+    assert r.returncode == 0, r.stdout
+
+
+def test_cli_exit_codes_policy_file_and_flag_override(regressed, tmp_path):
+    r = cli(regressed.root)
+    assert r.returncode == 1 and "FAIL" in r.stdout and "ret_mmlu" in r.stdout and "power:" in r.stdout
+    policy = tmp_path / "gate.toml"
+    policy.write_text("[gate]\nmax-drop = 50\nmax_mean_drop = 50\nmetric = \"acc\"\nmax_kl = \"off\"\n"
+                      "on_inconclusive = \"fail\"\nkeep_uninformative = true\nmax_ppl_rise = 20\n")
+    r = cli(regressed.root, "--policy", policy)
+    assert r.returncode == 0, r.stdout + r.stderr
+    pol = read_json(regressed.gate)["policy"]
+    assert pol["max_drop"] == 50 and pol["metric"] == "acc" and pol["max_kl"] is None and pol["max_ppl_rise"] == 20
+    r = cli(regressed.root, "--policy", policy, "--max-drop", "2")  # the flag wins over the file
+    assert r.returncode == 1 and read_json(regressed.gate)["policy"]["max_drop"] == 2
+    r = cli(regressed.compare)  # a compare.json path works too
+    assert r.returncode == 1
+
+
+def test_cli_bad_input_is_one_line_exit_2(regressed, tmp_path):
+    before = regressed.gate.read_bytes()
+    for args in ([tmp_path / "missing"], [regressed.root, "--policy", tmp_path / "none.toml"],
+                 [regressed.root, "--alpha", "1.5"], [regressed.root, "--max-drop", "nan"],
+                 [regressed.root, "--max-mean-drop", "inf"], [regressed.root, "--max-drop", "-1"],
+                 [regressed.root, "--max-kl", "-0.1"], [regressed.root, "--max-ppl-rise", "lots"],
+                 [regressed.root, "--max-ppl-rise", "nan"], [regressed.root, "--metric", "f1"],
+                 [regressed.root, "--on-inconclusive", "maybe"], [regressed.root, "--alpha", "nan"]):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+    assert regressed.gate.read_bytes() == before  # nothing written on bad input
+    for text, word in (("max_drop = 2\nmax_drops = 3\n", "max_drops"), ("max_drop = nan\n", "max_drop"),
+                       ("max_kl = -1\n", "max_kl"), ("metric = \"f1\"\n", "metric"),
+                       ("keep_uninformative = 1\n", "keep_uninformative")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        r = cli(regressed.root, "--policy", bad)
+        assert r.returncode == 2 and word in r.stderr and r.stderr.count("\n") == 1, (text, r.stderr)
+    notcompare = tmp_path / "x.json"
+    notcompare.write_text(json.dumps({"schema_version": 2, "kind": "eval"}))
+    r = cli(notcompare)
+    assert r.returncode == 2 and "expected 'compare'" in r.stderr
+
+
+def test_old_compare_format(regressed, tmp_path):
+    old = tmp_path / "compare.json"
+    old.write_text(json.dumps({"schema_version": 1, "kind": "compare", "arms": [], "tasks": {}}))
+    r = cli(old)  # a lone v1 file: refused with the fix
+    assert r.returncode == 2 and "older compare format" in r.stderr and "forgetcheck compare" in r.stderr
+    saved = regressed.compare.read_bytes()
+    regressed.compare.write_text(json.dumps({"schema_version": 1, "kind": "compare"}))
+    r = cli(regressed.root)  # a run directory with an old compare.json: refused too, naming the command
+    assert r.returncode == 2 and "older compare format" in r.stderr and "forgetcheck compare" in r.stderr
+    regressed.compare.write_bytes(saved)
+
+
+def test_junit_and_markdown(tmp_path):
+    tasks = {"ret_a": ("retention", "multiple_choice", "acc", 2, 0.8),
+             "ret_b": ("retention", "multiple_choice", "acc", 2, 0.7),
+             "ret_chance": ("retention", "multiple_choice", "acc", 4, 0.25),
+             "dom": ("domain", "multiple_choice", "acc", 4, 0.4)}
+    run = make_run(tmp_path / "r", tasks=tasks, n=N, flips={("sft", "ret_a"): (40, 0), ("cpt", "ret_b"): (6, 1)})
+    compare_run(run, n_boot=300)
+    gate, code = gate_run(run.root, {"metric": "acc"}, junit=tmp_path / "gate.xml", markdown=tmp_path / "gate.md")
+    assert code == 1
+    root = ET.parse(tmp_path / "gate.xml").getroot()
+    cases = root.findall(".//testcase")
+    assert len(cases) == len(gate["rules"]) + 1  # + the uninformative task, skipped
+    failures = [c for c in cases if c.find("failure") is not None]
+    skipped = [c for c in cases if c.find("skipped") is not None]
+    n_inc = sum(r["status"] == "inconclusive" for r in gate["rules"])
+    assert n_inc >= 1 and len(skipped) == n_inc + 1
+    assert root.find("testsuite").get("skipped") == str(n_inc + 1)
+    assert root.find("testsuite").get("failures") == str(len(failures)) == "2"
+    assert any(c.get("name") == "task_drop[ret_a]" and c.get("classname").endswith(".sft") for c in failures)
+    inc = next(c for c in skipped if c.get("name") == "task_drop[ret_b]")
+    assert inc.get("classname").endswith(".cpt") and inc.find("skipped").get("message").startswith("INCONCLUSIVE: cpt:")
+    unin = next(c for c in skipped if c.get("name") == "ret_chance")
+    assert "uninformative at this model size" in unin.find("skipped").get("message")
+    md = (tmp_path / "gate.md").read_text()
+    assert md.startswith("## forgetcheck gate: **FAIL**") and "Power: 200 items per task" in md
+    assert md.count("❌") == 2 and md.count("❔") == n_inc and "uninformative ret_chance" in md
+    assert [e["task"] for e in gate["excluded"]] == ["ret_chance"]
+    assert not any(r["task"] == "ret_chance" for r in gate["rules"])
+    kept, _ = gate_run(run.root, {"metric": "acc", "keep_uninformative": True})
+    assert any(r["task"] == "ret_chance" for r in kept["rules"])
+
+
+def test_policy_file_merges_top_level_and_gate_table(tmp_path):
+    """Keys at the top and under [gate] both count: strict margins at the top with [gate] on_inconclusive
+    must not lose the margins (it did: the [gate] table replaced the file)."""
+    from forgetcheck.verdict.policy import load_policy
+
+    p = tmp_path / "gate.toml"
+    p.write_text('max_drop = 0.5\nmax_mean_drop = 0.1\n[gate]\non_inconclusive = "fail"\n')
+    assert load_policy(p) == {"max_drop": 0.5, "max_mean_drop": 0.1, "on_inconclusive": "fail"}
+    p.write_text('max_drop = 0.5\n[gate]\nmax-drop = 3\n')
+    with pytest.raises(BadInput, match="max_drop set both at the top level and under \\[gate\\]"):
+        load_policy(p)
+    p.write_text('max_drop = 3\n[gate]\nmax_drop = 3\n')  # the same value twice is no conflict
+    assert load_policy(p) == {"max_drop": 3}
+
+
+def test_hostile_task_names_give_valid_junit_inert_markdown_and_clean_console(unchanged):
+    """A task name from a user's lm-eval folder may hold control characters, HTML and Markdown: the JUnit file
+    must stay valid XML, the Markdown summary inert, the console free of escape sequences."""
+    from forgetcheck.verdict.text import console_lines, to_junit, to_markdown
+
+    hostile = "ret\x1b[31m\x07<img src=x onerror=alert(1)>![p](http://e.example/x.png)`|"
+    cmp = read_json(unchanged.compare)
+    cmp["tasks"][hostile] = cmp["tasks"].pop("ret_mmlu")
+    gate = decide(cmp, GateConfig())
+    assert any(r["task"] == hostile for r in gate["rules"])
+    root = ET.fromstring(to_junit(gate))  # expat refuses control characters: this parse is the check
+    names = [c.get("name") for c in root.iter("testcase")]
+    assert any("\\x1b" in n and "\\x07" in n for n in names) and not any("\x1b" in n for n in names)
+    md = to_markdown(gate)
+    assert "<img" not in md and "![" not in md and "\x1b" not in md
+    assert "&lt;img" in md and "\\!\\[p\\]" in md  # shown as text: no HTML, no image to load
+    lines = console_lines(gate)
+    assert not any("\x1b" in x or "\x07" in x for x in lines) and any("\\x1b" in x for x in lines)
