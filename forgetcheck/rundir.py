@@ -244,6 +244,20 @@ def check_output_file(path: Path, flag: str) -> None:
     check_output_dir(path.parent, flag)
 
 
+def _file(name: str) -> property:
+    """A run folder's file of that name."""
+    return property(lambda self: self.root / name, doc=f"runs/<id>/{name}")
+
+
+def _per(folder: str, suffix: str):
+    """The path of one model's or arm's file (or folder) under `folder`."""
+    def path(self, label: str) -> Path:
+        return self.root / folder / f"{label}{suffix}"
+
+    path.__doc__ = f"runs/<id>/{folder}/<label>{suffix}"
+    return path
+
+
 class RunDir:
     """`runs/<run_id>/` and the names of everything in it."""
 
@@ -272,41 +286,17 @@ class RunDir:
     def run_id(self) -> str:
         return self.root.name
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "manifest.json"
-
-    def eval_json(self, model_label: str) -> Path:
-        return self.root / "eval" / f"{model_label}.json"
-
-    def samples_dir(self, model_label: str) -> Path:
-        return self.root / "eval" / "samples" / model_label
-
-    def train_json(self, arm: str) -> Path:
-        return self.root / "train" / f"{arm}.json"
-
-    def curve_json(self, arm: str) -> Path:
-        """The forgetting curve of a trained arm (train/signals.py's schema, kind "curve"; train/curve.py)."""
-        return self.root / "curves" / f"{arm}.json"
-
-    def ckpt(self, arm: str) -> Path:
-        return self.root / "ckpt" / arm
-
-    @property
-    def compare(self) -> Path:
-        return self.root / "compare.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def gate(self) -> Path:
-        return self.root / "gate.json"
+    # The run folder's files (docs/design.md, "The run folder"): one file per run, one per model or arm.
+    config = _file("config.json")
+    manifest = _file("manifest.json")
+    compare = _file("compare.json")
+    report = _file("report.html")
+    gate = _file("gate.json")
+    eval_json = _per("eval", ".json")
+    samples_dir = _per("eval/samples", "")
+    train_json = _per("train", ".json")
+    curve_json = _per("curves", ".json")  # the forgetting curve of a trained arm (train/signals.py's schema)
+    ckpt = _per("ckpt", "")
 
     def exists(self) -> bool:
         return self.config.exists()

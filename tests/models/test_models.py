@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
+from conftest import forgetcheck_cli
 
 from forgetcheck.errors import BadInput
 from forgetcheck.models import registry
@@ -20,10 +18,6 @@ ENGLISH = (
 )
 
 
-def cli(*args, env_extra=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "forgetcheck", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
 
 
 def test_gpt2_tokenizer_rebuilt_from_blingfire_matches_openai(tiny_ref):
@@ -65,14 +59,14 @@ def test_hub_id_offline_names_packaged_alternative(monkeypatch):
 
 
 def test_cli_unknown_model_exits_2_one_line(fc_home):
-    r = cli("run", "--base", "no-such-org/no-such-model", "--data", "med", env_extra={"HF_HUB_OFFLINE": "1"})
+    r = forgetcheck_cli("run", "--base", "no-such-org/no-such-model", "--data", "med", env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "smollm2-135m" in lines[0] and "Traceback" not in r.stderr
 
 
 def test_models_command_lists_aliases(tiny_ref):
-    r = cli("models")
+    r = forgetcheck_cli("models")
     assert r.returncode == 0, r.stderr
     assert "smollm2-135m" in r.stdout and "tiny-gpt2" in r.stdout
     tiny_line = next(line for line in r.stdout.splitlines() if line.startswith("tiny-gpt2"))
