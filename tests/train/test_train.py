@@ -221,7 +221,7 @@ def test_checkpoint_reloads_to_identical_logits(tiny_ref, tmp_path):
 def test_resume_after_interruption_matches_uninterrupted(tiny_ref, domain, tmp_path, monkeypatch):
     """With the forgetting curve measured on the way (--eval-every 2: points after steps 1, 2, 4, 6): measuring
     does not disturb training, and the curve's points survive the interruption."""
-    from test_training_curve import planted_tasks
+    from test_curve import planted_tasks
 
     from forgetcheck.train import curve, signals
 
