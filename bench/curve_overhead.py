@@ -1,17 +1,17 @@
 """What train/signals.py costs against training: seconds per curve point and per optimizer step, and the points and
-sizes the training loop picks (training_curve.curve_steps, plan_sizes) to stay within 25% of an arm's training.
+sizes the training loop picks (curve.curve_steps, plan_sizes) to stay within 25% of an arm's training.
 
     python bench/curve_overhead.py [--model smollm2-135m] [--items 32] [--tokens 1024] [--preset quick]
                                    [--device cpu|cuda] [--repeats 2]
 
 A point is measured at the given sizes on the base model (general text: eval/drift.py's built-in paragraphs
-repeated to length; domain text: med-like sentences; items: MMLU-shaped synthetic 4-choice prompts of about
-150 tokens, bench/fast_lm_throughput.py's); a training step is train/loop.py's own (train.accumulate, then the
-optimizer optim.build_optimizer gives), fp32, on micro_batch x seq_len tokens of the preset, for a CPT-like batch
-(every position labelled) and an SFT-like one (a third labelled, the prompt-masked share of the med rows),
-repeated `--repeats` times after one warm-up step. Prints the medians, the cost of a training token in
-forward tokens of a point for each (training_curve.TRAIN_TOKEN_COST is set from these), and the points and
-sizes for the preset's budget (config.py's PRESET_VALUES).
+repeated to length; domain text: med-like sentences; items: MMLU-shaped synthetic 4-choice prompts of about 150
+tokens, bench/fast_lm_throughput.py's); a training step is train/loop.py's own (loop.accumulate, then the
+optimizer optimizer.build_optimizer gives), fp32, on micro_batch x seq_len tokens of the preset, for a CPT-like
+batch (every position labelled) and an SFT-like one (a third labelled, the prompt-masked share of the med rows),
+repeated `--repeats` times after one warm-up step. Prints the medians, the cost of a training token in forward
+tokens of a point for each (curve.TRAIN_TOKEN_COST is set from these; docs/curves.md, "Cost of a point", records
+them), and the points and sizes for the preset's budget (config.py's PRESET_VALUES).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
         s = statistics.median(times)
         ratio = (s / step_tokens) / (p / point_tokens)
         print(f"  {arm}-like step {s:.2f} s ({steps} steps: train {steps * s:.0f} s); a training token costs "
-              f"{ratio:.2f} forward tokens of a point (training_curve.TRAIN_TOKEN_COST "
+              f"{ratio:.2f} forward tokens of a point (curve.TRAIN_TOKEN_COST "
               f"{curve.TRAIN_TOKEN_COST})")
     s = statistics.median(step_s["sft"])
     steps_in = curve.curve_steps(steps, tr.get("eval_every", 0))

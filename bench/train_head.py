@@ -8,7 +8,7 @@ side by side and alternating, on the rows each arm really trains on (packing.bui
 domain data: SFT rows with the prompt masked, CPT rows labelled throughout), and prints the median step time of
 each, their ratio, and how far the new loss and gradients are from the full-logits ones (the same weights,
 the same batch). It then times the AdamW step alone: torch's foreach implementation against the fused kernel
-that optim.build_optimizer uses for plain (non-FSDP) parameters, on the same gradients, and the largest
+that optimizer.build_optimizer uses for plain (non-FSDP) parameters, on the same gradients, and the largest
 difference between the weights the two produce. Run `forgetcheck data prepare <data>` first.
 """
 

@@ -209,7 +209,17 @@ def main() -> None:
     print(note)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(DOC_HEAD + "\n".join(lines) + "\n\n" + note + "\n")
+        args.out.write_text(DOC_HEAD + "\n".join(lines) + "\n\n" + note + "\n" + kept_sections(args.out))
+
+
+def kept_sections(out: Path) -> str:
+    """The hand-written sections (`## ...`) below the table of an existing `out`, kept when it is rewritten:
+    measurements of other benches that belong on this page."""
+    if not out.exists():
+        return ""
+    text = out.read_text()
+    at = text.find("\n## ")
+    return "" if at < 0 else text[at:]
 
 
 DOC_HEAD = """# Training memory: planned vs measured

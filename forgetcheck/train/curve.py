@@ -28,14 +28,15 @@ from forgetcheck.train import forecast, signals
 
 TRAIN_TOKEN_COST = 2.2
 """Forward-pass tokens of measuring that cost as much as one training token (forward + backward + optimizer
-step). bench/curve_overhead.py measured 2.4-2.6 on smollm2-135m on CPU with train/loop.py's own step (the
-projection at label positions only, fused AdamW); inside a `make demo` run sft's training was cheaper still
-(133.6 tokens/s against 8 s for a point of 23 items and 2 x 512 tokens: about 2.25), so the plan takes 2.2,
-the cheaper end, and the bound holds for every arm."""
+step). A cheap training step makes a point dear in comparison, so the plan prices training at the cheapest
+end of what was measured and the overhead bound holds for every arm (measured: docs/curves.md, "Cost of a
+point"; bench/curve_overhead.py measures it on another model or machine)."""
 POOL_DOCS = 64  # documents per retention task considered for the fixed items (a seeded sample)
 FORECAST_SIGNALS = ("soft_acc", "kl_general", "kl_domain", "bpb_general")
 """Signals forecast at the end of the forecast window (soft_acc also by the loss-linear model)."""
-FORECAST_BOOT = 200  # bootstrap refits per power-law forecast (forecast.N_BOOT is 400; a refit costs ~5-20 ms)
+FORECAST_BOOT = 200
+"""Bootstrap refits per power-law forecast: half of forecast.N_BOOT, because the arm waits while the loop
+forecasts several signals on two axes, refit by refit (their cost: docs/curves.md, "Cost of a point")."""
 STOP_SIGNAL = "soft_acc"  # --stop-if-forecast-exceeds is in points of retention soft accuracy lost
 
 
@@ -158,7 +159,7 @@ class CurveTracker:
     def __init__(self, label: str, cfg: config.TrainConfig, run: RunDir, *, total_steps: int, tokens_per_step: int,
                  world: int = 1, domain=None, tasks_dir: Path | None = None, lr_factor=None):
         self.label, self.cfg, self.run = label, cfg, run
-        # The forecast's time axis: the learning-rate integral of the schedule (optim.lr_lambda, passed by
+        # The forecast's time axis: the learning-rate integral of the schedule (optimizer.lr_lambda, passed by
         # train/loop.py), known before the first step; tokens when no schedule is given.
         self.lr_cum = forecast.lr_integral(lr_factor, total_steps) if lr_factor is not None else None
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step

@@ -177,7 +177,7 @@ that fails is left out of the quantiles).
     out = np.full(n_boot, np.nan)
     for i in range(n_boot):
         yb = fitted + rng.choice(res, size=n, replace=True)
-        try:  # Levenberg-Marquardt in (a, log s, b): a few ms a refit, s stays positive
+        try:  # Levenberg-Marquardt in (a, log s, b): quick from the estimate, and s stays positive
             with np.errstate(all="ignore"):
                 r = least_squares(resid, q0, jac=jac, args=(yb,), method="lm", max_nfev=400)
         except (ValueError, OverflowError):

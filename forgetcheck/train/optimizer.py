@@ -59,9 +59,10 @@ def build_optimizer(params, cfg: TrainConfig):
     if cfg.optim == "adamw":
         params = list(params)
         if not any(hasattr(p, "to_local") for p in params):  # no DTensor (FSDP2) parameter
-            # torch's fused kernel: one pass over each tensor (6.5x faster than foreach on the 2-core CPU for
-            # smollm2-135m, 0.07 s a step instead of 0.42; bench/train_head.py). FSDP2's DTensor parameters
-            # keep foreach, as does any device or dtype the fused kernel refuses.
+            # torch's fused kernel: one pass over each tensor where foreach makes several, so the optimizer
+            # step stops dominating a small model's training step (measured: docs/train_memory.md, "The
+            # optimizer step"; bench/train_head.py). FSDP2's DTensor parameters keep foreach, as does any
+            # device or dtype the fused kernel refuses.
             try:
                 return torch.optim.AdamW(params, fused=True, **kw)
             except (RuntimeError, ValueError):

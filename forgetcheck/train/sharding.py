@@ -25,7 +25,6 @@ from forgetcheck import config
 from forgetcheck.errors import RuntimeFailure
 from forgetcheck.rundir import RunDir, atomic_write_json
 
-STATE_FILE = "state.pt"
 FAIL_AT_STEP_ENV = "FORGETCHECK_TEST_FAIL_AT_STEP"  # tests only: every rank raises after this optimizer step
 
 

@@ -40,7 +40,7 @@ def test_cli_adamw8bit_step_on_tiny_gpt2(tiny_ref, tmp_path):
         json.dumps({"text": " ".join(words[(i * 5 + j) % len(words)] for j in range(24))}) + "\n" for i in range(8)))
     run = tmp_path / "run"
     # One optimizer step. TORCHDYNAMO_DISABLE=1 runs torchao's step eagerly (same 8-bit state tensors and
-    # quantisation code); compiling it costs ~60 s on 2 cores and is covered by the slow test in test_train.py.
+    # quantisation code); compiling it is the slow part, left to the slow test in test_train.py.
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
     r = subprocess.run([sys.executable, "-m", "forgetcheck", "train", "--base", "tiny-gpt2", "--data", str(data),
                         "--arms", "cpt", "--run", str(run), "--seq-len", "32", "--micro-batch", "2",

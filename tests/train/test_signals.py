@@ -1,6 +1,6 @@
 """train/signals.py: signals at a point of training on the tiny model (KL exactly 0 for the unchanged model, > 0
 after a perturbation; soft accuracy in points), the deterministic choice of fixed items, the curve file's
-schema (the overhead bound: test_training_curve.py)."""
+schema (the overhead bound: test_curve.py)."""
 
 from __future__ import annotations
 

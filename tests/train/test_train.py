@@ -279,7 +279,7 @@ def test_bf16_true_warns(tiny_ref, domain, tmp_path):
     assert rec["optimizer_steps"] == 2
 
 
-@pytest.mark.slow  # torchao compiles its step once per parameter shape: ~30 s on 2 CPU cores
+@pytest.mark.slow  # torchao compiles its step once per parameter shape, which dominates a tiny run
 def test_adamw8bit_state_under_2_5_bytes_per_param():
     assert optimizer.eightbit_backend() == "torchao", "torchao is a default dependency: pip install torchao"
     from transformers import GPT2Config, GPT2LMHeadModel
