@@ -8,6 +8,7 @@ This module imports nothing heavy: compare, report and gate use it on JSON alone
 
 from __future__ import annotations
 
+import copy
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, TypedDict
 
 from forgetcheck.config import RunConfig, from_dict, to_dict
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, git_hash, package_versions, read_json
+from forgetcheck.rundir import RunDir, atomic_write_json, git_hash, package_versions, read_json, read_jsonl
 
 SCHEMA_VERSION = 1
 PROMPT_CHARS = 600  # tail of each multiple-choice context kept in the per-item record (for flip examples)
@@ -156,7 +157,6 @@ class GateFile(TypedDict, total=False):
 
 def _read_versioned(path, kind: str, version: int, fix: str) -> dict:
     import json
-    from pathlib import Path
 
     p = Path(path)
     if not p.is_file():
@@ -170,7 +170,7 @@ def _read_versioned(path, kind: str, version: int, fix: str) -> dict:
 
 
 CURVE_VERSION = 1
-"""runs/<id>/curves/<arm>.json (train/signals.py writes and reads it; report/curves.py reads it as JSON)."""
+"""runs/<id>/curves/<arm>.json (train/signals.py writes and reads it; report/curves.py reads it: `read_curve`)."""
 
 
 def check_versioned(obj: Any, kind: str, version: int, where: str, fix: str) -> dict:
@@ -190,20 +190,43 @@ def check_versioned(obj: Any, kind: str, version: int, where: str, fix: str) -> 
     return obj
 
 
+COMPARE_FIX = "recompute it with `forgetcheck compare <run directory>`"
+GATE_FIX = "recompute it with `forgetcheck gate <run directory>`"
+COMPARE_FIELDS = {"arms": list, "tasks": dict, "suites": dict}
+
+
 def read_compare(path) -> CompareFile:
-    return _read_versioned(path, "compare", COMPARE_VERSION,
-                           "recompute it with `forgetcheck compare <run directory>`")  # type: ignore[return-value]
+    """compare.json, checked (a compare file of the version this forgetcheck writes, with its fields) and
+    typed: every field present (`compare_doc`)."""
+    path = Path(path)
+    obj = _read_versioned(path, "compare", COMPARE_VERSION, COMPARE_FIX)
+    for key, typ in COMPARE_FIELDS.items():
+        if not isinstance(obj.get(key), typ):
+            raise BadInput(f"{path}: '{key}' is missing or not a JSON {'list' if typ is list else 'object'}: the "
+                           f"file is damaged or not forgetcheck's; re-run `forgetcheck compare`")
+    return compare_doc(obj)
+
+
+def write_compare(path: Path, obj: dict) -> None:
+    """Write a compare result (compare.compare_run) as compare.json, after checking its version and kind."""
+    check_versioned(obj, "compare", COMPARE_VERSION, "compare result", "internal error")
+    atomic_write_json(path, obj)
 
 
 def read_gate(path) -> GateFile:
-    return _read_versioned(path, "gate", GATE_VERSION,
-                           "recompute it with `forgetcheck gate <run directory>`")  # type: ignore[return-value]
+    """gate.json, checked and typed: every field present (`gate_doc`)."""
+    return gate_doc(_read_versioned(path, "gate", GATE_VERSION, GATE_FIX))
+
+
+def write_gate(path: Path, obj: dict) -> None:
+    """Write a gate result (gate.decide) as gate.json, after checking its version and kind."""
+    check_versioned(obj, "gate", GATE_VERSION, "gate result", "internal error")
+    atomic_write_json(path, obj)
 
 
 def is_current(path, kind: str) -> bool:
     """Does `path` hold a `kind` file of the version this forgetcheck writes (False: absent or older)?"""
     import json
-    from pathlib import Path
 
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -213,16 +236,289 @@ def is_current(path, kind: str) -> bool:
     return isinstance(obj, dict) and obj.get("schema_version") == want and obj.get("kind") in (None, kind)
 
 
-def checked_compare(obj: dict) -> dict:
-    """A compare result about to be written: the version and kind this module reads (rundir writes it)."""
-    check_versioned(obj, "compare", COMPARE_VERSION, "compare result", "internal error")
-    return obj
+# ---- typed views: every field a reader (verdict/, report/) uses, present with its default -------------------
+#
+# A run file omits a key its writer had nothing for (no soft accuracy for a perplexity task, no `significant`
+# without a test). The `*_doc` functions below return a copy with every such key filled in with the value its
+# absence means, so code reads fields directly; the files themselves are written unchanged.
 
 
-def checked_gate(obj: dict) -> dict:
-    """A gate result about to be written: the version and kind this module reads (rundir writes it)."""
-    check_versioned(obj, "gate", GATE_VERSION, "gate result", "internal error")
-    return obj
+def _filled(obj: Any, defaults: dict) -> dict:
+    """A copy of `obj` (None: empty) with every key of `defaults` present, absent ones set to a fresh copy of
+    their default; the keys `obj` has keep their order and values."""
+    out = dict(obj or {})
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class ItemRecord(TypedDict):
+    """One line of eval/samples/<model>/<task>.jsonl (`correct` and the perplexity sums only where written)."""
+
+    doc_id: Any
+    doc_hash: str | None
+    target: int | None
+    loglikelihoods: list | None
+    words: float | None
+    bytes: float | None
+    metrics: dict[str, float | None]
+    chosen: dict[str, int]  # the choice each metric scored (acc_norm: length-normalised)
+    choices: list | None
+    cluster: Any
+    doc: Any  # the question, in whichever of these keys the record carries it
+    prompt: Any
+    text: Any
+    question: Any
+    context: Any
+    arguments: Any
+
+
+ITEM_TEXT_KEYS = ("doc", "prompt", "text", "question", "context", "arguments")
+ITEM_DEFAULTS = {"doc_id": None, "doc_hash": None, "target": None, "loglikelihoods": None, "words": None,
+                 "bytes": None, "metrics": {}, "chosen": {}, "choices": None, "cluster": None,
+                 **dict.fromkeys(ITEM_TEXT_KEYS)}
+
+
+def item_doc(row: dict) -> ItemRecord:
+    return _filled(row, ITEM_DEFAULTS)  # type: ignore[return-value]
+
+
+def read_items(path: Path) -> list[ItemRecord]:
+    """A task's per-item records, typed."""
+    return [item_doc(row) for row in read_jsonl(path)]
+
+
+class EvalDrift(TypedDict):
+    """eval/<model>.json `drift`: the drift text's perplexity, its KL block and per-block values."""
+
+    perplexity: float | None
+    text: dict[str, Any]  # source, tokens_scored
+    kl: dict[str, Any] | None
+    blocks: dict[str, list[float] | None]  # nll, kl
+
+
+def eval_drift_doc(obj: Any) -> EvalDrift:
+    doc = _filled(obj, {"perplexity": None, "text": {}, "kl": None, "blocks": {}})
+    doc["text"] = _filled(doc["text"], {"source": None, "tokens_scored": None})
+    doc["blocks"] = _filled(doc["blocks"], {"nll": None, "kl": None})
+    return doc  # type: ignore[return-value]
+
+
+TASK_RESULT_DEFAULTS = {"suite": "retention", "kind": None, "primary_metric": None, "metrics": {}, "n": None,
+                        "chance": None, "samples": None}
+
+
+def eval_doc(obj: Any) -> EvalFile:
+    """An eval file with every field (and every task's) present."""
+    doc = _filled(obj, {"model": {}, "limit": None, "backend": None, "tasks": {}, "skipped": {}, "missing": {},
+                        "drift": {}})
+    doc["tasks"] = {name: _metric_entries(_filled(t, TASK_RESULT_DEFAULTS)) for name, t in (doc["tasks"] or {}).items()}
+    doc["missing"] = {name: _filled(m, {"suite": None, "why": None}) for name, m in (doc["missing"] or {}).items()}
+    doc["skipped"] = doc["skipped"] or {}
+    doc["drift"] = eval_drift_doc(doc["drift"])
+    return doc  # type: ignore[return-value]
+
+
+def _metric_entries(task: dict) -> dict:
+    task["metrics"] = {m: _filled(v, {"value": None, "stderr": None, "higher_is_better": None})
+                       for m, v in (task["metrics"] or {}).items()}
+    return task
+
+
+class TrainMemory(TypedDict):
+    planned: dict[str, float]  # bytes per component, and `total`
+    measured_peak_bytes: int | None
+    method: str | None
+
+
+def train_doc(obj: Any) -> TrainFile:
+    """A train file with every field the verdict and the report read present."""
+    doc = _filled(obj, {"tokens_seen": {}, "budget_tokens": None, "optimizer_steps": None, "planned_steps": None,
+                        "stopped_early": None, "loss_curve": [], "memory": {}, "config": {}, "tokens_per_s": None})
+    doc["tokens_seen"] = _filled(doc["tokens_seen"], {"forward": None, "padding": None, "label": None})
+    doc["memory"] = _filled(doc["memory"], {"planned": {}, "measured_peak_bytes": None, "method": None})
+    doc["memory"]["planned"] = _filled(doc["memory"]["planned"], {"total": None})
+    doc["config"] = _filled(doc["config"], {"seq_len": None})
+    if doc["stopped_early"]:
+        doc["stopped_early"] = _filled(doc["stopped_early"], {"step": None, "planned_steps": None, "reason": None})
+    return doc  # type: ignore[return-value]
+
+
+def read_curve(path: Path) -> dict:
+    """curves/<arm>.json, checked and typed (`curve_doc`)."""
+    return curve_doc(check_versioned(read_json(path), "curve", CURVE_VERSION, str(path),
+                                     "re-run training with --eval-every to write it again"))
+
+
+CURVE_SIGNALS = ("train_loss", "kl_general", "kl_domain", "bpb_general", "bpb_domain", "soft_acc")
+
+
+def curve_doc(obj: Any) -> dict:
+    """A curve file with `base`, `points` (every signal, None where not measured) and `meta` (schedule sizes,
+    overhead, forecast of every signal) present."""
+    doc = _filled(obj, {"base": {}, "points": [], "meta": {}})
+    doc["base"] = _filled(doc["base"], dict.fromkeys(CURVE_SIGNALS))
+    doc["points"] = [_filled(point, dict.fromkeys(CURVE_SIGNALS)) for point in doc["points"] or []]
+    meta = doc["meta"] = _filled(doc["meta"], {"forecast": {}, "overhead": {}, "sizes": {}, "stopped_early": None})
+    meta["overhead"] = _filled(meta["overhead"], {"fraction": None, "train_s": 0})
+    meta["sizes"] = _filled(meta["sizes"], {"n_items": None, "n_tokens": None, "predicted_fraction": 0})
+    if meta["stopped_early"]:
+        meta["stopped_early"] = _filled(meta["stopped_early"], {"reason": None})
+    fc = meta["forecast"] = _filled(meta["forecast"], {"signals": {}, "made_at_tokens": None, "at_tokens": None})
+    fc["signals"] = _filled({name: _forecast_signal(e) for name, e in (fc["signals"] or {}).items()},
+                            {name: _forecast_signal(None) for name in CURVE_SIGNALS})
+    return doc
+
+
+FORECAST_MODELS = ("power_law", "power_law_tokens", "loss_linear")
+
+
+def _forecast_signal(entry: Any) -> dict:
+    sig = _filled(entry, {"measured": None, "note": None, **dict.fromkeys(FORECAST_MODELS)})
+    for model in FORECAST_MODELS:
+        if sig[model]:
+            sig[model] = _filled(sig[model], {"predicted": None, "lo": None, "hi": None, "inside": None,
+                                              "reason": None, "axis": "tokens"})
+    return sig
+
+
+# compare.json: the blocks below are what compare.compare_evals writes; a key it leaves out gets the value its
+# absence means.
+
+COMPARE_ARM_DEFAULTS = {"score": None, "n": None, "delta": None, "ci": None, "p_value": None, "test": None,
+                        "n_paired": 0, "source": None, "acc": None, "soft": None, "soft_score": None,
+                        "estimate": None, "significant": False, "p_holm": None, "holm_family": None, "flips": {},
+                        "examples": {}}
+COMPARE_BASE_DEFAULTS = {"score": None, "n": None, "soft_score": None}
+INFORMATIVE_DEFAULT = {"value": True, "p_value": None, "reason": None}
+MEAN_DEFAULTS = {"n_tasks": None, "tasks": [], "base_mean": None, "arm_mean": None, "delta": None, "ci": None,
+                 "p_value": None, "se": None, "significant": False}
+SUMMARY_DEFAULTS = {"forgetting": None, "forgetting_ci": None, "forgetting_significant": None, "learning": None,
+                    "learning_ci": None, "learning_significant": None, "kl_mean": None}
+DRIFT_DEFAULTS = {"perplexity": {}, "kl": None, "text_perplexity": None, "ppl_rise": None, "kl_mean": None,
+                  "notes": []}
+MEAN_METRICS, MEAN_OVER = ("acc", "soft"), ("informative", "all")
+
+
+def compare_arm_doc(obj: Any) -> dict:
+    """One arm's result on one task (compare.json tasks.<task>.arms.<arm>)."""
+    arm = _filled(obj, COMPARE_ARM_DEFAULTS)
+    arm["examples"] = _filled(arm["examples"], {"right_to_wrong": [], "wrong_to_right": []})
+    return arm
+
+
+def compare_task_doc(obj: Any) -> dict:
+    """One task of compare.json: its base (`score_paired` is the score on the items paired with the arms, the
+    whole score when nothing was paired), arms, informative test and why an arm was not scored."""
+    task = _filled(obj, {"suite": "retention", "kind": None, "metric": None, "unit": None, "scale": None,
+                         "higher_is_better": True, "chance": None, "base": {}, "arms": {}, "notes": [],
+                         "informative": INFORMATIVE_DEFAULT, "unscored": {}})
+    base = task["base"] = _filled(task["base"], COMPARE_BASE_DEFAULTS)
+    if "score_paired" not in base:
+        base["score_paired"] = base["score"]
+    task["informative"] = _filled(task["informative"], INFORMATIVE_DEFAULT)
+    task["arms"] = {arm: compare_arm_doc(a) for arm, a in task["arms"].items()}
+    return task
+
+
+NOT_EVALUATED = "task not evaluated"
+
+
+def _unscored_reasons(task: dict, arms: list[str]) -> dict:
+    """Why each of `arms` the task has no result for was not scored ("task not evaluated" when unrecorded)."""
+    return _filled(task["unscored"], {arm: NOT_EVALUATED for arm in arms if arm not in task["arms"]})
+
+
+def mean_doc(obj: Any) -> dict | None:
+    """A suite mean of one arm (None: no task of the suite had a delta)."""
+    return None if obj is None else _filled(obj, MEAN_DEFAULTS)
+
+
+def suite_doc(obj: Any, arms: list[str]) -> dict:
+    """One suite of compare.json: its means per metric and task set, one (possibly None) per arm."""
+    suite = _filled(obj, {"tasks": [], "mean_over": [], "uninformative": [], "means": {}, "arms": {}})
+    means = {m: _filled(suite["means"].get(m), dict.fromkeys(MEAN_OVER, {})) for m in MEAN_METRICS}
+    suite["means"] = {m: {over: _filled({a: mean_doc(v) for a, v in means[m][over].items()}, dict.fromkeys(arms))
+                          for over in MEAN_OVER} for m in MEAN_METRICS}
+    suite["arms"] = _filled({a: mean_doc(v) for a, v in suite["arms"].items()}, dict.fromkeys(arms))
+    return suite
+
+
+def drift_doc(obj: Any) -> dict:
+    """One arm's general-text drift in compare.json."""
+    drift = _filled(obj, DRIFT_DEFAULTS)
+    drift["kl"] = _filled(drift["kl"], {"mean": None}) if drift["kl"] is not None else None
+    return drift
+
+
+def _arm_pair_doc(obj: Any) -> dict:
+    """One pair of arms on the same items: per suite (retention, domain) an estimate per metric, or None."""
+    pair = _filled(obj, {"suites": {}, "note": ""})
+    pair["suites"] = _filled({s: _filled(e, dict.fromkeys(MEAN_METRICS)) for s, e in pair["suites"].items()},
+                             {s: dict.fromkeys(MEAN_METRICS) for s in ("retention", "domain")})
+    return pair
+
+
+def compare_doc(obj: Any) -> CompareFile:
+    """A compare result (read from compare.json, or just computed) with every field present, for every task,
+    suite (retention and domain), arm and drift block."""
+    doc = _filled(obj, {"alpha": 0.05, "ci_level": 0.95, "arms": [], "base": {}, "tasks": {}, "missing": {},
+                        "suites": {}, "drift": {}, "arm_vs_arm": {}, "seed_groups": None, "summary": {},
+                        "run_id": None, "budget": {}})
+    arms = list(doc["arms"])
+    doc["base"] = _filled(doc["base"], {"model": {}, "random_weights": False, "limit": None, "backend": None})
+    doc["tasks"] = {name: compare_task_doc(t) for name, t in doc["tasks"].items()}
+    for task in doc["tasks"].values():
+        task["unscored"] = _unscored_reasons(task, arms)
+    doc["missing"] = {name: _filled(m, {"suite": None, "why": None, "models": []}) for name, m in doc["missing"].items()}
+    names = list(doc["suites"]) + [name for name in ("retention", "domain") if name not in doc["suites"]]
+    doc["suites"] = {name: suite_doc(doc["suites"].get(name), arms) for name in names}
+    doc["drift"] = _filled({a: drift_doc(d) for a, d in doc["drift"].items()}, {a: drift_doc(None) for a in arms})
+    doc["arm_vs_arm"] = _filled(doc["arm_vs_arm"], {"pairs": []})
+    doc["arm_vs_arm"]["pairs"] = [_arm_pair_doc(p) for p in doc["arm_vs_arm"]["pairs"]]
+    doc["summary"] = _filled({a: _filled(s, SUMMARY_DEFAULTS) for a, s in doc["summary"].items()},
+                             {a: dict(SUMMARY_DEFAULTS) for a in arms})
+    doc["budget"] = _filled(doc["budget"], {"arms": {}, "seq_len": None, "matched": None, "reasons": []})
+    return doc  # type: ignore[return-value]
+
+
+def history_doc(obj: Any) -> dict:
+    """history.json (`forgetcheck check --previous`): the previous release and the typed comparison against it."""
+    doc = _filled(obj, {"previous": {}, "eval": None, "compare": {}})
+    doc["previous"] = _filled(doc["previous"], {"run": None, "run_id": None, "arm": None, "eval": None})
+    doc["compare"] = compare_doc(doc["compare"])
+    return doc
+
+
+def read_history(path: Path) -> dict:
+    """history.json, checked and typed (`history_doc`)."""
+    return history_doc(require(read_json(path), "history", str(path)))
+
+
+GATE_POWER_ARM_DEFAULTS = {"tasks": {}, "mean": None, "n": None, "mde": None, "items_needed": None,
+                           "mean_mde": None}
+
+
+def gate_power_arm_doc(obj: Any) -> dict:
+    """What one arm's run can detect (gate.json power.arms.<arm>)."""
+    return _filled(obj, GATE_POWER_ARM_DEFAULTS)
+
+
+def gate_doc(obj: Any) -> GateFile:
+    """A gate result with every field present, for every rule, arm and power statement."""
+    doc = _filled(obj, {"verdict": "inconclusive", "passed": False, "exit_code": 4, "exit_note": "", "policy": {},
+                        "arms": {}, "rules": [], "excluded": [], "not_checked": [], "power": {}, "missing": [],
+                        "summary": ""})
+    doc["rules"] = [_filled(r, {"arm": None, "task": None, "values": {}}) for r in doc["rules"]]
+    doc["excluded"] = [_filled(e, {"kept": False}) for e in doc["excluded"]]
+    doc["arms"] = {a: _filled(v, {"verdict": None, "passed": False, "failed": [], "inconclusive": []})
+                   for a, v in doc["arms"].items()}
+    power = doc["power"] = _filled(doc["power"], {"arms": {}, "sentence": ""})
+    power["arms"] = {a: gate_power_arm_doc(p) for a, p in power["arms"].items()}
+    return doc  # type: ignore[return-value]
+
+
 # ---- typed readers and writers: config.json, manifest.json, train/<arm>.json, eval/<model>.json ----------
 
 class ManifestFile(TypedDict, total=False):
@@ -271,13 +567,26 @@ def _write(kind: str, path: Path, doc: dict) -> dict:
     return full
 
 
+def config_doc(obj: Any) -> dict:
+    """config.json with the sections the verdict and the report read present (`train`, `eval`, `gate`)."""
+    doc = _filled(obj, {"arms": [], "train": {}, "eval": {}, "gate": {}})
+    doc["train"] = _filled(doc["train"], {"seq_len": None, "wise_from": "sft"})
+    return doc
+
+
 def read_run_config(path: Path) -> RunConfig:
     """config.json as the RunConfig it records (`read_config_doc` for the `resolved` block too)."""
     return from_dict(read_config_doc(path), Path(path))
 
 
 def read_config_doc(path: Path) -> dict:
+    """config.json as written (checked); `read_config` for the typed view."""
     return _read("config", path)
+
+
+def read_config(path: Path) -> dict:
+    """config.json, checked and typed (`config_doc`)."""
+    return config_doc(read_config_doc(path))
 
 
 def write_config(path: Path, cfg: RunConfig, resolved: dict) -> None:
@@ -285,11 +594,14 @@ def write_config(path: Path, cfg: RunConfig, resolved: dict) -> None:
 
 
 def read_manifest(path: Path) -> ManifestFile:
-    return _read("manifest", path)  # type: ignore[return-value]
+    """manifest.json, typed: the fields the report shows present."""
+    return _filled(_read("manifest", path), {"versions": {}, "timings": {}, "git": None, "device": None,
+                                              "created": None})  # type: ignore[return-value]
 
 
 def read_train(path: Path) -> TrainFile:
-    return _read("train", path)  # type: ignore[return-value]
+    """train/<arm>.json, typed (`train_doc`)."""
+    return train_doc(_read("train", path))
 
 
 def write_train(path: Path, record: TrainFile) -> TrainFile:
@@ -297,7 +609,8 @@ def write_train(path: Path, record: TrainFile) -> TrainFile:
 
 
 def read_eval(path: Path) -> EvalFile:
-    return _read("eval", path)  # type: ignore[return-value]
+    """eval/<model>.json, typed (`eval_doc`)."""
+    return eval_doc(_read("eval", path))
 
 
 def write_eval(path: Path, doc: EvalFile) -> EvalFile:
@@ -307,7 +620,7 @@ def write_eval(path: Path, doc: EvalFile) -> EvalFile:
 def update_manifest(run: RunDir, **fields: Any) -> dict:
     """Merge `fields` into manifest.json (creating it with versions and git hash), atomically."""
     if run.manifest.exists():
-        man = dict(read_manifest(run.manifest))
+        man = _read("manifest", run.manifest)
     else:
         man = {
             "schema_version": SCHEMA_VERSION,

@@ -55,7 +55,7 @@ def place_labels(points: list[dict], text: str = "label", dx: float = 9.0, dy: f
 
     for p in sorted(points, key=lambda q: (q["cy"], q["cx"])):
         x, y = p["cx"] + dx, p["cy"] + dy
-        width = LABEL_CHAR_PX * len(str(p.get(text, "")))
+        width = LABEL_CHAR_PX * len(str(p[text]))
         step = LABEL_LINE_PX
         tries = 0
         while clash(x, y - LABEL_LINE_PX + 3, x + width, y + 3) and tries < 40:

@@ -9,8 +9,8 @@ import math
 from typing import Any
 
 from forgetcheck.report.charts import Scale, tick_label
-from forgetcheck.rundir import RunDir, read_json
-from forgetcheck.schema import CURVE_VERSION, check_versioned
+from forgetcheck.rundir import RunDir
+from forgetcheck.schema import read_curve
 from forgetcheck.train.signals import worse  # torch-free: the direction rule train/signals.py's forecasts use
 
 PANELS = (  # signal, title, y label, sign (+1: forgetting as stored, -1: learning = the drop of the signal)
@@ -18,6 +18,7 @@ PANELS = (  # signal, title, y label, sign (+1: forgetting as stored, -1: learni
     ("bpb_domain", "Learning: domain bits per byte gained", "bits/byte gained", -1),
     ("kl_general", "Drift: KL(base ‖ arm) on general text", "nats/token", +1),
 )
+AXIS_NAMES = {"lr_integral": " (lr integral)", "tokens": " (tokens)"}  # what a forecast was fitted against
 SIGNAL_NAMES = {"soft_acc": "retention soft accuracy lost (points)", "kl_general": "KL on general text (nats/token)",
                 "kl_domain": "KL on domain text (nats/token)", "bpb_general": "general bits per byte rise"}
 
@@ -25,10 +26,10 @@ SIGNAL_NAMES = {"soft_acc": "retention soft accuracy lost (points)", "kl_general
 def _series(curve: dict, signal: str, sign: int) -> list[tuple[float, float]]:
     """(tokens, value) from the base (0, 0) on: soft_acc base − value, bits per byte value − base (times
     `sign`: −1 turns a drop into learning), KL the value."""
-    base = (curve.get("base") or {}).get(signal)
+    base = curve["base"][signal]
     out = [(0.0, 0.0)]
-    for p in sorted(curve.get("points") or [], key=lambda p: p["tokens"]):
-        v = p.get(signal)
+    for p in sorted(curve["points"], key=lambda p: p["tokens"]):
+        v = p[signal]
         if v is None or not math.isfinite(v) or (signal != "kl_general" and base is None):
             continue
         out.append((float(p["tokens"]), sign * worse(signal, v, base)))
@@ -40,7 +41,7 @@ def _panel(curves: dict[str, dict], colors: dict, signal: str, title: str, ylabe
     for arm, c in curves.items():
         pts = _series(c, signal, sign)
         if pts:
-            series.append({"arm": arm, "curve": pts, "color": colors.get(arm, "#64748b"),
+            series.append({"arm": arm, "curve": pts, "color": colors[arm],
                            "fc": _forecast_mark(c, signal) if sign > 0 else None})
     if not series:
         return None
@@ -68,12 +69,12 @@ def _panel(curves: dict[str, dict], colors: dict, signal: str, title: str, ylabe
 
 
 def _forecast_mark(curve: dict, signal: str) -> dict | None:
-    fc = (curve.get("meta") or {}).get("forecast") or {}
-    pl = ((fc.get("signals") or {}).get(signal) or {}).get("power_law") or {}
-    if pl.get("predicted") is None:
+    fc = curve["meta"]["forecast"]
+    pl = fc["signals"][signal]["power_law"]
+    if pl is None or pl["predicted"] is None:
         return None
-    return {"predicted": pl["predicted"], "lo": pl.get("lo"), "hi": pl.get("hi"), "at": float(fc["at_tokens"]),
-            "fit_until": float(fc.get("made_at_tokens") or 0.0)}
+    return {"predicted": pl["predicted"], "lo": pl["lo"], "hi": pl["hi"], "at": float(fc["at_tokens"]),
+            "fit_until": float(fc["made_at_tokens"] or 0.0)}
 
 
 def forecast_rows(curves: dict[str, dict], colors: dict) -> list[dict]:
@@ -81,23 +82,23 @@ def forecast_rows(curves: dict[str, dict], colors: dict) -> list[dict]:
     measured at the end of the budget, the miss, and whether the interval held it."""
     rows = []
     for arm, c in curves.items():
-        fc = (c.get("meta") or {}).get("forecast") or {}
-        for signal, e in (fc.get("signals") or {}).items():
+        fc = c["meta"]["forecast"]
+        for signal, e in fc["signals"].items():
             for model in ("power_law", "power_law_tokens", "loss_linear"):
-                m = e.get(model)
+                m = e[model]
                 if not m:
                     continue
-                measured = e.get("measured")
+                measured = e["measured"]
                 name = {"power_law": "shifted power law", "power_law_tokens": "shifted power law",
                         "loss_linear": "linear in training loss"}[model]
-                name += {"lr_integral": " (lr integral)", "tokens": " (tokens)"}.get(m.get("axis", "tokens"), "")
-                rows.append({"arm": arm, "color": colors.get(arm, "#64748b"), "signal": SIGNAL_NAMES.get(signal, signal),
+                name += AXIS_NAMES.get(m["axis"], "")
+                rows.append({"arm": arm, "color": colors[arm], "signal": SIGNAL_NAMES.get(signal, signal),
                              "model": name,
-                             "made_at": fc.get("made_at_tokens"), "at": fc.get("at_tokens"),
-                             "predicted": m.get("predicted"), "lo": m.get("lo"), "hi": m.get("hi"),
+                             "made_at": fc["made_at_tokens"], "at": fc["at_tokens"],
+                             "predicted": m["predicted"], "lo": m["lo"], "hi": m["hi"],
                              "measured": measured,
-                             "error": None if measured is None or m.get("predicted") is None else measured - m["predicted"],
-                             "inside": m.get("inside"), "reason": m.get("reason") or e.get("note") or ""})
+                             "error": None if measured is None or m["predicted"] is None else measured - m["predicted"],
+                             "inside": m["inside"], "reason": m["reason"] or e["note"] or ""})
     return rows
 
 
@@ -107,20 +108,19 @@ def curves_view(run: RunDir, arms: list[str], colors: dict) -> dict[str, Any]:
     for arm in arms:
         p = run.curve_json(arm)
         if p.exists():
-            curves[arm] = check_versioned(read_json(p), "curve", CURVE_VERSION, str(p),
-                                          "re-run training with --eval-every to write it again")
+            curves[arm] = read_curve(p)
     if not curves:
         return {"curve_panels": [], "curve_rows": [], "curve_notes": []}
     notes = []
     for arm, c in curves.items():
-        meta = c.get("meta") or {}
-        o = meta.get("overhead") or {}
-        sizes = meta.get("sizes") or {}
-        if o.get("fraction") is not None:
-            notes.append(f"{arm}: {len(c.get('points') or [])} points ({sizes.get('n_items')} items, "
-                         f"{sizes.get('n_tokens')} tokens of each text); measuring cost {o['fraction']:.0%} of the "
-                         f"{o.get('train_s', 0):.0f} s of training (predicted {sizes.get('predicted_fraction', 0):.0%})")
-        if meta.get("stopped_early"):
-            notes.append(f"{arm} STOPPED EARLY: {meta['stopped_early'].get('reason')}")
+        meta = c["meta"]
+        o = meta["overhead"]
+        sizes = meta["sizes"]
+        if o["fraction"] is not None:
+            notes.append(f"{arm}: {len(c['points'])} points ({sizes['n_items']} items, "
+                         f"{sizes['n_tokens']} tokens of each text); measuring cost {o['fraction']:.0%} of the "
+                         f"{o['train_s']:.0f} s of training (predicted {sizes['predicted_fraction']:.0%})")
+        if meta["stopped_early"]:
+            notes.append(f"{arm} STOPPED EARLY: {meta['stopped_early']['reason']}")
     panels = [p for p in (_panel(curves, colors, *spec) for spec in PANELS) if p]
     return {"curve_panels": panels, "curve_rows": forecast_rows(curves, colors), "curve_notes": notes}

@@ -25,7 +25,17 @@ from forgetcheck.errors import BadInput
 from forgetcheck.report.charts import Scale, nice_ticks, place_labels, tick_label
 from forgetcheck.report.curves import curves_view
 from forgetcheck.rundir import RunDir, atomic_write_text
-from forgetcheck.schema import read_compare, read_config_doc, read_gate, read_manifest, read_train
+from forgetcheck.schema import (
+    SUMMARY_DEFAULTS,
+    CompareFile,
+    TrainFile,
+    config_doc,
+    read_compare,
+    read_config_doc,
+    read_gate,
+    read_manifest,
+    read_train,
+)
 from forgetcheck.verdict.text import policy_sentence, signed, verdict_reason
 
 TEMPLATE = "report.html.j2"
@@ -70,30 +80,30 @@ def wise_alpha(arm: str) -> float | None:
         return None
 
 
-def chart_summary(compare: dict) -> dict:
+def chart_summary(compare: CompareFile) -> dict:
     """The learning-vs-forgetting point of each arm: its one training run's, or, with several (`--seeds`),
     the arm's over all its runs with two-level intervals (the replicas' own points are not drawn)."""
-    out = dict(compare.get("summary") or {})
-    for arm, g in (compare.get("seed_groups") or {}).items():
-        if g.get("seeds", 1) > 1:
+    out = {arm: {**s, "seeds": 1} for arm, s in compare["summary"].items()}
+    for arm, g in (compare["seed_groups"] or {}).items():
+        if g["seeds"] > 1:
             for label in g["labels"]:
                 out.pop(label, None)
-            out[arm] = {**g["summary"], "seeds": g["seeds"]}
+            out[arm] = {**SUMMARY_DEFAULTS, **g["summary"], "seeds": g["seeds"]}
     return out
 
 
-def learn_forget_chart(compare: dict, colors: dict, wise_from: str | None = None) -> dict | None:
+def learn_forget_chart(compare: CompareFile, colors: dict, wise_from: str | None = None) -> dict | None:
     """Scatter of arms: x = forgetting (retention mean drop), y = learning (domain mean gain), with CIs; the
     front's arms ringed; the interpolation curve base (0, 0) -> wise-<a> by a -> `wise_from` drawn as a line."""
     pts = []
     for arm, s in chart_summary(compare).items():
-        if s.get("forgetting") is None and s.get("learning") is None:
+        if s["forgetting"] is None and s["learning"] is None:
             continue
-        f, ln = s.get("forgetting") or 0.0, s.get("learning") or 0.0
-        pts.append({"arm": arm, "f": f, "l": ln, "fci": s.get("forgetting_ci") or [f, f],
-                    "lci": s.get("learning_ci") or [ln, ln], "color": colors[arm],
-                    "f_missing": s.get("forgetting") is None, "l_missing": s.get("learning") is None,
-                    "seeds": s.get("seeds", 1)})
+        f, ln = s["forgetting"] or 0.0, s["learning"] or 0.0
+        pts.append({"arm": arm, "f": f, "l": ln, "fci": s["forgetting_ci"] or [f, f],
+                    "lci": s["learning_ci"] or [ln, ln], "color": colors[arm],
+                    "f_missing": s["forgetting"] is None, "l_missing": s["learning"] is None,
+                    "seeds": s["seeds"]})
     if not pts:
         return None
     w, h, ml, mr, mt, mb = 560, 340, 64, 24, 20, 52
@@ -121,10 +131,10 @@ def learn_forget_chart(compare: dict, colors: dict, wise_from: str | None = None
             "x0": sx(0.0), "y0": sy(0.0), "left": ml, "right": w - mr, "top": mt, "bottom": h - mb}
 
 
-def loss_chart(train: dict[str, dict], colors: dict) -> dict | None:
+def loss_chart(train: dict[str, TrainFile], colors: dict) -> dict | None:
     series = []
     for arm, tr in train.items():
-        curve = [(float(s), float(v)) for s, v in (tr.get("loss_curve") or []) if v is not None and math.isfinite(v)]
+        curve = [(float(s), float(v)) for s, v in (tr["loss_curve"] or []) if v is not None and math.isfinite(v)]
         if curve:
             series.append({"arm": arm, "curve": curve, "color": colors[arm]})
     if not series:
@@ -149,19 +159,19 @@ MEM_ORDER = tuple(MEM_COLORS)
 MEM_EXTRA = ("#fda4af", "#fcd34d", "#86efac")
 
 
-def memory_chart(train: dict[str, dict]) -> dict | None:
+def memory_chart(train: dict[str, TrainFile]) -> dict | None:
     """Planned memory per component (stacked) above the measured peak, per arm; every component the train
     file lists (weights, gradients, optimizer_state, activations, gathered_blocks, ...)."""
     rows, names = [], []
     for arm, tr in train.items():
-        mem = tr.get("memory") or {}
-        planned = {k: float(v) for k, v in (mem.get("planned") or {}).items()
+        mem = tr["memory"]
+        planned = {k: float(v) for k, v in mem["planned"].items()
                    if k != "total" and isinstance(v, (int, float)) and v > 0}
-        total = (mem.get("planned") or {}).get("total") or sum(planned.values()) or None
-        measured = mem.get("measured_peak_bytes")
+        total = mem["planned"]["total"] or sum(planned.values()) or None
+        measured = mem["measured_peak_bytes"]
         if total or measured:
             rows.append({"arm": arm, "planned": planned, "total": total, "measured": measured,
-                         "method": mem.get("method")})
+                         "method": mem["method"]})
             names += [k for k in planned if k not in names]
     if not rows:
         return None
@@ -209,23 +219,24 @@ def stage_timings(timings: dict) -> dict[str, float]:
 
 
 def unscored_text(task: dict, arms: list[str]) -> str:
-    """Why no arm was scored on a task, once per distinct reason: 'not scored for sft, cpt: <why>'."""
+    """Why no arm was scored on a task (a compare.json task, typed), once per distinct reason: 'not scored for
+    sft, cpt: <why>'."""
     by_why: dict[str, list[str]] = {}
     for arm in arms:
-        by_why.setdefault((task.get("unscored") or {}).get(arm, "task not evaluated"), []).append(arm)
+        by_why.setdefault(task["unscored"][arm], []).append(arm)
     return "; ".join(f"not scored for {', '.join(a)}: {why}" for why, a in by_why.items()) or "not scored for any arm"
 
 
-def forest_scale(compare: dict) -> Scale | None:
+def forest_scale(compare: CompareFile) -> Scale | None:
     """One x scale (points) shared by every task row's mini CI plot."""
     vals = [0.0]
-    for t in (compare.get("tasks") or {}).values():
-        if t.get("unit") != "points":
+    for t in compare["tasks"].values():
+        if t["unit"] != "points":
             continue
-        for a in (t.get("arms") or {}).values():
-            if a.get("delta") is not None:
+        for a in t["arms"].values():
+            if a["delta"] is not None:
                 vals.append(a["delta"])
-            vals.extend(a.get("ci") or [])
+            vals.extend(a["ci"] or [])
     if len(vals) == 1:
         return None
     m = max(abs(v) for v in vals) or 1.0
@@ -236,11 +247,11 @@ def forest_scale(compare: dict) -> Scale | None:
 
 def build_view(run: RunDir) -> dict[str, Any]:
     compare = read_compare(run.compare)
-    config = read_config_doc(run.config) if run.config.exists() else {}
-    manifest = dict(read_manifest(run.manifest)) if run.manifest.exists() else {}
+    config = read_config_doc(run.config) if run.config.exists() else {}  # shown as written
+    manifest = read_manifest(run.manifest) if run.manifest.exists() else {}
     gate = read_gate(run.gate)
     gate_source = "gate.json"
-    arms = list(compare.get("arms") or [])
+    arms = list(compare["arms"])
     colors = {a: ARM_COLORS.get(replica_of(a)[0])  # an arm's --seeds runs share its colour
               or (WISE_COLOR if wise_alpha(a) is not None else EXTRA_COLORS[i % len(EXTRA_COLORS)])
               for i, a in enumerate(arms)}
@@ -248,55 +259,51 @@ def build_view(run: RunDir) -> dict[str, Any]:
     for arm in arms:
         p = run.train_json(arm)
         if p.exists():
-            train[arm] = dict(read_train(p))
+            train[arm] = read_train(p)
     fs = forest_scale(compare)
     rows = []
-    for name, t in sorted((compare.get("tasks") or {}).items(), key=lambda kv: (kv[1].get("suite") != "retention",
-                                                                              kv[1].get("unit") != "points", kv[0])):
+    for name, t in sorted(compare["tasks"].items(), key=lambda kv: (kv[1]["suite"] != "retention",
+                                                                   kv[1]["unit"] != "points", kv[0])):
         arm_rows = []
-        for arm in arms:
-            a = (t.get("arms") or {}).get(arm)
-            if a is None:
-                continue
-            d, ci = a.get("delta"), a.get("ci")
-            sig = bool(a.get("significant"))
+        for arm, a in t["arms"].items():
+            d, ci = a["delta"], a["ci"]
+            sig = bool(a["significant"])
             r = {"arm": arm, "color": colors[arm], "a": a, "delta": d, "ci": ci, "sig": sig,
                  "drop": sig and d is not None and d < 0, "gain": sig and d is not None and d > 0,
                  "forest": None}
-            if fs is not None and t.get("unit") == "points" and d is not None:
+            if fs is not None and t["unit"] == "points" and d is not None:
                 r["forest"] = {"x": fs(d), "x0": fs(ci[0]) if ci else fs(d), "x1": fs(ci[1]) if ci else fs(d),
                                "zero": fs(0.0)}
             arm_rows.append(r)
         rows.append({"name": name, "t": t, "arms": arm_rows, "unscored": "" if arm_rows else unscored_text(t, arms),
-                     "base_score": t["base"].get("score_paired", t["base"].get("score"))})
+                     "base_score": t["base"]["score_paired"]})
     flips = []
-    for name, t in sorted((compare.get("tasks") or {}).items(), key=lambda kv: (kv[1].get("suite") != "retention", kv[0])):
-        for arm in arms:
-            a = (t.get("arms") or {}).get(arm) or {}
-            ex = a.get("examples") or {}
-            if ex.get("right_to_wrong") or ex.get("wrong_to_right"):
-                flips.append({"task": name, "arm": arm, "color": colors[arm], "flips": a.get("flips") or {},
-                              "r2w": ex.get("right_to_wrong") or [], "w2r": ex.get("wrong_to_right") or []})
-    base = compare.get("base") or {}
-    versions = dict(manifest.get("versions") or {})
-    bud = compare.get("budget") or {}
+    for name, t in sorted(compare["tasks"].items(), key=lambda kv: (kv[1]["suite"] != "retention", kv[0])):
+        for arm, a in t["arms"].items():
+            ex = a["examples"]
+            if ex["right_to_wrong"] or ex["wrong_to_right"]:
+                flips.append({"task": name, "arm": arm, "color": colors[arm], "flips": a["flips"] or {},
+                              "r2w": ex["right_to_wrong"] or [], "w2r": ex["wrong_to_right"] or []})
+    base = compare["base"]
+    versions = dict(manifest["versions"] or {}) if manifest else {}
+    bud = compare["budget"]
     return {
-        "run_id": compare.get("run_id") or run.run_id,
+        "run_id": compare["run_id"] or run.run_id,
         "compare": compare, "gate": gate, "gate_source": gate_source, "arms": arms, "colors": colors,
-        "random_weights": bool(base.get("random_weights")),
-        "base_model": base.get("model") or {},
+        "random_weights": bool(base["random_weights"]),
+        "base_model": base["model"] or {},
         "config": config, "config_json": json.dumps(config, indent=2, sort_keys=True) if config else "",
         "manifest": manifest, "versions": versions,
-        "timings": stage_timings(manifest.get("timings") or {}),
-        "summary": compare.get("summary") or {}, "suites": compare.get("suites") or {},
-        "drift": compare.get("drift") or {},
+        "timings": stage_timings((manifest["timings"] or {}) if manifest else {}),
+        "summary": compare["summary"], "suites": compare["suites"],
+        "drift": compare["drift"],
         "rows": rows, "flips": flips, "forest_ticks": ([{"v": tick_label(t), "x": fs(t)} for t in fs.ticks]
                                                        if fs else []),
-        "budget": bud, "budget_arms": bud.get("arms") or {},
+        "budget": bud, "budget_arms": bud["arms"] or {},
         "train": train,
         "verdict_why": verdict_reason(gate), "policy_text": policy_sentence(gate["policy"]),
         "arm_pairs": arm_pair_lines(compare),
-        "lf_chart": learn_forget_chart(compare, colors, (config.get("train") or {}).get("wise_from", "sft")),
+        "lf_chart": learn_forget_chart(compare, colors, config_doc(config)["train"]["wise_from"]),
         "loss_chart": loss_chart(train, colors),
         "mem_chart": memory_chart(train),
         **curves_view(run, arms, colors),
@@ -363,16 +370,16 @@ def render(view: dict) -> str:
     return env.get_template(TEMPLATE).render(**view)
 
 
-def arm_pair_lines(compare: dict) -> list[dict]:
+def arm_pair_lines(compare: CompareFile) -> list[dict]:
     """'cpt lost 2.1 points less than sft on the retention mean (accuracy), 95% CI [..], p=..' per pair."""
-    level = round(compare.get("ci_level", 0.95) * 100)
+    level = round(compare["ci_level"] * 100)
     out = []
-    for p in (compare.get("arm_vs_arm") or {}).get("pairs") or []:
+    for p in compare["arm_vs_arm"]["pairs"]:
         a, b = p["a"], p["b"]
         parts = []
         for suite in ("retention", "domain"):
             for metric in ("acc", "soft"):
-                e = (p.get("suites") or {}).get(suite, {}).get(metric)
+                e = p["suites"][suite][metric]
                 if not e:
                     continue
                 d = e["point"]
@@ -383,7 +390,7 @@ def arm_pair_lines(compare: dict) -> list[dict]:
                 parts.append(f"{what} on the {suite} mean ({'soft accuracy' if metric == 'soft' else 'accuracy'}"
                              f", {level}% CI [{signed(e['ci'][0])}, {signed(e['ci'][1])}], p={_pval(e['p_value'])})")
         if parts:
-            out.append({"text": "; ".join(parts) + ".", "note": p.get("note") or ""})
+            out.append({"text": "; ".join(parts) + ".", "note": p["note"] or ""})
     return out
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgetcheck.rundir import RunDir, read_json
-from forgetcheck.schema import require
+from forgetcheck.rundir import RunDir
+from forgetcheck.schema import read_config, read_train
 
 
 def budget_block(run: RunDir, arms: list[str]) -> dict:
@@ -16,27 +16,27 @@ def budget_block(run: RunDir, arms: list[str]) -> dict:
     tokens fed forward within one sequence."""
     seq_len = None
     if run.config.exists():
-        seq_len = ((read_json(run.config).get("train") or {}).get("seq_len"))
+        seq_len = read_config(run.config)["train"]["seq_len"]
     per_arm = {}
     for arm in arms:
         p = run.train_json(arm)
         if not p.exists():
             continue
-        tr = require(read_json(p), "train", str(p))
-        seen = tr.get("tokens_seen") or {}
-        per_arm[arm] = {"tokens_forward": seen.get("forward"), "tokens_padding": seen.get("padding"),
-                        "tokens_label": seen.get("label"), "budget_tokens": tr.get("budget_tokens"),
-                        "optimizer_steps": tr.get("optimizer_steps"), "planned_steps": tr.get("planned_steps"),
-                        "stopped_early": tr.get("stopped_early")}
+        tr = read_train(p)
+        seen = tr["tokens_seen"]
+        per_arm[arm] = {"tokens_forward": seen["forward"], "tokens_padding": seen["padding"],
+                        "tokens_label": seen["label"], "budget_tokens": tr["budget_tokens"],
+                        "optimizer_steps": tr["optimizer_steps"], "planned_steps": tr["planned_steps"],
+                        "stopped_early": tr["stopped_early"]}
         # Wall-clock figures stay in train/<arm>.json: compare.json holds only what the data decides, so an
         # interrupted-and-resumed run compares identically to an uninterrupted one.
-        seq_len = seq_len or (tr.get("config") or {}).get("seq_len")
+        seq_len = seq_len or tr["config"]["seq_len"]
     out: dict[str, Any] = {"arms": per_arm, "seq_len": seq_len, "matched": None, "reasons": [],
                            "stopped_early": sorted(a for a, v in per_arm.items() if v["stopped_early"])}
     for a in out["stopped_early"]:  # said first: a stopped arm trained less on purpose, not by a fault
         st = per_arm[a]["stopped_early"]
-        out["reasons"].append(f"{a} stopped early at step {st.get('step')} of {st.get('planned_steps')} "
-                              f"(--stop-if-forecast-exceeds): {st.get('reason')}; it is compared as trained")
+        out["reasons"].append(f"{a} stopped early at step {st['step']} of {st['planned_steps']} "
+                              f"(--stop-if-forecast-exceeds): {st['reason']}; it is compared as trained")
     if len(per_arm) < 2:
         out["reasons"].append("fewer than two arms trained: nothing to match")
         return out

@@ -25,14 +25,24 @@ the mean domain score).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, confined, read_json, read_jsonl
-from forgetcheck.schema import COMPARE_VERSION, checked_compare, require
+from forgetcheck.rundir import RunDir, confined
+from forgetcheck.schema import (
+    COMPARE_VERSION,
+    EvalFile,
+    ItemRecord,
+    compare_doc,
+    read_config,
+    read_eval,
+    read_items,
+    write_compare,
+)
 from forgetcheck.verdict import budget, flips, rollup
 from forgetcheck.verdict.stats import (
     Estimate,
@@ -58,7 +68,7 @@ def metric_scale(metric: str, kind: str | None) -> tuple[float, str]:
 class TaskItems:
     """One model's per-item records of one task, as arrays keyed for pairing."""
 
-    def __init__(self, rows: list[dict], metric: str, kind: str | None):
+    def __init__(self, rows: list[ItemRecord], metric: str, kind: str | None):
         self.rows = rows
         self.keys = _pair_keys(rows)
         self.metric, self.kind = metric, kind
@@ -68,14 +78,14 @@ class TaskItems:
         if self.metric in PERPLEXITY_METRICS:
             return {
                 "ll": np.array([float(r["loglikelihood"]) for r in rows]),
-                "words": np.array([float(r.get("words") or 0) for r in rows]),
-                "bytes": np.array([float(r.get("bytes") or 0) for r in rows]),
+                "words": np.array([float(r["words"] or 0) for r in rows]),
+                "bytes": np.array([float(r["bytes"] or 0) for r in rows]),
             }
         return {"x": np.array([_item_score(r, self.metric) for r in rows], dtype=float)}
 
 
-def _item_score(row: dict, metric: str) -> float:
-    m = row.get("metrics") or {}
+def _item_score(row: ItemRecord, metric: str) -> float:
+    m = row["metrics"] or {}
     if metric in m and m[metric] is not None:
         return float(m[metric])
     if metric == "acc" and "correct" in row:
@@ -83,14 +93,14 @@ def _item_score(row: dict, metric: str) -> float:
     raise KeyError(metric)
 
 
-def _pair_keys(rows: list[dict]) -> list[str]:
+def _pair_keys(rows: list[ItemRecord]) -> list[str]:
     """doc_hash (else doc_id); repeated keys (duplicate documents) get a running suffix in doc_id order."""
-    seen: dict[str, int] = {}
+    seen: Counter[str] = Counter()
     keys = []
     for r in rows:
-        base = r.get("doc_hash") or f"id:{r.get('doc_id')}"
-        k = seen.get(base, 0)
-        seen[base] = k + 1
+        base = r["doc_hash"] or f"id:{r['doc_id']}"
+        k = seen[base]
+        seen[base] += 1
         keys.append(base if k == 0 else f"{base}#{k}")
     return keys
 
@@ -111,40 +121,23 @@ def corpus_metric(metric: str, v: dict[str, np.ndarray], w: np.ndarray | None = 
 
 # ---- loading ---------------------------------------------------------------------------------------------
 
-def load_eval(path: Path) -> dict:
+def load_eval(path: Path) -> EvalFile:
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path} not found: run `forgetcheck eval` (or `forgetcheck run`) to write it")
-    return require(read_json(path), "eval", str(path))
+    return read_eval(path)
 
 
-COMPARE_FIELDS = {"arms": list, "tasks": dict, "suites": dict}
-
-
-def read_compare(path: Path) -> dict:
-    """compare.json, checked: a compare file of the schema_version this forgetcheck writes (schema.read_compare),
-    with its fields."""
-    from forgetcheck.schema import read_compare as read_typed
-
-    path = Path(path)
-    d = read_typed(path)
-    for key, typ in COMPARE_FIELDS.items():
-        if not isinstance(d.get(key), typ):
-            raise BadInput(f"{path}: '{key}' is missing or not a JSON {'list' if typ is list else 'object'}: the "
-                           f"file is damaged or not forgetcheck's; re-run `forgetcheck compare`")
-    return d
-
-
-def load_items(eval_path: Path, task: str, entry: dict) -> list[dict] | None:
-    rel = entry.get("samples")
+def load_items(eval_path: Path, task: str, entry: dict) -> list[ItemRecord] | None:
+    rel = entry["samples"]
     if not rel:
         return None
     # a run folder may only point inside itself: a samples path is relative to the eval JSON's folder
     p = confined(Path(eval_path).parent, rel, f"{eval_path}: tasks.{task}.samples")
     if not p.is_file():
         return None
-    rows = read_jsonl(p)
-    rows.sort(key=lambda r: (_sortable(r.get("doc_id")), str(r.get("doc_hash"))))
+    rows = read_items(p)
+    rows.sort(key=lambda r: (_sortable(r["doc_id"]), str(r["doc_hash"])))
     return rows
 
 
@@ -153,9 +146,11 @@ def _sortable(x):
 
 
 def _metric_value(entry: dict, metric: str) -> tuple[float | None, bool | None]:
-    m = (entry.get("metrics") or {}).get(metric) or {}
-    v = m.get("value")
-    return (float(v) if v is not None else None), m.get("higher_is_better")
+    m = entry["metrics"].get(metric)
+    if m is None:
+        return None, None
+    v = m["value"]
+    return (float(v) if v is not None else None), m["higher_is_better"]
 
 
 def _default_hib(metric: str) -> bool:
@@ -164,21 +159,21 @@ def _default_hib(metric: str) -> bool:
 
 # ---- one task ----------------------------------------------------------------------------------------------
 
-def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, tuple[Path, dict]], *,
+def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[str, tuple[Path, EvalFile]], *,
                  alpha: float, n_boot: int, seed: int) -> tuple[dict, dict[str, dict]]:
     """Compare one task for every arm that has it. Returns (entry, {arm: per-item arrays for arm-vs-arm})."""
     base_path, base = base_eval
     bentry = base["tasks"][name]
-    metric = bentry.get("primary_metric") or "acc"
-    kind = bentry.get("kind") or ("perplexity" if metric in PERPLEXITY_METRICS else "multiple_choice")
+    metric = bentry["primary_metric"] or "acc"
+    kind = bentry["kind"] or ("perplexity" if metric in PERPLEXITY_METRICS else "multiple_choice")
     base_value, hib = _metric_value(bentry, metric)
     hib = _default_hib(metric) if hib is None else bool(hib)
     scale, unit = metric_scale(metric, kind)
     sign = 1.0 if hib else -1.0
     out: dict[str, Any] = {
-        "suite": bentry.get("suite", "retention"), "kind": kind, "metric": metric, "higher_is_better": hib,
-        "unit": unit, "scale": scale, "chance": _scaled(bentry.get("chance"), scale),
-        "base": {"score": _scaled(base_value, scale), "n": bentry.get("n")}, "arms": {}, "notes": [],
+        "suite": bentry["suite"], "kind": kind, "metric": metric, "higher_is_better": hib,
+        "unit": unit, "scale": scale, "chance": _scaled(bentry["chance"], scale),
+        "base": {"score": _scaled(base_value, scale), "n": bentry["n"]}, "arms": {}, "notes": [],
     }
     paired_items: dict[str, dict] = {}
     base_rows = load_items(base_path, name, bentry)
@@ -186,15 +181,14 @@ def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, t
     out["informative"] = _informative(out, base_items, alpha)
 
     for arm, (apath, aev) in arm_evals.items():
-        aentry = (aev.get("tasks") or {}).get(name)
-        if aentry is None:
-            why = ((aev.get("skipped") or {}).get(name) or ((aev.get("missing") or {}).get(name) or {}).get("why")
-                   or "task not evaluated")
+        if name not in aev["tasks"]:
+            why = aev["skipped"].get(name) or aev["missing"].get(name, {"why": None})["why"] or "task not evaluated"
             out.setdefault("unscored", {})[arm] = why  # what the gate and the report read
             out["notes"].append(f"{arm}: not scored: {why}")
             continue
+        aentry = aev["tasks"][name]
         arm_value, _ = _metric_value(aentry, metric)
-        res: dict[str, Any] = {"score": _scaled(arm_value, scale), "n": aentry.get("n")}
+        res: dict[str, Any] = {"score": _scaled(arm_value, scale), "n": aentry["n"]}
         arm_rows = load_items(apath, name, aentry)
         paired = None
         if base_items is not None and arm_rows:
@@ -224,7 +218,7 @@ def compare_task(name: str, base_eval: tuple[Path, dict], arm_evals: dict[str, t
 def _informative(t: dict, base_items: TaskItems | None, alpha: float) -> dict:
     """Is the base clearly above chance on this task (exact one-sided binomial test at alpha)? A model at
     chance has nothing to forget: the task cannot show forgetting at this model size."""
-    chance = t.get("chance")
+    chance = t["chance"]
     if t["unit"] != "points" or chance is None or base_items is None:
         return {"value": True, "p_value": None, "reason": "no chance level or per-item records: kept"}
     try:
@@ -308,10 +302,10 @@ def _paired_stats(name: str, arm_name: str, base: TaskItems, arm: TaskItems, *, 
         stats["acc"] = None
         stats["soft"] = None
         stats["estimate"] = est.to_dict(alpha)
-    primary = stats["acc"] if stats.get("acc") is not None else stats["estimate"]
+    primary = stats["acc"] if stats["acc"] is not None else stats["estimate"]
     stats.update({"delta": primary["point"], "ci": primary["ci"], "p_value": primary["p_value"],
                   "test": primary["method"]})
-    if primary.get("flips") is not None:
+    if "flips" in primary:
         stats["flips"] = primary["flips"]
     return stats, items, base_extra
 
@@ -324,16 +318,16 @@ def _weighted_corpus(metric: str, arr: dict, prefix: str, w: np.ndarray) -> np.n
     return np.exp(-ll / denom)
 
 
-def _clusters(rows: list[dict]) -> np.ndarray | None:
+def _clusters(rows: list[ItemRecord]) -> np.ndarray | None:
     """Cluster id per item (items sharing a source), or None when no item names one (items independent)."""
-    if not any(r.get("cluster") is not None for r in rows):
+    if not any(r["cluster"] is not None for r in rows):
         return None
-    return np.array([str(r["cluster"]) if r.get("cluster") is not None else f"\x00item:{i}"
+    return np.array([str(r["cluster"]) if r["cluster"] is not None else f"\x00item:{i}"
                      for i, r in enumerate(rows)])
 
 
-def _soft(rows: list[dict]) -> np.ndarray | None:
-    vals = [soft_scores(r.get("loglikelihoods"), r.get("target")) for r in rows]
+def _soft(rows: list[ItemRecord]) -> np.ndarray | None:
+    vals = [soft_scores(r["loglikelihoods"], r["target"]) for r in rows]
     if not vals or any(v is None for v in vals):
         return None
     return np.array(vals, dtype=float)
@@ -345,8 +339,8 @@ def uninformative_tasks(base_eval: Path, *, alpha: float = 0.05) -> dict[str, st
     so `forgetcheck run` does not spend the arms' evaluation on them (the gate's keep_uninformative keeps them)."""
     base = (Path(base_eval), load_eval(base_eval))
     out = {}
-    for name, entry in sorted((base[1].get("tasks") or {}).items()):
-        if entry.get("suite", "retention") != "retention":
+    for name, entry in sorted(base[1]["tasks"].items()):
+        if entry["suite"] != "retention":
             continue
         t, _ = compare_task(name, base, {}, alpha=alpha, n_boot=100, seed=0)
         inf = t["informative"]
@@ -380,27 +374,32 @@ def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float =
     if not arms:
         raise BadInput("no arm evaluations to compare: evaluate at least one arm (eval/sft.json or eval/cpt.json)")
     tasks, items = {}, {}
-    for name in sorted(base[1].get("tasks") or {}):
+    for name in sorted(base[1]["tasks"]):
         tasks[name], items[name] = compare_task(name, base, arms, alpha=alpha, n_boot=n_boot, seed=seed)
     missing = missing_tasks(base, arms, tasks)
     rollup.apply_holm(tasks, list(arms), alpha)
     suites = rollup.suite_means(tasks, list(arms), alpha)
     drift = {arm: rollup.drift_block(tasks, arm, ev, base[1], alpha=alpha, n_boot=n_boot, seed=seed)
              for arm, (_, ev) in arms.items()}
-    model = base[1].get("model") or {}
+    model = base[1]["model"] or {}
     return {
         "schema_version": COMPARE_VERSION, "kind": "compare",
         "alpha": alpha, "ci_level": 1 - alpha, "n_boot": n_boot, "seed": seed,
         "methods": METHODS,
         "base": {"model": model, "random_weights": bool(model.get("random_weights", False)),
-                 "limit": base[1].get("limit"), "backend": base[1].get("backend")},
+                 "limit": base[1]["limit"], "backend": base[1]["backend"]},
         "arms": list(arms),
-        "arm_models": {arm: ev.get("model") or {} for arm, (_, ev) in arms.items()},
+        "arm_models": {arm: ev["model"] or {} for arm, (_, ev) in arms.items()},
         "tasks": tasks, "missing": missing, "suites": suites, "drift": drift,
         "arm_vs_arm": rollup.arm_vs_arm(tasks, items, list(arms), alpha, n_boot, seed),
         "seed_groups": rollup.seed_groups(tasks, items, list(arms), alpha, n_boot, seed),
-        "summary": rollup.summary(suites, drift, list(arms)),
+        "summary": _summary(suites, drift, list(arms)),
     }
+
+
+def _summary(suites: dict, drift: dict, arms: list[str]) -> dict:
+    typed = compare_doc({"arms": arms, "suites": suites, "drift": drift})
+    return rollup.summary(typed["suites"], typed["drift"], arms)
 
 
 def missing_tasks(base: tuple[Path, dict], arms: dict[str, tuple[Path, dict]], tasks: dict) -> dict[str, dict]:
@@ -408,10 +407,10 @@ def missing_tasks(base: tuple[Path, dict], arms: dict[str, tuple[Path, dict]], t
     why, models}}. (A task the base has and an arm lacks is that task's `unscored` entry instead.)"""
     out: dict[str, dict] = {}
     for who, ev in [("base", base[1])] + [(a, ev) for a, (_, ev) in arms.items()]:
-        for name, m in sorted((ev.get("missing") or {}).items()):
+        for name, m in sorted(ev["missing"].items()):
             if name in tasks:
                 continue
-            entry = out.setdefault(name, {"suite": m.get("suite"), "why": m.get("why"), "models": []})
+            entry = out.setdefault(name, {"suite": m["suite"], "why": m["why"], "models": []})
             entry["models"].append(who)
     return out
 
@@ -439,14 +438,14 @@ def compare_run(run: RunDir | Path | str, *, alpha: float = 0.05, n_boot: int = 
     result = compare_evals(run.eval_json("base"), arms, alpha=alpha, n_boot=n_boot, seed=seed)
     result["run_id"] = run.run_id
     result["budget"] = budget.budget_block(run, list(arms))
-    atomic_write_json(run.compare, checked_compare(result))
+    write_compare(run.compare, result)
     return result
 
 
 def _arm_names(run: RunDir) -> list[str]:
     names: list[str] = []
     if run.config.exists():
-        names = list(read_json(run.config).get("arms") or [])
+        names = list(read_config(run.config)["arms"] or [])
     for p in sorted((run.root / "eval").glob("*.json")):
         if p.stem != "base" and p.stem not in names:
             names.append(p.stem)

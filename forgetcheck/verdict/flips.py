@@ -9,14 +9,16 @@ import json
 
 import numpy as np
 
+from forgetcheck.schema import ITEM_TEXT_KEYS, ItemRecord
+
 N_EXAMPLES = 5
 """Flipped items kept per task, arm and direction."""
 EXAMPLE_CHARS = 400
 
 
-def _item_text(row: dict) -> str | None:
-    for key in ("doc", "prompt", "text", "question", "context", "arguments"):
-        v = row.get(key)
+def _item_text(row: ItemRecord) -> str | None:
+    for key in ITEM_TEXT_KEYS:
+        v = row[key]
         if v is None:
             continue
         if isinstance(v, str):
@@ -31,13 +33,13 @@ def _item_text(row: dict) -> str | None:
     return None
 
 
-def _choice(row: dict, metric: str = "acc") -> int | None:
+def _choice(row: ItemRecord, metric: str = "acc") -> int | None:
     """The choice the model picked, as the task's metric scores it (acc_norm: length-normalised), when the
     record says; else the highest log-likelihood."""
-    chosen = (row.get("chosen") or {}).get(metric)
+    chosen = (row["chosen"] or {}).get(metric)
     if isinstance(chosen, int):
         return chosen
-    lls = row.get("loglikelihoods")
+    lls = row["loglikelihoods"]
     if not lls:
         return None
     try:
@@ -47,13 +49,13 @@ def _choice(row: dict, metric: str = "acc") -> int | None:
     return int(np.argmax(vals))
 
 
-def example(b: dict, a: dict, metric: str = "acc") -> dict:
-    ex = {"doc_id": b.get("doc_id"), "doc_hash": b.get("doc_hash"), "target": b.get("target"),
+def example(b: ItemRecord, a: ItemRecord, metric: str = "acc") -> dict:
+    ex = {"doc_id": b["doc_id"], "doc_hash": b["doc_hash"], "target": b["target"],
           "base_choice": _choice(b, metric), "arm_choice": _choice(a, metric)}
     text = _item_text(b) or _item_text(a)
     if text is not None:
         ex["text"] = text
-    choices = b.get("choices") or a.get("choices")
+    choices = b["choices"] or a["choices"]
     if choices:  # every choice's text, for the report's flipped items
         ex["choices"] = [str(c) for c in choices]
     return ex

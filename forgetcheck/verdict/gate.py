@@ -33,8 +33,16 @@ from typing import Any
 
 from forgetcheck.config import GateConfig, check, validate_gate
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, atomic_write_text, read_json
-from forgetcheck.schema import GATE_VERSION, checked_gate, require
+from forgetcheck.rundir import RunDir, atomic_write_text
+from forgetcheck.schema import (
+    GATE_VERSION,
+    CompareFile,
+    compare_doc,
+    gate_power_arm_doc,
+    read_compare,
+    read_config,
+    write_gate,
+)
 from forgetcheck.verdict.policy import as_policy, check_keys, resolve_policy
 from forgetcheck.verdict.rollup import gated_tasks
 from forgetcheck.verdict.stats import Estimate, estimate_from_dict, holm, round_up
@@ -53,184 +61,238 @@ def _three(lower_bad: float, upper_bad: float, margin: float) -> str:
 
 
 def _est(d: dict | None) -> Estimate | None:
-    return None if not d or d.get("se") is None else estimate_from_dict(d)
+    return None if not d or d["se"] is None else estimate_from_dict(d)
 
 
-def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
-    """Apply the policy's rules to a compare.json dict. Returns the gate dict (written as gate.json)."""
-    pol = as_policy(policy)
-    check(validate_gate(pol))
-    alpha = pol.alpha
-    side = f"one-sided {round((1 - alpha) * 100)}%"
-    rules: list[dict[str, Any]] = []
-    excluded: list[dict[str, Any]] = []
-    not_checked: list[dict[str, Any]] = []
-    tasks = compare.get("tasks") or {}
-    arms = compare.get("arms") or []
-    metric = pol.metric
-    mlabel = "soft accuracy" if metric == "soft" else "accuracy"
-    power: dict[str, Any] = {"arms": {}}
+def _rule(rule: str, arm: str | None, status: str, reason: str, task: str | None = None, **values) -> dict:
+    """One gate.json rule: its outcome for one arm (and task), with the reason in words and its numbers."""
+    return {"rule": rule, "arm": arm, "task": task, "status": status, "passed": status == "pass",
+            "reason": f"{arm}: {reason}" if arm else reason, "values": values}
 
-    def add(rule: str, arm: str | None, status: str, reason: str, task: str | None = None, **values):
-        rules.append({"rule": rule, "arm": arm, "task": task, "status": status, "passed": status == "pass",
-                      "reason": f"{arm}: {reason}" if arm else reason, "values": values})
 
+def _side(alpha: float) -> str:
+    return f"one-sided {round((1 - alpha) * 100)}%"
+
+
+def _metric_label(metric: str) -> str:
+    return "soft accuracy" if metric == "soft" else "accuracy"
+
+
+# ---- the rules: each gives its outcome for one arm ------------------------------------------------------------
+
+def excluded_tasks(tasks: dict, pol: GateConfig) -> list[dict]:
+    """Retention tasks on which the base is not above chance: left out of gating unless kept."""
+    out = []
     for name in sorted(tasks):
         t = tasks[name]
-        inf = t.get("informative") or {}
-        if t.get("suite") == "retention" and t.get("unit") == "points" and not inf.get("value", True):
-            excluded.append({"task": name, "kept": pol.keep_uninformative,
-                             "reason": f"{name}: uninformative at this model size ({inf.get('reason')})"
-                                       + ("; kept in by keep_uninformative" if pol.keep_uninformative else
-                                          "; left out of gating and of the retention mean")})
+        inf = t["informative"]
+        if t["suite"] == "retention" and t["unit"] == "points" and not inf["value"]:
+            out.append({"task": name, "kept": pol.keep_uninformative,
+                        "reason": f"{name}: uninformative at this model size ({inf['reason']})"
+                                  + ("; kept in by keep_uninformative" if pol.keep_uninformative else
+                                     "; left out of gating and of the retention mean")})
+    return out
 
-    missing = compare.get("missing") or {}
+
+def missing_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[dict]:
+    """`task_missing`: a task the gate needs for the arm and does not have is INCONCLUSIVE, never PASS."""
+    return [_rule("task_missing", arm, "inconclusive", f"MISSING: {name} could not be evaluated "
+                  f"({_absent_why(compare, name, arm)}), so a drop there cannot be ruled out", name,
+                  max_drop=pol.max_drop, metric=pol.metric)
+            for name in _missing_for(compare, arm, pol)]
+
+
+def _absent_why(compare: CompareFile, name: str, arm: str) -> str:
+    if name in compare["missing"] and compare["missing"][name]["why"]:
+        return compare["missing"][name]["why"]
+    if name in compare["tasks"] and compare["tasks"][name]["unscored"][arm]:
+        return compare["tasks"][name]["unscored"][arm]
+    return "the policy requires it and it was not evaluated"
+
+
+def unscored_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[dict]:
+    """`task_drop` INCONCLUSIVE for a gated task the arm was not scored on (skipped, not missing)."""
+    tasks = compare["tasks"]
+    names = gated_tasks(tasks, arm, pol.keep_uninformative)
+    absent = _missing_for(compare, arm, pol)
+    return [_rule("task_drop", arm, "inconclusive", f"{name} was not scored for this arm "
+                  f"({tasks[name]['unscored'][arm]}), so a drop there cannot be ruled out; to score it, run with "
+                  f"--keep-uninformative (a new run, or --resume after deleting eval/{arm}.json)", name,
+                  max_drop=pol.max_drop, metric=pol.metric)
+            for name in sorted(set(gated_tasks(tasks, None, pol.keep_uninformative)) - set(names) - set(absent))]
+
+
+def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict], dict]:
+    """`task_drop` for each gated retention task: PASS when the upper bound of the drop is below max_drop, FAIL
+    when Holm's test of 'drop <= max_drop' rejects, else INCONCLUSIVE. Returns (rules, power per task)."""
+    alpha, metric = pol.alpha, pol.metric
+    rules, task_power, p_fail, pending = [], {}, {}, []
+    for name in gated_tasks(tasks, arm, pol.keep_uninformative):
+        t = tasks[name]
+        a = t["arms"][arm]
+        d, used = a[metric], metric
+        if d is None and metric == "soft" and a["acc"] is not None:
+            d, used = a["acc"], "acc"
+        est = _est(d)
+        base_s = t["base"]["soft_score"] if used == "soft" else t["base"]["score_paired"]
+        arm_s = a["soft_score"] if used == "soft" else a["score"]
+        label = "soft accuracy" if used == "soft" else t["metric"]
+        if est is None:
+            drop = None if a["delta"] is None else 0.0 - a["delta"]
+            rules.append(_rule("task_drop", arm, "inconclusive", f"{name} {label} {_f(base_s)} -> {_f(arm_s)}: no "
+                               "per-item records, so the drop cannot be bounded or tested (re-run `forgetcheck eval`)",
+                               name, drop=drop, max_drop=pol.max_drop, metric=used))
+            continue
+        p_fail[name] = est.p_above(-pol.max_drop)
+        task_power[name] = {"n": est.n, "mde": est.mde(alpha), "items_needed": est.items_needed(pol.max_drop, alpha)}
+        pending.append((name, est, used, label, base_s, arm_s))
+    adj = holm(p_fail)
+    for name, est, used, label, base_s, arm_s in pending:
+        drop = 0.0 - est.point
+        up, lo = -est.lower(alpha), -est.upper(alpha)
+        nums = (f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop {signed(drop)} points, {_side(alpha)} bounds "
+                f"[{signed(lo)}, {signed(up)}])")
+        vals = {"drop": drop, "drop_upper": up, "drop_lower": lo, "p_fail": p_fail[name],
+                "p_fail_holm": adj[name], "holm_family": len(adj), "max_drop": pol.max_drop, "alpha": alpha,
+                "metric": used, "mde": est.mde(alpha), "n": est.n}
+        if up < pol.max_drop:
+            st, why = "pass", (f"a drop beyond {pol.max_drop:g} points is ruled out (upper bound {up:.1f} < "
+                               f"{pol.max_drop:g})")
+        elif adj[name] < alpha:
+            st, why = "fail", (f"dropped more than {pol.max_drop:g} points (test of drop <= {pol.max_drop:g}: Holm "
+                               f"p={_p(adj[name])} < {alpha:g} over {len(adj)} gated tasks)")
+        else:
+            st, why = "inconclusive", (f"cannot rule out a drop beyond {pol.max_drop:g} points (upper bound "
+                                       f"{up:.1f}) nor show one (Holm p={_p(adj[name])}); this run detects drops of "
+                                       f"{est.mde(alpha):.1f} points at 80% power")
+        rules.append(_rule("task_drop", arm, st, f"{nums}: {why}", name, **vals))
+    return rules, task_power
+
+
+def coverage_rules(tasks: dict, arm: str, pol: GateConfig) -> list[dict]:
+    """`coverage`: an arm with no gated retention task is not PASS (a gate that checked nothing must not pass)."""
+    if gated_tasks(tasks, arm, pol.keep_uninformative):
+        return []
+    left_out = gated_tasks(tasks, None, keep_uninformative=True)
+    if left_out and not pol.keep_uninformative:
+        return [_rule("coverage", arm, "inconclusive", f"every retention task ({', '.join(left_out)}) is "
+                      "uninformative at this model size (the base is not above chance): nothing can show "
+                      "forgetting; use a larger model or more items, or --keep-uninformative")]
+    return [_rule("coverage", arm, "fail", "no retention task with a score to compare: evaluate the retention suite")]
+
+
+def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tuple[list[dict], dict | None]:
+    """`retention_mean`: the mean drop of the gated retention tasks against max_mean_drop. Returns (rules, the
+    mean's power or None)."""
+    alpha = pol.alpha
+    over = "all" if pol.keep_uninformative else "informative"
+    ret = compare["suites"]["retention"]["means"][pol.metric][over][arm]
+    if not ret:
+        return [], None
+    est = _est(ret)
+    drop = 0.0 - ret["delta"]
+    head = (f"retention mean {_metric_label(pol.metric)} over {ret['n_tasks']} tasks {_f(ret['base_mean'])} -> "
+            f"{_f(ret['arm_mean'])} (drop {signed(drop)} points")
+    if est is None:
+        return [_rule("retention_mean", arm, "inconclusive", f"{head}): some tasks lack per-item records, so the "
+                      "mean drop cannot be bounded", drop=drop, max_mean_drop=pol.max_mean_drop)], None
+    up, lo = -est.lower(alpha), -est.upper(alpha)
+    power = {"n": est.n, "mde": est.mde(alpha), "items_needed": est.items_needed(pol.max_mean_drop, alpha)}
+    st = _three(lo, up, pol.max_mean_drop)
+    nums = f"{head}, {_side(alpha)} bounds [{signed(lo)}, {signed(up)}])"
+    why = {"pass": f"a mean drop beyond {pol.max_mean_drop:g} points is ruled out",
+           "fail": f"the mean dropped more than {pol.max_mean_drop:g} points (lower bound {lo:.1f})",
+           "inconclusive": f"cannot rule out a mean drop beyond {pol.max_mean_drop:g} points nor show "
+                           f"one; this run detects mean drops of {est.mde(alpha):.1f} points"}[st]
+    return [_rule("retention_mean", arm, st, f"{nums}: {why}", drop=drop, drop_upper=up, drop_lower=lo,
+                  max_mean_drop=pol.max_mean_drop, alpha=alpha, metric=pol.metric, mde=est.mde(alpha))], power
+
+
+def domain_gain_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[dict]:
+    """`domain_gain` (only with min_domain_gain): the lower bound of the mean domain gain must reach it."""
+    if pol.min_domain_gain is None:
+        return []
+    alpha, need = pol.alpha, pol.min_domain_gain
+    dom = compare["suites"]["domain"]["means"][pol.metric]["all"][arm]
+    if not dom:
+        return [_rule("domain_gain", arm, "fail", f"no domain task scored, cannot show a gain of {need:g} points: "
+                      "evaluate the domain suite", min_domain_gain=need)]
+    est = _est(dom)
+    g = dom["delta"]
+    if est is None:
+        return [_rule("domain_gain", arm, "inconclusive", f"domain mean gain {signed(g)} points has no interval "
+                      "(no per-item records)", gain=g, min_domain_gain=need)]
+    lo, up = est.lower(alpha), est.upper(alpha)
+    st = "pass" if lo >= need else ("fail" if up < need else "inconclusive")
+    nums = (f"domain mean {_metric_label(pol.metric)} {_f(dom['base_mean'])} -> {_f(dom['arm_mean'])} "
+            f"(gain {signed(g)} points, {_side(alpha)} bounds [{signed(lo)}, {signed(up)}])")
+    why = {"pass": f"the lower bound reaches the required {need:g} points",
+           "fail": f"the upper bound is below the required {need:g} points",
+           "inconclusive": f"cannot show the required {need:g} points nor rule them out"}[st]
+    return [_rule("domain_gain", arm, st, f"{nums}: {why}", gain=g, gain_lower=lo, gain_upper=up,
+                  min_domain_gain=need)]
+
+
+def drift_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tuple[list[dict], list[dict]]:
+    """`ppl_rise` and `kl` (unless turned off): the general-text drift against its limit. Returns (rules, the
+    rules not checked because no drift was measured for the arm)."""
+    alpha = pol.alpha
+    dr = compare["drift"][arm]
+    rules, not_checked = [], []
+    for rule, key, limit, unit, what in (
+            ("ppl_rise", "ppl_rise", pol.max_ppl_rise, "%", "general-text bits per byte rise"),
+            ("kl", "kl_mean", pol.max_kl, " nats/token", "mean KL from the base on general text")):
+        if limit is None:
+            continue
+        est = _est(dr[key])
+        measured = dr["text_perplexity"] is not None or dr["kl"] is not None or dr[key] is not None
+        if est is None and not measured:
+            not_checked.append({"rule": rule, "arm": arm, "reason": f"{arm}: {what}: no drift was measured for "
+                                "this arm (e.g. lm-eval outputs carry none), so the rule was not checked"})
+            continue
+        if est is None:
+            rules.append(_rule(rule, arm, "inconclusive", f"{what}: not measured with an interval (needs per-block "
+                               "drift values in both eval files: re-run `forgetcheck eval`)", **{f"max_{rule}": limit}))
+            continue
+        lo, up = est.lower(alpha), est.upper(alpha)
+        digits = 1 if rule == "ppl_rise" else 3
+        st = _three(lo, up, limit)
+        nums = f"{what} {est.point:.{digits}f}{unit} ({_side(alpha)} bounds [{lo:.{digits}f}, {up:.{digits}f}])"
+        why = {"pass": f"ruled out above {limit:g}{unit}", "fail": f"above {limit:g}{unit}",
+               "inconclusive": f"cannot rule out nor show a value above {limit:g}{unit}"}[st]
+        rules.append(_rule(rule, arm, st, f"{nums}: {why}", value=est.point, lower=lo, upper=up, limit=limit))
+    return rules, not_checked
+
+
+# ---- the verdict: every rule of every arm combined ----------------------------------------------------------
+
+def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
+    """Apply the policy's rules to a compare result (compare.json, read or just computed). Returns the gate dict
+    (written as gate.json)."""
+    pol = as_policy(policy)
+    check(validate_gate(pol))
+    doc = compare_doc(compare)
+    tasks, arms = doc["tasks"], doc["arms"]
+    rules: list[dict[str, Any]] = []
+    not_checked: list[dict[str, Any]] = []
+    power: dict[str, Any] = {"arms": {}}
     for arm in arms:
-        absent = _missing_for(tasks, missing, arm, pol)
-        for name in absent:
-            why = ((missing.get(name) or {}).get("why") or ((tasks.get(name) or {}).get("unscored") or {}).get(arm)
-                   or "the policy requires it and it was not evaluated")
-            add("task_missing", arm, "inconclusive", f"MISSING: {name} could not be evaluated ({why}), so a drop "
-                "there cannot be ruled out", name, max_drop=pol.max_drop, metric=metric)
-        names = gated_tasks(tasks, arm, pol.keep_uninformative)
-        for name in sorted(set(gated_tasks(tasks, None, pol.keep_uninformative)) - set(names) - set(absent)):
-            why = (tasks[name].get("unscored") or {}).get(arm, "task not evaluated")
-            add("task_drop", arm, "inconclusive", f"{name} was not scored for this arm ({why}), so a drop there "
-                "cannot be ruled out; to score it, run with --keep-uninformative (a new run, or --resume after "
-                f"deleting eval/{arm}.json)", name, max_drop=pol.max_drop, metric=metric)
-        task_power = {}
-        p_fail: dict[str, float] = {}
-        pending = []
-        for name in names:
-            t = tasks[name]
-            a = t["arms"][arm]
-            d = a.get(metric)
-            used = metric
-            if d is None and metric == "soft" and a.get("acc") is not None:
-                d, used = a["acc"], "acc"
-            est = _est(d)
-            base_s = (t["base"].get("soft_score") if used == "soft" else
-                      t["base"].get("score_paired", t["base"].get("score")))
-            arm_s = a.get("soft_score") if used == "soft" else a.get("score")
-            label = "soft accuracy" if used == "soft" else t["metric"]
-            if est is None:
-                drop = None if a.get("delta") is None else 0.0 - a["delta"]
-                add("task_drop", arm, "inconclusive", f"{name} {label} {_f(base_s)} -> {_f(arm_s)}: no per-item "
-                    "records, so the drop cannot be bounded or tested (re-run `forgetcheck eval`)", name,
-                    drop=drop, max_drop=pol.max_drop, metric=used)
-                continue
-            drop = 0.0 - est.point
-            up, lo = -est.lower(alpha), -est.upper(alpha)
-            p_fail[name] = est.p_above(-pol.max_drop)
-            task_power[name] = {"n": est.n, "mde": est.mde(alpha),
-                                "items_needed": est.items_needed(pol.max_drop, alpha)}
-            pending.append((name, t, est, used, label, base_s, arm_s, drop, up, lo))
-        adj = holm(p_fail)
-        for name, _t, est, used, label, base_s, arm_s, drop, up, lo in pending:
-            nums = (f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop {signed(drop)} points, {side} bounds "
-                    f"[{signed(lo)}, {signed(up)}])")
-            vals = {"drop": drop, "drop_upper": up, "drop_lower": lo, "p_fail": p_fail[name],
-                    "p_fail_holm": adj[name], "holm_family": len(adj), "max_drop": pol.max_drop, "alpha": alpha,
-                    "metric": used, "mde": est.mde(alpha), "n": est.n}
-            if up < pol.max_drop:
-                add("task_drop", arm, "pass", f"{nums}: a drop beyond {pol.max_drop:g} points is ruled out "
-                    f"(upper bound {up:.1f} < {pol.max_drop:g})", name, **vals)
-            elif adj[name] < alpha:
-                add("task_drop", arm, "fail", f"{nums}: dropped more than {pol.max_drop:g} points (test of drop "
-                    f"<= {pol.max_drop:g}: Holm p={_p(adj[name])} < {alpha:g} over {len(adj)} gated tasks)",
-                    name, **vals)
-            else:
-                add("task_drop", arm, "inconclusive", f"{nums}: cannot rule out a drop beyond {pol.max_drop:g} "
-                    f"points (upper bound {up:.1f}) nor show one (Holm p={_p(adj[name])}); this run detects "
-                    f"drops of {est.mde(alpha):.1f} points at 80% power", name, **vals)
-        if not names:
-            left_out = gated_tasks(tasks, None, keep_uninformative=True)
-            if left_out and not pol.keep_uninformative:
-                add("coverage", arm, "inconclusive", f"every retention task ({', '.join(left_out)}) is uninformative "
-                    "at this model size (the base is not above chance): nothing can show forgetting; use a larger "
-                    "model or more items, or --keep-uninformative")
-            else:
-                add("coverage", arm, "fail", "no retention task with a score to compare: evaluate the retention "
-                    "suite")
-
-        ret_means = ((((compare.get("suites") or {}).get("retention") or {}).get("means") or {}).get(metric)
-                     or {}).get("all" if pol.keep_uninformative else "informative") or {}
-        ret = ret_means.get(arm)
-        mean_power = None
-        if ret:
-            est = _est(ret)
-            drop = 0.0 - ret["delta"]
-            head = (f"retention mean {mlabel} over {ret.get('n_tasks')} tasks {_f(ret.get('base_mean'))} -> "
-                    f"{_f(ret.get('arm_mean'))} (drop {signed(drop)} points")
-            if est is None:
-                add("retention_mean", arm, "inconclusive", f"{head}): some tasks lack per-item records, so the "
-                    "mean drop cannot be bounded", drop=drop, max_mean_drop=pol.max_mean_drop)
-            else:
-                up, lo = -est.lower(alpha), -est.upper(alpha)
-                mean_power = {"n": est.n, "mde": est.mde(alpha),
-                              "items_needed": est.items_needed(pol.max_mean_drop, alpha)}
-                st = _three(lo, up, pol.max_mean_drop)
-                nums = f"{head}, {side} bounds [{signed(lo)}, {signed(up)}])"
-                why = {"pass": f"a mean drop beyond {pol.max_mean_drop:g} points is ruled out",
-                       "fail": f"the mean dropped more than {pol.max_mean_drop:g} points (lower bound {lo:.1f})",
-                       "inconclusive": f"cannot rule out a mean drop beyond {pol.max_mean_drop:g} points nor show "
-                                       f"one; this run detects mean drops of {est.mde(alpha):.1f} points"}[st]
-                add("retention_mean", arm, st, f"{nums}: {why}", drop=drop, drop_upper=up, drop_lower=lo,
-                    max_mean_drop=pol.max_mean_drop, alpha=alpha, metric=metric, mde=est.mde(alpha))
-
-        if pol.min_domain_gain is not None:
-            dom = (((((compare.get("suites") or {}).get("domain") or {}).get("means") or {}).get(metric) or {})
-                   .get("all") or {}).get(arm)
-            if not dom:
-                add("domain_gain", arm, "fail", f"no domain task scored, cannot show a gain of "
-                    f"{pol.min_domain_gain:g} points: evaluate the domain suite", min_domain_gain=pol.min_domain_gain)
-            else:
-                est = _est(dom)
-                g = dom["delta"]
-                if est is None:
-                    add("domain_gain", arm, "inconclusive", f"domain mean gain {signed(g)} points has no interval "
-                        "(no per-item records)", gain=g, min_domain_gain=pol.min_domain_gain)
-                else:
-                    lo, up = est.lower(alpha), est.upper(alpha)
-                    st = "pass" if lo >= pol.min_domain_gain else ("fail" if up < pol.min_domain_gain
-                                                                    else "inconclusive")
-                    nums = (f"domain mean {mlabel} {_f(dom.get('base_mean'))} -> {_f(dom.get('arm_mean'))} "
-                            f"(gain {signed(g)} points, {side} bounds [{signed(lo)}, {signed(up)}])")
-                    why = {"pass": f"the lower bound reaches the required {pol.min_domain_gain:g} points",
-                           "fail": f"the upper bound is below the required {pol.min_domain_gain:g} points",
-                           "inconclusive": f"cannot show the required {pol.min_domain_gain:g} points nor rule "
-                                           "them out"}[st]
-                    add("domain_gain", arm, st, f"{nums}: {why}", gain=g, gain_lower=lo, gain_upper=up,
-                        min_domain_gain=pol.min_domain_gain)
-
-        dr = (compare.get("drift") or {}).get(arm) or {}
-        for rule, key, limit, unit, what in (
-                ("ppl_rise", "ppl_rise", pol.max_ppl_rise, "%", "general-text bits per byte rise"),
-                ("kl", "kl_mean", pol.max_kl, " nats/token", "mean KL from the base on general text")):
-            if limit is None:
-                continue
-            est = _est(dr.get(key))
-            measured = dr.get("text_perplexity") is not None or dr.get("kl") is not None or dr.get(key) is not None
-            if est is None and not measured:
-                not_checked.append({"rule": rule, "arm": arm, "reason": f"{arm}: {what}: no drift was measured for "
-                                    "this arm (e.g. lm-eval outputs carry none), so the rule was not checked"})
-                continue
-            if est is None:
-                add(rule, arm, "inconclusive", f"{what}: not measured with an interval (needs per-block drift "
-                    "values in both eval files: re-run `forgetcheck eval`)", **{f"max_{rule}": limit})
-                continue
-            lo, up = est.lower(alpha), est.upper(alpha)
-            digits = 1 if rule == "ppl_rise" else 3
-            st = _three(lo, up, limit)
-            nums = (f"{what} {est.point:.{digits}f}{unit} ({side} bounds [{lo:.{digits}f}, {up:.{digits}f}])")
-            why = {"pass": f"ruled out above {limit:g}{unit}", "fail": f"above {limit:g}{unit}",
-                   "inconclusive": f"cannot rule out nor show a value above {limit:g}{unit}"}[st]
-            add(rule, arm, st, f"{nums}: {why}", value=est.point, lower=lo, upper=up, limit=limit)
-
+        rules += missing_rules(doc, arm, pol) + unscored_rules(doc, arm, pol)
+        drop_rules, task_power = task_drop_rules(tasks, arm, pol)
+        mean_rules, mean_power = retention_mean_rules(doc, arm, pol)
+        rules += drop_rules + coverage_rules(tasks, arm, pol) + mean_rules + domain_gain_rules(doc, arm, pol)
+        drifts, unchecked = drift_rules(doc, arm, pol)
+        rules += drifts
+        not_checked += unchecked
         power["arms"][arm] = _power(task_power, mean_power, pol)
-
     if not arms:
-        add("coverage", None, "fail", "no arm was compared: nothing to release")
+        rules.append(_rule("coverage", None, "fail", "no arm was compared: nothing to release"))
+    return _gate(rules, arms, pol, excluded_tasks(tasks, pol), not_checked, power)
+
+
+def _gate(rules: list[dict], arms: list[str], pol: GateConfig, excluded: list[dict], not_checked: list[dict],
+          power: dict) -> dict:
+    """gate.json from the rules: the verdict of every arm and of the run, the exit code and the summary."""
     per_arm = {arm: _combine([r["status"] for r in rules if r["arm"] == arm]) for arm in arms}
     verdict = _combine([r["status"] for r in rules])
     code = EXIT[verdict]
@@ -239,15 +301,6 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
         code = EXIT[pol.on_inconclusive]
         mapped = f" (exit {code}: --on-inconclusive {pol.on_inconclusive} maps INCONCLUSIVE to {pol.on_inconclusive.upper()})"
     power["sentence"] = _overall_sentence(power["arms"], pol)
-    failed = [r["reason"] for r in rules if r["status"] == "fail"]
-    unsure = [r["reason"] for r in rules if r["status"] == "inconclusive"]
-    if verdict == "pass":
-        summary = f"PASS: all {len(rules)} rules rule out harm beyond their margins for {', '.join(arms)}"
-    elif verdict == "fail":
-        summary = f"FAIL: {len(failed)} of {len(rules)} rules show harm beyond the margin: " + "; ".join(failed)
-    else:
-        summary = (f"INCONCLUSIVE: {len(unsure)} of {len(rules)} rules can neither rule out nor show harm beyond "
-                   f"the margin: " + "; ".join(unsure))
     return {
         "schema_version": GATE_VERSION, "kind": "gate", "verdict": verdict, "passed": verdict == "pass",
         "exit_code": code, "exit_note": mapped.strip(" ()"),
@@ -258,15 +311,27 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
                  for arm, v in per_arm.items()},
         "rules": rules, "excluded": excluded, "not_checked": not_checked, "power": power,
         "missing": sorted({r["task"] for r in rules if r["rule"] == "task_missing"}),
-        "summary": summary + mapped,
+        "summary": _summary(verdict, rules, arms) + mapped,
     }
 
 
-def _missing_for(tasks: dict, missing: dict, arm: str, pol) -> list[str]:
+def _summary(verdict: str, rules: list[dict], arms: list[str]) -> str:
+    failed = [r["reason"] for r in rules if r["status"] == "fail"]
+    unsure = [r["reason"] for r in rules if r["status"] == "inconclusive"]
+    if verdict == "pass":
+        return f"PASS: all {len(rules)} rules rule out harm beyond their margins for {', '.join(arms)}"
+    if verdict == "fail":
+        return f"FAIL: {len(failed)} of {len(rules)} rules show harm beyond the margin: " + "; ".join(failed)
+    return (f"INCONCLUSIVE: {len(unsure)} of {len(rules)} rules can neither rule out nor show harm beyond "
+            f"the margin: " + "; ".join(unsure))
+
+
+def _missing_for(compare: CompareFile, arm: str, pol: GateConfig) -> list[str]:
     """Tasks the gate needs for `arm` and does not have: a retention task whose data could not be built, and
     every task the policy requires (`require_tasks`) that was not scored for the arm."""
-    out = {n for n, m in missing.items() if m.get("suite") == "retention"}
-    out |= {n for n in pol.require_tasks if arm not in ((tasks.get(n) or {}).get("arms") or {})}
+    tasks = compare["tasks"]
+    out = {n for n, m in compare["missing"].items() if m["suite"] == "retention"}
+    out |= {n for n in pol.require_tasks if n not in tasks or arm not in tasks[n]["arms"]}
     return sorted(out)
 
 
@@ -287,7 +352,7 @@ def _power(task_power: dict, mean_power: dict | None, pol: GateConfig) -> dict:
     n = min(v["n"] for v in task_power.values())
     mde = max(v["mde"] for v in task_power.values())
     needs = [v["items_needed"] for v in task_power.values() if v["items_needed"] is not None]
-    if mean_power and mean_power.get("items_needed") is not None:
+    if mean_power and mean_power["items_needed"] is not None:
         needs.append(mean_power["items_needed"])
     out.update(n=n, mde=mde, items_needed=max(needs) if needs else None,
                mean_mde=mean_power["mde"] if mean_power else None)
@@ -297,13 +362,13 @@ def _power(task_power: dict, mean_power: dict | None, pol: GateConfig) -> dict:
 def _overall_sentence(arms: dict, pol: GateConfig) -> str:
     """'50 items per task can only rule out drops larger than 31 points; about 500 per task would decide at
     2 points per task (1 for the mean).'"""
-    have = [p for p in arms.values() if p.get("n") is not None]
+    have = [p for p in map(gate_power_arm_doc, arms.values()) if p["n"] is not None]
     if not have:
         return "no retention task with per-item records was gated: the power of this run cannot be stated"
     n = min(p["n"] for p in have)
     mde = max(p["mde"] for p in have)
-    mean_mdes = [p["mean_mde"] for p in have if p.get("mean_mde") is not None]
-    needs = [p["items_needed"] for p in have if p.get("items_needed") is not None]
+    mean_mdes = [p["mean_mde"] for p in have if p["mean_mde"] is not None]
+    needs = [p["items_needed"] for p in have if p["items_needed"] is not None]
     what = "soft-accuracy" if pol.metric == "soft" else "accuracy"
     s = f"{n} items per task can only rule out {what} drops larger than {mde:.1f} points"
     if mean_mdes:
@@ -322,8 +387,6 @@ def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:
     """(compare dict, where gate.json goes, the run's config or None) for a run directory or a compare.json.
     A run directory without compare.json gets it computed from its evals; an older format is refused with the
     command that rewrites it."""
-    from forgetcheck.verdict.compare import read_compare
-
     target = Path(target)
     run_config = None
     if target.is_dir():
@@ -338,13 +401,13 @@ def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:
             raise BadInput(f"{target} holds neither compare.json nor eval/base.json: give a run directory "
                            "written by `forgetcheck run`, or a compare.json")
         if run.config.exists():
-            run_config = require(read_json(run.config), "config", str(run.config))
+            run_config = read_config(run.config)
         return compare, run.gate, run_config
     if target.is_file():
         compare = read_compare(target)
         cfg = target.parent / "config.json"
         if cfg.exists():
-            run_config = require(read_json(cfg), "config", "config.json beside the compare.json")
+            run_config = read_config(cfg)
         return compare, target.parent / "gate.json", run_config
     raise BadInput(f"{target} not found: give a run directory (runs/<id>) or its compare.json")
 
@@ -365,7 +428,7 @@ def gate_run(target: Path | str, policy: GateConfig | dict | None = None, *, pol
     compare, out, run_config = load_compare_for(Path(target))
     pol = resolve_policy(run_config, policy_file, overrides)
     gate = decide(compare, pol)
-    atomic_write_json(out, checked_gate(gate))
+    write_gate(out, gate)
     if junit is not None:
         atomic_write_text(Path(junit), to_junit(gate))
     if markdown is not None:

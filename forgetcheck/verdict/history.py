@@ -18,7 +18,15 @@ from pathlib import Path
 
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_json, read_json
-from forgetcheck.schema import SCHEMA_VERSION, require
+from forgetcheck.schema import (
+    SCHEMA_VERSION,
+    compare_doc,
+    gate_doc,
+    read_config,
+    read_eval,
+    read_history,
+    require,
+)
 
 LABEL = "previous"
 HISTORY_FILE = "history.json"
@@ -34,11 +42,11 @@ class Previous:
         return {"run": str(self.run), "run_id": self.run.name, "arm": self.arm, "eval": str(self.eval_file)}
 
 
-def _passed(gate: dict, arm: str) -> bool:
-    a = (gate.get("arms") or {}).get(arm) or {}
-    if "verdict" in a:
-        return str(a["verdict"]).lower() == "pass"
-    return bool(a.get("passed"))
+def _passed(arm: dict) -> bool:
+    """Did the arm pass its gate (gate.json arms.<arm>; an older gate.json says only `passed`)?"""
+    if arm["verdict"] is not None:
+        return str(arm["verdict"]).lower() == "pass"
+    return bool(arm["passed"])
 
 
 def resolve_previous(value: str) -> Previous:
@@ -61,23 +69,25 @@ def resolve_previous(value: str) -> Previous:
                        f"finished `forgetcheck check` or `run`")
     if len(arms) == 1:
         return Previous(p, arms[0], run.eval_json(arms[0]))
-    gate = read_json(run.gate) if run.gate.exists() else {}
-    passed = [a for a in arms if _passed(gate, a)]
+    gated = run.gate.exists()
+    gate = gate_doc(read_json(run.gate) if gated else {})  # any version: only whether each arm passed is read
+    passed = [a for a in arms if a in gate["arms"] and _passed(gate["arms"][a])]
     if len(passed) == 1:
         return Previous(p, passed[0], run.eval_json(passed[0]))
     raise BadInput(f"--previous {value}: it holds {len(arms)} candidates ({', '.join(arms)})"
-                   f"{' and ' + str(len(passed)) + ' passed its gate' if gate else ''}: name the released one as "
+                   f"{' and ' + str(len(passed)) + ' passed its gate' if gated else ''}: name the released one as "
                    f"--previous {p / 'eval' / (arms[0] + '.json')}")
 
 
 def copy_previous(run: RunDir, prev: Previous) -> Path:
     """Copy the previous release's eval file and per-item records into `run/history/`. Returns the new file."""
-    doc = require(read_json(prev.eval_file), "eval", str(prev.eval_file))
+    typed = read_eval(prev.eval_file)
+    doc = read_json(prev.eval_file)  # copied as written, beside the samples' new paths
     dest = run.root / "history" / f"{LABEL}.json"
     tasks = {}
-    for name, entry in (doc.get("tasks") or {}).items():
-        entry = dict(entry)
-        rel = entry.get("samples")
+    for name, task in typed["tasks"].items():
+        entry = dict(doc["tasks"][name])
+        rel = task["samples"]
         src = prev.eval_file.parent / rel if rel else None
         if src is not None and src.is_file():
             target = dest.parent / "samples" / LABEL / f"{name}.jsonl"
@@ -87,7 +97,7 @@ def copy_previous(run: RunDir, prev: Previous) -> Path:
         else:
             entry.pop("samples", None)
         tasks[name] = entry
-    model = dict(doc.get("model") or {})
+    model = dict(typed["model"] or {})
     model["released_as"] = f"{prev.run.name}/{prev.arm}"
     atomic_write_json(dest, {**doc, "model": model, "tasks": tasks, "drift": {}})
     return dest
@@ -99,8 +109,8 @@ def write_history(run: RunDir, prev: Previous, *, alpha: float = 0.05, n_boot: i
 
     prev_file = copy_previous(run, prev)
     arms = [p.stem for p in sorted((run.root / "eval").glob("*.json")) if p.stem != "base"]
-    config = read_json(run.config) if run.config.exists() else {}
-    order = [a for a in config.get("arms") or [] if a in arms] + [a for a in arms if a not in (config.get("arms") or [])]
+    planned = (read_config(run.config)["arms"] or []) if run.config.exists() else []
+    order = [a for a in planned if a in arms] + [a for a in arms if a not in planned]
     result = compare_evals(prev_file, {a: run.eval_json(a) for a in order}, alpha=alpha, n_boot=n_boot, seed=seed)
     doc = {"schema_version": SCHEMA_VERSION, "kind": "history", "previous": prev.describe(),
            "eval": str(prev_file.relative_to(run.root)), "compare": result}
@@ -110,13 +120,13 @@ def write_history(run: RunDir, prev: Previous, *, alpha: float = 0.05, n_boot: i
 
 def summary_lines(hist: dict) -> list[str]:
     """One line per candidate: retention mean against the previous release, and its significant task drops."""
-    c = hist["compare"]
+    c = compare_doc(hist["compare"])
     prev = hist["previous"]
     out = []
-    for arm in c.get("arms") or []:
-        ret = ((c.get("suites") or {}).get("retention") or {}).get("arms", {}).get(arm)
-        drops = [n for n, t in sorted((c.get("tasks") or {}).items())
-                 if (t.get("arms") or {}).get(arm, {}).get("significant") and (t["arms"][arm].get("delta") or 0) < 0]
+    for arm in c["arms"]:
+        ret = c["suites"]["retention"]["arms"][arm]
+        drops = [n for n, t in sorted(c["tasks"].items())
+                 if arm in t["arms"] and t["arms"][arm]["significant"] and (t["arms"][arm]["delta"] or 0) < 0]
         mean = "no retention mean" if not ret else f"retention mean {ret['delta']:+.2f} points"
         out.append(f"{arm} vs previous release {prev['run_id']}/{prev['arm']}: {mean}; "
                    + (f"significant drops on {', '.join(drops)}" if drops else "no significant task drop"))
@@ -128,28 +138,25 @@ def view(run: RunDir) -> dict | None:
     path = run.root / HISTORY_FILE
     if not path.is_file():
         return None
-    hist = read_json(path)
-    c = hist.get("compare") or {}
-    arms = list(c.get("arms") or [])
+    hist = read_history(path)
+    c = hist["compare"]
+    arms = list(c["arms"])
     rows = []
-    for name, t in sorted((c.get("tasks") or {}).items(), key=lambda kv: (kv[1].get("suite") != "retention",
-                                                                        kv[1].get("unit") != "points", kv[0])):
-        for arm in arms:
-            a = (t.get("arms") or {}).get(arm)
-            if a is None:
-                continue
-            sig = bool(a.get("significant"))
-            d = a.get("delta")
-            rows.append({"task": name, "suite": t.get("suite"), "metric": t.get("metric"), "unit": t.get("unit"),
-                         "arm": arm, "previous": t["base"].get("score_paired", t["base"].get("score")),
-                         "score": a.get("score"), "delta": d, "ci": a.get("ci"), "p_holm": a.get("p_holm"),
-                         "n_paired": a.get("n_paired"), "drop": sig and d is not None and d < 0,
+    for name, t in sorted(c["tasks"].items(), key=lambda kv: (kv[1]["suite"] != "retention",
+                                                             kv[1]["unit"] != "points", kv[0])):
+        for arm, a in t["arms"].items():
+            sig = bool(a["significant"])
+            d = a["delta"]
+            rows.append({"task": name, "suite": t["suite"], "metric": t["metric"], "unit": t["unit"],
+                         "arm": arm, "previous": t["base"]["score_paired"],
+                         "score": a["score"], "delta": d, "ci": a["ci"], "p_holm": a["p_holm"],
+                         "n_paired": a["n_paired"], "drop": sig and d is not None and d < 0,
                          "gain": sig and d is not None and d > 0})
     means = []
-    for suite, s in sorted((c.get("suites") or {}).items()):
+    for suite, s in sorted(c["suites"].items()):
         for arm in arms:
-            m = (s.get("arms") or {}).get(arm)
+            m = s["arms"][arm]
             if m:
                 means.append({"suite": suite, "arm": arm, **m})
-    return {"previous": hist.get("previous") or {}, "rows": rows, "means": means, "arms": arms,
-            "alpha": c.get("alpha"), "ci_level": c.get("ci_level"), "lines": summary_lines(hist)}
+    return {"previous": hist["previous"], "rows": rows, "means": means, "arms": arms,
+            "alpha": c["alpha"], "ci_level": c["ci_level"], "lines": summary_lines(hist)}

@@ -95,7 +95,7 @@ def resolve_policy(run_config: dict | None, policy_file: Path | None, overrides:
     """Defaults <- the run's config.json gate section <- the policy file <- CLI flags (None = not given)."""
     values: dict[str, Any] = {}
     if run_config:
-        values.update({k: v for k, v in (run_config.get("gate") or {}).items() if k in POLICY_KEYS})
+        values.update({k: v for k, v in (run_config["gate"] or {}).items() if k in POLICY_KEYS})
     if policy_file is not None:
         values.update(load_policy(policy_file))
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -30,11 +30,11 @@ def gated_tasks(tasks: dict, arm: str | None, keep_uninformative: bool = False) 
     out = []
     for n in sorted(tasks):
         t = tasks[n]
-        if t.get("suite") != "retention" or t.get("unit") != "points":
+        if t["suite"] != "retention" or t["unit"] != "points":
             continue
-        if not keep_uninformative and not (t.get("informative") or {}).get("value", True):
+        if not keep_uninformative and not t["informative"]["value"]:
             continue
-        if arm is None or arm in (t.get("arms") or {}):
+        if arm is None or arm in t["arms"]:
             out.append(n)
     return out
 
@@ -44,28 +44,33 @@ def apply_holm(tasks: dict, arms: list[str], alpha: float) -> None:
     change; `significant` is each task's own test (p < alpha, the interval excludes 0)."""
     for arm in arms:
         names = gated_tasks(tasks, arm)
-        ps = {n: tasks[n]["arms"][arm]["p_value"] for n in names if tasks[n]["arms"][arm].get("p_value") is not None}
+        ps = {n: tasks[n]["arms"][arm]["p_value"] for n in names if tasks[n]["arms"][arm]["p_value"] is not None}
         for n, p in holm(ps).items():
             tasks[n]["arms"][arm]["p_holm"] = p
             tasks[n]["arms"][arm]["holm_family"] = len(ps)
-        for t in tasks.values():
-            a = t["arms"].get(arm)
-            if a and a.get("p_value") is not None:
+    for t in tasks.values():
+        for a in t["arms"].values():
+            if a["p_value"] is not None:
                 a["significant"] = a["p_value"] < alpha
 
 
+def arm_results(tasks: dict, names: list[str], arm: str) -> dict[str, dict]:
+    """{task: the arm's result} for the tasks of `names` the arm was scored on."""
+    return {n: tasks[n]["arms"][arm] for n in names if arm in tasks[n]["arms"]}
+
+
 def mean_block(tasks: dict, names: list[str], arm: str, metric: str, alpha: float) -> dict | None:
-    have = [n for n in names if (tasks[n]["arms"].get(arm) or {}).get("delta") is not None]
+    have = [n for n, a in arm_results(tasks, names, arm).items() if a["delta"] is not None]
     if not have:
         return None
     if metric == "soft":
-        ests = [tasks[n]["arms"][arm].get("soft") for n in have]
+        ests = [tasks[n]["arms"][arm]["soft"] for n in have]
         if any(e is None for e in ests):
             return None
-        base_mean = _mean([tasks[n]["base"].get("soft_score") for n in have])
-        arm_mean = _mean([tasks[n]["arms"][arm].get("soft_score") for n in have])
+        base_mean = _mean([tasks[n]["base"]["soft_score"] for n in have])
+        arm_mean = _mean([tasks[n]["arms"][arm]["soft_score"] for n in have])
     else:
-        ests = [tasks[n]["arms"][arm].get("acc") for n in have]
+        ests = [tasks[n]["arms"][arm]["acc"] for n in have]
         base_mean = _mean([base_score(tasks[n]) for n in have])
         arm_mean = _mean([tasks[n]["arms"][arm]["score"] for n in have])
     res: dict[str, Any] = {"n_tasks": len(have), "tasks": have, "base_mean": base_mean, "arm_mean": arm_mean,
@@ -99,7 +104,8 @@ def suite_means(tasks: dict, arms: list[str], alpha: float) -> dict:
 
 
 def base_score(t: dict) -> float | None:
-    return t["base"].get("score_paired", t["base"].get("score"))
+    """The base's score on the items paired with the arms (its whole score when nothing was paired)."""
+    return t["base"].get("score_paired", t["base"]["score"])
 
 
 def _mean(xs):
@@ -113,33 +119,33 @@ def drift_block(tasks: dict, arm: str, arm_eval: dict, base_eval: dict, *, alpha
     gated drift estimates: the relative rise of the mean NLL per token (percent; equal to the rise of bits
     per byte on the same text) and the mean KL per token, each with a bootstrap of 32-token blocks."""
     ppl = {}
-    for n, t in tasks.items():
-        a = t["arms"].get(arm)
-        if t["unit"] != "points" and a and a.get("score") is not None:
+    for n, a in arm_results(tasks, [n for n, t in tasks.items() if t["unit"] != "points"], arm).items():
+        if a["score"] is not None:
+            t = tasks[n]
             b = base_score(t)
             ppl[n] = {"suite": t["suite"], "metric": t["metric"], "base": b, "arm": a["score"],
-                      "delta": a.get("delta"), "ci": a.get("ci"),
+                      "delta": a["delta"], "ci": a["ci"],
                       "ratio": (a["score"] / b) if b else None}
-    d = arm_eval.get("drift") or {}
-    bd = base_eval.get("drift") or {}
+    d = arm_eval["drift"]
+    bd = base_eval["drift"]
     text = None
-    if isinstance(d.get("perplexity"), (int, float)) and isinstance(bd.get("perplexity"), (int, float)):
+    if isinstance(d["perplexity"], (int, float)) and isinstance(bd["perplexity"], (int, float)):
         text = {"base": float(bd["perplexity"]), "arm": float(d["perplexity"]),
                 "ratio": float(d["perplexity"]) / float(bd["perplexity"]) if bd["perplexity"] else None,
-                "source": (d.get("text") or {}).get("source"),
-                "tokens": (d.get("text") or {}).get("tokens_scored")}
-    kl = {k: v for k, v in d["kl"].items()} if isinstance(d.get("kl"), dict) else None
-    ab, bb = d.get("blocks") or {}, bd.get("blocks") or {}
+                "source": d["text"]["source"],
+                "tokens": d["text"]["tokens_scored"]}
+    kl = {k: v for k, v in d["kl"].items()} if isinstance(d["kl"], dict) else None
+    ab, bb = d["blocks"], bd["blocks"]
     rise = kl_est = None
     notes = []
-    if ab.get("nll") and bb.get("nll") and len(ab["nll"]) == len(bb["nll"]):
+    if ab["nll"] and bb["nll"] and len(ab["nll"]) == len(bb["nll"]):
         rise = ratio_rise(np.array(bb["nll"]), np.array(ab["nll"]), n_boot=n_boot, seed=seed,
                           key=f"drift-nll\x1f{arm}").to_dict(alpha)
         rise["unit"] = "percent"
     elif text is not None:
         notes.append("no per-block NLL in the eval files (written by an older forgetcheck): the perplexity "
                      "rise has no interval; re-run `forgetcheck eval`")
-    if ab.get("kl"):
+    if ab["kl"]:
         kl_est = mean_of(np.array(ab["kl"]), n_boot=n_boot, seed=seed, key=f"drift-kl\x1f{arm}").to_dict(alpha)
         kl_est["unit"] = "nats per token"
     elif kl is not None:
@@ -160,9 +166,9 @@ def replica_groups(arms: list[str]) -> dict[str, list[str]]:
 def _aligned(items_t: dict, labels: list[str], metric: str):
     """([runs, items] scores of `labels`, [1, items] base scores, clusters) on the items every label has,
     in the first label's order; None when a label lacks per-item `metric` scores for the task."""
-    its = [items_t.get(label) for label in labels]
-    if any(it is None or metric not in it for it in its):
+    if any(label not in items_t or metric not in items_t[label] for label in labels):
         return None
+    its = [items_t[label] for label in labels]
     common = set(its[0]["keys"]).intersection(*(set(it["keys"]) for it in its[1:]))
     order = [k for k in its[0]["keys"] if k in common]
     if not order:
@@ -191,6 +197,7 @@ def seed_groups(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot:
     out = {}
     for arm, labels in groups.items():
         entry: dict[str, Any] = {"labels": labels, "seeds": len(labels), "suites": {}}
+        acc: dict[str, dict | None] = {"retention": None, "domain": None}  # the summary's two points
         for suite in ("retention", "domain"):
             for metric in ("acc", "soft"):
                 parts = [(n, _aligned(items[n], labels, metric)) for n in _suite_tasks(tasks, suite)]
@@ -200,8 +207,9 @@ def seed_groups(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot:
                 est = two_level_diff([p[0] for _, p in parts], [p[1] for _, p in parts], [p[2] for _, p in parts],
                                      n_boot=n_boot, seed=seed, key=f"group\x1f{arm}\x1f{suite}\x1f{metric}")
                 entry["suites"].setdefault(suite, {})[metric] = {**est.to_dict(alpha), "tasks": [n for n, _ in parts]}
-        ret = (entry["suites"].get("retention") or {}).get("acc")
-        dom = (entry["suites"].get("domain") or {}).get("acc")
+                if metric == "acc":
+                    acc[suite] = entry["suites"][suite][metric]
+        ret, dom = acc["retention"], acc["domain"]
         entry["summary"] = {
             "forgetting": 0.0 - ret["point"] if ret else None,
             "forgetting_ci": [0.0 - ret["ci"][1], 0.0 - ret["ci"][0]] if ret else None,
@@ -250,7 +258,7 @@ def arm_vs_arm(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot: 
             for suite in ("retention", "domain"):
                 s_tasks = [n for n in _suite_tasks(tasks, suite) if n in per_task]
                 for metric in ("acc", "soft"):
-                    if not s_tasks or any(per_task[n].get(metric) is None for n in s_tasks):
+                    if not s_tasks or any(metric not in per_task[n] for n in s_tasks):
                         continue
                     if multi:
                         parts = [joint[metric][n] for n in s_tasks]
@@ -270,18 +278,19 @@ def arm_vs_arm(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot: 
 
 
 def summary(suites: dict, drift: dict, arms: list[str]) -> dict:
+    """Learning against forgetting per arm, from the typed suites and drift of compare.json (`schema.compare_doc`)."""
     out = {}
     for arm in arms:
-        ret = (suites.get("retention") or {}).get("arms", {}).get(arm)
-        dom = (suites.get("domain") or {}).get("arms", {}).get(arm)
-        kl = drift.get(arm, {}).get("kl") or {}
+        ret = suites["retention"]["arms"][arm]
+        dom = suites["domain"]["arms"][arm]
+        kl = drift[arm]["kl"]
         out[arm] = {
             "forgetting": 0.0 - ret["delta"] if ret else None,
-            "forgetting_ci": [0.0 - ret["ci"][1], 0.0 - ret["ci"][0]] if ret and ret.get("ci") else None,
-            "forgetting_significant": bool(ret.get("significant")) if ret else None,
+            "forgetting_ci": [0.0 - ret["ci"][1], 0.0 - ret["ci"][0]] if ret and ret["ci"] else None,
+            "forgetting_significant": bool(ret["significant"]) if ret else None,
             "learning": dom["delta"] if dom else None,
             "learning_ci": dom["ci"] if dom else None,
-            "learning_significant": bool(dom.get("significant")) if dom else None,
-            "kl_mean": kl.get("mean"),
+            "learning_significant": bool(dom["significant"]) if dom else None,
+            "kl_mean": kl["mean"] if kl else None,
         }
     return out

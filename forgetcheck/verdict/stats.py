@@ -115,7 +115,7 @@ class Estimate:
 
 def estimate_from_dict(d: dict) -> Estimate:
     return Estimate(point=float(d["point"]), center=float(d["center"]), se=float(d["se"]), method=d["method"],
-                    n=int(d.get("n") or 0), clusters=d.get("clusters"))
+                    n=int(d["n"] or 0), clusters=d["clusters"])
 
 
 def _p_less(diff: float, se: float) -> float:

@@ -38,14 +38,14 @@ def printable(text: str) -> str:
 
 
 def _case_name(r: dict) -> str:
-    return r["rule"] + (f"[{r['task']}]" if r.get("task") else "")
+    return r["rule"] + (f"[{r['task']}]" if r["task"] else "")
 
 
 def to_junit(gate: dict) -> str:
     """JUnit XML: one testcase per rule; FAIL carries a <failure>, INCONCLUSIVE a <skipped> with the reason;
     uninformative tasks left out are <skipped> too."""
     rules = gate["rules"]
-    excluded = [e for e in gate.get("excluded") or [] if not e.get("kept")]
+    excluded = [e for e in gate["excluded"] if not e["kept"]]
     n_fail = sum(r["status"] == "fail" for r in rules)
     n_skip = sum(r["status"] == "inconclusive" for r in rules) + len(excluded)
     total = len(rules) + len(excluded)
@@ -88,14 +88,14 @@ ORDER = {"fail": 0, "inconclusive": 1, "pass": 2}
 
 
 def policy_sentence(pol: dict) -> str:
-    s = (f"harm must be ruled out at one-sided level {1 - pol['alpha']:.0%} ({'soft accuracy' if pol.get('metric') == 'soft' else 'accuracy'}): "
+    s = (f"harm must be ruled out at one-sided level {1 - pol['alpha']:.0%} ({'soft accuracy' if pol['metric'] == 'soft' else 'accuracy'}): "
          f"at most {pol['max_drop']:g} points drop per retention task (failing a task needs Holm p < "
          f"{pol['alpha']:g}), {pol['max_mean_drop']:g} on the retention mean")
-    if pol.get("max_ppl_rise") is not None:
+    if pol["max_ppl_rise"] is not None:
         s += f", a {pol['max_ppl_rise']:g}% rise of general-text bits per byte"
-    if pol.get("max_kl") is not None:
+    if pol["max_kl"] is not None:
         s += f", {pol['max_kl']:g} nats/token mean KL from the base"
-    if pol.get("min_domain_gain") is not None:
+    if pol["min_domain_gain"] is not None:
         s += f"; the domain mean must gain at least {pol['min_domain_gain']:g} points"
     return s
 
@@ -116,16 +116,16 @@ def to_markdown(gate: dict) -> str:
     pol = gate["policy"]
     head = gate["verdict"].upper()
     lines = [f"## forgetcheck gate: **{head}**", "",
-             f"{head}: {_md_cell(verdict_reason(gate))}." + (f" {gate['exit_note']}." if gate.get("exit_note") else ""), "",
+             f"{head}: {_md_cell(verdict_reason(gate))}." + (f" {gate['exit_note']}." if gate["exit_note"] else ""), "",
              f"Power: {gate['power']['sentence']}.", "",
              f"Policy: {policy_sentence(pol)}.", "",
              "| | arm | rule | reason |", "|---|---|---|---|"]
     for r in sorted(gate["rules"], key=lambda r: ORDER[r["status"]]):
-        rule = r["rule"] + (f" {r['task']}" if r.get("task") else "")
+        rule = r["rule"] + (f" {r['task']}" if r["task"] else "")
         lines.append(f"| {MARK[r['status']]} | {_md_cell(str(r['arm']))} | {_md_cell(rule)} | {_md_cell(r['reason'])} |")
-    for e in gate.get("excluded") or []:
+    for e in gate["excluded"]:
         lines.append(f"| ➖ | all | {_md_cell('uninformative ' + e['task'])} | {_md_cell(e['reason'])} |")
-    for e in gate.get("not_checked") or []:
+    for e in gate["not_checked"]:
         lines.append(f"| ➖ | {_md_cell(e['arm'])} | {e['rule']} not checked | {_md_cell(e['reason'])} |")
     return "\n".join(lines) + "\n"
 
@@ -133,10 +133,10 @@ def to_markdown(gate: dict) -> str:
 def console_lines(gate: dict) -> list[str]:
     """What `forgetcheck gate` (and `run`) print: one line per rule, the verdict with its reason, the power."""
     lines = [f"{r['status'].upper():<12} {r['reason']}" for r in sorted(gate["rules"], key=lambda r: ORDER[r["status"]])]
-    lines += [f"{'EXCLUDED':<12} {e['reason']}" for e in gate.get("excluded") or [] if not e.get("kept")]
-    lines += [f"{'NOT CHECKED':<12} {e['reason']}" for e in gate.get("not_checked") or []]
+    lines += [f"{'EXCLUDED':<12} {e['reason']}" for e in gate["excluded"] if not e["kept"]]
+    lines += [f"{'NOT CHECKED':<12} {e['reason']}" for e in gate["not_checked"]]
     lines.append(f"gate: {gate['verdict'].upper()}: {verdict_reason(gate)}"
-                 + (f" ({gate['exit_note']})" if gate.get("exit_note") else ""))
+                 + (f" ({gate['exit_note']})" if gate["exit_note"] else ""))
     lines.append(f"power: {gate['power']['sentence']}")
     return [printable(x) for x in lines]
 
@@ -145,7 +145,7 @@ def decide_hint(gate: dict, limit: int | None) -> str:
     """What it would take to decide, for `run`'s closing lines: the --limit (or preset) that would."""
     if gate["verdict"] != "inconclusive":
         return f"the verdict is {gate['verdict'].upper()}: no more items are needed to decide"
-    needs = [p.get("items_needed") for p in gate["power"]["arms"].values() if p.get("items_needed")]
+    needs = [p["items_needed"] for p in gate["power"]["arms"].values() if p["items_needed"]]
     if not needs:
         return "re-evaluate with per-item records to decide"
     need = round_up(max(needs))

@@ -16,7 +16,7 @@ from runfixture import DEFAULT_TASKS, make_run
 
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import read_json, read_jsonl
-from forgetcheck.schema import COMPARE_VERSION, read_compare
+from forgetcheck.schema import COMPARE_VERSION, compare_doc, read_compare
 from forgetcheck.verdict.compare import compare_evals, compare_run
 from forgetcheck.verdict.stats import (
     Estimate,
@@ -49,7 +49,8 @@ def regressed(tmp_path_factory):
 def test_unchanged_copy_gives_exact_zeros(unchanged):
     run, c = unchanged
     assert run.compare.exists() and read_json(run.compare)["schema_version"] == COMPARE_VERSION
-    assert read_compare(run.compare)["tasks"] == c["tasks"]
+    assert read_json(run.compare)["tasks"] == c["tasks"]
+    assert read_compare(run.compare)["tasks"] == compare_doc(c)["tasks"]
     assert set(c["tasks"]) == set(DEFAULT_TASKS)
     for name, t in c["tasks"].items():
         for arm in ("sft", "cpt"):
