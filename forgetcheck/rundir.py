@@ -143,20 +143,31 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def read_json(path: Path) -> Any:
+def read_text(path: Path, *, where: str, kind: str, missing_fix: str, fix: str) -> str:
+    """The UTF-8 text of a file the user named, or one BadInput line: `where` names it (a path or a flag and
+    path), `kind` is what it should be ("JSON file"), `missing_fix` says what writes it, `fix` what to give."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise BadInput(f"{path} not found: run the stage that writes it first (see `forgetcheck --help`)") from None
+        raise BadInput(f"{where} not found: {missing_fix}") from None
     except IsADirectoryError:
-        raise BadInput(f"{path} is a folder, not a JSON file: give the file written by forgetcheck") from None
+        raise BadInput(f"{where} is a folder, not a {kind}: {fix}") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{where}: not UTF-8 text, so not a {kind}; {fix}") from None
+    except OSError as e:
+        raise BadInput(f"{where}: cannot read it ({e.strerror}); check its permissions") from None
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    text = read_text(path, where=str(path), kind="forgetcheck JSON file",
+                     missing_fix="run the stage that writes it first (see `forgetcheck --help`)",
+                     fix="give the file written by forgetcheck, or re-run the stage that writes it")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg}); re-run the stage that writes it") from None
-    except UnicodeDecodeError:
-        raise BadInput(f"{path}: not UTF-8 text, so not a forgetcheck JSON file; re-run the stage that writes it") from None
-    except OSError as e:
-        raise BadInput(f"{path}: cannot read it ({e.strerror}); check its permissions") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from forgetcheck.config import GateConfig, check, validate_gate
 from forgetcheck.errors import BadInput
+from forgetcheck.rundir import read_text
 
 try:
     import tomllib
@@ -47,15 +48,11 @@ def load_policy(path: Path) -> dict:
     `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false, `require_tasks` a list of task
     names."""
     path = Path(path)
-    if path.is_dir():
-        raise BadInput(f"--policy {path} is a folder: give a TOML file with max_drop, max_mean_drop, alpha, "
-                       "min_domain_gain")
+    keys = ", ".join(POLICY_KEYS)
+    text = read_text(path, where=f"--policy {path}", kind="TOML file", missing_fix=f"give a TOML file with keys {keys}",
+                     fix=f"give a TOML file with keys {keys}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise BadInput(f"--policy {path}: not a UTF-8 text file; give a TOML file") from None
-    except FileNotFoundError:
-        raise BadInput(f"--policy {path} not found: give a TOML file with keys {', '.join(POLICY_KEYS)}") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"--policy {path}: not valid TOML ({e})") from None
     # keys at the top level and under [gate] are merged, never one table dropped for the other; a key set in
