@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetcheck.errors import BadInput
+from forgetcheck.eval.records import target_index
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl
 from forgetcheck.schema import PROMPT_CHARS, SCHEMA_VERSION
 
@@ -228,14 +229,6 @@ def _bool(x: Any) -> bool:
     return x is True or str(x).lower() == "true"
 
 
-def _target_index(target: Any, choices: list[str]) -> Any:
-    s = str(target)
-    if re.fullmatch(r"-?\d+", s):
-        return int(s)
-    stripped = [c.strip() for c in choices]
-    return stripped.index(s.strip()) if s.strip() in stripped else s
-
-
 def _arguments(sample: dict) -> list[list[str]]:
     args = sample.get("arguments") or []
     if isinstance(args, dict):  # the tracker's sanitized form: {"gen_args_0": {"arg_0": ctx, "arg_1": cont}}
@@ -264,7 +257,7 @@ def to_record(sample: dict, kind: str, mean_metrics: set[str], primary: str) -> 
         row["loglikelihoods"] = [_num(r[0]) if isinstance(r, list) else _num(r) for r in resps]
         row["is_greedy"] = [_bool(r[1]) if isinstance(r, list) and len(r) > 1 else False for r in resps]
         choices = [a[1] for a in args if len(a) == 2]
-        row["target"] = _target_index(sample.get("target"), choices)
+        row["target"] = target_index(sample.get("target"), choices)
         if args and len(args[0]) == 2:
             row["prompt"] = args[0][0][-PROMPT_CHARS:]
             row["choices"] = [c[:200] for c in choices]

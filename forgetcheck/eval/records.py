@@ -14,13 +14,25 @@ from forgetcheck.eval.suites import TaskSpec
 from forgetcheck.schema import CHOICE_CHARS, PROMPT_CHARS
 
 
+def target_index(target: Any, choices: list[str]) -> int | None:
+    """The right choice's index from lm-eval's target: an index (an int or its digits) among `choices`, or the
+    text of one choice, compared without surrounding whitespace (a continuation carries the target delimiter,
+    " A", where the target is "A"). None when the target names none of them."""
+    if isinstance(target, bool):
+        return None
+    text = str(target).strip()
+    if isinstance(target, int) or text.isdecimal():
+        index = int(text)
+        return index if 0 <= index < len(choices) else None
+    stripped = [c.strip() for c in choices]
+    return stripped.index(text) if text in stripped else None
+
+
 def gold_index(task, doc: Any, choices: list[str]) -> int | None:
     """The right choice's index, as lm-eval scores it: a task with one context per choice (WinoGrande)
     names its answer with doc_to_text, the others with doc_to_target (an index or the choice's text)."""
     gold = task.doc_to_text(doc) if getattr(task, "multiple_input", 0) else task.doc_to_target(doc)
-    if isinstance(gold, str):
-        gold = int(gold) if gold.strip().isdigit() else (choices.index(gold) if gold in choices else None)
-    return int(gold) if isinstance(gold, int) and 0 <= gold < len(choices) else None
+    return target_index(gold, choices)
 
 
 def chosen(task, doc: Any, lls: list[float]) -> dict[str, int]:
