@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from forgetcheck.errors import BadInput
-from forgetcheck.eval.metrics import DEFAULT_PRIMARY, higher_is_better
-from forgetcheck.eval.records import record
+from forgetcheck.eval.metrics import DEFAULT_PRIMARY
+from forgetcheck.eval.records import record, task_metrics
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl
 from forgetcheck.schema import SCHEMA_VERSION
 
@@ -220,21 +220,6 @@ def _mean_aggregated(task: TaskRun) -> set[str]:
     return out
 
 
-def _task_metrics(task: TaskRun, flt: str | None) -> dict:
-    out = {}
-    for key, value in task.results.items():
-        if "," not in key or "_stderr," in key:
-            continue
-        metric, f = key.split(",", 1)
-        if flt is not None and f != flt or not isinstance(value, (int, float)):
-            continue
-        stderr = task.results.get(f"{metric}_stderr,{f}")
-        out[metric] = {"value": float(value),
-                       "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                       "higher_is_better": bool(task.higher_is_better.get(metric, higher_is_better(metric)))}
-    return out
-
-
 def _suite(task: TaskRun) -> str:
     s = (task.config.get("metadata") or {}).get("suite")
     return s if s in SUITES else "retention"
@@ -256,7 +241,7 @@ def task_rows(task: TaskRun, flag: str) -> tuple[list[dict], dict]:
         meta_chance = (task.config.get("metadata") or {}).get("chance")
         chance = float(meta_chance) if isinstance(meta_chance, (int, float)) else \
             sum(1.0 / max(1, len(r["loglikelihoods"])) for r in records) / len(records)
-    entry = {"suite": _suite(task), "kind": kind, "primary_metric": primary, "metrics": _task_metrics(task, flt),
+    entry = {"suite": _suite(task), "kind": kind, "primary_metric": primary, "metrics": task_metrics(task.results, task.higher_is_better, flt),
              "n": len(records), "chance": chance, "filter": flt,
              "lm_eval": {"results_file": str(task.samples_file.parent / task.samples_file.name.replace(
                  f"samples_{task.name}_", "results_").replace(".jsonl", ".json")),

@@ -177,14 +177,17 @@ def records(spec: TaskSpec, samples: list[dict], tokenizer) -> list[dict]:
             for s in sorted(samples, key=lambda x: x["doc_id"])]
 
 
-def task_metrics(res: dict, hib: dict) -> dict:
-    """lm-eval's results of one task as {metric: {value, stderr, higher_is_better}}."""
+def task_metrics(res: dict, hib: dict, flt: str | None = None) -> dict:
+    """lm-eval's results of one task as {metric: {value, stderr, higher_is_better}}: the numbers of filter
+    `flt` ("none" for most tasks; every filter when None), each direction as lm-eval's `hib` states it."""
     out = {}
     for key, value in res.items():
         if "," not in key or "_stderr," in key:
             continue
-        metric = key.split(",")[0]
-        stderr = res.get(f"{metric}_stderr,{key.split(',', 1)[1]}")
+        metric, f = key.split(",", 1)
+        if flt is not None and f != flt or not isinstance(value, (int, float)):
+            continue
+        stderr = res.get(f"{metric}_stderr,{f}")
         out[metric] = {"value": float(value),
                        "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
                        "higher_is_better": bool(hib.get(metric, higher_is_better(metric)))}
