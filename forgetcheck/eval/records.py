@@ -2,7 +2,8 @@
 
 One converter for both ways samples arrive: from our own lm-eval run (eval/runner.py, with the task object at
 hand) and from the samples files of a stock `lm_eval --log_samples` run (eval/lmeval_outputs.py, JSON alone,
-where lm-eval wrote numbers and booleans as strings and each request's arguments as a dict).
+where lm-eval's tracker wrote the responses' numbers and booleans and the target as strings and each request's
+arguments as a dict).
 
 A multiple-choice record holds the log-likelihood of every choice, the right choice's index (`target`), the
 model's pick as `acc` and `acc_norm` score it, the question and every choice's text as the model saw them (for
