@@ -15,8 +15,9 @@ from pathlib import Path
 from forgetcheck.config import forgetcheck_home
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, package_versions, read_json, read_jsonl
 
-CACHE_FORMAT = 5  # 4: records hold every choice's text and the model's picks; WinoGrande's target is the gold index;
-# 5: the fast backend scores perplexity (rolling) windows itself (rounding differs from HFLM's by ~1e-7 relative)
+CACHE_FORMAT = 6  # 4: records hold every choice's text and the model's picks; WinoGrande's target is the gold index;
+# 5: the fast backend scores perplexity (rolling) windows itself (rounding differs from HFLM's by ~1e-7 relative);
+# 6: a target given as a choice's text (CommonsenseQA's "A") is that choice's index, not null
 
 
 def versions() -> dict:

@@ -12,18 +12,18 @@ Pure JSON: never imports torch or lm-eval, so CI can gate existing lm-eval outpu
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from forgetcheck.errors import BadInput
+from forgetcheck.eval.metrics import DEFAULT_PRIMARY
+from forgetcheck.eval.records import record, task_metrics
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl
-from forgetcheck.schema import PROMPT_CHARS, SCHEMA_VERSION
+from forgetcheck.schema import SCHEMA_VERSION
 
 RESULTS_RE = re.compile(r"^results_(?P<date>.+)\.json$")
-PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 SUITES = ("retention", "domain")
 """Config keys that may differ between the two sides: lm-eval writes the model's arguments into `metadata`."""
 
@@ -190,7 +190,7 @@ def primary_metric(task: TaskRun) -> str:
         m = entry.get("metric") if isinstance(entry, dict) else None
         if isinstance(m, str) and m in names:
             return m
-    default = "word_perplexity" if _kind(task.config) == "perplexity" else "acc"
+    default = DEFAULT_PRIMARY.get(_kind(task.config), "acc")
     if default in names or not names:
         return default
     return names[0]
@@ -220,82 +220,6 @@ def _mean_aggregated(task: TaskRun) -> set[str]:
     return out
 
 
-def _num(x: Any) -> float:
-    return float(x)
-
-
-def _bool(x: Any) -> bool:
-    return x is True or str(x).lower() == "true"
-
-
-def _target_index(target: Any, choices: list[str]) -> Any:
-    s = str(target)
-    if re.fullmatch(r"-?\d+", s):
-        return int(s)
-    stripped = [c.strip() for c in choices]
-    return stripped.index(s.strip()) if s.strip() in stripped else s
-
-
-def _arguments(sample: dict) -> list[list[str]]:
-    args = sample.get("arguments") or []
-    if isinstance(args, dict):  # the tracker's sanitized form: {"gen_args_0": {"arg_0": ctx, "arg_1": cont}}
-        return [[str(v) for _, v in sorted(a.items(), key=lambda kv: int(kv[0].split("_")[-1]))]
-                for _, a in sorted(args.items(), key=lambda kv: int(kv[0].split("_")[-1]))]
-    return [[str(x) for x in a] if isinstance(a, (list, tuple)) else [str(a)] for a in args]
-
-
-def to_record(sample: dict, kind: str, mean_metrics: set[str], primary: str) -> dict:
-    """One lm-eval sample as a forgetcheck per-item record (the keys evaluation writes)."""
-    row: dict[str, Any] = {"doc_id": int(sample["doc_id"]), "doc_hash": sample["doc_hash"]}
-    if kind == "perplexity":
-        ll = float(_num((sample.get("filtered_resps") or [math.nan])[0]))
-        wp, bp = sample.get("word_perplexity"), sample.get("byte_perplexity") or sample.get("bits_per_byte")
-        row.update(loglikelihood=ll,
-                   words=int(wp[1]) if isinstance(wp, list) and len(wp) == 2 else len(str(sample.get("target")).split()),
-                   bytes=int(bp[1]) if isinstance(bp, list) and len(bp) == 2 else len(str(sample.get("target")).encode()))
-        return row
-    metrics = {m: float(sample[m]) for m in sorted(mean_metrics)
-               if isinstance(sample.get(m), (int, float)) and not isinstance(sample.get(m), bool)}
-    metrics.update({m: float(sample[m]) for m in mean_metrics if isinstance(sample.get(m), bool)})
-    row["metrics"] = metrics
-    args = _arguments(sample)
-    if kind == "multiple_choice":
-        resps = sample.get("filtered_resps") or []
-        row["loglikelihoods"] = [_num(r[0]) if isinstance(r, list) else _num(r) for r in resps]
-        row["is_greedy"] = [_bool(r[1]) if isinstance(r, list) and len(r) > 1 else False for r in resps]
-        choices = [a[1] for a in args if len(a) == 2]
-        row["target"] = _target_index(sample.get("target"), choices)
-        if args and len(args[0]) == 2:
-            row["prompt"] = args[0][0][-PROMPT_CHARS:]
-            row["choices"] = [c[:200] for c in choices]
-    else:
-        row["target"] = sample.get("target")
-        resps = sample.get("filtered_resps") or []
-        row["response"] = str(resps[0])[:400] if resps else None
-        if args:
-            row["prompt"] = args[0][0][-PROMPT_CHARS:]
-    if primary in metrics:
-        row["correct"] = bool(metrics[primary] == 1.0)
-    elif "acc" in metrics:
-        row["correct"] = bool(metrics["acc"] == 1.0)
-    return row
-
-
-def _task_metrics(task: TaskRun, flt: str | None) -> dict:
-    out = {}
-    for key, value in task.results.items():
-        if "," not in key or "_stderr," in key:
-            continue
-        metric, f = key.split(",", 1)
-        if flt is not None and f != flt or not isinstance(value, (int, float)):
-            continue
-        stderr = task.results.get(f"{metric}_stderr,{f}")
-        out[metric] = {"value": float(value),
-                       "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                       "higher_is_better": bool(task.higher_is_better.get(metric, metric not in PERPLEXITY_METRICS))}
-    return out
-
-
 def _suite(task: TaskRun) -> str:
     s = (task.config.get("metadata") or {}).get("suite")
     return s if s in SUITES else "retention"
@@ -310,13 +234,14 @@ def task_rows(task: TaskRun, flag: str) -> tuple[list[dict], dict]:
     kind = _kind(task.config)
     chosen = [s for s in rows_raw if flt is None or s.get("filter", flt) == flt]
     mean_metrics = _mean_aggregated(task)
-    records = sorted((to_record(s, kind, mean_metrics, primary) for s in chosen), key=lambda r: r["doc_id"])
+    records = sorted((record(s, kind, metric_names=mean_metrics, primary=primary) for s in chosen),
+                     key=lambda r: r["doc_id"])
     chance = None
     if kind == "multiple_choice" and chosen:
         meta_chance = (task.config.get("metadata") or {}).get("chance")
         chance = float(meta_chance) if isinstance(meta_chance, (int, float)) else \
             sum(1.0 / max(1, len(r["loglikelihoods"])) for r in records) / len(records)
-    entry = {"suite": _suite(task), "kind": kind, "primary_metric": primary, "metrics": _task_metrics(task, flt),
+    entry = {"suite": _suite(task), "kind": kind, "primary_metric": primary, "metrics": task_metrics(task.results, task.higher_is_better, flt),
              "n": len(records), "chance": chance, "filter": flt,
              "lm_eval": {"results_file": str(task.samples_file.parent / task.samples_file.name.replace(
                  f"samples_{task.name}_", "results_").replace(".jsonl", ".json")),

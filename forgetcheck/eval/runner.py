@@ -26,6 +26,7 @@ from forgetcheck.config import EvalConfig, check, to_dict, validate_eval
 from forgetcheck.errors import RuntimeFailure
 from forgetcheck.eval import cache, records
 from forgetcheck.eval.drift import load_reference, measure_drift
+from forgetcheck.eval.metrics import BITS_PER_BYTE, PERPLEXITY_METRICS, higher_is_better
 from forgetcheck.eval.suites import TaskSpec, resolve_tasks, select_items
 from forgetcheck.models.registry import ModelRef, content_hash
 from forgetcheck.rundir import atomic_write_jsonl
@@ -173,20 +174,17 @@ def _merged_metrics(spec: TaskSpec, rows: list[dict], names: list[str], hib: dic
 
     out = {}
     for m in names:
-        if m in ("acc", "acc_norm"):
+        if m in records.CHOICE_METRICS:
             xs = [r["metrics"][m] for r in rows]
             value, stderr = mean(xs), (mean_stderr(xs) if len(xs) > 1 else None)
-        elif m == "word_perplexity":
-            value, stderr = weighted_perplexity([(r["loglikelihood"], r["words"]) for r in rows]), None
-        elif m == "byte_perplexity":
-            value, stderr = weighted_perplexity([(r["loglikelihood"], r["bytes"]) for r in rows]), None
-        elif m == "bits_per_byte":
-            value, stderr = bits_per_byte([(r["loglikelihood"], r["bytes"]) for r in rows]), None
+        elif m in PERPLEXITY_METRICS:
+            pairs = [(r["loglikelihood"], r[PERPLEXITY_METRICS[m]]) for r in rows]
+            value, stderr = (bits_per_byte if m == BITS_PER_BYTE else weighted_perplexity)(pairs), None
         else:
             raise RuntimeFailure(f"data-parallel evaluation cannot merge metric '{m}' of task {spec.name}: "
                                  f"evaluate it in one process")
         out[m] = {"value": float(value), "stderr": None if stderr is None else float(stderr),
-                  "higher_is_better": bool(hib.get(m, True))}
+                  "higher_is_better": bool(hib.get(m, higher_is_better(m)))}
     return out
 
 

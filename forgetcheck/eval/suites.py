@@ -21,6 +21,7 @@ from typing import Any
 
 from forgetcheck.config import EvalConfig
 from forgetcheck.errors import BadInput
+from forgetcheck.eval.metrics import DEFAULT_PRIMARY
 from forgetcheck.rundir import file_sha256
 
 LIMIT_SEED = "forgetcheck-limit-v1"
@@ -127,14 +128,14 @@ def _describe(name: str, task, source: str) -> TaskSpec:
             info = {}
     out_type = cfg.get("output_type")
     if out_type == "multiple_choice":
-        kind, default_primary = "multiple_choice", "acc"
+        kind = "multiple_choice"
     elif out_type == "loglikelihood_rolling":
-        kind, default_primary = "perplexity", "word_perplexity"
+        kind = "perplexity"
     else:
         raise BadInput(f"task '{name}' has output_type '{out_type}': forgetcheck evaluates multiple_choice and "
                        f"loglikelihood_rolling (perplexity) tasks; drop it from --tasks")
     primary = (info.get("primary_metric") or info.get("primary") or meta.get("primary_metric")
-               or meta.get("primary") or default_primary)
+               or meta.get("primary") or DEFAULT_PRIMARY[kind])
     chance = info.get("chance", meta.get("chance"))
     if chance is None and kind == "multiple_choice":
         docs = task.eval_docs

@@ -15,7 +15,7 @@ import pytest
 
 from forgetcheck import config
 from forgetcheck.cli import check
-from forgetcheck.rundir import RunDir, read_json
+from forgetcheck.rundir import RunDir, read_json, read_jsonl
 
 CFG = config.EvalConfig(tasks=("planted",), backend="hf", batch_size=32)
 LM_TASKS = {"planted": ("acc", 100.0), "planted_ppl": ("word_perplexity", 1.0), "planted_gen": ("exact_match", 100.0)}
@@ -133,6 +133,21 @@ def test_lm_eval_folders_give_lm_evals_accuracies_and_the_same_verdicts(world, l
     pairing = read_json(run.root / "pairing.json")
     assert pairing["tasks"]["planted"]["damaged"]["paired"] == 24
     assert not (run.root / "eval" / "base.topk.npz").exists()
+    # one converter of lm-eval samples: the base's items read from its lm-eval folder are the items its own
+    # evaluation recorded (the question, every choice, the right one, the model's pick)
+    stock, ours = _records(run, "base", "planted"), _records(world["run"], "base", "planted")
+    assert [_item(r) for r in stock] == [_item(r) for r in ours] and len(ours) == 24
+    assert all(isinstance(r["target"], int) for r in stock)
+
+
+def _records(run: RunDir, label: str, task: str) -> list[dict]:
+    doc = read_json(run.eval_json(label))
+    return read_jsonl(run.eval_json(label).parent / doc["tasks"][task]["samples"])
+
+
+def _item(row: dict) -> tuple:
+    return (row["doc_id"], row["doc_hash"], row["target"], row["prompt"], row["choices"], row["correct"],
+            row["chosen"]["acc"], row["metrics"]["acc"])
 
 
 
