@@ -23,6 +23,7 @@ from pathlib import Path
 
 from forgetcheck import config, console
 from forgetcheck.errors import BadInput
+from forgetcheck.eval.records import target_index
 from forgetcheck.rundir import RunDir
 from forgetcheck.train import forecast, signals
 
@@ -67,12 +68,11 @@ def _mc_triple(task, doc) -> tuple[str, list[str], int] | None:
         context = apply_template(desc, doc) + context
     choices = task.doc_to_choice(doc)
     target = task.doc_to_target(doc)
-    if isinstance(target, str) and not target.isdigit():
-        target = choices.index(target) if target in choices else None
-    if target is None or isinstance(target, list) or not 0 <= int(target) < len(choices):
+    target = None if isinstance(target, list) else target_index(target, choices)
+    if target is None:
         return None
     delim = getattr(task.config, "target_delimiter", " ")
-    return context, [f"{delim}{c}" for c in choices], int(target)
+    return context, [f"{delim}{c}" for c in choices], target
 
 
 def retention_pools(eval_cfg: config.EvalConfig, tasks_dir: Path | None, seed: int) -> tuple[dict, str]:

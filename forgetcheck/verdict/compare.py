@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from forgetcheck.errors import BadInput
+from forgetcheck.eval.metrics import BITS_PER_BYTE, PERPLEXITY_METRICS, higher_is_better
 from forgetcheck.rundir import RunDir, confined
 from forgetcheck.schema import (
     COMPARE_VERSION,
@@ -52,9 +53,6 @@ from forgetcheck.verdict.stats import (
     paired_mean,
     soft_scores,
 )
-
-PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
-
 
 # ---- metrics of a task, from its items ----------------------------------------------------------------------
 
@@ -111,8 +109,8 @@ def corpus_metric(metric: str, v: dict[str, np.ndarray], w: np.ndarray | None = 
         def tot(a):
             return a.sum() if w is None else a[w].sum(axis=1)
 
-        ll, denom = tot(v["ll"]), tot(v["words"] if metric == "word_perplexity" else v["bytes"])
-        if metric == "bits_per_byte":
+        ll, denom = tot(v["ll"]), tot(v[PERPLEXITY_METRICS[metric]])
+        if metric == BITS_PER_BYTE:
             return -ll / denom / math.log(2)
         return np.exp(-ll / denom)
     x = v["x"]
@@ -153,10 +151,6 @@ def _metric_value(entry: dict, metric: str) -> tuple[float | None, bool | None]:
     return (float(v) if v is not None else None), m["higher_is_better"]
 
 
-def _default_hib(metric: str) -> bool:
-    return metric not in ("word_perplexity", "byte_perplexity", "bits_per_byte")
-
-
 # ---- one task ----------------------------------------------------------------------------------------------
 
 def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[str, tuple[Path, EvalFile]], *,
@@ -167,7 +161,7 @@ def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[st
     metric = bentry["primary_metric"] or "acc"
     kind = bentry["kind"] or ("perplexity" if metric in PERPLEXITY_METRICS else "multiple_choice")
     base_value, hib = _metric_value(bentry, metric)
-    hib = _default_hib(metric) if hib is None else bool(hib)
+    hib = higher_is_better(metric) if hib is None else bool(hib)
     scale, unit = metric_scale(metric, kind)
     sign = 1.0 if hib else -1.0
     out: dict[str, Any] = {
@@ -312,8 +306,8 @@ def _paired_stats(name: str, arm_name: str, base: TaskItems, arm: TaskItems, *, 
 
 def _weighted_corpus(metric: str, arr: dict, prefix: str, w: np.ndarray) -> np.ndarray:
     ll = w @ arr[f"{prefix}_ll"]
-    denom = w @ arr[f"{prefix}_{'words' if metric == 'word_perplexity' else 'bytes'}"]
-    if metric == "bits_per_byte":
+    denom = w @ arr[f"{prefix}_{PERPLEXITY_METRICS[metric]}"]
+    if metric == BITS_PER_BYTE:
         return -ll / denom / math.log(2)
     return np.exp(-ll / denom)
 
