@@ -20,6 +20,22 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_TASKS = FIXTURES / "tasks"
 
 
+def copy_fixture_tasks(out: Path) -> Path:
+    """The fixture task YAMLs copied into `out` with ${FIXTURES} replaced by `out` (as data/benchmarks.py renders
+    ${FORGETCHECK_HOME} into tasks/), ready for `--tasks-dir`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in FIXTURE_TASKS.iterdir():
+        (out / f.name).write_text(f.read_text().replace("${FIXTURES}", str(out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory) -> Path:
+    """The fixture tasks (fc_fixture_mc, fc_fixture_ppl, ...) as a `--tasks-dir` folder of each test module's own
+    (a folder of its own, so datasets' cache of another module's copy never hides this one's first load)."""
+    return copy_fixture_tasks(tmp_path_factory.mktemp("fixture_tasks"))
+
+
 def forgetcheck_cli(*args, cwd: Path | None = None, env: dict | None = None,
                     timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m forgetcheck ARGS` as a user runs it: a fresh interpreter, this session's FORGETCHECK_HOME,

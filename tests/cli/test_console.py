@@ -8,18 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
-
-
-@pytest.fixture(scope="module")
-def tasks_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("console_tasks")
-    for f in FIXTURES.iterdir():
-        (out / f.name).write_text(f.read_text().replace("${FIXTURES}", str(out)))
-    return out
-
 
 def _eval(tasks_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "forgetcheck", "eval", "--model", "tiny-gpt2", "--tasks",

@@ -6,26 +6,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_TASKS
 
 from forgetcheck.config import EvalConfig
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import read_json, read_jsonl
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
 MC, PPL = "fc_fixture_mc", "fc_fixture_ppl"
-
-
-@pytest.fixture(scope="module")
-def tasks_dir(tmp_path_factory) -> Path:
-    """The fixture YAMLs with ${FIXTURES} replaced by the folder they are copied to (as benchdata renders
-    ${FORGETCHECK_HOME} into tasks/)."""
-    out = tmp_path_factory.mktemp("fixture_tasks")
-    for f in FIXTURES.iterdir():
-        (out / f.name).write_text(f.read_text().replace("${FIXTURES}", str(out)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +139,7 @@ def test_limit_picks_the_same_stratified_items_for_every_model(tiny_ref, perturb
     assert len(rows_a) == 5
     assert [r["loglikelihoods"] for r in rows_a] != [r["loglikelihoods"] for r in rows_b]  # different models
     # stratified: 5 items over 4 subjects (4, 4, 4, 2 items) reach every subject
-    docs = [json.loads(line) for line in (FIXTURES / "mc.jsonl").read_text().splitlines()]
+    docs = [json.loads(line) for line in (FIXTURE_TASKS / "mc.jsonl").read_text().splitlines()]
     assert {docs[r["doc_id"]]["subject"] for r in rows_a} == {"geography", "science", "math", "history"}
 
 

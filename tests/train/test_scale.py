@@ -195,15 +195,6 @@ def test_training_started_by_slurm_variables_with_hybrid_sharding(tiny_ref, doma
 
 # ---- data-parallel evaluation ------------------------------------------------------------------------------
 
-FIXTURES = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "tasks"
-
-
-@pytest.fixture(scope="module")
-def tasks_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fixture_tasks")
-    for f in FIXTURES.iterdir():
-        (out / f.name).write_text(f.read_text().replace("${FIXTURES}", str(out)))
-    return out
 
 
 def _eval_cmd(tasks_dir, out, backend: str) -> list[str]:

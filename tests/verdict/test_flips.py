@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import copy_fixture_tasks
 from runfixture import make_run
 
 from forgetcheck.config import EvalConfig
@@ -17,8 +18,6 @@ from forgetcheck.report.html import write_report
 from forgetcheck.rundir import read_jsonl
 from forgetcheck.verdict.compare import compare_run
 from forgetcheck.verdict.gate import gate_run
-
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "tasks"
 
 WINO_ITEMS = [
     {"contexts": ["The trophy did not fit in the suitcase because the trophy",
@@ -36,9 +35,7 @@ WINO_ITEMS = [
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory) -> Path:
     """The multiple-choice fixture task and a WinoGrande-shaped one (one context per choice)."""
-    out = tmp_path_factory.mktemp("flip_tasks")
-    for f in FIXTURES.iterdir():
-        (out / f.name).write_text(f.read_text().replace("${FIXTURES}", str(out)))
+    out = copy_fixture_tasks(tmp_path_factory.mktemp("flip_tasks"))
     (out / "wino.jsonl").write_text("".join(json.dumps(d) + "\n" for d in WINO_ITEMS))
     (out / "fc_fixture_wino.yaml").write_text(f"""task: fc_fixture_wino
 dataset_path: json

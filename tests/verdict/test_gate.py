@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from xml.etree import ElementTree as ET
 
 import pytest
+from conftest import forgetcheck_cli
 from runfixture import make_run
 
 from forgetcheck.config import GateConfig
@@ -18,10 +17,6 @@ from forgetcheck.verdict.compare import compare_run
 from forgetcheck.verdict.gate import decide, gate_run
 
 N = 200
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "forgetcheck", "gate", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +85,12 @@ def test_small_drop_is_inconclusive_exit_4_and_on_inconclusive(tmp_path):
     assert rule["values"]["drop_lower"] < 2 < rule["values"]["drop_upper"]
     assert "cannot rule out" in rule["reason"] and gate["arms"]["cpt"]["verdict"] == "pass"
     for mode, want in (("fail", 1), ("pass", 0)):
-        r = cli(run.root, "--metric", "acc", "--on-inconclusive", mode)
+        r = forgetcheck_cli("gate", run.root, "--metric", "acc", "--on-inconclusive", mode)
         assert r.returncode == want, r.stdout + r.stderr
         assert f"--on-inconclusive {mode} maps INCONCLUSIVE to {mode.upper()}" in r.stdout
         assert "gate: INCONCLUSIVE" in r.stdout and "power: 200 items per task" in r.stdout
         assert read_json(run.gate)["verdict"] == "inconclusive"
-    r = cli(run.root, "--metric", "acc")
+    r = forgetcheck_cli("gate", run.root, "--metric", "acc")
     assert r.returncode == 4 and "INCONCLUSIVE" in r.stdout
 
 
@@ -144,23 +139,23 @@ def test_drift_rules_fail_a_drifted_arm(tmp_path):
                   ("kl", "cpt"): "pass"}
     gate, code = gate_run(run.root, {"max_ppl_rise": "off", "max_kl": "off"})
     assert code == 0 and not any(r["rule"] in ("ppl_rise", "kl") for r in gate["rules"])
-    r = cli(run.root, "--max-ppl-rise", "off", "--max-kl", "1.0")
+    r = forgetcheck_cli("gate", run.root, "--max-ppl-rise", "off", "--max-kl", "1.0")
     assert r.returncode == 0, r.stdout
 
 
 def test_cli_exit_codes_policy_file_and_flag_override(regressed, tmp_path):
-    r = cli(regressed.root)
+    r = forgetcheck_cli("gate", regressed.root)
     assert r.returncode == 1 and "FAIL" in r.stdout and "ret_mmlu" in r.stdout and "power:" in r.stdout
     policy = tmp_path / "gate.toml"
     policy.write_text("[gate]\nmax-drop = 50\nmax_mean_drop = 50\nmetric = \"acc\"\nmax_kl = \"off\"\n"
                       "on_inconclusive = \"fail\"\nkeep_uninformative = true\nmax_ppl_rise = 20\n")
-    r = cli(regressed.root, "--policy", policy)
+    r = forgetcheck_cli("gate", regressed.root, "--policy", policy)
     assert r.returncode == 0, r.stdout + r.stderr
     pol = read_json(regressed.gate)["policy"]
     assert pol["max_drop"] == 50 and pol["metric"] == "acc" and pol["max_kl"] is None and pol["max_ppl_rise"] == 20
-    r = cli(regressed.root, "--policy", policy, "--max-drop", "2")  # the flag wins over the file
+    r = forgetcheck_cli("gate", regressed.root, "--policy", policy, "--max-drop", "2")  # the flag wins over the file
     assert r.returncode == 1 and read_json(regressed.gate)["policy"]["max_drop"] == 2
-    r = cli(regressed.compare)  # a compare.json path works too
+    r = forgetcheck_cli("gate", regressed.compare)  # a compare.json path works too
     assert r.returncode == 1
 
 
@@ -172,7 +167,7 @@ def test_cli_bad_input_is_one_line_exit_2(regressed, tmp_path):
                  [regressed.root, "--max-kl", "-0.1"], [regressed.root, "--max-ppl-rise", "lots"],
                  [regressed.root, "--max-ppl-rise", "nan"], [regressed.root, "--metric", "f1"],
                  [regressed.root, "--on-inconclusive", "maybe"], [regressed.root, "--alpha", "nan"]):
-        r = cli(*args)
+        r = forgetcheck_cli("gate", *args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (args, r.stderr)
     assert regressed.gate.read_bytes() == before  # nothing written on bad input
@@ -181,22 +176,22 @@ def test_cli_bad_input_is_one_line_exit_2(regressed, tmp_path):
                        ("keep_uninformative = 1\n", "keep_uninformative")):
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
-        r = cli(regressed.root, "--policy", bad)
+        r = forgetcheck_cli("gate", regressed.root, "--policy", bad)
         assert r.returncode == 2 and word in r.stderr and r.stderr.count("\n") == 1, (text, r.stderr)
     notcompare = tmp_path / "x.json"
     notcompare.write_text(json.dumps({"schema_version": 2, "kind": "eval"}))
-    r = cli(notcompare)
+    r = forgetcheck_cli("gate", notcompare)
     assert r.returncode == 2 and "expected 'compare'" in r.stderr
 
 
 def test_old_compare_format(regressed, tmp_path):
     old = tmp_path / "compare.json"
     old.write_text(json.dumps({"schema_version": 1, "kind": "compare", "arms": [], "tasks": {}}))
-    r = cli(old)  # a lone v1 file: refused with the fix
+    r = forgetcheck_cli("gate", old)  # a lone v1 file: refused with the fix
     assert r.returncode == 2 and "older compare format" in r.stderr and "forgetcheck compare" in r.stderr
     saved = regressed.compare.read_bytes()
     regressed.compare.write_text(json.dumps({"schema_version": 1, "kind": "compare"}))
-    r = cli(regressed.root)  # a run directory with an old compare.json: refused too, naming the command
+    r = forgetcheck_cli("gate", regressed.root)  # a run directory with an old compare.json: refused too, naming the command
     assert r.returncode == 2 and "older compare format" in r.stderr and "forgetcheck compare" in r.stderr
     regressed.compare.write_bytes(saved)
 
