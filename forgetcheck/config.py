@@ -332,12 +332,16 @@ def _gate_extra_problems(g: GateConfig) -> list[str]:
     return problems
 
 
-def validate_arms(arms: tuple[str, ...]) -> list[str]:
-    """The one home of the arm rules: at least one, each known, none twice."""
-    problems = [] if arms else ["--arms is empty: give at least one of sft,cpt"]
-    problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(ARMS)}" for a in arms if a not in ARMS]
+def validate_arms(arms: tuple[str, ...], *, flag: str = "--arms", trained: bool = False) -> list[str]:
+    """The one home of the arm rules: at least one, each known, none twice; `trained`: each one trains
+    (`wise` interpolates weights, only `run` builds it)."""
+    problems = [] if arms else [f"{flag} is empty: give at least one of sft,cpt"]
+    problems += [f"unknown arm '{a}' in {flag}: choose from {', '.join(ARMS)}" for a in arms if a not in ARMS]
+    if trained:
+        problems += [f"arm '{a}' is not trained (it interpolates weights): use `forgetcheck run --arms ...,{a}`"
+                     for a in arms if a in ARMS and a not in ARM_DATA]
     if len(set(arms)) != len(arms):
-        problems.append(f"--arms lists an arm twice: {','.join(arms)}")
+        problems.append(f"{flag} lists an arm twice: {','.join(arms)}")
     return problems
 
 

@@ -14,7 +14,7 @@ import planted
 import pytest
 
 from forgetcheck import config
-from forgetcheck.cli import check
+from forgetcheck.cli import check, inputs
 from forgetcheck.rundir import RunDir, read_json
 
 CFG = config.EvalConfig(tasks=("planted",), backend="hf", batch_size=32)
@@ -88,7 +88,7 @@ def test_unchanged_copy_has_every_delta_exactly_zero(world):
     assert damaged["delta"] < -30 and damaged["significant"] is True
 
 
-def test_second_check_reads_the_base_from_the_cache_and_shows_the_previous_release(world, capsys):
+def test_second_check_reads_the_base_from_the_cache_and_shows_the_previous_release(world, capfd):
     tmp = world["tmp"]
     code = check.check_models("tiny-gpt2", [f"new={world['damaged']}"], CFG, out=tmp / "runs", run_id="second",
                           device="cpu", tasks_dir=world["tasks"], previous=str(world["run"].root))
@@ -96,7 +96,8 @@ def test_second_check_reads_the_base_from_the_cache_and_shows_the_previous_relea
     run = RunDir(tmp / "runs" / "second")
     timings = read_json(run.eval_json("base"))["timings"]
     assert timings["tasks"]["planted"]["cached"] is True and timings["drift"]["cached"] is True
-    assert "planted: cache hit" in capsys.readouterr().out
+    assert "planted: cache hit" in (run.root / "log.txt").read_text()  # a detail line: the log holds it
+    assert "new vs previous release first/same" in capfd.readouterr().out
     # --previous runs/first: its one candidate that passed (same) is the previous release
     hist = read_json(run.root / "history.json")
     assert hist["previous"]["arm"] == "same" and hist["previous"]["run_id"] == "first"
@@ -143,7 +144,7 @@ def _samples_file(folder: Path, task: str) -> Path:
     assert len(hits) == 1, hits
     return hits[0]
 
-def test_items_on_one_side_are_reported_not_dropped(world, lmeval, capsys):
+def test_items_on_one_side_are_reported_not_dropped(world, lmeval, capfd):
     tmp = world["tmp"]
     cut = tmp / "lm_eval_cut"
     shutil.copytree(lmeval["damaged"], cut)
@@ -153,7 +154,7 @@ def test_items_on_one_side_are_reported_not_dropped(world, lmeval, capsys):
     sf.write_text("".join(json.dumps(r) + "\n" for r in rows[5:] + [extra]))
     check.check_samples(lmeval["base"], [f"cut={cut}"], out=tmp / "runs", run_id="cut")
     run = RunDir(tmp / "runs" / "cut")
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "19 items paired with cut; 5 only in the base's outputs, 1 only in cut's" in out
     p = read_json(run.root / "pairing.json")["tasks"]["planted"]["cut"]
     assert [x["doc_id"] for x in p["base_only"]] == [0, 1, 2, 3, 4]
@@ -196,7 +197,7 @@ def test_mismatched_task_config_or_prompt_is_refused(world, lmeval):
         assert not (tmp / "refused").exists()
 
 
-def test_differing_tokenizers_skip_kl_with_a_note(world, tmp_path, capsys):
+def test_differing_tokenizers_skip_kl_with_a_note(world, tmp_path, capfd):
     """A candidate with another vocabulary is still checked; KL drift is skipped with one note."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -216,7 +217,7 @@ def test_differing_tokenizers_skip_kl_with_a_note(world, tmp_path, capsys):
     code = check.check_models("tiny-gpt2", [str(folder)], CFG, out=tmp_path / "runs", run_id="vocab", device="cpu",
                           tasks_dir=world["tasks"])
     assert code in (0, 1)
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     notes = [x for x in out.splitlines() if "KL drift skipped" in x]
     assert len(notes) == 1 and "other-vocab" in notes[0] and "tokenizer differs" in notes[0]
     run = RunDir(tmp_path / "runs" / "vocab")
@@ -261,11 +262,11 @@ def test_check_takes_every_gate_option():
                                          ("EleutherAI/pythia-160m", "pythia-160m"), ("prod=/m/v2", "prod"),
                                          ("smollm2-135m", "smollm2-135m")])
 def test_candidate_names(value, name):
-    named, problems = check.name_candidates([value], "--candidate")
+    named, problems = inputs.name_candidates([value], "--candidate")
     assert not problems and named[0].name == name
 
 
-def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_path, capsys):
+def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_path, capfd):
     """As in `run`: a retention task the base cannot show forgetting on (here every answer is a choice the base
     does not prefer: 0 right) is left out of the candidates' evaluation, with the reason in their eval file;
     --keep-uninformative scores them on it."""
@@ -289,7 +290,7 @@ def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_
     assert set(same["tasks"]) == {"planted"}
     assert set(same["skipped"]) == {"planted_chance"}
     assert same["skipped"]["planted_chance"].startswith("the base is not above chance")
-    assert "1 retention task(s) skipped for the candidates" in capsys.readouterr().out
+    assert "1 retention task(s) skipped for the candidates" in capfd.readouterr().out
     assert read_json(run.gate)["arms"]["same"]["passed"] is not False
 
     check.check_models("tiny-gpt2", [f"same={world['same']}"], cfg, out=tmp_path / "runs", run_id="keep",
