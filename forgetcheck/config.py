@@ -45,62 +45,63 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def flag(default, help: str, *, decls: str | None = None, text: bool = False):
+    """A field that is also a command-line flag: its one help text (cli/options.py builds the typer option from
+    it). `decls`: the flag's spelling when it is not --field-name; `text`: typed as a string on the command line
+    (a comma list, or a margin that also takes 'off')."""
+    return field(default=default, metadata={"help": help, "decls": decls, "text": text})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How each arm is fine-tuned. Every arm of one run shares all of these."""
 
-    budget_tokens: int = 20_000
-    """Training tokens each arm may feed forward (padding excluded)."""
-    seq_len: int = 256
-    """Tokens per training sequence (CPT packs to exactly this; SFT truncates to it)."""
-    micro_batch: int = 4
-    """Sequences per forward/backward pass."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    lr: float = 2e-5
-    """Peak learning rate (linear warmup, then cosine decay to `lr * min_lr_ratio`)."""
+    budget_tokens: int = flag(20_000, "Tokens each arm feeds forward (padding excluded).")
+    seq_len: int = flag(256, "Tokens per training row.")
+    """CPT packs to exactly this; SFT truncates to it."""
+    micro_batch: int = flag(4, "Rows per forward pass (per process).")
+    grad_accum: int = flag(1, "Micro-batches per optimizer step.")
+    lr: float = flag(2e-5, "Peak learning rate (warmup + cosine).")
+    """Linear warmup, then cosine decay to `lr * min_lr_ratio`."""
     warmup_frac: float = 0.1
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    precision: str = "fp32"
-    """fp32 | bf16-mixed | fp16-mixed (autocast, fp32 master weights) | bf16-true (loses small updates)."""
-    grad_checkpointing: bool = False
-    optim: str = "adamw"
-    """adamw | adamw8bit (torchao, else bitsandbytes; ~2 bytes/param of state)."""
-    nproc: int = 1
-    """Processes for FSDP2 sharding (torchrun; gloo on CPU, nccl on GPU)."""
-    seed: int = 0
+    precision: str = flag("fp32", "fp32 | bf16-mixed | fp16-mixed | bf16-true")
+    """fp16/bf16-mixed: autocast with fp32 master weights; bf16-true loses small updates."""
+    grad_checkpointing: bool = flag(False, "Recompute activations in backward.")
+    optim: str = flag("adamw", "adamw | adamw8bit (torchao, else bitsandbytes)")
+    """adamw8bit keeps ~2 bytes/param of state."""
+    nproc: int = flag(1, "Processes for FSDP2 sharding (torchrun).")
+    """gloo on CPU, nccl on GPU."""
+    seed: int = flag(0, "Seed and data-order seed.")
     data_seed: int = 0
-    seeds: int = 1
-    """Training runs per arm: replica i (label `<arm>_s<i>`, i >= 1) trains with seed + i and data_seed + i."""
-    include_prompt_loss: bool = False
-    """SFT only: also train on prompt tokens."""
-    save_every: int = 0
-    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
-    eval_every: int = 0
-    """Forgetting curves (train/curve.py): measure the curve signals every N optimizer steps, and every
-    max(1, N // 4) steps within the forecast window (the first quarter of the budget); 0: no curves."""
-    stop_if_forecast_exceeds: float | None = None
-    """Stop an arm early when the forecast's lower bound of the retention soft-accuracy points lost at the end
-    of the budget exceeds this margin (forecast.should_stop); None: never stop. Needs eval_every > 0."""
-    force: bool = False
-    """Start even when the memory plan says it does not fit the device."""
+    seeds: int = flag(1, "Train each arm K times (data order seed, seed+1, ...); arms are then compared with a "
+                         "two-level bootstrap (seeds, then items). Default 1.")
+    """Replica i (label `<arm>_s<i>`, i >= 1) trains with seed + i and data_seed + i."""
+    include_prompt_loss: bool = flag(False, "SFT: also train on prompt tokens.")
+    save_every: int = flag(0, "Resumable checkpoint every N steps (0: none).")
+    eval_every: int = flag(0, "Forgetting curves: measure KL, bits per byte and retention soft accuracy every N "
+                              "steps (every N/4 in the first quarter of the budget); 0: off. The preset chooses N.")
+    """train/curve.py: every max(1, N // 4) steps within the forecast window (the first quarter of the budget)."""
+    stop_if_forecast_exceeds: float | None = flag(
+        None, "Stop an arm when the forecast (at a quarter of the budget) says its retention soft accuracy will "
+              "very likely drop by more than PTS points; the checkpoint it reached is kept.")
+    """The forecast's lower bound of the points lost at the end of the budget (forecast.should_stop); needs
+    eval_every > 0."""
+    force: bool = flag(False, "Start even when the memory plan does not fit.")
     # The mitigation arms (train/arms.py, train/interpolate.py; the reasons for these defaults are in train/arms.py's docstring)
-    lora_rank: int = 16
-    """lora: adapter rank on every linear layer of the blocks."""
-    lora_alpha: float = 32.0
-    """lora: scale numerator (update scale alpha / rank)."""
-    lora_lr: float = 2e-4
-    """lora: peak learning rate (LoRA needs a higher one than full fine-tuning)."""
-    replay_frac: float = 0.05
-    """replay: share of the training tokens that is general text (data/replay.py)."""
-    freeze_layers: int | None = None
-    """freeze: bottom blocks kept frozen (None: half of the blocks)."""
-    wise_from: str = "sft"
-    """wise: the trained arm interpolated with the base."""
-    wise_alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
-    """wise: the mixing weights a of (1 - a) * base + a * arm."""
+    lora_rank: int = flag(16, "lora: adapter rank. Default 16.")
+    """On every linear layer of the blocks."""
+    lora_alpha: float = flag(32.0, "lora: alpha (scale alpha/rank). Default 32.")
+    lora_lr: float = flag(2e-4, "lora: peak learning rate. Default 2e-4.")
+    """LoRA needs a higher one than full fine-tuning."""
+    replay_frac: float = flag(0.05, "replay: share of tokens that is general text. Default 0.05.")
+    """data/replay.py."""
+    freeze_layers: int | None = flag(None, "freeze: bottom blocks frozen. Default half.")
+    wise_from: str = flag("sft", "wise: the trained arm interpolated with the base. Default sft.")
+    wise_alphas: tuple[float, ...] = flag((0.25, 0.5, 0.75), "wise: a of (1-a)*base + a*arm, comma list. "
+                                          "Default 0.25,0.5,0.75.", text=True)
 
     def __post_init__(self):  # config.json gives a list back
         object.__setattr__(self, "wise_alphas", tuple(float(a) for a in self.wise_alphas))
@@ -108,14 +109,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    suites: tuple[str, ...] = ("retention", "domain")
-    tasks: tuple[str, ...] = ()
-    """Restrict to these tasks (names from tasks/ or lm-eval's hub tasks)."""
-    limit: int | None = None
-    """Deterministic stratified subset of N items per task (the same items for every model)."""
-    backend: str = "fast"
-    """fast (each context scored once for all its choices) | hf (stock lm-eval HFLM)."""
-    batch_size: int = 16
+    suites: tuple[str, ...] = flag(("retention", "domain"), "Suites to run: retention, domain (comma list).",
+                                   decls="--suite", text=True)
+    tasks: tuple[str, ...] = flag((), "Only these tasks (comma list; overrides --suite): ours, a group of ours "
+                                      "(forgetcheck_retention) or lm-eval's hub tasks.", text=True)
+    limit: int | None = flag(None, "Deterministic stratified subset of N items per task (the same items for "
+                                   "every model). Default: the preset's.")
+    backend: str = flag("fast", "fast (each context scored once) | hf (stock lm-eval HFLM).")
+    batch_size: int = flag(16, "Requests per forward pass.")
 
 
 @dataclass(frozen=True)
@@ -124,25 +125,26 @@ class GateConfig:
     `max_ppl_rise`, nats per token for `max_kl`); each rule passes when its one-sided (1 - alpha) bound rules
     out a change beyond the margin, fails when the change beyond the margin is shown, else is inconclusive."""
 
-    max_drop: float = 2.0
-    """Per gated retention task: the largest drop in points a release may have."""
-    max_mean_drop: float = 1.0
-    """The retention suite mean: the largest drop in points."""
-    alpha: float = 0.05
-    min_domain_gain: float | None = None
-    """When set, the domain suite mean must rise by at least this many points."""
-    metric: str = "soft"
-    """`soft` (probability on the correct choice, in points) or `acc` (0/1 accuracy): which score the task and
-    mean rules use (docs/verdicts.md: soft detects drops about half as large on the same items)."""
-    max_ppl_rise: float | None = 10.0
-    """General-text drift: the largest relative rise, in percent, of bits per byte on the drift text
-    (None: rule off)."""
-    max_kl: float | None = 0.1
-    """General-text drift: the largest mean KL(base || arm) per token, in nats (None: rule off)."""
-    on_inconclusive: str = "inconclusive"
+    max_drop: float = flag(2.0, "Margin: points a gated retention task may drop. Default 2.")
+    max_mean_drop: float = flag(1.0, "Margin: points the retention mean may drop. Default 1.")
+    alpha: float = flag(0.05, "One-sided level of every bound and test. Default 0.05.")
+    min_domain_gain: float | None = flag(None, "Require the domain mean to rise by at least this many points "
+                                               "(lower bound).")
+    metric: str = flag("soft", "acc | soft (probability on the correct choice). Default soft (docs/verdicts.md).")
+    """Which score the task and mean rules use (docs/verdicts.md: soft detects drops about half as large on the
+    same items)."""
+    max_ppl_rise: float | None = flag(10.0, "Margin: percent rise of general-text bits per byte, or 'off'. "
+                                            "Default 10.", text=True)
+    """Measured on the drift text; None: rule off."""
+    max_kl: float | None = flag(0.1, "Margin: mean KL from the base, nats per token, or 'off'. Default 0.1.",
+                                text=True)
+    """KL(base || arm) per token; None: rule off."""
+    on_inconclusive: str = flag("inconclusive", "fail | pass: exit 1 or 0 instead of 4 for an INCONCLUSIVE "
+                                                "verdict (said in the output).")
     """Exit code for an inconclusive verdict: `inconclusive` (4), `fail` (1) or `pass` (0)."""
-    keep_uninformative: bool = False
-    """Gate (and average) retention tasks whose base is not above chance too."""
+    keep_uninformative: bool = flag(False, "Gate retention tasks whose base is not above chance too (default: "
+                                           "left out, and not scored for the arms).",
+                                    decls="--keep-uninformative/--drop-uninformative")
     require_tasks: tuple[str, ...] = ()
     """Tasks that must have been scored for every arm: one that is missing (its data could not be built, or it
     was not evaluated) makes the verdict MISSING-inconclusive, never PASS. Retention tasks whose data could not
@@ -167,18 +169,15 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
 
 
-# Presets: what `--preset` fills in where the user gave no flag. `quick` is `make demo`'s: with smollm2-135m on
-# the 2-core CPU it runs within 20 min from an empty cache (README has the measured runs): 32 optimizer steps of
-# 2 x 256 tokens (the schedule and curve points of 32 steps, at half the tokens of a step) and 50 items per
-# task; `full` uses every item.
+# Presets: what `--preset` fills in where the user gave no flag. `quick` and `forget` are sized for a 2-core
+# CPU (`make demo` runs quick; `forget` is the smallest setting at which smollm2-135m forgets measurably);
+# docs/design.md "Presets" has the measured runs behind these numbers.
 PRESET_VALUES: dict[str, dict[str, dict]] = {
     "quick": {
         "train": {"budget_tokens": 16_384, "seq_len": 256, "micro_batch": 2, "grad_accum": 1, "lr": 5e-5,
                   "eval_every": 8},
         "eval": {"limit": 50},
     },
-    # `forget`: 32 steps of 4 x 256 tokens at a peak lr of 3e-4, so that smollm2-135m forgets measurably on the
-    # 2-core CPU in about half an hour (docs/curves.md has the measured run)
     "forget": {
         "train": {"budget_tokens": 32_768, "seq_len": 256, "micro_batch": 4, "grad_accum": 1, "lr": 3e-4,
                   "eval_every": 8},
@@ -333,12 +332,16 @@ def _gate_extra_problems(g: GateConfig) -> list[str]:
     return problems
 
 
-def validate_arms(arms: tuple[str, ...]) -> list[str]:
-    """The one home of the arm rules: at least one, each known, none twice."""
-    problems = [] if arms else ["--arms is empty: give at least one of sft,cpt"]
-    problems += [f"unknown arm '{a}' in --arms: choose from {', '.join(ARMS)}" for a in arms if a not in ARMS]
+def validate_arms(arms: tuple[str, ...], *, flag: str = "--arms", trained: bool = False) -> list[str]:
+    """The one home of the arm rules: at least one, each known, none twice; `trained`: each one trains
+    (`wise` interpolates weights, only `run` builds it)."""
+    problems = [] if arms else [f"{flag} is empty: give at least one of sft,cpt"]
+    problems += [f"unknown arm '{a}' in {flag}: choose from {', '.join(ARMS)}" for a in arms if a not in ARMS]
+    if trained:
+        problems += [f"arm '{a}' is not trained (it interpolates weights): use `forgetcheck run --arms ...,{a}`"
+                     for a in arms if a in ARMS and a not in ARM_DATA]
     if len(set(arms)) != len(arms):
-        problems.append(f"--arms lists an arm twice: {','.join(arms)}")
+        problems.append(f"{flag} lists an arm twice: {','.join(arms)}")
     return problems
 
 

@@ -4,7 +4,8 @@ log file (docs/design.md, "Console and log").
 Inside `session()` (what a command opens first), file descriptors 1 and 2 point at a holding file, and once
 the inputs are valid and the run folder exists, at its log (`log_to`), so the output of lm-eval, datasets,
 transformers, torchrun and their warnings lands there; forgetcheck's own lines go to the terminal through a
-duplicate of the original stdout. `--verbose` leaves the descriptors alone. Outside a session (library use,
+duplicate of the original stdout. `--verbose` leaves the descriptors alone (and so does every command without a
+log file: models, plan, data, compare, report, gate). Outside a session (library use,
 tests) every line is simply printed.
 
   * `say(msg)`: a line for the person at the terminal (and the log);
@@ -40,7 +41,7 @@ def say(msg: str = "") -> None:
         print(msg, flush=True)
         return
     _log(msg)
-    con.print(msg, markup=False, highlight=False, soft_wrap=True)
+    con.print(msg, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def detail(msg: str) -> None:
@@ -51,7 +52,7 @@ def detail(msg: str) -> None:
         return
     _log(msg)
     if _session.get("verbose"):
-        con.print(msg, markup=False, highlight=False, soft_wrap=True)
+        con.print(msg, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -67,7 +68,11 @@ def session(*, verbose: bool = False):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    term = os.fdopen(os.dup(saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")
+    # --verbose (or a command without a log) leaves the descriptors alone, so its lines go where sys.stdout goes
+    # (also a test runner's capture); otherwise to a duplicate of the original stdout
+    own_term = not verbose
+    term = sys.stdout if not own_term else os.fdopen(os.dup(saved[0]), "w", buffering=1, encoding="utf-8",
+                                                errors="replace")
     held = tempfile.TemporaryFile("w+", encoding="utf-8")
     _session.update(console=Console(file=term, highlight=False), log=held, verbose=verbose, saved=saved)
     if not verbose:
@@ -95,7 +100,8 @@ def session(*, verbose: bool = False):
             os.close(fd)
         log = _session.get("log")
         _session.clear()
-        term.close()
+        if own_term:
+            term.close()
         held.close()
         if log is not held:
             log.close()

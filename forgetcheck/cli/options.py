@@ -1,7 +1,9 @@
-"""The command line's option groups: each is a frozen dataclass whose fields are the options (one definition,
-one help text); `options(...)` puts a group's fields into a command's signature and hands the command one value
-per group. Training and eval flags default to None ("not given"), so the preset fills them
-(config.apply_preset). The commands themselves are in cli/app.py.
+"""The command line's option groups, built from the config dataclasses: a field declared with `config.flag` is an
+option, with the help text written there once. `option_group(...)` makes a frozen dataclass of the chosen fields
+(each an `Annotated[..., typer.Option]`), and `options(...)` puts a group's fields into a command's signature and
+hands the command one value per group. Training and eval flags default to None ("not given"), so the preset
+fills them (config.apply_preset); the gate's flags default to None too (the policy file, the run's config or
+GateConfig decides).
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import copy
 import dataclasses
 import functools
 import inspect
+import types
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional, get_type_hints
 
 import typer
 
+from forgetcheck import config
 from forgetcheck.config import split_csv
 from forgetcheck.errors import BadInput
 
@@ -29,106 +33,148 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Folder that holds the run f
 RunIdOpt = Annotated[Optional[str], typer.Option("--run-id", help="Name of the new run folder (default: time-model-data).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show lm-eval's, datasets' and transformers' own output on the console (else it goes to the log file).")]
+TasksDirOpt = Annotated[Optional[Path], typer.Option("--tasks-dir", help="lm-eval task YAMLs to use instead of forgetcheck's tasks/.")]
 
 
-@dataclass(frozen=True)
-class TrainFlags:
-    """Training options shared by `train` and `run` (TrainConfig overrides)."""
-
-    PANEL = "Training (the preset fills what is not given)"
-
-    budget_tokens: Annotated[Optional[int], typer.Option("--budget-tokens", help="Tokens each arm feeds forward (padding excluded).")] = None
-    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per training row.")] = None
-    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Rows per forward pass (per process).")] = None
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (warmup + cosine).")] = None
-    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true")] = None
-    grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", help="Recompute activations in backward.")] = None
-    optim: Annotated[Optional[str], typer.Option("--optim", help="adamw | adamw8bit (torchao, else bitsandbytes)")] = None
-    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes for FSDP2 sharding (torchrun).")] = None
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed and data-order seed.")] = None
-    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Train each arm K times (data order seed, seed+1, ...); arms are then compared with a two-level bootstrap (seeds, then items). Default 1.")] = None
-    include_prompt_loss: Annotated[Optional[bool], typer.Option("--include-prompt-loss/--no-include-prompt-loss", help="SFT: also train on prompt tokens.")] = None
-    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Resumable checkpoint every N steps (0: none).")] = None
-    force: Annotated[Optional[bool], typer.Option("--force/--no-force", help="Start even when the memory plan does not fit.")] = None
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Forgetting curves: measure KL, bits per byte and retention soft accuracy every N steps (every N/4 in the first quarter of the budget); 0: off. The preset chooses N.")] = None
-    stop_if_forecast_exceeds: Annotated[Optional[float], typer.Option("--stop-if-forecast-exceeds", help="Stop an arm when the forecast (at a quarter of the budget) says its retention soft accuracy will very likely drop by more than PTS points; the checkpoint it reached is kept.")] = None
-    # The mitigation arms' flags (train/arms.py); defaults and their reasons there
-    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="lora: adapter rank. Default 16.")] = None
-    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="lora: alpha (scale alpha/rank). Default 32.")] = None
-    lora_lr: Annotated[Optional[float], typer.Option("--lora-lr", help="lora: peak learning rate. Default 2e-4.")] = None
-    replay_frac: Annotated[Optional[float], typer.Option("--replay-frac", help="replay: share of tokens that is general text. Default 0.05.")] = None
-    freeze_layers: Annotated[Optional[int], typer.Option("--freeze-layers", help="freeze: bottom blocks frozen. Default half.")] = None
-
-    def overrides(self) -> dict:
-        """TrainConfig overrides (None: not given, the preset decides); --seed also seeds the data order."""
-        return {**dataclasses.asdict(self), "data_seed": self.seed}
+def _cli_type(f: dataclasses.Field, hint) -> type:
+    """The type typer parses a field as: str for a text field, else the field's type without None."""
+    if f.metadata.get("text"):
+        return str
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
 
 
-@dataclass(frozen=True)
-class WiseFlags:
-    """The `wise` arm (train/interpolate.py): which trained arm is interpolated with the base, and where."""
-
-    PANEL = "Weight interpolation (--arms ...,wise)"
-
-    wise_from: Annotated[Optional[str], typer.Option("--wise-from", help="wise: the trained arm interpolated with the base. Default sft.")] = None
-    wise_alphas: Annotated[Optional[str], typer.Option("--wise-alphas", help="wise: a of (1-a)*base + a*arm, comma list. Default 0.25,0.5,0.75.")] = None
-
-    def overrides(self) -> dict:
-        alphas = None
-        if self.wise_alphas is not None:
-            try:
-                alphas = tuple(float(x) for x in self.wise_alphas.split(",") if x.strip())
-            except ValueError:
-                raise BadInput(f"--wise-alphas '{self.wise_alphas}' is not a comma list of numbers such as "
-                               f"0.25,0.5,0.75") from None
-        return dict(wise_from=self.wise_from, wise_alphas=alphas)
+def _decls(f: dataclasses.Field) -> str:
+    return f.metadata.get("decls") or "--" + f.name.replace("_", "-")
 
 
-@dataclass(frozen=True)
-class EvalFlags:
-    """Evaluation options shared by `eval` and `run` (EvalConfig overrides)."""
-
-    PANEL = "Evaluation"
-
-    suite: Annotated[str, typer.Option("--suite", help="Suites to run: retention, domain (comma list).")] = "retention,domain"
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Only these tasks (comma list; overrides --suite): ours, a group of ours (forgetcheck_retention) or lm-eval's hub tasks.")] = None
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Deterministic stratified subset of N items per task (the same items for every model). Default: the preset's.")] = None
-    backend: Annotated[Optional[str], typer.Option("--backend", help="fast (each context scored once) | hf (stock lm-eval HFLM).")] = None
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Requests per forward pass.")] = None
-
-    def overrides(self) -> dict:
-        return dict(suites=split_csv(self.suite), tasks=split_csv(self.tasks), limit=self.limit, backend=self.backend,
-                    batch_size=self.batch_size)
+def param_name(f: dataclasses.Field) -> str:
+    """The command's parameter for a flagged field: its flag's name (`--suite` fills EvalConfig.suites)."""
+    return _decls(f).split("/")[0][2:].replace("-", "_")
 
 
-@dataclass(frozen=True)
-class GateFlags:
-    """The release gate's policy, for `run` (the `gate` command also reads a policy file)."""
+def _option(f: dataclasses.Field, hint, panel: str):
+    """`Annotated[Optional[T], typer.Option(...)]` of one flagged field, shown under `panel` in --help."""
+    kind = _cli_type(f, hint)
+    decls = _decls(f)
+    if kind is bool and "/" not in decls:
+        decls = f"{decls}/--no-{decls[2:]}"
+    return Annotated[Optional[kind], typer.Option(decls, help=f.metadata["help"], rich_help_panel=panel)]
 
-    PANEL = "Release gate"
 
-    max_drop: Annotated[float, typer.Option("--max-drop", help="Gate margin: points a retention task may drop.")] = 2.0
-    max_mean_drop: Annotated[float, typer.Option("--max-mean-drop", help="Gate margin: points the retention mean may drop.")] = 1.0
-    alpha: Annotated[float, typer.Option("--alpha", help="Gate: one-sided level of every bound and test.")] = 0.05
-    min_domain_gain: Annotated[Optional[float], typer.Option("--min-domain-gain", help="Gate: required domain gain (points).")] = None
-    metric: Annotated[str, typer.Option("--metric", help="Gate score: soft | acc.")] = "soft"
-    max_ppl_rise: Annotated[str, typer.Option("--max-ppl-rise", help="Gate margin: % rise of general-text bits per byte, or off.")] = "10"
-    max_kl: Annotated[str, typer.Option("--max-kl", help="Gate margin: mean KL from the base (nats/token), or off.")] = "0.1"
-    keep_uninformative: Annotated[bool, typer.Option(
-        "--keep-uninformative/--drop-uninformative",
-        help="Score the arms on, and gate, retention tasks whose base is not above chance too (default: left out, "
-             "and not scored for the arms).")] = False
+def option_group(name: str, cls: type, names: tuple[str, ...], panel: str, *, defaults: dict | None = None,
+                 extra: tuple = (), methods: dict | None = None) -> type:
+    """A frozen dataclass whose fields are the options of `cls`'s fields `names` (default None: not given, unless
+    `defaults` names one; each field named by `param_name`), then `extra` (name, annotation, default) options."""
+    hints = get_type_hints(cls)
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [(param_name(by_name[n]), _option(by_name[n], hints[n], panel),
+               dataclasses.field(default=(defaults or {}).get(n))) for n in names]
+    fields += [(n, a, dataclasses.field(default=d)) for n, a, d in extra]
+    return dataclasses.make_dataclass(name, fields, frozen=True, namespace={"PANEL": panel, **(methods or {})})
 
-    def config(self):
-        """The GateConfig these flags ask for ("off" turns a drift rule off)."""
-        from forgetcheck.config import GateConfig
-        from forgetcheck.verdict.policy import margin_value
 
-        return GateConfig(max_drop=self.max_drop, max_mean_drop=self.max_mean_drop, alpha=self.alpha,
-                            min_domain_gain=self.min_domain_gain, metric=self.metric,
-                            max_ppl_rise=margin_value("--max-ppl-rise", self.max_ppl_rise),
-                            max_kl=margin_value("--max-kl", self.max_kl), keep_uninformative=self.keep_uninformative)
+def given(group) -> dict:
+    """The fields of a group the user gave (not None)."""
+    return {k: v for k, v in dataclasses.asdict(group).items() if v is not None}
+
+
+# ---- training: `train`, `run`, and `plan` for the flags it shares -------------------------------------------
+
+TRAIN_FLAGS = ("budget_tokens", "seq_len", "micro_batch", "grad_accum", "lr", "precision", "grad_checkpointing",
+               "optim", "nproc", "seed", "seeds", "include_prompt_loss", "save_every", "force", "eval_every",
+               "stop_if_forecast_exceeds", "lora_rank", "lora_alpha", "lora_lr", "replay_frac", "freeze_layers")
+
+
+def _train_overrides(self) -> dict:
+    """TrainConfig overrides (None: not given, the preset decides); --seed also seeds the data order."""
+    return {**dataclasses.asdict(self), "data_seed": self.seed}
+
+
+TrainFlags = option_group("TrainFlags", config.TrainConfig, TRAIN_FLAGS,
+                          "Training (the preset fills what is not given)", methods={"overrides": _train_overrides})
+
+PLAN_FLAGS = ("precision", "optim", "grad_checkpointing", "nproc", "micro_batch", "seq_len", "lora_rank",
+              "freeze_layers")
+PLAN_DEFAULTS = {"micro_batch": 1, "seq_len": 2048}
+"""`plan` sizes one optimizer step of a long sequence; its other flags default to TrainConfig's."""
+
+
+def _plan_config(self) -> config.TrainConfig:
+    """The TrainConfig `plan` sizes: one step's tokens as the budget."""
+    values = {**given(self), "budget_tokens": self.seq_len * self.micro_batch * self.nproc}
+    return config.TrainConfig(**values)
+
+
+PlanFlags = option_group("PlanFlags", config.TrainConfig, PLAN_FLAGS, "Training",
+                         defaults={n: PLAN_DEFAULTS.get(n, f.default) for f in dataclasses.fields(config.TrainConfig)
+                                   for n in [f.name] if n in PLAN_FLAGS},
+                         methods={"config": _plan_config})
+
+
+def _wise_overrides(self) -> dict:
+    alphas = None
+    if self.wise_alphas is not None:
+        try:
+            alphas = tuple(float(x) for x in self.wise_alphas.split(",") if x.strip())
+        except ValueError:
+            raise BadInput(f"--wise-alphas '{self.wise_alphas}' is not a comma list of numbers such as "
+                           f"0.25,0.5,0.75") from None
+    return dict(wise_from=self.wise_from, wise_alphas=alphas)
+
+
+WiseFlags = option_group("WiseFlags", config.TrainConfig, ("wise_from", "wise_alphas"),
+                         "Weight interpolation (--arms ...,wise)", methods={"overrides": _wise_overrides})
+
+
+# ---- evaluation: `eval`, `run`, `check` ---------------------------------------------------------------------
+
+def _eval_overrides(self) -> dict:
+    return dict(suites=None if self.suite is None else split_csv(self.suite), tasks=split_csv(self.tasks), limit=self.limit,
+                backend=self.backend, batch_size=self.batch_size)
+
+
+EvalFlags = option_group("EvalFlags", config.EvalConfig, ("suites", "tasks", "limit", "backend", "batch_size"),
+                         "Evaluation", methods={"overrides": _eval_overrides})
+
+
+# ---- the release gate: `run` (into config.json), `gate` and `check` (over --policy and the run's config) -----
+
+GATE_FLAGS = ("max_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric", "max_ppl_rise", "max_kl",
+              "keep_uninformative")
+
+
+def _gate_overrides(self) -> dict:
+    """The policy keys given ('off' kept as the word; None: not given)."""
+    from forgetcheck.verdict.policy import flag_number
+
+    values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in config.GateConfig.__dataclass_fields__}
+    for name in ("max_ppl_rise", "max_kl"):
+        values[name] = flag_number("--" + name.replace("_", "-"), values[name])
+    return values
+
+
+def _gate_config(self) -> config.GateConfig:
+    """The GateConfig these flags ask for over the defaults ("off" turns a drift rule off)."""
+    values = {k: v for k, v in _gate_overrides(self).items() if v is not None}
+    return config.GateConfig(**{k: None if v == "off" else v for k, v in values.items()})
+
+
+GateFlags = option_group("GateFlags", config.GateConfig, GATE_FLAGS, "Release gate",
+                         methods={"overrides": _gate_overrides, "config": _gate_config})
+
+PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="gate.toml with the same keys (flags override it).")]
+JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML (one testcase per rule; "
+                                                  "INCONCLUSIVE ones skipped).")]
+MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown summary.")]
+
+VerdictFlags = option_group(
+    "VerdictFlags", config.GateConfig, (*GATE_FLAGS, "on_inconclusive"),
+    "Release gate (flags override --policy and the run's config)",
+    extra=(("policy", PolicyOpt, None), ("junit", JunitOpt, None), ("markdown", MarkdownOpt, None)),
+    methods={"overrides": _gate_overrides})
+"""The gate's policy overrides and outputs, shared by `gate` and `check`."""
 
 
 def _in_panel(annotation, panel: str):
@@ -147,8 +193,8 @@ def options(**groups: type) -> Callable:
         hints = get_type_hints(fn, include_extras=True)
         own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()
                if p.name not in groups]
-        fields = {g: [(f.name, _in_panel(get_type_hints(cls, include_extras=True)[f.name], cls.PANEL), f.default)
-                      for f in dataclasses.fields(cls)] for g, cls in groups.items()}
+        fields = {g: [(f.name, _in_panel(f.type, cls.PANEL), f.default) for f in dataclasses.fields(cls)]
+                  for g, cls in groups.items()}
         extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
                  for fs in fields.values() for n, a, d in fs]
         names = [p.name for p in own] + [p.name for p in extra]
@@ -167,61 +213,3 @@ def options(**groups: type) -> Callable:
         return command
 
     return wrap
-
-
-# ---- the verdict's policy: `gate` and `check` (flags override --policy and the run's config.json) ----------
-
-MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="Margin: points a gated retention task "
-                                                     "may drop. Default 2.")]
-MaxMeanDropOpt = Annotated[Optional[float], typer.Option("--max-mean-drop", help="Margin: points the retention mean "
-                                                         "may drop. Default 1.")]
-GateAlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="One-sided level of every bound and test. "
-                                                       "Default 0.05.")]
-MinDomainGainOpt = Annotated[Optional[float], typer.Option("--min-domain-gain", help="Require the domain mean to "
-                                                           "rise by at least this many points (lower bound).")]
-MetricOpt = Annotated[Optional[str], typer.Option("--metric", help="acc | soft (probability on the correct choice). "
-                                                  "Default soft (docs/verdicts.md).")]
-MaxPplRiseOpt = Annotated[Optional[str], typer.Option("--max-ppl-rise", help="Margin: percent rise of general-text "
-                                                      "bits per byte, or 'off'. Default 10.")]
-MaxKlOpt = Annotated[Optional[str], typer.Option("--max-kl", help="Margin: mean KL from the base, nats per token, "
-                                                 "or 'off'. Default 0.1.")]
-OnInconclusiveOpt = Annotated[Optional[str], typer.Option("--on-inconclusive", help="fail | pass: exit 1 or 0 "
-                                                          "instead of 4 for an INCONCLUSIVE verdict (said in the "
-                                                          "output).")]
-KeepUninformativeOpt = Annotated[Optional[bool], typer.Option("--keep-uninformative/--drop-uninformative",
-                                                              help="Gate retention tasks whose base is not above "
-                                                              "chance too (default: left out).")]
-PolicyOpt = Annotated[Optional[Path], typer.Option("--policy", help="gate.toml with the same keys (flags override it).")]
-JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Also write JUnit XML (one testcase per rule; "
-                                                  "INCONCLUSIVE ones skipped).")]
-MarkdownOpt = Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown summary.")]
-
-
-@dataclass(frozen=True)
-class VerdictFlags:
-    """The gate's policy overrides and outputs, shared by `gate` and `check` (None: not given; the policy file
-    or the run's config decides)."""
-
-    PANEL = "Release gate (flags override --policy and the run's config)"
-
-    max_drop: MaxDropOpt = None
-    max_mean_drop: MaxMeanDropOpt = None
-    alpha: GateAlphaOpt = None
-    min_domain_gain: MinDomainGainOpt = None
-    metric: MetricOpt = None
-    max_ppl_rise: MaxPplRiseOpt = None
-    max_kl: MaxKlOpt = None
-    on_inconclusive: OnInconclusiveOpt = None
-    keep_uninformative: KeepUninformativeOpt = None
-    policy: PolicyOpt = None
-    junit: JunitOpt = None
-    markdown: MarkdownOpt = None
-
-    def overrides(self) -> dict:
-        from forgetcheck.verdict.policy import flag_number
-
-        return {"max_drop": self.max_drop, "max_mean_drop": self.max_mean_drop, "alpha": self.alpha,
-                "min_domain_gain": self.min_domain_gain, "metric": self.metric,
-                "max_ppl_rise": flag_number("--max-ppl-rise", self.max_ppl_rise),
-                "max_kl": flag_number("--max-kl", self.max_kl), "on_inconclusive": self.on_inconclusive,
-                "keep_uninformative": self.keep_uninformative}

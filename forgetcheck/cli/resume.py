@@ -8,7 +8,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from forgetcheck.config import RunConfig, TrainConfig, split_csv
+from forgetcheck.config import GateConfig, RunConfig, TrainConfig, split_csv
 from forgetcheck.verdict.policy import margin_value
 
 RESUME_MAY_CHANGE = ("max_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric", "max_ppl_rise", "max_kl",
@@ -22,10 +22,8 @@ a resumed run is the run that was started, so its results stay comparable."""
 _RESUME_FIELDS = {
     "base": (None, "base"), "data": (None, "data"), "arms": (None, "arms"), "preset": (None, "preset"),
     "device": (None, "device"), "suite": ("eval", "suites"), "tasks": ("eval", "tasks"), "limit": ("eval", "limit"),
-    "backend": ("eval", "backend"), "max_drop": ("gate", "max_drop"), "max_mean_drop": ("gate", "max_mean_drop"),
-    "alpha": ("gate", "alpha"), "min_domain_gain": ("gate", "min_domain_gain"), "metric": ("gate", "metric"),
-    "max_ppl_rise": ("gate", "max_ppl_rise"), "max_kl": ("gate", "max_kl"),
-    "keep_uninformative": ("gate", "keep_uninformative"),
+    "backend": ("eval", "backend"),
+    **{f.name: ("gate", f.name) for f in dataclasses.fields(GateConfig) if "help" in f.metadata},  # its flags
     **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
 }
 

@@ -14,11 +14,58 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
+
+import typer
 
 from forgetcheck import config, console
 from forgetcheck.cli.inputs import Inputs, resolve_run
-from forgetcheck.rundir import RunDir
+from forgetcheck.cli.options import (
+    ArmsOpt,
+    BaseOpt,
+    DataOpt,
+    DeviceOpt,
+    EvalFlags,
+    GateFlags,
+    OutOpt,
+    PresetOpt,
+    RunIdOpt,
+    TrainFlags,
+    VerboseOpt,
+    WiseFlags,
+    options,
+)
+from forgetcheck.cli.verdict import finish
 from forgetcheck.schema import StageTimer, update_manifest, write_config
+
+
+@options(flags=TrainFlags, wise=WiseFlags, ev=EvalFlags, policy=GateFlags)
+def run(
+    base: BaseOpt = "smollm2-135m",
+    data: DataOpt = "med",
+    arms: ArmsOpt = "sft,cpt",
+    preset: PresetOpt = "quick",
+    flags: TrainFlags = TrainFlags(),
+    wise: WiseFlags = WiseFlags(),
+    ev: EvalFlags = EvalFlags(),
+    policy: GateFlags = GateFlags(),
+    device: DeviceOpt = "auto",
+    out: OutOpt = Path("runs"),
+    run_id: RunIdOpt = None,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder (its config.json "
+                                          "wins; a flag that differs from it is refused, except the gate's thresholds "
+                                          "and --force)."),
+    verbose: VerboseOpt = False,
+    ctx: typer.Context = None,
+) -> None:
+    """The main job: evaluate base -> train each arm -> re-evaluate -> compare -> gate -> report. Exits 0 once
+    every stage ran; the verdict is printed and in gate.json (`forgetcheck gate RUN` exits 0/1/4 on it)."""
+    train_cfg, eval_cfg = config.apply_preset(preset, {**flags.overrides(), **wise.overrides()}, ev.overrides())
+    cfg = config.RunConfig(base=base, data=data, arms=config.split_csv(arms), preset=preset, out_dir=str(out),
+                           run_id=run_id, device=device, train=train_cfg, eval=eval_cfg, gate=policy.config())
+    given = {k: v for k, v in ctx.params.items()
+             if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"} if ctx is not None else {}
+    raise typer.Exit(run_pipeline(cfg, resume=resume, given=given, verbose=verbose))
 
 
 def record_inputs(inp: Inputs) -> None:
@@ -115,31 +162,17 @@ def _stages(inp: Inputs) -> int:
                                 device=inp.device.device, reference=run.eval_json("base"), label=arm,
                                 tasks_dir=inp.tasks_dir, skip=skip)
 
-    return finish(run, cfg.gate, started=t0, title=f"[{next(step)}/{n}] compare, gate, report")
-
-
-def finish(run: RunDir, gate_cfg: config.GateConfig, started: float | None = None,
-           title: str = "compare, gate, report") -> int:
-    """Compare, gate, report (pure JSON); print the verdict, the power sentence and what would decide.
-    Returns 0: `run` exits 0 once every stage ran (`forgetcheck gate` turns the verdict into an exit code)."""
-    from forgetcheck.report import html
-    from forgetcheck.schema import read_config_doc, read_manifest
-    from forgetcheck.verdict import compare, gate, text
-
-    with console.stage(title):
-        with StageTimer(run, "compare"):
-            compare.compare_run(run, alpha=gate_cfg.alpha)
-        gate_dict, _ = gate.gate_run(run.root, policy=gate_cfg)
-        report_path = html.write_report(run)
-        if started is not None:  # a resumed run adds its time to the earlier sessions' rather than replacing it
-            man = read_manifest(run.manifest) if run.manifest.exists() else {}
-            sessions = [*(man.get("timings") or {}).get("run_sessions", []), round(time.perf_counter() - started, 3)]
-            update_manifest(run, timings={"run_sessions": sessions, "run_total": round(sum(sessions), 3)})
-    limit = (read_config_doc(run.config).get("eval") or {}).get("limit") if run.config.exists() else None
-    console.say(f"report: {report_path}")
-    console.say(f"gate:   {run.gate}  -> {gate_dict['verdict'].upper()}: {text.verdict_reason(gate_dict)}")
-    console.say(f"power:  {gate_dict['power']['sentence']}")
-    console.say(f"        {text.decide_hint(gate_dict, limit)}")
+    finish(run, cfg.gate, title=f"[{next(step)}/{n}] compare, gate, report")
+    _record_session(run, t0)
     console.say(f"        (`forgetcheck gate {run.root}` exits 0 pass, 1 fail, 4 inconclusive; `run` exits 0 "
                 f"once every stage ran)")
     return 0
+
+
+def _record_session(run, started: float) -> None:
+    """A resumed run adds its time to the earlier sessions' rather than replacing it."""
+    from forgetcheck.schema import read_manifest
+
+    man = read_manifest(run.manifest) if run.manifest.exists() else {}
+    sessions = [*(man.get("timings") or {}).get("run_sessions", []), round(time.perf_counter() - started, 3)]
+    update_manifest(run, timings={"run_sessions": sessions, "run_total": round(sum(sessions), 3)})

@@ -1,102 +1,100 @@
-"""`forgetcheck train`: every arm (and each of its `--seeds` runs) validated at once, then trained into one run
-folder, reusing finished ones; under torchrun or SLURM every process joins as one rank (docs/scale.md).
+"""`forgetcheck train`: every arm (and each of its `--seeds` runs) validated at once (cli/inputs.resolve_train),
+then trained into one run folder, reusing finished ones; under torchrun or SLURM every process joins as one rank
+(docs/scale.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
+from typing import Optional
 
-from forgetcheck import config
-from forgetcheck.errors import BadInput
+import typer
+
+from forgetcheck import config, console
+from forgetcheck.cli.inputs import Inputs, resolve_train
+from forgetcheck.cli.options import (
+    ArmsOpt,
+    BaseOpt,
+    DataOpt,
+    DeviceOpt,
+    OutOpt,
+    PresetOpt,
+    RunIdOpt,
+    TrainFlags,
+    VerboseOpt,
+    options,
+)
 from forgetcheck.rundir import RunDir
-from forgetcheck.train.loop import train_arm
+
+
+@options(flags=TrainFlags)
+def train(
+    base: BaseOpt = "smollm2-135m",
+    data: DataOpt = "med",
+    arms: ArmsOpt = "sft,cpt",
+    run_dir: Optional[Path] = typer.Option(None, "--run", "--run-dir", help="Run folder to train into (default: a new one under --out). Under torchrun write --run-dir (torchrun's parser takes --run for its --run-path)."),
+    out: OutOpt = Path("runs"),
+    run_id: RunIdOpt = None,
+    preset: PresetOpt = "quick",
+    flags: TrainFlags = TrainFlags(),
+    device: DeviceOpt = "auto",
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines sharing --nproc (each runs nproc/nnodes processes; docs/scale.md)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's index, 0..nnodes-1 (0 hosts the rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0, the same on every node (--nnodes > 1)."),
+    hybrid_shard: bool = typer.Option(False, "--hybrid-shard", help="Shard within a node, replicate across nodes (FSDP2 HSDP)."),
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fully fine-tune each arm (SFT, CPT) on the same token budget -> train/<arm>.json and ckpt/<arm>/.
+    Started under torchrun or SLURM's srun, every process joins that launcher as one rank (docs/scale.md)."""
+    from forgetcheck.train.sharding import Launch
+
+    train_cfg, _ = config.apply_preset(preset, flags.overrides(), {})
+    cfg = config.RunConfig(base=base, data=data, arms=config.split_csv(arms), preset=preset, out_dir=str(out),
+                           run_id=run_id, device=device, train=train_cfg)
+    how = Launch(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, hybrid_shard=hybrid_shard)
+    with console.session(verbose=verbose):
+        train_arms(resolve_train(cfg, RunDir(run_dir) if run_dir is not None else None, how=how,
+                                 run_flag="--run" if run_dir is not None else "--out"))
 
 
 def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: config.TrainConfig, run: RunDir, device: str = "auto",
-              how=None, run_named: bool = True, run_flag: str = "--out") -> list[dict]:
-    """`forgetcheck train`: validate every arm at once, then train each into `run` (reusing finished ones).
-    `how`: a sharding.Launch (several nodes, hybrid sharding). Under an external launcher (torchrun, srun) every
-    rank runs this; rank 0 prepares the model and data first and alone prints and writes the run's files.
-    `run_named`: the run folder was named by --run / --run-id (required under an external launcher, so that
-    every rank trains into the same folder). `run_flag`: the flag that named the run folder (--run, or --out
-    with --run-id), for messages."""
-    from dataclasses import replace
+              how=None, verbose: bool = False) -> list[dict]:
+    """Train `arms` of `base` on `data` into `run` (library use: the `train` command without its flags)."""
+    request = config.RunConfig(base=base, data=data, arms=tuple(arms), device=device, train=cfg)
+    with console.session(verbose=verbose):
+        return train_arms(resolve_train(request, run, how=how, run_flag="--run"))
 
-    from forgetcheck.data.domain import arm_problems, load_domain
-    from forgetcheck.device import choose_device
-    from forgetcheck.models import registry
-    from forgetcheck.rundir import check_output_dir
-    from forgetcheck.train import optimizer, sharding
-    from forgetcheck.train.arms import TRAINED
 
-    how = how or sharding.Launch()
-    ext = sharding.external_ranks()
-    problems = how.problems(cfg.nproc) if ext is None else []
-    if ext is not None:
-        if cfg.nproc == 1:  # not given: the launcher's process count
-            cfg = replace(cfg, nproc=ext["world"])
-        if cfg.nproc != ext["world"]:
-            problems.append(f"--nproc {cfg.nproc} but the {ext['source']} launcher started {ext['world']} processes: "
-                            f"give --nproc {ext['world']} (or leave it out)")
-        if how.nnodes > 1 or how.rdzv_endpoint:
-            problems.append(f"started by {ext['source']}: --nnodes/--node-rank/--rdzv-endpoint are the launcher's "
-                            f"business here; drop them")
-        if not run_named:
-            problems.append(f"started by {ext['source']}: give --run or --run-id, so that every rank trains into the "
-                            f"same run folder")
-        if how.hybrid_shard and ext["nodes"] < 2:
-            problems.append(f"--hybrid-shard replicates across nodes, but the {ext['source']} launcher runs one node")
-        how = sharding.Launch(nnodes=ext["nodes"], hybrid_shard=how.hybrid_shard)
-    problems += config.validate_arms(arms)
-    try:
-        check_output_dir(run.root, run_flag)
-    except BadInput as e:
-        problems.append(str(e))
-    problems += config.validate_train(cfg)
-    model_ref = domain = None
-    try:
-        model_ref = registry.resolve(base, prepare=False)
-    except BadInput as e:
-        problems.append(str(e))
-    try:
-        domain = load_domain(data, prepare=False)
-    except BadInput as e:
-        problems.append(str(e))
-    if domain is not None:
-        problems += arm_problems(domain, arms)
-    problems += [f"arm '{a}' is not trained (it interpolates weights): use `forgetcheck run --arms ...,{a}`"
-                 for a in arms if a in config.ARMS and a not in TRAINED]
-    try:
-        dev = choose_device(device)
-        problems += optimizer.check_combination(cfg, dev.device,
-                                            None if how.nnodes == 1 else cfg.nproc // max(1, how.nnodes))
-    except BadInput as e:
-        problems.append(str(e))
-    config.check(problems)
-    rank = 0
-    if ext is not None:  # join now: rank 0 builds the cached model and data folders before the others look
-        import torch.distributed as dist
+def train_arms(inp: Inputs) -> list[dict]:
+    """Train each arm (and replica) into the run folder, one console line per arm; rank 0 alone prints and writes
+    the run's files."""
+    from forgetcheck.train.loop import reusable, train_arm
 
-        rank = sharding.join_external(dev.device)[0]
-        if rank != 0:
-            dist.barrier()
-    model_ref = registry.resolve(base, prepare=True)
-    domain = load_domain(data, prepare=True)
-    if ext is not None and rank == 0:
-        dist.barrier()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    say(dev.describe() + (f"; rank {rank} of {ext['world']} ({ext['source']})" if ext else ""))
-    say("train config: " + json.dumps(config.to_dict(cfg), separators=(",", ":")))
-    if model_ref.random_weights:
-        say(f"NOTE: --base {base} has RANDOM WEIGHTS: plumbing only")
+    cfg, run, ranks = inp.cfg.train, inp.run, inp.ranks
+    main = inp.rank == 0
+    if main:
+        console.log_to(run.root / "log.txt")
+        console.say(f"forgetcheck train {run.root}; {inp.device.describe()}"
+                    + (f"; rank {inp.rank} of {ranks['world']} ({ranks['source']})" if ranks else "")
+                    + f"; log: {run.root / 'log.txt'}")
+        console.detail("train config: " + json.dumps(config.to_dict(cfg), separators=(",", ":")))
+        if inp.model.random_weights:
+            console.say(f"NOTE: --base {inp.cfg.base} has RANDOM WEIGHTS: plumbing only")
+    labels = [config.replica_label(arm, i) for arm in inp.cfg.arms for i in range(cfg.seeds)]
     records = []
-    for arm in arms:
-        for i in range(cfg.seeds):
-            records.append(train_arm(config.replica_label(arm, i), model_ref, domain, cfg, run, device=dev.device, how=how))
+    for i, label in enumerate(labels, 1):
+        title = f"[{i}/{len(labels)}] train {label}"
+        reused = main and reusable(run, label, cfg) is not None
+        if reused:
+            console.say(f"{title}: present, reused")
+        with console.stage(title) if main and not reused else contextlib.nullcontext():
+            records.append(train_arm(label, inp.model, inp.data, cfg, run, device=inp.device_name, how=inp.launch))
     records = [r for r in records if r is not None]
-    for r in records:
-        print(f"{r['arm']}: {r['optimizer_steps']} steps, tokens forward {r['tokens_seen']['forward']} "
-              f"(label {r['tokens_seen']['label']}, padding {r['tokens_seen']['padding']}), "
-              f"{r['tokens_per_s']} tokens/s, peak {r['memory']['measured_peak_bytes'] / 1e9:.2f} GB "
-              f"(planned {r['memory']['planned']['total'] / 1e9:.2f} GB) -> {r['checkpoint']}")
+    for r in records if main else ():
+        console.say(f"{r['arm']}: {r['optimizer_steps']} steps, tokens forward {r['tokens_seen']['forward']} "
+                    f"(label {r['tokens_seen']['label']}, padding {r['tokens_seen']['padding']}), "
+                    f"{r['tokens_per_s']} tokens/s, peak {r['memory']['measured_peak_bytes'] / 1e9:.2f} GB "
+                    f"(planned {r['memory']['planned']['total'] / 1e9:.2f} GB) -> {r['checkpoint']}")
     return records

@@ -1,42 +1,107 @@
-"""`forgetcheck compare | report | gate`: the verdict stages run alone on a run folder (verdict/ and report/ do
-the work, from JSON only: these commands never import torch)."""
+"""`forgetcheck compare | report | gate`: the verdict stages run alone on a run folder, and `finish`, the same
+stages as the tail of `run` and `check` (verdict/ and report/ do the work, from JSON only: these commands never
+import torch)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import typer
+
+from forgetcheck import console
+from forgetcheck.cli.options import VerdictFlags, options
 from forgetcheck.rundir import RunDir
 
 
-def echo(msg: str = "") -> None:
-    print(msg)
-
-
-def cmd_compare(run: Path, *, alpha: float, n_boot: int, seed: int) -> None:
+def compare(
+    run: Path = typer.Argument(..., help="Run directory (runs/<id>) holding eval/base.json and eval/<arm>.json."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level; CIs are (1 - alpha)."),
+    n_boot: int = typer.Option(2000, "--n-boot", help="Cluster-bootstrap resamples (soft accuracy, perplexity, drift)."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Paired comparison of every arm against the base (and arm against arm): deltas with intervals and tests
+    from one method, soft accuracy, drift, flips -> compare.json."""
     from forgetcheck.verdict.compare import compare_run
 
-    rd = RunDir.existing(run)
-    result = compare_run(rd, alpha=alpha, n_boot=n_boot, seed=seed)
-    for arm, s in result["summary"].items():
-        fg, ln = s["forgetting"], s["learning"]
-        echo(f"{arm}: forgetting {'n/a' if fg is None else f'{fg:+.2f}'} points (retention mean drop), "
-             f"learning {'n/a' if ln is None else f'{ln:+.2f}'} points (domain mean gain)")
-    echo(f"wrote {rd.compare}")
+    with console.session(verbose=True):  # no log file: every line stays on the terminal
+        rd = RunDir.existing(run)
+        result = compare_run(rd, alpha=alpha, n_boot=n_boot, seed=seed)
+        for arm, s in result["summary"].items():
+            fg, ln = s["forgetting"], s["learning"]
+            console.say(f"{arm}: forgetting {'n/a' if fg is None else f'{fg:+.2f}'} points (retention mean drop), "
+                        f"learning {'n/a' if ln is None else f'{ln:+.2f}'} points (domain mean gain)")
+        console.say(f"wrote {rd.compare}")
 
 
-def cmd_report(run: Path) -> None:
+def report(
+    run: Path = typer.Argument(..., help="Run directory (runs/<id>)."),
+) -> None:
+    """Write the run's self-contained report.html from its compare.json and gate.json (run those commands first)."""
     from forgetcheck.report.html import write_report
 
-    echo(f"wrote {write_report(RunDir.existing(run))}")
+    with console.session(verbose=True):  # no log file: every line stays on the terminal
+        console.say(f"wrote {write_report(RunDir.existing(run))}")
 
 
-def cmd_gate(target: Path, verdict) -> int:
-    """The gate's exit code (0 PASS, 1 FAIL, 4 INCONCLUSIVE unless --on-inconclusive maps it)."""
+@options(verdict=VerdictFlags)
+def gate(
+    target: Path = typer.Argument(..., help="Run directory (runs/<id>) or a compare.json."),
+    verdict: VerdictFlags = VerdictFlags(),
+) -> None:
+    """Release gate: PASS (exit 0) when harm beyond the margins is ruled out, FAIL (1) when shown,
+    INCONCLUSIVE (4) otherwise; every reason and the run's power land in gate.json."""
     from forgetcheck.verdict.gate import gate_run
     from forgetcheck.verdict.text import console_lines
 
-    result, code = gate_run(target, verdict.overrides(), policy_file=verdict.policy, junit=verdict.junit,
-                            markdown=verdict.markdown)
-    for line in console_lines(result):
-        echo(line)
-    return code
+    with console.session(verbose=True):  # no log file: every line stays on the terminal
+        result, code = gate_run(target, verdict.overrides(), policy_file=verdict.policy, junit=verdict.junit,
+                                markdown=verdict.markdown)
+        for line in console_lines(result):
+            console.say(line)
+    raise typer.Exit(code)
+
+
+def finish(run: RunDir, policy, *, title: str, policy_file: Path | None = None, previous=None,
+           junit: Path | None = None, markdown: Path | None = None) -> tuple[dict, int]:
+    """compare -> history (with a previous release) -> gate -> report, as `run` and `check` end; prints each
+    arm's verdict, the report, the verdict with its reason, the power and what would decide. `policy`: a
+    GateConfig or the policy keys given (over `policy_file` and the run's config.json). Returns (gate.json's
+    dict, the gate's exit code)."""
+    from forgetcheck.report import html
+    from forgetcheck.rundir import read_json
+    from forgetcheck.schema import StageTimer
+    from forgetcheck.verdict import compare, history, text
+    from forgetcheck.verdict.gate import gate_run
+
+    alpha = float(((read_json(run.config).get("gate") or {}).get("alpha")) or 0.05)
+    with console.stage(title):
+        with StageTimer(run, "compare"):
+            result = compare.compare_run(run, alpha=alpha)
+        if previous is not None:
+            for line in history.summary_lines(history.write_history(run, previous, alpha=alpha)):
+                console.say(f"  {line}")
+        gate_dict, code = gate_run(run.root, policy, policy_file=policy_file, junit=junit, markdown=markdown)
+        report_path = html.write_report(run)
+    for arm in result.get("arms") or []:
+        s = (result.get("summary") or {}).get(arm) or {}
+        fg = s.get("forgetting")
+        console.say(f"  {arm}: {_arm_verdict(gate_dict, arm)}"
+                    + ("" if fg is None else f" (retention mean drop {fg:+.2f} points)"))
+    limit = (read_json(run.config).get("eval") or {}).get("limit")
+    console.say(f"report: {report_path}")
+    console.say(f"gate:   {run.gate}  -> {str(gate_dict.get('verdict', '')).upper()}: "
+                f"{text.verdict_reason(gate_dict)}")
+    if gate_dict.get("power"):
+        console.say(f"power:  {gate_dict['power']['sentence']}")
+    console.say(f"        {text.decide_hint(gate_dict, limit)}")
+    for label, path in (("junit", junit), ("markdown", markdown)):
+        if path is not None:
+            console.say(f"{label}: {path}")
+    return gate_dict, code
+
+
+def _arm_verdict(gate_dict: dict, arm: str) -> str:
+    a = (gate_dict.get("arms") or {}).get(arm) or {}
+    if a.get("verdict"):
+        return str(a["verdict"]).upper()
+    return "PASS" if a.get("passed") else "FAIL"

@@ -6,25 +6,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import planted
 import pytest
+from conftest import forgetcheck_cli
 
 from forgetcheck import config
-from forgetcheck.cli import check
+from forgetcheck.cli import check, inputs
 from forgetcheck.rundir import RunDir, read_json, read_jsonl
 
 CFG = config.EvalConfig(tasks=("planted",), backend="hf", batch_size=32)
 LM_TASKS = {"planted": ("acc", 100.0), "planted_ppl": ("word_perplexity", 1.0), "planted_gen": ("exact_match", 100.0)}
 """lm-eval tasks of three output types (multiple choice, rolling perplexity, generation): primary metric, scale."""
-
-
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "forgetcheck", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +82,7 @@ def test_unchanged_copy_has_every_delta_exactly_zero(world):
     assert damaged["delta"] < -30 and damaged["significant"] is True
 
 
-def test_second_check_reads_the_base_from_the_cache_and_shows_the_previous_release(world, capsys):
+def test_second_check_reads_the_base_from_the_cache_and_shows_the_previous_release(world, capfd):
     tmp = world["tmp"]
     code = check.check_models("tiny-gpt2", [f"new={world['damaged']}"], CFG, out=tmp / "runs", run_id="second",
                           device="cpu", tasks_dir=world["tasks"], previous=str(world["run"].root))
@@ -96,7 +90,8 @@ def test_second_check_reads_the_base_from_the_cache_and_shows_the_previous_relea
     run = RunDir(tmp / "runs" / "second")
     timings = read_json(run.eval_json("base"))["timings"]
     assert timings["tasks"]["planted"]["cached"] is True and timings["drift"]["cached"] is True
-    assert "planted: cache hit" in capsys.readouterr().out
+    assert "planted: cache hit" in (run.root / "log.txt").read_text()  # a detail line: the log holds it
+    assert "new vs previous release first/same" in capfd.readouterr().out
     # --previous runs/first: its one candidate that passed (same) is the previous release
     hist = read_json(run.root / "history.json")
     assert hist["previous"]["arm"] == "same" and hist["previous"]["run_id"] == "first"
@@ -158,7 +153,7 @@ def _samples_file(folder: Path, task: str) -> Path:
     assert len(hits) == 1, hits
     return hits[0]
 
-def test_items_on_one_side_are_reported_not_dropped(world, lmeval, capsys):
+def test_items_on_one_side_are_reported_not_dropped(world, lmeval, capfd):
     tmp = world["tmp"]
     cut = tmp / "lm_eval_cut"
     shutil.copytree(lmeval["damaged"], cut)
@@ -168,7 +163,7 @@ def test_items_on_one_side_are_reported_not_dropped(world, lmeval, capsys):
     sf.write_text("".join(json.dumps(r) + "\n" for r in rows[5:] + [extra]))
     check.check_samples(lmeval["base"], [f"cut={cut}"], out=tmp / "runs", run_id="cut")
     run = RunDir(tmp / "runs" / "cut")
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "19 items paired with cut; 5 only in the base's outputs, 1 only in cut's" in out
     p = read_json(run.root / "pairing.json")["tasks"]["planted"]["cut"]
     assert [x["doc_id"] for x in p["base_only"]] == [0, 1, 2, 3, 4]
@@ -202,7 +197,7 @@ def test_mismatched_task_config_or_prompt_is_refused(world, lmeval):
 
     for label, edit, expect in (("fewshot", fewshot, "'num_fewshot'"), ("prompt", prompt, "different prompt")):
         folder = _edited_copy(lmeval["damaged"], tmp / f"lm_eval_{label}", edit)
-        r = _cli("check", "--base-samples", str(lmeval["base"]), "--candidate-samples", str(folder),
+        r = forgetcheck_cli("check", "--base-samples", str(lmeval["base"]), "--candidate-samples", str(folder),
                  "--out", str(tmp / "refused"), "--run-id", label)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
@@ -211,7 +206,7 @@ def test_mismatched_task_config_or_prompt_is_refused(world, lmeval):
         assert not (tmp / "refused").exists()
 
 
-def test_differing_tokenizers_skip_kl_with_a_note(world, tmp_path, capsys):
+def test_differing_tokenizers_skip_kl_with_a_note(world, tmp_path, capfd):
     """A candidate with another vocabulary is still checked; KL drift is skipped with one note."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -231,7 +226,7 @@ def test_differing_tokenizers_skip_kl_with_a_note(world, tmp_path, capsys):
     code = check.check_models("tiny-gpt2", [str(folder)], CFG, out=tmp_path / "runs", run_id="vocab", device="cpu",
                           tasks_dir=world["tasks"])
     assert code in (0, 1)
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     notes = [x for x in out.splitlines() if "KL drift skipped" in x]
     assert len(notes) == 1 and "other-vocab" in notes[0] and "tokenizer differs" in notes[0]
     run = RunDir(tmp_path / "runs" / "vocab")
@@ -253,7 +248,7 @@ def test_bad_input_is_one_line_and_creates_nothing(tmp_path):
         (["--base", "tiny-gpt2", "--candidate-samples", str(tmp_path)], "--base-samples"),
     ]
     for args, expect in cases:
-        r = _cli("check", *args, "--out", str(out))
+        r = forgetcheck_cli("check", *args, "--out", str(out))
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], (args, r.stderr)
         assert not out.exists()
@@ -276,11 +271,11 @@ def test_check_takes_every_gate_option():
                                          ("EleutherAI/pythia-160m", "pythia-160m"), ("prod=/m/v2", "prod"),
                                          ("smollm2-135m", "smollm2-135m")])
 def test_candidate_names(value, name):
-    named, problems = check.name_candidates([value], "--candidate")
+    named, problems = inputs.name_candidates([value], "--candidate")
     assert not problems and named[0].name == name
 
 
-def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_path, capsys):
+def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_path, capfd):
     """As in `run`: a retention task the base cannot show forgetting on (here every answer is a choice the base
     does not prefer: 0 right) is left out of the candidates' evaluation, with the reason in their eval file;
     --keep-uninformative scores them on it."""
@@ -304,7 +299,7 @@ def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_
     assert set(same["tasks"]) == {"planted"}
     assert set(same["skipped"]) == {"planted_chance"}
     assert same["skipped"]["planted_chance"].startswith("the base is not above chance")
-    assert "1 retention task(s) skipped for the candidates" in capsys.readouterr().out
+    assert "1 retention task(s) skipped for the candidates" in capfd.readouterr().out
     assert read_json(run.gate)["arms"]["same"]["passed"] is not False
 
     check.check_models("tiny-gpt2", [f"same={world['same']}"], cfg, out=tmp_path / "runs", run_id="keep",

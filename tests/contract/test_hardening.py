@@ -183,8 +183,9 @@ def test_temp_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
 def test_sigterm_during_a_write_removes_the_temp(tmp_path):
     target = tmp_path / "result.json"
     code = (f"import os, time, sys, signal; sys.path.insert(0, {str(REPO)!r})\n"
-            "from forgetcheck import cli, rundir\n"
-            "signal.signal(signal.SIGTERM, cli._terminated)\n"
+            "from forgetcheck import rundir\n"
+            "from forgetcheck.cli import app\n"
+            "signal.signal(signal.SIGTERM, app._terminated)\n"
             "os.replace = lambda a, b: time.sleep(600)\n"
             f"rundir.atomic_write_text(rundir.Path({str(target)!r}), 'half')\n")
     p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
