@@ -209,22 +209,22 @@ def apply_preset(preset: str, train_overrides: dict, eval_overrides: dict) -> tu
 MAX_SEEDS = 20
 
 
-def replica_label(arm: str, i: int) -> str:
+def seed_run_label(arm: str, i: int) -> str:
     """The label of training run i of `arm` (`--seeds`): the arm itself for i = 0, else `<arm>_s<i>`."""
     return arm if i == 0 else f"{arm}_s{i}"
 
 
-def replica_of(label: str) -> tuple[str, int]:
-    """(arm, replica index) of a label written by `replica_label` (any other label: itself, 0)."""
+def seed_run_of(label: str) -> tuple[str, int]:
+    """(arm, seed-run index) of a label written by `seed_run_label` (any other label: itself, 0)."""
     arm, sep, idx = label.rpartition("_s")
     if sep and arm in ARMS and idx.isdigit() and int(idx) > 0 and str(int(idx)) == idx:
         return arm, int(idx)
     return label, 0
 
 
-def replica_config(label: str, t: TrainConfig) -> tuple[str, TrainConfig]:
-    """(arm, the TrainConfig replica `label` trains with: seed and data_seed shifted by its index)."""
-    arm, i = replica_of(label)
+def seed_run_config(label: str, t: TrainConfig) -> tuple[str, TrainConfig]:
+    """(arm, the TrainConfig seed run `label` trains with: seed and data_seed shifted by its index)."""
+    arm, i = seed_run_of(label)
     return arm, (t if i == 0 else replace(t, seed=t.seed + i, data_seed=t.data_seed + i))
 
 
@@ -345,6 +345,13 @@ def validate_arms(arms: tuple[str, ...], *, flag: str = "--arms", trained: bool 
     return problems
 
 
+def validate_arm_training(arms: tuple[str, ...], t: TrainConfig) -> list[str]:
+    """The rules that join an arm and the training technique."""
+    if "lora" in arms and t.nproc > 1:
+        return ["--arms lora with --nproc > 1: LoRA under FSDP2 is not supported; use --nproc 1"]
+    return []
+
+
 def validate_device(device: str) -> list[str]:
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         return [f"unknown --device '{device}': use auto, cpu or cuda[:N]"]
@@ -357,7 +364,7 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"--arms wise interpolates --wise-from {cfg.train.wise_from}, which is not in --arms: "
                         f"add it (--arms {','.join(cfg.arms)},{cfg.train.wise_from})")
     return (problems + validate_device(cfg.device) + validate_train(cfg.train)
-            + validate_eval(cfg.eval) + validate_gate(cfg.gate))
+            + validate_arm_training(cfg.arms, cfg.train) + validate_eval(cfg.eval) + validate_gate(cfg.gate))
 
 
 def check(problems: list[str]) -> None:

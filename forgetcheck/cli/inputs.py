@@ -176,9 +176,7 @@ def _launch_problems(cfg: config.TrainConfig, how, ranks: dict | None, run_named
     problems = []
     if cfg.nproc == 1:  # not given: the launcher's process count
         cfg = replace(cfg, nproc=ranks["world"])
-    if cfg.nproc != ranks["world"]:
-        problems.append(f"--nproc {cfg.nproc} but the {ranks['source']} launcher started {ranks['world']} processes: "
-                        f"give --nproc {ranks['world']} (or leave it out)")
+    problems += sharding.launcher_problems(cfg.nproc, ranks)
     if how.nnodes > 1 or how.rdzv_endpoint:
         problems.append(f"started by {ranks['source']}: --nnodes/--node-rank/--rdzv-endpoint are the launcher's "
                         f"business here; drop them")
@@ -208,7 +206,7 @@ def resolve_train(cfg: config.RunConfig, run: RunDir | None = None, *, how=None,
         run = _collect(problems, lambda: RunDir.new(cfg.out_dir, cfg.base, cfg.data, cfg.run_id))
     if run is not None:
         _collect(problems, lambda: check_output_dir(run.root, run_flag))
-    problems += config.validate_train(train_cfg)
+    problems += config.validate_train(train_cfg) + config.validate_arm_training(cfg.arms, train_cfg)
     _collect(problems, lambda: registry.resolve(cfg.base, prepare=False))
     domain = _collect(problems, lambda: load_domain(cfg.data, prepare=False))
     if domain is not None:

@@ -112,7 +112,7 @@ def _stages(inp: Inputs) -> int:
         console.say(f"note: the 'domain' suite measures the packaged med data, not {cfg.data}: retention only "
                     f"(pick domain tasks with --tasks to measure learning)")
     t0 = time.perf_counter()
-    trained = [config.replica_label(a, i) for a in arms.trained(cfg.arms) for i in range(cfg.train.seeds)]
+    trained = [config.seed_run_label(a, i) for a in arms.trained(cfg.arms) for i in range(cfg.train.seeds)]
     wise = interpolate.points(cfg.arms, cfg.train)
     n = 2 + 2 * len(trained) + 2 * len(wise)
     step = iter(range(1, n + 1))

@@ -68,7 +68,7 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: config.TrainConf
 
 
 def train_arms(inp: Inputs) -> list[dict]:
-    """Train each arm (and replica) into the run folder, one console line per arm; rank 0 alone prints and writes
+    """Train each arm (and each of its seed runs) into the run folder, one console line per arm; rank 0 alone prints and writes
     the run's files."""
     from forgetcheck.train.loop import reusable, train_arm
 
@@ -82,7 +82,7 @@ def train_arms(inp: Inputs) -> list[dict]:
         console.detail("train config: " + json.dumps(config.to_dict(cfg), separators=(",", ":")))
         if inp.model.random_weights:
             console.say(f"NOTE: --base {inp.cfg.base} has RANDOM WEIGHTS: plumbing only")
-    labels = [config.replica_label(arm, i) for arm in inp.cfg.arms for i in range(cfg.seeds)]
+    labels = [config.seed_run_label(arm, i) for arm in inp.cfg.arms for i in range(cfg.seeds)]
     records = []
     for i, label in enumerate(labels, 1):
         title = f"[{i}/{len(labels)}] train {label}"

@@ -20,7 +20,7 @@ from typing import Any
 
 import jinja2
 
-from forgetcheck.config import replica_of
+from forgetcheck.config import seed_run_of
 from forgetcheck.errors import BadInput
 from forgetcheck.report.charts import Scale, nice_ticks, place_labels, tick_label
 from forgetcheck.report.curves import curves_view
@@ -82,7 +82,7 @@ def wise_alpha(arm: str) -> float | None:
 
 def chart_summary(compare: CompareFile) -> dict:
     """The learning-vs-forgetting point of each arm: its one training run's, or, with several (`--seeds`),
-    the arm's over all its runs with two-level intervals (the replicas' own points are not drawn)."""
+    the arm's over all its runs with two-level intervals (the seed runs' own points are not drawn)."""
     out = {arm: {**s, "seeds": 1} for arm, s in compare["summary"].items()}
     for arm, g in (compare["seed_groups"] or {}).items():
         if g["seeds"] > 1:
@@ -252,7 +252,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
     gate = read_gate(run.gate)
     gate_source = "gate.json"
     arms = list(compare["arms"])
-    colors = {a: ARM_COLORS.get(replica_of(a)[0])  # an arm's --seeds runs share its colour
+    colors = {a: ARM_COLORS.get(seed_run_of(a)[0])  # an arm's --seeds runs share its colour
               or (WISE_COLOR if wise_alpha(a) is not None else EXTRA_COLORS[i % len(EXTRA_COLORS)])
               for i, a in enumerate(arms)}
     train = {}

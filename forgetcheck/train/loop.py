@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forgetcheck import config, console
-from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir
 from forgetcheck.schema import read_train, write_train
 from forgetcheck.train import arms, checkpoint, memory, sharding
@@ -172,7 +171,7 @@ def train_loop(label: str, model_ref, data_path: Path, cfg: config.TrainConfig, 
                rank: int = 0, world: int = 1, hybrid_nodes: int = 0, on_step: Callable[[int], None] | None = None,
                domain=None, tasks_dir: Path | None = None) -> dict | None:
     """Train one arm (one process of `world`); rank 0 writes the checkpoint and train/<label>.json and
-    returns the record. `label` is the arm, or one of its `--seeds` replicas (`<arm>_s<i>`: seed and data
+    returns the record. `label` is the arm, or one of its `--seeds` runs (`<arm>_s<i>`: seed and data
     order shifted by i). `on_step(step)` is called after every optimizer step (tests use it to interrupt).
     With cfg.eval_every the forgetting curve is measured on the way (train/curve.py: `domain` gives its
     held-out text, `tasks_dir` the retention tasks its items come from) and may stop the arm early."""
@@ -196,7 +195,7 @@ def setup(label: str, model_ref, data_path: Path, cfg: config.TrainConfig, run: 
     from forgetcheck.device import choose_precision, reset_peak_memory
     from forgetcheck.train.curve import CurveTracker
 
-    arm, cfg = config.replica_config(label, cfg)
+    arm, cfg = config.seed_run_config(label, cfg)
     say = console.detail if rank == 0 else (lambda *a, **k: None)
     steps = optimizer_steps(cfg)
     plan = _memory_plan(arm, cfg, model_ref, device, say)
@@ -430,7 +429,7 @@ def _record(training: Training, ckpt: Path, wall: float, train_s: float, peak: i
     return {
         "arm": t.label,
         "method": t.arm,
-        "replica": config.replica_of(t.label)[1],
+        "seed_run": config.seed_run_of(t.label)[1],
         "base": t.model_ref.name,
         "base_ref": t.model_ref.to_dict(),
         "random_weights": t.model_ref.random_weights,
@@ -483,26 +482,25 @@ def _curve_note(curve: dict | None) -> str:
 def _data_path(label: str, domain) -> Path:
     from forgetcheck.data import domain as data
 
-    arm = config.replica_of(label)[0]
+    arm = config.seed_run_of(label)[0]
     config.check(data.arm_problems(domain, (arm,)))
     return Path(getattr(domain, config.ARM_DATA[arm]))
 
 
 def validate(label: str, cfg: config.TrainConfig, device: str, nnodes: int = 1) -> None:
-    """Every problem with this training request, raised at once before anything heavy starts."""
-    arm = config.replica_of(label)[0]
-    problems = [] if arm in arms.TRAINED else [f"unknown arm '{arm}' to train: choose from {', '.join(arms.TRAINED)}"]
-    if arm == "lora" and cfg.nproc > 1:
-        problems.append("--arms lora with --nproc > 1: LoRA under FSDP2 is not supported; use --nproc 1")
+    """Every problem with this training request, raised at once before anything heavy starts: the commands
+    checked it already (cli/inputs.py); a library caller gets the same rules from their homes."""
+    arm = (config.seed_run_of(label)[0],)
     per_node = None if nnodes == 1 else cfg.nproc // nnodes
-    config.check(problems + config.validate_train(cfg) + check_combination(cfg, device, per_node))
+    config.check(config.validate_arms(arm, flag="--arms", trained=True) + config.validate_train(cfg)
+                 + config.validate_arm_training(arm, cfg) + check_combination(cfg, device, per_node))
 
 
 def reusable(run: RunDir, label: str, cfg: config.TrainConfig) -> dict | None:
     """The existing record when train/<label>.json and its checkpoint are there for this same config."""
     if not (run.train_json(label).exists() and (run.ckpt(label) / "config.json").exists()):
         return None
-    _, cfg = config.replica_config(label, cfg)
+    _, cfg = config.seed_run_config(label, cfg)
     record = dict(read_train(run.train_json(label)))
     if json.loads(json.dumps(record.get("config"))) != json.loads(json.dumps(config.to_dict(cfg))):
         return None
@@ -511,7 +509,7 @@ def reusable(run: RunDir, label: str, cfg: config.TrainConfig) -> dict | None:
 
 def train_arm(arm: str, model_ref, domain, cfg: config.TrainConfig, run: RunDir, *, device: str = "cpu",
               on_step: Callable[[int], None] | None = None, how=None, tasks_dir: Path | None = None) -> dict | None:
-    """Train `arm` (or its replica label `<arm>_s<i>`, config.replica_label) of `run` on `domain` from
+    """Train `arm` (or its seed-run label `<arm>_s<i>`, config.seed_run_label) of `run` on `domain` from
     `model_ref`; writes run.train_json(arm) and run.ckpt(arm) and
     returns the record. Reuses a finished arm; resumes an interrupted one from run.ckpt(arm)/../<arm>.resume/.
     With cfg.nproc > 1 the loop runs under torchrun (FSDP2): launched here (`how`: a sharding.Launch, for
@@ -528,9 +526,7 @@ def train_arm(arm: str, model_ref, domain, cfg: config.TrainConfig, run: RunDir,
     if ext is not None:
         import torch.distributed as dist
 
-        if cfg.nproc != ext["world"]:
-            raise BadInput(f"--nproc {cfg.nproc} but the {ext['source']} launcher started {ext['world']} processes: "
-                           f"give --nproc {ext['world']} (or leave it out)")
+        config.check(sharding.launcher_problems(cfg.nproc, ext))
         rank, world, dev = sharding.join_external(device)
         rec = train_loop(arm, model_ref, data_path, cfg, run, device=dev, rank=rank, world=world,
                          hybrid_nodes=how.nnodes if how.hybrid_shard else 0, on_step=on_step)

@@ -95,6 +95,14 @@ def launch(arm: str, model_ref, data_path: Path, cfg: config.TrainConfig, run: R
 
 # ---- joining a launcher that is already running (torchrun, SLURM srun) -----------------------------------
 
+def launcher_problems(nproc: int, ranks: dict) -> list[str]:
+    """--nproc against the processes an external launcher (`external_ranks`) started."""
+    if nproc == ranks["world"]:
+        return []
+    return [f"--nproc {nproc} but the {ranks['source']} launcher started {ranks['world']} processes: "
+            f"give --nproc {ranks['world']} (or leave it out)"]
+
+
 def external_ranks() -> dict | None:
     """{rank, world, local_rank, source} when this process was started by a launcher for several processes
     (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; SLURM's srun sets SLURM_PROCID / SLURM_NTASKS /

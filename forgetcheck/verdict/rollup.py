@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetcheck.config import replica_of
+from forgetcheck.config import seed_run_of
 from forgetcheck.verdict.stats import (
     estimate_from_dict,
     holm,
@@ -155,11 +155,11 @@ def drift_block(tasks: dict, arm: str, arm_eval: dict, base_eval: dict, *, alpha
             "notes": notes}
 
 
-def replica_groups(arms: list[str]) -> dict[str, list[str]]:
+def seed_run_groups(arms: list[str]) -> dict[str, list[str]]:
     """Each arm's training runs (`--seeds`): {arm: [arm, arm_s1, ...]} in the order given."""
     groups: dict[str, list[str]] = {}
     for label in arms:
-        groups.setdefault(replica_of(label)[0], []).append(label)
+        groups.setdefault(seed_run_of(label)[0], []).append(label)
     return groups
 
 
@@ -191,7 +191,7 @@ def seed_groups(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot:
     """With several training runs per arm (`--seeds K`): per arm, the change of each suite mean against the
     base with a two-level bootstrap (runs, then items), and the learning-vs-forgetting point it gives. None
     when every arm was trained once."""
-    groups = replica_groups(arms)
+    groups = seed_run_groups(arms)
     if all(len(labels) < 2 for labels in groups.values()):
         return None
     out = {}
@@ -225,7 +225,7 @@ def arm_vs_arm(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot: 
     for accuracy and soft accuracy (positive: a kept or learned more). With one training run per arm the
     statement is about those two runs; with several (`--seeds`), each side is all of its arm's runs and the
     interval comes from a two-level bootstrap (runs, then items), so it is about the methods."""
-    groups = replica_groups(arms)
+    groups = seed_run_groups(arms)
     multi = any(len(labels) > 1 for labels in groups.values())
     sides = list(groups.items()) if multi else [(a, [a]) for a in arms]
     pairs = []

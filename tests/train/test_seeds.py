@@ -18,17 +18,17 @@ from forgetcheck.verdict.gate import gate_run
 from forgetcheck.verdict.stats import paired_mean, two_level_diff
 
 
-def test_replica_labels_round_trip_and_leave_other_labels_alone():
+def test_seed_run_labels_round_trip_and_leave_other_labels_alone():
     for arm in ("sft", "cpt", "lora"):
-        assert config.replica_label(arm, 0) == arm
+        assert config.seed_run_label(arm, 0) == arm
         for i in (1, 2, 17):
-            assert config.replica_of(config.replica_label(arm, i)) == (arm, i)
+            assert config.seed_run_of(config.seed_run_label(arm, i)) == (arm, i)
     for label in ("wise-0.5", "sft_s0", "sft_s01", "mine_s1", "sft_sx", "base"):
-        assert config.replica_of(label) == (label, 0)
+        assert config.seed_run_of(label) == (label, 0)
     cfg = config.TrainConfig(seed=3, data_seed=5, seeds=3)
-    arm, rc = config.replica_config("cpt_s2", cfg)
+    arm, rc = config.seed_run_config("cpt_s2", cfg)
     assert arm == "cpt" and (rc.seed, rc.data_seed) == (5, 7)
-    assert config.replica_config("cpt", cfg) == ("cpt", cfg)
+    assert config.seed_run_config("cpt", cfg) == ("cpt", cfg)
     assert any("--seeds" in p for p in config.validate_train(config.TrainConfig(seeds=0)))
 
 
@@ -48,7 +48,7 @@ def test_two_level_interval_holds_the_seed_to_seed_spread():
     assert same.method == "two_level_bootstrap" and same.extra["runs"] == [3, 1]
 
 
-def test_compare_groups_replicas_and_compares_methods(tmp_path):
+def test_compare_groups_seed_runs_and_compares_methods(tmp_path):
     arms = ("sft", "sft_s1", "sft_s2", "cpt", "cpt_s1", "cpt_s2")
     # sft forgets on the retention tasks, by an amount that varies from run to run; cpt forgets little
     flips = {("sft", "ret_mmlu"): (20, 2), ("sft_s1", "ret_mmlu"): (8, 2), ("sft_s2", "ret_mmlu"): (30, 1),
@@ -87,7 +87,7 @@ def test_one_seed_keeps_run_level_statements(tmp_path):
     assert p["suites"]["retention"]["acc"]["method"] == "mean_of_tasks"
 
 
-def test_replica_trains_on_its_own_data_order(tiny_ref, tmp_path):
+def test_seed_run_trains_on_its_own_data_order(tiny_ref, tmp_path):
     root = tmp_path / "d"
     root.mkdir()
     with open(root / "sft.jsonl", "w") as f:
@@ -99,7 +99,7 @@ def test_replica_trains_on_its_own_data_order(tiny_ref, tmp_path):
     recs = train.cmd_train(str(tiny_ref.path), str(root), ("sft",), cfg, run, device="cpu")
     assert [r["arm"] for r in recs] == ["sft", "sft_s1"]
     a, b = recs
-    assert a["method"] == b["method"] == "sft" and (a["replica"], b["replica"]) == (0, 1)
+    assert a["method"] == b["method"] == "sft" and (a["seed_run"], b["seed_run"]) == (0, 1)
     assert b["config"]["data_seed"] == a["config"]["data_seed"] + 1 and b["config"]["seed"] == a["config"]["seed"] + 1
     assert a["optimizer_steps"] == b["optimizer_steps"]
     assert abs(a["tokens_seen"]["forward"] - b["tokens_seen"]["forward"]) <= cfg.seq_len
