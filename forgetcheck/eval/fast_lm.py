@@ -56,7 +56,9 @@ DEFAULT_BATCH_SIZE = 16
 
 MIN_STEM = 8  # shortest common prefix worth running once for several rows (a pass over it, a cache copy)
 TOKEN_BUDGET = 4096  # at most this many (padded) tokens per forward pass: long rows go fewer to a batch
-PASS_OVERHEAD = 64  # a forward pass costs about as much as this many more tokens (CPU, SmolLM2-135M: ~0.08 s)
+# A forward pass costs about as much as this many more tokens: packing decides whether to start another pass
+# by it (measured: docs/design.md, "Measured constants").
+PASS_OVERHEAD = 64
 SCORE_CHUNK = 256  # positions scored at a time (bounds the [positions, vocab] temporaries of long rows)
 
 

@@ -142,8 +142,9 @@ def _joint_groups(pending: list[_Pending], max_items: int = JOINT_ITEMS) -> list
 def _without_env_probe():
     """For the duration of one simple_evaluate call, skip what lm-eval does after scoring to describe the
     environment: `git describe` in the current folder and torch's collect_env (several subprocesses: pip,
-    lscpu, nvidia-smi, ...), which costs 0.5-1.6 s per call on the 2-core dev machine and is not stored by
-    forgetcheck (it records versions, git hash and device in manifest.json). Restored afterwards: other callers get stock lm-eval."""
+    lscpu, nvidia-smi, ...): seconds per call that buy nothing, since forgetcheck records versions, git hash and
+    device in manifest.json itself (cost measured: docs/design.md, "Measured constants"). Restored afterwards:
+    other callers get stock lm-eval."""
     import lm_eval.evaluator as ev
 
     saved = ev.get_git_commit_hash, ev.add_env_info
