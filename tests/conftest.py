@@ -8,6 +8,7 @@ plants run folders."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ import pytest
 
 _USER_HOME = None
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
 FIXTURE_TASKS = FIXTURES / "tasks"
 
 
@@ -36,12 +38,29 @@ def tasks_dir(tmp_path_factory) -> Path:
     return copy_fixture_tasks(tmp_path_factory.mktemp("fixture_tasks"))
 
 
-def forgetcheck_cli(*args, cwd: Path | None = None, env: dict | None = None,
-                    timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m forgetcheck ARGS` as a user runs it: a fresh interpreter, this session's FORGETCHECK_HOME,
-    `env` added to the environment; output captured as text."""
-    return subprocess.run([sys.executable, "-m", "forgetcheck", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+def _no_dac() -> list[str]:
+    """Prefix that runs the CLI without root's permission override, so a read-only folder is read-only."""
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    return []
+
+
+def forgetcheck_cli(*args, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
+                    hide: tuple[str, ...] = (), no_dac: bool = False) -> subprocess.CompletedProcess:
+    """`python -m forgetcheck ARGS` as a user runs it: a fresh interpreter running this checkout's code, this
+    session's FORGETCHECK_HOME, offline (no test waits on the network; the hub's absence is itself a case), `env`
+    added; output captured as text. `hide`: modules made unimportable first (as if not installed); `no_dac`: run
+    without root's permission override, so a read-only folder is read-only."""
+    argv = [sys.executable, "-m", "forgetcheck", *map(str, args)]
+    if hide:
+        code = (f"import sys, runpy; sys.modules.update(dict.fromkeys({list(hide)!r})); "
+                "sys.argv = ['forgetcheck'] + sys.argv[1:]; runpy.run_module('forgetcheck', run_name='__main__')")
+        argv = [sys.executable, "-c", code, *map(str, args)]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [full_env.get("PYTHONPATH")])])
+    full_env.update(env or {})
+    return subprocess.run((_no_dac() if no_dac else []) + argv, capture_output=True, text=True, cwd=cwd,
+                          env=full_env, timeout=timeout)
 
 
 def pytest_configure(config):

@@ -19,52 +19,18 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_TASKS, forgetcheck_cli
 from runfixture import make_run
 
 from forgetcheck import config
 from forgetcheck.schema import SCHEMA_VERSION
 
-FIXTURE_TASKS = Path(__file__).parents[1] / "fixtures" / "tasks"
-REPO = Path(__file__).resolve().parents[2]
-
-
 # ---- running the CLI ------------------------------------------------------------------------------------
-
-def _env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env["HF_HUB_OFFLINE"] = "1"  # no test waits on the network; the hub's absence is itself a case
-    env["HF_DATASETS_OFFLINE"] = "1"
-    env.update(extra or {})
-    return env
-
-
-def _no_dac() -> list[str]:
-    """Prefix that runs the CLI without root's permission override, so a read-only folder is read-only."""
-    if os.geteuid() == 0 and shutil.which("setpriv"):
-        return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
-    return []
-
-
-def cli(args: list[str], cwd: Path, *, hide: tuple[str, ...] = (), env: dict | None = None,
-        no_dac: bool = False, timeout: float = 240) -> subprocess.CompletedProcess:
-    """The real CLI in a fresh interpreter. `hide`: modules made unimportable first (as if not installed),
-    then the same entry point `python -m forgetcheck` runs."""
-    if hide:
-        code = (f"import sys, runpy; sys.modules.update(dict.fromkeys({list(hide)!r})); "
-                "sys.argv = ['forgetcheck'] + sys.argv[1:]; runpy.run_module('forgetcheck', run_name='__main__')")
-        argv = [sys.executable, "-c", code, *args]
-    else:
-        argv = [sys.executable, "-m", "forgetcheck", *args]
-    return subprocess.run((_no_dac() if no_dac else []) + argv, cwd=cwd, env=_env(env), capture_output=True,
-                          text=True, timeout=timeout)
-
 
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every path under `root` with its kind, mode and content hash (symlinks by target)."""
@@ -482,7 +448,7 @@ def _run_case(case: Case, root: Path, assets: dict) -> Outcome:
     args = [a.replace("{tmp}", str(tmp)).replace("{tasks}", str(assets["tasks"])) for a in case.args]
     before = snapshot(root)
     try:
-        r = cli(args, cwd=tmp, hide=case.hide, env=case.env, no_dac=case.no_dac)
+        r = forgetcheck_cli(*args, cwd=tmp, hide=case.hide, env=case.env, no_dac=case.no_dac, timeout=240)
     except subprocess.TimeoutExpired as e:
         return Outcome(tmp, None, before, snapshot(root), f"timed out after {e.timeout} s: not refused early")
     return Outcome(tmp, r, before, snapshot(root))

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bad_input import cli, plant_pickle, run_config, snapshot, user_data
+from conftest import forgetcheck_cli
+from test_bad_input import plant_pickle, run_config, snapshot, user_data
 
 from forgetcheck.errors import BadInput
 from forgetcheck.models import files, registry
@@ -66,7 +67,7 @@ def test_planted_pickle_in_resume_state_is_refused_and_never_runs(tmp_path, fc_h
     _pickle_is_live(rdir / "state.pt", marker)
 
     before = snapshot(tmp_path)
-    r = cli(["run", "--resume", str(run)], cwd=tmp_path)
+    r = forgetcheck_cli("run", "--resume", str(run), cwd=tmp_path)
     line = _one_line_exit_2(r)
     assert not marker.exists(), "the planted pickle ran its code on --resume"
     assert "state.pt" in line and "refused" in line, line
@@ -85,13 +86,13 @@ def test_planted_pickle_in_model_folder_is_refused_and_never_runs(tmp_path, tiny
     _pickle_is_live(model / "pytorch_model.bin", marker)
 
     before = snapshot(tmp_path)
-    r = cli(["eval", "--model", str(model), "--out", str(tmp_path / "out" / "m.json"), "--device", "cpu"],
+    r = forgetcheck_cli("eval", "--model", str(model), "--out", str(tmp_path / "out" / "m.json"), "--device", "cpu",
             cwd=tmp_path)
     line = _one_line_exit_2(r)
     assert "pickle" in line and "--convert" in line, line
     assert not marker.exists()
     # the offered conversion refuses it too, without running it
-    r = cli(["models", "--convert", str(model), "--out", str(tmp_path / "conv")], cwd=tmp_path)
+    r = forgetcheck_cli("models", "--convert", str(model), "--out", str(tmp_path / "conv"), cwd=tmp_path)
     assert "refused" in _one_line_exit_2(r)
     assert not marker.exists()
     assert snapshot(tmp_path) == before
@@ -106,7 +107,7 @@ def test_convert_copies_plain_pickle_weights_to_safetensors(tmp_path, tiny_ref):
     weights = load_file(str(model / "model.safetensors"))
     (model / "model.safetensors").unlink()
     torch.save(weights, model / "pytorch_model.bin")
-    r = cli(["models", "--convert", str(model), "--out", str(tmp_path / "conv")], cwd=tmp_path)
+    r = forgetcheck_cli("models", "--convert", str(model), "--out", str(tmp_path / "conv"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     back = load_file(str(tmp_path / "conv" / "model.safetensors"))
     assert set(back) == set(weights) and all(torch.equal(back[k], weights[k]) for k in weights)
