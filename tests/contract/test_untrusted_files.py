@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 import warnings
@@ -199,3 +200,114 @@ def test_resume_with_a_planted_dcp_payload_is_refused_by_the_cli_and_never_runs(
     assert not marker.exists(), "the planted payload ran on --resume"
     assert "__1_0.distcp" in line and "refused" in line and PLANTED_ITEM in line, line
     assert snapshot(tmp_path) == before
+
+
+# ---- eval cache and drift cache entries ------------------------------------------------------------------
+
+MC_TASK = "fc_fixture_mc"
+
+
+@pytest.fixture(scope="module")
+def eval_home(tmp_path_factory, tiny_ref, tasks_dir):
+    """A FORGETCHECK_HOME of this module's own (its eval cache holds only what these tests put there, the tiny
+    model linked in), and the first evaluation that fills its cache."""
+    home = tmp_path_factory.mktemp("evalhome")
+    (home / "models").mkdir()
+    (home / "models" / Path(tiny_ref.path).name).symlink_to(tiny_ref.path, target_is_directory=True)
+    work = tmp_path_factory.mktemp("evalwork")
+    r = _eval(home, work, work / "first" / "base.json", tasks_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return home, work
+
+
+def _eval(home: Path, cwd: Path, out: Path, tasks_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return cli(["eval", "--model", "tiny-gpt2", "--tasks-dir", str(tasks_dir), "--tasks", MC_TASK, "--limit", "6",
+                "--backend", "hf", "--device", "cpu", "--out", str(out), *extra], cwd=cwd,
+               env={"FORGETCHECK_HOME": str(home)})
+
+
+def _entry(home: Path, name: str) -> Path:
+    """The one cache entry of this module's home that holds `name` (result.json: a task, drift.json: drift)."""
+    found = [d for d in (home / "eval_cache").iterdir() if (d / name).exists()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _lose_lines(f: Path) -> None:
+    lines = f.read_text().splitlines(keepends=True)
+    f.write_text("".join(lines[:-2]))
+
+
+def _cut_mid_line(f: Path) -> None:
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 7])
+
+
+CACHE_DAMAGE = {
+    "result-truncated": ("result.json", _cut_mid_line),
+    "result-a-list": ("result.json", lambda f: f.write_text("[1, 2, 3]\n")),
+    "result-count-edited": ("result.json", lambda f: f.write_text(json.dumps({**json.loads(f.read_text()),
+                                                                             "n": 99}))),
+    "samples-lost-lines": ("samples.jsonl", _lose_lines),
+    "samples-cut-mid-line": ("samples.jsonl", _cut_mid_line),
+    "samples-not-records": ("samples.jsonl", lambda f: f.write_text("1\n2\n3\n4\n5\n6\n")),
+    "drift-topk-truncated": ("topk.npz", _cut_mid_line),
+    "drift-topk-garbage": ("topk.npz", lambda f: f.write_bytes(b"PK\x03\x04" + b"\x00" * 200)),
+    "drift-json-a-list": ("drift.json", lambda f: f.write_text("[]\n")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CACHE_DAMAGE))
+def test_a_damaged_cache_entry_is_rebuilt_with_one_note(case, eval_home, tasks_dir, tmp_path):
+    """The entry is checked against its own counts; when damaged it is scored again (one console note), the
+    evaluation exits 0 with the numbers of the first one, and the entry is whole again."""
+    home, work = eval_home
+    name, damage = CACHE_DAMAGE[case]
+    entry = _entry(home, "drift.json" if name in ("topk.npz", "drift.json") else "result.json")
+    whole = {f.name: f.read_bytes() for f in entry.iterdir()}
+    damage(entry / name)
+    out = tmp_path / "again" / "base.json"
+    r = _eval(home, tmp_path, out, tasks_dir)
+    detail = f"rc={r.returncode}\nstderr:\n{r.stderr[-3000:]}\nstdout:\n{r.stdout[-1500:]}"
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, detail
+    notes = [ln for ln in r.stdout.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and str(entry) in notes[0] and name in notes[0] and "damaged" in notes[0], detail
+    first = json.loads((work / "first" / "base.json").read_text())
+    again = json.loads(out.read_text())
+    assert again["tasks"][MC_TASK]["metrics"] == first["tasks"][MC_TASK]["metrics"]
+    n = first["tasks"][MC_TASK]["n"]
+    assert again["tasks"][MC_TASK]["n"] == n
+    assert len((out.parent / again["tasks"][MC_TASK]["samples"]).read_text().splitlines()) == n
+    assert again["drift"]["perplexity"] == first["drift"]["perplexity"]
+    assert (out.parent / again["drift"]["topk_file"]).read_bytes() == \
+        (work / "first" / first["drift"]["topk_file"]).read_bytes()
+    assert {f.name: f.read_bytes() for f in entry.iterdir()} == whole  # rebuilt whole, byte for byte
+
+
+def test_a_drift_cache_hit_names_this_runs_own_reference(eval_home, tasks_dir, tmp_path):
+    """Two run folders evaluate the same base and arm: the second's arm hits the drift cache filled by the
+    first, and its `drift.kl.reference_file` names its own base's top-k file, not the first run's."""
+    home, _ = eval_home
+    for run in ("a", "b"):
+        base = tmp_path / run / "eval" / "base.json"
+        assert _eval(home, tmp_path, base, tasks_dir).returncode == 0
+        r = _eval(home, tmp_path, tmp_path / run / "eval" / "arm.json", tasks_dir, "--reference", str(base))
+        assert r.returncode == 0, r.stderr[-3000:]
+        kl = json.loads((tmp_path / run / "eval" / "arm.json").read_text())["drift"]["kl"]
+        assert kl["reference_file"] == str(tmp_path / run / "eval" / "base.topk.npz"), kl
+
+
+def test_a_damaged_reference_topk_file_is_refused_with_one_line(eval_home, tasks_dir, tmp_path):
+    home, work = eval_home
+    base = tmp_path / "run" / "eval" / "base.json"
+    shutil.copytree(work / "first", base.parent)
+    npz = base.parent / "base.topk.npz"
+    _cut_mid_line(npz)
+    before = snapshot(tmp_path)
+    r = _eval(home, tmp_path, tmp_path / "run" / "eval" / "arm.json", tasks_dir, "--reference", str(base))
+    line = _one_line_exit_2(r)
+    assert str(npz) in line and "damaged" in line and "--reference" in line, line
+    after = snapshot(tmp_path)
+    # the top-k file is read once the model is known, after the command opened its log beside --out
+    after.pop("run/eval/arm.log.txt", None)
+    assert after == before
