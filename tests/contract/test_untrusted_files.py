@@ -311,3 +311,32 @@ def test_a_damaged_reference_topk_file_is_refused_with_one_line(eval_home, tasks
     # the top-k file is read once the model is known, after the command opened its log beside --out
     after.pop("run/eval/arm.log.txt", None)
     assert after == before
+
+
+# ---- built benchmark files ---------------------------------------------------------------------------------
+
+def test_a_benchmark_file_cut_mid_line_is_found_and_rebuilt(tmp_path, fc_home):
+    """A built benchmark file whose last line was cut mid-way (or that lost a line) is found on the next
+    command that needs the data, named in one note, and built again byte for byte."""
+    downloads = Path(fc_home) / "downloads"
+    if not downloads.exists():
+        pytest.skip("the source wheels are not cached (`make install` fetches them)")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "downloads").symlink_to(downloads.resolve(), target_is_directory=True)
+    data = user_data(tmp_path / "data")
+    env = {"FORGETCHECK_HOME": str(home)}
+    r = cli(["data", "prepare", str(data)], cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bench = home / "bench"
+    whole = {f.name: f.read_bytes() for f in bench.iterdir()}
+    for name, damage in (("winogrande.jsonl", _cut_mid_line), ("arc_easy.jsonl", _lose_lines)):
+        damage(bench / name)
+        r = cli(["data", "prepare", str(data)], cwd=tmp_path, env=env, timeout=600)
+        detail = f"rc={r.returncode}\nstderr:\n{r.stderr[-3000:]}\nstdout:\n{r.stdout[-1500:]}"
+        assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, detail
+        notes = [ln for ln in r.stdout.splitlines() if ln.startswith("note:")]
+        assert len(notes) == 1 and str(bench / name) in notes[0] and "damaged" in notes[0], detail
+        rebuilt = {f.name: f.read_bytes() for f in bench.iterdir()}
+        assert {k: v for k, v in rebuilt.items() if k != "manifest.json"} == \
+            {k: v for k, v in whole.items() if k != "manifest.json"}
