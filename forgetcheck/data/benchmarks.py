@@ -34,6 +34,7 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+from forgetcheck import console
 from forgetcheck.config import forgetcheck_home, repo_root
 from forgetcheck.data import overlap, probes, prose, standard_tasks
 from forgetcheck.data.sources import SOURCES, SourceUnavailable, Wheel, open_source
@@ -161,11 +162,40 @@ def _med_stamp() -> str | None:
 
 
 def is_bench_prepared() -> bool:
-    """Built by this version with every source present (a build that lost a source is retried) and its drift text
-    checked against the med data now prepared."""
+    """Built by this version with every source present (a build that lost a source is retried), its drift text
+    checked against the med data now prepared, and every built file whole (`damaged_file`)."""
     man = _manifest()
-    return (bool(man) and man.get("build_version") == BUILD_VERSION and not man.get("missing")
-            and (man.get("drift") or {}).get("checked_against_med") == _med_stamp())
+    if not (bool(man) and man.get("build_version") == BUILD_VERSION and not man.get("missing")
+            and (man.get("drift") or {}).get("checked_against_med") == _med_stamp()):
+        return False
+    damaged = damaged_file(man)
+    if damaged is not None:
+        console.say(f"note: benchmark file {bench_dir() / damaged[0]} is damaged ({damaged[1]}); building the "
+                    f"benchmark data again")
+        return False
+    return True
+
+
+def damaged_file(man: dict) -> tuple[str, str] | None:
+    """(file, why) of the first built file that is not what the manifest recorded: missing, a last line cut
+    mid-way, or another number of lines than items (a line lost or cut through its end); None when all are
+    whole. Counting lines reads every file once, with no JSON parsing, so it costs little on every run."""
+    files = man.get("files")
+    if not isinstance(files, dict) or not files:
+        return "manifest.json", "it lists no files"
+    for name, info in files.items():
+        if Path(name).name != name or not isinstance(info, dict):
+            return "manifest.json", f"its entry {name!r} is not a built file"
+        try:
+            data = (bench_dir() / name).read_bytes()
+        except OSError as e:
+            return name, f"cannot read it: {e.strerror or type(e).__name__}"
+        if data and not data.endswith(b"\n"):
+            return name, "its last line is cut mid-way"
+        lines = data.count(b"\n")
+        if lines != info.get("items"):
+            return name, f"{lines} lines, the build wrote {info.get('items')}"
+    return None
 
 
 def missing_tasks() -> dict[str, str]:

@@ -16,6 +16,7 @@ value is the mean over all scored positions (nats per token).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -148,10 +149,36 @@ def kl_topk(ref: dict, logp) -> Any:
     return kl.clamp_min(0.0)
 
 
-def load_reference(path: Path) -> dict:
-    """The reference distribution saved beside an earlier eval JSON (its `drift.topk_file`)."""
+TOPK_ARRAYS = ("input_ids", "topk_logp", "topk_idx", "tail_logp")
+
+
+def read_topk(npz: Path) -> tuple[dict | None, str | None]:
+    """(arrays, None) of a top-k file as `measure_drift` writes it, every array read whole and the shapes
+    agreeing with each other; (None, why) when it is damaged or not one (never unpickled)."""
+    import zipfile
+
     import numpy as np
 
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            missing = [k for k in TOPK_ARRAYS if k not in z.files]
+            if missing:
+                return None, f"no {missing[0]} array"
+            data = {k: z[k] for k in TOPK_ARRAYS}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        return None, f"not a readable .npz: {type(e).__name__}"
+    ids = data["input_ids"]
+    if ids.ndim != 2 or ids.shape[1] < 2 or ids.dtype.kind not in "iu":
+        return None, f"input_ids has shape {ids.shape} ({ids.dtype})"
+    positions = (ids.shape[0], ids.shape[1] - 1)
+    if data["tail_logp"].shape != positions or data["topk_logp"].shape[:2] != positions \
+            or data["topk_idx"].shape != data["topk_logp"].shape or data["topk_idx"].dtype.kind not in "iu":
+        return None, "its arrays' shapes do not agree"
+    return data, None
+
+
+def load_reference(path: Path) -> dict:
+    """The reference distribution saved beside an earlier eval JSON (its `drift.topk_file`)."""
     path = Path(path)
     doc = require(read_json(path), "eval", str(path))
     rel = (doc.get("drift") or {}).get("topk_file")
@@ -161,13 +188,37 @@ def load_reference(path: Path) -> dict:
         raise BadInput(f"--reference {path}: no top-k distribution file beside it ({rel or 'none recorded'}); "
                        f"re-run `forgetcheck eval` on the reference model")
     npz = path.parent / rel
-    with np.load(npz) as z:
-        data = {k: z[k] for k in z.files}
+    data, why = read_topk(npz)
+    if data is None:
+        raise BadInput(f"--reference {path}: its top-k distribution file {npz} is damaged ({why}); re-run "
+                       f"`forgetcheck eval` on the reference model")
     data["file"] = str(npz)
     data["hash"] = file_sha256(npz)[:16]
     data["model"] = (doc.get("model") or {}).get("name")
     data["text_source"] = str((doc.get("drift") or {}).get("text", {}).get("source", ""))
     return data
+
+
+def _cached_drift(d: Path, with_kl: bool) -> dict | None:
+    """The drift record of a whole cache entry (drift.json and a readable topk.npz); None when there is none.
+    A damaged entry is reported in one line and read as a miss, so it is measured and written again."""
+    if not (d / "drift.json").is_file() or not (d / "topk.npz").is_file():
+        return None
+    try:
+        drift = json.loads((d / "drift.json").read_text(encoding="utf-8"))
+        why = None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        drift, why = None, f"drift.json is not readable JSON: {type(e).__name__}"
+    if why is None and (not isinstance(drift, dict) or not isinstance(drift.get("blocks"), dict)
+                        or with_kl and not isinstance(drift.get("kl"), dict)):
+        why = "drift.json is not a drift record"
+    if why is None:
+        why = read_topk(d / "topk.npz")[1]
+        why = why and f"topk.npz: {why}"
+    if why is None:
+        return drift
+    console.say(f"note: drift cache entry {d} is damaged ({why}); measuring drift again")
+    return None
 
 
 def measure_drift(load_model: Callable[[], tuple[Any, Any]], cache_entry: Callable[..., Path], out_file: Path,
@@ -189,8 +240,10 @@ def measure_drift(load_model: Callable[[], tuple[Any, Any]], cache_entry: Callab
                     text=hashlib.sha256(ids.tobytes() if ids is not None else "\x00".join(texts).encode()
                                         ).hexdigest())
     t0 = time.perf_counter()
-    if (d / "drift.json").is_file() and (d / "topk.npz").is_file():
-        drift = read_json(d / "drift.json")
+    drift = _cached_drift(d, ref is not None)
+    if drift is not None:
+        if ref is not None:  # the entry may be another run's: the reference is this run's own file
+            drift["kl"] = {**drift["kl"], "reference": ref["model"], "reference_file": ref["file"]}
         console.detail(f"  drift: cache hit ({d})")
         timing = {"cached": True, "wall_s": round(time.perf_counter() - t0, 3)}
     else:

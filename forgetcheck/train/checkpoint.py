@@ -177,9 +177,17 @@ def check_resume_state(rdir: Path) -> None:
     if world == 1:
         state_file_globals(rdir, rdir / STATE_FILE)
     else:
-        check_dcp_metadata(rdir, rdir / "dcp")
+        check_dcp(rdir, rdir / "dcp")
         for rank in range(world):
             state_file_globals(rdir, rdir / f"rank{rank}.pt")
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The line of a weights-only refusal that names what was refused (torch wraps it in advice to load
+    with weights_only=False, which is exactly what must not happen)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    return next((ln for ln in lines if "WeightsUnpickler error" in ln or "unsupported GLOBAL" in ln),
+                lines[0])[:200]
 
 
 def load_state_file(rdir: Path, f: Path) -> dict:
@@ -203,9 +211,7 @@ def load_state_file(rdir: Path, f: Path) -> dict:
         with torch.serialization.safe_globals(classes):
             blob = torch.load(f, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        why = next((ln.strip() for ln in lines if "WeightsUnpickler error" in ln), lines[0])[:200]
-        raise _refuse(rdir, f, f"not plain tensors and values: {why}") from None
+        raise _refuse(rdir, f, f"not plain tensors and values: {_unpickler_reason(e)}") from None
     if not isinstance(blob, dict):
         raise _refuse(rdir, f, "not a resume state dict")
     return blob
@@ -214,10 +220,10 @@ def load_state_file(rdir: Path, f: Path) -> dict:
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 
 
-def check_dcp_metadata(rdir: Path, dcp_dir: Path) -> None:
+def check_dcp_metadata(rdir: Path, dcp_dir: Path):
     """torch.distributed.checkpoint reads its `.metadata` with plain pickle. Before letting it, unpickle the file
     with an allow-list (DCP's own metadata classes, torch.Size, dtypes, layouts, paths): a file naming any other
-    global is refused without anything being called."""
+    global is refused without anything being called. Returns the checked metadata."""
     import pathlib
     import pickle
 
@@ -249,11 +255,106 @@ def check_dcp_metadata(rdir: Path, dcp_dir: Path) -> None:
     f = Path(dcp_dir) / ".metadata"
     try:
         with open(f, "rb") as fh:
-            _Checked(fh).load()
+            metadata = _Checked(fh).load()
     except FileNotFoundError:
         raise _refuse(rdir, f, "missing") from None
     except Exception as e:  # noqa: BLE001 - anything a hostile or damaged pickle raises is a refusal
         raise _refuse(rdir, f, f"{type(e).__name__}: {str(e)[:160]}") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict) \
+            or not isinstance(metadata.state_dict_metadata, dict):
+        raise _refuse(rdir, f, "not a distributed-checkpoint metadata record")
+    return metadata
+
+
+def _dcp_item_file(rdir: Path, dcp_dir: Path, fqn: str, info) -> Path:
+    """The shard file one stored item lives in: a plain file directly inside the dcp folder, read raw (no
+    stream transform), at a byte range that exists."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    meta = Path(dcp_dir) / ".metadata"
+    if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str):
+        raise _refuse(rdir, meta, f"item {fqn} has no storage record")
+    name = info.relative_path
+    if Path(name).name != name or name in ("", ".", "..") or "\x00" in name:
+        raise _refuse(rdir, meta, f"item {fqn} is stored at {name!r}, outside {dcp_dir}")
+    f = Path(dcp_dir) / name
+    if f.is_symlink() or not f.is_file():
+        raise _refuse(rdir, f, f"item {fqn}: not a plain file of the checkpoint")
+    if info.transform_descriptors:  # forgetcheck writes none; a transform is code chosen by the file
+        raise _refuse(rdir, meta, f"item {fqn} asks for stream transforms {list(info.transform_descriptors)}")
+    ints = (info.offset, info.length)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints) \
+            or info.offset + info.length > f.stat().st_size:
+        raise _refuse(rdir, f, f"item {fqn}: byte range {ints} is not inside the file")
+    return f
+
+
+def _load_weights_only(data: bytes, rdir: Path, f: Path, fqn: str):
+    """One non-tensor item of a distributed checkpoint (a learning rate, betas, a flag), unpickled by torch's
+    weights-only unpickler: plain values and tensors only, nothing called."""
+    import io
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise _refuse(rdir, f, f"item {fqn} is not a plain value: {_unpickler_reason(e)}") from None
+
+
+def check_dcp(rdir: Path, dcp_dir: Path) -> None:
+    """Everything of a distributed checkpoint that would be unpickled, checked without running it: the
+    `.metadata` (check_dcp_metadata), and every non-tensor item (DCP itself would `torch.load` those with
+    weights_only=False), each read from its byte range and unpickled weights-only. Tensor items DCP already
+    loads weights-only; their file and byte range are checked here too."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = check_dcp_metadata(rdir, dcp_dir)
+    for index, info in metadata.storage_data.items():
+        fqn = getattr(index, "fqn", None)
+        f = _dcp_item_file(rdir, dcp_dir, fqn, info)
+        if isinstance(metadata.state_dict_metadata.get(fqn), BytesStorageMetadata):
+            with open(f, "rb") as fh:
+                fh.seek(info.offset)
+                _load_weights_only(fh.read(info.length), rdir, f, fqn)
+
+
+def _weights_only_planner(rdir: Path, dcp_dir: Path):
+    """DCP's default load planner with its one unsafe step replaced: non-tensor items are unpickled
+    weights-only (DefaultLoadPlanner.load_bytes uses `torch.load(weights_only=False)`)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            fqn = read_item.dest_index.fqn
+            obj = _load_weights_only(value.read(), rdir, Path(dcp_dir), fqn)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return WeightsOnlyLoadPlanner()
+
+
+def _dcp_load(sd: dict, rdir: Path, dcp_dir: Path) -> None:
+    """dcp.load with the weights-only planner; a refusal raised inside it (DCP wraps each rank's exception in
+    a CheckpointException, a BaseException) comes out as that refusal."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(sd, checkpoint_id=str(dcp_dir), planner=_weights_only_planner(rdir, dcp_dir))
+    except CheckpointException as e:
+        failures = [exc for exc, _ in e.failures.values()]
+        refused = next((exc for exc in failures if isinstance(exc, BadInput)), None)
+        if refused is not None:
+            raise refused from None
+        first = next(iter(failures), e)
+        raise RuntimeError(f"{type(first).__name__}: {first}") from None
 
 
 def _rng_state() -> dict:
@@ -323,13 +424,12 @@ def load_resume(rdir: Path, model, optimizer, scheduler, scaler, *, world: int, 
             model.load_state_dict(blob["model"])
             optimizer.load_state_dict(blob["optimizer"])
         else:
-            import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-            check_dcp_metadata(rdir, rdir / "dcp")
+            check_dcp(rdir, rdir / "dcp")
             msd, osd = get_state_dict(model, optimizer)
             sd = {"model": msd, "optimizer": osd}
-            dcp.load(sd, checkpoint_id=str(rdir / "dcp"))
+            _dcp_load(sd, rdir, rdir / "dcp")
             set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
             blob = load_state_file(rdir, rdir / f"rank{rank}.pt")
         scheduler.load_state_dict(blob["scheduler"])
