@@ -8,6 +8,7 @@ changed as asked: `flips={(arm, task): (right_to_wrong, wrong_to_right)}` for mu
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -177,3 +178,25 @@ def make_run(root: Path, *, arms=("sft", "cpt"), tasks: dict | None = None, n: i
                            "measured_peak_bytes": 2.61e9, "method": "VmHWM (/proc/self/status)"},
                 "config": {"seq_len": seq_len}, "checkpoint": f"ckpt/{arm}"})
     return run
+
+
+def lower_target(run: RunDir, arm: str, task: str, nats: float) -> None:
+    """Lower the log-likelihood of the right choice by `nats` in every item of `arm`'s records of `task`: a soft
+    accuracy drop that varies from item to item (it depends on the other choices) and, below 0.5 nats, flips no
+    item (make_run puts the right choice 0.5 nats from the best other)."""
+    path = run.samples_dir(arm) / f"{task}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        r["loglikelihoods"][r["target"]] -= nats
+    atomic_write_jsonl(path, rows)
+
+
+def keep_drift_blocks(run: RunDir, count: int) -> None:
+    """Keep only the first `count` blocks of the drift text in every eval file of the run (a drift text that short)."""
+    for path in sorted((run.root / "eval").glob("*.json")):
+        doc = json.loads(path.read_text())
+        blocks = doc["drift"]["blocks"]
+        for key in ("sequence", "nll", "kl"):
+            if key in blocks:
+                blocks[key] = blocks[key][:count]
+        atomic_write_json(path, doc)

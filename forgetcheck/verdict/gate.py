@@ -15,6 +15,9 @@ inconclusive when the run cannot tell (docs/verdicts.md has every rule and the v
   text (percent) and the mean KL from the base (nats per token), with the same three outcomes against
   `max_ppl_rise` / `max_kl`.
 - `coverage`: an arm with no gated retention task FAILs (a gate that checked nothing must not pass).
+- too little evidence: a rule whose estimate rests on fewer than `stats.MIN_PAIRED` paired units (items,
+  clusters, drift blocks; for a mean, any of its tasks), or on units that all moved by exactly the same amount,
+  is INCONCLUSIVE with that reason (`Estimate.evidence_gap`), never PASS or FAIL.
 
 An arm PASSes when every one of its rules passes (an intersection-union test: no multiplicity correction is
 needed for PASS), FAILs when one fails, else is INCONCLUSIVE; the release likewise over the arms. Retention
@@ -45,7 +48,7 @@ from forgetcheck.schema import (
 )
 from forgetcheck.verdict.policy import as_policy, check_keys, resolve_policy
 from forgetcheck.verdict.rollup import gated_tasks
-from forgetcheck.verdict.stats import Estimate, estimate_from_dict, holm, round_up
+from forgetcheck.verdict.stats import MIN_PAIRED, Estimate, estimate_from_dict, holm, round_up
 from forgetcheck.verdict.text import _f, _p, signed, to_junit, to_markdown
 
 EXIT = {"pass": 0, "fail": 1, "inconclusive": 4}
@@ -62,6 +65,22 @@ def _three(lower_bad: float, upper_bad: float, margin: float) -> str:
 
 def _est(d: dict | None) -> Estimate | None:
     return None if not d or d["se"] is None else estimate_from_dict(d)
+
+
+def _mean_gap(est: Estimate, tasks: dict, mean: dict, arm: str, metric: str) -> str | None:
+    """Why a suite mean cannot decide a rule: its own `evidence_gap`, else the first of its tasks' (the mean's
+    variance is the sum of theirs, so it is no better founded than the least-founded task)."""
+    gap = est.evidence_gap()
+    if gap:
+        return gap
+    for name in mean.get("tasks") or []:
+        if name not in tasks or arm not in tasks[name]["arms"]:
+            continue
+        part = _est(tasks[name]["arms"][arm][metric])
+        part_gap = part.evidence_gap() if part is not None else None
+        if part_gap:
+            return f"{name}: {part_gap}"
+    return None
 
 
 def _rule(rule: str, arm: str | None, status: str, reason: str, task: str | None = None, **values) -> dict:
@@ -143,8 +162,16 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
                                "per-item records, so the drop cannot be bounded or tested (re-run `forgetcheck eval`)",
                                name, drop=drop, max_drop=pol.max_drop, metric=used))
             continue
-        p_fail[name] = est.p_above(-pol.max_drop)
         task_power[name] = {"n": est.n, "mde": est.mde(alpha), "items_needed": est.items_needed(pol.max_drop, alpha)}
+        gap = est.evidence_gap()
+        if gap:
+            task_power[name]["evidence"] = gap
+            drop = 0.0 - est.point
+            rules.append(_rule("task_drop", arm, "inconclusive", f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop "
+                               f"{signed(drop)} points): {gap}", name, drop=drop, n=est.n, min_paired=MIN_PAIRED,
+                               max_drop=pol.max_drop, metric=used))
+            continue
+        p_fail[name] = est.p_above(-pol.max_drop)
         pending.append((name, est, used, label, base_s, arm_s))
     adj = holm(p_fail)
     for name, est, used, label, base_s, arm_s in pending:
@@ -196,8 +223,13 @@ def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tup
     if est is None:
         return [_rule("retention_mean", arm, "inconclusive", f"{head}): some tasks lack per-item records, so the "
                       "mean drop cannot be bounded", drop=drop, max_mean_drop=pol.max_mean_drop)], None
-    up, lo = -est.lower(alpha), -est.upper(alpha)
     power = {"n": est.n, "mde": est.mde(alpha), "items_needed": est.items_needed(pol.max_mean_drop, alpha)}
+    gap = _mean_gap(est, compare["tasks"], ret, arm, pol.metric)
+    if gap:
+        power["evidence"] = gap
+        return [_rule("retention_mean", arm, "inconclusive", f"{head}): {gap}", drop=drop, n=est.n,
+                      min_paired=MIN_PAIRED, max_mean_drop=pol.max_mean_drop, metric=pol.metric)], power
+    up, lo = -est.lower(alpha), -est.upper(alpha)
     st = _three(lo, up, pol.max_mean_drop)
     nums = f"{head}, {_side(alpha)} bounds [{signed(lo)}, {signed(up)}])"
     why = {"pass": f"a mean drop beyond {pol.max_mean_drop:g} points is ruled out",
@@ -222,6 +254,10 @@ def domain_gain_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[d
     if est is None:
         return [_rule("domain_gain", arm, "inconclusive", f"domain mean gain {signed(g)} points has no interval "
                       "(no per-item records)", gain=g, min_domain_gain=need)]
+    gap = _mean_gap(est, compare["tasks"], dom, arm, pol.metric)
+    if gap:
+        return [_rule("domain_gain", arm, "inconclusive", f"domain mean gain {signed(g)} points: {gap}", gain=g,
+                      n=est.n, min_paired=MIN_PAIRED, min_domain_gain=need)]
     lo, up = est.lower(alpha), est.upper(alpha)
     st = "pass" if lo >= need else ("fail" if up < need else "inconclusive")
     nums = (f"domain mean {_metric_label(pol.metric)} {_f(dom['base_mean'])} -> {_f(dom['arm_mean'])} "
@@ -254,8 +290,13 @@ def drift_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tuple[list[d
             rules.append(_rule(rule, arm, "inconclusive", f"{what}: not measured with an interval (needs per-block "
                                "drift values in both eval files: re-run `forgetcheck eval`)", **{f"max_{rule}": limit}))
             continue
-        lo, up = est.lower(alpha), est.upper(alpha)
         digits = 1 if rule == "ppl_rise" else 3
+        gap = est.evidence_gap("block(s) of the drift text")
+        if gap:
+            rules.append(_rule(rule, arm, "inconclusive", f"{what} {est.point:.{digits}f}{unit}: {gap}",
+                               value=est.point, n=est.n, min_paired=MIN_PAIRED, limit=limit))
+            continue
+        lo, up = est.lower(alpha), est.upper(alpha)
         st = _three(lo, up, limit)
         nums = f"{what} {est.point:.{digits}f}{unit} ({_side(alpha)} bounds [{lo:.{digits}f}, {up:.{digits}f}])"
         why = {"pass": f"ruled out above {limit:g}{unit}", "fail": f"above {limit:g}{unit}",
@@ -356,6 +397,11 @@ def _power(task_power: dict, mean_power: dict | None, pol: GateConfig) -> dict:
         needs.append(mean_power["items_needed"])
     out.update(n=n, mde=mde, items_needed=max(needs) if needs else None,
                mean_mde=mean_power["mde"] if mean_power else None)
+    gaps = [f"{name}: {v['evidence']}" for name, v in task_power.items() if "evidence" in v]
+    if mean_power and "evidence" in mean_power:
+        gaps.append(f"retention mean: {mean_power['evidence']}")
+    if gaps:
+        out["evidence"] = gaps
     return out
 
 
@@ -369,6 +415,13 @@ def _overall_sentence(arms: dict, pol: GateConfig) -> str:
     mde = max(p["mde"] for p in have)
     mean_mdes = [p["mean_mde"] for p in have if p["mean_mde"] is not None]
     needs = [p["items_needed"] for p in have if p["items_needed"] is not None]
+    gaps = [g for p in have for g in p.get("evidence", [])]
+    if gaps:
+        s = gaps[0]
+        if needs:
+            s += (f"; about {round_up(max(needs)):,} items per task would decide at {pol.max_drop:g} points per "
+                  f"task and {pol.max_mean_drop:g} for the mean")
+        return s
     what = "soft-accuracy" if pol.metric == "soft" else "accuracy"
     s = f"{n} items per task can only rule out {what} drops larger than {mde:.1f} points"
     if mean_mdes:

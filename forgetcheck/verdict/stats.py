@@ -24,6 +24,10 @@ where that happens. How the centre and standard error are obtained depends on th
   of two arms is a statement about the methods, not about one training run each.
 
 One-sided bounds at level 1 - alpha (used by the gate) are the ends of the two-sided 1 - 2 alpha interval.
+Every one of these intervals is a large-sample interval: with a handful of paired units (clusters, items or drift
+blocks) the bootstrap standard error shrinks to nothing (0 for one item, or whenever every unit moved by the same
+amount) and the normal quantile is too narrow, so an estimate from fewer than `MIN_PAIRED` units, or with zero
+spread around a change, says so (`Estimate.evidence_gap`) and the gate decides nothing from it.
 Power: a change of zero is ruled out at margin M with 80% power when M >= (z_{1-alpha} + z_{0.8}) * se;
 that margin is the minimal detectable drop (MDE), and since se shrinks as 1/sqrt(n) the items needed to decide
 at margin M are n * (MDE / M)^2.
@@ -41,6 +45,11 @@ import numpy as np
 from scipy.stats import binom, norm
 
 POWER = 0.8
+MIN_PAIRED = 6
+"""Fewest paired units (clusters of items, else items; blocks of the drift text) an estimate needs before a rule
+may PASS or FAIL on it: from 6 on, a one-sided 95% bound from the plug-in bootstrap standard error and the normal
+quantile errs at most twice as often as it should for normally distributed differences (9.7% at 6, 10.8% at 5,
+15.6% at 3; docs/verdicts.md, "Small samples")."""
 
 
 def z(q: float) -> float:
@@ -95,13 +104,35 @@ class Estimate:
         return (z(1 - alpha) + z(power)) * self.se
 
     def items_needed(self, margin: float, alpha: float, power: float = POWER) -> int | None:
-        """Items (same design) at which the MDE equals `margin` (None when it cannot be said)."""
+        """Items (same design) at which the MDE equals `margin` (None when it cannot be said); with fewer than
+        `MIN_PAIRED` units, never fewer items than hold that many."""
         if margin <= 0 or self.n <= 0:
             return None
         m = self.mde(alpha, power)
-        if m == 0:
-            return self.n
-        return int(math.ceil(self.n * (m / margin) ** 2))
+        need = self.n if m == 0 else int(math.ceil(self.n * (m / margin) ** 2))
+        if self.units < MIN_PAIRED:
+            need = max(need, int(math.ceil(MIN_PAIRED * self.n / max(self.units, 1))))
+        return need
+
+    # -- whether the estimate can decide at all -----------------------------------------------------------
+    @property
+    def units(self) -> int:
+        """The independent paired units the standard error rests on: clusters when items share a source."""
+        return self.clusters if self.clusters is not None else self.n
+
+    def evidence_gap(self, unit: str = "paired item(s)") -> str | None:
+        """Why no rule may PASS or FAIL on this estimate ("not enough evidence: ..."), or None when it may:
+        fewer than `MIN_PAIRED` units (`unit` names them), or no spread at all around a change (every unit
+        moved by exactly the same amount: the interval has zero width). No spread around no change (every unit
+        exactly as the base's, e.g. an unchanged copy) is not a gap: the interval [0, 0] is what the data say."""
+        what = f"{self.units} cluster(s) of paired items" if self.clusters is not None else f"{self.n} {unit}"
+        if self.units < MIN_PAIRED:
+            return (f"not enough evidence: {what}, fewer than the minimum of {MIN_PAIRED} a rule needs to PASS or "
+                    'FAIL (docs/verdicts.md, "Small samples")')
+        if self.se <= 0 and self.center != 0:
+            return (f"not enough evidence: each of the {what} moved by exactly {self.center:+.3g}, so the spread "
+                    'is zero and the interval has no width (docs/verdicts.md, "Small samples")')
+        return None
 
     def to_dict(self, alpha: float) -> dict:
         d = asdict(self)
