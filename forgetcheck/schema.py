@@ -496,7 +496,7 @@ def read_history(path: Path) -> dict:
     return history_doc(require(read_json(path), "history", str(path)))
 
 
-GATE_POWER_ARM_DEFAULTS = {"tasks": {}, "mean": None, "n": None, "mde": None, "items_needed": None,
+GATE_POWER_ARM_DEFAULTS = {"evidence": [], "tasks": {}, "mean": None, "n": None, "mde": None, "items_needed": None,
                            "mean_mde": None}
 
 

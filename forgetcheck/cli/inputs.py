@@ -231,10 +231,10 @@ def resolve_eval(model: str, ev: config.EvalConfig, out: Path, *, device: str = 
                  tasks_dir: Path | None = None, device_map: str | None = None) -> Inputs:
     """`forgetcheck eval`: one model, one eval JSON; every input refused before a model is loaded and before
     anything is written. Under an external launcher every rank scores its share of the items."""
+    from forgetcheck.eval.drift import load_reference
     from forgetcheck.eval.suites import task_problems
     from forgetcheck.models import registry
-    from forgetcheck.rundir import check_output_file, read_json
-    from forgetcheck.schema import require
+    from forgetcheck.rundir import check_output_file
     from forgetcheck.train import sharding
 
     ranks = sharding.external_ranks()
@@ -248,7 +248,8 @@ def resolve_eval(model: str, ev: config.EvalConfig, out: Path, *, device: str = 
     dev = _collect(problems, lambda: _device(device))
     _collect(problems, lambda: check_output_file(Path(out), "--out"))
     if reference is not None:
-        _collect(problems, lambda: require(read_json(reference), "eval", f"--reference {reference}"))
+        # the eval file and its top-k file, read whole now: a damaged one is refused before anything is written
+        _collect(problems, lambda: load_reference(reference))
     if not problems:
         problems += task_problems(ev, tasks_dir)
     config.check(problems)

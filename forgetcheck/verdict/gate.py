@@ -73,7 +73,7 @@ def _mean_gap(est: Estimate, tasks: dict, mean: dict, arm: str, metric: str) -> 
     gap = est.evidence_gap()
     if gap:
         return gap
-    for name in mean.get("tasks") or []:
+    for name in mean["tasks"]:
         if name not in tasks or arm not in tasks[name]["arms"]:
             continue
         part = _est(tasks[name]["arms"][arm][metric])
@@ -415,7 +415,7 @@ def _overall_sentence(arms: dict, pol: GateConfig) -> str:
     mde = max(p["mde"] for p in have)
     mean_mdes = [p["mean_mde"] for p in have if p["mean_mde"] is not None]
     needs = [p["items_needed"] for p in have if p["items_needed"] is not None]
-    gaps = [g for p in have for g in p.get("evidence", [])]
+    gaps = [g for p in have for g in p["evidence"]]
     if gaps:
         s = gaps[0]
         if needs:
