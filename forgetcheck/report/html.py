@@ -315,11 +315,11 @@ def build_view(run: RunDir) -> dict[str, Any]:
 def check_sections(run: RunDir) -> dict[str, Any]:
     """What `forgetcheck check` adds (templates/check.html.j2): the comparison against the previous release
     (history.json) and the lm-eval items present on one side only (pairing.json)."""
-    from forgetcheck.eval import pairing as lmeval_pairing
+    from forgetcheck.eval.pairing import load_pairing, one_sided_lines
     from forgetcheck.verdict import history
 
-    pairing = lmeval_pairing.load_pairing(run.root / "pairing.json")
-    return {"history": history.view(run), "one_sided": lmeval_pairing.one_sided_lines(pairing) if pairing else []}
+    pairing = load_pairing(run.root / "pairing.json")
+    return {"history": history.view(run), "one_sided": one_sided_lines(pairing) if pairing else []}
 
 
 # ---- filters -------------------------------------------------------------------------------------------

@@ -151,9 +151,9 @@ def build_rows(arm: str, tok, data_path: Path, cfg: config.TrainConfig, n_rows: 
     records = domain.read_sft(data_path)
     replay = None
     if arm == "replay":
-        from forgetcheck.data import replay as general_text
+        from forgetcheck.data.replay import load as load_replay_text
 
-        replay = Replay(replay_pieces(tok, general_text.load(), max(8, cfg.seq_len // 2), cfg.data_seed),
+        replay = Replay(replay_pieces(tok, load_replay_text(), max(8, cfg.seq_len // 2), cfg.data_seed),
                         cfg.replay_frac)
     return pack(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss), len(records), n_rows,
                 cfg.seq_len, cfg.data_seed, replay=replay)

@@ -11,10 +11,10 @@ import pytest
 from planted import TASK_YAML
 
 from forgetcheck import config
-from forgetcheck.cli import run as pipeline
+from forgetcheck.cli.run import run_pipeline
 from forgetcheck.eval import runner
 from forgetcheck.models import registry
-from forgetcheck.report import html as report
+from forgetcheck.report.html import write_report
 from forgetcheck.rundir import RunDir, read_json
 from forgetcheck.train import loop
 from forgetcheck.verdict import compare, gate
@@ -58,7 +58,7 @@ def _comparable(compare_json: Path) -> dict:
 def finished_run(tmp_path_factory, fc_home):
     tmp = tmp_path_factory.mktemp("pipeline")
     data = _user_data(tmp / "data")
-    code = pipeline.run_pipeline(_cfg(tmp, "uninterrupted", data))
+    code = run_pipeline(_cfg(tmp, "uninterrupted", data))
     return tmp, data, RunDir(tmp / "runs" / "uninterrupted"), code
 
 
@@ -117,14 +117,14 @@ def test_interrupted_run_resumes_to_the_same_compare(finished_run, monkeypatch):
 
     monkeypatch.setattr(loop, "train_arm", crashing)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_pipeline(_cfg(tmp, "interrupted", data))
+        run_pipeline(_cfg(tmp, "interrupted", data))
     run = RunDir(tmp / "runs" / "interrupted")
     assert run.train_json("sft").exists() and not run.train_json("cpt").exists()
     assert not run.compare.exists()
     assert (run.root / "ckpt" / "cpt.resume").exists(), "no resumable checkpoint was left behind"
 
     monkeypatch.setattr(loop, "train_arm", real_train_arm)
-    pipeline.run_pipeline(config.RunConfig(), resume=run.root)  # flags are ignored: config.json wins
+    run_pipeline(config.RunConfig(), resume=run.root)  # flags are ignored: config.json wins
     assert _comparable(run.compare) == _comparable(done.compare)
 
 
@@ -178,7 +178,7 @@ def test_planted_regression_fails_and_unchanged_copy_passes(tmp_path, tiny_ref):
     failed = [r for r in verdict["rules"] if r["arm"] == "damaged" and r["status"] == "fail"]
     assert any(r.get("task") == "planted" and "planted" in r["reason"] for r in failed)
 
-    html = report.write_report(run).read_text()
+    html = write_report(run).read_text()
     assert "<script>alert(" not in html and "&lt;script&gt;alert(" in html
 
 
@@ -188,7 +188,7 @@ def test_keep_uninformative_scores_the_arms_on_every_task_and_a_task_left_unscor
     tmp, data, done, _ = finished_run
     cfg = _cfg(tmp, "keep", data)
     cfg = config.RunConfig(**{**cfg.__dict__, "gate": config.GateConfig(keep_uninformative=True)})
-    assert pipeline.run_pipeline(cfg) == 0
+    assert run_pipeline(cfg) == 0
     run = RunDir(tmp / "runs" / "keep")
     for arm in ("sft", "cpt"):
         assert "skipped" not in read_json(run.eval_json(arm))

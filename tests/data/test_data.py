@@ -10,7 +10,7 @@ import pytest
 from conftest import forgetcheck_cli
 
 from forgetcheck.data import domain
-from forgetcheck.data import med as med_builder
+from forgetcheck.data.med import build_med, regex_tokens
 from forgetcheck.errors import BadInput
 
 
@@ -31,7 +31,7 @@ def test_med_sizes_and_manifest(med):
     sft = domain.read_sft(d.sft)
     cpt = domain.read_cpt(d.cpt)
     assert len(sft) >= 5000
-    cpt_tokens = sum(med_builder.regex_tokens(r["text"]) for r in cpt)
+    cpt_tokens = sum(regex_tokens(r["text"]) for r in cpt)
     assert cpt_tokens >= 300_000
     # The manifest states what is in the files.
     assert man["sft"]["pairs"] == len(sft)
@@ -82,7 +82,7 @@ def test_prepare_is_idempotent_and_deterministic(med, tmp_path):
     assert (d.root / "sft.jsonl").stat().st_mtime_ns == before
     rebuilt = tmp_path / "again"
     rebuilt.mkdir()
-    med_builder.build_med(rebuilt, model_tokens=False)
+    build_med(rebuilt, model_tokens=False)
     for f in ("sft.jsonl", "cpt.jsonl", "heldout.jsonl", "heldout_mc.jsonl"):
         digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (d.root / f, rebuilt / f)]
         assert digest[0] == digest[1], f

@@ -12,7 +12,7 @@ import yaml
 
 from forgetcheck.config import repo_root
 from forgetcheck.data import benchmarks, overlap, probes, sources
-from forgetcheck.data import domain as data
+from forgetcheck.data.domain import prepare_dataset
 from forgetcheck.errors import BadInput
 
 TASKS = repo_root() / "tasks"
@@ -30,7 +30,7 @@ def _lines(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def bench(fc_home):
     # no skip when a source is absent: prepare fetches it, and a source that cannot be had fails here
-    data.prepare_dataset("med")
+    prepare_dataset("med")
     man = benchmarks.prepare_bench()
     assert not man["missing"], man["lines"]
     return man

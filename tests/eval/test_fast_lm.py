@@ -285,9 +285,9 @@ def suite_tasks_dir(tmp_path: Path) -> tuple[Path, list[str]]:
     """The project's task YAMLs rendered against the session's benchmark data, built here when missing (a
     source that cannot be had fails the test: no skip)."""
     from forgetcheck.data import benchmarks
-    from forgetcheck.data import domain as data
+    from forgetcheck.data.domain import prepare_dataset
 
-    data.prepare_dataset("med")
+    prepare_dataset("med")
     man = benchmarks.prepare_bench()
     assert not man["missing"], man["lines"]
     names = benchmarks.suite_tasks("retention") + benchmarks.suite_tasks("domain")

@@ -191,13 +191,13 @@ def test_front_and_interpolation_curve_in_the_report(tmp_path):
 
     from runfixture import make_run
 
-    from forgetcheck.report import html as report
+    from forgetcheck.report import html
     from forgetcheck.verdict.compare import compare_run
     from forgetcheck.verdict.gate import gate_run
 
     pts = [{"arm": a, "f": f, "l": ln, "f_missing": False, "l_missing": False}
            for a, f, ln in (("sft", 3.0, 5.0), ("lora", 1.0, 2.0), ("replay", 2.0, 1.0), ("cpt", 0.5, 0.0))]
-    assert report.front_arms(pts) == {"sft", "lora", "cpt"}  # replay: lora learns more and forgets less
+    assert html.front_arms(pts) == {"sft", "lora", "cpt"}  # replay: lora learns more and forgets less
     arms_ = ("sft", "cpt", "lora", "wise-0.25", "wise-0.5", "wise-0.75")
     run = make_run(tmp_path / "run", arms=arms_, n=80,
                    flips={("sft", "ret_mmlu"): (20, 0), ("wise-0.75", "ret_mmlu"): (12, 0),
@@ -205,11 +205,11 @@ def test_front_and_interpolation_curve_in_the_report(tmp_path):
                           ("wise-0.5", "dom_terms"): (0, 12), ("lora", "dom_terms"): (0, 4)})
     compare_run(run, n_boot=300)
     gate_run(run.root)
-    html = report.write_report(run).read_text(encoding="utf-8")
-    chart = html[html.index('id="chart-learn-forget"'):]
+    page = html.write_report(run).read_text(encoding="utf-8")
+    chart = page[page.index('id="chart-learn-forget"'):]
     chart = chart[:chart.index("</svg>")]
     curve = re.search(r'id="wise-curve" points="([^"]+)"', chart)
     assert curve and len(curve.group(1).split()) == 5  # base, wise-0.25, wise-0.5, wise-0.75, sft
-    view = report.learn_forget_chart(json.loads(run.compare.read_text()), {a: "#000" for a in arms_}, "sft")
+    view = html.learn_forget_chart(json.loads(run.compare.read_text()), {a: "#000" for a in arms_}, "sft")
     assert chart.count('class="front"') == len(view["front"]) >= 1
     assert all(f">{a}</text>" in chart for a in arms_)

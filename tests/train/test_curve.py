@@ -18,8 +18,7 @@ from forgetcheck.config import TrainConfig, validate_train
 from forgetcheck.data.domain import DomainData
 from forgetcheck.report.html import write_report
 from forgetcheck.rundir import RunDir, atomic_write_json
-from forgetcheck.train import curve as training_curve
-from forgetcheck.train import forecast, loop, optimizer, signals
+from forgetcheck.train import curve, forecast, loop, optimizer, signals
 from forgetcheck.verdict import budget, compare
 from forgetcheck.verdict.gate import gate_run
 
@@ -37,19 +36,19 @@ def planted_tasks(root: Path) -> Path:
 
 
 def test_schedule_is_dense_in_the_forecast_window_and_ends_at_the_last_step():
-    assert training_curve.curve_steps(32, 8) == [2, 4, 6, 8, 16, 24, 32]
-    assert training_curve.curve_steps(64, 8) == [2, 4, 6, 8, 10, 12, 14, 16, 24, 32, 40, 48, 56, 64]
-    assert training_curve.curve_steps(6, 2) == [1, 2, 4, 6]
-    assert training_curve.curve_steps(50, 0) == []
+    assert curve.curve_steps(32, 8) == [2, 4, 6, 8, 16, 24, 32]
+    assert curve.curve_steps(64, 8) == [2, 4, 6, 8, 10, 12, 14, 16, 24, 32, 40, 48, 56, 64]
+    assert curve.curve_steps(6, 2) == [1, 2, 4, 6]
+    assert curve.curve_steps(50, 0) == []
 
 
 def test_sizes_keep_the_predicted_overhead_within_the_bound():
     items = [150] * 32
-    full = training_curve.plan_sizes(4, 10**7, items)  # plenty of training: full size, a small fraction
+    full = curve.plan_sizes(4, 10**7, items)  # plenty of training: full size, a small fraction
     assert (full["n_items"], full["n_tokens"], full["note"]) == (32, 1024, "")
-    cut = training_curve.plan_sizes(8, 32 * 1024, items)  # 7 points and the reference over 32 steps of 1024
+    cut = curve.plan_sizes(8, 32 * 1024, items)  # 7 points and the reference over 32 steps of 1024
     assert cut["n_items"] < 32 and cut["n_tokens"] < 1024 and cut["predicted_fraction"] <= 0.25
-    tiny = training_curve.plan_sizes(7, 2048, items)  # even the floors do not fit: said, not hidden
+    tiny = curve.plan_sizes(7, 2048, items)  # even the floors do not fit: said, not hidden
     assert (tiny["n_items"], tiny["n_tokens"]) == (8, 256) and "even the smallest" in tiny["note"]
 
 
@@ -83,8 +82,8 @@ def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_r
                                  soft_acc=ref.base["soft_acc"] - drop, measure_s=p.measure_s if p else 0.01)
 
     monkeypatch.setattr(signals, "measure_point", forgetting)
-    monkeypatch.setattr(training_curve, "FORECAST_SIGNALS", ("soft_acc",))  # the one that decides; fewer refits
-    monkeypatch.setattr(training_curve, "FORECAST_BOOT", 100)
+    monkeypatch.setattr(curve, "FORECAST_SIGNALS", ("soft_acc",))  # the one that decides; fewer refits
+    monkeypatch.setattr(curve, "FORECAST_BOOT", 100)
     run = RunDir(tmp_path / "run")
     rec = loop.train_arm("cpt", tiny_ref, domain, cfg, run, tasks_dir=planted_tasks(tmp_path / "tasks"))
     assert rec["optimizer_steps"] == 4 and rec["planned_steps"] == 16  # the window's end: steps 1-4 of 16
@@ -99,9 +98,9 @@ def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_r
     assert loop._curve_note(rec["curve"]) == f"; curve 4 points, {rec['curve']['overhead']['fraction']:.0%} extra time"
     model = AutoModelForCausalLM.from_pretrained(run.ckpt("cpt"))  # an ordinary HF checkpoint
     assert model.config.vocab_size > 0
-    curve = signals.read_curve(run.curve_json("cpt"))
-    assert [p.step for p in curve.points] == [1, 2, 3, 4] and curve.meta["stopped_early"]["step"] == 4
-    assert curve.meta["items"] == 8 and curve.meta["items_from"].startswith("tasks planted")
+    measured = signals.read_curve(run.curve_json("cpt"))
+    assert [p.step for p in measured.points] == [1, 2, 3, 4] and measured.meta["stopped_early"]["step"] == 4
+    assert measured.meta["items"] == 8 and measured.meta["items_from"].startswith("tasks planted")
     # compare's budget block says the arm stopped early, in words, first
     block = budget.budget_block(run, ["cpt"])
     assert block["stopped_early"] == ["cpt"] and block["reasons"][0].startswith("cpt stopped early at step 4 of 16")
@@ -136,7 +135,7 @@ def test_report_draws_every_arm_on_one_chart_and_the_forecast_beside_the_measure
 
 def test_resumed_run_keeps_points_up_to_its_step(tmp_path):
     run = RunDir(tmp_path)
-    t = training_curve.CurveTracker("sft", replace(TrainConfig(), eval_every=2), run, total_steps=6,
+    t = curve.CurveTracker("sft", replace(TrainConfig(), eval_every=2), run, total_steps=6,
                                     tokens_per_step=256)
     c = signals.Curve(arm="sft", meta={"steps": t.steps},
                      points=[signals.CurvePoint(256 * s, s, 1.0, 0, 0, 1, 1, 40, 0.1) for s in (1, 2, 4)])
