@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import forgetcheck_cli
+from conftest import copy_fixture_tasks, forgetcheck_cli
 from test_bad_input import run_config, snapshot, user_data
 
 from forgetcheck.errors import BadInput
@@ -151,3 +151,57 @@ def test_names_joined_into_a_run_stay_inside_it(tmp_path):
         RunDir(root).ckpt("sft")
     with pytest.raises(BadInput, match="not one file name"):
         RunDir(root).train_json("../x")
+
+
+# ---- --tasks-dir code: lm-eval's `!function` runs Python only with --allow-task-code ------------------------
+
+def _code_task(tmp: Path, marker: Path) -> Path:
+    """The fixture tasks plus one whose `process_docs` is lm-eval's `!function` of a module beside it that
+    leaves `marker` when imported."""
+    tasks = copy_fixture_tasks(tmp / "tasks")
+    (tasks / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n\n"
+                                   f"def process_docs(docs):\n    return docs\n")
+    text = (tasks / "fc_fixture_mc.yaml").read_text().replace("task: fc_fixture_mc", "task: fc_code_mc")
+    (tasks / "fc_code_mc.yaml").write_text(text + "process_docs: !function evil.process_docs\n")
+    return tasks
+
+
+@pytest.mark.parametrize("command", ["eval", "check"])
+def test_task_code_in_a_users_tasks_dir_is_refused_without_the_flag(tmp_path, fc_home, command):
+    marker = tmp_path / "RAN"
+    tasks = _code_task(tmp_path, marker)
+    common = ("--tasks-dir", tasks, "--tasks", "fc_fixture_mc", "--limit", "4", "--device", "cpu")
+    args = (("eval", "--model", "tiny-gpt2", "--out", tmp_path / "out" / "m.json") if command == "eval" else
+            ("check", "--base", "tiny-gpt2", "--candidate", "again=tiny-gpt2", "--out", tmp_path / "out"))
+    before, home_before = snapshot(tmp_path), snapshot(fc_home)
+    line = _one_line_exit_2(forgetcheck_cli(*args, *common, cwd=tmp_path))
+    assert "fc_code_mc.yaml" in line and "!function" in line and "--allow-task-code" in line, line
+    assert not marker.exists(), "the task's Python ran"
+    assert snapshot(tmp_path) == before and snapshot(fc_home) == home_before
+
+
+def test_the_flag_lets_task_code_run_and_comments_are_not_code(tmp_path):
+    from forgetcheck.eval.suites import task_code_problems
+
+    tasks = _code_task(tmp_path, tmp_path / "RAN")
+    assert task_code_problems(tasks, allow_code=True) == []
+    (tasks / "fc_code_mc.yaml").write_text((tasks / "fc_code_mc.yaml").read_text().replace(
+        "process_docs: !function", "# process_docs: !function"))
+    assert task_code_problems(tasks) == []
+    (tasks / "_template_yaml").write_text("process_docs: !function evil.process_docs\n")
+    (tasks / "fc_code_mc.yaml").write_text("include: _template_yaml\n" + (tasks / "fc_code_mc.yaml").read_text())
+    (tasks / "_template_yaml").rename(tmp_path / "_template_yaml")  # included from outside the folder
+    (tasks / "fc_code_mc.yaml").write_text((tasks / "fc_code_mc.yaml").read_text().replace(
+        "include: _template_yaml", f"include: {tmp_path / '_template_yaml'}"))
+    (problem,) = task_code_problems(tasks)
+    assert "_template_yaml:1" in problem and "--allow-task-code" in problem
+
+
+def test_with_the_flag_eval_runs_the_task_code(tmp_path):
+    marker = tmp_path / "RAN"
+    tasks = _code_task(tmp_path, marker)
+    r = forgetcheck_cli("eval", "--model", "tiny-gpt2", "--tasks-dir", tasks, "--tasks", "fc_code_mc", "--limit", "4",
+                        "--backend", "hf", "--device", "cpu", "--out", tmp_path / "out" / "m.json", "--allow-task-code",
+                        cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert marker.exists() and (tmp_path / "out" / "m.json").is_file()
