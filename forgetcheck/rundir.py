@@ -207,22 +207,45 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def confined(root: Path, rel: Any, what: str) -> Path:
-    """`root / rel` for a relative path read from a run's JSON, refused (BadInput) when it is absolute or
-    leads outside `root` (by '..' or a symlink): a run folder may only point inside itself."""
+RERUN_FIX = "the file was edited or is not forgetcheck's: re-run the stage that writes it"
+"""What to do about a path read from a run's JSON that leads out of its folder."""
+
+
+def safe_name(name: Any, what: str, fix: str) -> str:
+    """`name` when it is one file or folder name (not empty, not '.' or '..', no '/', '\\' or NUL), so that
+    `folder / name` is always a child of `folder`; one BadInput line otherwise. `what` names the input that gave
+    it (a flag and the task, arm or label), `fix` says what to give instead. Every write whose path takes a name
+    from the input (task names, arm and candidate names, model labels, run ids) goes through this or `confined`."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
+        raise BadInput(f"{what}: {name!r} is not one file name (no '/', '\\', '..', empty or NUL), so it cannot "
+                       f"name a file inside the run folder: {fix}")
+    return name
+
+
+def confined(root: Path, rel: Any, what: str, *, fix: str = RERUN_FIX) -> Path:
+    """`root / rel` for a relative path taken from input (a run's JSON, or names joined into a path to write),
+    refused (BadInput) when it is absolute or leads outside `root` by '..' or through a symlink (one already on
+    disk, anywhere along the path): a run folder may only point inside itself, and nothing is written through
+    a link that leaves it. `fix` says what to do."""
     root = Path(root)
     if not isinstance(rel, str) or not rel or "\x00" in rel or Path(rel).is_absolute():
-        raise BadInput(f"{what}: {rel!r} is not a relative path inside {root}; the file was edited or is not "
-                       f"forgetcheck's: re-run the stage that writes it")
+        raise BadInput(f"{what}: {rel!r} is not a relative path inside {root}; {fix}")
     target = root / rel
     try:
         inside = target.resolve().is_relative_to(root.resolve())
     except (OSError, RuntimeError):
         inside = False
     if not inside:
-        raise BadInput(f"{what}: {rel!r} points outside {root}; a run folder may only refer to its own files: "
-                       f"re-run the stage that writes it")
+        raise BadInput(f"{what}: {rel!r} points outside {root} ('..' or a symlink); a run folder may only refer "
+                       f"to its own files: {fix}")
     return target
+
+
+def confined_file(root: Path, folders: tuple[str, ...], name: Any, suffix: str, what: str, fix: str) -> Path:
+    """`root/<folders...>/<name><suffix>` for a name taken from input (a task or arm name): `name` one file name
+    (`safe_name`) and the whole path inside `root`, never through a symlink that leaves it (`confined`)."""
+    name = safe_name(name, what, fix)
+    return confined(root, "/".join((*folders, f"{name}{suffix}")), what, fix=fix)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -261,9 +284,11 @@ def _file(name: str) -> property:
 
 
 def _per(folder: str, suffix: str):
-    """The path of one model's or arm's file (or folder) under `folder`."""
+    """The path of one model's or arm's file (or folder) under `folder`: the label one file name and the path
+    inside the run folder (a symlink there that leads outside is refused, not followed)."""
     def path(self, label: str) -> Path:
-        return self.root / folder / f"{label}{suffix}"
+        return confined_file(self.root, (folder,), label, suffix, f"run folder {self.root}, {folder}/",
+                             "use a plain name, and remove any symlink in the run folder that leads outside it")
 
     path.__doc__ = f"runs/<id>/{folder}/<label>{suffix}"
     return path

@@ -34,6 +34,7 @@ from forgetcheck.cli.inputs import (
     resolve_check_samples,
 )
 from forgetcheck.cli.options import (
+    AllowTaskCodeOpt,
     DeviceOpt,
     EvalFlags,
     OutOpt,
@@ -66,6 +67,7 @@ def check(
                       "full (every item); --limit overrides it. Default quick.")] = None,
     ev: EvalFlags = EvalFlags(),
     tasks_dir: TasksDirOpt = None,
+    allow_task_code: AllowTaskCodeOpt = False,
     device: DeviceOpt = "auto",
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
@@ -77,7 +79,7 @@ def check(
     req = CheckRequest(out=out, run_id=run_id, base=base, candidates=tuple(candidate or ()), base_samples=base_samples,
                        candidate_samples=tuple(candidate_samples or ()), tasks_dir=tasks_dir)
     model_flags = {"--limit": ev.limit, "--preset": preset, "--backend": ev.backend, "--batch-size": ev.batch_size,
-                   "--tasks-dir": tasks_dir}
+                   "--tasks-dir": tasks_dir, "--allow-task-code": allow_task_code}
     verdict_args = dict(previous=previous, gate_overrides=verdict.overrides(), policy_file=verdict.policy,
                         junit=verdict.junit, markdown=verdict.markdown, verbose=verbose)
     if check_mode(req, model_flags) == "samples":
@@ -86,7 +88,8 @@ def check(
     else:
         _, eval_cfg = config.apply_preset(preset or "quick", {}, ev.overrides())
         code = check_models(base, list(candidate or ()), eval_cfg, out=out, run_id=run_id, device=device,
-                            tasks_dir=tasks_dir, preset=preset or "quick", **verdict_args)
+                            tasks_dir=tasks_dir, allow_task_code=allow_task_code, preset=preset or "quick",
+                            **verdict_args)
     raise typer.Exit(code)
 
 
@@ -121,13 +124,13 @@ def same_vocabulary(a, b) -> tuple[bool, str]:
 
 
 def check_models(base: str, candidates: list[str], eval_cfg: config.EvalConfig, *, out: Path, run_id: str | None,
-                 device: str = "auto", tasks_dir: Path | None = None, previous: str | None = None,
-                 preset: str = "quick", gate_overrides: dict | None = None, policy_file: Path | None = None,
+                 device: str = "auto", tasks_dir: Path | None = None, allow_task_code: bool = False,
+                 previous: str | None = None, preset: str = "quick", gate_overrides: dict | None = None, policy_file: Path | None = None,
                  junit: Path | None = None, markdown: Path | None = None, verbose: bool = False) -> int:
     """Evaluate the base and every candidate, then compare, gate and report. Returns the gate's exit code."""
     req = CheckRequest(out=out, run_id=run_id, base=base, candidates=tuple(candidates), previous=previous,
                        eval=eval_cfg, preset=preset, device=device, tasks_dir=tasks_dir,
-                       gate_overrides=dict(gate_overrides or {}), policy_file=policy_file)
+                       allow_task_code=allow_task_code, gate_overrides=dict(gate_overrides or {}), policy_file=policy_file)
     with console.session(verbose=verbose):
         return _check_models(resolve_check_models(req), junit, markdown)
 

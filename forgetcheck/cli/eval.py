@@ -11,7 +11,15 @@ import typer
 
 from forgetcheck import config, console
 from forgetcheck.cli.inputs import Inputs, resolve_eval
-from forgetcheck.cli.options import DeviceOpt, EvalFlags, PresetOpt, TasksDirOpt, VerboseOpt, options
+from forgetcheck.cli.options import (
+    AllowTaskCodeOpt,
+    DeviceOpt,
+    EvalFlags,
+    PresetOpt,
+    TasksDirOpt,
+    VerboseOpt,
+    options,
+)
 
 
 @options(ev=EvalFlags)
@@ -25,6 +33,7 @@ def eval_cmd(
     reference: Optional[Path] = typer.Option(None, "--reference", help="The base model's eval JSON: adds KL drift "
                                              "(reference || this model) on general text."),
     tasks_dir: TasksDirOpt = None,
+    allow_task_code: AllowTaskCodeOpt = False,
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto | balanced | sequential: split a model "
                                              "larger than one GPU across the visible GPUs (docs/scale.md)."),
     verbose: VerboseOpt = False,
@@ -34,18 +43,19 @@ def eval_cmd(
     Under torchrun, every process scores its share of the items (data-parallel; docs/scale.md)."""
     _, eval_cfg = config.apply_preset(preset, {}, ev.overrides())
     cmd_eval(model, eval_cfg, out, device=device, reference=reference, tasks_dir=tasks_dir, device_map=device_map,
-             verbose=verbose)
+             verbose=verbose, allow_task_code=allow_task_code)
 
 
 def cmd_eval(model: str, cfg: config.EvalConfig, out: Path, *, device: str = "auto", reference: Path | None = None,
-             tasks_dir: Path | None = None, device_map: str | None = None, verbose: bool = False) -> dict:
+             tasks_dir: Path | None = None, device_map: str | None = None, verbose: bool = False,
+             allow_task_code: bool = False) -> dict:
     """Resolve, print the resolved config, evaluate, print a summary table. The libraries' output goes to
     `<out folder>/<out stem>.log.txt` (console.py) unless `verbose`."""
     import logging
 
     with console.session(verbose=verbose):
         inp = resolve_eval(model, cfg, out, device=device, reference=reference, tasks_dir=tasks_dir,
-                           device_map=device_map)
+                           device_map=device_map, allow_task_code=allow_task_code)
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
         return _evaluate(inp, device_map)
 

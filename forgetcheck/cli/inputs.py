@@ -228,7 +228,7 @@ DEVICE_MAPS = ("auto", "balanced", "sequential")
 
 
 def resolve_eval(model: str, ev: config.EvalConfig, out: Path, *, device: str = "auto", reference: Path | None = None,
-                 tasks_dir: Path | None = None, device_map: str | None = None) -> Inputs:
+                 tasks_dir: Path | None = None, device_map: str | None = None, allow_task_code: bool = False) -> Inputs:
     """`forgetcheck eval`: one model, one eval JSON; every input refused before a model is loaded and before
     anything is written. Under an external launcher every rank scores its share of the items."""
     from forgetcheck.eval.drift import load_reference
@@ -251,7 +251,7 @@ def resolve_eval(model: str, ev: config.EvalConfig, out: Path, *, device: str = 
         # the eval file and its top-k file, read whole now: a damaged one is refused before anything is written
         _collect(problems, lambda: load_reference(reference))
     if not problems:
-        problems += task_problems(ev, tasks_dir)
+        problems += task_problems(ev, tasks_dir, allow_code=allow_task_code)
     config.check(problems)
     rank, device_name, ref = _prepare_on_rank0_first(ranks, dev.device,
                                                      lambda: registry.resolve(model, flag="--model"))
@@ -334,6 +334,7 @@ class CheckRequest:
     preset: str = "quick"
     device: str = "auto"
     tasks_dir: Path | None = None
+    allow_task_code: bool = False  # --allow-task-code: tasks_dir's `!function` may run
     tasks: tuple[str, ...] = ()  # with lm-eval outputs: a subset of their tasks
     gate_overrides: dict = field(default_factory=dict)
     policy_file: Path | None = None
@@ -409,7 +410,7 @@ def resolve_check_models(req: CheckRequest) -> CheckInputs:
     policy, prev = _verdict_problems(req, problems, base_ref.label if base_ref else "base")
     if not problems:  # device, tasks: before any run folder or model (a refusal creates nothing)
         _collect(problems, lambda: _device(req.device))
-        problems += task_problems(req.eval, req.tasks_dir)
+        problems += task_problems(req.eval, req.tasks_dir, allow_code=req.allow_task_code)
     config.check(problems)
     run = _new_check_run(req.out, base_ref.label, req.run_id)
     # the slow, one-off preparations (GGUF conversion) only now, once every input is known to be good

@@ -33,7 +33,8 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Folder that holds the run f
 RunIdOpt = Annotated[Optional[str], typer.Option("--run-id", help="Name of the new run folder (default: time-model-data).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show lm-eval's, datasets' and transformers' own output on the console (else it goes to the log file).")]
-TasksDirOpt = Annotated[Optional[Path], typer.Option("--tasks-dir", help="lm-eval task YAMLs to use instead of forgetcheck's tasks/.")]
+TasksDirOpt = Annotated[Optional[Path], typer.Option("--tasks-dir", help="lm-eval task YAMLs to use instead of forgetcheck's tasks/ (one with lm-eval's `!function`, which runs Python, needs --allow-task-code).")]
+AllowTaskCodeOpt = Annotated[bool, typer.Option("--allow-task-code", help="Let --tasks-dir YAMLs run their Python through lm-eval's `!function` (refused without it).")]
 
 
 def _cli_type(f: dataclasses.Field, hint) -> type:

@@ -20,12 +20,15 @@ from typing import Any
 from forgetcheck.errors import BadInput
 from forgetcheck.eval.metrics import DEFAULT_PRIMARY
 from forgetcheck.eval.records import record, task_metrics
-from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl
+from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, confined_file, safe_name
 from forgetcheck.schema import SCHEMA_VERSION
 
 RESULTS_RE = re.compile(r"^results_(?P<date>.+)\.json$")
 SUITES = ("retention", "domain")
 """Config keys that may differ between the two sides: lm-eval writes the model's arguments into `metadata`."""
+TASK_NAME_FIX = ("a task name becomes a file name in the run folder, so it must be one (lm-eval's own are): rename "
+                 "the task in its YAML and re-run lm_eval")
+LABEL_FIX = "name the candidate with --candidate-samples NAME=DIR"
 
 
 @dataclass
@@ -118,6 +121,7 @@ def read_run(path: Path, flag: str) -> LmEvalRun:
         date = RESULTS_RE.match(rf.name).group("date")
         header = res
         for name, cfg in (res.get("configs") or {}).items():
+            safe_name(name, f"{flag}: {rf.name}: task", TASK_NAME_FIX)  # before it names any file read or written
             sf = folder / f"samples_{name}_{date}.jsonl"
             if not sf.is_file():
                 raise BadInput(f"{flag}: {rf.name} has task '{name}' but no {sf.name} beside it: run lm_eval with "
@@ -256,7 +260,8 @@ def write_eval(run: LmEvalRun, tasks: list[str], out_file: Path, label: str, fla
     entries = {}
     for name in tasks:
         rows, entry = rows_by_task[name]
-        sample_file = out_file.parent / "samples" / label / f"{name}.jsonl"
+        sample_file = confined_file(out_file.parent, ("samples", safe_name(label, flag, LABEL_FIX)), name,
+                                    ".jsonl", f"{flag}: task", TASK_NAME_FIX)
         atomic_write_jsonl(sample_file, rows)
         entries[name] = {**entry, "samples": str(sample_file.relative_to(out_file.parent))}
     header = run.header

@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from forgetcheck.config import EvalConfig
 from forgetcheck.errors import BadInput
 from forgetcheck.eval.metrics import DEFAULT_PRIMARY
-from forgetcheck.rundir import file_sha256
+from forgetcheck.rundir import file_sha256, safe_name
 
 LIMIT_SEED = "forgetcheck-limit-v1"
 """Mixed into each document's content hash to order items for `--limit` (changing it changes every subset)."""
@@ -209,16 +210,83 @@ def suite_task_names(suite: str, tasks_dir: Path | None = None) -> list[str]:
     return [n for n in _our_task_names(tm) if _suite_of(tm, n) == suite]
 
 
-def task_problems(cfg: EvalConfig, tasks_dir: Path | None = None) -> list[str]:
-    """What is wrong with the task names of `cfg`, found from the task index alone (no dataset is read, no
-    model loaded), so `run`, `eval` and `train` refuse an unknown task before any work. lm-eval's own hub tasks
-    pass when the hub can be reached (resolve_tasks loads them later)."""
+ALLOW_CODE_FLAG = "--allow-task-code"
+TASK_NAME_FIX = "a task's name names its samples file in the run folder: rename the task in its YAML"
+
+
+def _yaml_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and (p.suffix in (".yaml", ".yml")
+                                                                         or p.name.endswith("_yaml")))
+
+
+def _function_line(path: Path) -> int | None:
+    """The line of the first `!function` tag in a YAML file (lm-eval imports and runs the Python it names), or
+    None; the tag is found by YAML's own scanner, so a comment or a quoted string that mentions it is not one."""
+    import yaml
+
+    try:
+        for token in yaml.scan(path.read_text(encoding="utf-8")):
+            if isinstance(token, yaml.TagToken) and token.value == ("!", "function"):
+                return token.start_mark.line + 1
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # not readable as YAML: lm-eval refuses it itself, and runs nothing from it
+    return None
+
+
+def _included(path: Path) -> list[Path]:
+    """The files a task YAML pulls in with `include:` (lm-eval reads them as part of the task)."""
+    out = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return out
+    for m in re.finditer(r"^include:\s*['\"]?([^'\"#\n]+?)['\"]?\s*(?:#.*)?$", text, re.MULTILINE):
+        target = Path(m.group(1))
+        out.append(target if target.is_absolute() else path.parent / target)
+    return out
+
+
+def task_code_problems(tasks_dir: Path, allow_code: bool = False) -> list[str]:
+    """One line when a YAML of the user's `tasks_dir` (or a file it includes) holds lm-eval's `!function`,
+    which imports and runs Python from beside it, unless `allow_code` (the --allow-task-code flag). forgetcheck's
+    own tasks/ are not checked: they are part of the package."""
+    if allow_code:
+        return []
+    seen: set[Path] = set()
+    todo = _yaml_files(tasks_dir)
+    found: list[tuple[Path, int]] = []
+    while todo:
+        f = todo.pop(0)
+        key = f.resolve()
+        if key in seen or not f.is_file():
+            continue
+        seen.add(key)
+        line = _function_line(f)
+        if line is not None:
+            found.append((f, line))
+        todo += _included(f)
+    if not found:
+        return []
+    (f, line), more = found[0], len(found) - 1
+    others = f" (and {more} more file{'s' if more > 1 else ''})" if more else ""
+    return [f"--tasks-dir {tasks_dir}: {f}:{line} uses lm-eval's `!function`, which runs Python code{others}; "
+            f"pass {ALLOW_CODE_FLAG} if you trust that code, or remove the `!function` entries"]
+
+
+def task_problems(cfg: EvalConfig, tasks_dir: Path | None = None, *, allow_code: bool = False) -> list[str]:
+    """What is wrong with the task names of `cfg` and with a user's `tasks_dir`, found from the task index and
+    the YAML text alone (no dataset is read, no model loaded, no task code run), so `run`, `eval`, `train` and
+    `check` refuse an unknown task, a task name that is not one file name, or task code not allowed by
+    `allow_code` (--allow-task-code) before any work. lm-eval's own hub tasks pass when the hub can be reached
+    (resolve_tasks loads them later)."""
     if not cfg.tasks and tasks_dir is None:
         return []
     if tasks_dir is not None and not Path(tasks_dir).is_dir():
         return [f"--tasks-dir {tasks_dir} is not a folder: give a folder of lm-eval task YAMLs"]
-    if not cfg.tasks:
-        return []
+    if tasks_dir is not None:
+        code = task_code_problems(Path(tasks_dir), allow_code)
+        if code:
+            return code
     from lm_eval.tasks import TaskManager
 
     from forgetcheck.models.files import hub_reachable
@@ -226,12 +294,19 @@ def task_problems(cfg: EvalConfig, tasks_dir: Path | None = None) -> list[str]:
     tdir = Path(tasks_dir) if tasks_dir is not None else default_tasks_dir()
     tm = TaskManager(include_path=str(tdir), include_defaults=False)
     ours = _our_task_names(tm)
+    problems = []
+    for n in ours if tasks_dir is not None else ():
+        try:
+            safe_name(n, f"--tasks-dir {tasks_dir}: task", TASK_NAME_FIX)
+        except BadInput as e:
+            problems.append(str(e))
+    if problems or not cfg.tasks:
+        return problems
     unknown = [n for n in cfg.tasks if n not in tm.all_tasks]
     if not unknown:
         return []
     online = hub_reachable()
     hub = _hub_task_manager().all_tasks if online else ()
-    problems = []
     for n in unknown:
         if n in hub:
             continue
