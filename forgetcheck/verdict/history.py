@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgetcheck.errors import BadInput
-from forgetcheck.rundir import RunDir, atomic_write_json, read_json
+from forgetcheck.rundir import RunDir, atomic_write_json, confined, confined_file, read_json
 from forgetcheck.schema import (
     SCHEMA_VERSION,
     compare_doc,
@@ -84,13 +84,19 @@ def copy_previous(run: RunDir, prev: Previous) -> Path:
     typed = read_eval(prev.eval_file)
     doc = read_json(prev.eval_file)  # copied as written, beside the samples' new paths
     dest = run.root / "history" / f"{LABEL}.json"
-    tasks = {}
+    where = f"--previous {prev.eval_file}"
+    fix = "give the eval file forgetcheck wrote for the previous release (runs/<id>/eval/<arm>.json)"
+    copies = {}  # every path checked before anything is copied: task names and samples paths come from the file
     for name, task in typed["tasks"].items():
-        entry = dict(doc["tasks"][name])
         rel = task["samples"]
-        src = prev.eval_file.parent / rel if rel else None
+        src = confined(prev.eval_file.parent, rel, f"{where}: tasks.{name}.samples", fix=fix) if rel else None
         if src is not None and src.is_file():
-            target = dest.parent / "samples" / LABEL / f"{name}.jsonl"
+            copies[name] = src, confined_file(dest.parent, ("samples", LABEL), name, ".jsonl", f"{where}: task", fix)
+    tasks = {}
+    for name in typed["tasks"]:
+        entry = dict(doc["tasks"][name])
+        if name in copies:
+            src, target = copies[name]
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, target)
             entry["samples"] = str(target.relative_to(dest.parent))

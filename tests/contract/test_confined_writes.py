@@ -205,3 +205,40 @@ def test_with_the_flag_eval_runs_the_task_code(tmp_path):
                         cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert marker.exists() and (tmp_path / "out" / "m.json").is_file()
+
+
+def test_previous_release_names_never_write_or_read_outside_the_run(tmp_path):
+    """`check --previous`: the previous release's eval file names its tasks and their samples files; an absolute,
+    `..` or symlinked name is refused before anything is copied (nothing written outside the new run, nothing
+    read from outside the previous one)."""
+    from runfixture import make_run
+
+    from forgetcheck.verdict.history import Previous, copy_previous
+
+    prev = make_run(tmp_path / "prev", n=8)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.jsonl").write_text("precious\n")
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text("secret\n")
+    eval_file = prev.eval_json("sft")
+    doc = json.loads(eval_file.read_text())
+    first = next(iter(doc["tasks"]))
+    for bad_name, bad_samples in ((str(victim / "keep"), None), ("../../victim/keep", None),
+                                  (first, str(outside)), (first, "../../secret.jsonl")):
+        planted = json.loads(json.dumps(doc))
+        entry = planted["tasks"].pop(first)
+        if bad_samples is not None:
+            entry["samples"] = bad_samples
+        planted["tasks"][bad_name] = entry
+        eval_file.write_text(json.dumps(planted))
+        new = RunDir(tmp_path / f"new-{len(list(tmp_path.iterdir()))}")
+        new.root.mkdir()
+        with pytest.raises(BadInput, match="--previous"):
+            copy_previous(new, Previous(prev.root, "sft", eval_file))
+        assert not (new.root / "history").exists(), "copied something before refusing"
+        assert (victim / "keep.jsonl").read_text() == "precious\n" and sorted(p.name for p in victim.iterdir()) == ["keep.jsonl"]
+    eval_file.write_text(json.dumps(doc))
+    new = RunDir(tmp_path / "new-ok")
+    new.root.mkdir()
+    assert copy_previous(new, Previous(prev.root, "sft", eval_file)).is_file()  # the planted file was the only problem
