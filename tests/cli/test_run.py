@@ -51,6 +51,9 @@ def _comparable(compare_json: Path) -> dict:
     c.pop("run_id")
     for m in c["arm_models"].values():
         m.pop("name"), m.pop("path")
+    for d in c["drift"].values():  # the base's top-k file each arm's KL was measured against: this run's own
+        if d["kl"]:
+            d["kl"].pop("reference"), d["kl"].pop("reference_file")
     return c
 
 
