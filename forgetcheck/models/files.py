@@ -171,6 +171,28 @@ def check_hub_model(name: str, flag: str = "--base") -> None:
         raise BadInput(f"{flag} {name}: cannot load it from the hub ({first}); {OFFLINE_ALTERNATIVES}") from None
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (os.umask can only swap)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_usual_modes(folder: Path) -> None:
+    """Give every file in `folder` the mode a file the user creates gets (0666 less the umask): safetensors
+    writes weights 0600, which would hide a shared cache's or a run's weights from those the umask lets read."""
+    mode = 0o666 & ~current_umask()
+    for f in Path(folder).iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
+
+
 def convert_pickle_folder(src: Path, dst: Path) -> Path:
     """Write a copy of the HF folder `src` with its pickle weights (pytorch_model*.bin, ...) as one
     model.safetensors. Each pickle is read with torch's weights-only unpickler, which builds tensors and plain
@@ -214,6 +236,7 @@ def convert_pickle_folder(src: Path, dst: Path) -> Path:
             if f.is_file() and f.suffix.lower() not in PICKLE_SUFFIXES and not f.name.endswith(".bin.index.json"):
                 shutil.copyfile(f, tmp / f.name)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        give_usual_modes(tmp)
         os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

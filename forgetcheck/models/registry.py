@@ -30,6 +30,7 @@ from forgetcheck.models.files import (
     check_gguf,
     check_hub_model,
     check_model_folder,
+    give_usual_modes,
     safetensors_problem,
 )
 from forgetcheck.rundir import atomic_write_text, file_lock, file_sha256, replace_dir
@@ -169,6 +170,7 @@ def _is_ready(folder: Path) -> bool:
 
 def _finish_folder(tmp: Path, folder: Path, marker: dict) -> None:
     """Write the completion marker last (it lists every file with its size), then move the folder in place."""
+    give_usual_modes(tmp)
     files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MARKER}
     atomic_write_text(tmp / MARKER, json.dumps({**marker, "files": files}, indent=2))
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from forgetcheck import config
 from forgetcheck.errors import BadInput
+from forgetcheck.models.files import give_usual_modes
 from forgetcheck.models.registry import MARKER
 from forgetcheck.rundir import RunDir, atomic_write_json, read_json
 
@@ -112,6 +113,7 @@ def save_hf_checkpoint(model, tok, out: Path, model_ref, arm: str, *, world: int
     tok.save_pretrained(tmp)
     (tmp / MARKER).write_text(json.dumps({"arm": arm, "base": model_ref.name, "base_path": model_ref.path,
                                           "random_weights": model_ref.random_weights}, indent=2))
+    give_usual_modes(tmp)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)

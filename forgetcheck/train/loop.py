@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forgetcheck import config, console
+from forgetcheck.models.files import give_usual_modes
 from forgetcheck.rundir import RunDir
 from forgetcheck.schema import read_train, write_train
 from forgetcheck.train import arms, checkpoint, memory, sharding
@@ -413,6 +414,8 @@ def finish(training: Training, wall: float) -> dict | None:
     model = t.model
     if t.main:
         model = arms.finish_model(t.arm, model, ckpt)  # lora: adapter saved, then merged into the base weights
+        if t.arm == "lora":
+            give_usual_modes(arms.adapter_dir(ckpt))
     checkpoint.save_hf_checkpoint(model, t.tok, ckpt, t.model_ref, t.label, world=t.world, rank=t.rank)
     if not t.main:
         return None

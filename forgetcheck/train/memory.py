@@ -124,6 +124,46 @@ def check_inputs(params: float | None, cfg: TrainConfig) -> None:
     check(problems)
 
 
+# ---- the flags against the model ---------------------------------------------------------------------------
+
+def model_problems(model_path: str, cfg: TrainConfig, arms: tuple[str, ...], device: str) -> list[str]:
+    """Every problem of the training flags that only the model's config reveals, found before any stage runs
+    (otherwise an arm fails after the base evaluation): the frozen blocks exist, --seq-len fits the model's
+    positions, and each trained arm's memory plan fits `device` (unless --force)."""
+    from transformers import AutoConfig
+
+    from forgetcheck.config import ARM_DATA
+    from forgetcheck.errors import BadInput
+
+    hf = AutoConfig.from_pretrained(model_path)
+    arch = arch_from_hf_config(hf)
+    problems = []
+    if "freeze" in arms and cfg.freeze_layers is not None and cfg.freeze_layers > arch.layers:
+        problems.append(f"--freeze-layers {cfg.freeze_layers} but the model has only {arch.layers} blocks: use at "
+                        f"most {arch.layers}")
+    positions = _positions(hf)
+    if positions is not None and cfg.seq_len > positions:
+        problems.append(f"--seq-len {cfg.seq_len} is beyond the model's {positions} positions: use --seq-len "
+                        f"{positions} or less")
+    if problems:
+        return problems
+    for arm in (a for a in arms if a in ARM_DATA):
+        try:
+            check_fits(plan_memory(arch, cfg, arm=arm, hf_config=hf), device, cfg.force)
+        except BadInput as e:
+            return [f"arm '{arm}': {e}"]
+    return problems
+
+
+def _positions(hf_config) -> int | None:
+    """The longest sequence the model's position table holds (None when it declares none)."""
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 # ---- the plan ------------------------------------------------------------------------------------------
 
 def _bytes_per_param(cfg: TrainConfig) -> dict[str, float]:
