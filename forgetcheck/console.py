@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import TextIO
 
@@ -82,7 +83,10 @@ def session(*, verbose: bool = False):
         yield
     except BaseException as e:
         log = _session.get("log")
-        if not verbose and log is held and type(e).__name__ not in ("BadInput", "Exit", "KeyboardInterrupt"):
+        failed = type(e).__name__ not in ("BadInput", "Exit", "KeyboardInterrupt")
+        if failed:  # the terminal gets one line (cli/app.py); the log keeps the traceback to debug from
+            _log("".join(traceback.format_exception(e)).rstrip())
+        if not verbose and log is held and failed:
             held.flush()
             held.seek(0)
             tail = held.read()[-4000:]

@@ -159,15 +159,20 @@ def read_text(path: Path, *, where: str, kind: str, missing_fix: str, fix: str) 
         raise BadInput(f"{where}: cannot read it ({e.strerror}); check its permissions") from None
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, fix: str | None = None) -> Any:
+    """The JSON of a file forgetcheck wrote (every run file is read here), or one BadInput line: missing, a
+    folder, not UTF-8, not JSON, nested too deep. `fix`: what to do (default: re-run the stage that writes it)."""
     path = Path(path)
+    rerun = fix or "re-run the stage that writes it"
     text = read_text(path, where=str(path), kind="forgetcheck JSON file",
-                     missing_fix="run the stage that writes it first (see `forgetcheck --help`)",
-                     fix="give the file written by forgetcheck, or re-run the stage that writes it")
+                     missing_fix=fix or "run the stage that writes it first (see `forgetcheck --help`)",
+                     fix=fix or "give the file written by forgetcheck, or re-run the stage that writes it")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg}); re-run the stage that writes it") from None
+        raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg}); {rerun}") from None
+    except RecursionError:
+        raise BadInput(f"{path}: JSON nested too deep to be a forgetcheck file; {rerun}") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -182,6 +187,9 @@ def read_jsonl(path: Path) -> list[dict]:
                     except json.JSONDecodeError as e:
                         raise BadInput(f"{path}:{lineno}: not valid JSON ({e.msg}); re-run the stage that "
                                        f"writes it") from None
+                    except RecursionError:
+                        raise BadInput(f"{path}:{lineno}: JSON nested too deep; re-run the stage that writes "
+                                       f"it") from None
     except FileNotFoundError:
         raise BadInput(f"{path} not found: re-run the stage that writes it") from None
     except (UnicodeDecodeError, IsADirectoryError):

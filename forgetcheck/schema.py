@@ -156,16 +156,8 @@ class GateFile(TypedDict, total=False):
 
 
 def _read_versioned(path, kind: str, version: int, fix: str) -> dict:
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"{p} not found: {fix}")
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{p}: not valid JSON ({e}): {fix}") from None
-    check_versioned(obj, kind, version, str(p), fix)
+    obj = read_json(Path(path), fix=fix)
+    check_versioned(obj, kind, version, str(path), fix)
     return obj
 
 
@@ -222,18 +214,6 @@ def write_gate(path: Path, obj: dict) -> None:
     """Write a gate result (gate.decide) as gate.json, after checking its version and kind."""
     check_versioned(obj, "gate", GATE_VERSION, "gate result", "internal error")
     atomic_write_json(path, obj)
-
-
-def is_current(path, kind: str) -> bool:
-    """Does `path` hold a `kind` file of the version this forgetcheck writes (False: absent or older)?"""
-    import json
-
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    want = COMPARE_VERSION if kind == "compare" else GATE_VERSION
-    return isinstance(obj, dict) and obj.get("schema_version") == want and obj.get("kind") in (None, kind)
 
 
 # ---- typed views: every field a reader (verdict/, report/) uses, present with its default -------------------

@@ -258,3 +258,14 @@ def test_cached_weights_get_the_umask_mode(tmp_path, umask_022):
     assert built.returncode == 0, built.stderr
     modes = _modes(Path(built.stdout.strip().splitlines()[-1]))
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+def test_a_run_file_nested_too_deep_is_one_line(tmp_path):
+    """A compare.json of 100,000 nested lists (a hostile or broken file) is refused in one line, exit 2, by the
+    one JSON reader every run file goes through."""
+    run = make_run(tmp_path / "run", n=8)
+    run.compare.write_text("[" * 100_000 + "]" * 100_000)
+    r = forgetcheck_cli("gate", run.root, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr and "nested too deep" in lines[0], r.stderr[-2000:]
