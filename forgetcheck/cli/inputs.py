@@ -42,6 +42,7 @@ class Inputs:
     ranks: dict | None = None  # started by an external launcher (torchrun, srun): sharding.external_ranks()
     rank: int = 0  # this process's rank under that launcher (0 prints and writes)
     device_name: str | None = None  # the device this rank runs on (cuda:<local rank> under a launcher)
+    hashes: dict | None = None  # `run`: content hashes of the base and the data files (input_hashes)
 
 
 def _collect(problems: list[str], step: Callable, rename: Callable[[str], str] = str):
@@ -98,9 +99,10 @@ def _check(cfg: config.RunConfig, *, problems: list[str] | None = None, tasks_di
     return domain
 
 
-def _resumed(resume: Path, given: dict) -> tuple[RunDir, config.RunConfig, config.RunConfig]:
-    """(run folder, config as recorded, config with the changes --resume allows applied); every problem with
+def _resumed(resume: Path, given: dict) -> tuple[RunDir, config.RunConfig]:
+    """(run folder, its recorded config with the changes --resume allows applied); every problem with
     the flags typed beside --resume (resume.RESUME_MAY_CHANGE) and with the arms' resume state, at once."""
+    from forgetcheck.cli.lock import check_free
     from forgetcheck.cli.resume import resume_conflicts
     from forgetcheck.schema import read_run_config
     from forgetcheck.train import checkpoint
@@ -109,6 +111,7 @@ def _resumed(resume: Path, given: dict) -> tuple[RunDir, config.RunConfig, confi
     if not run.config.exists():
         raise BadInput(f"--resume {resume}: no config.json there; give a folder made by `forgetcheck run` "
                        f"(runs/<id>)")
+    check_free(run.root)  # before the model and data are hashed: another process is working in it
     saved = read_run_config(run.config)
     problems, changes = resume_conflicts(saved, given, run.root)
     for arm in (a for a in saved.arms if a in config.ARM_DATA):  # resume state checked now (never unpickled)
@@ -117,34 +120,84 @@ def _resumed(resume: Path, given: dict) -> tuple[RunDir, config.RunConfig, confi
     gate_changes = {k: v for k, v in changes.items() if k != "force"}
     cfg = replace(saved, gate=replace(saved.gate, **gate_changes),
                   train=replace(saved.train, force=changes.get("force", saved.train.force)))
-    return run, saved, cfg
+    return run, cfg
+
+
+def input_hashes(model: ModelRef, domain: DomainData) -> dict:
+    """Content hashes of what a run trains and is compared on, recorded in config.json at its start and checked
+    on --resume: the base's weights and config (`registry.content_hash`; None for a hub id, whose files are
+    the hub cache's) and each data file (by name)."""
+    from forgetcheck.models import registry
+    from forgetcheck.rundir import file_sha256
+
+    folder = Path(model.path)
+    files = [p for p in (domain.sft, domain.cpt, domain.heldout) if p is not None]
+    return {"model": registry.content_hash(folder) if folder.is_dir() else None,
+            "data": {p.name: file_sha256(p) for p in files}}
+
+
+def _changed_inputs(cfg: config.RunConfig, recorded: dict, now: dict) -> list[str]:
+    """What differs between the hashes recorded at a run's start and those of its inputs now, one phrase each."""
+    changed = []
+    if recorded.get("model") != now["model"]:
+        changed.append(f"--base {cfg.base} is not the model the run started from (content hash {now['model']}, "
+                       f"recorded {recorded.get('model')})")
+    old = recorded.get("data") if isinstance(recorded.get("data"), dict) else {}
+    new = now["data"]
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            state = "is gone" if name not in new else "is new" if name not in old else "changed"
+            changed.append(f"--data {cfg.data}: {name} {state}")
+    return changed
+
+
+def _check_unchanged(run: RunDir, cfg: config.RunConfig, hashes: dict) -> None:
+    """Refuse (one BadInput) a resumed run whose base or data are not those it started from: its base evaluation
+    and finished arms are theirs. A run folder written before hashes were recorded resumes, with a note."""
+    from forgetcheck import console
+    from forgetcheck.schema import read_config_doc
+
+    recorded = (read_config_doc(run.config).get("resolved") or {}).get("hashes")
+    if recorded is None:
+        console.say(f"note: {run.config} records no content hashes (written by an older forgetcheck): the base "
+                    f"model and the data could not be checked against those the run started from")
+        return
+    changed = _changed_inputs(cfg, recorded if isinstance(recorded, dict) else {}, hashes)
+    if changed:
+        raise BadInput(f"--resume {run.root}: {'; '.join(changed)}; a resumed run trains and is compared on what "
+                       f"it started from (config.json records its content hashes): restore it, or start a new run "
+                       f"with another --run-id")
 
 
 def resolve_run(cfg: config.RunConfig, resume: Path | None = None, *, given: dict | None = None,
                 tasks_dir: Path | None = None) -> Inputs:
     """`forgetcheck run`: validate, prepare, name the run folder. A refusal creates nothing (no run folder,
     no cached model). With `resume`, the run folder's config.json is the request; `given` (CLI parameter name
-    -> value, the flags typed) may only repeat it or change what resume.RESUME_MAY_CHANGE allows."""
+    -> value, the flags typed) may only repeat it or change what resume.RESUME_MAY_CHANGE allows, and the base
+    and data must hash as they did at the run's start (checked once the model is prepared: a refusal then
+    writes nothing in the run folder). The run folder is not held yet: `cli/lock.RunLock` does that."""
     from forgetcheck.data import benchmarks
     from forgetcheck.models import registry
     from forgetcheck.rundir import check_output_dir
     from forgetcheck.train import memory
 
     problems: list[str] = []
-    run = saved = None
+    run = None
     if resume is not None:
-        run, saved, cfg = _resumed(Path(resume), given or {})
+        run, cfg = _resumed(Path(resume), given or {})
     else:
         run = _collect(problems, lambda: RunDir.new(cfg.out_dir, cfg.base, cfg.data, cfg.run_id))
         _collect(problems, lambda: check_output_dir(Path(cfg.out_dir), "--out"))
         if run is not None and run.exists():
-            problems.append(f"{run.root} already holds a run: continue it with --resume {run.root} "
-                            f"or pick another --run-id")
+            _collect(problems, lambda: _existing_run_problem(run))
     domain = _check(cfg, problems=problems, tasks_dir=tasks_dir)
     # Now the (possibly slow, one-off) preparation of cached folders: GGUF conversion, data building.
     model_ref = registry.resolve(cfg.base, prepare=True)
     device = _device(cfg.device)
     config.check(memory.model_problems(model_ref.path, cfg.train, cfg.arms, device.device))
+    hashes = input_hashes(model_ref, domain)
+    if resume is not None:
+        _check_unchanged(run, cfg, hashes)
     benchmarks.prepare_bench()  # instant once built; the first time fetches and reads the source wheels
     if "replay" in cfg.arms:
         from forgetcheck.data import replay
@@ -156,14 +209,17 @@ def resolve_run(cfg: config.RunConfig, resume: Path | None = None, *, given: dic
             suites = tuple(s for s in cfg.eval.suites if s != "domain") or ("retention",)
             cfg = replace(cfg, eval=replace(cfg.eval, suites=suites))
         cfg = replace(cfg, run_id=run.run_id)
-    elif cfg != saved:  # gate thresholds (or --force) changed: config.json records what the gate now uses
-        from forgetcheck import console
-        from forgetcheck.schema import read_config_doc, write_config
+    return Inputs(cfg, model_ref, device, domain, run, tasks_dir=tasks_dir, resumed=resume is not None,
+                  hashes=hashes)
 
-        doc = read_config_doc(run.config)
-        write_config(run.config, cfg, doc.get("resolved") or {})
-        console.say(f"note: --resume with new gate settings {config.to_dict(cfg.gate)}: recorded in {run.config}")
-    return Inputs(cfg, model_ref, device, domain, run, tasks_dir=tasks_dir, resumed=resume is not None)
+
+def _existing_run_problem(run: RunDir) -> None:
+    """A new run named after a folder that already holds one: BadInput naming the process working in it, or
+    the --resume that continues it."""
+    from forgetcheck.cli.lock import check_free
+
+    check_free(run.root)
+    raise BadInput(f"{run.root} already holds a run: continue it with --resume {run.root} or pick another --run-id")
 
 
 # ---- train ------------------------------------------------------------------------------------------------
@@ -357,6 +413,7 @@ class CheckInputs:
     candidates: dict = field(default_factory=dict)  # arm name -> ModelRef
     device: DeviceChoice | None = None
     pairing: object | None = None  # eval.pairing.Plan
+    lock: object | None = None  # cli/lock.RunLock: this process's hold on `run` until it ends
 
 
 def check_mode(req: CheckRequest, model_flags: dict) -> str:
@@ -375,10 +432,26 @@ def check_mode(req: CheckRequest, model_flags: dict) -> str:
 
 
 def _new_check_run(out: Path, base_label: str, run_id: str | None) -> RunDir:
+    from forgetcheck.cli.lock import LOCK_NAME
+
     run = RunDir.new(out, base_label, "check", run_id)
-    if run.root.exists() and any(run.root.iterdir()):
+    if run.root.exists() and any(f.name != LOCK_NAME for f in run.root.iterdir()):
         raise BadInput(f"{run.root} already exists: pick another --run-id (or remove that folder)")
     return run
+
+
+def _hold_new_check_run(run: RunDir):
+    """The lock on a new `check` run folder, taken before its first write and kept by CheckInputs to the end;
+    the folder is looked at again under it, since another `check` may have started writing meanwhile."""
+    from forgetcheck.cli.lock import RunLock
+
+    lock = RunLock(run.root)
+    try:
+        _new_check_run(run.root.parent, "", run.run_id)
+    except BadInput:
+        lock.release()
+        raise
+    return lock
 
 
 def _verdict_problems(req: CheckRequest, problems: list[str], base_label: str):
@@ -419,8 +492,9 @@ def resolve_check_models(req: CheckRequest) -> CheckInputs:
     # the slow, one-off preparations (GGUF conversion) only now, once every input is known to be good
     base_ref = registry.resolve(req.base, prepare=True)
     refs = {c.name: registry.resolve(c.spec, prepare=True) for c in named}
-    return CheckInputs(req, run, policy, prev, tuple(named), model=base_ref, candidates=refs,
-                       device=_device(req.device))
+    device = _device(req.device)
+    return CheckInputs(req, run, policy, prev, tuple(named), model=base_ref, candidates=refs, device=device,
+                       lock=_hold_new_check_run(run))
 
 
 def resolve_check_samples(req: CheckRequest) -> CheckInputs:
@@ -438,4 +512,4 @@ def resolve_check_samples(req: CheckRequest) -> CheckInputs:
     config.check(problems)
     plan = pairing.plan(Path(req.base_samples), {c.name: Path(c.spec) for c in named}, req.tasks)
     run = _new_check_run(req.out, slug(Path(plan.base.model["name"]).name), req.run_id)
-    return CheckInputs(req, run, policy, prev, tuple(named), pairing=plan)
+    return CheckInputs(req, run, policy, prev, tuple(named), pairing=plan, lock=_hold_new_check_run(run))

@@ -20,6 +20,7 @@ import typer
 
 from forgetcheck import config, console
 from forgetcheck.cli.inputs import Inputs, resolve_run
+from forgetcheck.cli.lock import RunLock
 from forgetcheck.cli.options import (
     ArmsOpt,
     BaseOpt,
@@ -36,7 +37,8 @@ from forgetcheck.cli.options import (
     options,
 )
 from forgetcheck.cli.verdict import finish
-from forgetcheck.schema import StageTimer, update_manifest, write_config
+from forgetcheck.errors import BadInput
+from forgetcheck.schema import StageTimer, read_config_doc, read_run_config, update_manifest, write_config
 
 
 @options(flags=TrainFlags, wise=WiseFlags, ev=EvalFlags, policy=GateFlags)
@@ -69,19 +71,41 @@ def run(
 
 
 def record_inputs(inp: Inputs) -> None:
-    """config.json (the request and what it resolved to) and the manifest's first fields; once per run."""
+    """config.json (the request, what it resolved to and the content hashes --resume checks) and the
+    manifest's first fields; once per run (a resumed run records only new gate settings)."""
     run = inp.run
     if run.config.exists():
+        _record_gate_changes(inp)
         return
     resolved = {
         "model": inp.model.to_dict(),
         "data": {"name": inp.data.name, "root": str(inp.data.root), "packaged": inp.data.packaged},
         "device": inp.device.device,
         "device_reason": inp.device.reason,
+        "hashes": inp.hashes,
     }
     write_config(run.config, inp.cfg, resolved)
     update_manifest(run, run_id=run.run_id, device=inp.device.device, seed=inp.cfg.train.seed,
                     model=inp.model.to_dict(), random_weights=inp.model.random_weights)
+
+
+def _record_gate_changes(inp: Inputs) -> None:
+    """Gate thresholds (or --force) changed on --resume: config.json records what the gate now uses."""
+    if inp.cfg == read_run_config(inp.run.config):
+        return
+    write_config(inp.run.config, inp.cfg, read_config_doc(inp.run.config).get("resolved") or {})
+    console.say(f"note: --resume with new gate settings {config.to_dict(inp.cfg.gate)}: recorded in {inp.run.config}")
+
+
+def _hold(inp: Inputs) -> RunLock:
+    """This process's lock on the run folder, taken before its first write; a new run's folder is looked at
+    again under it, since another `run --run-id` of the same id may have started writing meanwhile."""
+    lock = RunLock(inp.run.root)
+    if not inp.resumed and inp.run.exists():
+        lock.release()
+        raise BadInput(f"{inp.run.root} already holds a run: continue it with --resume {inp.run.root} or pick "
+                       f"another --run-id")
+    return lock
 
 
 def run_pipeline(cfg: config.RunConfig, resume: Path | None = None, given: dict | None = None, *,
@@ -91,9 +115,10 @@ def run_pipeline(cfg: config.RunConfig, resume: Path | None = None, given: dict 
     `given`: the flags typed on the command line, checked against config.json on --resume."""
     with console.session(verbose=verbose):
         inp = resolve_run(cfg, resume, given=given, tasks_dir=tasks_dir)
-        record_inputs(inp)
-        console.log_to(inp.run.root / "log.txt")
-        return _stages(inp)
+        with _hold(inp):  # one process per run folder, to the end
+            record_inputs(inp)
+            console.log_to(inp.run.root / "log.txt")
+            return _stages(inp)
 
 
 def _stages(inp: Inputs) -> int:

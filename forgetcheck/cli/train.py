@@ -14,6 +14,7 @@ import typer
 
 from forgetcheck import config, console
 from forgetcheck.cli.inputs import Inputs, resolve_train
+from forgetcheck.cli.lock import RunLock
 from forgetcheck.cli.options import (
     ArmsOpt,
     BaseOpt,
@@ -69,7 +70,12 @@ def cmd_train(base: str, data: str, arms: tuple[str, ...], cfg: config.TrainConf
 
 def train_arms(inp: Inputs) -> list[dict]:
     """Train each arm (and each of its seed runs) into the run folder, one console line per arm; rank 0 alone prints and writes
-    the run's files."""
+    the run's files, and alone holds the run folder's lock (cli/lock.py) from its first write to the end."""
+    with RunLock(inp.run.root) if inp.rank == 0 else contextlib.nullcontext():
+        return _train_arms(inp)
+
+
+def _train_arms(inp: Inputs) -> list[dict]:
     from forgetcheck.train.loop import reusable, train_arm
 
     cfg, run, ranks = inp.cfg.train, inp.run, inp.ranks
