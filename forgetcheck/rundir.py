@@ -30,7 +30,8 @@ def _tmp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` running (anyone's)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -57,7 +58,7 @@ def sweep_stale_temps(folder: Path, name: str | None = None) -> int:
         if len(parts) != 3 or not parts[1].isdigit() or len(parts[2]) != 8:
             continue
         pid = int(parts[1])
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             try:
                 f.unlink()
                 removed += 1

@@ -123,6 +123,15 @@ def same_vocabulary(a, b) -> tuple[bool, str]:
                    f"{len(set(va.items()) ^ set(vb.items())):,} entries differ)")
 
 
+def _checked(resolve, body, req: CheckRequest, junit: Path | None, markdown: Path | None, verbose: bool) -> int:
+    """One console session: resolve every input, then run `body` holding the run folder's lock (one process
+    per run folder, released however the check ends)."""
+    with console.session(verbose=verbose):
+        inp = resolve(req)
+        with inp.lock:
+            return body(inp, junit, markdown)
+
+
 def check_models(base: str, candidates: list[str], eval_cfg: config.EvalConfig, *, out: Path, run_id: str | None,
                  device: str = "auto", tasks_dir: Path | None = None, allow_task_code: bool = False,
                  previous: str | None = None, preset: str = "quick", gate_overrides: dict | None = None, policy_file: Path | None = None,
@@ -131,8 +140,7 @@ def check_models(base: str, candidates: list[str], eval_cfg: config.EvalConfig, 
     req = CheckRequest(out=out, run_id=run_id, base=base, candidates=tuple(candidates), previous=previous,
                        eval=eval_cfg, preset=preset, device=device, tasks_dir=tasks_dir,
                        allow_task_code=allow_task_code, gate_overrides=dict(gate_overrides or {}), policy_file=policy_file)
-    with console.session(verbose=verbose):
-        return _check_models(resolve_check_models(req), junit, markdown)
+    return _checked(resolve_check_models, _check_models, req, junit, markdown, verbose)
 
 
 def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -> int:
@@ -199,12 +207,11 @@ def check_samples(base_samples: Path, candidate_samples: list[str], *, out: Path
     req = CheckRequest(out=out, run_id=run_id, base_samples=base_samples, candidate_samples=tuple(candidate_samples),
                        previous=previous, tasks=tuple(tasks), gate_overrides=dict(gate_overrides or {}),
                        policy_file=policy_file)
-    with console.session(verbose=verbose):
-        return _check_samples(resolve_check_samples(req), junit, markdown)
+    return _checked(resolve_check_samples, _check_samples, req, junit, markdown, verbose)
 
 
 def _check_samples(inp: CheckInputs, junit: Path | None, markdown: Path | None) -> int:
-    from forgetcheck.eval import pairing as lmeval_pairing
+    from forgetcheck.eval.pairing import one_sided_lines, write_pairing
 
     req = inp.request
     run, plan = inp.run, inp.pairing
@@ -225,11 +232,11 @@ def _check_samples(inp: CheckInputs, junit: Path | None, markdown: Path | None) 
     console.say(f"  base {plan.base.folder}; candidates: "
                 + ", ".join(f"{n} ({c.folder})" for n, c in plan.candidates.items()))
     t0 = time.perf_counter()
-    pairing = lmeval_pairing.write(plan, run.eval_json)
+    pairing = write_pairing(plan, run.eval_json)
     atomic_write_json(run.root / "pairing.json", pairing)
     for t in plan.tasks:
         counts = ", ".join(f"{n} {c['paired']}/{c['base']}" for n, c in plan.pairing[t].items())
         console.say(f"  {t}: items paired {counts}")
-    for line in lmeval_pairing.one_sided_lines(pairing):
+    for line in one_sided_lines(pairing):
         console.say(f"  note: {line}")
     return _finish(inp, t0, "[1/1] compare, gate, report", junit, markdown)

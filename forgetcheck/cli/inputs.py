@@ -81,16 +81,16 @@ def _prepare_on_rank0_first(ranks: dict | None, device: str, prepare: Callable) 
 def _check(cfg: config.RunConfig, *, problems: list[str] | None = None, tasks_dir: Path | None = None) -> DomainData:
     """Every problem of a `run` request and what it names (added to `problems`), raised as one BadInput,
     without building anything; the (validated) domain data otherwise."""
-    from forgetcheck.data import domain as data
+    from forgetcheck.data.domain import arm_problems, load_domain
     from forgetcheck.eval import suites
     from forgetcheck.models import registry
     from forgetcheck.train import optimizer
 
     problems = list(problems or []) + config.validate(cfg)
     _collect(problems, lambda: registry.resolve(cfg.base, prepare=False))
-    domain = _collect(problems, lambda: data.load_domain(cfg.data))  # every line is read and checked here, once
+    domain = _collect(problems, lambda: load_domain(cfg.data))  # every line is read and checked here, once
     if domain is not None:
-        problems += data.arm_problems(domain, cfg.arms)
+        problems += arm_problems(domain, cfg.arms)
     if not any("--device" in p for p in problems):
         problems += _collect(problems, lambda: optimizer.check_combination(cfg.train, _device(cfg.device).device)) or []
     if not problems:

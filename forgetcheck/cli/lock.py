@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from forgetcheck.errors import BadInput
+from forgetcheck.rundir import pid_alive
 
 LOCK_NAME = ".lock"
 
@@ -25,16 +26,6 @@ def _holder_pid(fd: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _in_use(root: Path, pid: int | None) -> BadInput:
@@ -54,7 +45,7 @@ def check_free(root: Path) -> None:
     try:
         pid = _holder_pid(fd)
         # only a live recorded holder is asked about, so that this probe never stands in a taker's way
-        if pid is None or pid == os.getpid() or not _pid_alive(pid):
+        if pid is None or pid == os.getpid() or not pid_alive(pid):
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

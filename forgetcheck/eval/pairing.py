@@ -157,7 +157,7 @@ def pair_counts(base_rows: list[dict], cand_rows: list[dict]) -> dict:
             "candidate_only": [{"doc_id": i, "doc_hash": h} for i, h in cand_only]}
 
 
-def write(p: Plan, eval_path) -> dict:
+def write_pairing(p: Plan, eval_path) -> dict:
     """Write eval files for the base and every candidate (`eval_path(label)` gives each file's path) and
     return the pairing block (also written by the caller as pairing.json)."""
     write_eval(p.base, [t for t in p.tasks], eval_path("base"), "base", "--base-samples", p.rows["base"])

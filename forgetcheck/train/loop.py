@@ -483,10 +483,10 @@ def _curve_note(curve: dict | None) -> str:
 
 
 def _data_path(label: str, domain) -> Path:
-    from forgetcheck.data import domain as data
+    from forgetcheck.data.domain import arm_problems
 
     arm = config.seed_run_of(label)[0]
-    config.check(data.arm_problems(domain, (arm,)))
+    config.check(arm_problems(domain, (arm,)))
     return Path(getattr(domain, config.ARM_DATA[arm]))
 
 

@@ -149,11 +149,10 @@ def build_rows(arm: str, tok, data_path: Path, cfg: config.TrainConfig, n_rows: 
         records = domain.read_cpt(data_path)
         return pack(lambda i: cpt_example(tok, records[i]), len(records), n_rows, cfg.seq_len, cfg.data_seed)
     records = domain.read_sft(data_path)
-    replay = None
+    mix = None  # the replay arm's general text, interleaved
     if arm == "replay":
-        from forgetcheck.data.replay import load as load_replay_text
+        from forgetcheck.data import replay
 
-        replay = Replay(replay_pieces(tok, load_replay_text(), max(8, cfg.seq_len // 2), cfg.data_seed),
-                        cfg.replay_frac)
+        mix = Replay(replay_pieces(tok, replay.load(), max(8, cfg.seq_len // 2), cfg.data_seed), cfg.replay_frac)
     return pack(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss), len(records), n_rows,
-                cfg.seq_len, cfg.data_seed, replay=replay)
+                cfg.seq_len, cfg.data_seed, replay=mix)
