@@ -84,7 +84,7 @@ def session(*, verbose: bool = False):
     except BaseException as e:
         log = _session.get("log")
         failed = type(e).__name__ not in ("BadInput", "Exit", "KeyboardInterrupt")
-        if failed:  # the terminal gets one line (cli/app.py); the log keeps the traceback to debug from
+        if failed and log is not held:  # the terminal gets one line (cli/app.py); the run's log the traceback
             _log("".join(traceback.format_exception(e)).rstrip())
         if not verbose and log is held and failed:
             held.flush()

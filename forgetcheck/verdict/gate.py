@@ -386,7 +386,8 @@ def _combine(statuses: list[str]) -> str:
 
 def _power(task_power: dict, mean_power: dict | None, pol: GateConfig) -> dict:
     """What this arm's run can detect and the items per task that would decide at the margins."""
-    out: dict[str, Any] = {"tasks": task_power, "mean": mean_power}
+    # evidence: why a rule could not decide for want of paired units (stats.MIN_PAIRED), per task and mean
+    out: dict[str, Any] = {"tasks": task_power, "mean": mean_power, "evidence": []}
     if not task_power:
         out.update(n=None, mde=None, items_needed=None)
         return out
@@ -397,11 +398,9 @@ def _power(task_power: dict, mean_power: dict | None, pol: GateConfig) -> dict:
         needs.append(mean_power["items_needed"])
     out.update(n=n, mde=mde, items_needed=max(needs) if needs else None,
                mean_mde=mean_power["mde"] if mean_power else None)
-    gaps = [f"{name}: {v['evidence']}" for name, v in task_power.items() if "evidence" in v]
+    out["evidence"] = [f"{name}: {v['evidence']}" for name, v in task_power.items() if "evidence" in v]
     if mean_power and "evidence" in mean_power:
-        gaps.append(f"retention mean: {mean_power['evidence']}")
-    if gaps:
-        out["evidence"] = gaps
+        out["evidence"].append(f"retention mean: {mean_power['evidence']}")
     return out
 
 

@@ -258,7 +258,12 @@ CACHE_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CACHE_DAMAGE))
+# One case per file kind in the fast suite; the other damages of the same file run with `make test-slow`.
+FAST_DAMAGE = ("result-a-list", "samples-lost-lines", "drift-topk-garbage")
+
+
+@pytest.mark.parametrize("case", [c if c in FAST_DAMAGE else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in sorted(CACHE_DAMAGE)])
 def test_a_damaged_cache_entry_is_rebuilt_with_one_note(case, eval_home, tasks_dir, tmp_path):
     """The entry is checked against its own counts; when damaged it is scored again (one console note), the
     evaluation exits 0 with the numbers of the first one, and the entry is whole again."""
