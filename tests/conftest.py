@@ -131,3 +131,14 @@ def domain(tmp_path_factory):
             f.write(json.dumps({"text": _text(i, 10 + i % 17)}) + "\n")
     return DomainData(name="fixture", root=root, sft=root / "sft.jsonl", cpt=root / "cpt.jsonl", heldout=None,
                       packaged=False)
+
+
+def one_line_exit_2(r: subprocess.CompletedProcess) -> str:
+    """The bad-input contract of a finished CLI call: exit 2, one stderr line `forgetcheck: error: ...`, no
+    traceback anywhere. Returns that line."""
+    lines = r.stderr.strip().splitlines()
+    detail = f"rc={r.returncode}\nstderr:\n{r.stderr[-3000:]}\nstdout:\n{r.stdout[-1500:]}"
+    assert "Traceback" not in r.stderr + r.stdout, detail
+    assert r.returncode == 2, detail
+    assert len(lines) == 1 and lines[0].startswith("forgetcheck: error: "), detail
+    return lines[0]

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import copy_fixture_tasks, forgetcheck_cli
+from conftest import copy_fixture_tasks, forgetcheck_cli, one_line_exit_2
 from test_bad_input import run_config, snapshot, user_data
 
 from forgetcheck.errors import BadInput
@@ -21,13 +21,6 @@ DATE = "2024-01-01T00-00-00.000000"
 VICTIM = "I am the user's own file\n"
 
 
-def _one_line_exit_2(r: subprocess.CompletedProcess) -> str:
-    lines = r.stderr.strip().splitlines()
-    detail = f"rc={r.returncode}\nstderr:\n{r.stderr[-3000:]}\nstdout:\n{r.stdout[-1500:]}"
-    assert "Traceback" not in r.stderr + r.stdout, detail
-    assert r.returncode == 2, detail
-    assert len(lines) == 1 and lines[0].startswith("forgetcheck: error: "), detail
-    return lines[0]
 
 
 def _samples(task: str) -> list[dict]:
@@ -103,7 +96,7 @@ def test_task_names_leading_outside_the_run_are_refused_before_any_write(tmp_pat
     victim = _victim(tmp_path)
     folder, task = plant(tmp_path, victim)
     before, home_before = snapshot(tmp_path), snapshot(fc_home)
-    line = _one_line_exit_2(_check(tmp_path, folder))
+    line = one_line_exit_2(_check(tmp_path, folder))
     assert "--base-samples" in line and repr(task) in line and "rename" in line, line
     assert (victim / "sft.jsonl").read_text() == VICTIM and (victim / "cpt.jsonl").read_text() == VICTIM
     assert snapshot(tmp_path) == before, "a refused check wrote or changed files"
@@ -125,7 +118,7 @@ def test_a_ckpt_symlink_leading_outside_the_run_is_not_followed(tmp_path, fc_hom
                                                         "tasks": {}}))
     (run / "ckpt" / "sft").symlink_to(outside)
     before, home_before = snapshot(tmp_path), snapshot(fc_home)
-    line = _one_line_exit_2(forgetcheck_cli("run", "--resume", run, cwd=tmp_path))
+    line = one_line_exit_2(forgetcheck_cli("run", "--resume", run, cwd=tmp_path))
     assert "ckpt/sft" in line and "outside" in line and "symlink" in line, line
     assert snapshot(tmp_path) == before and snapshot(fc_home) == home_before
 
@@ -174,7 +167,7 @@ def test_task_code_in_a_users_tasks_dir_is_refused_without_the_flag(tmp_path, fc
     args = (("eval", "--model", "tiny-gpt2", "--out", tmp_path / "out" / "m.json") if command == "eval" else
             ("check", "--base", "tiny-gpt2", "--candidate", "again=tiny-gpt2", "--out", tmp_path / "out"))
     before, home_before = snapshot(tmp_path), snapshot(fc_home)
-    line = _one_line_exit_2(forgetcheck_cli(*args, *common, cwd=tmp_path))
+    line = one_line_exit_2(forgetcheck_cli(*args, *common, cwd=tmp_path))
     assert "fc_code_mc.yaml" in line and "!function" in line and "--allow-task-code" in line, line
     assert not marker.exists(), "the task's Python ran"
     assert snapshot(tmp_path) == before and snapshot(fc_home) == home_before

@@ -16,23 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import forgetcheck_cli
+from conftest import REPO, forgetcheck_cli, one_line_exit_2
 from test_bad_input import plant_pickle, run_config, snapshot, user_data
 
 from forgetcheck.errors import BadInput
 from forgetcheck.models import files, registry
 from forgetcheck.rundir import atomic_write_text, check_run_id, confined
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _one_line_exit_2(r: subprocess.CompletedProcess) -> str:
-    lines = r.stderr.strip().splitlines()
-    detail = f"rc={r.returncode}\nstderr:\n{r.stderr[-3000:]}\nstdout:\n{r.stdout[-1500:]}"
-    assert "Traceback" not in r.stderr + r.stdout, detail
-    assert r.returncode == 2, detail
-    assert len(lines) == 1 and lines[0].startswith("forgetcheck: error: "), detail
-    return lines[0]
 
 
 def _pickle_is_live(path: Path, marker: Path) -> None:
@@ -68,7 +57,7 @@ def test_planted_pickle_in_resume_state_is_refused_and_never_runs(tmp_path, fc_h
 
     before = snapshot(tmp_path)
     r = forgetcheck_cli("run", "--resume", str(run), cwd=tmp_path)
-    line = _one_line_exit_2(r)
+    line = one_line_exit_2(r)
     assert not marker.exists(), "the planted pickle ran its code on --resume"
     assert "state.pt" in line and "refused" in line, line
     after = snapshot(tmp_path)
@@ -88,12 +77,12 @@ def test_planted_pickle_in_model_folder_is_refused_and_never_runs(tmp_path, tiny
     before = snapshot(tmp_path)
     r = forgetcheck_cli("eval", "--model", str(model), "--out", str(tmp_path / "out" / "m.json"), "--device", "cpu",
             cwd=tmp_path)
-    line = _one_line_exit_2(r)
+    line = one_line_exit_2(r)
     assert "pickle" in line and "--convert" in line, line
     assert not marker.exists()
     # the offered conversion refuses it too, without running it
     r = forgetcheck_cli("models", "--convert", str(model), "--out", str(tmp_path / "conv"), cwd=tmp_path)
-    assert "refused" in _one_line_exit_2(r)
+    assert "refused" in one_line_exit_2(r)
     assert not marker.exists()
     assert snapshot(tmp_path) == before
 

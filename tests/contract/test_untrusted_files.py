@@ -15,23 +15,11 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import forgetcheck_cli
+from conftest import forgetcheck_cli, one_line_exit_2
 from test_bad_input import _Evil, run_config, snapshot, user_data
 
 from forgetcheck.errors import BadInput
 from forgetcheck.train import checkpoint
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _one_line_exit_2(r: subprocess.CompletedProcess) -> str:
-    lines = r.stderr.strip().splitlines()
-    detail = f"rc={r.returncode}\nstderr:\n{r.stderr[-3000:]}\nstdout:\n{r.stdout[-1500:]}"
-    assert "Traceback" not in r.stderr + r.stdout, detail
-    assert r.returncode == 2, detail
-    assert len(lines) == 1 and lines[0].startswith("forgetcheck: error: "), detail
-    return lines[0]
-
 
 # ---- a distributed checkpoint with a planted payload -------------------------------------------------------
 
@@ -197,7 +185,7 @@ def test_resume_with_a_planted_dcp_payload_is_refused_by_the_cli_and_never_runs(
 
     before = snapshot(tmp_path)
     r = forgetcheck_cli("run", "--resume", str(run), cwd=tmp_path)
-    line = _one_line_exit_2(r)
+    line = one_line_exit_2(r)
     assert not marker.exists(), "the planted payload ran on --resume"
     assert "__1_0.distcp" in line and "refused" in line and PLANTED_ITEM in line, line
     assert snapshot(tmp_path) == before
@@ -311,7 +299,7 @@ def test_a_damaged_reference_topk_file_is_refused_with_one_line(eval_home, tasks
     _cut_mid_line(npz)
     before = snapshot(tmp_path)
     r = _eval(home, tmp_path, tmp_path / "run" / "eval" / "arm.json", tasks_dir, "--reference", str(base))
-    line = _one_line_exit_2(r)
+    line = one_line_exit_2(r)
     assert str(npz) in line and "damaged" in line and "--reference" in line, line
     after = snapshot(tmp_path)
     assert after == before
