@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, forgetcheck_cli
+from conftest import REPO, forgetcheck_cli, one_line_exit_2
 from test_bad_input import snapshot, user_data
-from test_hardening import _one_line_exit_2
 
 TINY_RUN = ["--arms", "sft", "--device", "cpu", "--budget-tokens", "256", "--seq-len", "32", "--micro-batch", "2",
             "--lr", "1e-3", "--tasks", "fc_winogrande", "--limit", "3", "--batch-size", "4"]
@@ -54,7 +53,7 @@ def finished(tmp_path_factory, tiny_ref):
 def _refused_resume(tmp: Path, run: Path) -> str:
     before = snapshot(run)
     r = forgetcheck_cli("run", "--resume", str(run), cwd=tmp)
-    line = _one_line_exit_2(r)
+    line = one_line_exit_2(r)
     assert snapshot(run) == before, "a refused --resume changed the run folder"
     return line
 
@@ -157,7 +156,7 @@ def _wait_until_held(proc: subprocess.Popen, run: Path, timeout: float = 240) ->
 
 def _refused_while_held(args: list[str], cwd: Path, run: Path, holder: int) -> None:
     before = snapshot(run)
-    line = _one_line_exit_2(forgetcheck_cli(*args, cwd=cwd))
+    line = one_line_exit_2(forgetcheck_cli(*args, cwd=cwd))
     assert str(run) in line and f"process {holder}" in line, line
     assert snapshot(run) == before, "the refused process changed the run folder"
 
