@@ -112,7 +112,7 @@ def require(obj: Any, kind: str, path: str = "") -> dict:
 # these readers with the fix (`forgetcheck compare RUN` rewrites compare.json from the run's eval files, whose
 # format did not change; `forgetcheck gate RUN` then rewrites gate.json).
 
-COMPARE_VERSION = 2
+COMPARE_VERSION = 3  # 3: t-based intervals (df), per-unit soft changes for the PASS bound, unavailable means
 GATE_VERSION = 2
 
 
@@ -373,7 +373,9 @@ COMPARE_ARM_DEFAULTS = {"score": None, "n": None, "delta": None, "ci": None, "p_
 COMPARE_BASE_DEFAULTS = {"score": None, "n": None, "soft_score": None}
 INFORMATIVE_DEFAULT = {"value": True, "p_value": None, "reason": None}
 MEAN_DEFAULTS = {"n_tasks": None, "tasks": [], "base_mean": None, "arm_mean": None, "delta": None, "ci": None,
-                 "p_value": None, "se": None, "significant": False}
+                 "p_value": None, "se": None, "df": None, "significant": False, "unavailable": None}
+ESTIMATE_DEFAULTS = {"clusters": None, "df": None}
+SOFT_DEFAULTS = {**ESTIMATE_DEFAULTS, "unit_deltas": None}
 SUMMARY_DEFAULTS = {"forgetting": None, "forgetting_ci": None, "forgetting_significant": None, "learning": None,
                     "learning_ci": None, "learning_significant": None, "kl_mean": None}
 DRIFT_DEFAULTS = {"perplexity": {}, "kl": None, "text_perplexity": None, "ppl_rise": None, "kl_mean": None,
@@ -384,6 +386,9 @@ MEAN_METRICS, MEAN_OVER = ("acc", "soft"), ("informative", "all")
 def compare_arm_doc(obj: Any) -> dict:
     """One arm's result on one task (compare.json tasks.<task>.arms.<arm>)."""
     arm = _filled(obj, COMPARE_ARM_DEFAULTS)
+    for key, defaults in (("acc", ESTIMATE_DEFAULTS), ("soft", SOFT_DEFAULTS), ("estimate", ESTIMATE_DEFAULTS)):
+        if arm[key] is not None:
+            arm[key] = _filled(arm[key], defaults)
     arm["examples"] = _filled(arm["examples"], {"right_to_wrong": [], "wrong_to_right": []})
     return arm
 
@@ -428,6 +433,9 @@ def suite_doc(obj: Any, arms: list[str]) -> dict:
 def drift_doc(obj: Any) -> dict:
     """One arm's general-text drift in compare.json."""
     drift = _filled(obj, DRIFT_DEFAULTS)
+    for key in ("ppl_rise", "kl_mean"):
+        if drift[key] is not None:
+            drift[key] = _filled(drift[key], ESTIMATE_DEFAULTS)
     drift["kl"] = _filled(drift["kl"], {"mean": None}) if drift["kl"] is not None else None
     return drift
 
@@ -477,7 +485,7 @@ def read_history(path: Path) -> dict:
 
 
 GATE_POWER_ARM_DEFAULTS = {"evidence": [], "tasks": {}, "mean": None, "n": None, "mde": None, "items_needed": None,
-                           "mean_mde": None}
+                           "mean_mde": None, "p_pass_if_unchanged": None}
 
 
 def gate_power_arm_doc(obj: Any) -> dict:
@@ -494,7 +502,8 @@ def gate_doc(obj: Any) -> GateFile:
     doc["excluded"] = [_filled(e, {"kept": False}) for e in doc["excluded"]]
     doc["arms"] = {a: _filled(v, {"verdict": None, "passed": False, "failed": [], "inconclusive": []})
                    for a, v in doc["arms"].items()}
-    power = doc["power"] = _filled(doc["power"], {"arms": {}, "sentence": ""})
+    power = doc["power"] = _filled(doc["power"], {"arms": {}, "sentence": "", "items_needed": None,
+                                                  "p_pass_if_unchanged": None, "fixed_undecided": []})
     power["arms"] = {a: gate_power_arm_doc(p) for a, p in power["arms"].items()}
     return doc  # type: ignore[return-value]
 

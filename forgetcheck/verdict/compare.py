@@ -49,6 +49,7 @@ from forgetcheck.verdict.stats import (
     Estimate,
     above_chance_p,
     bootstrap_se,
+    cluster_means,
     paired_binary,
     paired_mean,
     soft_scores,
@@ -269,16 +270,18 @@ def _paired_stats(name: str, arm_name: str, base: TaskItems, arm: TaskItems, *, 
             }
             items["acc"] = (bb.astype(float), ab.astype(float))
         else:
-            est = paired_mean(sign * bx, sign * ax, clusters, scale=scale, n_boot=n_boot, seed=seed,
-                              key=f"{name}\x1f{arm_name}")
+            est = paired_mean(sign * bx, sign * ax, clusters, scale=scale)
             items["acc"] = (sign * bx, sign * ax)
         stats["acc"] = est.to_dict(alpha)
         bs = _soft([base.rows[i] for i in bi])
         as_ = _soft([arm.rows[i] for i in ai])
         if bs is not None and as_ is not None:
-            soft = paired_mean(bs, as_, clusters, scale=scale, n_boot=n_boot, seed=seed,
-                               key=f"{name}\x1fsoft\x1f{arm_name}")
+            soft = paired_mean(bs, as_, clusters, scale=scale)
             stats["soft"] = soft.to_dict(alpha)
+            # what the gate's PASS bound (stats.bounded_upper) resamples nothing of but needs whole: the change of
+            # each independent unit (cluster mean, else item), in points
+            stats["soft"]["unit_deltas"] = [round(float(v), 6) for v in
+                                            cluster_means((as_ - bs) * scale, clusters)]
             stats["soft_score"] = float(as_.mean() * scale)
             base_extra["soft_score"] = float(bs.mean() * scale)
             items["soft"] = (bs, as_)
@@ -373,7 +376,7 @@ def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float =
     missing = missing_tasks(base, arms, tasks)
     rollup.apply_holm(tasks, list(arms), alpha)
     suites = rollup.suite_means(tasks, list(arms), alpha)
-    drift = {arm: rollup.drift_block(tasks, arm, ev, base[1], alpha=alpha, n_boot=n_boot, seed=seed)
+    drift = {arm: rollup.drift_block(tasks, arm, ev, base[1], alpha=alpha)
              for arm, (_, ev) in arms.items()}
     model = base[1]["model"] or {}
     return {

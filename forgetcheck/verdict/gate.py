@@ -34,6 +34,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from scipy.stats import norm
+
 from forgetcheck.config import GateConfig, check, validate_gate
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_text
@@ -48,7 +51,21 @@ from forgetcheck.schema import (
 )
 from forgetcheck.verdict.policy import as_policy, check_keys, resolve_policy
 from forgetcheck.verdict.rollup import gated_tasks
-from forgetcheck.verdict.stats import MIN_PAIRED, Estimate, estimate_from_dict, holm, round_up
+from forgetcheck.verdict.stats import (
+    MIN_PAIRED,
+    POWER,
+    Estimate,
+    bounded_upper,
+    estimate_from_dict,
+    holm,
+    interleavings,
+    items_for_power,
+    pass_mde,
+    pass_power,
+    round_up,
+    unit_orders,
+    z,
+)
 from forgetcheck.verdict.text import _f, _p, signed, to_junit, to_markdown
 
 EXIT = {"pass": 0, "fail": 1, "inconclusive": 4}
@@ -141,9 +158,60 @@ def unscored_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[dict
             for name in sorted(set(gated_tasks(tasks, None, pol.keep_uninformative)) - set(names) - set(absent))]
 
 
+SOFT_RANGE = (-100.0, 100.0)
+"""The most one unit's soft accuracy can fall or rise, in points: the range the PASS bound holds on."""
+
+
+def _unit_drops(d: dict) -> np.ndarray | None:
+    """The drop of each independent unit (cluster, else item) of a soft-accuracy estimate, in points; None when
+    the compare result does not carry them."""
+    return None if d["unit_deltas"] is None else 0.0 - np.asarray(d["unit_deltas"], dtype=float)
+
+
+def _sd(x: np.ndarray) -> float:
+    return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+class _Power:
+    """What one rule's PASS would take: its chance of passing at n items per task if nothing changed (`at`), the
+    drop it can rule out with 80% power now (`mde`) and the items per task that give that power (`items`)."""
+
+    def __init__(self, n: int, mde: float, at, margin: float):
+        self.n, self.mde, self.at = n, mde, at
+        self.items = items_for_power(at, POWER)
+        self.margin = margin
+
+    def doc(self) -> dict:
+        return {"n": self.n, "mde": self.mde, "items_needed": self.items, "p_pass_if_unchanged": self.at(self.n)}
+
+
+def _normal_power(est: Estimate, margin: float, alpha: float) -> _Power:
+    """A normal-approximation rule (accuracy: Bonett-Price): se shrinks as 1/sqrt(n)."""
+    def at(n: int) -> float:
+        if n <= 0:
+            return 0.0
+        se = est.se * (est.n / n) ** 0.5
+        return 1.0 if se <= 0 else float(norm.cdf(margin / se - z(1 - alpha)))
+    return _Power(est.n, est.mde(alpha), at, margin)
+
+
+def _bounded_power(drops: list[np.ndarray], items: list[int], margin: float, alpha: float) -> _Power:
+    """A PASS by `bounded_upper` on the units of one task (one sample) or of the retention mean (several, drawn
+    one task at a time): the units' spread if nothing changed is their spread around each task's own mean."""
+    sd = float(np.sqrt(np.mean([_sd(x) ** 2 for x in drops])))
+    per_item = sum(len(x) for x in drops) / max(1, sum(items))  # units per item (< 1 with clusters)
+    n = min(items)
+    width = SOFT_RANGE[1] - SOFT_RANGE[0]
+
+    def at(k: int) -> float:
+        return pass_power(sd, max(1, round(k * per_item * len(drops))), margin, alpha, width=width)
+    return _Power(n, pass_mde(sd, sum(len(x) for x in drops), alpha, width=width), at, margin)
+
+
 def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict], dict]:
-    """`task_drop` for each gated retention task: PASS when the upper bound of the drop is below max_drop, FAIL
-    when Holm's test of 'drop <= max_drop' rejects, else INCONCLUSIVE. Returns (rules, power per task)."""
+    """`task_drop` for each gated retention task: PASS when the upper bound of the drop is below max_drop (on soft
+    accuracy, the bound that holds for every pattern of per-unit changes), FAIL when Holm's test of 'drop <=
+    max_drop' rejects, else INCONCLUSIVE. Returns (rules, {task: its `_Power`})."""
     alpha, metric = pol.alpha, pol.metric
     rules, task_power, p_fail, pending = [], {}, {}, []
     for name in gated_tasks(tasks, arm, pol.keep_uninformative):
@@ -162,38 +230,54 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
                                "per-item records, so the drop cannot be bounded or tested (re-run `forgetcheck eval`)",
                                name, drop=drop, max_drop=pol.max_drop, metric=used))
             continue
-        task_power[name] = {"n": est.n, "mde": est.mde(alpha), "items_needed": est.items_needed(pol.max_drop, alpha)}
+        drops = _unit_drops(d) if used == "soft" else None
+        power = (_bounded_power([drops], [est.n], pol.max_drop, alpha) if drops is not None
+                 else _normal_power(est, pol.max_drop, alpha))
+        task_power[name] = power
         gap = est.evidence_gap()
         if gap:
-            task_power[name]["evidence"] = gap
             drop = 0.0 - est.point
             rules.append(_rule("task_drop", arm, "inconclusive", f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop "
                                f"{signed(drop)} points): {gap}", name, drop=drop, n=est.n, min_paired=MIN_PAIRED,
                                max_drop=pol.max_drop, metric=used))
             continue
         p_fail[name] = est.p_above(-pol.max_drop)
-        pending.append((name, est, used, label, base_s, arm_s))
+        pending.append((name, est, used, label, base_s, arm_s, drops))
     adj = holm(p_fail)
-    for name, est, used, label, base_s, arm_s in pending:
+    for name, est, used, label, base_s, arm_s, drops in pending:
         drop = 0.0 - est.point
-        up, lo = -est.lower(alpha), -est.upper(alpha)
+        up_normal, lo = -est.lower(alpha), -est.upper(alpha)
+        if used == "soft":
+            up = (bounded_upper(unit_orders(drops, f"{arm}\x1f{name}"), *SOFT_RANGE, alpha) if drops is not None
+                  else None)
+        else:
+            up = up_normal
+        bound = "no bound for every pattern" if up is None else signed(up)
         nums = (f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop {signed(drop)} points, {_side(alpha)} bounds "
-                f"[{signed(lo)}, {signed(up)}])")
-        vals = {"drop": drop, "drop_upper": up, "drop_lower": lo, "p_fail": p_fail[name],
-                "p_fail_holm": adj[name], "holm_family": len(adj), "max_drop": pol.max_drop, "alpha": alpha,
-                "metric": used, "mde": est.mde(alpha), "n": est.n}
-        if up < pol.max_drop:
+                f"[{signed(lo)}, {bound}])")
+        vals = {"drop": drop, "drop_upper": up, "drop_upper_normal": up_normal, "drop_lower": lo,
+                "p_fail": p_fail[name], "p_fail_holm": adj[name], "holm_family": len(adj), "max_drop": pol.max_drop,
+                "alpha": alpha, "metric": used, "mde": task_power[name].mde, "n": est.n,
+                "bound": "bounded" if used == "soft" else "normal"}
+        if up is not None and up < pol.max_drop:
             st, why = "pass", (f"a drop beyond {pol.max_drop:g} points is ruled out (upper bound {up:.1f} < "
-                               f"{pol.max_drop:g})")
+                               f"{pol.max_drop:g}{_ANY_PATTERN if used == 'soft' else ''})")
         elif adj[name] < alpha:
             st, why = "fail", (f"dropped more than {pol.max_drop:g} points (test of drop <= {pol.max_drop:g}: Holm "
                                f"p={_p(adj[name])} < {alpha:g} over {len(adj)} gated tasks)")
+        elif up is None:
+            st, why = "inconclusive", ("this compare result carries no per-unit changes, so a drop carried by a few "
+                                       "items cannot be ruled out: re-run `forgetcheck compare` on the run")
         else:
             st, why = "inconclusive", (f"cannot rule out a drop beyond {pol.max_drop:g} points (upper bound "
-                                       f"{up:.1f}) nor show one (Holm p={_p(adj[name])}); this run detects drops of "
-                                       f"{est.mde(alpha):.1f} points at 80% power")
+                                       f"{up:.1f}{_ANY_PATTERN if used == 'soft' else ''}) nor show one (Holm "
+                                       f"p={_p(adj[name])}); this run rules out drops of {task_power[name].mde:.1f} "
+                                       f"points at 80% power")
         rules.append(_rule("task_drop", arm, st, f"{nums}: {why}", name, **vals))
     return rules, task_power
+
+
+_ANY_PATTERN = ", whatever the pattern of per-item changes"
 
 
 def coverage_rules(tasks: dict, arm: str, pol: GateConfig) -> list[dict]:
@@ -208,36 +292,68 @@ def coverage_rules(tasks: dict, arm: str, pol: GateConfig) -> list[dict]:
     return [_rule("coverage", arm, "fail", "no retention task with a score to compare: evaluate the retention suite")]
 
 
-def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tuple[list[dict], dict | None]:
-    """`retention_mean`: the mean drop of the gated retention tasks against max_mean_drop. Returns (rules, the
-    mean's power or None)."""
+def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tuple[list[dict], _Power | None]:
+    """`retention_mean`: the mean drop of the gated retention tasks against max_mean_drop (on soft accuracy, PASS by
+    the bound that holds for every pattern of per-unit changes within and across tasks). An arm with gated tasks
+    always has this rule: INCONCLUSIVE, saying why, when the mean cannot be computed. Returns (rules, the mean's
+    `_Power` or None)."""
     alpha = pol.alpha
     over = "all" if pol.keep_uninformative else "informative"
+    tasks = compare["tasks"]
     ret = compare["suites"]["retention"]["means"][pol.metric][over][arm]
+    label = f"retention mean {_metric_label(pol.metric)}"
     if not ret:
-        return [], None
+        gated = gated_tasks(tasks, arm, pol.keep_uninformative)
+        if not gated:
+            return [], None  # `coverage` says why nothing is gated
+        return [_rule("retention_mean", arm, "inconclusive", f"{label}: none of the gated tasks ({', '.join(gated)}) "
+                      "has a score for this arm, so the mean drop cannot be computed",
+                      max_mean_drop=pol.max_mean_drop, metric=pol.metric)], None
+    if ret["unavailable"]:
+        return [_rule("retention_mean", arm, "inconclusive", f"{label} over {ret['n_tasks']} tasks cannot be "
+                      f"computed: {ret['unavailable']}", max_mean_drop=pol.max_mean_drop, metric=pol.metric)], None
     est = _est(ret)
     drop = 0.0 - ret["delta"]
-    head = (f"retention mean {_metric_label(pol.metric)} over {ret['n_tasks']} tasks {_f(ret['base_mean'])} -> "
-            f"{_f(ret['arm_mean'])} (drop {signed(drop)} points")
+    head = f"{label} over {ret['n_tasks']} tasks {_f(ret['base_mean'])} -> {_f(ret['arm_mean'])} (drop {signed(drop)} points"
     if est is None:
         return [_rule("retention_mean", arm, "inconclusive", f"{head}): some tasks lack per-item records, so the "
                       "mean drop cannot be bounded", drop=drop, max_mean_drop=pol.max_mean_drop)], None
-    power = {"n": est.n, "mde": est.mde(alpha), "items_needed": est.items_needed(pol.max_mean_drop, alpha)}
-    gap = _mean_gap(est, compare["tasks"], ret, arm, pol.metric)
+    drops = None
+    softs = [tasks[n]["arms"][arm]["soft"] if n in tasks and arm in tasks[n]["arms"] else None for n in ret["tasks"]]
+    if pol.metric == "soft" and all(x is not None for x in softs):
+        parts = [_unit_drops(x) for x in softs]
+        drops = None if any(x is None for x in parts) else parts
+    if drops is not None:
+        power = _bounded_power(drops, [x["n"] for x in softs], pol.max_mean_drop, alpha)
+    else:
+        power = _normal_power(est, pol.max_mean_drop, alpha)
+    gap = _mean_gap(est, tasks, ret, arm, pol.metric)
     if gap:
-        power["evidence"] = gap
         return [_rule("retention_mean", arm, "inconclusive", f"{head}): {gap}", drop=drop, n=est.n,
                       min_paired=MIN_PAIRED, max_mean_drop=pol.max_mean_drop, metric=pol.metric)], power
-    up, lo = -est.lower(alpha), -est.upper(alpha)
-    st = _three(lo, up, pol.max_mean_drop)
-    nums = f"{head}, {_side(alpha)} bounds [{signed(lo)}, {signed(up)}])"
-    why = {"pass": f"a mean drop beyond {pol.max_mean_drop:g} points is ruled out",
+    up_normal, lo = -est.lower(alpha), -est.upper(alpha)
+    if pol.metric == "soft":
+        up = (None if drops is None else
+              bounded_upper(interleavings(drops, f"{arm}\x1fretention-mean"), *SOFT_RANGE, alpha))
+    else:
+        up = up_normal
+    if up is not None and up < pol.max_mean_drop:
+        st = "pass"
+    elif lo > pol.max_mean_drop:
+        st = "fail"
+    else:
+        st = "inconclusive"
+    any_pattern = _ANY_PATTERN if pol.metric == "soft" else ""
+    nums = f"{head}, {_side(alpha)} bounds [{signed(lo)}, {'no bound for every pattern' if up is None else signed(up)}])"
+    why = {"pass": f"a mean drop beyond {pol.max_mean_drop:g} points is ruled out{any_pattern}",
            "fail": f"the mean dropped more than {pol.max_mean_drop:g} points (lower bound {lo:.1f})",
-           "inconclusive": f"cannot rule out a mean drop beyond {pol.max_mean_drop:g} points nor show "
-                           f"one; this run detects mean drops of {est.mde(alpha):.1f} points"}[st]
-    return [_rule("retention_mean", arm, st, f"{nums}: {why}", drop=drop, drop_upper=up, drop_lower=lo,
-                  max_mean_drop=pol.max_mean_drop, alpha=alpha, metric=pol.metric, mde=est.mde(alpha))], power
+           "inconclusive": (f"cannot rule out a mean drop beyond {pol.max_mean_drop:g} points{any_pattern} nor show "
+                            f"one; this run rules out mean drops of {power.mde:.1f} points at 80% power")
+           if up is not None else ("this compare result carries no per-unit changes, so a drop carried by a few "
+                                   "items cannot be ruled out: re-run `forgetcheck compare` on the run")}[st]
+    return [_rule("retention_mean", arm, st, f"{nums}: {why}", drop=drop, drop_upper=up, drop_upper_normal=up_normal,
+                  drop_lower=lo, max_mean_drop=pol.max_mean_drop, alpha=alpha, metric=pol.metric, mde=power.mde,
+                  bound="bounded" if pol.metric == "soft" else "normal")], power
 
 
 def domain_gain_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[dict]:
@@ -316,7 +432,7 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
     tasks, arms = doc["tasks"], doc["arms"]
     rules: list[dict[str, Any]] = []
     not_checked: list[dict[str, Any]] = []
-    power: dict[str, Any] = {"arms": {}}
+    powers: dict[str, tuple[dict, _Power | None]] = {}
     for arm in arms:
         rules += missing_rules(doc, arm, pol) + unscored_rules(doc, arm, pol)
         drop_rules, task_power = task_drop_rules(tasks, arm, pol)
@@ -325,10 +441,10 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
         drifts, unchecked = drift_rules(doc, arm, pol)
         rules += drifts
         not_checked += unchecked
-        power["arms"][arm] = _power(task_power, mean_power, pol)
+        powers[arm] = (task_power, mean_power)
     if not arms:
         rules.append(_rule("coverage", None, "fail", "no arm was compared: nothing to release"))
-    return _gate(rules, arms, pol, excluded_tasks(tasks, pol), not_checked, power)
+    return _gate(rules, arms, pol, excluded_tasks(tasks, pol), not_checked, _power(powers, rules, pol))
 
 
 def _gate(rules: list[dict], arms: list[str], pol: GateConfig, excluded: list[dict], not_checked: list[dict],
@@ -341,7 +457,6 @@ def _gate(rules: list[dict], arms: list[str], pol: GateConfig, excluded: list[di
     if verdict == "inconclusive" and pol.on_inconclusive in ("fail", "pass"):
         code = EXIT[pol.on_inconclusive]
         mapped = f" (exit {code}: --on-inconclusive {pol.on_inconclusive} maps INCONCLUSIVE to {pol.on_inconclusive.upper()})"
-    power["sentence"] = _overall_sentence(power["arms"], pol)
     return {
         "schema_version": GATE_VERSION, "kind": "gate", "verdict": verdict, "passed": verdict == "pass",
         "exit_code": code, "exit_note": mapped.strip(" ()"),
@@ -352,19 +467,23 @@ def _gate(rules: list[dict], arms: list[str], pol: GateConfig, excluded: list[di
                  for arm, v in per_arm.items()},
         "rules": rules, "excluded": excluded, "not_checked": not_checked, "power": power,
         "missing": sorted({r["task"] for r in rules if r["rule"] == "task_missing"}),
-        "summary": _summary(verdict, rules, arms) + mapped,
+        "summary": _summary(verdict, rules, arms, not_checked) + mapped,
     }
 
 
-def _summary(verdict: str, rules: list[dict], arms: list[str]) -> str:
+def _summary(verdict: str, rules: list[dict], arms: list[str], not_checked: list[dict]) -> str:
+    """The verdict in one line; it counts the rules that were checked and names those that were not."""
     failed = [r["reason"] for r in rules if r["status"] == "fail"]
     unsure = [r["reason"] for r in rules if r["status"] == "inconclusive"]
+    unchecked = (f" ({len(not_checked)} not checked: " + ", ".join(f"{u['arm']} {u['rule']}" for u in not_checked)
+                 + ")") if not_checked else ""
     if verdict == "pass":
-        return f"PASS: all {len(rules)} rules rule out harm beyond their margins for {', '.join(arms)}"
+        return f"PASS: all {len(rules)} checked rules rule out harm beyond their margins for {', '.join(arms)}{unchecked}"
     if verdict == "fail":
-        return f"FAIL: {len(failed)} of {len(rules)} rules show harm beyond the margin: " + "; ".join(failed)
-    return (f"INCONCLUSIVE: {len(unsure)} of {len(rules)} rules can neither rule out nor show harm beyond "
-            f"the margin: " + "; ".join(unsure))
+        return (f"FAIL: {len(failed)} of {len(rules)} checked rules show harm beyond the margin{unchecked}: "
+                + "; ".join(failed))
+    return (f"INCONCLUSIVE: {len(unsure)} of {len(rules)} checked rules can neither rule out nor show harm beyond "
+            f"the margin{unchecked}: " + "; ".join(unsure))
 
 
 def _missing_for(compare: CompareFile, arm: str, pol: GateConfig) -> list[str]:
@@ -384,55 +503,80 @@ def _combine(statuses: list[str]) -> str:
     return "pass"
 
 
-def _power(task_power: dict, mean_power: dict | None, pol: GateConfig) -> dict:
-    """What this arm's run can detect and the items per task that would decide at the margins."""
-    # evidence: why a rule could not decide for want of paired units (stats.MIN_PAIRED), per task and mean
-    out: dict[str, Any] = {"tasks": task_power, "mean": mean_power, "evidence": []}
-    if not task_power:
-        out.update(n=None, mde=None, items_needed=None)
-        return out
-    n = min(v["n"] for v in task_power.values())
-    mde = max(v["mde"] for v in task_power.values())
-    needs = [v["items_needed"] for v in task_power.values() if v["items_needed"] is not None]
-    if mean_power and mean_power["items_needed"] is not None:
-        needs.append(mean_power["items_needed"])
-    out.update(n=n, mde=mde, items_needed=max(needs) if needs else None,
-               mean_mde=mean_power["mde"] if mean_power else None)
-    out["evidence"] = [f"{name}: {v['evidence']}" for name, v in task_power.items() if "evidence" in v]
-    if mean_power and "evidence" in mean_power:
-        out["evidence"].append(f"retention mean: {mean_power['evidence']}")
+def _joint(parts: list[_Power]):
+    """P(every one of these rules passes at n items per task if nothing changed): tasks are disjoint items, so
+    their rules are independent; the mean rises and falls with its tasks, so the product is a lower bound."""
+    def at(n: int) -> float:
+        p = 1.0
+        for part in parts:
+            p *= part.at(n)
+        return p
+    return at
+
+
+def _power(powers: dict[str, tuple[dict, _Power | None]], rules: list[dict], pol: GateConfig) -> dict:
+    """The power of the whole verdict: per arm, what each rule can rule out now and its chance of passing if nothing
+    changed; the items per task at which every rule that more items can decide passes with 80% probability (the
+    arm's, and the release's over all arms); and the rules more items cannot decide (drift, on a fixed text)."""
+    out: dict[str, Any] = {"arms": {}, "items_needed": None, "p_pass_if_unchanged": None, "fixed_undecided": []}
+    every: list[_Power] = []
+    for arm, (task_power, mean_power) in powers.items():
+        arm_rules = [r for r in rules if r["arm"] == arm]
+        parts = list(task_power.values()) + ([mean_power] if mean_power else [])
+        entry: dict[str, Any] = {"tasks": {name: p.doc() for name, p in task_power.items()},
+                                 "mean": mean_power.doc() if mean_power else None,
+                                 # why a rule could not decide for want of paired units (stats.MIN_PAIRED)
+                                 "evidence": [r["reason"] for r in arm_rules if "min_paired" in r["values"]],
+                                 "n": None, "mde": None, "mean_mde": None, "items_needed": None,
+                                 "p_pass_if_unchanged": None}
+        fixed = [r for r in arm_rules if r["rule"] in ("ppl_rise", "kl") and r["status"] == "inconclusive"]
+        out["fixed_undecided"] += [f"{arm} {r['rule']}" for r in fixed]
+        if task_power:
+            n = min(p.n for p in task_power.values())
+            joint = _joint(parts)
+            entry.update(n=n, mde=max(p.mde for p in task_power.values()),
+                         mean_mde=mean_power.mde if mean_power else None,
+                         items_needed=items_for_power(joint, POWER), p_pass_if_unchanged=joint(n))
+            every += parts
+        out["arms"][arm] = entry
+    if every:
+        joint = _joint(every)
+        n = min(a["n"] for a in out["arms"].values() if a["n"] is not None)
+        out.update(items_needed=items_for_power(joint, POWER), p_pass_if_unchanged=joint(n))
+    out["sentence"] = _overall_sentence(out, pol, len(every))
     return out
 
 
-def _overall_sentence(arms: dict, pol: GateConfig) -> str:
-    """'50 items per task can only rule out drops larger than 31 points; about 500 per task would decide at
-    2 points per task (1 for the mean).'"""
-    have = [p for p in map(gate_power_arm_doc, arms.values()) if p["n"] is not None]
+def _overall_sentence(power: dict, pol: GateConfig, n_rules: int) -> str:
+    """'50 items per task can only rule out soft-accuracy drops larger than 6.1 points on a task (2.2 on the
+    retention mean); to PASS if nothing changed (all 28 such rules with 80% probability) about 430 items per task
+    are needed at 2 points per task and 1 for the mean; sft kl cannot be decided by more items ...'"""
+    have = [p for p in map(gate_power_arm_doc, power["arms"].values()) if p["n"] is not None]
+    fixed = power["fixed_undecided"]
+    tail = (f"; {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} undecided and more items do not change "
+            "that (measured on the fixed drift text)") if fixed else ""
     if not have:
-        return "no retention task with per-item records was gated: the power of this run cannot be stated"
+        return "no retention task with per-item records was gated: the power of this run cannot be stated" + tail
+    need, p_now = power["items_needed"], power["p_pass_if_unchanged"]
+    margins = f"at {pol.max_drop:g} points per task and {pol.max_mean_drop:g} for the mean"
+    to_pass = (f"to PASS if nothing changed (all {n_rules} item-based rules with 80% probability) about "
+               f"{round_up(need):,} items per task are needed {margins}" if need is not None else
+               "no number of items per task would PASS them all with 80% probability")
+    gaps = [g for p in have for g in p["evidence"]]
+    if gaps:
+        return f"{gaps[0]}; {to_pass}{tail}"
     n = min(p["n"] for p in have)
     mde = max(p["mde"] for p in have)
     mean_mdes = [p["mean_mde"] for p in have if p["mean_mde"] is not None]
-    needs = [p["items_needed"] for p in have if p["items_needed"] is not None]
-    gaps = [g for p in have for g in p["evidence"]]
-    if gaps:
-        s = gaps[0]
-        if needs:
-            s += (f"; about {round_up(max(needs)):,} items per task would decide at {pol.max_drop:g} points per "
-                  f"task and {pol.max_mean_drop:g} for the mean")
-        return s
     what = "soft-accuracy" if pol.metric == "soft" else "accuracy"
     s = f"{n} items per task can only rule out {what} drops larger than {mde:.1f} points"
     if mean_mdes:
         s += f" on a task ({max(mean_mdes):.1f} on the retention mean)"
-    if needs:
-        need = max(needs)
-        if need <= n:
-            s += f"; that decides at {pol.max_drop:g} points per task and {pol.max_mean_drop:g} for the mean"
-        else:
-            s += (f"; about {round_up(need):,} per task would decide at {pol.max_drop:g} points per task and "
-                  f"{pol.max_mean_drop:g} for the mean")
-    return s
+    if p_now is not None and p_now >= POWER:
+        s += f"; at this size all {n_rules} item-based rules PASS with {p_now:.0%} probability if nothing changed"
+    else:
+        s += "; " + to_pass
+    return s + tail
 
 
 def load_compare_for(target: Path) -> tuple[dict, Path, dict | None]:

@@ -60,13 +60,21 @@ def arm_results(tasks: dict, names: list[str], arm: str) -> dict[str, dict]:
 
 
 def mean_block(tasks: dict, names: list[str], arm: str, metric: str, alpha: float) -> dict | None:
+    """The arm's change of the mean over `names` (the tasks it was scored on) in `metric`; None when no task has a
+    delta. On soft accuracy a task without soft records makes the mean `unavailable` (saying which), never
+    silently absent: the gate then says why its retention-mean rule could not decide."""
     have = [n for n, a in arm_results(tasks, names, arm).items() if a["delta"] is not None]
     if not have:
         return None
     if metric == "soft":
+        lacking = [n for n in have if tasks[n]["arms"][arm]["soft"] is None]
+        if lacking:
+            return {"n_tasks": len(have), "tasks": have, "base_mean": None, "arm_mean": None, "delta": None,
+                    "ci": None, "p_value": None,
+                    "unavailable": (f"{', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no soft-accuracy "
+                                    "scores (per-item log-likelihoods of every choice), so the mean cannot be taken "
+                                    "on soft accuracy; re-evaluate with per-item records, or gate with --metric acc")}
         ests = [tasks[n]["arms"][arm]["soft"] for n in have]
-        if any(e is None for e in ests):
-            return None
         base_mean = _mean([tasks[n]["base"]["soft_score"] for n in have])
         arm_mean = _mean([tasks[n]["arms"][arm]["soft_score"] for n in have])
     else:
@@ -113,8 +121,7 @@ def _mean(xs):
     return float(np.mean(xs)) if xs else None
 
 
-def drift_block(tasks: dict, arm: str, arm_eval: dict, base_eval: dict, *, alpha: float, n_boot: int,
-           seed: int) -> dict:
+def drift_block(tasks: dict, arm: str, arm_eval: dict, base_eval: dict, *, alpha: float) -> dict:
     """Perplexity tasks of the arm vs base, the eval's KL block, the drift text's perplexity, and the two
     gated drift estimates: the relative rise of the mean NLL per token (percent; equal to the rise of bits
     per byte on the same text) and the mean KL per token, each with a bootstrap of 32-token blocks."""
@@ -139,14 +146,13 @@ def drift_block(tasks: dict, arm: str, arm_eval: dict, base_eval: dict, *, alpha
     rise = kl_est = None
     notes = []
     if ab["nll"] and bb["nll"] and len(ab["nll"]) == len(bb["nll"]):
-        rise = ratio_rise(np.array(bb["nll"]), np.array(ab["nll"]), n_boot=n_boot, seed=seed,
-                          key=f"drift-nll\x1f{arm}").to_dict(alpha)
+        rise = ratio_rise(np.array(bb["nll"]), np.array(ab["nll"])).to_dict(alpha)
         rise["unit"] = "percent"
     elif text is not None:
         notes.append("no per-block NLL in the eval files (written by an older forgetcheck): the perplexity "
                      "rise has no interval; re-run `forgetcheck eval`")
     if ab["kl"]:
-        kl_est = mean_of(np.array(ab["kl"]), n_boot=n_boot, seed=seed, key=f"drift-kl\x1f{arm}").to_dict(alpha)
+        kl_est = mean_of(np.array(ab["kl"])).to_dict(alpha)
         kl_est["unit"] = "nats per token"
     elif kl is not None:
         notes.append("no per-block KL in the eval file (written by an older forgetcheck): the KL has no "
@@ -250,7 +256,7 @@ def arm_vs_arm(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot: 
                     elif metric == "acc" and np.isin(xa, (0.0, 1.0)).all() and np.isin(xb, (0.0, 1.0)).all():
                         est = paired_binary(xb[0].astype(bool), xa[0].astype(bool), cl)
                     else:
-                        est = paired_mean(xb[0], xa[0], cl, n_boot=n_boot, seed=seed, key=f"{n}\x1f{a}-{b}\x1f{metric}")
+                        est = paired_mean(xb[0], xa[0], cl)
                     entry[metric] = est.to_dict(alpha)
                 if entry:
                     per_task[n] = entry

@@ -1,9 +1,10 @@
 """The statistics behind compare and gate: paired estimates whose interval and test come from one method.
 
-Every estimate is a difference in points (or percent, or nats) with a centre and a standard error, and every
-interval, p-value and bound is computed from that pair with the normal quantile, so an interval that excludes
-a value always comes with a test that rejects it at the same level (and back); `Estimate` is the one place
-where that happens. How the centre and standard error are obtained depends on the data (docs/verdicts.md):
+Every estimate is a difference in points (or percent, or nats) with a centre, a standard error and, where the
+standard error is estimated from the data's own units, its degrees of freedom; every interval, p-value and bound
+is computed from those with the normal or Student t quantile, so an interval that excludes a value always comes
+with a test that rejects it at the same level (and back); `Estimate` is the one place where that happens. How
+the centre and standard error are obtained depends on the data (docs/verdicts.md):
 
 - 0/1 scores of the same items under two models (accuracy): the Bonett-Price adjusted Wald interval for a
   difference of paired proportions (Bonett & Price 2012, "Adjusted Wald confidence interval for a difference
@@ -11,10 +12,13 @@ where that happens. How the centre and standard error are obtained depends on th
   two to the sample size, which keeps the coverage near nominal at n = 50 where the plain Wald interval and the
   exact McNemar test disagree. When items share a source (`clusters`), the variance is multiplied by the design
   effect (cluster-robust over item-level variance of the paired differences, within strata, at least 1).
-- continuous per-item scores (soft accuracy: the probability the model gives the correct choice) and ratios
-  (perplexity, bits per byte, KL): a cluster bootstrap within strata (clusters of items resampled with
-  replacement inside each stratum; the same resampled clusters for both models, so the pairing is kept)
-  gives the standard error; the centre is the plain estimate.
+- continuous per-item scores (soft accuracy: the probability the model gives the correct choice), per-block
+  values (KL) and ratios (bits per byte): the cluster-robust (CR1) standard error of the mean over items, i.e.
+  the unbiased standard error of the mean of the G cluster totals (clusters: items that share a source,
+  documents of the drift text; each item its own cluster otherwise), with a Student t quantile at G - 1 degrees
+  of freedom; a ratio is linearised first (delta method). This is exact for normally distributed cluster totals
+  at every G, where the plug-in bootstrap standard error with the normal quantile errs toward narrow intervals
+  at small G.
 - a mean over tasks (a suite): the tasks' items are disjoint and independent, so the variance of the mean of
   the task deltas is the sum of the task variances over the squared task count.
 - several training seeds per arm (`--seeds K`): a two-level bootstrap (`two_level_diff`). Each resample draws
@@ -23,12 +27,18 @@ where that happens. How the centre and standard error are obtained depends on th
   runs' mean scores. Its spread holds both the seed-to-seed and the item-to-item variation, so a comparison
   of two arms is a statement about the methods, not about one training run each.
 
+PASS on a bounded score (soft accuracy) needs more than a large-sample interval: a drop carried by a few items
+(a handful of facts forgotten outright) is missed by a sample that happens to hold none of them, and then every
+interval built from the sample's spread rules it out. `bounded_upper` gives an upper bound of a mean that holds
+for every distribution of per-unit changes within the score's range (a betting confidence bound, Waudby-Smith &
+Ramdas 2023), which the gate's PASS uses; `pass_items` says how many units it needs.
+
 One-sided bounds at level 1 - alpha (used by the gate) are the ends of the two-sided 1 - 2 alpha interval.
-Every one of these intervals is a large-sample interval: with a handful of paired units (clusters, items or drift
-blocks) the bootstrap standard error shrinks to nothing (0 for one item, or whenever every unit moved by the same
-amount) and the normal quantile is too narrow, so an estimate from fewer than `MIN_PAIRED` units, or with zero
-spread around a change, says so (`Estimate.evidence_gap`) and the gate decides nothing from it.
-Power: a change of zero is ruled out at margin M with 80% power when M >= (z_{1-alpha} + z_{0.8}) * se;
+With a handful of paired units (clusters, items or drift documents) a standard error rests on almost nothing (0
+for one item, or whenever every unit moved by the same amount), so an estimate from fewer than `MIN_PAIRED`
+units, or with zero spread around a change, says so (`Estimate.evidence_gap`) and the gate decides nothing
+from it.
+Power: a change of zero is ruled out at margin M with 80% power when M >= (q_{1-alpha} + q_{0.8}) * se;
 that margin is the minimal detectable drop (MDE), and since se shrinks as 1/sqrt(n) the items needed to decide
 at margin M are n * (MDE / M)^2.
 
@@ -37,12 +47,15 @@ Pure numpy/scipy; no torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy.special import logsumexp
 from scipy.stats import binom, norm
+from scipy.stats import t as student_t
 
 POWER = 0.8
 MIN_PAIRED = 6
@@ -56,13 +69,20 @@ def z(q: float) -> float:
     return float(norm.ppf(q))
 
 
+def quantile(q: float, df: int | None = None) -> float:
+    """The normal quantile, or Student t's at `df` degrees of freedom."""
+    return float(norm.ppf(q)) if df is None else float(student_t.ppf(q, df))
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A difference (positive = better for the arm) with its centre and standard error.
 
     point:  the plain estimate (what the report prints as the change);
     center: where the interval is centred (Bonett-Price's adjusted difference; else `point`);
-    se:     standard error of `center` (0 when every resample agrees, e.g. an unchanged copy).
+    se:     standard error of `center` (0 when every unit agrees, e.g. an unchanged copy);
+    df:     degrees of freedom of `se` (clusters - 1) when it is estimated from the units' own spread: the
+            quantiles are Student t's; None: the normal quantile (Bonett-Price, means over tasks, bootstraps).
     """
 
     point: float
@@ -71,37 +91,41 @@ class Estimate:
     method: str
     n: int
     clusters: int | None = None
+    df: int | None = None
     extra: dict = field(default_factory=dict)
 
-    # -- intervals and tests from (center, se) only --------------------------------------------------------
+    # -- intervals and tests from (center, se, df) only ----------------------------------------------------
+    def q(self, level: float) -> float:
+        return quantile(level, self.df)
+
     def ci(self, alpha: float) -> list[float]:
-        h = z(1 - alpha / 2) * self.se
+        h = self.q(1 - alpha / 2) * self.se
         return [self.center - h + 0.0, self.center + h + 0.0]
 
     def lower(self, alpha: float) -> float:
         """One-sided (1 - alpha) lower bound of the difference."""
-        return self.center - z(1 - alpha) * self.se + 0.0
+        return self.center - self.q(1 - alpha) * self.se + 0.0
 
     def upper(self, alpha: float) -> float:
-        return self.center + z(1 - alpha) * self.se + 0.0
+        return self.center + self.q(1 - alpha) * self.se + 0.0
 
     def p_zero(self) -> float:
         """Two-sided p-value of 'no difference' (< alpha exactly when `ci(alpha)` excludes 0)."""
-        return _p_two_sided(self.center, self.se)
+        return _p_two_sided(self.center, self.se, self.df)
 
     def p_above(self, value: float) -> float:
         """One-sided p-value of H0 'difference >= value' (small: the difference is below `value`).
         < alpha exactly when `upper(alpha)` < value."""
-        return _p_less(self.center - value, self.se)
+        return _p_less(self.center - value, self.se, self.df)
 
     def p_below(self, value: float) -> float:
         """One-sided p-value of H0 'difference <= value' (small: the difference is above `value`).
         < alpha exactly when `lower(alpha)` > value."""
-        return _p_less(value - self.center, self.se)
+        return _p_less(value - self.center, self.se, self.df)
 
     def mde(self, alpha: float, power: float = POWER) -> float:
         """Smallest margin a true change of zero is ruled out at, with `power`."""
-        return (z(1 - alpha) + z(power)) * self.se
+        return (self.q(1 - alpha) + self.q(power)) * self.se
 
     def items_needed(self, margin: float, alpha: float, power: float = POWER) -> int | None:
         """Items (same design) at which the MDE equals `margin` (None when it cannot be said); with fewer than
@@ -146,20 +170,25 @@ class Estimate:
 
 def estimate_from_dict(d: dict) -> Estimate:
     return Estimate(point=float(d["point"]), center=float(d["center"]), se=float(d["se"]), method=d["method"],
-                    n=int(d["n"] or 0), clusters=d["clusters"])
+                    n=int(d["n"] or 0), clusters=d["clusters"],
+                    df=d["df"] if "df" in d else None)  # no df: written before t quantiles, normal
 
 
-def _p_less(diff: float, se: float) -> float:
-    """P(N(0,1) >= -diff/se): the one-sided p of H0 'diff >= 0' against 'diff < 0'."""
+def _sf(x: float, df: int | None) -> float:
+    return float(norm.sf(x)) if df is None else float(student_t.sf(x, df))
+
+
+def _p_less(diff: float, se: float, df: int | None = None) -> float:
+    """P(T >= -diff/se): the one-sided p of H0 'diff >= 0' against 'diff < 0' (T normal, or t at df)."""
     if se <= 0:
         return 0.0 if diff < 0 else 1.0
-    return float(norm.sf(-diff / se))
+    return _sf(-diff / se, df)
 
 
-def _p_two_sided(center: float, se: float) -> float:
+def _p_two_sided(center: float, se: float, df: int | None = None) -> float:
     if se <= 0:
         return 1.0 if center == 0 else 0.0
-    return float(min(1.0, 2 * norm.sf(abs(center) / se)))
+    return float(min(1.0, 2 * _sf(abs(center) / se, df)))
 
 
 # ---- paired 0/1 scores -------------------------------------------------------------------------------------
@@ -250,46 +279,223 @@ def bootstrap_se(stat, arrays: dict[str, np.ndarray], *, clusters=None, strata=N
     return 0.0 if sd < 1e-12 else sd
 
 
-def paired_mean(base: np.ndarray, arm: np.ndarray, clusters=None, *, scale: float = 100.0, n_boot: int = 1000,
-                seed: int = 0, key: str = "") -> Estimate:
-    """mean(arm) - mean(base) of continuous per-item scores; se by cluster bootstrap."""
+def _cluster_index(clusters, n: int) -> tuple[np.ndarray, int]:
+    """(cluster index per item, number of clusters G); every item its own cluster when `clusters` is None."""
+    if clusters is None:
+        return np.arange(n), n
+    _, inv = np.unique(np.asarray(clusters), return_inverse=True)
+    return inv, int(inv.max()) + 1 if n else 0
+
+
+def cluster_robust_se(resid: np.ndarray, clusters, denom: float) -> tuple[float, int]:
+    """(CR1 standard error, its degrees of freedom G - 1) of a statistic whose linearisation is
+    sum(resid) / denom: sqrt(G / (G - 1) * sum over clusters of (cluster total of resid)^2) / denom. For a mean
+    (resid = d - mean(d), denom = n) it is the unbiased standard error of the mean of the cluster totals."""
+    n = len(resid)
+    inv, g = _cluster_index(clusters, n)
+    if g < 2 or denom == 0:
+        return 0.0, max(g - 1, 1)
+    tot = np.bincount(inv, weights=resid, minlength=g)
+    se = math.sqrt(g / (g - 1) * float((tot ** 2).sum())) / abs(denom)
+    scale = max(1.0, float(np.abs(resid).max()) / abs(denom) * math.sqrt(n))
+    return (0.0 if se < 1e-12 * scale else se), g - 1
+
+
+def _n_clusters(clusters) -> int | None:
+    return int(len(np.unique(clusters))) if clusters is not None else None
+
+
+def paired_mean(base: np.ndarray, arm: np.ndarray, clusters=None, *, scale: float = 100.0) -> Estimate:
+    """mean(arm) - mean(base) of continuous per-item scores; cluster-robust se, t at clusters - 1 df."""
     d = (np.asarray(arm, float) - np.asarray(base, float)) * scale
-
-    def stat(w, arr):
-        return (w @ arr["d"]) / w.sum(axis=1)
-
-    se = bootstrap_se(stat, {"d": d}, clusters=clusters, n_boot=n_boot, seed=seed, key=key)
-    point = float(d.mean()) + 0.0 if len(d) else 0.0
-    n_clu = int(len(np.unique(clusters))) if clusters is not None else None
-    return Estimate(point=point, center=point, se=se, method="cluster_bootstrap", n=len(d), clusters=n_clu)
+    if not len(d):
+        return Estimate(point=0.0, center=0.0, se=0.0, method="cluster_robust_t", n=0, clusters=None, df=1)
+    point = float(d.mean()) + 0.0
+    se, df = cluster_robust_se(d - d.mean(), clusters, len(d))
+    return Estimate(point=point, center=point, se=se, method="cluster_robust_t", n=len(d),
+                    clusters=_n_clusters(clusters), df=df)
 
 
-def ratio_rise(base_num: np.ndarray, arm_num: np.ndarray, denom: np.ndarray | None = None, clusters=None, *,
-               n_boot: int = 1000, seed: int = 0, key: str = "") -> Estimate:
+def ratio_rise(base_num: np.ndarray, arm_num: np.ndarray, clusters=None) -> Estimate:
     """Relative rise in percent of sum(arm_num)/sum(denom) over sum(base_num)/sum(denom) (the denominators
-    cancel for paired items, e.g. bits per byte over the same bytes); se by cluster bootstrap."""
+    cancel for paired units, e.g. bits per byte over the same bytes); cluster-robust se of the ratio by the delta
+    method (residual a - R b over sum(b)), t at clusters - 1 df."""
     bn, an = np.asarray(base_num, float), np.asarray(arm_num, float)
-
-    def stat(w, arr):
-        return ((w @ arr["a"]) / (w @ arr["b"]) - 1.0) * 100.0
-
-    point = float((an.sum() / bn.sum() - 1.0) * 100.0) + 0.0
-    se = bootstrap_se(stat, {"a": an, "b": bn}, clusters=clusters, n_boot=n_boot, seed=seed, key=key)
-    n_clu = int(len(np.unique(clusters))) if clusters is not None else None
-    return Estimate(point=point, center=point, se=se, method="cluster_bootstrap", n=len(bn), clusters=n_clu)
+    r = an.sum() / bn.sum()
+    point = float((r - 1.0) * 100.0) + 0.0
+    se, df = cluster_robust_se((an - r * bn) * 100.0, clusters, float(bn.sum()))
+    return Estimate(point=point, center=point, se=se, method="cluster_robust_t", n=len(bn),
+                    clusters=_n_clusters(clusters), df=df)
 
 
-def mean_of(values: np.ndarray, clusters=None, *, n_boot: int = 1000, seed: int = 0, key: str = "") -> Estimate:
-    """Mean of per-unit values (e.g. KL per block of positions); se by cluster bootstrap."""
+def mean_of(values: np.ndarray, clusters=None) -> Estimate:
+    """Mean of per-unit values (e.g. KL per block of positions); cluster-robust se, t at clusters - 1 df."""
     v = np.asarray(values, float)
-
-    def stat(w, arr):
-        return (w @ arr["v"]) / w.sum(axis=1)
-
-    se = bootstrap_se(stat, {"v": v}, clusters=clusters, n_boot=n_boot, seed=seed, key=key)
     point = float(v.mean()) + 0.0
-    n_clu = int(len(np.unique(clusters))) if clusters is not None else None
-    return Estimate(point=point, center=point, se=se, method="cluster_bootstrap", n=len(v), clusters=n_clu)
+    se, df = cluster_robust_se(v - v.mean(), clusters, len(v))
+    return Estimate(point=point, center=point, se=se, method="cluster_robust_t", n=len(v),
+                    clusters=_n_clusters(clusters), df=df)
+
+
+def cluster_means(d: np.ndarray, clusters) -> np.ndarray:
+    """The mean of `d` within each cluster (each item alone when `clusters` is None): the units a bound that
+    holds for every distribution treats as independent draws."""
+    d = np.asarray(d, float)
+    inv, g = _cluster_index(clusters, len(d))
+    return np.bincount(inv, weights=d, minlength=g) / np.bincount(inv, minlength=g)
+
+
+# ---- a bound that holds whatever the pattern ----------------------------------------------------------------
+
+BET_CAP = 0.9
+"""Largest fraction of the most a bet can lose (Waudby-Smith & Ramdas's c). With almost no spread (an unchanged
+copy) the units needed to PASS fall as the cap rises: at a 2-point margin on a -100..100 range, alpha 0.05, 198
+with 0.75 and 165 with 0.9 (291 and 256 at a spread of 8 points); 1 would let one extreme unit end a bet."""
+BET_PRIOR_VAR = 0.01
+"""The bet's starting guess of the variance on the 0-1 scale (a standard deviation of 20 points on the -100..100
+range), worth one unit. Waudby-Smith & Ramdas's 1/4 is the largest a 0-1 variable can have; paired changes of a
+score spread far less, and with 1/4 the first bets stay timid (173 units instead of 165 for an unchanged copy,
+280 instead of 256 at a spread of 8 points). Any predictable choice keeps the bound valid; this one only changes
+its width."""
+BET_ORDERS = 8
+"""Seeded orders of the units whose capitals are averaged (an average of test martingales is one): the bound no
+longer hangs on the units' order in the file."""
+
+
+def bounded_upper(streams: list[np.ndarray], lo: float, hi: float, alpha: float) -> float:
+    """One-sided (1 - alpha) upper bound of the common mean of i.i.d. draws in [lo, hi], valid for every
+    distribution on that range and every sample size: each stream holds the same draws in another order (or
+    another random interleaving of the same draws); the bound is the smallest m at which the average over the
+    streams of the betting capital prod(1 + lambda_i (m - y_i)) reaches 1 / alpha (Waudby-Smith & Ramdas 2023,
+    "Estimating means of bounded random variables by betting", the predictable plug-in bet for a fixed sample
+    size: lambda_i = sqrt(2 log(1/alpha) / (n var_{i-1})), capped at BET_CAP / (1 - m)). Under a true mean at or
+    above m the capital is a nonnegative supermartingale with mean at most 1, so it reaches 1 / alpha with
+    probability at most alpha (Ville); no normal approximation is involved."""
+    width = hi - lo
+    ys = [np.clip((np.asarray(s, float) - lo) / width, 0.0, 1.0) for s in streams if len(s)]
+    if not ys or width <= 0:
+        return hi
+    log_target = math.log(1.0 / alpha)
+    bets = []
+    for y in ys:
+        n = len(y)
+        i = np.arange(1, n + 1)
+        mu = (0.5 + np.cumsum(y)) / (i + 1)
+        var = (BET_PRIOR_VAR + np.cumsum((y - mu) ** 2)) / (i + 1)
+        var_prev = np.concatenate(([BET_PRIOR_VAR], var[:-1]))
+        bets.append((y, np.sqrt(2.0 * log_target / (n * var_prev))))
+
+    def log_capital(m: np.ndarray) -> np.ndarray:  # at several m at once: [len(m)]
+        cap = (BET_CAP / (1.0 - m))[:, None]
+        logs = [np.log1p(np.minimum(lam[None, :], cap) * (m[:, None] - y[None, :])).sum(axis=1) for y, lam in bets]
+        return logsumexp(np.stack(logs), axis=0) - math.log(len(logs))
+
+    left, right = 0.0, 1.0 - 1e-12
+    if log_capital(np.array([right]))[0] < log_target:
+        return hi
+    for _ in range(7):  # the capital rises with m: narrow [left, right] 32-fold a round
+        grid = np.linspace(left, right, 33)
+        above = np.flatnonzero(log_capital(grid[1:]) >= log_target)
+        j = int(above[0]) + 1 if len(above) else 32
+        left, right = float(grid[j - 1]), float(grid[j])
+    return lo + right * width + 0.0
+
+
+def unit_orders(units: np.ndarray, key: str, orders: int = BET_ORDERS) -> list[np.ndarray]:
+    """`orders` seeded permutations of one sample's units (the streams of `bounded_upper`)."""
+    rng = np.random.default_rng(stable_seed("orders", key))
+    return [rng.permutation(np.asarray(units, float)) for _ in range(orders)]
+
+
+def interleavings(samples: list[np.ndarray], key: str, orders: int = BET_ORDERS) -> list[np.ndarray]:
+    """Streams of draws whose mean is the mean over samples of their means: at each step a sample is chosen
+    uniformly at random and its next unit (in a seeded random order) is taken, until the chosen sample has none
+    left. Each draw is then one unit of a uniformly chosen task, i.i.d., so `bounded_upper` over these streams
+    bounds the mean over tasks (the retention mean) whatever the pattern of changes within or across tasks."""
+    rng = np.random.default_rng(stable_seed("interleave", key))
+    k = len(samples)
+    out = []
+    for _ in range(orders):
+        perm = [rng.permutation(np.asarray(s, float)) for s in samples]
+        pos = [0] * k
+        picks = rng.integers(0, k, size=sum(len(s) for s in samples) + 1)
+        stream = []
+        for t in picks:
+            if pos[t] >= len(perm[t]):
+                break
+            stream.append(perm[t][pos[t]])
+            pos[t] += 1
+        out.append(np.asarray(stream))
+    return out
+
+
+def bounded_width(n: int, sd: float, alpha: float, *, width: float = 200.0) -> float:
+    """How far above the sample mean `bounded_upper` sits for n units with standard deviation `sd` (on a range
+    `width` wide, centred on 0): the bound computed on a typical such sample (the normal quantiles at
+    (i + 1/2) / n, in a seeded order). n and sd are taken to two significant digits (what a power statement
+    is rounded to), so a search over n reuses earlier answers."""
+    return _bounded_width(round_sig(n), float(f"{sd:.2g}"), alpha, width)
+
+
+def round_sig(n: int) -> int:
+    """n to two significant digits (nearest, not up: 1,234 -> 1,200)."""
+    if n < 100:
+        return int(n)
+    mag = 10 ** (len(str(int(n))) - 2)
+    return int(round(n / mag) * mag)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bounded_width(n: int, sd: float, alpha: float, width: float) -> float:
+    if n <= 0:
+        return width / 2
+    x = norm.ppf((np.arange(n) + 0.5) / n) * sd
+    order = np.empty(n, dtype=int)
+    order[0::2], order[1::2] = np.arange(n)[: (n + 1) // 2], np.arange(n)[::-1][: n // 2]
+    rng = np.random.default_rng(n)
+    x = x[order][rng.permutation(n)] if sd > 0 else x
+    x = np.clip(x - x.mean(), -width / 2, width / 2)
+    return bounded_upper([x], -width / 2, width / 2, alpha) - float(x.mean())
+
+
+def pass_power(sd: float, n: int, margin: float, alpha: float, *, width: float = 200.0) -> float:
+    """Probability (approximate) that `bounded_upper` rules out a drop of `margin` from `n` units whose standard
+    deviation is `sd` when nothing changed: P(mean + width_n < margin) with the mean normal around 0."""
+    if n <= 0 or margin <= 0:
+        return 0.0
+    h = bounded_width(n, sd, alpha, width=width)
+    if sd <= 0:
+        return 1.0 if h < margin else 0.0
+    return float(norm.cdf((margin - h) * math.sqrt(n) / sd))
+
+
+def pass_mde(sd: float, n: int, alpha: float, *, width: float = 200.0, power: float = POWER) -> float:
+    """The smallest margin `bounded_upper` rules out with probability `power` from `n` units of standard
+    deviation `sd` when nothing changed: its width plus z_power standard errors of the mean."""
+    h = bounded_width(n, sd, alpha, width=width)
+    return h + (z(power) * sd / math.sqrt(n) if n > 0 and sd > 0 else 0.0)
+
+
+def items_for_power(power_at, target: float = POWER, start: int = MIN_PAIRED, cap: int = 10_000_000) -> int | None:
+    """Smallest n >= start with power_at(n) >= target (power_at rising in n), or None beyond `cap`."""
+    if power_at(start) >= target:
+        return start
+    lo, hi = start, start * 2
+    while power_at(hi) < target:
+        lo, hi = hi, hi * 2
+        if hi > cap:
+            return None
+    while hi - lo > max(1, lo // 100):  # to 1%: the answer is rounded to two digits anyway
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if power_at(mid) >= target else (mid, hi)
+    return hi
+
+
+def pass_items(sd: float, margin: float, alpha: float, *, width: float = 200.0, power: float = POWER) -> int | None:
+    """Units `bounded_upper` needs to rule out a drop of `margin` with probability `power` when nothing changed
+    and the units' standard deviation is `sd` (an unchanged copy, sd 0, still needs 165 units at a 2-point
+    margin on a 0-100 score: no sample can rule out a drop carried by a few items it did not draw)."""
+    return items_for_power(lambda n: pass_power(sd, n, margin, alpha, width=width), power)
 
 
 def two_level_diff(a: list[np.ndarray], b: list[np.ndarray], clusters: list[np.ndarray | None] | None = None, *,
