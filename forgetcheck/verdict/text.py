@@ -142,15 +142,17 @@ def console_lines(gate: dict) -> list[str]:
 
 
 def decide_hint(gate: dict, limit: int | None) -> str:
-    """What it would take to decide, for `run`'s closing lines: the --limit (or preset) that would."""
+    """What it would take to decide, for `run`'s closing lines: the --limit (or preset) at which every rule that
+    more items can decide would PASS with 80% probability if nothing changed."""
     if gate["verdict"] != "inconclusive":
         return f"the verdict is {gate['verdict'].upper()}: no more items are needed to decide"
-    needs = [p["items_needed"] for p in gate["power"]["arms"].values() if p["items_needed"]]
-    if not needs:
+    need = gate["power"]["items_needed"]
+    if not need:
         return "re-evaluate with per-item records to decide"
-    need = round_up(max(needs))
+    need = round_up(need)
     if limit is not None and need <= limit:
-        return (f"the margins could be decided at {limit} items per task; the rules still open are about drift or "
+        return (f"at {limit} items per task every item-based rule would PASS with 80% probability if nothing "
+                "changed; the rules still open saw a change that more items may not rule out, or are about drift or "
                 "the domain gain (see gate.json)")
     presets = "--preset standard (200 items per task)" if need <= 200 else "--preset full (every item)"
     return f"to decide, re-run with --limit {need} (about {need:,} items per task) or {presets}"

@@ -19,16 +19,23 @@ from forgetcheck.rundir import RunDir, read_json, read_jsonl
 CFG = config.EvalConfig(tasks=("planted",), backend="hf", batch_size=32)
 LM_TASKS = {"planted": ("acc", 100.0), "planted_ppl": ("word_perplexity", 1.0), "planted_gen": ("exact_match", 100.0)}
 """lm-eval tasks of three output types (multiple choice, rolling perplexity, generation): primary metric, scale."""
+N_ITEMS = 48
+WIDE = {"max_drop": 8, "max_mean_drop": 8}
+"""The margins these checks gate at: a soft-accuracy PASS at the default 2 points needs >= 165 items whatever the
+pattern (stats.pass_items). The tiny model's soft accuracy on the planted task is ~36 (chance 25), so no copy can
+lose more than ~11 points; 48 unchanged items rule out 6.7 whatever the pattern, and the damaged copy's drop of
+~11.6 is shown beyond 8."""
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_ref):
     """The planted task, the two copies, and one finished check of both (models, stock HFLM backend)."""
     tmp = tmp_path_factory.mktemp("check")
-    tasks_dir = planted.planted_task(tmp / "tasks", Path(tiny_ref.path))
+    tasks_dir = planted.planted_task(tmp / "tasks", Path(tiny_ref.path), n=N_ITEMS)
     same, damaged = planted.copies(Path(tiny_ref.path), tmp / "models")
     code = check.check_models("tiny-gpt2", [str(same), str(damaged)], CFG, out=tmp / "runs", run_id="first",
-                          device="cpu", tasks_dir=tasks_dir, junit=tmp / "junit.xml", markdown=tmp / "gate.md")
+                          device="cpu", tasks_dir=tasks_dir, junit=tmp / "junit.xml", markdown=tmp / "gate.md",
+                          gate_overrides=WIDE)
     return {"tmp": tmp, "tasks": tasks_dir, "same": same, "damaged": damaged, "run": RunDir(tmp / "runs" / "first"),
             "code": code}
 
@@ -85,7 +92,7 @@ def test_unchanged_copy_has_every_delta_exactly_zero(world):
 def test_second_check_reads_the_base_from_the_cache_and_shows_the_previous_release(world, capfd):
     tmp = world["tmp"]
     code = check.check_models("tiny-gpt2", [f"new={world['damaged']}"], CFG, out=tmp / "runs", run_id="second",
-                          device="cpu", tasks_dir=world["tasks"], previous=str(world["run"].root))
+                          device="cpu", tasks_dir=world["tasks"], previous=str(world["run"].root), gate_overrides=WIDE)
     assert code == 1
     run = RunDir(tmp / "runs" / "second")
     timings = read_json(run.eval_json("base"))["timings"]
@@ -106,7 +113,7 @@ def test_second_check_reads_the_base_from_the_cache_and_shows_the_previous_relea
 def test_lm_eval_folders_give_lm_evals_accuracies_and_the_same_verdicts(world, lmeval):
     tmp = world["tmp"]
     code = check.check_samples(lmeval["base"], [f"same={lmeval['same']}", f"damaged={lmeval['damaged']}"],
-                           out=tmp / "runs", run_id="samples")
+                           out=tmp / "runs", run_id="samples", gate_overrides=WIDE)
     run = RunDir(tmp / "runs" / "samples")
     compare = read_json(run.compare)
     for t, (metric, scale) in LM_TASKS.items():  # per task, lm-eval's own scores, from the paired items
@@ -126,12 +133,12 @@ def test_lm_eval_folders_give_lm_evals_accuracies_and_the_same_verdicts(world, l
     assert code == 1 and gate["verdict"] == models_gate["verdict"]
     assert {a: v["passed"] for a, v in gate["arms"].items()} == {a: v["passed"] for a, v in models_gate["arms"].items()}
     pairing = read_json(run.root / "pairing.json")
-    assert pairing["tasks"]["planted"]["damaged"]["paired"] == 24
+    assert pairing["tasks"]["planted"]["damaged"]["paired"] == N_ITEMS
     assert not (run.root / "eval" / "base.topk.npz").exists()
     # one converter of lm-eval samples: the base's items read from its lm-eval folder are the items its own
     # evaluation recorded (the question, every choice, the right one, the model's pick)
     stock, ours = _records(run, "base", "planted"), _records(world["run"], "base", "planted")
-    assert [_item(r) for r in stock] == [_item(r) for r in ours] and len(ours) == 24
+    assert [_item(r) for r in stock] == [_item(r) for r in ours] and len(ours) == N_ITEMS
     assert all(isinstance(r["target"], int) for r in stock)
 
 
@@ -164,12 +171,12 @@ def test_items_on_one_side_are_reported_not_dropped(world, lmeval, capfd):
     check.check_samples(lmeval["base"], [f"cut={cut}"], out=tmp / "runs", run_id="cut")
     run = RunDir(tmp / "runs" / "cut")
     out = capfd.readouterr().out
-    assert "19 items paired with cut; 5 only in the base's outputs, 1 only in cut's" in out
+    assert f"{N_ITEMS - 5} items paired with cut; 5 only in the base's outputs, 1 only in cut's" in out
     p = read_json(run.root / "pairing.json")["tasks"]["planted"]["cut"]
     assert [x["doc_id"] for x in p["base_only"]] == [0, 1, 2, 3, 4]
     assert p["candidate_only"] == [{"doc_id": 999, "doc_hash": "f" * 64}]
     arm = read_json(run.compare)["tasks"]["planted"]["arms"]["cut"]
-    assert arm["n_paired"] == 19 and arm["unpaired"] == {"base_only": 5, "arm_only": 1}
+    assert arm["n_paired"] == N_ITEMS - 5 and arm["unpaired"] == {"base_only": 5, "arm_only": 1}
     html = run.report.read_text()
     assert 'id="one-sided"' in html and "5 only in the base" in html
 
@@ -292,7 +299,7 @@ def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_
     cfg = config.EvalConfig(tasks=("planted", "planted_chance"), backend="hf", batch_size=32)
 
     check.check_models("tiny-gpt2", [f"same={world['same']}"], cfg, out=tmp_path / "runs", run_id="skip",
-                   device="cpu", tasks_dir=tasks)
+                   device="cpu", tasks_dir=tasks, gate_overrides=WIDE)
     run = RunDir(tmp_path / "runs" / "skip")
     assert read_json(run.eval_json("base"))["tasks"]["planted_chance"]["metrics"]["acc"]["value"] == 0.0
     same = read_json(run.eval_json("same"))
@@ -303,6 +310,6 @@ def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_
     assert read_json(run.gate)["arms"]["same"]["passed"] is not False
 
     check.check_models("tiny-gpt2", [f"same={world['same']}"], cfg, out=tmp_path / "runs", run_id="keep",
-                   device="cpu", tasks_dir=tasks, gate_overrides={"keep_uninformative": True})
+                   device="cpu", tasks_dir=tasks, gate_overrides={"keep_uninformative": True, **WIDE})
     kept = read_json(RunDir(tmp_path / "runs" / "keep").eval_json("same"))
     assert set(kept["tasks"]) == {"planted", "planted_chance"} and "skipped" not in kept

@@ -16,6 +16,7 @@ from forgetcheck.eval import runner
 from forgetcheck.models import registry
 from forgetcheck.report.html import write_report
 from forgetcheck.rundir import RunDir, read_json
+from forgetcheck.schema import COMPARE_VERSION, GATE_VERSION
 from forgetcheck.train import loop
 from forgetcheck.verdict import compare, gate
 
@@ -73,7 +74,7 @@ def test_run_writes_the_run_directory_contract(finished_run):
               run.train_json("sft"), run.train_json("cpt"), run.compare, run.report, run.gate):
         assert p.exists(), p
         if p.suffix == ".json":
-            assert read_json(p)["schema_version"] == (2 if p in (run.compare, run.gate) else 1)
+            assert read_json(p)["schema_version"] == {run.compare: COMPARE_VERSION, run.gate: GATE_VERSION}.get(p, 1)
     at_chance = compare.uninformative_tasks(run.eval_json("base"))
     assert set(at_chance) == {"fc_mmlu_stem", "fc_winogrande"}  # random weights: both MC tasks at chance
     for arm in ("sft", "cpt"):
@@ -142,7 +143,7 @@ def test_planted_regression_fails_and_unchanged_copy_passes(tmp_path, tiny_ref):
     rng = random.Random(1)
     words = "river stone cloud apple tiger lamp music garden paper silver window candle ocean forest".split()
     items = [{"question": f"<script>alert({i})</script> " + " ".join(rng.choices(words, k=8)),
-              "choices": [" ".join(rng.choices(words, k=3)) for _ in range(4)], "answer": 0} for i in range(40)]
+              "choices": [" ".join(rng.choices(words, k=3)) for _ in range(4)], "answer": 0} for i in range(48)]
 
     def write_items():
         with open(tasks_dir / "planted.jsonl", "w") as f:
@@ -175,7 +176,9 @@ def test_planted_regression_fails_and_unchanged_copy_passes(tmp_path, tiny_ref):
     result = compare.compare_run(run)
     same = result["tasks"]["planted"]["arms"]["same"]
     assert same["delta"] == 0.0 and same["flips"]["right_to_wrong"] == 0 and same["flips"]["wrong_to_right"] == 0
-    verdict, _ = gate.gate_run(run.root)
+    # at the default 2-point margin a soft-accuracy PASS needs >= 165 items (stats.pass_items); 48 unchanged items
+    # rule out 6.7 points whatever the pattern, and the damaged copy loses ~11 of the tiny model's ~36
+    verdict, _ = gate.gate_run(run.root, {"max_drop": 8, "max_mean_drop": 8})
     assert verdict["arms"]["same"]["passed"] is True and verdict["arms"]["same"]["verdict"] == "pass"
     assert verdict["arms"]["damaged"]["verdict"] == "fail"
     failed = [r for r in verdict["rules"] if r["arm"] == "damaged" and r["status"] == "fail"]

@@ -261,3 +261,39 @@ def test_hostile_task_names_give_valid_junit_inert_markdown_and_clean_console(un
     assert "&lt;img" in md and "\\!\\[p\\]" in md  # shown as text: no HTML, no image to load
     lines = console_lines(gate)
     assert not any("\x1b" in x or "\x07" in x for x in lines) and any("\\x1b" in x for x in lines)
+
+
+def test_the_retention_mean_rule_never_vanishes(tmp_path):
+    """A gated task without soft-accuracy records (no per-choice log-likelihoods) leaves the arm's retention-mean
+    rule present and INCONCLUSIVE, naming the task; the task rule falls back to accuracy. A planted mean drop
+    beyond the margin that the soft mean cannot see is never a PASS."""
+    run = make_run(tmp_path / "r", n=200, flips={("sft", "ret_mmlu"): (8, 0), ("sft", "ret_wino"): (8, 0)})
+    path = run.samples_dir("sft") / "ret_truthful.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "loglikelihoods": None}) + "\n" for r in rows))
+    compare_run(run, n_boot=200)
+    gate, code = gate_run(run.root)
+    means = [r for r in gate["rules"] if r["rule"] == "retention_mean"]
+    assert {r["arm"] for r in means} == {"sft", "cpt"}  # one per arm, whatever its records
+    sft = next(r for r in means if r["arm"] == "sft")
+    assert sft["status"] == "inconclusive" and "ret_truthful has no soft-accuracy scores" in sft["reason"], sft
+    truthful = next(r for r in gate["rules"] if r["arm"] == "sft" and r["task"] == "ret_truthful")
+    assert truthful["values"]["metric"] == "acc"
+    assert gate["arms"]["sft"]["verdict"] != "pass" and code != 0
+    # on accuracy the same run has its mean: the mean rule is computed there
+    gate, _ = gate_run(run.root, {"metric": "acc"})
+    acc = next(r for r in gate["rules"] if r["rule"] == "retention_mean" and r["arm"] == "sft")
+    assert "cannot be computed" not in acc["reason"] and acc["values"]["drop"] > 0
+
+
+def test_the_summary_counts_checked_rules_and_names_the_unchecked(unchanged):
+    """Rules that could not be checked (no drift measured) are not counted among the rules that passed."""
+    cmp = read_json(unchanged.compare)
+    for arm in cmp["arms"]:
+        cmp["drift"][arm] = {"perplexity": {}, "kl": None, "text_perplexity": None, "ppl_rise": None,
+                             "kl_mean": None, "notes": []}
+    gate = decide(cmp, GateConfig())
+    n = len(gate["rules"])
+    assert f"of {n} checked rules" in gate["summary"] or f"all {n} checked rules" in gate["summary"]
+    assert f"{len(gate['not_checked'])} not checked: " in gate["summary"] and "sft kl" in gate["summary"]
+    assert not any(r["rule"] in ("kl", "ppl_rise") for r in gate["rules"])
