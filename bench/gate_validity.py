@@ -118,7 +118,7 @@ def real_models(limit: int, sigmas: list[float], workdir: Path) -> list[dict]:
     cfg = EvalConfig(suites=("retention",), limit=limit)
     base_json = workdir / "eval" / "base.json"
     t0 = time.perf_counter()
-    evaluate(base_ref, cfg, base_json, label="base")
+    evaluate(base_ref, cfg, base_json, label="base", screen=True)  # as `run` and `check` score a base
     print(f"  base evaluated in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows = []
     for sigma in [0.0, *sigmas]:

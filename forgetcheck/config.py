@@ -117,6 +117,19 @@ class EvalConfig:
                                    "every model). Default: the preset's.")
     backend: str = flag("fast", "fast (each context scored once) | hf (stock lm-eval HFLM).")
     batch_size: int = flag(16, "Requests per forward pass.")
+    screen_items: int | None = flag(None, "The base also scores N more items of each retention multiple-choice "
+                                          "task, never compared with the arms, to decide which tasks are "
+                                          "informative (above chance); 0: decide on the compared items. "
+                                          "Default: as many as --limit.")
+    """The screen items of a task are the next items of the --limit order: select_items(limit + N) minus
+    select_items(limit) (eval/suites.screen_items); without a --limit every item is compared and none is left to
+    screen on. docs/verdicts.md, "Uninformative tasks"."""
+
+    def screen_count(self) -> int:
+        """How many screen items each retention multiple-choice task gets (0: none; no --limit: none)."""
+        if self.limit is None:
+            return 0
+        return self.limit if self.screen_items is None else self.screen_items
 
 
 @dataclass(frozen=True)
@@ -171,7 +184,8 @@ class RunConfig:
 
 # Presets: what `--preset` fills in where the user gave no flag. `quick` and `forget` are sized for a 2-core
 # CPU (`make demo` runs quick; `forget` is the smallest setting at which smollm2-135m forgets measurably);
-# docs/design.md "Presets" has the measured runs behind these numbers.
+# docs/design.md "Presets" has the measured runs behind these numbers. No preset sets `screen_items`: it follows
+# the preset's limit (as many screen items as compared ones; `full` compares every item, so has none left).
 PRESET_VALUES: dict[str, dict[str, dict]] = {
     "quick": {
         "train": {"budget_tokens": 16_384, "seq_len": 256, "micro_batch": 2, "grad_accum": 1, "lr": 5e-5,
@@ -313,6 +327,8 @@ def validate_eval(e: EvalConfig) -> list[str]:
         problems.append(f"unknown --backend '{e.backend}': choose one of {', '.join(BACKENDS)}")
     if e.batch_size < 1:
         problems.append(f"--batch-size must be at least 1 (got {e.batch_size})")
+    if e.screen_items is not None and e.screen_items < 0:
+        problems.append(f"--screen-items must be >= 0 (0: no separate screen items) (got {e.screen_items})")
     return problems
 
 

@@ -19,6 +19,7 @@ from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_json, git_hash, package_versions, read_json, read_jsonl
 
 SCHEMA_VERSION = 1
+LMEVAL_MODEL_KIND = "lm-eval samples"  # an eval file's model.kind when it was read from lm-eval --log_samples outputs
 PROMPT_CHARS = 600  # tail of each multiple-choice context kept in the per-item record (for flip examples)
 CHOICE_CHARS = 400  # of each choice (a WinoGrande choice is its whole filled-in sentence)
 
@@ -37,6 +38,17 @@ class TaskResult(TypedDict, total=False):
     n: int  # items evaluated
     chance: float | None  # primary metric of random guessing (None for perplexity)
     samples: str  # path of the per-item JSONL, relative to the eval JSON's folder
+    screen: ScreenItems | None  # a base's screen items of the task (None: none scored, or an older file)
+
+
+class ScreenItems(TypedDict):
+    """eval/base.json tasks.<task>.screen: items of the task beyond the compared ones, scored for the base only
+    (retention multiple-choice tasks, `--screen-items`): compare decides on them alone whether the task is
+    informative, and never pairs them with another model."""
+
+    samples: str | None  # their per-item JSONL (samples/<label>/screen/<task>.jsonl), relative to the eval JSON
+    n: int | None
+    metrics: dict[str, MetricValue]
 
 
 class EvalFile(TypedDict, total=False):
@@ -49,6 +61,7 @@ class EvalFile(TypedDict, total=False):
     kind: str  # "eval"
     model: dict[str, Any]  # name, path, content_hash, random_weights
     limit: int | None
+    screen_items: int | None  # a base's screen items asked per retention MC task (0: none; None: not a base, or older)
     backend: str
     versions: dict[str, str | None]
     tasks: dict[str, TaskResult]
@@ -286,14 +299,17 @@ def eval_drift_doc(obj: Any) -> EvalDrift:
 
 
 TASK_RESULT_DEFAULTS = {"suite": "retention", "kind": None, "primary_metric": None, "metrics": {}, "n": None,
-                        "chance": None, "samples": None}
+                        "chance": None, "samples": None, "screen": None}
 
 
 def eval_doc(obj: Any) -> EvalFile:
     """An eval file with every field (and every task's) present."""
-    doc = _filled(obj, {"model": {}, "limit": None, "backend": None, "tasks": {}, "skipped": {}, "missing": {},
-                        "drift": {}})
+    doc = _filled(obj, {"model": {}, "limit": None, "screen_items": None, "backend": None, "tasks": {}, "skipped": {},
+                        "missing": {}, "drift": {}})
     doc["tasks"] = {name: _metric_entries(_filled(t, TASK_RESULT_DEFAULTS)) for name, t in (doc["tasks"] or {}).items()}
+    for t in doc["tasks"].values():
+        if t["screen"] is not None:
+            t["screen"] = _metric_entries(_filled(t["screen"], {"samples": None, "n": None, "metrics": {}}))
     doc["missing"] = {name: _filled(m, {"suite": None, "why": None}) for name, m in (doc["missing"] or {}).items()}
     doc["skipped"] = doc["skipped"] or {}
     doc["drift"] = eval_drift_doc(doc["drift"])
@@ -371,7 +387,12 @@ COMPARE_ARM_DEFAULTS = {"score": None, "n": None, "delta": None, "ci": None, "p_
                         "estimate": None, "significant": False, "p_holm": None, "holm_family": None, "flips": {},
                         "examples": {}}
 COMPARE_BASE_DEFAULTS = {"score": None, "n": None, "soft_score": None}
-INFORMATIVE_DEFAULT = {"value": True, "p_value": None, "reason": None}
+INFORMATIVE_DEFAULT = {"value": True, "p_value": None, "reason": None, "screen": None, "separate": None,
+                       "items": None, "note": None}
+"""compare.json tasks.<task>.informative: the test's outcome, and which base items it ran on: `screen` of them,
+`separate` (true: items never compared with an arm; false: the compared items themselves, with the `note`
+saying why), `items` naming them ("screen": the base's screen items; "unpaired": base items no arm has;
+"compared": the compared items); None in a file written before screens were recorded, or where no test ran."""
 MEAN_DEFAULTS = {"n_tasks": None, "tasks": [], "base_mean": None, "arm_mean": None, "delta": None, "ci": None,
                  "p_value": None, "se": None, "df": None, "significant": False, "unavailable": None}
 ESTIMATE_DEFAULTS = {"clusters": None, "df": None}

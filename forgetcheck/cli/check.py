@@ -79,7 +79,7 @@ def check(
     req = CheckRequest(out=out, run_id=run_id, base=base, candidates=tuple(candidate or ()), base_samples=base_samples,
                        candidate_samples=tuple(candidate_samples or ()), tasks_dir=tasks_dir)
     model_flags = {"--limit": ev.limit, "--preset": preset, "--backend": ev.backend, "--batch-size": ev.batch_size,
-                   "--tasks-dir": tasks_dir, "--allow-task-code": allow_task_code}
+                   "--screen-items": ev.screen_items, "--tasks-dir": tasks_dir, "--allow-task-code": allow_task_code}
     verdict_args = dict(previous=previous, gate_overrides=verdict.overrides(), policy_file=verdict.policy,
                         junit=verdict.junit, markdown=verdict.markdown, verbose=verbose)
     if check_mode(req, model_flags) == "samples":
@@ -164,7 +164,9 @@ def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -
     console.say(f"  base {req.base} ({base_ref.path}); candidates: "
                 + ", ".join(f"{n} ({r.path})" for n, r in refs.items()))
     console.say(f"  suites {','.join(eval_cfg.suites)}; tasks {','.join(eval_cfg.tasks) or 'all of the suites'}; "
-                f"limit {eval_cfg.limit if eval_cfg.limit is not None else 'all items'}; backend {eval_cfg.backend}")
+                f"limit {eval_cfg.limit if eval_cfg.limit is not None else 'all items'}"
+                + (f" (+{eval_cfg.screen_count()} screen items per retention multiple-choice task for the base)"
+                   if eval_cfg.screen_count() else "") + f"; backend {eval_cfg.backend}")
     if base_ref.random_weights:
         console.say(f"  NOTE: --base {req.base} has RANDOM WEIGHTS: results are plumbing checks, not model quality")
     t0 = time.perf_counter()
@@ -172,7 +174,7 @@ def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -
     with StageTimer(run, "eval_base"), console.stage(f"[1/{n + 1}] evaluate the base {req.base} (cached per task "
                                                      f"when evaluated before)"):
         runner.evaluate(base_ref, eval_cfg, run.eval_json("base"), device=dev.device, label="base",
-                        tasks_dir=req.tasks_dir)
+                        tasks_dir=req.tasks_dir, screen=True)
     for task, t in ((read_json(run.eval_json("base")).get("timings") or {}).get("tasks") or {}).items():
         if t.get("cached"):  # what a second check of the same base saves: it is not evaluated again
             console.say(f"  {task}: cache hit")

@@ -31,7 +31,8 @@ def eval_cmd(
     preset: PresetOpt = "full",
     device: DeviceOpt = "auto",
     reference: Optional[Path] = typer.Option(None, "--reference", help="The base model's eval JSON: adds KL drift "
-                                             "(reference || this model) on general text."),
+                                             "(reference || this model) on general text. Without it the model is "
+                                             "scored as a base: with its --screen-items."),
     tasks_dir: TasksDirOpt = None,
     allow_task_code: AllowTaskCodeOpt = False,
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto | balanced | sequential: split a model "
@@ -66,8 +67,10 @@ def _evaluate(inp: Inputs, device_map: str | None) -> dict:
 
     ref, cfg, out, ranks = inp.model, inp.cfg.eval, inp.eval_out, inp.ranks
     dev_name = inp.device_name
+    # a model evaluated against a reference is compared with it, so it is not a base: no screen items for it
+    screen = inp.reference is None
     if inp.rank != 0:  # data-parallel: every rank scores its share of the items; rank 0 writes the files
-        evaluate(ref, cfg, out, device=dev_name, reference=inp.reference, tasks_dir=inp.tasks_dir)
+        evaluate(ref, cfg, out, device=dev_name, reference=inp.reference, tasks_dir=inp.tasks_dir, screen=screen)
         return {}
     if device_map:
         dev_name = "cuda" if dev_name.startswith("cuda") else dev_name
@@ -76,12 +79,14 @@ def _evaluate(inp: Inputs, device_map: str | None) -> dict:
     console.say(f"eval {ref.name} ({ref.path}{', RANDOM WEIGHTS' if ref.random_weights else ''}); "
                 f"{inp.device.describe()}; suites {','.join(cfg.suites)}; "
                 f"tasks {','.join(cfg.tasks) or 'all of the suites'}; "
-                f"limit {cfg.limit if cfg.limit is not None else 'all items'}; backend {cfg.backend}; "
+                f"limit {cfg.limit if cfg.limit is not None else 'all items'}"
+                + (f" (+{cfg.screen_count()} screen items per retention multiple-choice task)"
+                   if screen and cfg.screen_count() else "") + f"; backend {cfg.backend}; "
                 f"batch size {cfg.batch_size}" + (f"; data-parallel over {ranks['world']} processes ({ranks['source']})"
                                                   if ranks else "") + f"; log: {log}")
     with console.stage(f"evaluate {ref.name}"):
         doc = evaluate(ref, cfg, out, device=dev_name, reference=inp.reference, tasks_dir=inp.tasks_dir,
-                       device_map=device_map)
+                       device_map=device_map, screen=screen)
     console.say(f"{'task':<28} {'suite':<10} {'n':>5} {'metric':<16} {'value':>10} {'stderr':>8}")
     for name, t in doc["tasks"].items():
         m = t["metrics"].get(t["primary_metric"], {})

@@ -133,10 +133,11 @@ WiseFlags = option_group("WiseFlags", config.TrainConfig, ("wise_from", "wise_al
 
 def _eval_overrides(self) -> dict:
     return dict(suites=None if self.suite is None else split_csv(self.suite), tasks=split_csv(self.tasks), limit=self.limit,
-                backend=self.backend, batch_size=self.batch_size)
+                backend=self.backend, batch_size=self.batch_size, screen_items=self.screen_items)
 
 
-EvalFlags = option_group("EvalFlags", config.EvalConfig, ("suites", "tasks", "limit", "backend", "batch_size"),
+EvalFlags = option_group("EvalFlags", config.EvalConfig, ("suites", "tasks", "limit", "backend", "batch_size",
+                                                          "screen_items"),
                          "Evaluation", methods={"overrides": _eval_overrides})
 
 

@@ -22,7 +22,7 @@ a resumed run is the run that was started, so its results stay comparable."""
 _RESUME_FIELDS = {
     "base": (None, "base"), "data": (None, "data"), "arms": (None, "arms"), "preset": (None, "preset"),
     "device": (None, "device"), "suite": ("eval", "suites"), "tasks": ("eval", "tasks"), "limit": ("eval", "limit"),
-    "backend": ("eval", "backend"),
+    "backend": ("eval", "backend"), "screen_items": ("eval", "screen_items"),
     **{f.name: ("gate", f.name) for f in dataclasses.fields(GateConfig) if "help" in f.metadata},  # its flags
     **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
 }

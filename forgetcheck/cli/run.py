@@ -149,7 +149,7 @@ def _stages(inp: Inputs) -> int:
     else:
         with StageTimer(run, "eval_base"), console.stage(title):
             runner.evaluate(inp.model, cfg.eval, run.eval_json("base"), device=inp.device.device, label="base",
-                                tasks_dir=inp.tasks_dir)
+                                tasks_dir=inp.tasks_dir, screen=True)
 
     # train each arm on the same budget
     for arm in trained:
@@ -172,8 +172,8 @@ def _stages(inp: Inputs) -> int:
                               source_arm=cfg.train.wise_from)
 
     # evaluate each arm from its saved checkpoint (what is reported is what ships), on the tasks that can show
-    # forgetting: a retention task the base is at chance on is left out of the gate and the mean by default,
-    # so it is not scored for the arms either (keep_uninformative scores and gates it)
+    # forgetting: a retention task the base is at chance on (on its screen items) is left out of the gate and
+    # the mean by default, so it is not scored for the arms either (keep_uninformative scores and gates it)
     skip, line = compare.skipped_for(run.eval_json("base"), cfg.gate, "arms")
     if line:
         console.say(f"        {line}")

@@ -21,7 +21,7 @@ from forgetcheck.errors import BadInput
 from forgetcheck.eval.metrics import DEFAULT_PRIMARY
 from forgetcheck.eval.records import record, task_metrics
 from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl, confined_file, safe_name
-from forgetcheck.schema import SCHEMA_VERSION
+from forgetcheck.schema import LMEVAL_MODEL_KIND, SCHEMA_VERSION
 
 RESULTS_RE = re.compile(r"^results_(?P<date>.+)\.json$")
 SUITES = ("retention", "domain")
@@ -183,7 +183,7 @@ def read_run(path: Path, flag: str) -> LmEvalRun:
     elif isinstance(model_args, dict):
         pretrained = model_args.get("pretrained")
     name = header.get("model_name") or pretrained or folder.name
-    model = {"name": str(name), "path": pretrained, "kind": "lm-eval samples",
+    model = {"name": str(name), "path": pretrained, "kind": LMEVAL_MODEL_KIND,
              "lm_eval_backend": cfg.get("model"), "content_hash": None,
              "random_weights": _random_weights(pretrained), "folder": str(folder)}
     return LmEvalRun(folder=folder, model=model, header=header, tasks=tasks)

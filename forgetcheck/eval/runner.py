@@ -5,11 +5,17 @@ What one evaluation writes (docs/design.md, "The run folder"):
   * `<out>.json`  an `EvalFile` (schema.py): per task metrics with stderr and `higher_is_better` (from
     lm-eval), item count, chance, suite, kind, and `samples`, the per-item file relative to the JSON's folder;
   * `<out folder>/samples/<label>/<task>.jsonl`  one line per item (see `EvalFile`);
+  * `<out folder>/samples/<label>/screen/<task>.jsonl`  the base's screen items (`screen=True`: retention
+    multiple-choice tasks, `EvalConfig.screen_items` more items of the --limit order), recorded under the task's
+    `screen` entry and never compared with another model: compare decides on them alone whether the task is
+    informative (docs/verdicts.md, "Uninformative tasks");
   * `<out folder>/<label>.topk.npz`  the model's top-k next-token distribution on the drift text (eval/drift.py).
 
 Which tasks and which items: eval/suites.py.
 
-Per-item records: eval/records.py. Cache (each task's records and metrics, keyed by content): eval/cache.py.
+Per-item records: eval/records.py. Cache (each task's records and metrics, keyed by content): eval/cache.py; a
+task's screen items are an entry of their own (its key adds `part` and the screen count to the compared items'
+key), so the compared items' entry is the same with or without them.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from forgetcheck.errors import RuntimeFailure
 from forgetcheck.eval import cache, records
 from forgetcheck.eval.drift import load_reference, measure_drift
 from forgetcheck.eval.metrics import BITS_PER_BYTE, PERPLEXITY_METRICS, higher_is_better
-from forgetcheck.eval.suites import TaskSpec, resolve_tasks, select_items
+from forgetcheck.eval.suites import TaskSpec, resolve_tasks, select_with_screen
 from forgetcheck.models.registry import ModelRef, content_hash
 from forgetcheck.rundir import atomic_write_jsonl
 from forgetcheck.schema import EvalFile, write_eval
@@ -123,15 +129,18 @@ alone, so a long evaluation still caches its finished tasks as it goes (an inter
 class _Pending:
     spec: TaskSpec
     key: str  # cache key
-    indices: list[int] | None  # the --limit subset, None for every item
+    indices: list[int] | None  # the --limit subset (or the screen items), None for every item
     n_items: int
+    part: str = "gated"  # "gated": the items every model is scored on; "screen": the base's screen items
 
 
 def _joint_groups(pending: list[_Pending], max_items: int = JOINT_ITEMS) -> list[list[_Pending]]:
-    """Consecutive tasks packed into groups of at most `max_items` items (a larger task is a group alone)."""
+    """Consecutive tasks packed into groups of at most `max_items` items (a larger task is a group alone); a task
+    is in a group once (its screen items go to another call than its gated ones: lm-eval keys a call by task)."""
     groups: list[list[_Pending]] = []
     for p in pending:
-        if groups and sum(q.n_items for q in groups[-1]) + p.n_items <= max_items:
+        if (groups and sum(q.n_items for q in groups[-1]) + p.n_items <= max_items
+                and all(q.spec.name != p.spec.name for q in groups[-1])):
             groups[-1].append(p)
         else:
             groups.append([p])
@@ -251,20 +260,31 @@ def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, di
     for p, result, rows in done:
         # a joint pass interleaves its tasks' requests, so the time and rate are the pass's, not the task's own
         if rank == 0:
-            console.detail(f"  {p.spec.name}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){ranks}{joint}")
+            console.detail(f"  {_what(p)}: {len(rows)} items in {wall:.1f} s ({rate:.2f} items/s){ranks}{joint}")
         out_rows.append((p, result, rows, {"cached": False, "wall_s": round(wall, 3), "items": len(rows),
                                            "items_per_s": round(rate, 3), "joint_tasks": len(group),
                                            "joint_items": total, "ranks": world}))
     return out_rows
 
 
+def _what(p: _Pending) -> str:
+    return f"{p.spec.name} (screen items)" if p.part == "screen" else p.spec.name
+
+
+def screens(spec: TaskSpec) -> bool:
+    """Whether a base scores screen items of this task: retention multiple-choice tasks, the ones the gate leaves
+    out when the base is at chance on them (compare._informative)."""
+    return spec.suite == "retention" and spec.kind == "multiple_choice"
+
+
 def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: str = "cpu",
              reference: Path | None = None, label: str | None = None, tasks_dir: Path | None = None,
-             device_map: str | None = None, skip: dict[str, str] | None = None) -> dict:
+             device_map: str | None = None, skip: dict[str, str] | None = None, screen: bool = False) -> dict:
     """Evaluate `model_ref` on the tasks of `cfg`, write `out_file` (EvalFile) and the per-item files, and
     return the EvalFile dict. `reference`: an earlier eval JSON (the base) to measure KL drift against.
     `tasks_dir`: lm-eval task YAMLs to use instead of forgetcheck's rendered tasks/. `skip`: {task: why} not
-    scored (recorded under `skipped`; the drift text is still read from the suites' tasks)."""
+    scored (recorded under `skipped`; the drift text is still read from the suites' tasks). `screen`: this is a
+    base: also score `cfg.screen_count()` screen items of each retention multiple-choice task (`screens`)."""
     check(validate_eval(cfg))
     out_file = Path(out_file)
     label = label or out_file.stem
@@ -279,61 +299,84 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         mhash = hashing.result()
     skipped = {s.name: (skip or {})[s.name] for s in specs if s.name in (skip or {})}
     scored = [s for s in specs if s.name not in skipped]
-    console.set_total(len(scored) + 1)  # every task, then drift
     versions = cache.versions()
     runner = _Model(model_ref, device, dtype, cfg, device_map)
     samples_dir = out_file.parent / "samples" / label
-    done: dict[str, tuple[dict, list[dict]]] = {}
-    timings: dict[str, dict] = {}
+    done: dict[tuple[str, str], tuple[dict, list[dict]]] = {}  # (part, task) -> (result, rows)
+    timings: dict[str, dict[str, dict]] = {"gated": {}, "screen": {}}
     backends: set[str] = set()
-    missed: list[_Pending] = []
+    pieces: list[_Pending] = []
+    n_screen = cfg.screen_count() if screen else 0
     for spec in scored:
-        indices = select_items(spec.task, cfg.limit, spec.kind)
+        indices, screen_idx = select_with_screen(spec.task, cfg.limit, n_screen if screens(spec) else 0, spec.kind)
         n_items = len(indices) if indices is not None else len(spec.task.eval_docs)
         key = cache.key(fmt=cache.CACHE_FORMAT, model=mhash, task=spec.config_hash, limit=cfg.limit, backend=cfg.backend,
                    device=device.split(":")[0], dtype=dtype, versions=versions)
+        pieces.append(_Pending(spec, key, indices, n_items))
+        if screen_idx:
+            # its own entry: the gated items' key stays what every model (and a base without screen items) uses
+            skey = cache.key(fmt=cache.CACHE_FORMAT, model=mhash, task=spec.config_hash, limit=cfg.limit,
+                             part="screen", screen=n_screen, backend=cfg.backend, device=device.split(":")[0],
+                             dtype=dtype, versions=versions)
+            pieces.append(_Pending(spec, skey, screen_idx, len(screen_idx), "screen"))
+    console.set_total(len(pieces) + 1)  # every task (and its screen items), then drift
+    missed: list[_Pending] = []
+    for p in pieces:
+        what = _what(p)
         t0 = time.perf_counter()
-        hit = cache.read(key)
+        hit = cache.read(p.key)
         if hit is not None:
             result, rows = hit
             backends.add(result.pop("backend_used"))
-            console.detail(f"  {spec.name}: cache hit, {len(rows)} items ({cache.cache_dir() / key})")
+            console.detail(f"  {what}: cache hit, {len(rows)} items ({cache.cache_dir() / p.key})")
             console.advance()
-            timings[spec.name] = {"cached": True, "wall_s": round(time.perf_counter() - t0, 3), "items": len(rows)}
-            done[spec.name] = (result, rows)
+            timings[p.part][p.spec.name] = {"cached": True, "wall_s": round(time.perf_counter() - t0, 3),
+                                            "items": len(rows)}
+            done[(p.part, p.spec.name)] = (result, rows)
         else:
-            console.detail(f"  {spec.name}: {n_items} items ({spec.kind}) ...")
-            missed.append(_Pending(spec, key, indices, n_items))
+            console.detail(f"  {what}: {p.n_items} items ({p.spec.kind}) ...")
+            missed.append(p)
+    missed.sort(key=lambda p: p.part != "gated")  # the gated items first; the screen items in calls of their own
     rank, world = data_parallel()
     for group in _joint_groups(missed):
         for p, result, rows, timing in _run_group(runner, group):
             if rank == 0:
                 cache.write(p.key, {**result, "backend_used": runner.backend_used}, rows)
             backends.add(runner.backend_used)
-            timings[p.spec.name] = timing
-            done[p.spec.name] = (result, rows)
+            timings[p.part][p.spec.name] = timing
+            done[(p.part, p.spec.name)] = (result, rows)
             console.advance()
     if rank != 0:  # data-parallel: rank 0 holds every row and writes the files
         return {}
     tasks: dict[str, dict] = {}
     for spec in scored:  # in the resolved order, whether cached or scored
-        result, rows = done[spec.name]
+        result, rows = done[("gated", spec.name)]
         sample_file = samples_dir / f"{spec.name}.jsonl"
         atomic_write_jsonl(sample_file, rows)
         tasks[spec.name] = {**result, "samples": str(sample_file.relative_to(out_file.parent))}
+        if ("screen", spec.name) in done:
+            sresult, srows = done[("screen", spec.name)]
+            screen_file = samples_dir / "screen" / f"{spec.name}.jsonl"
+            atomic_write_jsonl(screen_file, srows)
+            tasks[spec.name]["screen"] = {"samples": str(screen_file.relative_to(out_file.parent)), "n": len(srows),
+                                          "metrics": sresult["metrics"]}
 
     drift, drift_timing = measure_drift(runner.load, cache.entry(versions), out_file, label, mhash, specs, ref_data,
                                         device, dtype, tasks_dir)
     console.advance()
     n_items = sum(t["n"] for t in tasks.values())
-    console.note(f"{len(tasks)} tasks, {n_items:,} items ({sum(bool(t['cached']) for t in timings.values())} "
-                 f"from the cache)" + (f"; {len(skipped)} skipped (the base is at chance on them)" if skipped else "")
+    n_screened = sum(t["screen"]["n"] for t in tasks.values() if "screen" in t)
+    n_cached = sum(bool(t["cached"]) for t in timings["gated"].values())
+    console.note(f"{len(tasks)} tasks, {n_items:,} items ({n_cached} from the cache)"
+                 + (f"; {n_screened:,} screen items (base only: which tasks are informative)" if n_screened else "")
+                 + (f"; {len(skipped)} skipped (the base is at chance on them)" if skipped else "")
                  + (f"; {len(missing)} MISSING (data not built: {', '.join(sorted(missing))})" if missing else "")
                  + (f"; KL from base {drift['kl']['mean']:.4f} nats/token" if "kl" in drift else ""))
     doc: EvalFile = {
         "model": {**model_ref.to_dict(), "content_hash": mhash},
         "config": to_dict(cfg),
         "limit": cfg.limit,
+        **({"screen_items": n_screen} if screen else {}),  # a base's: what it asked for (0: none)
         "backend": cfg.backend,
         "backend_used": sorted(b for b in backends if b),
         "device": device,
@@ -344,6 +387,7 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         **({"skipped": skipped} if skipped else {}),
         **({"missing": missing} if missing else {}),
         "drift": drift,
-        "timings": {"tasks": timings, "drift": drift_timing},
+        "timings": {"tasks": timings["gated"], **({"screen": timings["screen"]} if timings["screen"] else {}),
+                    "drift": drift_timing},
     }
     return dict(write_eval(out_file, doc))

@@ -4,7 +4,8 @@
 forgetcheck knows about each (`TaskSpec`: suite, kind, primary metric, chance, a hash of its config and data).
 
 Items: `EvalConfig.limit` picks a deterministic, stratified subset of each task (`select_items`), chosen from
-the dataset alone (content hashes and a fixed seed), so every model is scored on the same items.
+the dataset alone (content hashes and a fixed seed), so every model is scored on the same items. A base's screen
+items are the next items of the same order (`select_with_screen`).
 """
 
 from __future__ import annotations
@@ -409,11 +410,21 @@ def select_items(task, limit: int | None, kind: str) -> list[int] | None:
     labels, each label's items ordered by sha256(LIMIT_SEED + doc_hash). Only the dataset decides, so every
     model gets the same items, and a larger limit keeps the items of a smaller one within each stratum.
     """
+    return select_with_screen(task, limit, 0, kind)[0]
+
+
+def select_with_screen(task, limit: int | None, count: int, kind: str) -> tuple[list[int] | None, list[int]]:
+    """(`select_items(task, limit, kind)`, the task's screen items): the screen items are the `count` items that
+    follow the `limit` ones in the same order (select_items(limit + count) minus select_items(limit)), scored for
+    the base only to decide whether the task is informative, never compared with another model. The order is
+    nested in practice (a larger limit keeps a smaller one's items), so these are `count` items; where the
+    largest-remainder allotment moves an item between strata they are a few fewer, and never one of the `limit`
+    items. No screen items without a limit or a count, or when the limit already takes every item."""
     docs = task.eval_docs
     # a datasets.Dataset converts to Python in one call (row by row iteration costs ~20 us a row)
     docs = docs.to_list() if hasattr(docs, "to_list") else list(docs)
     if limit is None or limit >= len(docs):
-        return None
+        return None, []
     rank = {}
     strata: dict[str, dict[str, list[int]]] = {}
     for i, d in enumerate(docs):
@@ -423,6 +434,14 @@ def select_items(task, limit: int | None, kind: str) -> list[int] | None:
             stratum = next((str(d[f]) for f in STRATUM_FIELDS if f in d and d[f] is not None), "")
         label = str(task.doc_to_target(d)) if kind == "multiple_choice" else ""
         strata.setdefault(stratum, {}).setdefault(label, []).append(i)
+    gated = _stratified(strata, rank, limit)
+    if count <= 0:
+        return gated, []
+    wider = set(range(len(docs))) if limit + count >= len(docs) else set(_stratified(strata, rank, limit + count))
+    return gated, sorted(wider - set(gated))
+
+
+def _stratified(strata: dict[str, dict[str, list[int]]], rank: dict, limit: int) -> list[int]:
     alloc = _largest_remainder({s: sum(len(v) for v in labels.values()) for s, labels in strata.items()}, limit)
     chosen: list[int] = []
     for s, labels in strata.items():

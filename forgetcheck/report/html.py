@@ -303,6 +303,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "train": train,
         "verdict_why": verdict_reason(gate), "policy_text": policy_sentence(gate["policy"]),
         "arm_pairs": arm_pair_lines(compare),
+        "screened_on_gated": screened_on_gated(compare),
         "lf_chart": learn_forget_chart(compare, colors, config_doc(config)["train"]["wise_from"]),
         "loss_chart": loss_chart(train, colors),
         "mem_chart": memory_chart(train),
@@ -310,6 +311,17 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "script": CHECK_SCRIPT, "script_hash": _script_hash(CHECK_SCRIPT),
         **check_sections(run),
     }
+
+
+def screened_on_gated(compare: CompareFile) -> list[dict]:
+    """Retention tasks whose informative test ran on the compared items themselves (no separate screen items),
+    grouped by why ({note, tasks}): the report says so, since their place in the gate then depends on the items it
+    judges."""
+    by_note: dict[str, list[str]] = {}
+    for name, t in sorted(compare["tasks"].items()):
+        if t["suite"] == "retention" and t["unit"] == "points" and t["informative"]["separate"] is False:
+            by_note.setdefault(t["informative"]["note"] or "", []).append(name)
+    return [{"note": note, "tasks": names} for note, names in by_note.items()]
 
 
 def check_sections(run: RunDir) -> dict[str, Any]:

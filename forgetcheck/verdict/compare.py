@@ -13,7 +13,8 @@ docs/verdicts.md):
   difference of soft accuracy (probability on the correct choice) with a cluster-bootstrap standard error;
   each with its (1 - alpha) interval and the two-sided p-value of the same method (they always agree); Holm's
   correction across the gated retention tasks (accuracy, informative) per arm;
-- `informative`: whether the base is significantly above chance (else the task cannot show forgetting);
+- `informative`: whether the base is significantly above chance (else the task cannot show forgetting), tested
+  on the base's screen items, never on the compared ones where the base has screen items (`_screen`);
 - flip counts (right->wrong, wrong->right) and a few examples each way.
 Suite means (accuracy-like tasks; over informative tasks and over all, for acc and soft; the variance is the
 sum of the task variances), general-text drift with intervals (bits-per-byte rise, mean KL), arm against arm
@@ -36,6 +37,7 @@ from forgetcheck.eval.metrics import BITS_PER_BYTE, PERPLEXITY_METRICS, higher_i
 from forgetcheck.rundir import RunDir, confined
 from forgetcheck.schema import (
     COMPARE_VERSION,
+    LMEVAL_MODEL_KIND,
     EvalFile,
     ItemRecord,
     compare_doc,
@@ -140,6 +142,19 @@ def load_items(eval_path: Path, task: str, entry: dict) -> list[ItemRecord] | No
     return rows
 
 
+def load_screen(eval_path: Path, task: str, entry: dict) -> list[ItemRecord] | None:
+    """The base's screen items of a task (eval/runner.py: scored for the base only), or None when it has none."""
+    screen = entry["screen"]
+    if not screen or not screen["samples"]:
+        return None
+    p = confined(Path(eval_path).parent, screen["samples"], f"{eval_path}: tasks.{task}.screen.samples")
+    if not p.is_file():
+        return None
+    rows = read_items(p)
+    rows.sort(key=lambda r: (_sortable(r["doc_id"]), str(r["doc_hash"])))
+    return rows or None
+
+
 def _sortable(x):
     return (0, x, "") if isinstance(x, (int, float)) else (1, 0, str(x))
 
@@ -169,11 +184,12 @@ def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[st
         "suite": bentry["suite"], "kind": kind, "metric": metric, "higher_is_better": hib,
         "unit": unit, "scale": scale, "chance": _scaled(bentry["chance"], scale),
         "base": {"score": _scaled(base_value, scale), "n": bentry["n"]}, "arms": {}, "notes": [],
+        "informative": None,  # below, once the arms' items are known
     }
     paired_items: dict[str, dict] = {}
     base_rows = load_items(base_path, name, bentry)
     base_items = TaskItems(base_rows, metric, kind) if base_rows else None
-    out["informative"] = _informative(out, base_items, alpha)
+    arm_keys: set[str] = set()  # every item some arm was scored on
 
     for arm, (apath, aev) in arm_evals.items():
         if name not in aev["tasks"]:
@@ -188,6 +204,7 @@ def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[st
         paired = None
         if base_items is not None and arm_rows:
             arm_items = TaskItems(arm_rows, metric, kind)
+            arm_keys.update(arm_items.keys)
             try:
                 paired = _paired_stats(name, arm, base_items, arm_items, scale=scale, sign=sign, alpha=alpha,
                                        n_boot=n_boot, seed=seed)
@@ -207,28 +224,92 @@ def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[st
                         "acc": None, "soft": None})
             out["notes"].append(f"{arm}: no paired per-item records; delta from aggregate scores, no CI or test")
         out["arms"][arm] = res
+    screen_rows = load_screen(base_path, name, bentry)
+    screen = _screen(base_items, TaskItems(screen_rows, metric, kind) if screen_rows else None, arm_keys,
+                     lambda: _why_no_screen(base, bentry))
+    out["informative"] = _informative(out, screen, alpha)
     return out, paired_items
 
 
-def _informative(t: dict, base_items: TaskItems | None, alpha: float) -> dict:
-    """Is the base clearly above chance on this task (exact one-sided binomial test at alpha)? A model at
-    chance has nothing to forget: the task cannot show forgetting at this model size."""
+MIN_SCREEN = 20
+"""The fewest separate items the informative test runs on (fewer when the task compares fewer): a screen of a few
+items cannot show a task informative (one right item of four choices has p = 0.25), so a task with barely more
+items than --limit (fc_us_state_abbreviation: 51 items, 1 screen item at --limit 50) falls back to the compared
+items rather than being left out. At 20 items the exact test at alpha 0.05 rejects chance 0.25 from 9 right, chance
+0.5 from 15."""
+
+
+def _screen(base: TaskItems | None, screen: TaskItems | None, arm_keys: set[str],
+            why_none) -> tuple[TaskItems | None, dict]:
+    """The base items the informative test runs on, and what they are (compare.json `informative`: `items`,
+    `separate`, `note`). The gated set must be fixed before the gated items are seen, so the test uses items that
+    are never compared: the base's screen items (eval/runner.py); else base items no arm was scored on (lm-eval
+    outputs of the base at a larger limit); either only when there are at least MIN_SCREEN of them (or as many as
+    the compared items); else, as forgetcheck did before screens, the base's own compared items, with a note
+    saying so (`why_none()`: why there were no screen items)."""
+    compared = len(base.rows) if base is not None else 0
+    few = None
+    if screen is not None:
+        if len(screen.rows) >= min(MIN_SCREEN, compared or 1):
+            return screen, {"items": "screen", "separate": True, "note": None}
+        few = (f"only {len(screen.rows)} screen item(s), fewer than {min(MIN_SCREEN, compared)}: the task has few "
+               f"items beyond the --limit ones")
+    elif base is not None and arm_keys:
+        only = [i for i, k in enumerate(base.keys) if k not in arm_keys]
+        compared -= len(only)
+        if compared and len(only) >= min(MIN_SCREEN, compared):
+            rows = [base.rows[i] for i in only]
+            return TaskItems(rows, base.metric, base.kind), {"items": "unpaired", "separate": True, "note": None}
+    note = (f"screened on the gated items themselves: {few or 'no separate screen items (' + why_none() + ')'}, so "
+            f"which tasks are gated depends on the items the gate then judges")
+    return base, {"items": "compared", "separate": False, "note": note}
+
+
+def _why_no_screen(base: EvalFile, entry: dict) -> str:
+    """Why a task of a base evaluation has no screen items, in words."""
+    asked = base["screen_items"]
+    if (base["model"] or {}).get("kind") == LMEVAL_MODEL_KIND:
+        return ("the base's lm-eval outputs hold too few items no candidate has; evaluate the base with a larger "
+                "--limit than the candidates to screen on the rest")
+    if asked is None:
+        return ("the base evaluation scored none: it was written by a forgetcheck before screen items, or evaluated "
+                "as a compared model (`forgetcheck eval --reference`)")
+    if asked == 0:
+        return ("no --limit: every item is compared, none is left to screen on" if base["limit"] is None
+                else "--screen-items 0")
+    if entry["suite"] != "retention" or entry["kind"] != "multiple_choice":
+        return "only retention multiple-choice tasks get screen items"
+    return f"the --limit {base['limit']} items are every item of the task: none is left to screen on"
+
+
+SCREEN_WORDS = {"screen": "screen items (never compared with an arm)", "unpaired": "base items no arm was scored on",
+                "compared": "compared items"}
+
+
+def _informative(t: dict, screen: tuple[TaskItems | None, dict], alpha: float) -> dict:
+    """Is the base clearly above chance on this task (exact one-sided binomial test at alpha), on the items
+    `_screen` chose? A model at chance has nothing to forget: the task cannot show forgetting at this model
+    size."""
     chance = t["chance"]
-    if t["unit"] != "points" or chance is None or base_items is None:
-        return {"value": True, "p_value": None, "reason": "no chance level or per-item records: kept"}
+    items, used = screen
+    none = {"value": True, "p_value": None, "screen": None, "separate": None, "items": None, "note": None}
+    if t["unit"] != "points" or chance is None or items is None:
+        return {**none, "reason": "no chance level or per-item records: kept"}
     try:
-        x = base_items.values(list(range(len(base_items.rows))))["x"]
+        x = items.values(list(range(len(items.rows))))["x"]
     except KeyError:
-        return {"value": True, "p_value": None, "reason": "per-item scores unreadable: kept"}
+        return {**none, "reason": "per-item scores unreadable: kept"}
     if not np.isin(x, (0.0, 1.0)).all() or not t["higher_is_better"]:
-        return {"value": True, "p_value": None, "reason": "not a 0/1 score: kept"}
+        return {**none, "reason": "not a 0/1 score: kept"}
     k, n = int(x.sum()), len(x)
     p = above_chance_p(k, n, chance / 100.0)
     ok = p < alpha
-    return {"value": bool(ok), "p_value": p, "correct": k, "n": n,
-            "reason": (f"base {100 * k / n:.1f} vs chance {chance:.1f} (one-sided binomial p={p:.3g}"
+    return {"value": bool(ok), "p_value": p, "correct": k, "n": n, "screen": n, **used,
+            "reason": (f"base {100 * k / n:.1f} vs chance {chance:.1f} on {n} {SCREEN_WORDS[used['items']]} "
+                       f"(one-sided binomial p={p:.3g}"
                        + (f" < {alpha:g}): informative" if ok else
-                          f" >= {alpha:g}): not above chance, uninformative at this model size"))}
+                          f" >= {alpha:g}): not above chance, uninformative at this model size")
+                       + (f"; {used['note']}" if used["note"] else ""))}
 
 
 def _scaled(v, scale):
@@ -342,8 +423,9 @@ def uninformative_tasks(base_eval: Path, *, alpha: float = 0.05) -> dict[str, st
         t, _ = compare_task(name, base, {}, alpha=alpha, n_boot=100, seed=0)
         inf = t["informative"]
         if t["unit"] == "points" and not inf["value"]:
-            out[name] = (f"the base is not above chance on it ({inf['correct']}/{inf['n']} right, chance "
-                         f"{t['chance']:.1f}%, one-sided binomial p={inf['p_value']:.3g})")
+            where = "screen items" if inf["separate"] else "gated items (no separate screen items)"
+            out[name] = (f"the base is not above chance on it ({inf['correct']}/{inf['n']} right on its {where}, "
+                         f"chance {t['chance']:.1f}%, one-sided binomial p={inf['p_value']:.3g})")
     return out
 
 

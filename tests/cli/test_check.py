@@ -313,3 +313,41 @@ def test_candidates_are_not_scored_on_tasks_the_base_is_at_chance_on(world, tmp_
                    device="cpu", tasks_dir=tasks, gate_overrides={"keep_uninformative": True, **WIDE})
     kept = read_json(RunDir(tmp_path / "runs" / "keep").eval_json("same"))
     assert set(kept["tasks"]) == {"planted", "planted_chance"} and "skipped" not in kept
+
+
+def test_the_base_screen_items_decide_which_tasks_the_candidates_are_scored_on(world, tiny_ref, tmp_path,
+                                                                                 monkeypatch):
+    """`check` scores the base's screen items and decides on them alone: planted_hi, which the base answers right
+    on every gated item and wrong on every screen item, is left out of the candidates' evaluation; planted_lo, the
+    reverse, is scored and gated. The item selection is pinned (items 0-23 gated, 24-47 screen) so that the
+    answers can be planted without moving it (the selection hashes each document, answer included)."""
+    from forgetcheck.eval import runner
+
+    tasks = planted.planted_task(tmp_path / "tasks", Path(tiny_ref.path), n=48)  # every answer the base's pick
+    items = [json.loads(line) for line in (tasks / "planted.jsonl").read_text().splitlines()]
+    for name, wrong in (("planted_hi", range(24, 48)), ("planted_lo", range(24))):
+        rows = [{**it, "answer": (it["answer"] + 1) % 4} if i in wrong else it for i, it in enumerate(items)]
+        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        yaml = (tasks / "planted.yaml").read_text().replace("task: planted", f"task: {name}")
+        (tasks / f"{name}.yaml").write_text(yaml.replace(str(tasks / "planted.jsonl"), str(tasks / f"{name}.jsonl")))
+    monkeypatch.setattr(runner, "select_with_screen",
+                        lambda task, limit, count, kind: (list(range(limit)), list(range(limit, limit + count))))
+    cfg = config.EvalConfig(tasks=("planted_hi", "planted_lo"), limit=24, backend="hf", batch_size=32)
+    check.check_models("tiny-gpt2", [f"same={world['same']}"], cfg, out=tmp_path / "runs", run_id="screen",
+                       device="cpu", tasks_dir=tasks)
+    run = RunDir(tmp_path / "runs" / "screen")
+    base = read_json(run.eval_json("base"))
+    assert base["screen_items"] == 24
+    for name, gated, screened in (("planted_hi", 1.0, 0.0), ("planted_lo", 0.0, 1.0)):
+        t = base["tasks"][name]
+        assert (t["n"], t["screen"]["n"]) == (24, 24)
+        assert (t["metrics"]["acc"]["value"], t["screen"]["metrics"]["acc"]["value"]) == (gated, screened)
+    same = read_json(run.eval_json("same"))
+    assert set(same["tasks"]) == {"planted_lo"} and set(same["skipped"]) == {"planted_hi"}
+    assert "0/24 right on its screen items" in same["skipped"]["planted_hi"]
+    c = read_json(run.compare)
+    assert c["tasks"]["planted_lo"]["informative"]["value"] is True
+    assert c["tasks"]["planted_lo"]["informative"]["items"] == "screen"
+    assert c["tasks"]["planted_lo"]["arms"]["same"]["n_paired"] == 24
+    g = read_json(run.gate)
+    assert [e["task"] for e in g["excluded"]] == ["planted_hi"] and "24 screen items" in g["excluded"][0]["reason"]

@@ -75,3 +75,26 @@ def test_run_flags_carry_keep_uninformative_into_the_gate_config():
 
     assert GateFlags(keep_uninformative=True).config().keep_uninformative is True
     assert GateFlags().config().keep_uninformative is False
+
+
+def test_screen_items_follow_the_limit_and_reach_every_command_that_scores_a_base():
+    """--screen-items (EvalConfig.screen_items): as many as --limit unless given, 0 turns them off, no --limit
+    leaves none; refused below 0; `run`, `eval` and `check` take it, a resumed run keeps it."""
+    from forgetcheck.cli.options import EvalFlags
+    from forgetcheck.cli.resume import resume_conflicts
+
+    _, quick = config.apply_preset("quick", {}, EvalFlags().overrides())
+    assert quick.screen_items is None and quick.screen_count() == quick.limit == 50
+    _, ev = config.apply_preset("quick", {}, EvalFlags(limit=20).overrides())
+    assert ev.screen_count() == 20
+    _, ev = config.apply_preset("quick", {}, EvalFlags(screen_items=0).overrides())
+    assert ev.screen_count() == 0
+    _, ev = config.apply_preset("quick", {}, EvalFlags(screen_items=80).overrides())
+    assert ev.screen_count() == 80 and ev.limit == 50
+    _, full = config.apply_preset("full", {}, EvalFlags().overrides())
+    assert full.limit is None and full.screen_count() == 0
+    assert any("--screen-items" in p for p in config.validate_eval(config.EvalConfig(screen_items=-1)))
+    cfg = config.RunConfig(eval=config.EvalConfig(limit=50, screen_items=10))
+    assert config_from_dict(json.loads(json.dumps({"schema_version": 1, **config.to_dict(cfg)}))) == cfg
+    problems, _ = resume_conflicts(config.RunConfig(), {"screen_items": 10}, "runs/r1")
+    assert len(problems) == 1 and "--screen-items 10 differs" in problems[0]

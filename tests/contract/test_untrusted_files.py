@@ -210,9 +210,10 @@ def eval_home(tmp_path_factory, tiny_ref, tasks_dir):
 
 
 def _eval(home: Path, cwd: Path, out: Path, tasks_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    # --screen-items 0: one cache entry for the task (a base's screen items have an entry of their own)
     return forgetcheck_cli("eval", "--model", "tiny-gpt2", "--tasks-dir", tasks_dir, "--tasks", MC_TASK,
-                           "--limit", "6", "--backend", "hf", "--device", "cpu", "--out", out, *extra, cwd=cwd,
-                           env={"FORGETCHECK_HOME": str(home)})
+                           "--limit", "6", "--screen-items", "0", "--backend", "hf", "--device", "cpu", "--out", out,
+                           *extra, cwd=cwd, env={"FORGETCHECK_HOME": str(home)})
 
 
 def _entry(home: Path, name: str) -> Path:

@@ -102,11 +102,64 @@ def test_missed_tasks_share_one_lm_eval_call(base_eval):
 
 
 def test_joint_groups_cap_items():
+    from types import SimpleNamespace
+
     from forgetcheck.eval.runner import _joint_groups, _Pending
 
-    pending = [_Pending(spec=None, key=str(n), indices=None, n_items=n) for n in (50, 50, 3000, 10, 1990, 5)]
+    pending = [_Pending(spec=SimpleNamespace(name=f"t{i}"), key=str(n), indices=None, n_items=n)
+               for i, n in enumerate((50, 50, 3000, 10, 1990, 5))]
     groups = _joint_groups(pending, max_items=2000)
     assert [[p.n_items for p in g] for g in groups] == [[50, 50], [3000], [10, 1990], [5]]
+    # a task's screen items never share a call with its gated items (lm-eval keys a call's samples by task)
+    a, b = SimpleNamespace(name="a"), SimpleNamespace(name="b")
+    pending = [_Pending(a, "1", [0], 1), _Pending(b, "2", [0], 1), _Pending(a, "3", [1], 1, "screen"),
+               _Pending(b, "4", [1], 1, "screen")]
+    assert [[p.key for p in g] for g in _joint_groups(pending)] == [["1", "2"], ["3", "4"]]
+
+
+def test_screen_items_are_scored_for_a_base_only_and_cached_apart(tiny_ref, tasks_dir, tmp_path, capsys):
+    """A base's screen items (retention multiple-choice tasks only) are the next items of the --limit order, in a
+    file of their own; the gated items' cache entry is the same with or without them (read back, not rescored),
+    and the screen items have entries of their own, keyed by their count."""
+    from forgetcheck.eval.runner import evaluate
+    from forgetcheck.eval.suites import resolve_tasks, select_items
+
+    cfg = EvalConfig(tasks=(MC, PPL), limit=4, backend="hf", batch_size=4)  # a limit no other test uses
+    plain = evaluate(tiny_ref, cfg, tmp_path / "plain.json", tasks_dir=tasks_dir)
+    assert "screen_items" not in plain and all("screen" not in t for t in plain["tasks"].values())
+    assert not any(t["cached"] for t in plain["timings"]["tasks"].values())
+
+    base = evaluate(tiny_ref, cfg, tmp_path / "base.json", tasks_dir=tasks_dir, screen=True)
+    assert base["screen_items"] == 4 and "screen" not in base["tasks"][PPL]  # perplexity: no screen
+    screen = base["tasks"][MC]["screen"]
+    assert screen["n"] == 4 and screen["samples"] == f"samples/base/screen/{MC}.jsonl"
+    gated = read_jsonl(tmp_path / base["tasks"][MC]["samples"])
+    rows = read_jsonl(tmp_path / screen["samples"])
+    assert gated == read_jsonl(tmp_path / plain["tasks"][MC]["samples"]) and base["tasks"][MC]["n"] == 4
+    task = resolve_tasks(EvalConfig(tasks=(MC,)), tasks_dir)[0].task
+    assert [r["doc_id"] for r in rows] == sorted(set(select_items(task, 8, "multiple_choice"))
+                                                 - set(select_items(task, 4, "multiple_choice")))
+    assert base["timings"]["tasks"][MC]["cached"] is True  # the gated items: the plain evaluation's entry
+    assert base["timings"]["screen"][MC]["cached"] is False
+
+    # the screen items are what the model scores on those items in an ordinary evaluation
+    wide = evaluate(tiny_ref, EvalConfig(tasks=(MC,), limit=8, backend="hf", batch_size=4), tmp_path / "wide.json",
+                    tasks_dir=tasks_dir)
+    by_id = {r["doc_id"]: r for r in read_jsonl(tmp_path / wide["tasks"][MC]["samples"])}
+    for r in rows:
+        assert r["doc_hash"] == by_id[r["doc_id"]]["doc_hash"] and r["correct"] == by_id[r["doc_id"]]["correct"]
+        assert r["loglikelihoods"] == pytest.approx(by_id[r["doc_id"]]["loglikelihoods"], abs=1e-4)
+
+    capsys.readouterr()
+    again = evaluate(tiny_ref, cfg, tmp_path / "again.json", tasks_dir=tasks_dir, screen=True)
+    assert again["timings"]["screen"][MC]["cached"] is True and "loaded tiny-gpt2" not in capsys.readouterr().out
+    assert read_jsonl(tmp_path / again["tasks"][MC]["screen"]["samples"]) == rows
+    fewer = evaluate(tiny_ref, EvalConfig(tasks=(MC,), limit=4, screen_items=2, backend="hf", batch_size=4),
+                     tmp_path / "fewer.json", tasks_dir=tasks_dir, screen=True)
+    assert fewer["timings"]["screen"][MC]["cached"] is False and fewer["tasks"][MC]["screen"]["n"] == 2
+    off = evaluate(tiny_ref, EvalConfig(tasks=(MC,), limit=4, screen_items=0, backend="hf", batch_size=4),
+                   tmp_path / "off.json", tasks_dir=tasks_dir, screen=True)
+    assert off["screen_items"] == 0 and "screen" not in off["tasks"][MC] and "screen" not in off["timings"]
 
 
 def test_second_evaluation_hits_cache(base_eval, tiny_ref, tasks_dir, capsys):

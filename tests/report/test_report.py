@@ -107,6 +107,8 @@ def test_inconclusive_banner_and_uninformative_tasks(tmp_path):
     assert '<div class="big inconclusive">INCONCLUSIVE</div>' in html and "can neither rule out nor show" in html
     assert 'id="uninformative"' in html and "ret_chance: uninformative at this model size" in html
     assert "Power</b>: 40 items per task" in html
+    # the fixture's base has no screen items: the report says the tasks were screened on their gated items
+    assert 'id="screened-on-gated"' in html and "ret_a, ret_chance: screened on the gated items themselves" in html
 
 
 def test_old_compare_or_gate_format_is_refused_with_the_fix(tmp_path):
