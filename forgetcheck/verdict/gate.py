@@ -5,12 +5,15 @@ torch. A release passes when harm is ruled out, fails when harm beyond the margi
 inconclusive when the run cannot tell (docs/verdicts.md has every rule and the validity benchmark):
 
 - `task_drop` (each gated retention task; `metric` = soft or acc): PASS when the one-sided (1 - alpha) upper
-  bound of the drop is below `max_drop`; FAIL when the one-sided test of "drop <= max_drop" rejects at alpha
-  after Holm's correction across the gated tasks of the arm; else INCONCLUSIVE.
-- `retention_mean`: PASS when the upper bound of the mean drop is below `max_mean_drop`; FAIL when its lower
-  bound is above it; else INCONCLUSIVE.
-- `domain_gain` (only with `min_domain_gain`): PASS when the lower bound of the mean domain gain reaches it;
-  FAIL when the upper bound is below it; else INCONCLUSIVE.
+  bound of the drop is below `max_drop` (on soft accuracy the bound that holds for every pattern of per-unit
+  changes, `stats.bounded_upper`: a drop carried by a few items the sample missed cannot PASS); FAIL when the
+  one-sided t test of "drop <= max_drop" rejects at alpha after Holm's correction across the gated tasks of the
+  arm; else INCONCLUSIVE.
+- `retention_mean`: PASS when the upper bound of the mean drop is below `max_mean_drop` (soft: the same kind of
+  bound, over draws of a uniformly chosen task's units); FAIL when its lower bound is above it; else
+  INCONCLUSIVE. Present for every arm with gated tasks: INCONCLUSIVE, saying why, when it cannot be computed.
+- `domain_gain` (only with `min_domain_gain`): PASS when the lower bound of the mean domain gain reaches it (soft:
+  the bound that holds for every pattern); FAIL when the upper bound is below it; else INCONCLUSIVE.
 - `ppl_rise` / `kl` (general-text drift, unless set to None): the relative rise of bits per byte on the drift
   text (percent) and the mean KL from the base (nats per token), with the same three outcomes against
   `max_ppl_rise` / `max_kl`.
@@ -24,8 +27,8 @@ needed for PASS), FAILs when one fails, else is INCONCLUSIVE; the release likewi
 tasks on which the base is not significantly above chance are "uninformative at this model size" and are left
 out of the task rules and the mean (`keep_uninformative` keeps them). Exit codes: 0 pass, 1 fail,
 4 inconclusive (`on_inconclusive` maps 4 to 1 or 0 for CI systems that need two outcomes, and says so).
-Every outcome comes with the power of the run: the smallest drop it can rule out and the items that would
-decide at the margins.
+Every outcome comes with the power of the whole verdict: the smallest drop each rule can rule out and the items
+per task at which every item-based rule would PASS with 80% probability if nothing changed (`_power`).
 """
 
 from __future__ import annotations
@@ -365,6 +368,9 @@ def domain_gain_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[d
     if not dom:
         return [_rule("domain_gain", arm, "fail", f"no domain task scored, cannot show a gain of {need:g} points: "
                       "evaluate the domain suite", min_domain_gain=need)]
+    if dom["unavailable"]:
+        return [_rule("domain_gain", arm, "inconclusive", f"the domain mean cannot be computed: {dom['unavailable']}",
+                      min_domain_gain=need)]
     est = _est(dom)
     g = dom["delta"]
     if est is None:
@@ -375,6 +381,16 @@ def domain_gain_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[d
         return [_rule("domain_gain", arm, "inconclusive", f"domain mean gain {signed(g)} points: {gap}", gain=g,
                       n=est.n, min_paired=MIN_PAIRED, min_domain_gain=need)]
     lo, up = est.lower(alpha), est.upper(alpha)
+    if pol.metric == "soft":  # a PASS must hold whatever the pattern: the gain's lower bound is the bounded one
+        tasks = compare["tasks"]
+        drops = [_unit_drops(tasks[n]["arms"][arm]["soft"]) if n in tasks and arm in tasks[n]["arms"]
+                 and tasks[n]["arms"][arm]["soft"] else None for n in dom["tasks"]]
+        lo = (None if any(x is None for x in drops) else
+              0.0 - bounded_upper(interleavings(drops, f"{arm}\x1fdomain-mean"), *SOFT_RANGE, alpha))
+        if lo is None:
+            return [_rule("domain_gain", arm, "inconclusive", f"domain mean gain {signed(g)} points: this compare "
+                          "result carries no per-unit changes, so a gain cannot be shown whatever the pattern: "
+                          "re-run `forgetcheck compare` on the run", gain=g, min_domain_gain=need)]
     st = "pass" if lo >= need else ("fail" if up < need else "inconclusive")
     nums = (f"domain mean {_metric_label(pol.metric)} {_f(dom['base_mean'])} -> {_f(dom['arm_mean'])} "
             f"(gain {signed(g)} points, {_side(alpha)} bounds [{signed(lo)}, {signed(up)}])")

@@ -297,3 +297,18 @@ def test_the_summary_counts_checked_rules_and_names_the_unchecked(unchanged):
     assert f"of {n} checked rules" in gate["summary"] or f"all {n} checked rules" in gate["summary"]
     assert f"{len(gate['not_checked'])} not checked: " in gate["summary"] and "sft kl" in gate["summary"]
     assert not any(r["rule"] in ("kl", "ppl_rise") for r in gate["rules"])
+
+
+def test_a_domain_gain_passes_only_on_the_bound_that_holds_whatever_the_pattern(tmp_path):
+    from runfixture import lower_target
+
+    run = make_run(tmp_path / "r", n=200)
+    for task in ("dom_mmlu_med", "dom_terms"):
+        lower_target(run, "sft", task, -0.45)  # the right choice 0.45 nats likelier on every domain item
+    compare_run(run, n_boot=200)
+    gate, _ = gate_run(run.root, {"min_domain_gain": 1.0})
+    sft = next(r for r in gate["rules"] if r["rule"] == "domain_gain" and r["arm"] == "sft")
+    cmp = read_json(run.compare)["suites"]["domain"]["means"]["soft"]["all"]["sft"]
+    assert sft["status"] == "pass", sft["reason"]
+    # the bound it passed on is the bounded one: below the t interval's lower end
+    assert 1.0 <= sft["values"]["gain_lower"] < cmp["ci"][0] + (cmp["ci"][1] - cmp["ci"][0]) * 0.05
