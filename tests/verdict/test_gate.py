@@ -7,7 +7,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 from conftest import forgetcheck_cli
-from runfixture import make_run
+from runfixture import make_run, strip_document_ids
 
 from forgetcheck.config import GateConfig
 from forgetcheck.errors import BadInput
@@ -261,3 +261,15 @@ def test_hostile_task_names_give_valid_junit_inert_markdown_and_clean_console(un
     assert "&lt;img" in md and "\\!\\[p\\]" in md  # shown as text: no HTML, no image to load
     lines = console_lines(gate)
     assert not any("\x1b" in x or "\x07" in x for x in lines) and any("\\x1b" in x for x in lines)
+
+
+def test_drift_without_document_ids_is_inconclusive_with_the_fix(tmp_path):
+    run = make_run(tmp_path / "r", n=N, kl={"sft": 0.5})  # would FAIL both drift rules with document ids
+    strip_document_ids(run)
+    compare_run(run, n_boot=200)
+    gate, code = gate_run(run.root)
+    drift = [r for r in gate["rules"] if r["rule"] in ("ppl_rise", "kl")]
+    assert {(r["rule"], r["arm"]) for r in drift} == {(k, a) for k in ("ppl_rise", "kl") for a in ("sft", "cpt")}
+    for r in drift:
+        assert r["status"] == "inconclusive" and "re-run `forgetcheck eval`" in r["reason"], r
+    assert code == 4 and gate["verdict"] == "inconclusive"
