@@ -286,15 +286,15 @@ class EvalDrift(TypedDict):
     """eval/<model>.json `drift`: the drift text's perplexity, its KL block and per-block values."""
 
     perplexity: float | None
-    text: dict[str, Any]  # source, tokens_scored
+    text: dict[str, Any]  # source, documents, tokens_scored
     kl: dict[str, Any] | None
-    blocks: dict[str, list[float] | None]  # nll, kl
+    blocks: dict[str, list | None]  # per block: document (id), positions, nll, kl (older files: no document)
 
 
 def eval_drift_doc(obj: Any) -> EvalDrift:
     doc = _filled(obj, {"perplexity": None, "text": {}, "kl": None, "blocks": {}})
     doc["text"] = _filled(doc["text"], {"source": None, "tokens_scored": None})
-    doc["blocks"] = _filled(doc["blocks"], {"nll": None, "kl": None})
+    doc["blocks"] = _filled(doc["blocks"], {"document": None, "positions": None, "nll": None, "kl": None})
     return doc  # type: ignore[return-value]
 
 

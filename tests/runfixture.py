@@ -130,14 +130,15 @@ def make_run(root: Path, *, arms=("sft", "cpt"), tasks: dict | None = None, n: i
             doc["drift"] = drift
         atomic_write_json(run.eval_json(label), doc)
 
-    # Drift on general text: per-block mean NLL (64 blocks of 32 positions) for every model, and per-block KL
-    # for each arm; an arm without a `kl` entry is an unchanged copy (same NLL, KL 0).
+    # Drift on general text: per-block mean NLL (64 blocks of 32 positions, two per document: 32 documents) for
+    # every model, and per-block KL for each arm; an arm without a `kl` entry is an unchanged copy (same NLL, KL 0).
     brng = np.random.default_rng(seed + 1)
     base_nll = np.round(math.log(31.0) + brng.normal(0, 0.3, 64), 6)
     kl_shape = brng.uniform(0.5, 1.5, 64)
-    blocks = {"size": 32, "sequence": [i // 8 for i in range(64)], "nll": base_nll.tolist()}
-    write_eval("base", base_rows, {"text": {"source": "general_text", "tokens_scored": 2040}, "perplexity": 31.0,
-                                   "mean_nll": math.log(31.0), "blocks": blocks})
+    blocks = {"size": 32, "sequence": [i // 2 for i in range(64)], "document": [f"article {i // 2}" for i in range(64)],
+              "positions": [32] * 64, "nll": base_nll.tolist()}
+    write_eval("base", base_rows, {"text": {"source": "general_text", "documents": 32, "tokens_scored": 2048},
+                                   "perplexity": 31.0, "mean_nll": math.log(31.0), "blocks": blocks})
     for arm in arms:
         rows_by_task = copy.deepcopy(base_rows)
         for name, rows in rows_by_task.items():
@@ -156,7 +157,8 @@ def make_run(root: Path, *, arms=("sft", "cpt"), tasks: dict | None = None, n: i
                     r["loglikelihood"] += shift
         k = kl.get(arm, 0.0)  # the shape forgetcheck eval writes: drift-text perplexity, KL from the base
         arm_nll = base_nll + math.log1p(k) * kl_shape if k else base_nll
-        drift = {"text": {"source": "general_text", "sequences": 8, "seq_len": 256, "tokens_scored": 2040},
+        drift = {"text": {"source": "general_text", "documents": 32, "sequences": 32, "seq_len": 65,
+                          "tokens_scored": 2048},
                  "perplexity": 31.0 * (1 + k), "mean_nll": math.log(31.0 * (1 + k)),
                  "kl": {"mean": k, "median": k / 2, "p95": k * 3, "max": k * 9,
                         "unit": "nats per token", "method": "KL(reference || model) over the top-k tokens"},
@@ -192,11 +194,23 @@ def lower_target(run: RunDir, arm: str, task: str, nats: float) -> None:
 
 
 def keep_drift_blocks(run: RunDir, count: int) -> None:
-    """Keep only the first `count` blocks of the drift text in every eval file of the run (a drift text that short)."""
+    """Keep only the blocks of the first `count` documents of the drift text in every eval file of the run (a
+    drift text that short)."""
     for path in sorted((run.root / "eval").glob("*.json")):
         doc = json.loads(path.read_text())
         blocks = doc["drift"]["blocks"]
-        for key in ("sequence", "nll", "kl"):
+        kept = list(dict.fromkeys(blocks["document"]))[:count]
+        n = sum(d in kept for d in blocks["document"])  # a document's blocks are consecutive
+        for key in ("sequence", "document", "positions", "nll", "kl"):
             if key in blocks:
-                blocks[key] = blocks[key][:count]
+                blocks[key] = blocks[key][:n]
+        atomic_write_json(path, doc)
+
+
+def strip_document_ids(run: RunDir) -> None:
+    """The run's eval files as an older forgetcheck wrote them: drift blocks without document ids or positions."""
+    for path in sorted((run.root / "eval").glob("*.json")):
+        doc = json.loads(path.read_text())
+        for key in ("document", "positions"):
+            doc["drift"]["blocks"].pop(key)
         atomic_write_json(path, doc)

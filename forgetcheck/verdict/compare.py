@@ -501,7 +501,8 @@ METHODS = {
             "bootstrap within the task (clusters resampled, both models on the same resample)",
     "suite_mean": "mean of the task deltas; variance = sum of the task variances / tasks^2 (disjoint items)",
     "drift": "relative rise of the drift text's mean NLL per token (= bits per byte on the same bytes) and mean "
-             "KL per token; standard error from a bootstrap of 32-token blocks",
+             "KL per token over blocks of up to 32 positions within one document; standard error with the "
+             "documents as clusters (documents resampled, not blocks)",
     "intervals": "every interval and p-value come from one centre and standard error with the normal quantile, "
                  "so a (1-alpha) interval excludes 0 exactly when p < alpha",
 }

@@ -124,7 +124,10 @@ def _mean(xs):
 def drift_block(tasks: dict, arm: str, arm_eval: dict, base_eval: dict, *, alpha: float) -> dict:
     """Perplexity tasks of the arm vs base, the eval's KL block, the drift text's perplexity, and the two
     gated drift estimates: the relative rise of the mean NLL per token (percent; equal to the rise of bits
-    per byte on the same text) and the mean KL per token, each with a bootstrap of 32-token blocks."""
+    per byte on the same text) and the mean KL per token, both over the stored blocks weighted by their
+    positions, with the documents (the blocks' `document` ids) as clusters: positions of one article are not
+    independent, so documents are resampled, not blocks. Eval files whose blocks carry no document ids
+    (written by an older forgetcheck) give no interval, with a note."""
     ppl = {}
     for n, a in arm_results(tasks, [n for n, t in tasks.items() if t["unit"] != "points"], arm).items():
         if a["score"] is not None:
@@ -145,20 +148,43 @@ def drift_block(tasks: dict, arm: str, arm_eval: dict, base_eval: dict, *, alpha
     ab, bb = d["blocks"], bd["blocks"]
     rise = kl_est = None
     notes = []
-    if ab["nll"] and bb["nll"] and len(ab["nll"]) == len(bb["nll"]):
-        rise = ratio_rise(np.array(bb["nll"]), np.array(ab["nll"])).to_dict(alpha)
-        rise["unit"] = "percent"
+    older = ("no document ids on the drift blocks (eval file written by an older forgetcheck), so documents "
+             "cannot be resampled and blocks of one article are not independent: the {what} has no interval; "
+             "re-run `forgetcheck eval`")
+    if ab["nll"] and bb["nll"]:
+        if not (_with_documents(ab) and _with_documents(bb)):
+            notes.append(older.format(what="perplexity rise"))
+        elif (ab["document"], ab["positions"]) != (bb["document"], bb["positions"]):
+            notes.append("the arm's drift blocks are not the base's (other documents or token counts: another "
+                         "tokenizer, or an arm not evaluated with `--reference` the base's eval JSON): the "
+                         "perplexity rise has no interval")
+        else:
+            pos = np.asarray(ab["positions"], float)
+            rise = ratio_rise(np.asarray(bb["nll"], float) * pos, np.asarray(ab["nll"], float) * pos,
+                              clusters=np.asarray(ab["document"])).to_dict(alpha)
+            rise["unit"] = "percent"
     elif text is not None:
         notes.append("no per-block NLL in the eval files (written by an older forgetcheck): the perplexity "
                      "rise has no interval; re-run `forgetcheck eval`")
     if ab["kl"]:
-        kl_est = mean_of(np.array(ab["kl"])).to_dict(alpha)
-        kl_est["unit"] = "nats per token"
+        if _with_documents(ab, "kl"):
+            kl_est = mean_of(np.asarray(ab["kl"], float), clusters=np.asarray(ab["document"]),
+                             weights=np.asarray(ab["positions"], float)).to_dict(alpha)
+            kl_est["unit"] = "nats per token"
+        else:
+            notes.append(older.format(what="KL"))
     elif kl is not None:
         notes.append("no per-block KL in the eval file (written by an older forgetcheck): the KL has no "
                      "interval; re-run `forgetcheck eval`")
     return {"perplexity": ppl, "kl": kl, "text_perplexity": text, "ppl_rise": rise, "kl_mean": kl_est,
             "notes": notes}
+
+
+def _with_documents(blocks: dict, values: str = "nll") -> bool:
+    """The blocks carry a document id and a position count for each of their `values`."""
+    n = len(blocks[values] or [])
+    return (isinstance(blocks["document"], list) and isinstance(blocks["positions"], list)
+            and len(blocks["document"]) == len(blocks["positions"]) == n)
 
 
 def seed_run_groups(arms: list[str]) -> dict[str, list[str]]:

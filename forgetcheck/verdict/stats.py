@@ -328,11 +328,14 @@ def ratio_rise(base_num: np.ndarray, arm_num: np.ndarray, clusters=None) -> Esti
                     clusters=_n_clusters(clusters), df=df)
 
 
-def mean_of(values: np.ndarray, clusters=None) -> Estimate:
-    """Mean of per-unit values (e.g. KL per block of positions); cluster-robust se, t at clusters - 1 df."""
+def mean_of(values: np.ndarray, clusters=None, weights=None) -> Estimate:
+    """Mean of per-unit values (e.g. KL per block of positions), weighted by `weights` (e.g. each block's
+    positions) when given; cluster-robust se of the weighted mean (residuals w (v - mean) over sum(w)), t at
+    clusters - 1 df."""
     v = np.asarray(values, float)
-    point = float(v.mean()) + 0.0
-    se, df = cluster_robust_se(v - v.mean(), clusters, len(v))
+    w = np.ones(len(v)) if weights is None else np.asarray(weights, float)
+    point = float((w * v).sum() / w.sum()) + 0.0
+    se, df = cluster_robust_se(w * (v - point), clusters, float(w.sum()))
     return Estimate(point=point, center=point, se=se, method="cluster_robust_t", n=len(v),
                     clusters=_n_clusters(clusters), df=df)
 

@@ -241,6 +241,10 @@ def test_kl_drift_against_self_is_zero_and_against_a_perturbed_copy_positive(bas
     assert other["drift"]["kl"]["mean"] > 1e-3
     assert "lower bound" in other["drift"]["kl"]["method"]
     assert other["drift"]["text"] == doc["drift"]["text"]  # scored on the reference's own tokens
+    assert doc["drift"]["text"]["documents"] == 8  # the fixture's texts carry no cluster: one document each
+    for key in ("document", "positions"):  # the same blocks, so compare pairs them document by document
+        assert other["drift"]["blocks"][key] == doc["drift"]["blocks"][key]
+    assert len(set(doc["drift"]["blocks"]["document"])) == 8
     assert other["drift"]["perplexity"] != doc["drift"]["perplexity"]
 
 

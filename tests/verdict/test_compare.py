@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runfixture import DEFAULT_TASKS, make_run
+from runfixture import DEFAULT_TASKS, make_run, strip_document_ids
 
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import read_json, read_jsonl
@@ -347,3 +347,48 @@ def test_compare_report_gate_never_import_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "HEAVY=\n" in r.stdout, r.stdout
     assert (tmp_path / "run" / "report.html").exists() and (tmp_path / "run" / "gate.json").exists()
+
+
+# ---- drift: documents resampled, not blocks ----------------------------------------------------------------
+
+def test_drift_estimates_resample_the_documents(regressed):
+    _, c = regressed
+    for key in ("ppl_rise", "kl_mean"):
+        est = c["drift"]["sft"][key]
+        assert est["n"] == 64 and est["clusters"] == 32  # 64 blocks of 32 documents (tests/runfixture.py)
+
+
+def test_drift_blocks_of_unequal_size_weigh_by_their_positions():
+    from forgetcheck.verdict.rollup import drift_block
+
+    docs = [f"d{i // 2}" for i in range(20)]
+    positions = [32, 5] * 10  # each document: a full block and a short tail
+    rng = np.random.default_rng(0)
+    base_nll = rng.uniform(2.5, 3.5, 20)
+    arm_nll = base_nll + rng.uniform(0.0, 0.4, 20)
+    kl = rng.uniform(0.01, 0.2, 20)
+
+    def ev(nll, with_kl):
+        blocks = {"size": 32, "document": docs, "positions": positions, "nll": nll.tolist(),
+                  "kl": kl.tolist() if with_kl else None}
+        return {"drift": {"perplexity": 20.0, "text": {"source": "t", "tokens_scored": sum(positions)},
+                          "kl": {"mean": 0.1} if with_kl else None, "blocks": blocks}}
+
+    d = drift_block({}, "sft", ev(arm_nll, True), ev(base_nll, False), alpha=0.05, n_boot=300, seed=0)
+    pos = np.asarray(positions, float)
+    assert d["ppl_rise"]["point"] == pytest.approx(100 * ((arm_nll * pos).sum() / (base_nll * pos).sum() - 1))
+    assert d["kl_mean"]["point"] == pytest.approx((kl * pos).sum() / pos.sum())
+    assert d["kl_mean"]["point"] != pytest.approx(kl.mean())  # not the unweighted mean of the blocks
+    assert d["kl_mean"]["clusters"] == d["ppl_rise"]["clusters"] == 10
+    assert 0 < d["kl_mean"]["se"] < 0.05 and d["notes"] == []
+
+
+def test_drift_blocks_without_document_ids_give_no_interval(tmp_path):
+    run = make_run(tmp_path / "r", n=60, kl={"sft": 0.5})
+    strip_document_ids(run)
+    c = compare_run(run, n_boot=200)
+    d = c["drift"]["sft"]
+    assert d["ppl_rise"] is None and d["kl_mean"] is None  # never as if the blocks were independent
+    assert d["text_perplexity"]["ratio"] == pytest.approx(1.5) and d["kl"]["mean"] == 0.5  # still reported
+    assert len(d["notes"]) == 2
+    assert all("no document ids" in n and "re-run `forgetcheck eval`" in n for n in d["notes"])

@@ -7,7 +7,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 from conftest import forgetcheck_cli
-from runfixture import make_run
+from runfixture import make_run, strip_document_ids
 
 from forgetcheck.config import GateConfig
 from forgetcheck.errors import BadInput
@@ -312,3 +312,15 @@ def test_a_domain_gain_passes_only_on_the_bound_that_holds_whatever_the_pattern(
     assert sft["status"] == "pass", sft["reason"]
     # the bound it passed on is the bounded one: below the t interval's lower end
     assert 1.0 <= sft["values"]["gain_lower"] < cmp["ci"][0] + (cmp["ci"][1] - cmp["ci"][0]) * 0.05
+
+
+def test_drift_without_document_ids_is_inconclusive_with_the_fix(tmp_path):
+    run = make_run(tmp_path / "r", n=N, kl={"sft": 0.5})  # would FAIL both drift rules with document ids
+    strip_document_ids(run)
+    compare_run(run, n_boot=200)
+    gate, code = gate_run(run.root)
+    drift = [r for r in gate["rules"] if r["rule"] in ("ppl_rise", "kl")]
+    assert {(r["rule"], r["arm"]) for r in drift} == {(k, a) for k in ("ppl_rise", "kl") for a in ("sft", "cpt")}
+    for r in drift:
+        assert r["status"] == "inconclusive" and "re-run `forgetcheck eval`" in r["reason"], r
+    assert code == 4 and gate["verdict"] == "inconclusive"
