@@ -19,7 +19,7 @@ inconclusive when the run cannot tell (docs/verdicts.md has every rule and the v
   `max_ppl_rise` / `max_kl`.
 - `coverage`: an arm with no gated retention task FAILs (a gate that checked nothing must not pass).
 - too little evidence: a rule whose estimate rests on fewer than `stats.MIN_PAIRED` paired units (items,
-  clusters, drift blocks; for a mean, any of its tasks), or on units that all moved by exactly the same amount,
+  clusters, drift documents; for a mean, any of its tasks), or on units that all moved by exactly the same amount,
   is INCONCLUSIVE with that reason (`Estimate.evidence_gap`), never PASS or FAIL.
 
 An arm PASSes when every one of its rules passes (an intersection-union test: no multiplicity correction is
@@ -423,7 +423,7 @@ def drift_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tuple[list[d
                                "drift values in both eval files: re-run `forgetcheck eval`)", **{f"max_{rule}": limit}))
             continue
         digits = 1 if rule == "ppl_rise" else 3
-        gap = est.evidence_gap("block(s) of the drift text")
+        gap = est.evidence_gap("block(s) of the drift text", "document(s) of the drift text")
         if gap:
             rules.append(_rule(rule, arm, "inconclusive", f"{what} {est.point:.{digits}f}{unit}: {gap}",
                                value=est.point, n=est.n, min_paired=MIN_PAIRED, limit=limit))

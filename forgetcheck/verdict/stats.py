@@ -59,10 +59,10 @@ from scipy.stats import t as student_t
 
 POWER = 0.8
 MIN_PAIRED = 6
-"""Fewest paired units (clusters of items, else items; blocks of the drift text) an estimate needs before a rule
-may PASS or FAIL on it: from 6 on, a one-sided 95% bound from the plug-in bootstrap standard error and the normal
-quantile errs at most twice as often as it should for normally distributed differences (9.7% at 6, 10.8% at 5,
-15.6% at 3; docs/verdicts.md, "Small samples")."""
+"""Fewest paired units (clusters of items, else items; documents of the drift text) an estimate needs before a rule
+may PASS or FAIL on it. t at units - 1 df is exact for normal differences at any size, but not for skewed ones, and
+Bonett-Price FAILs 4 items that all flipped at p = 0.017: below 6 the evidence is too thin to decide on
+(docs/verdicts.md, "Small samples")."""
 
 
 def z(q: float) -> float:
@@ -144,12 +144,12 @@ class Estimate:
         """The independent paired units the standard error rests on: clusters when items share a source."""
         return self.clusters if self.clusters is not None else self.n
 
-    def evidence_gap(self, unit: str = "paired item(s)") -> str | None:
+    def evidence_gap(self, unit: str = "paired item(s)", cluster_unit: str = "cluster(s) of paired items") -> str | None:
         """Why no rule may PASS or FAIL on this estimate ("not enough evidence: ..."), or None when it may:
         fewer than `MIN_PAIRED` units (`unit` names them), or no spread at all around a change (every unit
         moved by exactly the same amount: the interval has zero width). No spread around no change (every unit
         exactly as the base's, e.g. an unchanged copy) is not a gap: the interval [0, 0] is what the data say."""
-        what = f"{self.units} cluster(s) of paired items" if self.clusters is not None else f"{self.n} {unit}"
+        what = f"{self.units} {cluster_unit}" if self.clusters is not None else f"{self.n} {unit}"
         if self.units < MIN_PAIRED:
             return (f"not enough evidence: {what}, fewer than the minimum of {MIN_PAIRED} a rule needs to PASS or "
                     'FAIL (docs/verdicts.md, "Small samples")')
