@@ -374,7 +374,7 @@ def test_drift_blocks_of_unequal_size_weigh_by_their_positions():
         return {"drift": {"perplexity": 20.0, "text": {"source": "t", "tokens_scored": sum(positions)},
                           "kl": {"mean": 0.1} if with_kl else None, "blocks": blocks}}
 
-    d = drift_block({}, "sft", ev(arm_nll, True), ev(base_nll, False), alpha=0.05, n_boot=300, seed=0)
+    d = drift_block({}, "sft", ev(arm_nll, True), ev(base_nll, False), alpha=0.05)
     pos = np.asarray(positions, float)
     assert d["ppl_rise"]["point"] == pytest.approx(100 * ((arm_nll * pos).sum() / (base_nll * pos).sum() - 1))
     assert d["kl_mean"]["point"] == pytest.approx((kl * pos).sum() / pos.sum())
