@@ -40,11 +40,11 @@ def test_two_level_interval_holds_the_seed_to_seed_spread():
     runs = np.stack([np.where(rng.random(n) < p, 0.0, base) for p in (0.0, 0.10, 0.30)])
     one = two_level_diff([runs], [base[None, :]], n_boot=2000, seed=1, key="t")
     assert one.point == pytest.approx((runs.mean() - base.mean()) * 100)
-    items_only = paired_mean(base, runs.mean(axis=0), n_boot=2000, seed=1, key="t")
+    items_only = paired_mean(base, runs.mean(axis=0))
     assert one.se > 2 * items_only.se  # the runs disagree: the seed level adds most of the variance
     # identical runs: the seed level adds nothing, the item level remains
     same = two_level_diff([np.stack([runs[1]] * 3)], [base[None, :]], n_boot=2000, seed=1, key="t")
-    assert same.se == pytest.approx(paired_mean(base, runs[1], n_boot=2000, seed=1, key="t").se, rel=0.15)
+    assert same.se == pytest.approx(paired_mean(base, runs[1]).se, rel=0.15)
     assert same.method == "two_level_bootstrap" and same.extra["runs"] == [3, 1]
 
 
