@@ -1,93 +1,400 @@
-"""Validity of the release gate (forgetcheck.verdict.gate.decide): how often it says PASS, FAIL and INCONCLUSIVE.
+"""Validity of the release gate at its defaults: how often `forgetcheck gate` says PASS, FAIL and INCONCLUSIVE.
 
-    python bench/gate_validity.py [--reps 500] [--real] [--real-limit 50] [--sigmas 0.02,0.05,0.1]
+    python bench/gate_validity.py [--reps 400] [--sizes 50,200] [--power-reps 400] [--jobs 1]
+    python bench/gate_validity.py --real-only [--real-limit 50] [--sigmas 0.05,0.1,0.16] [--draws 3]
 
-(a) Simulation. Eleven retention tasks (the quick preset's gated count when written; 13 now), per-item 0/1 scores of a base and an arm on
-    the same items: every item flips right->wrong or wrong->right with a churn of 8% each way (fine-tuning
-    reshuffles answers even when the score does not move), and a true drop adds to the right->wrong rate.
-    Scenarios: no change; a drop of 0.5x, 1x and 2x the per-task margin (2 points) on one task; the same on
-    every task. At 50, 200 and 1,000 items per task, `--reps` runs each; the gate runs with the default policy
-    on accuracy (drift rules off: they have no items here). The rates are printed as a table. Under no change
-    FAIL must stay at or below alpha; at a drop exactly at the margin PASS must stay at or below alpha.
-(b) Real models (`--real`): smollm2-135m against copies of itself with Gaussian noise (sigma times each
-    weight matrix's own standard deviation) added to the weights of blocks 10-19 of 30, and an unchanged
-    copy, each scored on the retention suite at `--real-limit` items per task with the drift measured against
-    the base; then compared and gated with the default policy (soft accuracy) and with --metric acc. The table
-    shows the drift-text perplexity (base -> copy), the KL, each rule's outcome count and the verdicts.
+(a) Simulation (docs/verdicts.md, "Validity benchmark"). Every simulated run goes through the code paths of
+    `forgetcheck gate`: synthetic per-item records (schema.ItemRecord: each choice's log-likelihood, the 0/1
+    `acc`) and eval documents with the drift text's per-block values -> compare.compare_evals (given the
+    records in memory, `compare.Evaluation`, instead of reading them from files; everything after the reading
+    is the same code) -> gate.decide with `GateConfig()`, the defaults: soft accuracy, margins 2 points per task,
+    1 on the retention mean, 10 % bits-per-byte rise and 0.1 nats/token KL, alpha 0.05, Holm across the gated
+    tasks.
+    Each run has 12 gated retention tasks of 4 choices and the drift text. A task's base soft score (the
+    probability on the right choice) is Beta(2, 1) over (0, 1) (mean 2/3; the wrong choices share the rest at
+    Dirichlet(1, 1, 1) proportions, so the base is right on 86 % of items); an arm changes 40 % of items not at
+    all (saturated or untouched) and every other item by a symmetric amount (normal, sd 12 points, cut at the
+    item's distance to 0 or 1 so the change stays symmetric; 8 points over all items, which puts a task's
+    normal-approximation MDE at 50 items at 2.8 points, near the median, 2.7, of the real demo's task rules):
+    the true mean change is exactly 0. A drop is added on top with its true mean exactly at the margin:
+    `diffuse` (every changed item loses the same share of its score) or `concentrated` (a few items lose most
+    of their score: 3 % forgotten outright, ~67 points each). The drift text is 64 documents of 2 blocks of 32
+    positions (`blocks.doc` names each block's document; compare does not read it yet, docs/verdicts.md):
+    per-block NLL with a document effect, the arm's NLL the base's times (1 + rise) times a document and a
+    block factor of mean 1, and per-block KL the limit times a document and a block factor of mean 1 (Gamma).
+    The scenarios, the rule each puts at its margin and the target are in `scenarios()`. The table gives, per
+    scenario and items per task, the verdict's rates, the watched rule's PASS and FAIL, whether the target is
+    met, and the simulation error (two standard errors of a 5 % rate); then the power check (`power_check`).
+(b) Real models (`--real`, `--real-only`): smollm2-135m against copies of itself with Gaussian noise (sigma times
+    each weight matrix's own standard deviation) added to the weights of blocks 10-19 of 30 (`--draws K`
+    different noise seeds per sigma), and an unchanged copy, each scored on the retention suite at
+    `--real-limit` items per task with the drift measured against the base; then compared and gated with the
+    default policy (soft accuracy) and with --metric acc. The table shows the drift-text perplexity (base ->
+    copy), the KL, each rule's outcome count and the verdicts.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import beta as beta_dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from forgetcheck.config import GateConfig  # noqa: E402
+from forgetcheck.schema import ITEM_DEFAULTS, SCHEMA_VERSION, eval_doc  # noqa: E402
+from forgetcheck.verdict.compare import Evaluation, compare_evals  # noqa: E402
 from forgetcheck.verdict.gate import decide  # noqa: E402
-from forgetcheck.verdict.rollup import mean_block  # noqa: E402
-from forgetcheck.verdict.stats import paired_binary  # noqa: E402
+from forgetcheck.verdict.stats import round_up, stable_seed  # noqa: E402
 
-N_TASKS = 11
-CHURN = 0.08
-SIZES = (50, 200, 1000, 5000)
-MULTIPLES = (0.5, 1.0, 2.0)
+# ---- (a) simulation -------------------------------------------------------------------------------------------
 
+N_TASKS = 12
+CHOICES = 4
+BASE_BETA = (2.0, 1.0)
+"""Base soft score of an item of a gated task: mean 2/3, spread over (0, 1)."""
+WEAK_BETA = (1.0, 2.3)
+"""The weakly informative task's (scenario "screen"): mean 0.30, the base right on about 34 % of items against
+25 % chance, so the screen (compare.uninformative_tasks' binomial test) keeps it in about a third of the runs at
+50 items and most runs at 200."""
+S_RANGE = (0.001, 0.999)
+"""Base soft scores are kept inside this range (every log-likelihood finite)."""
+ZERO_SHARE = 0.4
+NOISE_SD = 12.0
+"""Points: the symmetric change of an item that moves, before it is cut to stay inside [0, 100] (the standard
+deviation of the change over all items is then 8 points)."""
+FORGOTTEN = 1e-6
+"""Soft score an item forgotten outright keeps (a finite log-likelihood)."""
 
-def simulate_compare(n: int, drops: list[float], rng: np.random.Generator, alpha: float) -> dict:
-    """A compare dict (the keys decide reads) for one simulated run: `drops[t]` points lost on task t."""
-    tasks = {}
-    for t, drop in enumerate(drops):
-        p_rw, p_wr = CHURN + drop / 200.0, CHURN - drop / 200.0
-        u = rng.random(n)
-        rw, wr = u < p_rw, (u >= p_rw) & (u < p_rw + p_wr)
-        rest = ~(rw | wr)
-        right = rest & (rng.random(n) < 0.5)
-        base, arm = rw | right, wr | right
-        est = paired_binary(base, arm)
-        tasks[f"task{t:02d}"] = {"suite": "retention", "unit": "points", "metric": "acc",
-                                 "informative": {"value": True},
-                                 "base": {"score": 100 * base.mean()},
-                                 "arms": {"arm": {"score": 100 * arm.mean(), "delta": est.point,
-                                                  "acc": est.to_dict(alpha), "soft": None}}}
-    mean = mean_block(tasks, sorted(tasks), "arm", "acc", alpha)
-    return {"schema_version": 2, "kind": "compare", "alpha": alpha, "arms": ["arm"], "tasks": tasks,
-            "suites": {"retention": {"means": {"acc": {"informative": {"arm": mean}, "all": {"arm": mean}}}}},
-            "drift": {}}
-
-
-def simulation(reps: int, seed: int = 0) -> list[dict]:
-    pol = GateConfig(metric="acc", max_ppl_rise=None, max_kl=None)
-    rng = np.random.default_rng(seed)
-    scenarios = [("no change", [0.0] * N_TASKS)]
-    for k in MULTIPLES:
-        scenarios.append((f"{k:g}x margin on one task", [k * pol.max_drop] + [0.0] * (N_TASKS - 1)))
-    for k in MULTIPLES:
-        scenarios.append((f"{k:g}x margin on all tasks", [k * pol.max_drop] * N_TASKS))
-    rows = []
-    for name, drops in scenarios:
-        for n in SIZES:
-            counts = {"pass": 0, "fail": 0, "inconclusive": 0}
-            for _ in range(reps):
-                counts[decide(simulate_compare(n, drops, rng, pol.alpha), pol)["verdict"]] += 1
-            rows.append({"scenario": name, "n": n, **{k: v / reps for k, v in counts.items()}})
-    return rows
+DRIFT_DOCS, BLOCKS_PER_DOC, BLOCK = 64, 2, 32
+NLL_BASE, NLL_DOC_SD, NLL_BLOCK_SD = math.log(21.6), 0.35, 0.25
+"""Per-block mean NLL of the base (nats): perplexity about 21.6, a document effect and a block effect."""
+RISE_DOC_SD, RISE_BLOCK_SD = 0.06, 0.05
+"""Spread of the arm's relative NLL change between documents and between blocks of a document."""
+KL_DOC_CV, KL_BLOCK_CV = 0.30, 0.25
+"""Coefficient of variation of the per-block KL between documents and within one (0.39 in all, about what the
+noised real copies show, docs/verdicts.md (b)); the document share of the variance is 0.57."""
+KL_CLEAN = 0.04
+"""Mean KL of an arm whose drift is not at issue (the quick preset's fine-tunes: 0.043 and 0.055)."""
 
 
-def print_simulation(rows: list[dict], reps: int) -> None:
-    print(f"(a) simulation: {N_TASKS} retention tasks, churn {CHURN:.0%} each way, margins 2 points per task and "
-          f"1 on the mean, alpha 0.05, metric acc, {reps} runs per row")
+@dataclass(frozen=True)
+class Change:
+    """A task's true change in one arm: `drop` points off its mean soft score, diffuse or concentrated (each
+    carrier keeps 1 - `lost` of its score)."""
+
+    drop: float = 0.0
+    kind: str = "diffuse"
+    lost: float = 1.0
+
+
+@dataclass(frozen=True)
+class Drift:
+    rise: float = 0.0  # percent, of bits per byte
+    kl: float = KL_CLEAN
+
+
+@dataclass(frozen=True)
+class Arm:
+    changes: tuple[Change, ...] = (Change(),) * N_TASKS
+    drift: Drift = Drift()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row group of the table: the arms, which rule sits at its margin (`watch`: arm, rule, task) and the
+    target (`target`: "fail" = the verdict FAILs at most alpha of the time, "pass" = PASSes at most alpha)."""
+
+    name: str
+    arms: dict[str, Arm] = field(default_factory=lambda: {"arm": Arm()})
+    weak: bool = False  # the last task's base barely above chance (scenario "screen")
+    watch: tuple[str, str, str | None] | None = None
+    target: str = "fail"
+
+
+def _task(i: int) -> str:
+    return f"task{i:02d}"
+
+
+def _one(change: Change, where: int = 0) -> tuple[Change, ...]:
+    return tuple(change if i == where else Change() for i in range(N_TASKS))
+
+
+
+def scenarios(pol: GateConfig) -> list[Scenario]:
+    m, mm = pol.max_drop, pol.max_mean_drop
+    clean = Arm()
+    one_at = Arm(_one(Change(m, "concentrated", 1.0)))
+    return [
+        Scenario("no change"),
+        Scenario(f"one task {m:g} points down, diffuse", {"arm": Arm(_one(Change(m)))}, watch=("arm", "task_drop", _task(0)),
+                 target="pass"),
+        Scenario(f"one task {m:g} points down, 3 % of items forgotten (~67 points each)", {"arm": one_at},
+                 watch=("arm", "task_drop", _task(0)), target="pass"),
+        Scenario(f"every task {mm:g} point down, diffuse", {"arm": Arm((Change(mm),) * N_TASKS)},
+                 watch=("arm", "retention_mean", None), target="pass"),
+        Scenario(f"every task {mm:g} point down, 3 % of items lose half (~33 points each)",
+                 {"arm": Arm((Change(mm, "concentrated", 0.5),) * N_TASKS)}, watch=("arm", "retention_mean", None),
+                 target="pass"),
+        Scenario(f"every task {mm:g} point down, 1.5 % of items forgotten (~67 points each)",
+                 {"arm": Arm((Change(mm, "concentrated", 1.0),) * N_TASKS)}, watch=("arm", "retention_mean", None),
+                 target="pass"),
+        Scenario(f"KL exactly {pol.max_kl:g} nats/token (documents differ), rest unchanged",
+                 {"arm": Arm(drift=Drift(kl=pol.max_kl))}, watch=("arm", "kl", None), target="pass"),
+        Scenario(f"bits per byte up exactly {pol.max_ppl_rise:g} % (documents differ), rest unchanged",
+                 {"arm": Arm(drift=Drift(rise=pol.max_ppl_rise))}, watch=("arm", "ppl_rise", None), target="pass"),
+        Scenario("screen: weak task (base 34 %, chance 25 %), nothing changed", weak=True,
+                 watch=("arm", "task_drop", _task(N_TASKS - 1))),
+        Scenario(f"screen: weak task {m:g} points down, diffuse, rest unchanged", {"arm": Arm(_one(Change(m), N_TASKS - 1))},
+                 weak=True, watch=("arm", "task_drop", _task(N_TASKS - 1)), target="pass"),
+        Scenario("two arms, both unchanged", {"a": clean, "b": clean}),
+        Scenario(f"two arms, b: one task {m:g} points down, 3 % forgotten", {"a": clean, "b": one_at},
+                 watch=("b", "task_drop", _task(0)), target="pass"),
+    ]
+
+
+@functools.cache
+def clipped_mean(a: float, b: float) -> float:
+    """E[clip(s, *S_RANGE)] for s ~ Beta(a, b): the population mean base score the drops are sized on."""
+    lo, hi = S_RANGE
+    d = beta_dist(a, b)
+    inner = d.expect(lambda x: x, lb=lo, ub=hi)
+    return float(lo * d.cdf(lo) + inner + hi * d.sf(hi))
+
+
+def arm_scores(s: np.ndarray, change: Change, mean_s: float, rng: np.random.Generator) -> np.ndarray:
+    """The arm's soft score of each item given the base's `s`: 40 % unchanged, the rest moved symmetrically
+    (true mean change 0), then the drop, sized so that the population mean drop is exactly `change.drop`."""
+    n = len(s)
+    moved = rng.random(n) >= ZERO_SHARE
+    cap = 0.99 * np.minimum(s, 1.0 - s)
+    d = np.minimum(np.abs(rng.normal(0.0, NOISE_SD / 100.0, n)), cap) * rng.choice((-1.0, 1.0), n)
+    a = s + np.where(moved, d, 0.0)
+    if change.drop <= 0:
+        return a
+    if change.kind == "diffuse":  # every moved item keeps 1 - f of its score; E[a] = E[s] for moved items
+        f = change.drop / 100.0 / ((1.0 - ZERO_SHARE) * mean_s)
+        return np.where(moved, a * (1.0 - f), a)
+    share = change.drop / 100.0 / (change.lost * (mean_s - FORGOTTEN))
+    if share > 1:
+        raise ValueError(f"{change}: the drop does not fit in [0, 100]")
+    carriers = rng.random(n) < share
+    return np.where(carriers, s * (1.0 - change.lost) + FORGOTTEN * change.lost, a)
+
+
+_NONES = {k: v for k, v in ITEM_DEFAULTS.items() if v is None}
+
+
+def item_records(task: str, s: np.ndarray, rest: np.ndarray, target: np.ndarray) -> list[dict]:
+    """Per-item records as the eval writes them: every choice's log-likelihood (the right one's probability `s`,
+    the wrong ones sharing 1 - s in the proportions `rest`) and `acc` (the right choice scored highest)."""
+    n, k = rest.shape[0], rest.shape[1] + 1
+    probs = np.empty((n, k))
+    other = np.ones((n, k), dtype=bool)
+    other[np.arange(n), target] = False
+    probs[~other] = s
+    probs[other] = (rest * (1.0 - s)[:, None]).ravel()
+    ll = np.log(np.maximum(probs, 1e-300))
+    acc = (s > (rest * (1.0 - s)[:, None]).max(axis=1)).astype(float)
+    return [{**_NONES, "doc_id": i, "doc_hash": f"{task}-{i:05d}", "target": int(target[i]),
+             "loglikelihoods": ll[i].tolist(), "metrics": {"acc": float(acc[i])}, "chosen": {}}
+            for i in range(n)]
+
+
+def _gamma(rng: np.random.Generator, cv: float, size: int) -> np.ndarray:
+    return rng.gamma(1.0 / cv ** 2, cv ** 2, size)
+
+
+def drift_docs(rng: np.random.Generator, arms: dict[str, Arm]) -> dict[str, dict]:
+    """The eval files' `drift` of the base and each arm: per-block NLL (and KL for the arms) of 64 documents of 2
+    blocks, each block naming its document (`blocks.document`) and its positions."""
+    doc = np.repeat(np.arange(DRIFT_DOCS), BLOCKS_PER_DOC)
+    nb = len(doc)
+    base = NLL_BASE + rng.normal(0.0, NLL_DOC_SD, DRIFT_DOCS)[doc] + rng.normal(0.0, NLL_BLOCK_SD, nb)
+    common = {"size": BLOCK, "sequence": doc.tolist(), "document": [f"d{j:03d}" for j in doc],
+              "positions": [BLOCK] * nb}
+    text = {"source": "synthetic drift text", "sequences": DRIFT_DOCS, "tokens_scored": nb * BLOCK}
+    out = {"base": {"text": text, "perplexity": float(np.exp(base.mean())), "mean_nll": float(base.mean()),
+                    "blocks": {**common, "nll": base.tolist()}}}
+    for label, arm in arms.items():
+        factor = 1.0 + rng.normal(0.0, RISE_DOC_SD, DRIFT_DOCS)[doc] + rng.normal(0.0, RISE_BLOCK_SD, nb)
+        nll = base * (1.0 + arm.drift.rise / 100.0) * factor
+        kl = arm.drift.kl * _gamma(rng, KL_DOC_CV, DRIFT_DOCS)[doc] * _gamma(rng, KL_BLOCK_CV, nb)
+        out[label] = {"text": text, "perplexity": float(np.exp(nll.mean())), "mean_nll": float(nll.mean()),
+                      "kl": {"mean": float(kl.mean()), "unit": "nats per token"},
+                      "blocks": {**common, "nll": nll.tolist(), "kl": kl.tolist()}}
+    return out
+
+
+def simulate_evals(n: int, sc: Scenario, rng: np.random.Generator) -> tuple[Evaluation, dict[str, Evaluation]]:
+    """One simulated run: the base's and each arm's evaluation (eval document and per-item records)."""
+    labels = ["base", *sc.arms]
+    items: dict[str, dict[str, list[dict]]] = {label: {} for label in labels}
+    for t in range(N_TASKS):
+        name = _task(t)
+        a, b = WEAK_BETA if sc.weak and t == N_TASKS - 1 else BASE_BETA
+        s = np.clip(rng.beta(a, b, n), *S_RANGE)
+        rest = rng.dirichlet(np.ones(CHOICES - 1), n)
+        target = rng.integers(0, CHOICES, n)
+        items["base"][name] = item_records(name, s, rest, target)
+        for label, arm in sc.arms.items():
+            items[label][name] = item_records(name, arm_scores(s, arm.changes[t], clipped_mean(a, b), rng), rest,
+                                              target)
+    drift = drift_docs(rng, sc.arms)
+    evals = {}
+    for label in labels:
+        tasks = {name: {"suite": "retention", "kind": "multiple_choice", "primary_metric": "acc", "n": n,
+                        "chance": 1.0 / CHOICES, "samples": f"samples/{label}/{name}.jsonl",
+                        "metrics": {"acc": {"value": float(np.mean([r["metrics"]["acc"] for r in rows])),
+                                            "stderr": None, "higher_is_better": True}}}
+                 for name, rows in items[label].items()}
+        doc = eval_doc({"schema_version": SCHEMA_VERSION, "kind": "eval", "model": {"name": label}, "limit": n,
+                        "backend": "synthetic", "tasks": tasks, "drift": drift[label]})
+        evals[label] = Evaluation(Path(f"synthetic/eval/{label}.json"), doc, items[label])
+    return evals.pop("base"), evals
+
+
+def simulate_gate(n: int, sc: Scenario, rng: np.random.Generator, pol: GateConfig | None = None) -> dict:
+    """gate.json of one simulated run of scenario `sc` at `n` items per task (the gate's default policy)."""
+    base, arms = simulate_evals(n, sc, rng)
+    return decide(compare_evals(base, arms), pol or GateConfig())
+
+
+def watched(gate: dict, watch: tuple[str, str, str | None]) -> str:
+    """The outcome of the watched rule: pass, fail, inconclusive, or "not gated" (a task the screen left out)."""
+    arm, rule, task = watch
+    for r in gate["rules"]:
+        if r["arm"] == arm and r["rule"] == rule and (task is None or r["task"] == task):
+            return r["status"]
+    return "not gated"
+
+
+def simulate(sc: Scenario, n: int, reps: int, seed: int = 0) -> dict:
+    """`reps` runs of scenario `sc` at `n` items per task (seeded by the scenario, n and `seed`, so a row does
+    not depend on which rows ran before it): the verdict's rates and the watched rule's."""
+    rng = np.random.default_rng([seed, stable_seed(sc.name), n])
+    verdicts = {"pass": 0, "fail": 0, "inconclusive": 0}
+    rule = {"pass": 0, "fail": 0, "inconclusive": 0, "not gated": 0}
+    for _ in range(reps):
+        gate = simulate_gate(n, sc, rng)
+        verdicts[gate["verdict"]] += 1
+        if sc.watch:
+            rule[watched(gate, sc.watch)] += 1
+    return {"scenario": sc.name, "n": n, "reps": reps, "target": sc.target, "watch": sc.watch,
+            **{k: v / reps for k, v in verdicts.items()}, "rule": {k: v / reps for k, v in rule.items()}}
+
+
+def sim_error(reps: int, alpha: float = 0.05) -> float:
+    """Two standard errors of a rate of `alpha` estimated from `reps` runs: the slack a target gets."""
+    return 2.0 * math.sqrt(alpha * (1.0 - alpha) / reps)
+
+
+def met(row: dict, alpha: float = 0.05) -> bool:
+    """Is the row's target met within the simulation error: FAIL (no change) or PASS (at the margin), of the
+    verdict and of the watched rule, at most alpha + `sim_error`?"""
+    limit = alpha + sim_error(row["reps"], alpha)
+    key = row["target"]
+    return row[key] <= limit and (row["watch"] is None or row["rule"][key] <= limit)
+
+
+def _job(args):
+    if args[0] == "power":
+        return power_check(*args[1:])
+    sc, n, reps, seed = args
+    return simulate(sc, n, reps, seed)
+
+
+def simulation(reps: int, sizes: tuple[int, ...] = (50, 200), seed: int = 0, jobs: int = 1, power_reps: int = 0,
+               only: tuple[str, ...] = ()) -> tuple[list[dict], dict | None]:
+    """Every scenario (those whose name holds one of `only`, if given) at every size, and the power check
+    (`power_reps` > 0), on `jobs` processes. Returns (rows, the power check or None)."""
+    work: list[tuple] = [(sc, n, reps, seed) for sc in scenarios(GateConfig()) for n in sizes
+                         if not only or any(w in sc.name for w in only)]
+    if power_reps > 0:
+        work.insert(0, ("power", power_reps, seed))  # the longest job first
+    if jobs <= 1:
+        out = [_job(w) for w in work]
+    else:
+        from multiprocessing import Pool
+
+        with Pool(jobs) as pool:
+            out = pool.map(_job, work, chunksize=1)
+    return [r for r in out if "scenario" in r], next((r for r in out if "scenario" not in r), None)
+
+
+def write_evals(folder: Path, base: Evaluation, arms: dict[str, Evaluation]) -> tuple[Path, dict[str, Path]]:
+    """A simulated run's evaluations as files under `folder` (eval/<label>.json and the per-item records under
+    eval/samples/<label>/), as `forgetcheck eval` lays them out: what compare_evals reads from disk."""
+    from forgetcheck.rundir import atomic_write_json, atomic_write_jsonl
+
+    paths = {}
+    for label, ev in {"base": base, **arms}.items():
+        path = folder / "eval" / f"{label}.json"
+        for name, entry in ev.doc["tasks"].items():
+            atomic_write_jsonl(path.parent / entry["samples"], ev.items[name])
+        atomic_write_json(path, ev.doc)
+        paths[label] = path
+    return paths.pop("base"), paths
+
+
+def power_check(reps: int, seed: int = 0, probe_runs: int = 20) -> dict:
+    """The power sentence against the simulation: the items per task that gate.json (`power.items_needed`) says
+    make every item-based rule PASS with 80 % probability if nothing changed, read from one 50-item run of the
+    "no change" scenario (and its spread over `probe_runs` such runs); then `reps` runs at that size."""
+    sc = Scenario("no change")
+    rng = np.random.default_rng([seed, stable_seed("power"), 50])
+    needed = [simulate_gate(50, sc, rng)["power"]["items_needed"] for _ in range(probe_runs)]
+    n = int(needed[0])
+    rng = np.random.default_rng([seed, stable_seed("power"), n])
+    verdict_pass = items_pass = 0
+    for _ in range(reps):
+        gate = simulate_gate(n, sc, rng)
+        verdict_pass += gate["verdict"] == "pass"
+        items_pass += all(r["status"] == "pass" for r in gate["rules"] if r["rule"] in ("task_drop", "retention_mean"))
+    return {"n": n, "needed": needed, "reps": reps, "pass": verdict_pass / reps, "items_pass": items_pass / reps}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def print_simulation(rows: list[dict], power: dict | None, reps: int) -> None:
+    pol = GateConfig()
+    print(f"(a) simulation: {N_TASKS} gated retention tasks and the drift text, the default gate (soft accuracy, "
+          f"margins {pol.max_drop:g} / {pol.max_mean_drop:g} points, {pol.max_ppl_rise:g} %, {pol.max_kl:g} "
+          f"nats/token, alpha {pol.alpha:g}, Holm), {reps} runs per row")
     print()
-    print("| scenario | items per task | PASS | FAIL | INCONCLUSIVE |")
-    print("|---|---:|---:|---:|---:|")
+    print("| scenario | items per task | PASS | FAIL | INCONCLUSIVE | rule at its margin: PASS / FAIL | target | sim error |")
+    print("|---|---:|---:|---:|---:|---|---|---:|")
     for r in rows:
-        print(f"| {r['scenario']} | {r['n']:,} | {r['pass']:.1%} | {r['fail']:.1%} | {r['inconclusive']:.1%} |")
+        rule = "-"
+        if r["watch"]:
+            arm, name, task = r["watch"]
+            what = f"{name} {task}" if task else name
+            if len(r["rule"]) and r["rule"]["not gated"]:
+                what += f" (gated in {_pct(1 - r['rule']['not gated'])})"
+            rule = f"{what}: {_pct(r['rule']['pass'])} / {_pct(r['rule']['fail'])}"
+        goal = f"{'FAIL' if r['target'] == 'fail' else 'PASS'} <= 5%: {'met' if met(r) else 'NOT MET'}"
+        print(f"| {r['scenario']} | {r['n']:,} | {_pct(r['pass'])} | {_pct(r['fail'])} | {_pct(r['inconclusive'])} | "
+              f"{rule} | {goal} | {100 * sim_error(r['reps']):.1f} pts |")
     print()
+    if power:
+        nd = sorted(power["needed"])
+        print(f"power check: a 50-item run with nothing changed says {power['n']:,} items per task (the power "
+              f"sentence: about {round_up(power['n']):,}) make every "
+              f"item-based rule PASS with 80% probability (over {len(nd)} such runs: median {nd[len(nd) // 2]:,}, "
+              f"range {nd[0]:,}-{nd[-1]:,}); at {power['n']:,} items, {power['reps']} runs: every item-based rule "
+              f"PASSes in {_pct(power['items_pass'])}, the verdict PASSes in {_pct(power['pass'])} (sim error "
+              f"{100 * 2 * math.sqrt(0.8 * 0.2 / power['reps']):.1f} points)")
+        print()
 
 
 # ---- (b) real models -------------------------------------------------------------------------------------
@@ -107,11 +414,12 @@ def noised_copy(src: str, dst: Path, sigma: float, blocks: range, seed: int = 0)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
 
 
-def real_models(limit: int, sigmas: list[float], workdir: Path) -> list[dict]:
+def real_models(limit: int, sigmas: list[float], workdir: Path, draws: int = 1) -> list[dict]:
+    """Each copy scored, compared with the base and gated: the unchanged copy once, each sigma `draws` times with
+    noise seeds 0 .. draws - 1."""
     from forgetcheck.config import EvalConfig
     from forgetcheck.eval.runner import evaluate
     from forgetcheck.models import registry
-    from forgetcheck.verdict.compare import compare_evals
     from forgetcheck.verdict.policy import resolve_policy
 
     base_ref = registry.resolve("smollm2-135m")
@@ -121,17 +429,19 @@ def real_models(limit: int, sigmas: list[float], workdir: Path) -> list[dict]:
     evaluate(base_ref, cfg, base_json, label="base", screen=True)  # as `run` and `check` score a base
     print(f"  base evaluated in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     rows = []
-    for sigma in [0.0, *sigmas]:
-        label = f"noise{sigma:g}".replace(".", "p")
+    for sigma, seed in [(0.0, 0)] + [(s, k) for s in sigmas for k in range(draws)]:
+        label = (f"noise{sigma:g}".replace(".", "p") + (f"_seed{seed}" if draws > 1 else "")) if sigma else "unchanged"
         folder = workdir / "models" / label
-        noised_copy(base_ref.path, folder, sigma, range(10, 20))
+        noised_copy(base_ref.path, folder, sigma, range(10, 20), seed=seed)
         t0 = time.perf_counter()
         evaluate(registry.resolve(str(folder)), cfg, workdir / "eval" / f"{label}.json", reference=base_json,
                  label=label)
         print(f"  {label} evaluated in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         c = compare_evals(base_json, {label: workdir / "eval" / f"{label}.json"}, n_boot=1000)
         d = c["drift"][label]
-        row = {"copy": "unchanged copy" if sigma == 0 else f"noise sigma {sigma:g} (blocks 10-19)",
+        row = {"copy": "unchanged copy" if sigma == 0 else
+               f"noise sigma {sigma:g} (blocks 10-19)" + (f", draw {seed + 1} (seed {seed})" if draws > 1 else ""),
+               "sigma": sigma, "seed": seed,
                "ppl_base": (d.get("text_perplexity") or {}).get("base"),
                "ppl_arm": (d.get("text_perplexity") or {}).get("arm"),
                "kl": (d.get("kl") or {}).get("mean"),
@@ -161,26 +471,57 @@ def print_real(rows: list[dict], limit: int) -> None:
               f"{f(r['ret_delta_acc'], 1)} / {f(r['ret_delta_soft'], 1)} | {r['verdict_soft'].upper()} | "
               f"{r['rules_soft']} | {r['drift_soft']} | {r['verdict_acc'].upper()} |")
     print()
+    ranges = _draw_ranges(rows)
+    if ranges:
+        print("| sigma | draws | KL nats/token (range) | retention mean soft delta (range) | verdicts (soft) |")
+        print("|---:|---:|---|---|---|")
+        for sigma, r in ranges.items():
+            print(f"| {sigma:g} | {r['draws']} | {r['kl']} | {r['soft']} | {r['verdicts']} |")
+        print()
+
+
+def _draw_ranges(rows: list[dict]) -> dict[float, dict]:
+    """Per sigma with several draws: the range of the KL and the retention mean's soft change, and the verdicts."""
+    out = {}
+    for sigma in sorted({r["sigma"] for r in rows if r["sigma"]}):
+        group = [r for r in rows if r["sigma"] == sigma]
+        if len(group) < 2:
+            continue
+
+        def span(key, d, group=group):
+            vals = [r[key] for r in group if r[key] is not None]
+            return f"{min(vals):.{d}f} .. {max(vals):.{d}f}" if vals else "n/a"
+        verdicts = [r["verdict_soft"].upper() for r in group]
+        out[sigma] = {"draws": len(group), "kl": span("kl", 3), "soft": span("ret_delta_soft", 1),
+                      "verdicts": ", ".join(f"{v} x{verdicts.count(v)}" for v in sorted(set(verdicts)))}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=500)
+    ap.add_argument("--reps", type=int, default=400, help="simulated runs per row (400: a 5%% rate +- 2.2 points)")
+    ap.add_argument("--sizes", default="50,200", help="items per task of the simulated rows")
+    ap.add_argument("--power-reps", type=int, default=400, help="runs of the power check (0: skip it)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="processes for the simulation rows")
+    ap.add_argument("--only", default="", help="comma-separated words: only the scenarios whose name holds one")
     ap.add_argument("--real", action="store_true", help="also run (b) with smollm2-135m (CPU minutes)")
     ap.add_argument("--real-only", action="store_true")
     ap.add_argument("--real-limit", type=int, default=50)
-    ap.add_argument("--sigmas", default="0.02,0.05,0.1")
+    ap.add_argument("--sigmas", default="0.05,0.1,0.16")
+    ap.add_argument("--draws", type=int, default=1, help="noise draws per sigma, each with its own seed")
     ap.add_argument("--workdir", type=Path, default=None)
     a = ap.parse_args()
     if not a.real_only:
         t0 = time.perf_counter()
-        rows = simulation(a.reps)
-        print_simulation(rows, a.reps)
+        rows, power = simulation(a.reps, tuple(int(x) for x in a.sizes.split(",")), a.seed, a.jobs, a.power_reps,
+                                 tuple(w for w in a.only.split(",") if w))
+        print_simulation(rows, power, a.reps)
         print(f"(simulation took {time.perf_counter() - t0:.0f} s)\n")
     if a.real or a.real_only:
         work = a.workdir or Path(tempfile.mkdtemp(prefix="gate_validity_"))
         t0 = time.perf_counter()
-        rows = real_models(a.real_limit, [float(s) for s in a.sigmas.split(",")], work)
+        rows = real_models(a.real_limit, [float(s) for s in a.sigmas.split(",")], work, a.draws)
         print_real(rows, a.real_limit)
         print(f"(real models took {time.perf_counter() - t0:.0f} s; files in {work})")
 

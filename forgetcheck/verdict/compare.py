@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from forgetcheck.schema import (
     EvalFile,
     ItemRecord,
     compare_doc,
+    item_doc,
     read_config,
     read_eval,
     read_items,
@@ -129,6 +130,31 @@ def load_eval(path: Path) -> EvalFile:
     return read_eval(path)
 
 
+class Evaluation(NamedTuple):
+    """One model's evaluation as compare reads it: where its eval JSON is (a task's `samples` path is relative to
+    its folder), the eval document (typed: `schema.eval_doc`), and, when they are already in memory, each task's
+    per-item records (`items`: {task: rows}; the validity bench's synthetic runs). With `items` None the records
+    are read from each task's samples file, as `forgetcheck compare` does."""
+
+    path: Path
+    doc: EvalFile
+    items: dict[str, list[dict]] | None = None
+
+
+def evaluation(source: Path | str | Evaluation) -> Evaluation:
+    """An eval JSON file (its records read per task when needed), or an `Evaluation` as given."""
+    return source if isinstance(source, Evaluation) else Evaluation(Path(source), load_eval(Path(source)))
+
+
+def task_items(ev: Evaluation, task: str, entry: dict) -> list[ItemRecord] | None:
+    """The task's per-item records in pairing order (doc_id, then doc_hash): from memory when `ev` holds them,
+    else from its samples file (`load_items`); None when there are none."""
+    if ev.items is None:
+        return load_items(ev.path, task, entry)
+    rows = ev.items.get(task)
+    return _in_order([item_doc(r) for r in rows]) if rows else None
+
+
 def load_items(eval_path: Path, task: str, entry: dict) -> list[ItemRecord] | None:
     rel = entry["samples"]
     if not rel:
@@ -137,7 +163,10 @@ def load_items(eval_path: Path, task: str, entry: dict) -> list[ItemRecord] | No
     p = confined(Path(eval_path).parent, rel, f"{eval_path}: tasks.{task}.samples")
     if not p.is_file():
         return None
-    rows = read_items(p)
+    return _in_order(read_items(p))
+
+
+def _in_order(rows: list[ItemRecord]) -> list[ItemRecord]:
     rows.sort(key=lambda r: (_sortable(r["doc_id"]), str(r["doc_hash"])))
     return rows
 
@@ -169,10 +198,10 @@ def _metric_value(entry: dict, metric: str) -> tuple[float | None, bool | None]:
 
 # ---- one task ----------------------------------------------------------------------------------------------
 
-def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[str, tuple[Path, EvalFile]], *,
+def compare_task(name: str, base_eval: Evaluation, arm_evals: dict[str, Evaluation], *,
                  alpha: float, n_boot: int, seed: int) -> tuple[dict, dict[str, dict]]:
     """Compare one task for every arm that has it. Returns (entry, {arm: per-item arrays for arm-vs-arm})."""
-    base_path, base = base_eval
+    base = base_eval.doc
     bentry = base["tasks"][name]
     metric = bentry["primary_metric"] or "acc"
     kind = bentry["kind"] or ("perplexity" if metric in PERPLEXITY_METRICS else "multiple_choice")
@@ -187,11 +216,12 @@ def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[st
         "informative": None,  # below, once the arms' items are known
     }
     paired_items: dict[str, dict] = {}
-    base_rows = load_items(base_path, name, bentry)
+    base_rows = task_items(base_eval, name, bentry)
     base_items = TaskItems(base_rows, metric, kind) if base_rows else None
     arm_keys: set[str] = set()  # every item some arm was scored on
 
-    for arm, (apath, aev) in arm_evals.items():
+    for arm, arm_eval in arm_evals.items():
+        aev = arm_eval.doc
         if name not in aev["tasks"]:
             why = aev["skipped"].get(name) or aev["missing"].get(name, {"why": None})["why"] or "task not evaluated"
             out.setdefault("unscored", {})[arm] = why  # what the gate and the report read
@@ -200,7 +230,7 @@ def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[st
         aentry = aev["tasks"][name]
         arm_value, _ = _metric_value(aentry, metric)
         res: dict[str, Any] = {"score": _scaled(arm_value, scale), "n": aentry["n"]}
-        arm_rows = load_items(apath, name, aentry)
+        arm_rows = task_items(arm_eval, name, aentry)
         paired = None
         if base_items is not None and arm_rows:
             arm_items = TaskItems(arm_rows, metric, kind)
@@ -224,7 +254,7 @@ def compare_task(name: str, base_eval: tuple[Path, EvalFile], arm_evals: dict[st
                         "acc": None, "soft": None})
             out["notes"].append(f"{arm}: no paired per-item records; delta from aggregate scores, no CI or test")
         out["arms"][arm] = res
-    screen_rows = load_screen(base_path, name, bentry)
+    screen_rows = load_screen(base_eval.path, name, bentry) if base_eval.items is None else None  # TODO in memory
     screen = _screen(base_items, TaskItems(screen_rows, metric, kind) if screen_rows else None, arm_keys,
                      lambda: _why_no_screen(base, bentry))
     out["informative"] = _informative(out, screen, alpha)
@@ -415,9 +445,9 @@ def uninformative_tasks(base_eval: Path, *, alpha: float = 0.05) -> dict[str, st
     """{task: why} for the retention tasks of a base evaluation on which the base is not above chance
     (`_informative`): they cannot show forgetting, the gate and the retention mean leave them out by default,
     so `forgetcheck run` does not spend the arms' evaluation on them (the gate's keep_uninformative keeps them)."""
-    base = (Path(base_eval), load_eval(base_eval))
+    base = evaluation(base_eval)
     out = {}
-    for name, entry in sorted(base[1]["tasks"].items()):
+    for name, entry in sorted(base.doc["tasks"].items()):
         if entry["suite"] != "retention":
             continue
         t, _ = compare_task(name, base, {}, alpha=alpha, n_boot=100, seed=0)
@@ -441,34 +471,34 @@ def skipped_for(base_eval: Path, gate_cfg, who: str) -> tuple[dict[str, str], st
 
 # ---- the whole comparison -----------------------------------------------------------------------------------
 
-def compare_evals(base_eval: Path, arm_evals: dict[str, Path], *, alpha: float = 0.05, n_boot: int = 2000,
-                  seed: int = 0) -> dict:
-    """Compare eval files (no train files needed): per-task, suite, drift, arm-vs-arm and learn-vs-forget."""
+def compare_evals(base_eval: Path | Evaluation, arm_evals: dict[str, Path | Evaluation], *, alpha: float = 0.05,
+                  n_boot: int = 2000, seed: int = 0) -> dict:
+    """Compare eval files (no train files needed): per-task, suite, drift, arm-vs-arm and learn-vs-forget. Each
+    evaluation is an eval JSON path or an `Evaluation` (records already in memory: bench/gate_validity.py)."""
     if not 0 < alpha < 1:
         raise BadInput(f"--alpha must be in (0, 1) (got {alpha})")
     if n_boot < 100:
         raise BadInput(f"--n-boot must be at least 100 (got {n_boot})")
-    base = (Path(base_eval), load_eval(base_eval))
-    arms = {arm: (Path(p), load_eval(p)) for arm, p in arm_evals.items()}
+    base = evaluation(base_eval)
+    arms = {arm: evaluation(p) for arm, p in arm_evals.items()}
     if not arms:
         raise BadInput("no arm evaluations to compare: evaluate at least one arm (eval/sft.json or eval/cpt.json)")
     tasks, items = {}, {}
-    for name in sorted(base[1]["tasks"]):
+    for name in sorted(base.doc["tasks"]):
         tasks[name], items[name] = compare_task(name, base, arms, alpha=alpha, n_boot=n_boot, seed=seed)
     missing = missing_tasks(base, arms, tasks)
     rollup.apply_holm(tasks, list(arms), alpha)
     suites = rollup.suite_means(tasks, list(arms), alpha)
-    drift = {arm: rollup.drift_block(tasks, arm, ev, base[1], alpha=alpha)
-             for arm, (_, ev) in arms.items()}
-    model = base[1]["model"] or {}
+    drift = {arm: rollup.drift_block(tasks, arm, ev.doc, base.doc, alpha=alpha) for arm, ev in arms.items()}
+    model = base.doc["model"] or {}
     return {
         "schema_version": COMPARE_VERSION, "kind": "compare",
         "alpha": alpha, "ci_level": 1 - alpha, "n_boot": n_boot, "seed": seed,
         "methods": METHODS,
         "base": {"model": model, "random_weights": bool(model.get("random_weights", False)),
-                 "limit": base[1]["limit"], "backend": base[1]["backend"]},
+                 "limit": base.doc["limit"], "backend": base.doc["backend"]},
         "arms": list(arms),
-        "arm_models": {arm: ev["model"] or {} for arm, (_, ev) in arms.items()},
+        "arm_models": {arm: ev.doc["model"] or {} for arm, ev in arms.items()},
         "tasks": tasks, "missing": missing, "suites": suites, "drift": drift,
         "arm_vs_arm": rollup.arm_vs_arm(tasks, items, list(arms), alpha, n_boot, seed),
         "seed_groups": rollup.seed_groups(tasks, items, list(arms), alpha, n_boot, seed),
@@ -481,11 +511,11 @@ def _summary(suites: dict, drift: dict, arms: list[str]) -> dict:
     return rollup.summary(typed["suites"], typed["drift"], arms)
 
 
-def missing_tasks(base: tuple[Path, dict], arms: dict[str, tuple[Path, dict]], tasks: dict) -> dict[str, dict]:
+def missing_tasks(base: Evaluation, arms: dict[str, Evaluation], tasks: dict) -> dict[str, dict]:
     """Tasks of the evaluated suites whose data could not be built, for the base or any arm: {task: {suite,
     why, models}}. (A task the base has and an arm lacks is that task's `unscored` entry instead.)"""
     out: dict[str, dict] = {}
-    for who, ev in [("base", base[1])] + [(a, ev) for a, (_, ev) in arms.items()]:
+    for who, ev in [("base", base.doc)] + [(a, e.doc) for a, e in arms.items()]:
         for name, m in sorted(ev["missing"].items()):
             if name in tasks:
                 continue

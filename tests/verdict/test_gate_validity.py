@@ -1,0 +1,65 @@
+"""bench/gate_validity.py's simulation, in a few seeded runs: it must keep running through the real compare and gate
+code, and keep saying what the validity table says (docs/verdicts.md, "Validity benchmark")."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forgetcheck.config import GateConfig
+from forgetcheck.verdict.compare import compare_evals
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def gv():
+    spec = importlib.util.spec_from_file_location("gate_validity", REPO / "bench" / "gate_validity.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _scenario(gv, words: str):
+    return next(sc for sc in gv.scenarios(GateConfig()) if words in sc.name)
+
+
+def test_an_unchanged_arm_never_fails(gv):
+    row = gv.simulate(_scenario(gv, "no change"), 50, reps=3, seed=1)
+    assert row["fail"] == 0 and row["pass"] + row["inconclusive"] == 1
+
+
+def test_a_concentrated_drop_at_the_margin_does_not_pass(gv):
+    sc = _scenario(gv, "3 % of items forgotten")
+    assert sc.watch == ("arm", "task_drop", "task00")
+    row = gv.simulate(sc, 200, reps=3, seed=1)
+    assert row["pass"] == 0 and row["rule"]["pass"] == 0
+
+
+def test_the_drop_is_exactly_the_margin_and_the_rest_is_symmetric(gv):
+    rng = np.random.default_rng(0)
+    s = np.clip(rng.beta(*gv.BASE_BETA, 400_000), *gv.S_RANGE)
+    mean_s = gv.clipped_mean(*gv.BASE_BETA)
+    for change, drop in ((gv.Change(), 0.0), (gv.Change(2.0), 2.0), (gv.Change(2.0, "concentrated", 1.0), 2.0),
+                         (gv.Change(1.0, "concentrated", 0.5), 1.0)):
+        a = gv.arm_scores(s, change, mean_s, rng)
+        assert ((a > 0) & (a < 1)).all()
+        assert abs(100 * (s - a).mean() - drop) < 0.06  # 2.5 standard errors of the mean at this size
+
+
+def test_in_memory_records_compare_as_the_files_do(gv, tmp_path):
+    """The bench gives compare_evals its records in memory; written out as `forgetcheck eval` lays them out, the
+    files must give the same compare.json (no second implementation of compare)."""
+    sc = _scenario(gv, "two arms, b:")
+    base, arms = gv.simulate_evals(12, sc, np.random.default_rng(3))
+    in_memory = compare_evals(base, arms)
+    base_path, arm_paths = gv.write_evals(tmp_path, base, arms)
+    from_files = compare_evals(base_path, arm_paths)
+    assert json.loads(json.dumps(in_memory)) == json.loads(json.dumps(from_files))
+    assert in_memory["tasks"]["task00"]["arms"]["b"]["soft"]["unit_deltas"]
