@@ -18,9 +18,10 @@
     normal-approximation MDE at 50 items at 2.8 points, near the median, 2.7, of the real demo's task rules):
     the true mean change is exactly 0. A drop is added on top with its true mean exactly at the margin:
     `diffuse` (every changed item loses the same share of its score) or `concentrated` (a few items lose most
-    of their score: 3 % forgotten outright, ~67 points each). The drift text is 64 documents of 2 blocks of 32
-    positions (`blocks.doc` names each block's document; compare does not read it yet, docs/verdicts.md):
-    per-block NLL with a document effect, the arm's NLL the base's times (1 + rise) times a document and a
+    of their score: 3 % forgotten outright, ~67 points each). The base also scores as many screen items per task,
+    never compared (`forgetcheck run`'s default `--screen-items`): the informative test runs on them. The drift
+    text is 64 documents of 2 blocks of 32 positions (`blocks.document` names each block's document: the drift
+    intervals take documents as clusters): per-block NLL with a document effect, the arm's NLL the base's times (1 + rise) times a document and a
     block factor of mean 1, and per-block KL the limit times a document and a block factor of mean 1 (Gamma).
     The scenarios, the rule each puts at its margin and the target are in `scenarios()`. The table gives, per
     scenario and items per task, the verdict's rates, the watched rule's PASS and FAIL, whether the target is
@@ -193,9 +194,10 @@ def arm_scores(s: np.ndarray, change: Change, mean_s: float, rng: np.random.Gene
 _NONES = {k: v for k, v in ITEM_DEFAULTS.items() if v is None}
 
 
-def item_records(task: str, s: np.ndarray, rest: np.ndarray, target: np.ndarray) -> list[dict]:
+def item_records(task: str, s: np.ndarray, rest: np.ndarray, target: np.ndarray, first: int = 0) -> list[dict]:
     """Per-item records as the eval writes them: every choice's log-likelihood (the right one's probability `s`,
-    the wrong ones sharing 1 - s in the proportions `rest`) and `acc` (the right choice scored highest)."""
+    the wrong ones sharing 1 - s in the proportions `rest`) and `acc` (the right choice scored highest); doc ids
+    from `first` (a base's screen items follow its compared ones)."""
     n, k = rest.shape[0], rest.shape[1] + 1
     probs = np.empty((n, k))
     other = np.ones((n, k), dtype=bool)
@@ -204,9 +206,19 @@ def item_records(task: str, s: np.ndarray, rest: np.ndarray, target: np.ndarray)
     probs[other] = (rest * (1.0 - s)[:, None]).ravel()
     ll = np.log(np.maximum(probs, 1e-300))
     acc = (s > (rest * (1.0 - s)[:, None]).max(axis=1)).astype(float)
-    return [{**_NONES, "doc_id": i, "doc_hash": f"{task}-{i:05d}", "target": int(target[i]),
+    return [{**_NONES, "doc_id": first + i, "doc_hash": f"{task}-{first + i:05d}", "target": int(target[i]),
              "loglikelihoods": ll[i].tolist(), "metrics": {"acc": float(acc[i])}, "chosen": {}}
             for i in range(n)]
+
+
+def _draw_base(rng: np.random.Generator, n: int, a: float, b: float):
+    """`n` base items of a task: soft scores, the wrong choices' shares and the right choice's index."""
+    return np.clip(rng.beta(a, b, n), *S_RANGE), rng.dirichlet(np.ones(CHOICES - 1), n), rng.integers(0, CHOICES, n)
+
+
+def _acc_entry(rows: list[dict]) -> dict:
+    return {"acc": {"value": float(np.mean([r["metrics"]["acc"] for r in rows])), "stderr": None,
+                    "higher_is_better": True}}
 
 
 def _gamma(rng: np.random.Generator, cv: float, size: int) -> np.ndarray:
@@ -238,27 +250,31 @@ def simulate_evals(n: int, sc: Scenario, rng: np.random.Generator) -> tuple[Eval
     """One simulated run: the base's and each arm's evaluation (eval document and per-item records)."""
     labels = ["base", *sc.arms]
     items: dict[str, dict[str, list[dict]]] = {label: {} for label in labels}
+    screen: dict[str, list[dict]] = {}
     for t in range(N_TASKS):
         name = _task(t)
         a, b = WEAK_BETA if sc.weak and t == N_TASKS - 1 else BASE_BETA
-        s = np.clip(rng.beta(a, b, n), *S_RANGE)
-        rest = rng.dirichlet(np.ones(CHOICES - 1), n)
-        target = rng.integers(0, CHOICES, n)
+        s, rest, target = _draw_base(rng, n, a, b)
         items["base"][name] = item_records(name, s, rest, target)
         for label, arm in sc.arms.items():
             items[label][name] = item_records(name, arm_scores(s, arm.changes[t], clipped_mean(a, b), rng), rest,
                                               target)
+        # the base's screen items: as many more items of the task (EvalConfig's default), never compared
+        screen[name] = item_records(name, *_draw_base(rng, n, a, b), first=n)
     drift = drift_docs(rng, sc.arms)
     evals = {}
     for label in labels:
         tasks = {name: {"suite": "retention", "kind": "multiple_choice", "primary_metric": "acc", "n": n,
                         "chance": 1.0 / CHOICES, "samples": f"samples/{label}/{name}.jsonl",
-                        "metrics": {"acc": {"value": float(np.mean([r["metrics"]["acc"] for r in rows])),
-                                            "stderr": None, "higher_is_better": True}}}
+                        "metrics": _acc_entry(rows),
+                        "screen": {"samples": f"samples/base/screen/{name}.jsonl", "n": n,
+                                   "metrics": _acc_entry(screen[name])} if label == "base" else None}
                  for name, rows in items[label].items()}
         doc = eval_doc({"schema_version": SCHEMA_VERSION, "kind": "eval", "model": {"name": label}, "limit": n,
-                        "backend": "synthetic", "tasks": tasks, "drift": drift[label]})
-        evals[label] = Evaluation(Path(f"synthetic/eval/{label}.json"), doc, items[label])
+                        "screen_items": n if label == "base" else None, "backend": "synthetic", "tasks": tasks,
+                        "drift": drift[label]})
+        evals[label] = Evaluation(Path(f"synthetic/eval/{label}.json"), doc, items[label],
+                                  screen if label == "base" else None)
     return evals.pop("base"), evals
 
 
@@ -340,6 +356,8 @@ def write_evals(folder: Path, base: Evaluation, arms: dict[str, Evaluation]) -> 
         path = folder / "eval" / f"{label}.json"
         for name, entry in ev.doc["tasks"].items():
             atomic_write_jsonl(path.parent / entry["samples"], ev.items[name])
+            if entry["screen"]:
+                atomic_write_jsonl(path.parent / entry["screen"]["samples"], ev.screen[name])
         atomic_write_json(path, ev.doc)
         paths[label] = path
     return paths.pop("base"), paths

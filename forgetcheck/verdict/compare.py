@@ -133,12 +133,14 @@ def load_eval(path: Path) -> EvalFile:
 class Evaluation(NamedTuple):
     """One model's evaluation as compare reads it: where its eval JSON is (a task's `samples` path is relative to
     its folder), the eval document (typed: `schema.eval_doc`), and, when they are already in memory, each task's
-    per-item records (`items`: {task: rows}; the validity bench's synthetic runs). With `items` None the records
-    are read from each task's samples file, as `forgetcheck compare` does."""
+    per-item records (`items`: {task: rows}) and a base's screen items (`screen`: {task: rows}): the validity
+    bench's synthetic runs. With `items` None every record is read from the files the document names, as
+    `forgetcheck compare` does."""
 
     path: Path
     doc: EvalFile
     items: dict[str, list[dict]] | None = None
+    screen: dict[str, list[dict]] | None = None
 
 
 def evaluation(source: Path | str | Evaluation) -> Evaluation:
@@ -152,6 +154,15 @@ def task_items(ev: Evaluation, task: str, entry: dict) -> list[ItemRecord] | Non
     if ev.items is None:
         return load_items(ev.path, task, entry)
     rows = ev.items.get(task)
+    return _in_order([item_doc(r) for r in rows]) if rows else None
+
+
+def task_screen(ev: Evaluation, task: str, entry: dict) -> list[ItemRecord] | None:
+    """A base's screen items of the task, in order: from memory when `ev` holds its records, else from the screen
+    samples file (`load_screen`); None when there are none."""
+    if ev.items is None:
+        return load_screen(ev.path, task, entry)
+    rows = (ev.screen or {}).get(task)
     return _in_order([item_doc(r) for r in rows]) if rows else None
 
 
@@ -179,9 +190,7 @@ def load_screen(eval_path: Path, task: str, entry: dict) -> list[ItemRecord] | N
     p = confined(Path(eval_path).parent, screen["samples"], f"{eval_path}: tasks.{task}.screen.samples")
     if not p.is_file():
         return None
-    rows = read_items(p)
-    rows.sort(key=lambda r: (_sortable(r["doc_id"]), str(r["doc_hash"])))
-    return rows or None
+    return _in_order(read_items(p)) or None
 
 
 def _sortable(x):
@@ -254,7 +263,7 @@ def compare_task(name: str, base_eval: Evaluation, arm_evals: dict[str, Evaluati
                         "acc": None, "soft": None})
             out["notes"].append(f"{arm}: no paired per-item records; delta from aggregate scores, no CI or test")
         out["arms"][arm] = res
-    screen_rows = load_screen(base_eval.path, name, bentry) if base_eval.items is None else None  # TODO in memory
+    screen_rows = task_screen(base_eval, name, bentry)
     screen = _screen(base_items, TaskItems(screen_rows, metric, kind) if screen_rows else None, arm_keys,
                      lambda: _why_no_screen(base, bentry))
     out["informative"] = _informative(out, screen, alpha)

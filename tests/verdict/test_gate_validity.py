@@ -63,3 +63,6 @@ def test_in_memory_records_compare_as_the_files_do(gv, tmp_path):
     from_files = compare_evals(base_path, arm_paths)
     assert json.loads(json.dumps(in_memory)) == json.loads(json.dumps(from_files))
     assert in_memory["tasks"]["task00"]["arms"]["b"]["soft"]["unit_deltas"]
+    # the screen is in the loop: the informative test ran on the base's separate screen items
+    info = in_memory["tasks"]["task00"]["informative"]
+    assert info["items"] == "screen" and info["separate"] is True and info["screen"] == 12
