@@ -395,7 +395,7 @@ saying why), `items` naming them ("screen": the base's screen items; "unpaired":
 "compared": the compared items); None in a file written before screens were recorded, or where no test ran."""
 MEAN_DEFAULTS = {"n_tasks": None, "tasks": [], "base_mean": None, "arm_mean": None, "delta": None, "ci": None,
                  "p_value": None, "se": None, "df": None, "significant": False, "unavailable": None}
-ESTIMATE_DEFAULTS = {"clusters": None, "df": None}
+ESTIMATE_DEFAULTS = {"clusters": None, "df": None, "skew": None}
 SOFT_DEFAULTS = {**ESTIMATE_DEFAULTS, "unit_deltas": None}
 SUMMARY_DEFAULTS = {"forgetting": None, "forgetting_ci": None, "forgetting_significant": None, "learning": None,
                     "learning_ci": None, "learning_significant": None, "kl_mean": None}

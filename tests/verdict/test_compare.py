@@ -20,6 +20,7 @@ from forgetcheck.schema import COMPARE_VERSION, compare_doc, read_compare
 from forgetcheck.verdict.compare import compare_evals, compare_run
 from forgetcheck.verdict.stats import (
     Estimate,
+    estimate_from_dict,
     above_chance_p,
     design_effect,
     holm,
@@ -392,3 +393,36 @@ def test_drift_blocks_without_document_ids_give_no_interval(tmp_path):
     assert d["text_perplexity"]["ratio"] == pytest.approx(1.5) and d["kl"]["mean"] == 0.5  # still reported
     assert len(d["notes"]) == 2
     assert all("no document ids" in n and "re-run `forgetcheck eval`" in n for n in d["notes"])
+
+
+def test_a_skewed_drift_at_its_limit_is_not_passed_more_than_alpha():
+    """Per-document KL is right-skewed: when a sample's mean falls low its spread falls too, so the plain t upper
+    bound sits under the truth more often than alpha. Hall's skew-corrected bound (what drift estimates carry:
+    `skew`) keeps a KL exactly at its limit from PASSing much more than 5 % of the time."""
+    from forgetcheck.verdict.stats import mean_of
+
+    rng = np.random.default_rng(7)
+    docs = np.repeat(np.arange(64), 2)
+    limit, reps = 0.1, 2000
+    corrected = plain = 0
+    for _ in range(reps):
+        per_doc = rng.lognormal(-0.32, 0.8, 64)  # mean 1, skewness about 3
+        kl = limit * per_doc[docs] * rng.gamma(16.0, 1 / 16.0, 128)
+        est = mean_of(kl, clusters=docs, weights=np.full(128, 32.0))
+        assert est.skew is not None and est.skew > 0
+        corrected += est.upper(0.05) < limit
+        plain += est.point + est.q(0.95) * est.se < limit
+    assert corrected / reps < 0.08 < 0.085 < plain / reps  # measured: about 6.7 % against 10 %
+
+
+def test_skew_corrected_bounds_agree_with_their_tests():
+    """A skewed estimate's bounds and p-values are one rule: upper(alpha) < v exactly when p_above(v) < alpha,
+    and the interval leans toward the long tail."""
+    e = Estimate(point=0.1, center=0.1, se=0.01, method="cluster_robust_t", n=128, clusters=64, df=63, skew=2.0)
+    sym = Estimate(point=0.1, center=0.1, se=0.01, method="cluster_robust_t", n=128, clusters=64, df=63)
+    assert e.p_above(e.upper(0.05)) == pytest.approx(0.05) and e.p_below(e.lower(0.05)) == pytest.approx(0.05)
+    lo, hi = e.ci(0.05)
+    assert hi - e.center > e.center - lo  # longer on the right
+    assert e.upper(0.05) > sym.upper(0.05) and e.lower(0.05) > sym.lower(0.05)
+    assert sym.ci(0.05) == pytest.approx([0.1 - sym.q(0.975) * 0.01, 0.1 + sym.q(0.975) * 0.01])
+    assert estimate_from_dict(e.to_dict(0.05)).upper(0.05) == pytest.approx(e.upper(0.05))
