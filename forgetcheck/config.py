@@ -139,6 +139,11 @@ class GateConfig:
     out a change beyond the margin, fails when the change beyond the margin is shown, else is inconclusive."""
 
     max_drop: float = flag(2.0, "Margin: points a gated retention task may drop. Default 2.")
+    max_relative_drop: float | None = flag(None, "Margin relative to the base: percent of the base's score a gated "
+                                                 "task may drop, where stricter than --max-drop (low baselines), "
+                                                 "or 'off'. Default off.", text=True)
+    """A 2-point drop is a fifteenth of a task the base scores 30 on and a fortieth of one it scores 80 on: with
+    this set, each task's margin is min(max_drop, max_relative_drop % of the base's score on it). None: off."""
     max_mean_drop: float = flag(1.0, "Margin: points the retention mean may drop. Default 1.")
     alpha: float = flag(0.05, "One-sided level of every bound and test. Default 0.05.")
     min_domain_gain: float | None = flag(None, "Require the domain mean to rise by at least this many points "
@@ -344,16 +349,18 @@ def _gate_extra_problems(g: GateConfig) -> list[str]:
     import math
 
     problems = []
-    for name, flag in (("max_drop", "--max-drop"), ("max_mean_drop", "--max-mean-drop"),
-                       ("min_domain_gain", "--min-domain-gain"), ("max_ppl_rise", "--max-ppl-rise"),
-                       ("max_kl", "--max-kl"), ("alpha", "--alpha")):
+    for name, flag in (("max_drop", "--max-drop"), ("max_relative_drop", "--max-relative-drop"),
+                       ("max_mean_drop", "--max-mean-drop"), ("min_domain_gain", "--min-domain-gain"),
+                       ("max_ppl_rise", "--max-ppl-rise"), ("max_kl", "--max-kl"), ("alpha", "--alpha")):
         v = getattr(g, name)
-        if v is None and name in ("min_domain_gain", "max_ppl_rise", "max_kl"):
+        if v is None and name in ("max_relative_drop", "min_domain_gain", "max_ppl_rise", "max_kl"):
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             problems.append(f"{flag} must be a finite number (got {v!r})")
         elif v < 0 and name != "min_domain_gain":
             problems.append(f"{flag} must be >= 0 (got {v:g})")
+        elif name == "max_relative_drop" and not 0 < v <= 100:
+            problems.append(f"{flag} must be a percent in (0, 100] of the base's score, or 'off' (got {v:g})")
     if g.metric not in ("acc", "soft"):
         problems.append(f"--metric must be acc or soft (got {g.metric!r})")
     if g.on_inconclusive not in ("inconclusive", "fail", "pass"):

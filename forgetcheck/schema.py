@@ -519,6 +519,7 @@ def gate_doc(obj: Any) -> GateFile:
     doc = _filled(obj, {"verdict": "inconclusive", "passed": False, "exit_code": 4, "exit_note": "", "policy": {},
                         "arms": {}, "rules": [], "excluded": [], "not_checked": [], "power": {}, "missing": [],
                         "summary": ""})
+    doc["policy"] = _filled(doc["policy"], {"max_relative_drop": None})  # absent: written before the key
     doc["rules"] = [_filled(r, {"arm": None, "task": None, "values": {}}) for r in doc["rules"]]
     doc["excluded"] = [_filled(e, {"kept": False}) for e in doc["excluded"]]
     doc["arms"] = {a: _filled(v, {"verdict": None, "passed": False, "failed": [], "inconclusive": []})

@@ -143,16 +143,16 @@ EvalFlags = option_group("EvalFlags", config.EvalConfig, ("suites", "tasks", "li
 
 # ---- the release gate: `run` (into config.json), `gate` and `check` (over --policy and the run's config) -----
 
-GATE_FLAGS = ("max_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric", "max_ppl_rise", "max_kl",
-              "keep_uninformative")
+GATE_FLAGS = ("max_drop", "max_relative_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric", "max_ppl_rise",
+              "max_kl", "keep_uninformative")
 
 
 def _gate_overrides(self) -> dict:
     """The policy keys given ('off' kept as the word; None: not given)."""
-    from forgetcheck.verdict.policy import flag_number
+    from forgetcheck.verdict.policy import OFF_KEYS, flag_number
 
     values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in config.GateConfig.__dataclass_fields__}
-    for name in ("max_ppl_rise", "max_kl"):
+    for name in OFF_KEYS:
         values[name] = flag_number("--" + name.replace("_", "-"), values[name])
     return values
 

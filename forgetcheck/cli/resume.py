@@ -9,10 +9,10 @@ import math
 from pathlib import Path
 
 from forgetcheck.config import GateConfig, RunConfig, TrainConfig, split_csv
-from forgetcheck.verdict.policy import margin_value
+from forgetcheck.verdict.policy import OFF_KEYS, margin_value
 
-RESUME_MAY_CHANGE = ("max_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric", "max_ppl_rise", "max_kl",
-                     "keep_uninformative", "force")
+RESUME_MAY_CHANGE = ("max_drop", "max_relative_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric",
+                     "max_ppl_rise", "max_kl", "keep_uninformative", "force")
 """Flags that may differ from the run's config.json on `--resume`: the gate's thresholds (compare, report and
 gate run again over the finished results, and config.json records the new values) and --force (whether a
 memory plan that does not fit may start). Every other flag given with --resume must repeat the recorded value:
@@ -39,7 +39,7 @@ def _shown(v) -> str:
 def _as_config_value(name: str, value):
     if name in ("arms", "suite", "tasks"):
         return split_csv(value) if isinstance(value, str) else tuple(value or ())
-    if name in ("max_ppl_rise", "max_kl") and isinstance(value, str):
+    if name in OFF_KEYS and isinstance(value, str):
         return margin_value(_flag(name), value)
     return value
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.stats import norm
@@ -233,21 +233,23 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
                                "per-item records, so the drop cannot be bounded or tested (re-run `forgetcheck eval`)",
                                name, drop=drop, max_drop=pol.max_drop, metric=used))
             continue
+        margin = task_margin(pol, base_s)
         drops = _unit_drops(d) if used == "soft" else None
-        power = (_bounded_power([drops], [est.n], pol.max_drop, alpha) if drops is not None
-                 else _normal_power(est, pol.max_drop, alpha))
+        power = (_bounded_power([drops], [est.n], margin.points, alpha) if drops is not None
+                 else _normal_power(est, margin.points, alpha))
         task_power[name] = power
         gap = est.evidence_gap()
         if gap:
             drop = 0.0 - est.point
             rules.append(_rule("task_drop", arm, "inconclusive", f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop "
                                f"{signed(drop)} points): {gap}", name, drop=drop, n=est.n, min_paired=MIN_PAIRED,
-                               max_drop=pol.max_drop, metric=used))
+                               **margin.values(), metric=used))
             continue
-        p_fail[name] = est.p_above(-pol.max_drop)
-        pending.append((name, est, used, label, base_s, arm_s, drops))
+        p_fail[name] = est.p_above(-margin.points)
+        pending.append((name, est, used, label, base_s, arm_s, drops, margin))
     adj = holm(p_fail)
-    for name, est, used, label, base_s, arm_s, drops in pending:
+    for name, est, used, label, base_s, arm_s, drops, margin in pending:
+        m, says = margin.points, margin.words
         drop = 0.0 - est.point
         up_normal, lo = -est.lower(alpha), -est.upper(alpha)
         if used == "soft":
@@ -259,20 +261,20 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
         nums = (f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop {signed(drop)} points, {_side(alpha)} bounds "
                 f"[{signed(lo)}, {bound}])")
         vals = {"drop": drop, "drop_upper": up, "drop_upper_normal": up_normal, "drop_lower": lo,
-                "p_fail": p_fail[name], "p_fail_holm": adj[name], "holm_family": len(adj), "max_drop": pol.max_drop,
+                "p_fail": p_fail[name], "p_fail_holm": adj[name], "holm_family": len(adj), **margin.values(),
                 "alpha": alpha, "metric": used, "mde": task_power[name].mde, "n": est.n,
                 "bound": "bounded" if used == "soft" else "normal"}
-        if up is not None and up < pol.max_drop:
-            st, why = "pass", (f"a drop beyond {pol.max_drop:g} points is ruled out (upper bound {up:.1f} < "
-                               f"{pol.max_drop:g}{_ANY_PATTERN if used == 'soft' else ''})")
+        if up is not None and up < m:
+            st, why = "pass", (f"a drop beyond {says} is ruled out (upper bound {up:.1f} < "
+                               f"{m:.3g}{_ANY_PATTERN if used == 'soft' else ''})")
         elif adj[name] < alpha:
-            st, why = "fail", (f"dropped more than {pol.max_drop:g} points (test of drop <= {pol.max_drop:g}: Holm "
+            st, why = "fail", (f"dropped more than {says} (test of drop <= {m:.3g}: Holm "
                                f"p={_p(adj[name])} < {alpha:g} over {len(adj)} gated tasks)")
         elif up is None:
             st, why = "inconclusive", ("this compare result carries no per-unit changes, so a drop carried by a few "
                                        "items cannot be ruled out: re-run `forgetcheck compare` on the run")
         else:
-            st, why = "inconclusive", (f"cannot rule out a drop beyond {pol.max_drop:g} points (upper bound "
+            st, why = "inconclusive", (f"cannot rule out a drop beyond {says} (upper bound "
                                        f"{up:.1f}{_ANY_PATTERN if used == 'soft' else ''}) nor show one (Holm "
                                        f"p={_p(adj[name])}); this run rules out drops of {task_power[name].mde:.1f} "
                                        f"points at 80% power")
@@ -281,6 +283,39 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
 
 
 _ANY_PATTERN = ", whatever the pattern of per-item changes"
+
+
+class Margin(NamedTuple):
+    """A task rule's margin in points: the policy's `max_drop`, or `max_relative_drop` percent of the base's score
+    on the task where that is smaller (`relative`)."""
+
+    points: float
+    relative: bool
+    pol: GateConfig
+    base: float | None
+
+    @property
+    def words(self) -> str:
+        if not self.relative:
+            return f"{self.points:g} points"
+        return (f"{self.points:.3g} points ({self.pol.max_relative_drop:g}% of the base's {self.base:.1f}, stricter "
+                f"than {self.pol.max_drop:g})")
+
+    def values(self) -> dict:
+        """The rule's values: `max_drop` is the margin it used; where the relative one, what it came from."""
+        out: dict[str, Any] = {"max_drop": self.points}
+        if self.pol.max_relative_drop is not None:
+            out.update(margin_from="relative" if self.relative else "absolute",
+                       max_relative_drop=self.pol.max_relative_drop, max_drop_absolute=self.pol.max_drop)
+        return out
+
+
+def task_margin(pol: GateConfig, base_score: float | None) -> Margin:
+    """The margin of a task whose base scores `base_score` points on the metric the rule uses."""
+    if pol.max_relative_drop is None or base_score is None:
+        return Margin(pol.max_drop, False, pol, base_score)
+    rel = pol.max_relative_drop / 100.0 * base_score
+    return Margin(rel, True, pol, base_score) if rel < pol.max_drop else Margin(pol.max_drop, False, pol, base_score)
 
 
 def coverage_rules(tasks: dict, arm: str, pol: GateConfig) -> list[dict]:
@@ -574,7 +609,10 @@ def _overall_sentence(power: dict, pol: GateConfig, n_rules: int) -> str:
     if not have:
         return "no retention task with per-item records was gated: the power of this run cannot be stated" + tail
     need, p_now = power["items_needed"], power["p_pass_if_unchanged"]
-    margins = f"at {pol.max_drop:g} points per task and {pol.max_mean_drop:g} for the mean"
+    per_task = (f"{pol.max_drop:g} points per task" if pol.max_relative_drop is None else
+                f"each task's margin ({pol.max_drop:g} points, or {pol.max_relative_drop:g}% of the base's score where "
+                "smaller)")
+    margins = f"at {per_task} and {pol.max_mean_drop:g} for the mean"
     to_pass = (f"to PASS if nothing changed (all {n_rules} item-based rules with 80% probability) about "
                f"{round_up(need):,} items per task are needed {margins}" if need is not None else
                "no number of items per task would PASS them all with 80% probability")

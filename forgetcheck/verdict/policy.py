@@ -22,7 +22,8 @@ POLICY_KEYS = tuple(f.name for f in dataclasses.fields(GateConfig))
 STRING_KEYS = {"metric": ("acc", "soft"), "on_inconclusive": ("fail", "pass", "inconclusive")}
 BOOL_KEYS = ("keep_uninformative",)
 LIST_KEYS = ("require_tasks",)
-NULLABLE_KEYS = ("min_domain_gain", "max_ppl_rise", "max_kl")
+OFF_KEYS = ("max_relative_drop", "max_ppl_rise", "max_kl")
+"""Margins that also take "off" (a flag or the policy file): the rule or the guard turned off."""
 
 
 def check_keys(values: dict, where: str | None = None) -> None:
@@ -44,7 +45,7 @@ def as_policy(policy: GateConfig | dict | None) -> GateConfig:
 
 def load_policy(path: Path) -> dict:
     """A gate.toml: keys at the top level and/or under [gate] (merged); '-' or '_' in names. Numbers must be finite and
-    >= 0 (`min_domain_gain` may be negative); `max_ppl_rise`/`max_kl` may be "off"; `metric` is acc|soft,
+    >= 0 (`min_domain_gain` may be negative); `max_relative_drop`/`max_ppl_rise`/`max_kl` may be "off"; `metric` is acc|soft,
     `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false, `require_tasks` a list of task
     names."""
     path = Path(path)
@@ -79,7 +80,7 @@ def load_policy(path: Path) -> dict:
         elif k in BOOL_KEYS:
             if not isinstance(v, bool):
                 raise BadInput(f"--policy {path}: {k} must be true or false (got {v!r})")
-        elif k in NULLABLE_KEYS and v == "off":
+        elif k in OFF_KEYS and v == "off":
             out[k] = None
         elif not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise BadInput(f"--policy {path}: {k} must be a finite number (got {v!r})")
@@ -96,7 +97,7 @@ def resolve_policy(run_config: dict | None, policy_file: Path | None, overrides:
     if policy_file is not None:
         values.update(load_policy(policy_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    for k in NULLABLE_KEYS:  # "off" (a flag or the file) turns a rule off
+    for k in OFF_KEYS:  # "off" (a flag or the file) turns a rule off
         if values.get(k) == "off":
             values[k] = None
     pol = GateConfig(**values)

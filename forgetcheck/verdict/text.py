@@ -89,8 +89,10 @@ ORDER = {"fail": 0, "inconclusive": 1, "pass": 2}
 
 def policy_sentence(pol: dict) -> str:
     s = (f"harm must be ruled out at one-sided level {1 - pol['alpha']:.0%} ({'soft accuracy' if pol['metric'] == 'soft' else 'accuracy'}): "
-         f"at most {pol['max_drop']:g} points drop per retention task (failing a task needs Holm p < "
-         f"{pol['alpha']:g}), {pol['max_mean_drop']:g} on the retention mean")
+         f"at most {pol['max_drop']:g} points drop per retention task"
+         + (f" ({pol['max_relative_drop']:g}% of the base's score where smaller)"
+            if pol["max_relative_drop"] is not None else "")
+         + f" (failing a task needs Holm p < {pol['alpha']:g}), {pol['max_mean_drop']:g} on the retention mean")
     if pol["max_ppl_rise"] is not None:
         s += f", a {pol['max_ppl_rise']:g}% rise of general-text bits per byte"
     if pol["max_kl"] is not None:

@@ -324,3 +324,44 @@ def test_drift_without_document_ids_is_inconclusive_with_the_fix(tmp_path):
     for r in drift:
         assert r["status"] == "inconclusive" and "re-run `forgetcheck eval`" in r["reason"], r
     assert code == 4 and gate["verdict"] == "inconclusive"
+
+
+def test_a_relative_margin_applies_where_it_is_stricter(unchanged, regressed):
+    """--max-relative-drop: each task's margin is min(max_drop, that percent of the base's score on it). The
+    unchanged fixture's 200 items rule out 1.6 points: a 3 % margin on a task the base scores 42.7 on (1.28 points)
+    is too strict for that, one on 55.1 (1.65 points) is not."""
+    base = {name: t["base"].get("soft_score") for name, t in read_json(unchanged.compare)["tasks"].items()}
+    gate, code = gate_run(unchanged.root, {"max_relative_drop": 3})
+    tasks = [r for r in gate["rules"] if r["rule"] == "task_drop"]
+    assert tasks
+    for r in tasks:
+        v, want = r["values"], min(2.0, 0.03 * base[r["task"]])
+        assert v["max_drop"] == pytest.approx(want) and v["max_drop_absolute"] == 2.0
+        assert v["margin_from"] == ("relative" if want < 2.0 else "absolute")
+        assert r["status"] == ("pass" if v["drop_upper"] < want else "inconclusive"), r["reason"]
+        if want < 2.0:
+            assert "3% of the base's" in r["reason"]
+    assert {r["status"] for r in tasks} == {"pass", "inconclusive"} and code == 4
+    assert "3% of the base's score where smaller" in gate["power"]["sentence"]
+    loose, code = gate_run(unchanged.root, {"max_relative_drop": 50})  # looser than 2 points everywhere: as without
+    assert code == 0 and all(r["values"]["max_drop"] == 2.0 and r["values"]["margin_from"] == "absolute"
+                             for r in loose["rules"] if r["rule"] == "task_drop")
+    failed, code = gate_run(regressed.root, {"max_relative_drop": 3})
+    assert code == 1 and any(r["task"] == "ret_mmlu" and r["status"] == "fail" for r in failed["rules"])
+
+
+def test_relative_margin_flag_policy_key_and_bad_values(unchanged, tmp_path):
+    r = forgetcheck_cli("gate", unchanged.root, "--max-relative-drop", "3")
+    assert r.returncode == 4 and read_json(unchanged.gate)["policy"]["max_relative_drop"] == 3
+    policy = tmp_path / "gate.toml"
+    policy.write_text("max_relative_drop = \"off\"\n")
+    r = forgetcheck_cli("gate", unchanged.root, "--policy", policy)
+    assert r.returncode == 0 and read_json(unchanged.gate)["policy"]["max_relative_drop"] is None
+    before = unchanged.gate.read_bytes()
+    for value in ("0", "150", "lots", "nan"):
+        r = forgetcheck_cli("gate", unchanged.root, "--max-relative-drop", value)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--max-relative-drop" in r.stderr, (value, r.stderr)
+    policy.write_text("max_relative_drop = -5\n")
+    r = forgetcheck_cli("gate", unchanged.root, "--policy", policy)
+    assert r.returncode == 2 and "max_relative_drop" in r.stderr and r.stderr.count("\n") == 1
+    assert unchanged.gate.read_bytes() == before
