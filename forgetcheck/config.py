@@ -168,9 +168,17 @@ class GateConfig:
     was not evaluated) makes the verdict MISSING-inconclusive, never PASS. Retention tasks whose data could not
     be built are missing whether listed or not."""
 
+    tiers: tuple[tuple[str, str], ...] = ()
+    """(task name or glob pattern, tier) pairs, from the policy file's `[gate.tiers]` table: `critical` (the
+    default: must PASS), `supporting` (must not FAIL: its INCONCLUSIVE does not hold the release back) or
+    `advisory` (reported, never changes the verdict, outside the Holm family and the retention mean of the
+    others). An exact name wins over patterns; among patterns, the first that matches (docs/verdicts.md, "Tiers")."""
+
     def __post_init__(self):
-        # a policy file and config.json give a list: one tuple whichever way the policy arrives
+        # a policy file and config.json give lists (and tiers a table): one tuple whichever way the policy arrives
         object.__setattr__(self, "require_tasks", tuple(self.require_tasks))
+        tiers = self.tiers.items() if isinstance(self.tiers, dict) else self.tiers
+        object.__setattr__(self, "tiers", tuple(tuple(t) if isinstance(t, (list, tuple)) else t for t in tiers))
 
 
 @dataclass(frozen=True)
@@ -367,7 +375,16 @@ def _gate_extra_problems(g: GateConfig) -> list[str]:
         problems.append(f"--on-inconclusive must be fail or pass (got {g.on_inconclusive!r})")
     if not isinstance(g.keep_uninformative, bool):
         problems.append(f"keep_uninformative must be true or false (got {g.keep_uninformative!r})")
+    for pair in g.tiers:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and pair[0]):
+            problems.append(f"tiers must map task names or patterns to a tier (got {pair!r})")
+        elif pair[1] not in TIERS:
+            problems.append(f"tiers: {pair[0]} = {pair[1]!r}: a tier is one of {', '.join(TIERS)}")
     return problems
+
+
+TIERS = ("critical", "supporting", "advisory")
+"""The release tiers of a gated task (GateConfig.tiers; docs/verdicts.md, "Tiers")."""
 
 
 def validate_arms(arms: tuple[str, ...], *, flag: str = "--arms", trained: bool = False) -> list[str]:

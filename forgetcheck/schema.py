@@ -519,8 +519,8 @@ def gate_doc(obj: Any) -> GateFile:
     doc = _filled(obj, {"verdict": "inconclusive", "passed": False, "exit_code": 4, "exit_note": "", "policy": {},
                         "arms": {}, "rules": [], "excluded": [], "not_checked": [], "power": {}, "missing": [],
                         "summary": ""})
-    doc["policy"] = _filled(doc["policy"], {"max_relative_drop": None})  # absent: written before the key
-    doc["rules"] = [_filled(r, {"arm": None, "task": None, "values": {}}) for r in doc["rules"]]
+    doc["policy"] = _filled(doc["policy"], {"max_relative_drop": None, "tiers": []})  # absent: written before them
+    doc["rules"] = [_filled(r, {"arm": None, "task": None, "values": {}, "tier": "critical"}) for r in doc["rules"]]
     doc["excluded"] = [_filled(e, {"kept": False}) for e in doc["excluded"]]
     doc["arms"] = {a: _filled(v, {"verdict": None, "passed": False, "failed": [], "inconclusive": []})
                    for a, v in doc["arms"].items()}

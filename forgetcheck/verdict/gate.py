@@ -34,6 +34,7 @@ per task at which every item-based rule would PASS with 80% probability if nothi
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,12 +49,13 @@ from forgetcheck.schema import (
     CompareFile,
     compare_doc,
     gate_power_arm_doc,
+    mean_doc,
     read_compare,
     read_config,
     write_gate,
 )
 from forgetcheck.verdict.policy import as_policy, check_keys, resolve_policy
-from forgetcheck.verdict.rollup import gated_tasks
+from forgetcheck.verdict.rollup import gated_tasks, mean_block
 from forgetcheck.verdict.stats import (
     MIN_PAIRED,
     POWER,
@@ -247,7 +249,11 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
             continue
         p_fail[name] = est.p_above(-margin.points)
         pending.append((name, est, used, label, base_s, arm_s, drops, margin))
-    adj = holm(p_fail)
+    # advisory tasks are their own Holm family: a task that cannot change the verdict spends none of its alpha
+    adj = holm({n: p for n, p in p_fail.items() if task_tier(pol, n) != "advisory"})
+    advisory = holm({n: p for n, p in p_fail.items() if task_tier(pol, n) == "advisory"})
+    family = {n: len(advisory) if n in advisory else len(adj) for n in p_fail}
+    adj.update(advisory)
     for name, est, used, label, base_s, arm_s, drops, margin in pending:
         m, says = margin.points, margin.words
         drop = 0.0 - est.point
@@ -261,7 +267,7 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
         nums = (f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop {signed(drop)} points, {_side(alpha)} bounds "
                 f"[{signed(lo)}, {bound}])")
         vals = {"drop": drop, "drop_upper": up, "drop_upper_normal": up_normal, "drop_lower": lo,
-                "p_fail": p_fail[name], "p_fail_holm": adj[name], "holm_family": len(adj), **margin.values(),
+                "p_fail": p_fail[name], "p_fail_holm": adj[name], "holm_family": family[name], **margin.values(),
                 "alpha": alpha, "metric": used, "mde": task_power[name].mde, "n": est.n,
                 "bound": "bounded" if used == "soft" else "normal"}
         if up is not None and up < m:
@@ -269,7 +275,7 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
                                f"{m:.3g}{_ANY_PATTERN if used == 'soft' else ''})")
         elif adj[name] < alpha:
             st, why = "fail", (f"dropped more than {says} (test of drop <= {m:.3g}: Holm "
-                               f"p={_p(adj[name])} < {alpha:g} over {len(adj)} gated tasks)")
+                               f"p={_p(adj[name])} < {alpha:g} over {family[name]} gated tasks)")
         elif up is None:
             st, why = "inconclusive", ("this compare result carries no per-unit changes, so a drop carried by a few "
                                        "items cannot be ruled out: re-run `forgetcheck compare` on the run")
@@ -310,6 +316,20 @@ class Margin(NamedTuple):
         return out
 
 
+def task_tier(pol: GateConfig, task: str | None) -> str:
+    """A task's release tier (GateConfig.tiers): its exact name first, then the first glob pattern that matches;
+    `critical` when none does (and for rules of no task: the mean, drift, coverage, domain gain)."""
+    if task is None:
+        return "critical"
+    for pattern, tier in pol.tiers:
+        if pattern == task:
+            return tier
+    for pattern, tier in pol.tiers:
+        if fnmatch.fnmatchcase(task, pattern):
+            return tier
+    return "critical"
+
+
 def task_margin(pol: GateConfig, base_score: float | None) -> Margin:
     """The margin of a task whose base scores `base_score` points on the metric the rule uses."""
     if pol.max_relative_drop is None or base_score is None:
@@ -319,8 +339,13 @@ def task_margin(pol: GateConfig, base_score: float | None) -> Margin:
 
 
 def coverage_rules(tasks: dict, arm: str, pol: GateConfig) -> list[dict]:
-    """`coverage`: an arm with no gated retention task is not PASS (a gate that checked nothing must not pass)."""
-    if gated_tasks(tasks, arm, pol.keep_uninformative):
+    """`coverage`: an arm with no gated retention task is not PASS (a gate that checked nothing must not pass);
+    nor one whose gated tasks are all advisory (nothing it checked counts)."""
+    gated = gated_tasks(tasks, arm, pol.keep_uninformative)
+    if gated and all(task_tier(pol, n) == "advisory" for n in gated):
+        return [_rule("coverage", arm, "inconclusive", f"every gated retention task ({', '.join(gated)}) is advisory "
+                      "in the policy's tiers, so none counts toward the verdict: make at least one critical")]
+    if gated:
         return []
     left_out = gated_tasks(tasks, None, keep_uninformative=True)
     if left_out and not pol.keep_uninformative:
@@ -340,6 +365,13 @@ def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tup
     tasks = compare["tasks"]
     ret = compare["suites"]["retention"]["means"][pol.metric][over][arm]
     label = f"retention mean {_metric_label(pol.metric)}"
+    advisory = [n for n in gated_tasks(tasks, arm, pol.keep_uninformative) if task_tier(pol, n) == "advisory"]
+    if advisory:  # the mean of the tasks that count: advisory ones never move the verdict, through the mean either
+        counted = [n for n in gated_tasks(tasks, arm, pol.keep_uninformative) if n not in advisory]
+        if not counted:
+            return [], None  # `coverage` says why nothing counts
+        ret = mean_doc(mean_block(tasks, counted, arm, pol.metric, alpha))
+        label += f" (advisory {', '.join(advisory)} left out)"
     if not ret:
         gated = gated_tasks(tasks, arm, pol.keep_uninformative)
         if not gated:
@@ -487,6 +519,8 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
     for arm in arms:
         rules += missing_rules(doc, arm, pol) + unscored_rules(doc, arm, pol)
         drop_rules, task_power = task_drop_rules(tasks, arm, pol)
+        # only critical tasks must PASS; the power of the verdict is theirs (and the mean's)
+        task_power = {n: p for n, p in task_power.items() if task_tier(pol, n) == "critical"}
         mean_rules, mean_power = retention_mean_rules(doc, arm, pol)
         rules += drop_rules + coverage_rules(tasks, arm, pol) + mean_rules + domain_gain_rules(doc, arm, pol)
         drifts, unchecked = drift_rules(doc, arm, pol)
@@ -495,14 +529,21 @@ def decide(compare: dict, policy: GateConfig | dict | None = None) -> dict:
         powers[arm] = (task_power, mean_power)
     if not arms:
         rules.append(_rule("coverage", None, "fail", "no arm was compared: nothing to release"))
+    for r in rules:
+        # a required task is critical whatever the tiers say: the policy needs it to have been scored
+        r["tier"] = "critical" if r["rule"] == "task_missing" and r["task"] in pol.require_tasks else \
+            task_tier(pol, r["task"])
+        if r["tier"] != "critical":
+            r["reason"] = r["reason"].replace(f"{r['arm']}: ", f"{r['arm']}: [{r['tier']}] ", 1)
     return _gate(rules, arms, pol, excluded_tasks(tasks, pol), not_checked, _power(powers, rules, pol))
 
 
 def _gate(rules: list[dict], arms: list[str], pol: GateConfig, excluded: list[dict], not_checked: list[dict],
           power: dict) -> dict:
-    """gate.json from the rules: the verdict of every arm and of the run, the exit code and the summary."""
-    per_arm = {arm: _combine([r["status"] for r in rules if r["arm"] == arm]) for arm in arms}
-    verdict = _combine([r["status"] for r in rules])
+    """gate.json from the rules: the verdict of every arm and of the run, the exit code and the summary. Each rule
+    counts by its tier (`counted`): advisory ones not at all, supporting ones only when they FAIL."""
+    per_arm = {arm: _combine([c for r in rules if r["arm"] == arm and (c := counted(r))]) for arm in arms}
+    verdict = _combine([c for r in rules if (c := counted(r))])
     code = EXIT[verdict]
     mapped = ""
     if verdict == "inconclusive" and pol.on_inconclusive in ("fail", "pass"):
@@ -513,8 +554,8 @@ def _gate(rules: list[dict], arms: list[str], pol: GateConfig, excluded: list[di
         "exit_code": code, "exit_note": mapped.strip(" ()"),
         "policy": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(pol).items()},  # as JSON reads back
         "arms": {arm: {"verdict": v, "passed": v == "pass",
-                       "failed": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "fail"],
-                       "inconclusive": [r["reason"] for r in rules if r["arm"] == arm and r["status"] == "inconclusive"]}
+                       "failed": [r["reason"] for r in rules if r["arm"] == arm and counted(r) == "fail"],
+                       "inconclusive": [r["reason"] for r in rules if r["arm"] == arm and counted(r) == "inconclusive"]}
                  for arm, v in per_arm.items()},
         "rules": rules, "excluded": excluded, "not_checked": not_checked, "power": power,
         "missing": sorted({r["task"] for r in rules if r["rule"] == "task_missing"}),
@@ -522,13 +563,34 @@ def _gate(rules: list[dict], arms: list[str], pol: GateConfig, excluded: list[di
     }
 
 
+def counted(rule: dict) -> str | None:
+    """What a rule adds to the verdict by its tier: its status (critical), FAIL or nothing (supporting: it must not
+    show harm, it need not rule harm out), nothing (advisory)."""
+    tier = rule["tier"]
+    if tier == "advisory":
+        return None
+    if tier == "supporting":
+        return "fail" if rule["status"] == "fail" else "pass"
+    return rule["status"]
+
+
 def _summary(verdict: str, rules: list[dict], arms: list[str], not_checked: list[dict]) -> str:
-    """The verdict in one line; it counts the rules that were checked and names those that were not."""
-    failed = [r["reason"] for r in rules if r["status"] == "fail"]
-    unsure = [r["reason"] for r in rules if r["status"] == "inconclusive"]
+    """The verdict in one line; it counts the rules that were checked and names those that were not (and the
+    advisory ones, reported but not counted)."""
+    advisory = [r for r in rules if counted(r) is None]
+    rules = [r for r in rules if counted(r) is not None]
+    failed = [r["reason"] for r in rules if counted(r) == "fail"]
+    unsure = [r["reason"] for r in rules if counted(r) == "inconclusive"]
     unchecked = (f" ({len(not_checked)} not checked: " + ", ".join(f"{u['arm']} {u['rule']}" for u in not_checked)
                  + ")") if not_checked else ""
+    if advisory:
+        unchecked += f" ({len(advisory)} advisory, reported and not counted)"
     if verdict == "pass":
+        open_support = [r for r in rules if r["tier"] == "supporting" and r["status"] != "pass"]
+        if open_support:
+            return (f"PASS: every critical rule rules out harm beyond its margin and none of the {len(rules)} checked "
+                    f"rules shows harm for {', '.join(arms)} ({len(open_support)} supporting rule(s) could not rule "
+                    f"it out, which supporting rules need not){unchecked}")
         return f"PASS: all {len(rules)} checked rules rule out harm beyond their margins for {', '.join(arms)}{unchecked}"
     if verdict == "fail":
         return (f"FAIL: {len(failed)} of {len(rules)} checked rules show harm beyond the margin{unchecked}: "

@@ -47,7 +47,7 @@ def load_policy(path: Path) -> dict:
     """A gate.toml: keys at the top level and/or under [gate] (merged); '-' or '_' in names. Numbers must be finite and
     >= 0 (`min_domain_gain` may be negative); `max_relative_drop`/`max_ppl_rise`/`max_kl` may be "off"; `metric` is acc|soft,
     `on_inconclusive` fail|pass|inconclusive, `keep_uninformative` true|false, `require_tasks` a list of task
-    names."""
+    names, `tiers` a table of task names or glob patterns to critical|supporting|advisory."""
     path = Path(path)
     keys = ", ".join(POLICY_KEYS)
     text = read_text(path, where=f"--policy {path}", kind="TOML file", missing_fix=f"give a TOML file with keys {keys}",
@@ -73,6 +73,11 @@ def load_policy(path: Path) -> dict:
         if k in STRING_KEYS:
             if v not in STRING_KEYS[k]:
                 raise BadInput(f"--policy {path}: {k} must be one of {', '.join(STRING_KEYS[k])} (got {v!r})")
+        elif k == "tiers":
+            if not isinstance(v, dict):
+                raise BadInput(f"--policy {path}: tiers must be a table of task names or patterns to a tier "
+                               f"([gate.tiers], e.g. fc_mmlu_stem = \"advisory\") (got {v!r})")
+            out[k] = tuple(v.items())  # checked with the rest by validate_gate, in the file's order
         elif k in LIST_KEYS:
             if not (isinstance(v, list) and all(isinstance(x, str) and x for x in v)):
                 raise BadInput(f"--policy {path}: {k} must be a list of task names (got {v!r})")

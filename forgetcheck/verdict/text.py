@@ -38,7 +38,7 @@ def printable(text: str) -> str:
 
 
 def _case_name(r: dict) -> str:
-    return r["rule"] + (f"[{r['task']}]" if r["task"] else "")
+    return r["rule"] + (f"[{r['task']}]" if r["task"] else "") + (f" ({r['tier']})" if r["tier"] != "critical" else "")
 
 
 def to_junit(gate: dict) -> str:
@@ -46,22 +46,24 @@ def to_junit(gate: dict) -> str:
     uninformative tasks left out are <skipped> too."""
     rules = gate["rules"]
     excluded = [e for e in gate["excluded"] if not e["kept"]]
-    n_fail = sum(r["status"] == "fail" for r in rules)
-    n_skip = sum(r["status"] == "inconclusive" for r in rules) + len(excluded)
+    # an advisory rule never fails the build (it never changes the verdict): its FAIL is a skipped case
+    failing = [r["status"] == "fail" and r["tier"] != "advisory" for r in rules]
+    n_fail = sum(failing)
+    n_skip = len(rules) - n_fail - sum(r["status"] == "pass" for r in rules) + len(excluded)
     total = len(rules) + len(excluded)
     suite = ET.Element("testsuite", name="forgetcheck.verdict.gate", tests=str(total), failures=str(n_fail), errors="0",
                        skipped=str(n_skip))
     ET.SubElement(ET.SubElement(suite, "properties"), "property", name="verdict", value=gate["verdict"])
-    for r in rules:
+    for r, fails in zip(rules, failing, strict=True):
         reason = printable(r["reason"])  # XML 1.0 cannot hold control characters at all
         case = ET.SubElement(suite, "testcase", classname=printable(f"forgetcheck.verdict.gate.{r['arm']}"),
                              name=printable(_case_name(r)))
         if r["status"] == "pass":
             ET.SubElement(case, "system-out").text = reason
-        elif r["status"] == "fail":
+        elif fails:
             ET.SubElement(case, "failure", message=reason, type=r["rule"]).text = reason
         else:
-            ET.SubElement(case, "skipped", message="INCONCLUSIVE: " + reason)
+            ET.SubElement(case, "skipped", message=f"{r['status'].upper()}: " + reason)
     for e in excluded:
         case = ET.SubElement(suite, "testcase", classname="forgetcheck.verdict.gate.uninformative",
                              name=printable(e["task"]))

@@ -365,3 +365,67 @@ def test_relative_margin_flag_policy_key_and_bad_values(unchanged, tmp_path):
     r = forgetcheck_cli("gate", unchanged.root, "--policy", policy)
     assert r.returncode == 2 and "max_relative_drop" in r.stderr and r.stderr.count("\n") == 1
     assert unchanged.gate.read_bytes() == before
+
+
+def test_tiers_advisory_never_changes_the_verdict_supporting_must_not_fail(regressed, unchanged, tmp_path):
+    """The regressed fixture drops ret_mmlu by 20 points for sft. Advisory: the rule still says FAIL, in its own
+    Holm family and out of the retention mean, and the release PASSes (JUnit: skipped, not failed). Supporting:
+    a FAIL still fails the release. Critical (no tiers): as always."""
+    gate, code = gate_run(regressed.root, {"tiers": {"ret_mmlu": "advisory"}})
+    mmlu = next(r for r in gate["rules"] if r["task"] == "ret_mmlu" and r["arm"] == "sft")
+    assert mmlu["status"] == "fail" and mmlu["tier"] == "advisory" and "[advisory]" in mmlu["reason"]
+    assert mmlu["values"]["holm_family"] == 1
+    others = [r for r in gate["rules"] if r["rule"] == "task_drop" and r["arm"] == "sft" and r["task"] != "ret_mmlu"]
+    assert others and all(r["values"]["holm_family"] == len(others) and r["tier"] == "critical" for r in others)
+    mean = next(r for r in gate["rules"] if r["rule"] == "retention_mean" and r["arm"] == "sft")
+    assert mean["status"] == "pass" and "advisory ret_mmlu left out" in mean["reason"]
+    assert code == 0 and gate["verdict"] == "pass", gate["summary"]
+    assert "(2 advisory, reported and not counted)" in gate["summary"]  # ret_mmlu of sft and of cpt
+    junit = tmp_path / "g.xml"
+    r = forgetcheck_cli("gate", regressed.root, "--policy", _toml(tmp_path, 'ret_mmlu = "advisory"'), "--junit", junit)
+    assert r.returncode == 0, r.stdout + r.stderr
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("failures") == "0" and any("(advisory)" in c.get("name") for c in suite.iter("testcase"))
+
+    gate, code = gate_run(regressed.root, {"tiers": {"ret_m*": "supporting"}})  # a pattern
+    assert code == 1 and next(r for r in gate["rules"] if r["task"] == "ret_mmlu" and r["arm"] == "sft")["tier"] == \
+        "supporting"
+    assert gate_run(regressed.root)[1] == 1
+
+    # every gated task advisory: nothing counts, so the release is not PASS even with nothing changed
+    gate, code = gate_run(unchanged.root, {"tiers": {"ret_*": "advisory"}})
+    assert code == 4 and any(r["rule"] == "coverage" and r["status"] == "inconclusive" for r in gate["rules"])
+
+
+def test_a_supporting_task_that_cannot_rule_harm_out_does_not_hold_the_release(tmp_path):
+    # 6 right->wrong, 1 wrong->right on ret_wino: a 2.5-point accuracy drop, INCONCLUSIVE on its own
+    run = make_run(tmp_path / "r", n=N, flips={("sft", "ret_wino"): (6, 1)})
+    compare_run(run, n_boot=500)
+    pol = {"metric": "acc", "max_mean_drop": 5.0}
+    assert gate_run(run.root, pol)[1] == 4
+    gate, code = gate_run(run.root, {**pol, "tiers": {"ret_wino": "supporting"}})
+    wino = next(r for r in gate["rules"] if r["task"] == "ret_wino" and r["arm"] == "sft")
+    assert wino["status"] == "inconclusive" and wino["tier"] == "supporting"
+    assert code == 0 and gate["verdict"] == "pass", gate["summary"]
+    assert "supporting rule(s) could not rule it out" in gate["summary"]
+
+
+def test_tiers_in_the_policy_file_and_bad_tiers(regressed, tmp_path):
+    r = forgetcheck_cli("gate", regressed.root, "--policy", _toml(tmp_path, '"ret_mm*" = "advisory"'))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert read_json(regressed.gate)["policy"]["tiers"] == [["ret_mm*", "advisory"]]
+    before = regressed.gate.read_bytes()
+    for body, word in (('ret_mmlu = "optional"', "optional"), ('ret_mmlu = 3', "tier")):
+        r = forgetcheck_cli("gate", regressed.root, "--policy", _toml(tmp_path, body))
+        assert r.returncode == 2 and word in r.stderr and r.stderr.count("\n") == 1, (body, r.stderr)
+    bad = tmp_path / "flat.toml"
+    bad.write_text('tiers = "advisory"\n')
+    r = forgetcheck_cli("gate", regressed.root, "--policy", bad)
+    assert r.returncode == 2 and "tiers must be a table" in r.stderr and r.stderr.count("\n") == 1
+    assert regressed.gate.read_bytes() == before
+
+
+def _toml(folder, tiers_line: str):
+    path = folder / "tiers.toml"
+    path.write_text(f"[gate.tiers]\n{tiers_line}\n")
+    return path
