@@ -65,6 +65,7 @@ from forgetcheck.verdict.stats import (
     holm,
     interleavings,
     items_for_power,
+    pass_floor,
     pass_mde,
     pass_power,
     round_up,
@@ -266,7 +267,8 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
         bound = "no bound for every pattern" if up is None else signed(up)
         nums = (f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop {signed(drop)} points, {_side(alpha)} bounds "
                 f"[{signed(lo)}, {bound}])")
-        vals = {"drop": drop, "drop_upper": up, "drop_upper_normal": up_normal, "drop_lower": lo,
+        floor = pass_floor(len(drops), alpha) if drops is not None else None
+        vals = {"drop": drop, "drop_upper": up, "drop_upper_normal": up_normal, "drop_lower": lo, "pass_floor": floor,
                 "p_fail": p_fail[name], "p_fail_holm": adj[name], "holm_family": family[name], **margin.values(),
                 "alpha": alpha, "metric": used, "mde": task_power[name].mde, "n": est.n,
                 "bound": "bounded" if used == "soft" else "normal"}
@@ -284,6 +286,9 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
                                        f"{up:.1f}{_ANY_PATTERN if used == 'soft' else ''}) nor show one (Holm "
                                        f"p={_p(adj[name])}); this run rules out drops of {task_power[name].mde:.1f} "
                                        f"points at 80% power")
+            if floor is not None and floor >= m:
+                why += (f"; at {len(drops)} units no outcome short of a gain could PASS it (even a task on which no "
+                        f"item moved has an upper bound of {floor:.1f})")
         rules.append(_rule("task_drop", arm, st, f"{nums}: {why}", name, **vals))
     return rules, task_power
 
@@ -656,11 +661,16 @@ def _power(powers: dict[str, tuple[dict, _Power | None]], rules: list[dict], pol
         joint = _joint(every)
         n = min(a["n"] for a in out["arms"].values() if a["n"] is not None)
         out.update(items_needed=items_for_power(joint, POWER), p_pass_if_unchanged=joint(n))
-    out["sentence"] = _overall_sentence(out, pol, len(every))
+    # the p-floor of a PASS: critical task rules that no outcome short of a gain could PASS at this size
+    floored = [r["values"]["pass_floor"] for r in rules if r["rule"] == "task_drop" and r["status"] == "inconclusive"
+               and task_tier(pol, r["task"]) == "critical" and "pass_floor" in r["values"]
+               and r["values"]["pass_floor"] is not None
+               and r["values"]["pass_floor"] >= r["values"]["max_drop"]]
+    out["sentence"] = _overall_sentence(out, pol, len(every), floored)
     return out
 
 
-def _overall_sentence(power: dict, pol: GateConfig, n_rules: int) -> str:
+def _overall_sentence(power: dict, pol: GateConfig, n_rules: int, floored: list[float]) -> str:
     """'50 items per task can only rule out soft-accuracy drops larger than 6.1 points on a task (2.2 on the
     retention mean); to PASS if nothing changed (all 28 such rules with 80% probability) about 430 items per task
     are needed at 2 points per task and 1 for the mean; sft kl cannot be decided by more items ...'"""
@@ -691,6 +701,9 @@ def _overall_sentence(power: dict, pol: GateConfig, n_rules: int) -> str:
     if p_now is not None and p_now >= POWER:
         s += f"; at this size all {n_rules} item-based rules PASS with {p_now:.0%} probability if nothing changed"
     else:
+        if floored:
+            s += (f"; at this size {len(floored)} task rule(s) cannot PASS whatever the items show short of a gain "
+                  f"(a task on which no item moved is bounded at {min(floored):.1f} points or more)")
         s += "; " + to_pass
     return s + tail
 

@@ -507,6 +507,14 @@ def bounded_width(n: int, sd: float, alpha: float, *, width: float = 200.0) -> f
     return _bounded_width(round_sig(n), float(f"{sd:.2g}"), alpha, width)
 
 
+@functools.lru_cache(maxsize=256)
+def pass_floor(units: int, alpha: float, width: float = 200.0) -> float:
+    """The lowest `bounded_upper` any sample of `units` units without gains can give: that of units that did not
+    move at all. A margin at or below it cannot be PASSed at this size, whatever the items show short of an
+    improvement (the gate says so: the p-floor of a PASS)."""
+    return bounded_upper([np.zeros(max(units, 1))], -width / 2, width / 2, alpha)
+
+
 def round_sig(n: int) -> int:
     """n to two significant digits (nearest, not up: 1,234 -> 1,200)."""
     if n < 100:

@@ -429,3 +429,22 @@ def _toml(folder, tiers_line: str):
     path = folder / "tiers.toml"
     path.write_text(f"[gate.tiers]\n{tiers_line}\n")
     return path
+
+
+def test_the_pass_floor_is_said_when_no_outcome_could_pass(tmp_path):
+    """At 50 items the bound of a task on which nothing moved is about 6.4 points, above the 2-point margin: no
+    outcome short of a gain could PASS. The rule and the power sentence say so; at 200 items they do not."""
+    from forgetcheck.verdict.stats import pass_floor
+
+    assert pass_floor(50, 0.05) > 2.0 > pass_floor(200, 0.05)
+    run = make_run(tmp_path / "r", n=50)
+    compare_run(run, n_boot=200)
+    gate, code = gate_run(run.root)
+    tasks = [r for r in gate["rules"] if r["rule"] == "task_drop"]
+    assert code == 4 and tasks and all(r["status"] == "inconclusive" for r in tasks)
+    for r in tasks:
+        assert r["values"]["pass_floor"] == pytest.approx(pass_floor(50, 0.05))
+        assert "no outcome short of a gain could PASS it" in r["reason"]
+    assert "cannot PASS whatever the items show short of a gain" in gate["power"]["sentence"]
+    loose, code = gate_run(run.root, {"max_drop": 10.0, "max_mean_drop": 5.0})
+    assert code == 0 and "short of a gain" not in loose["power"]["sentence"]
