@@ -29,21 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gate_validity import add_noise  # noqa: E402
 from forgetcheck.eval import drift  # noqa: E402
 from forgetcheck.models import registry  # noqa: E402
 
 
 def noised(model, sigma: float, blocks: range = range(10, 20), seed: int = 0):
     """A copy of `model` with the noise of bench/gate_validity.py's `noised_copy`."""
-    import torch
-
     out = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            parts = name.split(".")
-            if "layers" in parts and int(parts[parts.index("layers") + 1]) in blocks and p.ndim == 2 and sigma > 0:
-                p.add_(torch.randn(p.shape, generator=g) * sigma * p.std())
+    add_noise(out, sigma, blocks, seed)
     return out
 
 

@@ -429,17 +429,25 @@ def print_simulation(rows: list[dict], power: dict | None, reps: int) -> None:
 
 # ---- (b) real models -------------------------------------------------------------------------------------
 
-def noised_copy(src: str, dst: Path, sigma: float, blocks: range, seed: int = 0) -> None:
+def add_noise(model, sigma: float, blocks: range, seed: int = 0) -> None:
+    """Add Gaussian noise in place: sigma times each weight matrix's own standard deviation, in the transformer
+    blocks `blocks` (bench/drift_topk.py noises its copies the same way)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             parts = name.split(".")
             if "layers" in parts and int(parts[parts.index("layers") + 1]) in blocks and p.ndim == 2 and sigma > 0:
                 p.add_(torch.randn(p.shape, generator=g) * sigma * p.std())
+
+
+def noised_copy(src: str, dst: Path, sigma: float, blocks: range, seed: int = 0) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    add_noise(model, sigma, blocks, seed)
     model.save_pretrained(dst)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
 

@@ -174,6 +174,14 @@ def _unit_drops(d: dict) -> np.ndarray | None:
     return None if d["unit_deltas"] is None else 0.0 - np.asarray(d["unit_deltas"], dtype=float)
 
 
+def _mean_unit_drops(tasks: dict, names: list[str], arm: str) -> list[np.ndarray] | None:
+    """Each of a suite mean's tasks' soft-accuracy unit drops (what its bound that holds whatever the pattern bets
+    on), or None when a task lacks them."""
+    softs = [tasks[n]["arms"][arm]["soft"] if n in tasks and arm in tasks[n]["arms"] else None for n in names]
+    drops = [None if x is None else _unit_drops(x) for x in softs]
+    return None if any(x is None for x in drops) else drops
+
+
 def _sd(x: np.ndarray) -> float:
     return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
@@ -370,15 +378,15 @@ def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tup
     tasks = compare["tasks"]
     ret = compare["suites"]["retention"]["means"][pol.metric][over][arm]
     label = f"retention mean {_metric_label(pol.metric)}"
-    advisory = [n for n in gated_tasks(tasks, arm, pol.keep_uninformative) if task_tier(pol, n) == "advisory"]
+    gated = gated_tasks(tasks, arm, pol.keep_uninformative)
+    advisory = [n for n in gated if task_tier(pol, n) == "advisory"]
     if advisory:  # the mean of the tasks that count: advisory ones never move the verdict, through the mean either
-        counted = [n for n in gated_tasks(tasks, arm, pol.keep_uninformative) if n not in advisory]
+        counted = [n for n in gated if n not in advisory]
         if not counted:
             return [], None  # `coverage` says why nothing counts
         ret = mean_doc(mean_block(tasks, counted, arm, pol.metric, alpha))
         label += f" (advisory {', '.join(advisory)} left out)"
     if not ret:
-        gated = gated_tasks(tasks, arm, pol.keep_uninformative)
         if not gated:
             return [], None  # `coverage` says why nothing is gated
         return [_rule("retention_mean", arm, "inconclusive", f"{label}: none of the gated tasks ({', '.join(gated)}) "
@@ -393,13 +401,10 @@ def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tup
     if est is None:
         return [_rule("retention_mean", arm, "inconclusive", f"{head}): some tasks lack per-item records, so the "
                       "mean drop cannot be bounded", drop=drop, max_mean_drop=pol.max_mean_drop)], None
-    drops = None
-    softs = [tasks[n]["arms"][arm]["soft"] if n in tasks and arm in tasks[n]["arms"] else None for n in ret["tasks"]]
-    if pol.metric == "soft" and all(x is not None for x in softs):
-        parts = [_unit_drops(x) for x in softs]
-        drops = None if any(x is None for x in parts) else parts
+    drops = _mean_unit_drops(tasks, ret["tasks"], arm) if pol.metric == "soft" else None
     if drops is not None:
-        power = _bounded_power(drops, [x["n"] for x in softs], pol.max_mean_drop, alpha)
+        power = _bounded_power(drops, [tasks[n]["arms"][arm]["soft"]["n"] for n in ret["tasks"]], pol.max_mean_drop,
+                               alpha)
     else:
         power = _normal_power(est, pol.max_mean_drop, alpha)
     gap = _mean_gap(est, tasks, ret, arm, pol.metric)
@@ -454,10 +459,8 @@ def domain_gain_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[d
                       n=est.n, min_paired=MIN_PAIRED, min_domain_gain=need)]
     lo, up = est.lower(alpha), est.upper(alpha)
     if pol.metric == "soft":  # a PASS must hold whatever the pattern: the gain's lower bound is the bounded one
-        tasks = compare["tasks"]
-        drops = [_unit_drops(tasks[n]["arms"][arm]["soft"]) if n in tasks and arm in tasks[n]["arms"]
-                 and tasks[n]["arms"][arm]["soft"] else None for n in dom["tasks"]]
-        lo = (None if any(x is None for x in drops) else
+        drops = _mean_unit_drops(compare["tasks"], dom["tasks"], arm)
+        lo = (None if drops is None else
               0.0 - bounded_upper(interleavings(drops, f"{arm}\x1fdomain-mean"), *SOFT_RANGE, alpha))
         if lo is None:
             return [_rule("domain_gain", arm, "inconclusive", f"domain mean gain {signed(g)} points: this compare "
@@ -663,7 +666,7 @@ def _power(powers: dict[str, tuple[dict, _Power | None]], rules: list[dict], pol
         out.update(items_needed=items_for_power(joint, POWER), p_pass_if_unchanged=joint(n))
     # the p-floor of a PASS: critical task rules that no outcome short of a gain could PASS at this size
     floored = [r["values"]["pass_floor"] for r in rules if r["rule"] == "task_drop" and r["status"] == "inconclusive"
-               and task_tier(pol, r["task"]) == "critical" and "pass_floor" in r["values"]
+               and r["tier"] == "critical" and "pass_floor" in r["values"]
                and r["values"]["pass_floor"] is not None
                and r["values"]["pass_floor"] >= r["values"]["max_drop"]]
     out["sentence"] = _overall_sentence(out, pol, len(every), floored)

@@ -343,9 +343,14 @@ def _cluster_index(clusters, n: int) -> tuple[np.ndarray, int]:
 def cluster_skew(resid: np.ndarray, clusters, denom: float) -> float | None:
     """Sample skewness of a statistic's contributions (the cluster totals of `resid`, signed as the statistic
     over `denom`): what `Estimate.skew` carries for Hall's corrected bounds."""
-    inv, g = _cluster_index(clusters, len(resid))
-    skew = _skewness(np.bincount(inv, weights=resid, minlength=g))
+    skew = _skewness(_cluster_totals(resid, clusters))
     return None if skew is None else (skew if denom > 0 else -skew)
+
+
+def _cluster_totals(resid: np.ndarray, clusters) -> np.ndarray:
+    """The sum of `resid` within each cluster (each unit alone when `clusters` is None)."""
+    inv, g = _cluster_index(clusters, len(resid))
+    return np.bincount(inv, weights=resid, minlength=g)
 
 
 def cluster_robust_se(resid: np.ndarray, clusters, denom: float) -> tuple[float, int]:
@@ -353,10 +358,10 @@ def cluster_robust_se(resid: np.ndarray, clusters, denom: float) -> tuple[float,
     sum(resid) / denom: sqrt(G / (G - 1) * sum over clusters of (cluster total of resid)^2) / denom. For a mean
     (resid = d - mean(d), denom = n) it is the unbiased standard error of the mean of the cluster totals."""
     n = len(resid)
-    inv, g = _cluster_index(clusters, n)
+    tot = _cluster_totals(resid, clusters)
+    g = len(tot)
     if g < 2 or denom == 0:
         return 0.0, max(g - 1, 1)
-    tot = np.bincount(inv, weights=resid, minlength=g)
     se = math.sqrt(g / (g - 1) * float((tot ** 2).sum())) / abs(denom)
     scale = max(1.0, float(np.abs(resid).max()) / abs(denom) * math.sqrt(n))
     return (0.0 if se < 1e-12 * scale else se), g - 1
