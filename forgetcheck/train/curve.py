@@ -10,7 +10,8 @@ held-out domain text (the domain's heldout.jsonl), and the sizes that keep the m
 a point when the schedule (`curve_steps`) says so and writes runs/<id>/curves/<arm>.json at once (so the
 points survive an interruption; a resumed arm keeps the points up to its resumed step). At the first point at
 or past the forecast window (the first `forecast.FIT_FRACTION` of the budget) it forecasts the forgetting at
-the end of the budget, and it says stop when `--stop-if-forecast-exceeds` is crossed (forecast.should_stop).
+the end of the budget, and it says stop when `--stop-if-forecast-exceeds` is crossed (forecast.should_stop;
+checked at that one point, `stop_steps`, so the bound's level needs no correction for repeated looks).
 `finish` puts the measured end values beside the forecasts and returns the summary train/<arm>.json keeps.
 """
 
@@ -51,6 +52,23 @@ def curve_steps(total_steps: int, eval_every: int, fit_fraction: float = forecas
     dense = max(1, eval_every // 4)
     steps = set(range(dense, fit_end + 1, dense)) | set(range(eval_every, total_steps + 1, eval_every))
     return sorted(steps | {total_steps})
+
+
+def stop_steps(steps: list[int], fit_end: int) -> list[int]:
+    """The curve points at which the early stop is checked: the first at or past the forecast window's end
+    (`fit_end` steps), where the one forecast is made. Their number is the looks the stop's lower bound is
+    corrected for (Bonferroni, forecast.forecast_power_law's `looks`): one, since the forecast is fitted to the
+    window's points only and a later check would compare the same bound (docs/curves.md, "Repeated looks")."""
+    return [s for s in steps if s >= fit_end][:1]
+
+
+def stop_bound_words(fc: dict) -> str:
+    """The bound the stop compares, in words: its one-sided level, the interval whose lower side it is, and
+    the looks it is corrected for (`fc`: a forecast.Forecast as a dict)."""
+    f = forecast.Forecast(**fc)
+    how = ("one look, at the forecast window's end: no correction" if f.looks == 1
+           else f"Bonferroni over {f.looks} looks")
+    return f"lower bound at {100 * f.look_level:.3g}% (the {f.level:.0%} interval's lower side; {how}) {_f(f.stop_bound)}"
 
 
 # ---- the fixed items and texts -------------------------------------------------------------------------------
@@ -174,6 +192,8 @@ class CurveTracker:
         self.stopped: dict | None = None
         self.session_point_s = 0.0
         self.fit_end = max(1, math.floor(forecast.FIT_FRACTION * total_steps))
+        self.stop_steps = stop_steps(self.steps, self.fit_end)
+        self.looks = max(1, len(self.stop_steps))  # planned looks at the stop, known before the first step
 
     # -- before the first step, on the base model
     def start(self, model, tok, resumed_step: int) -> None:
@@ -254,7 +274,7 @@ class CurveTracker:
         self.session_point_s += p.measure_s
         self.curve.points = [q for q in self.curve.points if q.step != step] + [p]
         stop = False
-        if step >= self.fit_end and self.curve.meta.get("forecast") is None:
+        if step in self.stop_steps and self.curve.meta.get("forecast") is None:
             self.curve.meta["forecast"] = self._forecast(step)
             stop = self._should_stop(step)
         self._write()
@@ -273,8 +293,9 @@ class CurveTracker:
             t, f, loss = self.curve.forgetting(sig)
             if len(t) == 0:
                 continue
+            looks = {"looks": self.looks} if sig == STOP_SIGNAL else {}  # the one the stop compares
             entry = {"power_law": forecast.forecast_power_law(t, f, self.budget, n_boot=FORECAST_BOOT,
-                                                              **axis).to_dict()}
+                                                              **axis, **looks).to_dict()}
             if axis:  # the same law in tokens, kept beside it so every run compares the two axes
                 entry["power_law_tokens"] = forecast.forecast_power_law(t, f, self.budget,
                                                                         n_boot=FORECAST_BOOT).to_dict()
@@ -289,13 +310,22 @@ class CurveTracker:
         fc = ((self.curve.meta["forecast"]["signals"].get(STOP_SIGNAL) or {}).get("power_law"))
         if margin is None or not fc:
             return False
-        if not forecast.should_stop(forecast.Forecast(**fc), margin) or step >= self.total_steps:
+        f = forecast.Forecast(**fc)
+        if f.stop_bound is None:
+            console.detail(f"{self.label}: no early stop at step {step}: the forecast has no interval ({f.reason})")
+            return False
+        crossed = forecast.should_stop(f, margin)
+        if not crossed or step >= self.total_steps:
+            console.detail(f"{self.label}: no early stop at step {step}: its {stop_bound_words(fc)} "
+                           f"{'exceeds' if crossed else 'does not exceed'} --stop-if-forecast-exceeds {margin:g}"
+                           + (" (the last step: nothing left to save)" if crossed else ""))
             return False
         self.stopped = {"step": step, "tokens": step * self.tokens_per_step, "planned_steps": self.total_steps,
+                        "looks": f.looks, "look_level": f.look_level, "lower_bound": f.stop_bound,
                         "reason": f"forecast at step {step} of {self.total_steps}: retention soft accuracy will drop "
                                   f"by {fc['predicted']:.2f} points at {self.budget} tokens "
-                                  f"({fc['level']:.0%} interval [{fc['lo']:.2f}, {fc['hi']:.2f}]); its lower bound "
-                                  f"exceeds --stop-if-forecast-exceeds {margin:g}"}
+                                  f"({fc['level']:.0%} interval [{fc['lo']:.2f}, {fc['hi']:.2f}]); its "
+                                  f"{stop_bound_words(fc)} exceeds --stop-if-forecast-exceeds {margin:g}"}
         self.curve.meta["stopped_early"] = self.stopped
         console.say(f"{self.label}: stopped early: {self.stopped['reason']}")
         return True

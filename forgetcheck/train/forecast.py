@@ -35,6 +35,11 @@ covariance is not used: a and t0 are strongly correlated and the curve is far fr
 gives absurd intervals. With no residual degree of freedom (as many points as parameters), when fewer than 10
 refits converge, or when the refits' interval does not hold the fitted value itself, there is no interval
 (lo = hi = None; `reason` says which): the forecast keeps its point value and never stops a run.
+
+Repeated looks: a power-law forecast made for a stop that is checked at `looks` points of a run also keeps
+`lo_adjusted`, the lower bound at one-sided level 1 − (1 − level)/2/looks from the same draws (Bonferroni: the
+lower side's error split over the looks, valid whatever their dependence); `should_stop` uses it. With one
+look it is `lo`. `lo` and `hi` keep their meaning. See docs/curves.md, "Repeated looks".
 """
 
 from __future__ import annotations
@@ -71,10 +76,22 @@ class Forecast:
     level: float = LEVEL
     reason: str | None = None
     axis: str = "tokens"
+    looks: int = 1
+    lo_adjusted: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.predicted is not None
+
+    @property
+    def look_level(self) -> float:
+        """One-sided level of `lo_adjusted`: the interval's lower side, its error split over `looks`."""
+        return 1.0 - (1.0 - self.level) / 2.0 / self.looks
+
+    @property
+    def stop_bound(self) -> float | None:
+        """The lower bound the stop compares with its margin: `lo` for one look, else `lo_adjusted`."""
+        return self.lo if self.looks <= 1 else self.lo_adjusted
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,15 +156,17 @@ def fit_power_law(tokens, forgetting, scale: float) -> np.ndarray:
     return best
 
 
-def _interval(draws, level: float) -> tuple[float | None, float | None]:
-    if draws is None:
-        return None, None
-    draws = np.asarray(draws, dtype=float)
+def _quantiles(draws, *qs: float) -> list[float | None]:
+    """The draws' quantiles at `qs`; all None without draws or with fewer than 10 finite ones."""
+    draws = np.asarray([] if draws is None else draws, dtype=float)
     draws = draws[np.isfinite(draws)]
-    if draws.size < 10:
-        return None, None
+    return [float(np.quantile(draws, q)) if draws.size >= 10 else None for q in qs]
+
+
+def _interval(draws, level: float) -> tuple[float | None, float | None]:
     q = (1.0 - level) / 2.0
-    return float(np.quantile(draws, q)), float(np.quantile(draws, 1.0 - q))
+    lo, hi = _quantiles(draws, q, 1.0 - q)
+    return lo, hi
 
 
 def _power_law_draws(x, y, p, x_end: float, n_boot: int, rng) -> np.ndarray | None:
@@ -209,14 +228,17 @@ def _on_axis(t: np.ndarray, budget_tokens: float, time) -> tuple[np.ndarray, flo
 
 def forecast_power_law(tokens, forgetting, budget_tokens: float, *, fit_fraction: float = FIT_FRACTION,
                        level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0, time=None,
-                       axis: str = "tokens") -> Forecast:
+                       axis: str = "tokens", looks: int = 1) -> Forecast:
     """Forgetting at `budget_tokens` from the shifted power law fitted to the points (tokens, forgetting)
     with tokens <= fit_fraction·budget_tokens (points at t <= 0 carry no information: F(0) = 0 is built in).
 
     `time` (a monotone function of tokens, named `axis`) is the law's time axis when given: the points and the
     budget are mapped through it before the fit (e.g. the learning-rate integral, `lr_integral`), so a schedule
     that slows the drift later is known to the forecast; the window is still the first fit_fraction of the
-    tokens. The params' t0 is then in the axis's units."""
+    tokens. The params' t0 is then in the axis's units.
+
+    `looks`: the points at which a stop is checked against this forecast's lower bound; `lo_adjusted` is the
+    bound at the Bonferroni-corrected level (`Forecast.look_level`), from the same draws."""
     until, t, (y,) = _window(tokens, forgetting, budget_tokens, fit_fraction)
     y, t = y[t > 0], t[t > 0]
     if len(t) < MIN_POINTS:
@@ -233,7 +255,10 @@ def forecast_power_law(tokens, forgetting, budget_tokens: float, *, fit_fraction
     a, s, b = (float(v) for v in p)
     t0 = s * end
     predicted = float(_shape(1.0, a, s, b))
-    lo, hi = _interval(_power_law_draws(u / end, y, p, 1.0, n_boot, np.random.default_rng(seed)), level)
+    if looks < 1:
+        raise ValueError(f"looks must be >= 1; got {looks}")
+    draws = _power_law_draws(u / end, y, p, 1.0, n_boot, np.random.default_rng(seed))
+    lo, hi = _interval(draws, level)
     fitted = _shape(u / end, a, s, b)
     params = {"A": a / t0 ** b, "t0": t0, "b": b, "a": a, "axis_end": end,
               "rmse": float(np.sqrt(np.mean((fitted - y) ** 2)))}
@@ -246,8 +271,11 @@ def forecast_power_law(tokens, forgetting, budget_tokens: float, *, fit_fraction
         why = ("no interval: as many points as parameters" if len(t) <= 3 else
                "no interval: fewer than 10 of the bootstrap refits converged (the window's points fit the law "
                "too loosely to bound it)")
-    return Forecast(model=POWER_LAW, params=params, predicted=predicted, lo=lo, hi=hi, fit_until_tokens=until,
-                    at_tokens=budget_tokens, n_points=len(t), level=level, reason=why, axis=axis)
+    out = Forecast(model=POWER_LAW, params=params, predicted=predicted, lo=lo, hi=hi, fit_until_tokens=until,
+                   at_tokens=budget_tokens, n_points=len(t), level=level, reason=why, axis=axis, looks=looks)
+    if lo is not None:
+        out.lo_adjusted = _quantiles(draws, (1.0 - level) / 2.0 / looks)[0]  # 1 − look_level, unrounded
+    return out
 
 
 def fit_loss_linear(losses, forgetting) -> tuple[np.ndarray, np.ndarray | None]:
@@ -313,7 +341,8 @@ def forecast_loss_linear(tokens, forgetting, losses, budget_tokens: float, *, fi
 
 
 def should_stop(forecast: Forecast, margin: float) -> bool:
-    """True when the forecast's lower bound exceeds `margin` (same units as the forgetting signal): the
-    run will very likely forget more than allowed, so continuing is wasted compute. No forecast or no
-    interval: False."""
-    return forecast.lo is not None and forecast.lo > margin
+    """True when the forecast's lower bound (`stop_bound`: corrected for the stop's looks) exceeds `margin`
+    (same units as the forgetting signal): the run will very likely forget more than allowed, so continuing is
+    wasted compute. No forecast or no interval: False."""
+    bound = forecast.stop_bound
+    return bound is not None and bound > margin

@@ -42,6 +42,73 @@ def test_schedule_is_dense_in_the_forecast_window_and_ends_at_the_last_step():
     assert curve.curve_steps(50, 0) == []
 
 
+def test_the_stop_is_planned_for_one_look_at_the_window_end():
+    assert curve.stop_steps(curve.curve_steps(32, 8), 8) == [8]  # points 2, 4, 6, 8 | 16, 24, 32
+    assert curve.stop_steps(curve.curve_steps(20, 12), 5) == [12]  # points 3 | 12, 20: the first past step 5
+    t = curve.CurveTracker("sft", replace(TrainConfig(), eval_every=8), RunDir(Path("unused")), total_steps=32,
+                           tokens_per_step=256)
+    assert (t.stop_steps, t.looks) == ([8], 1)
+
+
+def _planted_tracker(tmp_path, monkeypatch, margin: float) -> tuple[curve.CurveTracker, list]:
+    """A tracker of 32 steps (points 2, 4, 6, 8 in the window, then 16, 24, 32) whose soft accuracy falls as
+    tokens^0.5 to 8 points lost at the end, with no model: every forecast it makes is logged (looks asked)."""
+    cfg = replace(TrainConfig(), eval_every=8, stop_if_forecast_exceeds=margin)
+    t = curve.CurveTracker("sft", cfg, RunDir(tmp_path), total_steps=32, tokens_per_step=256)
+    t.curve = signals.Curve(arm="sft", base={"soft_acc": 40.0}, meta={"forecast": None, "stopped_early": None})
+
+    def point(model, tok, ref, *, tokens, step, train_loss=None):
+        drop = 8.0 * (step / 32) ** 0.5 + 0.05 * (-1) ** (step // 2)
+        return signals.CurvePoint(tokens, step, train_loss, 0.01 * step, 0.02 * step, 1.0, 1.0, 40.0 - drop, 0.01)
+
+    looks, real = [], forecast.forecast_power_law
+
+    def logged(*a, **kw):
+        looks.append(kw.get("looks", 1))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(signals, "measure_point", point)
+    monkeypatch.setattr(forecast, "forecast_power_law", logged)
+    monkeypatch.setattr(curve, "FORECAST_SIGNALS", ("soft_acc",))
+    monkeypatch.setattr(curve, "FORECAST_BOOT", 100)
+    return t, looks
+
+
+def _train(t: curve.CurveTracker) -> int:
+    """Steps 1..32 as the loop calls them; the step it stopped at."""
+    for step in range(1, t.total_steps + 1):
+        if t.after_step(None, None, step, [(step, 3.0 - 0.01 * step)]):
+            return step
+    return t.total_steps
+
+
+def test_the_stop_is_checked_once_at_the_planned_look(tmp_path, monkeypatch, capsys):
+    t, looks = _planted_tracker(tmp_path, monkeypatch, margin=100.0)  # never crossed: the run goes on
+    assert _train(t) == 32 and t.stopped is None
+    assert looks == [1]  # one forecast for the stop, at step 8, asked for one look; none at 16, 24, 32
+    fc = t.curve.meta["forecast"]
+    pl = fc["signals"]["soft_acc"]["power_law"]
+    assert fc["made_at_step"] == 8 and pl["looks"] == 1 and pl["lo_adjusted"] == pl["lo"] is not None
+    assert ("sft: no early stop at step 8: its lower bound at 95% (the 90% interval's lower side; one look, "
+            "at the forecast window's end: no correction)") in capsys.readouterr().out
+
+
+def test_a_clear_stop_records_its_looks_and_level(tmp_path, monkeypatch, capsys):
+    t, _ = _planted_tracker(tmp_path, monkeypatch, margin=2.0)  # the forecast is about 8 points lost
+    assert _train(t) == 8
+    st = t.stopped
+    pl = t.curve.meta["forecast"]["signals"]["soft_acc"]["power_law"]
+    assert (st["looks"], st["look_level"]) == (1, pytest.approx(0.95)) and st["lower_bound"] == pl["lo_adjusted"] > 2.0
+    assert "its lower bound at 95% (the 90% interval's lower side; one look" in st["reason"]
+    assert st["reason"].endswith("exceeds --stop-if-forecast-exceeds 2")
+    assert signals.read_curve(t.run.curve_json("sft")).meta["stopped_early"] == st  # in the curve file too
+    assert "sft: stopped early: forecast at step 8 of 32" in capsys.readouterr().out
+    # several looks: the level and the bound said are the corrected ones
+    eight = {**pl, "looks": 8, "lo_adjusted": 1.5}
+    assert curve.stop_bound_words(eight) == ("lower bound at 99.4% (the 90% interval's lower side; Bonferroni over "
+                                             "8 looks) 1.50")
+
+
 def test_sizes_keep_the_predicted_overhead_within_the_bound():
     items = [150] * 32
     full = curve.plan_sizes(4, 10**7, items)  # plenty of training: full size, a small fraction

@@ -65,6 +65,32 @@ def test_early_stop_fires_on_a_curve_that_will_exceed_the_margin_and_not_on_one_
     assert not should_stop(f_flat, margin) and f_flat.hi < margin
 
 
+def test_a_stop_checked_at_several_looks_compares_the_bonferroni_lower_bound():
+    """Planted: a lower bound past the margin at 95% (the 90% interval's lower side) but not at the
+    Bonferroni level over 8 looks (99.375%, one-sided): no stop; with one look the same bound stops."""
+    planted = Forecast(model=forecast.POWER_LAW, predicted=5.0, lo=2.5, hi=7.0, looks=8, lo_adjusted=1.5)
+    assert planted.look_level == pytest.approx(1 - 0.05 / 8) and planted.stop_bound == 1.5
+    assert not should_stop(planted, margin=2.0)
+    assert should_stop(Forecast(**{**planted.to_dict(), "looks": 1}), margin=2.0)
+    assert not should_stop(Forecast(**{**planted.to_dict(), "lo_adjusted": None}), margin=-1e9)
+    # from the bootstrap draws: the same draws (seed), so lo and hi keep their meaning; only the stop's bound moves
+    y = law(T, 0.002, 2e6, 0.5) + np.random.default_rng(7).normal(0, 0.5, T.size)
+    one = forecast_power_law(T, y, BUDGET, n_boot=100)
+    eight = forecast_power_law(T, y, BUDGET, n_boot=100, looks=8)
+    assert (eight.lo, eight.hi, eight.predicted) == (one.lo, one.hi, one.predicted) and one.lo_adjusted == one.lo
+    assert eight.lo_adjusted < eight.lo
+    margin = (eight.lo + eight.lo_adjusted) / 2
+    assert should_stop(one, margin) and not should_stop(eight, margin)
+    with pytest.raises(ValueError, match="looks"):
+        forecast_power_law(T, y, BUDGET, n_boot=20, looks=0)
+
+
+def test_a_clear_case_still_stops_after_the_correction():
+    steep = law(T, 0.01, 2e6, 0.5) + np.random.default_rng(5).normal(0, 0.3, T.size)  # reaches 86.9
+    f = forecast_power_law(T, steep, BUDGET, n_boot=100, looks=8)
+    assert f.lo_adjusted < f.lo and should_stop(f, margin=40.0) and f.lo_adjusted > 40.0
+
+
 def test_loss_linear_recovers_its_slope_and_forecasts_from_a_given_final_loss():
     L = 3.0 - 0.4 * (1 - np.exp(-T / 1e7))
     F = 2.5 * (3.0 - L) + np.random.default_rng(3).normal(0, 0.005, T.size)
