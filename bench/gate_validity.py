@@ -263,9 +263,10 @@ def simulate_evals(n: int, sc: Scenario, rng: np.random.Generator) -> tuple[Eval
     labels = ["base", *sc.arms]
     items: dict[str, dict[str, list[dict]]] = {label: {} for label in labels}
     screen: dict[str, list[dict]] = {}
-    for t in range(N_TASKS):
+    n_tasks = len(next(iter(sc.arms.values())).changes)
+    for t in range(n_tasks):
         name = _task(t)
-        a, b = WEAK_BETA if sc.weak and t == N_TASKS - 1 else BASE_BETA
+        a, b = WEAK_BETA if sc.weak and t == n_tasks - 1 else BASE_BETA
         s, rest, target = _draw_base(rng, n, a, b)
         items["base"][name] = item_records(name, s, rest, target)
         for label, arm in sc.arms.items():
@@ -427,6 +428,172 @@ def print_simulation(rows: list[dict], power: dict | None, reps: int) -> None:
         print()
 
 
+# ---- (a') sequential: scoring until decided -------------------------------------------------------------------
+
+SEQ_TASKS = 4
+"""Gated tasks of a sequential run (fewer than the fixed table's 12: each run gates once per look)."""
+SEQ_FIRST, SEQ_CAP = 50, 400
+
+
+def seq_scenarios(pol: GateConfig) -> list[tuple[str, float]]:
+    """(name, drop of task00 in points, diffuse; the other tasks unchanged): the issue's four."""
+    m = pol.max_drop
+    return [("no change", 0.0), (f"task00 {m / 2:g} points down (half the margin)", m / 2),
+            (f"task00 {m:g} points down (the margin)", m), (f"task00 {2 * m:g} points down (twice the margin)", 2 * m)]
+
+
+def sequential_run(drop: float, sizes: tuple[int, ...], rng: np.random.Generator, pol: GateConfig,
+                   futility: bool = True) -> dict:
+    """One run scored until decided: every task gets its first look, then more items only while
+    `sequential.open_tasks` says so (the code `forgetcheck check --until-decided` runs), each look's new items
+    drawn fresh for the base and the arm (rows marked with their `look`). Returns the last gate.json, the items
+    each task was scored on and the looks taken."""
+    from forgetcheck.verdict import sequential
+
+    changes = (Change(drop),) + (Change(),) * (SEQ_TASKS - 1)
+    mean_s = clipped_mean(*BASE_BETA)
+    names = [_task(t) for t in range(SEQ_TASKS)]
+    rows: dict[str, dict[str, list[dict]]] = {"base": {n: [] for n in names}, "arm": {n: [] for n in names}}
+    screen = {n: item_records(n, *_draw_base(rng, SEQ_FIRST, *BASE_BETA), first=10**6) for n in names}
+    drift = drift_docs(rng, {"arm": Arm(changes)})
+    taken = {n: 0 for n in names}
+    grow = set(names)
+    while True:
+        for t, n in enumerate(names):
+            if n not in grow:
+                continue
+            k = taken[n]
+            new = sizes[k] - (sizes[k - 1] if k else 0)
+            s, rest, target = _draw_base(rng, new, *BASE_BETA)
+            first = sizes[k - 1] if k else 0
+            rows["base"][n] += [{**r, "look": k + 1} for r in item_records(n, s, rest, target, first)]
+            rows["arm"][n] += [{**r, "look": k + 1} for r in
+                               item_records(n, arm_scores(s, changes[t], mean_s, rng), rest, target, first)]
+            taken[n] = k + 1
+        evals = {}
+        for label in ("base", "arm"):
+            tasks = {n: {"suite": "retention", "kind": "multiple_choice", "primary_metric": "acc", "n": len(r),
+                         "chance": 1.0 / CHOICES, "samples": f"samples/{label}/{n}.jsonl", "metrics": _acc_entry(r),
+                         "looks": {"sizes": list(sizes), "items": [], "cap_items": sizes[-1], "cap_units": sizes[-1]},
+                         "screen": {"samples": f"samples/base/screen/{n}.jsonl", "n": SEQ_FIRST,
+                                    "metrics": _acc_entry(screen[n])} if label == "base" else None}
+                     for n, r in rows[label].items()}
+            doc = eval_doc({"schema_version": SCHEMA_VERSION, "kind": "eval", "model": {"name": label},
+                            "limit": SEQ_FIRST, "screen_items": SEQ_FIRST if label == "base" else None,
+                            "backend": "synthetic", "tasks": tasks, "drift": drift[label]})
+            evals[label] = Evaluation(Path(f"synthetic/eval/{label}.json"), doc, rows[label],
+                                      screen if label == "base" else None)
+        base = evals.pop("base")
+        gate = decide(compare_evals(base, evals), pol)
+        states = sequential.open_tasks(gate, {"arm": dict(taken)}, len(sizes))
+        if not futility:
+            states = [st if st.open or not st.why.startswith("futile") else
+                      sequential.TaskState(st.arm, st.task, True, "open") for st in states]
+        grow = {st.task for st in states if st.open}
+        if not grow:
+            return {"gate": gate, "items": {n: sizes[taken[n] - 1] for n in names}, "looks": dict(taken)}
+
+
+def item_rules(gate: dict) -> str:
+    """The item-based rules together (task_drop and retention_mean): fail if one FAILs, pass if all PASS."""
+    st = [r["status"] for r in gate["rules"] if r["rule"] in ("task_drop", "retention_mean")]
+    return "fail" if "fail" in st else "pass" if st and all(x == "pass" for x in st) else "inconclusive"
+
+
+def seq_simulate(name: str, drop: float, reps: int, seed: int = 0, futility: bool = True) -> dict:
+    pol = GateConfig()
+    sizes = sequential_look_sizes()
+    rng = np.random.default_rng([seed, stable_seed("seq", name)])
+    out = {"pass": 0, "fail": 0, "inconclusive": 0}
+    watch = {"pass": 0, "fail": 0, "inconclusive": 0}
+    mean_items, watch_items = [], []
+    for _ in range(reps):
+        r = sequential_run(drop, sizes, rng, pol, futility)
+        out[item_rules(r["gate"])] += 1
+        watch[watched(r["gate"], ("arm", "task_drop", _task(0)))] += 1
+        mean_items.append(float(np.mean(list(r["items"].values()))))
+        watch_items.append(r["items"][_task(0)])
+    return {"scenario": name, "drop": drop, "reps": reps, **{k: v / reps for k, v in out.items()},
+            "rule": {k: v / reps for k, v in watch.items()}, "items_mean": float(np.mean(mean_items)),
+            "items_p90": float(np.percentile(mean_items, 90)), "watch_mean": float(np.mean(watch_items)),
+            "watch_p90": float(np.percentile(watch_items, 90))}
+
+
+def sequential_look_sizes() -> tuple[int, ...]:
+    from forgetcheck.verdict.sequential import look_sizes
+
+    return look_sizes(SEQ_FIRST, SEQ_CAP)
+
+
+def fixed_power(n: int, reps: int, seed: int = 0) -> float:
+    """How often the fixed design at `n` items per task PASSes every item-based rule of an unchanged arm (the
+    same SEQ_TASKS tasks): the power a sequential design is matched against."""
+    sc = Scenario("no change", {"arm": Arm((Change(),) * SEQ_TASKS)})
+    rng = np.random.default_rng([seed, stable_seed("seq-fixed"), n])
+    return sum(item_rules(simulate_gate(n, sc, rng)) == "pass" for _ in range(reps)) / reps
+
+
+def _seq_job(args):
+    if args[0] == "fixed":
+        return ("fixed", args[1], fixed_power(*args[1:]))
+    return seq_simulate(*args)
+
+
+def sequential_table(reps: int, seed: int = 0, jobs: int = 1, fixed_sizes: tuple[int, ...] = (200, 250, 300, 350, 400),
+                     futility: bool = True) -> dict:
+    """The sequential scenarios and the fixed design's power at `fixed_sizes` (the no-change PASS rate), on
+    `jobs` processes."""
+    pol = GateConfig()
+    work: list[tuple] = [(name, drop, reps, seed, futility) for name, drop in seq_scenarios(pol)]
+    work += [("fixed", n, reps, seed) for n in fixed_sizes]
+    if jobs <= 1:
+        out = [_seq_job(w) for w in work]
+    else:
+        from multiprocessing import Pool
+
+        with Pool(jobs) as pool:
+            out = pool.map(_seq_job, work, chunksize=1)
+    rows = [r for r in out if isinstance(r, dict)]
+    fixed = {n: p for tag, n, p in (r for r in out if isinstance(r, tuple))}
+    return {"rows": rows, "fixed": fixed, "sizes": sequential_look_sizes(), "reps": reps, "futility": futility}
+
+
+def matched_n(fixed: dict[int, float], power: float) -> float | None:
+    """The fixed items per task with `power` (linear between the simulated sizes); None outside them."""
+    ns = sorted(fixed)
+    for a, b in zip(ns, ns[1:]):
+        pa, pb = fixed[a], fixed[b]
+        if min(pa, pb) <= power <= max(pa, pb) and pa != pb:
+            return a + (power - pa) * (b - a) / (pb - pa)
+    if ns and power <= fixed[ns[0]]:
+        return float(ns[0])
+    return None
+
+
+def print_sequential(t: dict) -> None:
+    rows, fixed = t["rows"], t["fixed"]
+    power = next(r["pass"] for r in rows if r["drop"] == 0)
+    n_fix = matched_n(fixed, power)
+    print(f"(a') sequential: {SEQ_TASKS} gated tasks, task00 carries the drop (diffuse), looks at "
+          f"{', '.join(map(str, t['sizes']))} items per task, futility stop {'on' if t['futility'] else 'off'}, "
+          f"{t['reps']} runs per row")
+    print("fixed design, no change, every item-based rule PASSes: "
+          + ", ".join(f"{n}: {_pct(p)}" for n, p in sorted(fixed.items())))
+    print(f"sequential no-change PASS {_pct(power)} -> fixed design with the same power: "
+          + (f"{n_fix:.0f} items per task" if n_fix else "outside the simulated sizes"))
+    print(f"{'scenario':<40} {'PASS':>6} {'FAIL':>6} {'task00 P/F':>12} {'items mean':>10} {'p90':>5} "
+          f"{'task00':>7} {'vs fixed':>8}")
+    ratios = []
+    for r in rows:
+        ratio = r["items_mean"] / n_fix if n_fix else float("nan")
+        ratios.append(ratio)
+        print(f"{r['scenario']:<40} {_pct(r['pass']):>6} {_pct(r['fail']):>6} "
+              f"{_pct(r['rule']['pass']) + '/' + _pct(r['rule']['fail']):>12} {r['items_mean']:>10.0f} "
+              f"{r['items_p90']:>5.0f} {r['watch_mean']:>7.0f} {100 * ratio:>7.0f}%")
+    print(f"mean over the scenarios: {100 * float(np.mean(ratios)):.0f}% of the fixed design's items; "
+          f"largest {100 * float(np.max(ratios)):.0f}%")
+
+
 # ---- (b) real models -------------------------------------------------------------------------------------
 
 def add_noise(model, sigma: float, blocks: range, seed: int = 0) -> None:
@@ -552,7 +719,14 @@ def main() -> None:
     ap.add_argument("--sigmas", default="0.05,0.1,0.16")
     ap.add_argument("--draws", type=int, default=1, help="noise draws per sigma, each with its own seed")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--sequential", action="store_true", help="only the sequential table (a')")
+    ap.add_argument("--no-futility", action="store_true", help="sequential: never stop a rule as futile")
     a = ap.parse_args()
+    if a.sequential:
+        t0 = time.perf_counter()
+        print_sequential(sequential_table(a.reps, a.seed, a.jobs, futility=not a.no_futility))
+        print(f"(sequential table took {time.perf_counter() - t0:.0f} s)")
+        return
     if not a.real_only:
         t0 = time.perf_counter()
         rows, power = simulation(a.reps, tuple(int(x) for x in a.sizes.split(",")), a.seed, a.jobs, a.power_reps,

@@ -133,6 +133,37 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LookConfig:
+    """Scoring until decided (`check` and `run`; verdict/sequential.py, docs/verdicts.md "Until decided")."""
+
+    until_decided: bool = flag(False, "After the first look (--limit items per task), score more items only for "
+                                      "the tasks whose verdict is still open, in looks 1.5x larger, until every "
+                                      "rule decides or --max-items / --max-minutes is reached (the gate's "
+                                      "sequential bounds hold at every look).",
+                               decls="--until-decided/--fixed-items")
+    max_items: int | None = flag(None, "With --until-decided: most items per task (the cap). Default 8 x --limit.")
+    max_minutes: float | None = flag(None, "With --until-decided: start no new look after this many minutes.")
+
+    def cap(self, limit: int) -> int:
+        return self.max_items if self.max_items is not None else 8 * limit
+
+
+def validate_looks(lk: LookConfig, limit: int | None) -> list[str]:
+    problems = []
+    if not lk.until_decided:
+        if lk.max_items is not None or lk.max_minutes is not None:
+            problems.append("--max-items and --max-minutes only apply with --until-decided: add it, or drop them")
+        return problems
+    if limit is None:
+        problems.append("--until-decided needs a first look of --limit N items per task (a preset's, or give one)")
+    elif lk.max_items is not None and lk.max_items < limit:
+        problems.append(f"--max-items ({lk.max_items}) must be at least --limit ({limit})")
+    if lk.max_minutes is not None and not (lk.max_minutes > 0 and lk.max_minutes < float("inf")):
+        problems.append(f"--max-minutes must be a positive number of minutes (got {lk.max_minutes})")
+    return problems
+
+
+@dataclass(frozen=True)
 class GateConfig:
     """The release gate's policy (verdict/gate.py; every rule in docs/verdicts.md). Margins are in points (percent for
     `max_ppl_rise`, nats per token for `max_kl`); each rule passes when its one-sided (1 - alpha) bound rules

@@ -39,6 +39,17 @@ class TaskResult(TypedDict, total=False):
     chance: float | None  # primary metric of random guessing (None for perplexity)
     samples: str  # path of the per-item JSONL, relative to the eval JSON's folder
     screen: ScreenItems | None  # a base's screen items of the task (None: none scored, or an older file)
+    looks: TaskLooks | None  # a sequential evaluation's looks at the task (None: a fixed --limit)
+
+
+class TaskLooks(TypedDict):
+    """eval/<model>.json tasks.<task>.looks (`--until-decided`, eval/runner.Looks): each row of the task's samples
+    file records the `look` that added it."""
+
+    sizes: list[int]  # items per task planned at each look; the last is the cap
+    items: list[int]  # new items of each look this model was scored on
+    cap_items: int  # items of the task at the cap
+    cap_units: int  # independent units (clusters, else items) at the cap: what the gate's bets are tuned for
 
 
 class ScreenItems(TypedDict):
@@ -259,6 +270,7 @@ class ItemRecord(TypedDict):
     chosen: dict[str, int]  # the choice each metric scored (acc_norm: length-normalised)
     choices: list | None
     cluster: Any
+    look: int | None  # the sequential look that added the item (`--until-decided`); None: a fixed --limit
     doc: Any  # the question, in whichever of these keys the record carries it
     prompt: Any
     text: Any
@@ -269,7 +281,7 @@ class ItemRecord(TypedDict):
 
 ITEM_TEXT_KEYS = ("doc", "prompt", "text", "question", "context", "arguments")
 ITEM_DEFAULTS = {"doc_id": None, "doc_hash": None, "target": None, "loglikelihoods": None, "words": None,
-                 "bytes": None, "metrics": {}, "chosen": {}, "choices": None, "cluster": None,
+                 "bytes": None, "metrics": {}, "chosen": {}, "choices": None, "cluster": None, "look": None,
                  **dict.fromkeys(ITEM_TEXT_KEYS)}
 
 
@@ -299,7 +311,7 @@ def eval_drift_doc(obj: Any) -> EvalDrift:
 
 
 TASK_RESULT_DEFAULTS = {"suite": "retention", "kind": None, "primary_metric": None, "metrics": {}, "n": None,
-                        "chance": None, "samples": None, "screen": None}
+                        "chance": None, "samples": None, "screen": None, "looks": None}
 
 
 def eval_doc(obj: Any) -> EvalFile:
@@ -396,7 +408,10 @@ saying why), `items` naming them ("screen": the base's screen items; "unpaired":
 MEAN_DEFAULTS = {"n_tasks": None, "tasks": [], "base_mean": None, "arm_mean": None, "delta": None, "ci": None,
                  "p_value": None, "se": None, "df": None, "significant": False, "unavailable": None}
 ESTIMATE_DEFAULTS = {"clusters": None, "df": None, "skew": None}
-SOFT_DEFAULTS = {**ESTIMATE_DEFAULTS, "unit_deltas": None}
+SOFT_DEFAULTS = {**ESTIMATE_DEFAULTS, "unit_deltas": None, "looks": None, "look_items": None, "plan_units": None}
+"""compare.json soft blocks: `unit_deltas` (each independent unit's change, in points); from a sequential evaluation
+also `looks` (units of each look, in the order of `unit_deltas`), `look_items` (items of each look) and
+`plan_units` (units at the cap, which the gate's bets are tuned for); None otherwise."""
 SUMMARY_DEFAULTS = {"forgetting": None, "forgetting_ci": None, "forgetting_significant": None, "learning": None,
                     "learning_ci": None, "learning_significant": None, "kl_mean": None}
 DRIFT_DEFAULTS = {"perplexity": {}, "kl": None, "text_perplexity": None, "ppl_rise": None, "kl_mean": None,

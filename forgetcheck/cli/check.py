@@ -37,6 +37,7 @@ from forgetcheck.cli.options import (
     AllowTaskCodeOpt,
     DeviceOpt,
     EvalFlags,
+    LookFlags,
     OutOpt,
     RunIdOpt,
     TasksDirOpt,
@@ -49,7 +50,7 @@ from forgetcheck.rundir import RunDir, atomic_write_json, read_json
 from forgetcheck.schema import StageTimer, update_manifest
 
 
-@options(ev=EvalFlags, verdict=VerdictFlags)
+@options(ev=EvalFlags, verdict=VerdictFlags, seq=LookFlags)
 def check(
     base: Annotated[Optional[str], typer.Option("--base", help="The model the candidates are checked against: "
                                                 "alias (smollm2-135m, tiny-gpt2), HF folder, .gguf or hub id.")] = None,
@@ -72,6 +73,7 @@ def check(
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
     verdict: VerdictFlags = VerdictFlags(),
+    seq: LookFlags = LookFlags(),
     verbose: VerboseOpt = False,
 ) -> None:
     """Gate models trained elsewhere: evaluate --base and each --candidate (or pair two sides' lm-eval
@@ -79,7 +81,9 @@ def check(
     req = CheckRequest(out=out, run_id=run_id, base=base, candidates=tuple(candidate or ()), base_samples=base_samples,
                        candidate_samples=tuple(candidate_samples or ()), tasks_dir=tasks_dir)
     model_flags = {"--limit": ev.limit, "--preset": preset, "--backend": ev.backend, "--batch-size": ev.batch_size,
-                   "--screen-items": ev.screen_items, "--tasks-dir": tasks_dir, "--allow-task-code": allow_task_code}
+                   "--screen-items": ev.screen_items, "--tasks-dir": tasks_dir, "--allow-task-code": allow_task_code,
+                   "--until-decided": seq.until_decided or None, "--max-items": seq.max_items,
+                   "--max-minutes": seq.max_minutes}
     verdict_args = dict(previous=previous, gate_overrides=verdict.overrides(), policy_file=verdict.policy,
                         junit=verdict.junit, markdown=verdict.markdown, verbose=verbose)
     if check_mode(req, model_flags) == "samples":
@@ -87,9 +91,11 @@ def check(
                              tasks=config.split_csv(ev.tasks), **verdict_args)
     else:
         _, eval_cfg = config.apply_preset(preset or "quick", {}, ev.overrides())
+        looks = seq.config()
+        config.check(config.validate_looks(looks, eval_cfg.limit))
         code = check_models(base, list(candidate or ()), eval_cfg, out=out, run_id=run_id, device=device,
                             tasks_dir=tasks_dir, allow_task_code=allow_task_code, preset=preset or "quick",
-                            **verdict_args)
+                            looks=looks, **verdict_args)
     raise typer.Exit(code)
 
 
@@ -135,20 +141,28 @@ def _checked(resolve, body, req: CheckRequest, junit: Path | None, markdown: Pat
 def check_models(base: str, candidates: list[str], eval_cfg: config.EvalConfig, *, out: Path, run_id: str | None,
                  device: str = "auto", tasks_dir: Path | None = None, allow_task_code: bool = False,
                  previous: str | None = None, preset: str = "quick", gate_overrides: dict | None = None, policy_file: Path | None = None,
-                 junit: Path | None = None, markdown: Path | None = None, verbose: bool = False) -> int:
-    """Evaluate the base and every candidate, then compare, gate and report. Returns the gate's exit code."""
+                 junit: Path | None = None, markdown: Path | None = None, verbose: bool = False,
+                 looks: config.LookConfig | None = None) -> int:
+    """Evaluate the base and every candidate, then compare, gate and report (with `looks.until_decided`, look
+    after look: cli/looks.py). Returns the gate's exit code."""
     req = CheckRequest(out=out, run_id=run_id, base=base, candidates=tuple(candidates), previous=previous,
                        eval=eval_cfg, preset=preset, device=device, tasks_dir=tasks_dir,
-                       allow_task_code=allow_task_code, gate_overrides=dict(gate_overrides or {}), policy_file=policy_file)
+                       allow_task_code=allow_task_code, gate_overrides=dict(gate_overrides or {}), policy_file=policy_file,
+                       looks=looks or config.LookConfig())
     return _checked(resolve_check_models, _check_models, req, junit, markdown, verbose)
 
 
 def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -> int:
+    from forgetcheck.cli import looks as seq
     from forgetcheck.eval import runner
     from forgetcheck.verdict import compare
 
     req = inp.request
     run, eval_cfg, dev, base_ref, refs = inp.run, req.eval, inp.device, inp.model, inp.candidates
+    plan = None
+    if req.looks.until_decided:
+        seq.check_policy(inp.policy)
+        plan = runner.Looks(seq.sizes_for(eval_cfg, req.looks), {})
     resolved = {"base": base_ref.to_dict(), "candidates": {n: r.to_dict() for n, r in refs.items()},
                 "device": dev.device, "device_reason": dev.reason}
     _write_config(run, {
@@ -156,7 +170,8 @@ def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -
         "preset": req.preset, "out_dir": str(req.out), "run_id": run.run_id, "device": req.device,
         "tasks_dir": str(req.tasks_dir) if req.tasks_dir else None,
         "previous": inp.previous.describe() if inp.previous else None,
-        "eval": config.to_dict(eval_cfg), "gate": config.to_dict(inp.policy), "resolved": resolved})
+        "eval": config.to_dict(eval_cfg), "looks": config.to_dict(req.looks), "gate": config.to_dict(inp.policy),
+        "resolved": resolved})
     update_manifest(run, run_id=run.run_id, command="check", device=dev.device, model=base_ref.to_dict(),
                     candidates={n: r.to_dict() for n, r in refs.items()}, random_weights=base_ref.random_weights)
     console.log_to(run.root / "log.txt")
@@ -166,7 +181,8 @@ def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -
     console.say(f"  suites {','.join(eval_cfg.suites)}; tasks {','.join(eval_cfg.tasks) or 'all of the suites'}; "
                 f"limit {eval_cfg.limit if eval_cfg.limit is not None else 'all items'}"
                 + (f" (+{eval_cfg.screen_count()} screen items per retention multiple-choice task for the base)"
-                   if eval_cfg.screen_count() else "") + f"; backend {eval_cfg.backend}")
+                   if eval_cfg.screen_count() else "") + f"; backend {eval_cfg.backend}"
+                + (f"; until decided, looks at {', '.join(map(str, plan.sizes))} items per task" if plan else ""))
     if base_ref.random_weights:
         console.say(f"  NOTE: --base {req.base} has RANDOM WEIGHTS: results are plumbing checks, not model quality")
     t0 = time.perf_counter()
@@ -174,7 +190,7 @@ def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -
     with StageTimer(run, "eval_base"), console.stage(f"[1/{n + 1}] evaluate the base {req.base} (cached per task "
                                                      f"when evaluated before)"):
         runner.evaluate(base_ref, eval_cfg, run.eval_json("base"), device=dev.device, label="base",
-                        tasks_dir=req.tasks_dir, screen=True)
+                        tasks_dir=req.tasks_dir, screen=True, looks=plan)
     for task, t in ((read_json(run.eval_json("base")).get("timings") or {}).get("tasks") or {}).items():
         if t.get("cached"):  # what a second check of the same base saves: it is not evaluated again
             console.say(f"  {task}: cache hit")
@@ -184,18 +200,30 @@ def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -
     if line:
         console.say(f"  {line}")
     notes = []
+    references = {}
     for i, (name, ref) in enumerate(refs.items(), 2):
         ok, why = same_vocabulary(base_ref, ref)
-        reference = run.eval_json("base") if ok else None
+        reference = references[name] = run.eval_json("base") if ok else None
         if not ok:
             note = f"{name}: KL drift skipped: {why}; KL needs one shared vocabulary"
             notes.append(note)
             console.say(f"  note: {note}")
         with StageTimer(run, f"eval_{name}"), console.stage(f"[{i}/{n + 1}] evaluate candidate {name} ({ref.path})"):
             runner.evaluate(ref, eval_cfg, run.eval_json(name), device=dev.device, reference=reference,
-                            label=name, tasks_dir=req.tasks_dir, skip=skip)
+                            label=name, tasks_dir=req.tasks_dir, skip=skip, looks=plan)
     if notes:
         update_manifest(run, notes=notes)
+    if plan is not None:
+        def again(label: str, taken: dict[str, int]) -> None:
+            ref = base_ref if label == "base" else refs[label]
+            with StageTimer(run, f"eval_{label}_looks"):
+                runner.evaluate(ref, eval_cfg, run.eval_json(label), device=dev.device, label=label,
+                                reference=None if label == "base" else references[label], tasks_dir=req.tasks_dir,
+                                skip=None if label == "base" else skip, screen=label == "base",
+                                looks=runner.Looks(plan.sizes, taken))
+
+        with console.stage("until decided: more items only where a verdict is still open"):
+            seq.until_decided(run, plan.sizes, inp.policy, req.looks, again, list(refs), t0)
     return _finish(inp, t0, f"[{n + 1}/{n + 1}] compare, gate, report", junit, markdown)
 
 

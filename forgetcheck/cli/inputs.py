@@ -397,6 +397,7 @@ class CheckRequest:
     tasks: tuple[str, ...] = ()  # with lm-eval outputs: a subset of their tasks
     gate_overrides: dict = field(default_factory=dict)
     policy_file: Path | None = None
+    looks: config.LookConfig = field(default_factory=config.LookConfig)  # --until-decided (models only)
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,12 @@ EvalFlags = option_group("EvalFlags", config.EvalConfig, ("suites", "tasks", "li
                          "Evaluation", methods={"overrides": _eval_overrides})
 
 
+LookFlags = option_group("LookFlags", config.LookConfig, ("until_decided", "max_items", "max_minutes"),
+                         "Scoring until decided", defaults={"until_decided": False},
+                         methods={"config": lambda self: config.LookConfig(self.until_decided, self.max_items,
+                                                                             self.max_minutes)})
+
+
 # ---- the release gate: `run` (into config.json), `gate` and `check` (over --policy and the run's config) -----
 
 GATE_FLAGS = ("max_drop", "max_relative_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric", "max_ppl_rise",

@@ -33,7 +33,7 @@ from forgetcheck.errors import RuntimeFailure
 from forgetcheck.eval import cache, records
 from forgetcheck.eval.drift import load_reference, measure_drift
 from forgetcheck.eval.metrics import BITS_PER_BYTE, PERPLEXITY_METRICS, higher_is_better
-from forgetcheck.eval.suites import TaskSpec, resolve_tasks, select_with_screen
+from forgetcheck.eval.suites import TaskSpec, look_items, resolve_tasks, select_items, select_with_screen
 from forgetcheck.models.registry import ModelRef, content_hash
 from forgetcheck.rundir import atomic_write_jsonl
 from forgetcheck.schema import EvalFile, write_eval
@@ -132,6 +132,21 @@ class _Pending:
     indices: list[int] | None  # the --limit subset (or the screen items), None for every item
     n_items: int
     part: str = "gated"  # "gated": the items every model is scored on; "screen": the base's screen items
+    look: int = 0  # a sequential evaluation's look (1, 2, ...) whose new items these are; 0: not sequential
+
+
+@dataclass(frozen=True)
+class Looks:
+    """A sequential evaluation (`--until-decided`, cli/sequential.py): `sizes` are the items per task at each look
+    (the first is `--limit`, the last the cap) and `taken` how many looks of each task to score (1 where not
+    named). Each look's new items (suites.look_items) are a cache entry of their own, so a later look scores only
+    what is new, and every model of a check gets the same items at each look."""
+
+    sizes: tuple[int, ...]
+    taken: dict[str, int]
+
+    def of(self, task: str) -> int:
+        return self.taken.get(task, 1)
 
 
 def _joint_groups(pending: list[_Pending], max_items: int = JOINT_ITEMS) -> list[list[_Pending]]:
@@ -268,7 +283,29 @@ def _run_group(runner: _Model, group: list[_Pending]) -> list[tuple[_Pending, di
 
 
 def _what(p: _Pending) -> str:
+    if p.look:
+        return f"{p.spec.name} (look {p.look})"
     return f"{p.spec.name} (screen items)" if p.part == "screen" else p.spec.name
+
+
+def _timing(timings: dict, task: str, t: dict) -> None:
+    """A task's timing; a sequential task's looks add up (cached only when every look was)."""
+    if task not in timings:
+        timings[task] = t
+        return
+    was = timings[task]
+    timings[task] = {"cached": bool(was.get("cached")) and bool(t.get("cached")),
+                     "wall_s": round(was.get("wall_s", 0.0) + t.get("wall_s", 0.0), 3),
+                     "items": was.get("items", 0) + t.get("items", 0)}
+
+
+def _joined_looks(spec: TaskSpec, parts: list[tuple[int, dict, list[dict]]]) -> tuple[dict, list[dict]]:
+    """One task's looks as one result: the rows in look order, each marked with its `look`, and the metrics
+    recomputed over all of them with lm-eval's aggregations (as data-parallel ranks are merged)."""
+    rows = [{**r, "look": k} for k, _, rs in sorted(parts, key=lambda x: x[0]) for r in rs]
+    first = parts[0][1]
+    hib = {m: v["higher_is_better"] for m, v in first["metrics"].items()}
+    return {**first, "metrics": _merged_metrics(spec, rows, list(first["metrics"]), hib), "n": len(rows)}, rows
 
 
 def screens(spec: TaskSpec) -> bool:
@@ -279,12 +316,15 @@ def screens(spec: TaskSpec) -> bool:
 
 def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: str = "cpu",
              reference: Path | None = None, label: str | None = None, tasks_dir: Path | None = None,
-             device_map: str | None = None, skip: dict[str, str] | None = None, screen: bool = False) -> dict:
+             device_map: str | None = None, skip: dict[str, str] | None = None, screen: bool = False,
+             looks: Looks | None = None) -> dict:
     """Evaluate `model_ref` on the tasks of `cfg`, write `out_file` (EvalFile) and the per-item files, and
     return the EvalFile dict. `reference`: an earlier eval JSON (the base) to measure KL drift against.
     `tasks_dir`: lm-eval task YAMLs to use instead of forgetcheck's rendered tasks/. `skip`: {task: why} not
     scored (recorded under `skipped`; the drift text is still read from the suites' tasks). `screen`: this is a
-    base: also score `cfg.screen_count()` screen items of each retention multiple-choice task (`screens`)."""
+    base: also score `cfg.screen_count()` screen items of each retention multiple-choice task (`screens`; with
+    `looks`, the items after the cap's, so no look ever compares one). `looks`: score each task's first
+    `looks.of(task)` looks instead of the --limit items; each row records its `look`."""
     check(validate_eval(cfg))
     out_file = Path(out_file)
     label = label or out_file.stem
@@ -302,22 +342,42 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
     versions = cache.versions()
     runner = _Model(model_ref, device, dtype, cfg, device_map)
     samples_dir = out_file.parent / "samples" / label
-    done: dict[tuple[str, str], tuple[dict, list[dict]]] = {}  # (part, task) -> (result, rows)
+    done: dict[tuple[str, str, int], tuple[dict, list[dict]]] = {}  # (part, task, look) -> (result, rows)
     timings: dict[str, dict[str, dict]] = {"gated": {}, "screen": {}}
     backends: set[str] = set()
     pieces: list[_Pending] = []
     n_screen = cfg.screen_count() if screen else 0
+    look_plan: dict[str, dict] = {}
     for spec in scored:
-        indices, screen_idx = select_with_screen(spec.task, cfg.limit, n_screen if screens(spec) else 0, spec.kind)
-        n_items = len(indices) if indices is not None else len(spec.task.eval_docs)
-        key = cache.key(fmt=cache.CACHE_FORMAT, model=mhash, task=spec.config_hash, limit=cfg.limit, backend=cfg.backend,
-                   device=device.split(":")[0], dtype=dtype, versions=versions)
-        pieces.append(_Pending(spec, key, indices, n_items))
+        common = dict(fmt=cache.CACHE_FORMAT, model=mhash, task=spec.config_hash, backend=cfg.backend,
+                      device=device.split(":")[0], dtype=dtype, versions=versions)
+        if looks is not None and cfg.limit is not None:
+            chunks, cap_units = look_items(spec.task, list(looks.sizes), spec.kind)
+            plain = select_items(spec.task, looks.sizes[0], spec.kind)
+            taken = chunks[:looks.of(spec.name)]
+            look_plan[spec.name] = {"sizes": list(looks.sizes), "items": [len(c) for c in taken],
+                                    "cap_items": sum(len(c) for c in chunks), "cap_units": cap_units}
+            for k, chunk in enumerate(taken, 1):
+                if not chunk:
+                    continue
+                # the first look of a task without clusters is its --limit subset: the same entry as a fixed run's
+                key = (cache.key(limit=cfg.limit, **common) if k == 1 and chunk == plain
+                       else cache.key(part="look", items=cache.key(items=chunk), **common))
+                pieces.append(_Pending(spec, key, chunk, len(chunk), look=k))
+            screen_idx = []
+            if n_screen and screens(spec):
+                _, after = select_with_screen(spec.task, looks.sizes[-1], n_screen, spec.kind)
+                compared = {i for c in chunks for i in c}
+                screen_idx = [i for i in after if i not in compared]
+        else:
+            indices, screen_idx = select_with_screen(spec.task, cfg.limit, n_screen if screens(spec) else 0,
+                                                     spec.kind)
+            n_items = len(indices) if indices is not None else len(spec.task.eval_docs)
+            pieces.append(_Pending(spec, cache.key(limit=cfg.limit, **common), indices, n_items))
         if screen_idx:
             # its own entry: the gated items' key stays what every model (and a base without screen items) uses
-            skey = cache.key(fmt=cache.CACHE_FORMAT, model=mhash, task=spec.config_hash, limit=cfg.limit,
-                             part="screen", screen=n_screen, backend=cfg.backend, device=device.split(":")[0],
-                             dtype=dtype, versions=versions)
+            skey = cache.key(limit=cfg.limit if looks is None else looks.sizes[-1], part="screen", screen=n_screen,
+                             **common)
             pieces.append(_Pending(spec, skey, screen_idx, len(screen_idx), "screen"))
     console.set_total(len(pieces) + 1)  # every task (and its screen items), then drift
     missed: list[_Pending] = []
@@ -330,9 +390,9 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
             backends.add(result.pop("backend_used"))
             console.detail(f"  {what}: cache hit, {len(rows)} items ({cache.cache_dir() / p.key})")
             console.advance()
-            timings[p.part][p.spec.name] = {"cached": True, "wall_s": round(time.perf_counter() - t0, 3),
-                                            "items": len(rows)}
-            done[(p.part, p.spec.name)] = (result, rows)
+            _timing(timings[p.part], p.spec.name, {"cached": True, "wall_s": round(time.perf_counter() - t0, 3),
+                                                   "items": len(rows)})
+            done[(p.part, p.spec.name, p.look)] = (result, rows)
         else:
             console.detail(f"  {what}: {p.n_items} items ({p.spec.kind}) ...")
             missed.append(p)
@@ -343,19 +403,24 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
             if rank == 0:
                 cache.write(p.key, {**result, "backend_used": runner.backend_used}, rows)
             backends.add(runner.backend_used)
-            timings[p.part][p.spec.name] = timing
-            done[(p.part, p.spec.name)] = (result, rows)
+            _timing(timings[p.part], p.spec.name, timing)
+            done[(p.part, p.spec.name, p.look)] = (result, rows)
             console.advance()
     if rank != 0:  # data-parallel: rank 0 holds every row and writes the files
         return {}
     tasks: dict[str, dict] = {}
     for spec in scored:  # in the resolved order, whether cached or scored
-        result, rows = done[("gated", spec.name)]
+        if spec.name in look_plan:
+            result, rows = _joined_looks(spec, [(k, *done[key]) for key in sorted(done) for k in [key[2]]
+                                                if key[:2] == ("gated", spec.name)])
+            result["looks"] = look_plan[spec.name]
+        else:
+            result, rows = done[("gated", spec.name, 0)]
         sample_file = samples_dir / f"{spec.name}.jsonl"
         atomic_write_jsonl(sample_file, rows)
         tasks[spec.name] = {**result, "samples": str(sample_file.relative_to(out_file.parent))}
-        if ("screen", spec.name) in done:
-            sresult, srows = done[("screen", spec.name)]
+        if ("screen", spec.name, 0) in done:
+            sresult, srows = done[("screen", spec.name, 0)]
             screen_file = samples_dir / "screen" / f"{spec.name}.jsonl"
             atomic_write_jsonl(screen_file, srows)
             tasks[spec.name]["screen"] = {"samples": str(screen_file.relative_to(out_file.parent)), "n": len(srows),
@@ -376,7 +441,8 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         "model": {**model_ref.to_dict(), "content_hash": mhash},
         "config": to_dict(cfg),
         "limit": cfg.limit,
-        **({"screen_items": n_screen} if screen else {}),  # a base's: what it asked for (0: none)
+        **({"screen_items": n_screen} if screen else {}),
+        **({"looks": {"sizes": list(looks.sizes)}} if looks is not None and look_plan else {}),  # a base's: what it asked for (0: none)
         "backend": cfg.backend,
         "backend_used": sorted(b for b in backends if b),
         "device": device,

@@ -454,3 +454,53 @@ def _stratified(strata: dict[str, dict[str, list[int]]], rank: dict, limit: int)
                     picked.append(q.pop(0))
         chosen.extend(picked)
     return sorted(chosen)
+
+
+# ---- sequential looks -------------------------------------------------------------------------------------
+
+CLUSTER_ITEMS = 8
+"""Most items of one cluster (items sharing a source) a sequential look scores: a cluster is one unit of the gate's
+bound however many of its items are scored, so more than a handful buy little (fc_city_country has a country of
+170 cities among 54)."""
+
+
+def look_items(task, sizes: list[int], kind: str) -> tuple[list[list[int]], int]:
+    """The new items of each look of a sequential evaluation (`--until-decided`; `sizes`: the items per task at
+    each look, the last the cap) and the units (clusters, else items) at the cap. Look k adds the items of
+    `select_items(sizes[k])` that no earlier look holds. A task whose items share sources (`cluster`) grows by
+    whole clusters instead, taken in a seeded order until the look's size is reached: each look's units are then
+    clusters no earlier look touched, independent of the earlier ones (the gate's sequential bounds bet on each
+    look's units as fresh draws). A cluster brings at most `CLUSTER_ITEMS` of its items (the first in a seeded
+    order; fixed when it is drawn, whatever the models score), so one large source does not take a look's items
+    alone. Only the dataset decides, so every model of a check gets the same items."""
+    docs = task.eval_docs
+    docs = docs.to_list() if hasattr(docs, "to_list") else list(docs)
+    clusters: dict[str, list[int]] = {}
+    for i, d in enumerate(docs):
+        c = d.get("cluster") if isinstance(d, dict) else None
+        if c is not None:
+            clusters.setdefault(str(c), []).append(i)
+    seen: set[int] = set()
+    chunks: list[list[int]] = []
+    if not clusters:
+        for size in sizes:
+            chosen = select_items(task, size, kind)
+            new = set(range(len(docs)) if chosen is None else chosen) - seen
+            chunks.append(sorted(new))
+            seen |= new
+        return chunks, len(seen)
+    loose = [i for i, d in enumerate(docs) if not (isinstance(d, dict) and d.get("cluster") is not None)]
+    def order(i: int) -> str:
+        return hashlib.sha256(f"{LIMIT_SEED}:unit:{doc_hash(docs[i])}".encode()).hexdigest()
+
+    units = [sorted(v, key=order)[:CLUSTER_ITEMS] for v in clusters.values()] + [[i] for i in loose]
+    units.sort(key=lambda u: order(u[0]))
+    taken = 0
+    for size in sizes:
+        new: list[int] = []
+        while taken < len(units) and len(seen) + len(new) < size:
+            new.extend(units[taken])
+            taken += 1
+        chunks.append(sorted(new))
+        seen |= set(new)
+    return chunks, taken

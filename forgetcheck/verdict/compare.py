@@ -251,6 +251,8 @@ def compare_task(name: str, base_eval: Evaluation, arm_evals: dict[str, Evaluati
                 out["notes"].append(f"{arm}: per-item records lack metric {e}; scores from the aggregate")
         if paired is not None:
             stats, items, base_extra = paired
+            if (stats.get("soft") or {}).get("looks") is not None and bentry["looks"]:
+                stats["soft"]["plan_units"] = bentry["looks"]["cap_units"]  # what the gate's bets are tuned for
             res.update(stats)
             out["base"].update(base_extra)
             paired_items[arm] = items
@@ -400,8 +402,17 @@ def _paired_stats(name: str, arm_name: str, base: TaskItems, arm: TaskItems, *, 
             stats["soft"] = soft.to_dict(alpha)
             # what the gate's PASS bound (stats.bounded_upper) resamples nothing of but needs whole: the change of
             # each independent unit (cluster mean, else item), in points
-            stats["soft"]["unit_deltas"] = [round(float(v), 6) for v in
-                                            cluster_means((as_ - bs) * scale, clusters)]
+            looks = _looks([base.rows[i] for i in bi])
+            if looks is None:
+                stats["soft"]["unit_deltas"] = [round(float(v), 6) for v in
+                                                cluster_means((as_ - bs) * scale, clusters)]
+            else:  # a sequential evaluation's: units look by look, in look order (the gate bets on them so)
+                units = [cluster_means((as_ - bs)[looks == k] * scale,
+                                       None if clusters is None else clusters[looks == k])
+                         for k in range(1, int(looks.max()) + 1)]
+                stats["soft"]["unit_deltas"] = [round(float(v), 6) for u in units for v in u]
+                stats["soft"]["looks"] = [len(u) for u in units]
+                stats["soft"]["look_items"] = [int((looks == k).sum()) for k in range(1, int(looks.max()) + 1)]
             stats["soft_score"] = float(as_.mean() * scale)
             base_extra["soft_score"] = float(bs.mean() * scale)
             items["soft"] = (bs, as_)
@@ -433,6 +444,13 @@ def _weighted_corpus(metric: str, arr: dict, prefix: str, w: np.ndarray) -> np.n
     if metric == BITS_PER_BYTE:
         return -ll / denom / math.log(2)
     return np.exp(-ll / denom)
+
+
+def _looks(rows: list[ItemRecord]) -> np.ndarray | None:
+    """The sequential look of each item (1, 2, ...), or None when the items come from one fixed --limit."""
+    if not rows or any(r["look"] is None for r in rows):
+        return None
+    return np.array([int(r["look"]) for r in rows])
 
 
 def _clusters(rows: list[ItemRecord]) -> np.ndarray | None:

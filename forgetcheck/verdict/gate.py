@@ -60,11 +60,15 @@ from forgetcheck.verdict.stats import (
     MIN_PAIRED,
     POWER,
     Estimate,
+    bounded_p,
     bounded_upper,
     estimate_from_dict,
     holm,
     interleavings,
     items_for_power,
+    look_interleavings,
+    look_orders,
+    look_plans,
     pass_floor,
     pass_mde,
     pass_power,
@@ -254,20 +258,23 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
             drop = 0.0 - est.point
             rules.append(_rule("task_drop", arm, "inconclusive", f"{name} {label} {_f(base_s)} -> {_f(arm_s)} (drop "
                                f"{signed(drop)} points): {gap}", name, drop=drop, n=est.n, min_paired=MIN_PAIRED,
-                               **margin.values(), metric=used))
+                               **margin.values(), metric=used, **_looks_values(d)))
             continue
-        p_fail[name] = est.p_above(-margin.points)
-        pending.append((name, est, used, label, base_s, arm_s, drops, margin))
+        seq = _sequential(d, margin.points, alpha, f"{arm}\x1f{name}") if used == "soft" else None
+        p_fail[name] = seq["p_fail"] if seq else est.p_above(-margin.points)
+        pending.append((name, est, used, label, base_s, arm_s, drops, margin, seq))
     # advisory tasks are their own Holm family: a task that cannot change the verdict spends none of its alpha
     adj = holm({n: p for n, p in p_fail.items() if task_tier(pol, n) != "advisory"})
     advisory = holm({n: p for n, p in p_fail.items() if task_tier(pol, n) == "advisory"})
     family = {n: len(advisory) if n in advisory else len(adj) for n in p_fail}
     adj.update(advisory)
-    for name, est, used, label, base_s, arm_s, drops, margin in pending:
+    for name, est, used, label, base_s, arm_s, drops, margin, seq in pending:
         m, says = margin.points, margin.words
         drop = 0.0 - est.point
         up_normal, lo = -est.lower(alpha), -est.upper(alpha)
-        if used == "soft":
+        if seq:
+            up, lo = seq["upper"], seq["lower"]
+        elif used == "soft":
             up = (bounded_upper(unit_orders(drops, f"{arm}\x1f{name}"), *SOFT_RANGE, alpha) if drops is not None
                   else None)
         else:
@@ -280,11 +287,16 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
                 "p_fail": p_fail[name], "p_fail_holm": adj[name], "holm_family": family[name], **margin.values(),
                 "alpha": alpha, "metric": used, "mde": task_power[name].mde, "n": est.n,
                 "bound": "bounded" if used == "soft" else "normal"}
+        if seq:
+            vals.update(bound="sequential", looks=seq["look_items"], look_units=seq["looks"],
+                        plan_units=seq["plan_units"])
+            nums += f" after {len(seq['looks'])} look(s), {est.n} items"
         if up is not None and up < m:
             st, why = "pass", (f"a drop beyond {says} is ruled out (upper bound {up:.1f} < "
                                f"{m:.3g}{_ANY_PATTERN if used == 'soft' else ''})")
         elif adj[name] < alpha:
-            st, why = "fail", (f"dropped more than {says} (test of drop <= {m:.3g}: Holm "
+            test = "sequential test" if seq else "test"
+            st, why = "fail", (f"dropped more than {says} ({test} of drop <= {m:.3g}: Holm "
                                f"p={_p(adj[name])} < {alpha:g} over {family[name]} gated tasks)")
         elif up is None:
             st, why = "inconclusive", ("this compare result carries no per-unit changes, so a drop carried by a few "
@@ -302,6 +314,42 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
 
 
 _ANY_PATTERN = ", whatever the pattern of per-item changes"
+
+
+def _look_drops(d: dict) -> list[np.ndarray] | None:
+    """A sequential evaluation's unit drops look by look (compare.json soft `looks`), or None for a fixed one."""
+    if not d.get("looks") or d["unit_deltas"] is None:
+        return None
+    drops = _unit_drops(d)
+    cuts = np.cumsum(d["looks"])[:-1]
+    return list(np.split(drops, cuts))
+
+
+def _looks_values(d: dict | None) -> dict:
+    """A rule's look values where its task was evaluated look by look (so `sequential.open_tasks` gives it more
+    items even when it has too few to decide yet)."""
+    if not d or not d.get("looks"):
+        return {}
+    return {"bound": "sequential", "looks": d.get("look_items"), "look_units": d["looks"],
+            "plan_units": d.get("plan_units")}
+
+
+def _sequential(d: dict, margin: float, alpha: float, key: str) -> dict | None:
+    """A task rule's bounds and FAIL p-value over a sequential evaluation's looks (docs/verdicts.md, "Until
+    decided"): betting bounds on the units in look order, each side's capital taken at its highest over the
+    looks, with bets tuned for the units at the cap (`plan_units`), so neither side's error grows with the looks.
+    None for a fixed --limit evaluation."""
+    looks = _look_drops(d)
+    if looks is None:
+        return None
+    plan = int(d.get("plan_units") or sum(len(x) for x in looks))
+    streams, ends = look_orders(looks, key)
+    rising = [-x for x in streams]  # the drop's lower side: an upper bound of the rise
+    ups, downs = look_plans(plan, len(streams), "pass"), look_plans(plan, len(streams), "fail")
+    return {"upper": bounded_upper(streams, *SOFT_RANGE, alpha, plan=ups, ends=ends),
+            "lower": -bounded_upper(rising, *SOFT_RANGE, alpha, plan=downs, ends=ends),
+            "p_fail": bounded_p(rising, *SOFT_RANGE, -margin, alpha, plan=downs, ends=ends),
+            "looks": [len(x) for x in looks], "look_items": d.get("look_items"), "plan_units": plan}
 
 
 class Margin(NamedTuple):
@@ -410,9 +458,13 @@ def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tup
     gap = _mean_gap(est, tasks, ret, arm, pol.metric)
     if gap:
         return [_rule("retention_mean", arm, "inconclusive", f"{head}): {gap}", drop=drop, n=est.n,
-                      min_paired=MIN_PAIRED, max_mean_drop=pol.max_mean_drop, metric=pol.metric)], power
+                      min_paired=MIN_PAIRED, max_mean_drop=pol.max_mean_drop, metric=pol.metric,
+                      **({"bound": "sequential"} if _sequential_mean(tasks, ret["tasks"], arm, alpha) else {}))], power
     up_normal, lo = -est.lower(alpha), -est.upper(alpha)
-    if pol.metric == "soft":
+    seq = _sequential_mean(tasks, ret["tasks"], arm, alpha) if pol.metric == "soft" else None
+    if seq:
+        up, lo = seq["upper"], seq["lower"]
+    elif pol.metric == "soft":
         up = (None if drops is None else
               bounded_upper(interleavings(drops, f"{arm}\x1fretention-mean"), *SOFT_RANGE, alpha))
     else:
@@ -431,9 +483,37 @@ def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tup
                             f"one; this run rules out mean drops of {power.mde:.1f} points at 80% power")
            if up is not None else ("this compare result carries no per-unit changes, so a drop carried by a few "
                                    "items cannot be ruled out: re-run `forgetcheck compare` on the run")}[st]
+    extra = {"bound": "bounded" if pol.metric == "soft" else "normal"}
+    if seq:
+        extra = {"bound": "sequential", "looks": seq["looks"], "look_units": seq["look_units"],
+                 "plan_units": seq["plan_units"]}
+        nums += f" over {seq['looks']} look(s) every task reached"
     return [_rule("retention_mean", arm, st, f"{nums}: {why}", drop=drop, drop_upper=up, drop_upper_normal=up_normal,
                   drop_lower=lo, max_mean_drop=pol.max_mean_drop, alpha=alpha, metric=pol.metric, mde=power.mde,
-                  bound="bounded" if pol.metric == "soft" else "normal")], power
+                  **extra)], power
+
+
+def _sequential_mean(tasks: dict, names: list[str], arm: str, alpha: float) -> dict | None:
+    """The retention mean's bounds over a sequential evaluation's looks: `look_interleavings` of the looks every
+    one of its tasks reached (a draw must be a unit of a uniformly chosen task, so a look some task did not take
+    ends the mean's stream), bets tuned for the tasks' units at the cap. None unless every task is sequential."""
+    softs = [((tasks.get(n) or {}).get("arms") or {}).get(arm, {}).get("soft") for n in names]
+    per_task = [_look_drops(x) if x else None for x in softs]
+    if not per_task or any(x is None for x in per_task):
+        return None
+    common = 0
+    while all(len(x) > common and len(x[common]) for x in per_task):
+        common += 1
+    if not common:
+        return None
+    looks = [[x[k] for x in per_task] for k in range(common)]
+    plan = sum(int(x.get("plan_units") or 0) for x in softs) or sum(len(u) for x in per_task for u in x)
+    streams, ends = look_interleavings(looks, f"{arm}\x1fretention-mean")
+    rising = [-x for x in streams]
+    ups, downs = look_plans(plan, len(streams), "pass"), look_plans(plan, len(streams), "fail")
+    return {"upper": bounded_upper(streams, *SOFT_RANGE, alpha, plan=ups, ends=ends),
+            "lower": -bounded_upper(rising, *SOFT_RANGE, alpha, plan=downs, ends=ends), "looks": common,
+            "look_units": [sum(len(u) for u in look) for look in looks], "plan_units": plan}
 
 
 def domain_gain_rules(compare: CompareFile, arm: str, pol: GateConfig) -> list[dict]:

@@ -435,7 +435,8 @@ BET_ORDERS = 8
 longer hangs on the units' order in the file."""
 
 
-def bounded_upper(streams: list[np.ndarray], lo: float, hi: float, alpha: float) -> float:
+def bounded_upper(streams: list[np.ndarray], lo: float, hi: float, alpha: float, *, plan=None,
+                  ends: list[list[int]] | None = None) -> float:
     """One-sided (1 - alpha) upper bound of the common mean of i.i.d. draws in [lo, hi], valid for every
     distribution on that range and every sample size: each stream holds the same draws in another order (or
     another random interleaving of the same draws); the bound is the smallest m at which the average over the
@@ -443,28 +444,17 @@ def bounded_upper(streams: list[np.ndarray], lo: float, hi: float, alpha: float)
     "Estimating means of bounded random variables by betting", the predictable plug-in bet for a fixed sample
     size: lambda_i = sqrt(2 log(1/alpha) / (n var_{i-1})), capped at BET_CAP / (1 - m)). Under a true mean at or
     above m the capital is a nonnegative supermartingale with mean at most 1, so it reaches 1 / alpha with
-    probability at most alpha (Ville); no normal approximation is involved."""
-    width = hi - lo
-    ys = [np.clip((np.asarray(s, float) - lo) / width, 0.0, 1.0) for s in streams if len(s)]
-    if not ys or width <= 0:
+    probability at most alpha (Ville); no normal approximation is involved.
+
+    Sequential looks (`sequential_bound` builds the arguments): `ends` gives, per stream, the positions after each
+    look (the units scored by then), and the capital is taken at its highest over the looks; `plan` is the n the
+    bets are tuned for, fixed before any look (the units expected at the cap). Ville's inequality bounds the
+    chance that the capital ever reaches 1 / alpha, so the bound holds however many looks are taken and whenever
+    the looking stops."""
+    log_capital = _capital(streams, lo, hi, alpha, plan, ends)
+    if log_capital is None:
         return hi
     log_target = math.log(1.0 / alpha)
-    bets = []
-    for y in ys:
-        n = len(y)
-        i = np.arange(1, n + 1)
-        mu = (0.5 + np.cumsum(y)) / (i + 1)
-        var = (BET_PRIOR_VAR + np.cumsum((y - mu) ** 2)) / (i + 1)
-        var_prev = np.concatenate(([BET_PRIOR_VAR], var[:-1]))
-        bets.append((y, np.sqrt(2.0 * log_target / (n * var_prev))))
-
-    def log_capital(m: np.ndarray) -> np.ndarray:  # at several m at once: [len(m)]
-        cap = (BET_CAP / (1.0 - m))[:, None]
-        logs = np.stack([np.log1p(np.minimum(lam[None, :], cap) * (m[:, None] - y[None, :])).sum(axis=1)
-                         for y, lam in bets])
-        top = logs.max(axis=0)  # log of the mean capital over the streams (scipy's logsumexp costs more here)
-        return top + np.log(np.exp(logs - top).mean(axis=0))
-
     left, right = 0.0, 1.0 - 1e-12
     if log_capital(np.array([right]))[0] < log_target:
         return hi
@@ -473,7 +463,59 @@ def bounded_upper(streams: list[np.ndarray], lo: float, hi: float, alpha: float)
         above = np.flatnonzero(log_capital(grid[1:]) >= log_target)
         j = int(above[0]) + 1 if len(above) else 32
         left, right = float(grid[j - 1]), float(grid[j])
-    return lo + right * width + 0.0
+    return lo + right * (hi - lo) + 0.0
+
+
+def bounded_p(streams: list[np.ndarray], lo: float, hi: float, m: float, alpha: float, *, plan=None,
+              ends: list[list[int]] | None = None) -> float:
+    """The p-value of "the mean is at least m" from the same capital as `bounded_upper` (1 / its highest value,
+    at most 1): p <= alpha exactly when that bound is below m. With looks it is an anytime-valid p-value (the
+    chance that it ever falls to x is at most x), so Holm's correction across tasks applies to it as to any."""
+    log_capital = _capital(streams, lo, hi, alpha, plan, ends)
+    if log_capital is None or hi <= lo:
+        return 1.0
+    u = min(max((m - lo) / (hi - lo), 0.0), 1.0 - 1e-12)
+    return float(min(1.0, math.exp(-float(log_capital(np.array([u]))[0]))))
+
+
+def _capital(streams: list[np.ndarray], lo: float, hi: float, alpha: float, plan,
+             ends: list[list[int]] | None):
+    """log of the average capital over the streams, at its highest over the looks, as a function of m on the
+    0-1 scale (several m at once); None when no stream has a draw."""
+    width = hi - lo
+    if ends is None:
+        ends = [[len(s)] for s in streams]
+    kept = [(s, e) for s, e in zip(streams, ends) if len(s)]
+    if not kept or width <= 0:
+        return None
+    log_target = math.log(1.0 / alpha)
+    plans = list(plan) if isinstance(plan, (list, tuple)) else [plan] * len(streams)
+    plans = [p for p, s in zip(plans, streams) if len(s)]
+    bets = []
+    for (s, e), p in zip(kept, plans):
+        y = np.clip((np.asarray(s, float) - lo) / width, 0.0, 1.0)
+        n = len(y)
+        i = np.arange(1, n + 1)
+        mu = (0.5 + np.cumsum(y)) / (i + 1)
+        var = (BET_PRIOR_VAR + np.cumsum((y - mu) ** 2)) / (i + 1)
+        var_prev = np.concatenate(([BET_PRIOR_VAR], var[:-1]))
+        bets.append((y, np.sqrt(2.0 * log_target / ((p or n) * var_prev)), np.minimum(np.asarray(e, int), n)))
+
+    def log_capital(m: np.ndarray) -> np.ndarray:  # at several m at once: [len(m)]
+        cap = (BET_CAP / (1.0 - m))[:, None]
+        logs = []
+        for y, lam, e in bets:
+            terms = np.log1p(np.minimum(lam[None, :], cap) * (m[:, None] - y[None, :]))
+            if len(e) == 1 and e[0] == len(y):
+                logs.append(terms.sum(axis=1)[:, None])
+            else:
+                cum = np.concatenate((np.zeros((len(m), 1)), np.cumsum(terms, axis=1)), axis=1)
+                logs.append(cum[:, e])
+        stacked = np.stack(logs)  # [streams, len(m), looks]
+        top = stacked.max(axis=0)  # log of the mean capital over the streams (scipy's logsumexp costs more here)
+        mean = top + np.log(np.exp(stacked - top).mean(axis=0))
+        return mean.max(axis=1)
+    return log_capital
 
 
 def unit_orders(units: np.ndarray, key: str, orders: int = BET_ORDERS) -> list[np.ndarray]:
@@ -488,20 +530,60 @@ def interleavings(samples: list[np.ndarray], key: str, orders: int = BET_ORDERS)
     left. Each draw is then one unit of a uniformly chosen task, i.i.d., so `bounded_upper` over these streams
     bounds the mean over tasks (the retention mean) whatever the pattern of changes within or across tasks."""
     rng = np.random.default_rng(stable_seed("interleave", key))
+    return [_interleave(samples, rng) for _ in range(orders)]
+
+
+def _interleave(samples: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     k = len(samples)
-    out = []
+    perm = [rng.permutation(np.asarray(s, float)) for s in samples]
+    pos = [0] * k
+    picks = rng.integers(0, k, size=sum(len(s) for s in samples) + 1)
+    stream = []
+    for t in picks:
+        if pos[t] >= len(perm[t]):
+            break
+        stream.append(perm[t][pos[t]])
+        pos[t] += 1
+    return np.asarray(stream)
+
+
+def look_orders(looks: list[np.ndarray], key: str, orders: int = BET_ORDERS) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Streams and look ends for `bounded_upper` over sequential looks at one sample: each stream holds the first
+    look's units in a seeded order, then the second look's new units, and so on; a look never reorders an earlier
+    one's units, so each stream's capital at a look is its capital at the last look times the new units' bets
+    (a supermartingale across looks: the new units are fresh draws)."""
+    rng = np.random.default_rng(stable_seed("orders", key))
+    ends = [int(e) for e in np.cumsum([len(x) for x in looks])]
+    return [np.concatenate([rng.permutation(np.asarray(x, float)) for x in looks]) for _ in range(orders)], \
+        [ends] * orders
+
+
+PASS_PLANS = (1.0, 0.5)
+"""The sample sizes a sequential PASS bound's bets are tuned for, as shares of the units at the cap, one per stream
+in turn: an average of capitals is a capital, so the bound may hedge between passing at the cap (1) and passing
+halfway (0.5), each stream betting as its share says."""
+FAIL_PLANS = (0.25,)
+"""The same for the FAIL side: a drop beyond the margin should be shown early, and a bet tuned for a quarter of the
+cap is bolder in the first looks."""
+
+
+def look_plans(plan: int, streams: int, side: str) -> list[int]:
+    """Per stream, the units its bets are tuned for (`PASS_PLANS` or `FAIL_PLANS` of the cap's `plan`)."""
+    shares = PASS_PLANS if side == "pass" else FAIL_PLANS
+    return [max(1, round(plan * shares[i % len(shares)])) for i in range(streams)]
+
+
+def look_interleavings(looks: list[list[np.ndarray]], key: str,
+                       orders: int = BET_ORDERS) -> tuple[list[np.ndarray], list[list[int]]]:
+    """`interleavings` look by look (`looks[k]`: each task's new units at look k): a look's draws follow the earlier
+    looks' in every stream, so the retention mean's bound holds across looks as `look_orders`' does."""
+    rng = np.random.default_rng(stable_seed("interleave", key))
+    streams, ends = [], []
     for _ in range(orders):
-        perm = [rng.permutation(np.asarray(s, float)) for s in samples]
-        pos = [0] * k
-        picks = rng.integers(0, k, size=sum(len(s) for s in samples) + 1)
-        stream = []
-        for t in picks:
-            if pos[t] >= len(perm[t]):
-                break
-            stream.append(perm[t][pos[t]])
-            pos[t] += 1
-        out.append(np.asarray(stream))
-    return out
+        parts = [_interleave(samples, rng) for samples in looks]
+        streams.append(np.concatenate(parts) if parts else np.zeros(0))
+        ends.append([int(e) for e in np.cumsum([len(x) for x in parts])])
+    return streams, ends
 
 
 def bounded_width(n: int, sd: float, alpha: float, *, width: float = 200.0) -> float:

@@ -1,0 +1,125 @@
+"""Scoring until decided: the sequential bounds keep their error across looks, the gate bets on each look's units,
+and only the tasks whose verdict more items could change get them (verdict/sequential.py, docs/verdicts.md
+"Until decided")."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forgetcheck.config import GateConfig
+from forgetcheck.verdict import sequential
+from forgetcheck.verdict.stats import bounded_upper, look_orders, look_plans
+from tests.conftest import one_line_exit_2
+
+REPO = Path(__file__).resolve().parents[2]
+RANGE = (-100.0, 100.0)
+
+
+@pytest.fixture(scope="module")
+def gv():
+    spec = importlib.util.spec_from_file_location("gate_validity_seq", REPO / "bench" / "gate_validity.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _looks(rng, mean: float, sizes=(50, 25, 38, 57, 85, 128)):
+    """Unit drops in [-100, 100] with the given mean, looks of `sizes` new units: a two-point mixture (most units
+    unchanged, a few lose or gain a lot), the shape a normal-theory interval misjudges."""
+    out = []
+    for n in sizes:
+        x = np.where(rng.random(n) < 0.1, rng.choice((-40.0, 40.0), n), rng.normal(0.0, 3.0, n)) + mean
+        out.append(np.clip(x, *RANGE))
+    return out
+
+
+def test_looking_after_every_look_keeps_the_pass_error_below_alpha():
+    """A drop exactly at the margin: the sequential upper bound, checked after each of six looks, falls below the
+    margin in at most alpha of the runs (a fixed-n bound checked the same way falls below it far more often)."""
+    rng = np.random.default_rng(7)
+    alpha, margin, reps = 0.05, 2.0, 300
+    seq_hits = naive_hits = 0
+    for r in range(reps):
+        looks = _looks(rng, margin)
+        plan = sum(len(x) for x in looks)
+        streams, ends = look_orders(looks, f"rep{r}", orders=2)
+        plans = look_plans(plan, len(streams), "pass")
+        seq_hits += bounded_upper(streams, *RANGE, alpha, plan=plans, ends=ends) < margin
+        seen = []
+        for x in looks:  # a fixed-n t bound re-computed at every look
+            seen.extend(x)
+            a = np.asarray(seen)
+            if a.mean() + 1.645 * a.std(ddof=1) / np.sqrt(len(a)) < margin:
+                naive_hits += 1
+                break
+    assert seq_hits / reps <= alpha + 2 * np.sqrt(alpha * (1 - alpha) / reps)
+    assert naive_hits > seq_hits
+
+
+def test_an_unchanged_model_passes_before_the_cap_and_a_large_drop_fails(gv):
+    rng = np.random.default_rng(3)
+    sizes = gv.sequential_look_sizes()
+    r = gv.sequential_run(0.0, sizes, rng, GateConfig())
+    drop_rule = next(x for x in r["gate"]["rules"] if x["task"] == "task00")
+    assert drop_rule["values"]["bound"] == "sequential" and drop_rule["values"]["looks"][0] == sizes[0]
+    assert gv.item_rules(r["gate"]) != "fail"
+    r = gv.sequential_run(8.0, sizes, rng, GateConfig())
+    assert gv.item_rules(r["gate"]) == "fail"
+    # a FAIL is final: the arm got no more items after it
+    assert max(r["items"].values()) < sizes[-1]
+
+
+def _rule(task, status, **values):
+    return {"rule": "task_drop", "arm": "a", "task": task, "status": status, "tier": "critical",
+            "values": {"bound": "sequential", "max_drop": 2.0, **values}}
+
+
+def test_only_open_tasks_get_the_next_look():
+    gate = {"rules": [
+        _rule("decided", "pass"),
+        _rule("open", "inconclusive", drop=1.0, drop_upper=6.0, drop_lower=-4.0, drop_upper_normal=3.0,
+              look_units=[50], plan_units=400),
+        _rule("at_margin", "inconclusive", drop=2.0, drop_upper=2.6, drop_lower=1.4, drop_upper_normal=2.2,
+              look_units=[300], plan_units=400),
+        _rule("capped", "inconclusive", drop=1.0, drop_upper=6.0, drop_lower=-4.0, drop_upper_normal=3.0,
+              look_units=[50], plan_units=400),
+        {"rule": "retention_mean", "arm": "a", "task": None, "status": "pass", "tier": "critical", "values": {}},
+    ]}
+    states = {s.task: s for s in sequential.open_tasks(gate, {"a": {"decided": 2, "open": 2, "at_margin": 4,
+                                                                     "capped": 6}}, 6)}
+    assert states["open"].open
+    assert not states["decided"].open and "decided" in states["decided"].why
+    assert not states["at_margin"].open and states["at_margin"].why.startswith("futile")
+    assert not states["capped"].open and "cap" in states["capped"].why
+    # an open retention mean keeps every task of the arm growing, a FAIL stops them all
+    gate["rules"][-1] = {"rule": "retention_mean", "arm": "a", "task": None, "status": "inconclusive",
+                         "tier": "critical", "values": {"bound": "sequential"}}
+    assert {s.task for s in sequential.open_tasks(gate, {"a": {"decided": 2, "open": 2, "at_margin": 4,
+                                                               "capped": 6}}, 6) if s.open} == \
+        {"decided", "open", "at_margin"}
+    gate["rules"][0]["status"] = "fail"
+    assert not any(s.open for s in sequential.open_tasks(gate, {"a": {"decided": 2, "open": 2}}, 6))
+
+
+def test_look_sizes_grow_to_the_cap():
+    assert sequential.look_sizes(50, 400) == (50, 75, 113, 170, 255, 383, 400)
+    assert sequential.look_sizes(50, 50) == (50,)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-items", "100"], "only apply with --until-decided"),
+    (["--until-decided", "--limit", "50", "--max-items", "20"], "--max-items (20) must be at least --limit (50)"),
+    (["--until-decided", "--max-minutes", "-1"], "--max-minutes must be a positive"),
+])
+def test_bad_until_decided_flags_are_one_line(tmp_path, args, words):
+    r = subprocess.run([sys.executable, "-m", "forgetcheck", "check", "--base", "tiny-gpt2", "--candidate", "tiny-gpt2",
+                        "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=120)
+    assert words in one_line_exit_2(r)
+    assert not any(tmp_path.iterdir())  # nothing written
