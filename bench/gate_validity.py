@@ -470,21 +470,8 @@ def sequential_run(drop: float, sizes: tuple[int, ...], rng: np.random.Generator
             rows["arm"][n] += [{**r, "look": k + 1} for r in
                                item_records(n, arm_scores(s, changes[t], mean_s, rng), rest, target, first)]
             taken[n] = k + 1
-        evals = {}
-        for label in ("base", "arm"):
-            tasks = {n: {"suite": "retention", "kind": "multiple_choice", "primary_metric": "acc", "n": len(r),
-                         "chance": 1.0 / CHOICES, "samples": f"samples/{label}/{n}.jsonl", "metrics": _acc_entry(r),
-                         "looks": {"sizes": list(sizes), "items": [], "cap_items": sizes[-1], "cap_units": sizes[-1]},
-                         "screen": {"samples": f"samples/base/screen/{n}.jsonl", "n": SEQ_FIRST,
-                                    "metrics": _acc_entry(screen[n])} if label == "base" else None}
-                     for n, r in rows[label].items()}
-            doc = eval_doc({"schema_version": SCHEMA_VERSION, "kind": "eval", "model": {"name": label},
-                            "limit": SEQ_FIRST, "screen_items": SEQ_FIRST if label == "base" else None,
-                            "backend": "synthetic", "tasks": tasks, "drift": drift[label]})
-            evals[label] = Evaluation(Path(f"synthetic/eval/{label}.json"), doc, rows[label],
-                                      screen if label == "base" else None)
-        base = evals.pop("base")
-        gate = decide(compare_evals(base, evals), pol)
+        base, arms = look_evals(rows, screen, drift, sizes)
+        gate = decide(compare_evals(base, arms), pol)
         states = sequential.open_tasks(gate, {"arm": dict(taken)}, len(sizes))
         if not futility:
             states = [st if st.open or not st.why.startswith("futile") else
@@ -494,13 +481,38 @@ def sequential_run(drop: float, sizes: tuple[int, ...], rng: np.random.Generator
             return {"gate": gate, "items": {n: sizes[taken[n] - 1] for n in names}, "looks": dict(taken)}
 
 
+def look_evals(rows: dict[str, dict[str, list[dict]]], screen: dict[str, list[dict]], drift: dict,
+               sizes: tuple[int, ...]) -> tuple[Evaluation, dict[str, Evaluation]]:
+    """The evaluations of a sequential run as `forgetcheck eval --until-decided` writes them: each task's rows (each
+    marked with its `look`) and its `looks` entry (every item its own unit, so the cap's units are its items)."""
+    evals = {}
+    for label, by_task in rows.items():
+        tasks = {n: {"suite": "retention", "kind": "multiple_choice", "primary_metric": "acc", "n": len(r),
+                     "chance": 1.0 / CHOICES, "samples": f"samples/{label}/{n}.jsonl", "metrics": _acc_entry(r),
+                     "looks": {"sizes": list(sizes), "items": [], "cap_items": sizes[-1], "cap_units": sizes[-1]},
+                     "screen": {"samples": f"samples/base/screen/{n}.jsonl", "n": len(screen[n]),
+                                "metrics": _acc_entry(screen[n])} if label == "base" else None}
+                 for n, r in by_task.items()}
+        doc = eval_doc({"schema_version": SCHEMA_VERSION, "kind": "eval", "model": {"name": label},
+                        "limit": sizes[0], "screen_items": sizes[0] if label == "base" else None,
+                        "backend": "synthetic", "tasks": tasks, "drift": drift[label]})
+        evals[label] = Evaluation(Path(f"synthetic/eval/{label}.json"), doc, by_task,
+                                  screen if label == "base" else None)
+    return evals.pop("base"), evals
+
+
 def item_rules(gate: dict) -> str:
     """The item-based rules together (task_drop and retention_mean): fail if one FAILs, pass if all PASS."""
     st = [r["status"] for r in gate["rules"] if r["rule"] in ("task_drop", "retention_mean")]
     return "fail" if "fail" in st else "pass" if st and all(x == "pass" for x in st) else "inconclusive"
 
 
-def seq_simulate(name: str, drop: float, reps: int, seed: int = 0, futility: bool = True) -> dict:
+def seq_simulate(name: str, drop: float, reps: int, seed: int = 0, futility: bool = True,
+                 futility_z: float | None = None) -> dict:
+    from forgetcheck.verdict import sequential
+
+    if futility_z is not None:
+        sequential.FUTILITY_Z = futility_z
     pol = GateConfig()
     sizes = sequential_look_sizes()
     rng = np.random.default_rng([seed, stable_seed("seq", name)])
@@ -540,11 +552,11 @@ def _seq_job(args):
 
 
 def sequential_table(reps: int, seed: int = 0, jobs: int = 1, fixed_sizes: tuple[int, ...] = (200, 250, 300, 350, 400),
-                     futility: bool = True) -> dict:
+                     futility: bool = True, futility_z: float | None = None) -> dict:
     """The sequential scenarios and the fixed design's power at `fixed_sizes` (the no-change PASS rate), on
     `jobs` processes."""
     pol = GateConfig()
-    work: list[tuple] = [(name, drop, reps, seed, futility) for name, drop in seq_scenarios(pol)]
+    work: list[tuple] = [(name, drop, reps, seed, futility, futility_z) for name, drop in seq_scenarios(pol)]
     work += [("fixed", n, reps, seed) for n in fixed_sizes]
     if jobs <= 1:
         out = [_seq_job(w) for w in work]
@@ -555,7 +567,10 @@ def sequential_table(reps: int, seed: int = 0, jobs: int = 1, fixed_sizes: tuple
             out = pool.map(_seq_job, work, chunksize=1)
     rows = [r for r in out if isinstance(r, dict)]
     fixed = {n: p for tag, n, p in (r for r in out if isinstance(r, tuple))}
-    return {"rows": rows, "fixed": fixed, "sizes": sequential_look_sizes(), "reps": reps, "futility": futility}
+    from forgetcheck.verdict.sequential import FUTILITY_Z
+
+    return {"rows": rows, "fixed": fixed, "sizes": sequential_look_sizes(), "reps": reps, "futility": futility,
+            "futility_z": FUTILITY_Z if futility_z is None else futility_z}
 
 
 def matched_n(fixed: dict[int, float], power: float) -> float | None:
@@ -575,7 +590,8 @@ def print_sequential(t: dict) -> None:
     power = next(r["pass"] for r in rows if r["drop"] == 0)
     n_fix = matched_n(fixed, power)
     print(f"(a') sequential: {SEQ_TASKS} gated tasks, task00 carries the drop (diffuse), looks at "
-          f"{', '.join(map(str, t['sizes']))} items per task, futility stop {'on' if t['futility'] else 'off'}, "
+          f"{', '.join(map(str, t['sizes']))} items per task, futility stop "
+          f"{'at z ' + format(t['futility_z'], 'g') if t['futility'] else 'off'}, "
           f"{t['reps']} runs per row")
     print("fixed design, no change, every item-based rule PASSes: "
           + ", ".join(f"{n}: {_pct(p)}" for n, p in sorted(fixed.items())))
@@ -721,10 +737,13 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--sequential", action="store_true", help="only the sequential table (a')")
     ap.add_argument("--no-futility", action="store_true", help="sequential: never stop a rule as futile")
+    ap.add_argument("--futility-z", type=float, default=None, help="sequential: the futility stop's optimism "
+                    "(verdict/sequential.FUTILITY_Z)")
     a = ap.parse_args()
     if a.sequential:
         t0 = time.perf_counter()
-        print_sequential(sequential_table(a.reps, a.seed, a.jobs, futility=not a.no_futility))
+        print_sequential(sequential_table(a.reps, a.seed, a.jobs, futility=not a.no_futility,
+                                          futility_z=a.futility_z))
         print(f"(sequential table took {time.perf_counter() - t0:.0f} s)")
         return
     if not a.real_only:

@@ -142,13 +142,14 @@ class LookConfig:
                                       "sequential bounds hold at every look).",
                                decls="--until-decided/--fixed-items")
     max_items: int | None = flag(None, "With --until-decided: most items per task (the cap). Default 8 x --limit.")
-    max_minutes: float | None = flag(None, "With --until-decided: start no new look after this many minutes.")
+    max_minutes: float | None = flag(None, "With --until-decided: start no new look once this many minutes have "
+                                           "passed (check: since it started; run: since training ended).")
 
     def cap(self, limit: int) -> int:
         return self.max_items if self.max_items is not None else 8 * limit
 
 
-def validate_looks(lk: LookConfig, limit: int | None) -> list[str]:
+def validate_looks(lk: LookConfig, limit: int | None, metric: str = "soft") -> list[str]:
     problems = []
     if not lk.until_decided:
         if lk.max_items is not None or lk.max_minutes is not None:
@@ -160,6 +161,9 @@ def validate_looks(lk: LookConfig, limit: int | None) -> list[str]:
         problems.append(f"--max-items ({lk.max_items}) must be at least --limit ({limit})")
     if lk.max_minutes is not None and not (lk.max_minutes > 0 and lk.max_minutes < float("inf")):
         problems.append(f"--max-minutes must be a positive number of minutes (got {lk.max_minutes})")
+    if metric != "soft":
+        problems.append(f"--until-decided gates on soft accuracy (its sequential bounds bet on per-unit changes of a "
+                        f"bounded score): drop --metric {metric}, or drop --until-decided")
     return problems
 
 
@@ -224,6 +228,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    looks: LookConfig = field(default_factory=LookConfig)
 
 
 # Presets: what `--preset` fills in where the user gave no flag. `quick` and `forget` are sized for a 2-core
@@ -450,7 +455,8 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"--arms wise interpolates --wise-from {cfg.train.wise_from}, which is not in --arms: "
                         f"add it (--arms {','.join(cfg.arms)},{cfg.train.wise_from})")
     return (problems + validate_device(cfg.device) + validate_train(cfg.train)
-            + validate_arm_training(cfg.arms, cfg.train) + validate_eval(cfg.eval) + validate_gate(cfg.gate))
+            + validate_arm_training(cfg.arms, cfg.train) + validate_eval(cfg.eval) + validate_gate(cfg.gate)
+            + validate_looks(cfg.looks, cfg.eval.limit, cfg.gate.metric))
 
 
 def check(problems: list[str]) -> None:
@@ -506,7 +512,7 @@ def from_dict(d: dict, path: Path = Path("config.json")) -> RunConfig:
     """The RunConfig that `to_dict` turned into `d` (config.json minus its schema_version, kind and resolved):
     every key known and of its field's type, so an edited file is refused naming the key."""
     d = {k: v for k, v in d.items() if k not in ("schema_version", "kind", "resolved")}
-    sections = {"train": TrainConfig, "eval": EvalConfig, "gate": GateConfig}
+    sections = {"train": TrainConfig, "eval": EvalConfig, "gate": GateConfig, "looks": LookConfig}
     parts = {k: cls(**_typed_section(k, cls, d.pop(k, {}), path)) for k, cls in sections.items()}
     return RunConfig(**_typed_section("config.json", RunConfig, d, path), **parts)
 

@@ -161,7 +161,7 @@ def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -
     run, eval_cfg, dev, base_ref, refs = inp.run, req.eval, inp.device, inp.model, inp.candidates
     plan = None
     if req.looks.until_decided:
-        seq.check_policy(inp.policy)
+        seq.check_policy(inp.policy, req.looks, eval_cfg.limit)
         plan = runner.Looks(seq.sizes_for(eval_cfg, req.looks), {})
     resolved = {"base": base_ref.to_dict(), "candidates": {n: r.to_dict() for n, r in refs.items()},
                 "device": dev.device, "device_reason": dev.reason}

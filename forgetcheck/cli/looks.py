@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 
 from forgetcheck import config, console
-from forgetcheck.errors import BadInput
 from forgetcheck.rundir import RunDir, atomic_write_json, read_json
 
 
@@ -26,10 +25,9 @@ def sizes_for(eval_cfg: config.EvalConfig, lk: config.LookConfig) -> tuple[int, 
     return look_sizes(int(eval_cfg.limit), lk.cap(int(eval_cfg.limit)))
 
 
-def check_policy(policy: config.GateConfig) -> None:
-    if policy.metric != "soft":
-        raise BadInput("--until-decided gates on soft accuracy (its sequential bounds bet on per-unit changes of a "
-                       f"bounded score): drop --metric {policy.metric}, or drop --until-decided")
+def check_policy(policy: config.GateConfig, lk: config.LookConfig, limit: int | None) -> None:
+    """The policy a sequential check gates with (resolved from flags, --policy and defaults) must allow it."""
+    config.check(config.validate_looks(lk, limit, policy.metric))
 
 
 def until_decided(run: RunDir, sizes: tuple[int, ...], policy: config.GateConfig, lk: config.LookConfig,

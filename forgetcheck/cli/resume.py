@@ -8,7 +8,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from forgetcheck.config import GateConfig, RunConfig, TrainConfig, split_csv
+from forgetcheck.config import GateConfig, LookConfig, RunConfig, TrainConfig, split_csv
 from forgetcheck.verdict.policy import OFF_KEYS, margin_value
 
 RESUME_MAY_CHANGE = ("max_drop", "max_relative_drop", "max_mean_drop", "alpha", "min_domain_gain", "metric",
@@ -25,6 +25,7 @@ _RESUME_FIELDS = {
     "backend": ("eval", "backend"), "screen_items": ("eval", "screen_items"),
     **{f.name: ("gate", f.name) for f in dataclasses.fields(GateConfig) if "help" in f.metadata},  # its flags
     **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
+    **{f.name: ("looks", f.name) for f in dataclasses.fields(LookConfig)},
 }
 
 

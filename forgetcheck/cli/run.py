@@ -28,6 +28,7 @@ from forgetcheck.cli.options import (
     DeviceOpt,
     EvalFlags,
     GateFlags,
+    LookFlags,
     OutOpt,
     PresetOpt,
     RunIdOpt,
@@ -41,7 +42,7 @@ from forgetcheck.errors import BadInput
 from forgetcheck.schema import StageTimer, read_config_doc, read_run_config, update_manifest, write_config
 
 
-@options(flags=TrainFlags, wise=WiseFlags, ev=EvalFlags, policy=GateFlags)
+@options(flags=TrainFlags, wise=WiseFlags, ev=EvalFlags, policy=GateFlags, seq=LookFlags)
 def run(
     base: BaseOpt = "smollm2-135m",
     data: DataOpt = "med",
@@ -51,6 +52,7 @@ def run(
     wise: WiseFlags = WiseFlags(),
     ev: EvalFlags = EvalFlags(),
     policy: GateFlags = GateFlags(),
+    seq: LookFlags = LookFlags(),
     device: DeviceOpt = "auto",
     out: OutOpt = Path("runs"),
     run_id: RunIdOpt = None,
@@ -64,7 +66,8 @@ def run(
     every stage ran; the verdict is printed and in gate.json (`forgetcheck gate RUN` exits 0/1/4 on it)."""
     train_cfg, eval_cfg = config.apply_preset(preset, {**flags.overrides(), **wise.overrides()}, ev.overrides())
     cfg = config.RunConfig(base=base, data=data, arms=config.split_csv(arms), preset=preset, out_dir=str(out),
-                           run_id=run_id, device=device, train=train_cfg, eval=eval_cfg, gate=policy.config())
+                           run_id=run_id, device=device, train=train_cfg, eval=eval_cfg, gate=policy.config(),
+                           looks=seq.config())
     given = {k: v for k, v in ctx.params.items()
              if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"} if ctx is not None else {}
     raise typer.Exit(run_pipeline(cfg, resume=resume, given=given, verbose=verbose))
@@ -122,12 +125,14 @@ def run_pipeline(cfg: config.RunConfig, resume: Path | None = None, given: dict 
 
 
 def _stages(inp: Inputs) -> int:
+    from forgetcheck.cli import looks as seq
     from forgetcheck.eval import runner
     from forgetcheck.models import registry
     from forgetcheck.train import arms, interpolate, loop
     from forgetcheck.verdict import compare
 
     cfg, run = inp.cfg, inp.run
+    plan = runner.Looks(seq.sizes_for(cfg.eval, cfg.looks), {}) if cfg.looks.until_decided else None
     console.say(f"forgetcheck run {run.root} ({'resumed' if inp.resumed else 'new'}); {inp.device.describe()}; "
                 f"log: {run.root / 'log.txt'}")
     console.detail("config: " + json.dumps(config.to_dict(cfg), separators=(",", ":")))
@@ -149,7 +154,7 @@ def _stages(inp: Inputs) -> int:
     else:
         with StageTimer(run, "eval_base"), console.stage(title):
             runner.evaluate(inp.model, cfg.eval, run.eval_json("base"), device=inp.device.device, label="base",
-                                tasks_dir=inp.tasks_dir, screen=True)
+                                tasks_dir=inp.tasks_dir, screen=True, looks=plan)
 
     # train each arm on the same budget
     for arm in trained:
@@ -185,7 +190,20 @@ def _stages(inp: Inputs) -> int:
         with StageTimer(run, f"eval_{arm}"), console.stage(title):
             runner.evaluate(registry.resolve(str(run.ckpt(arm))), cfg.eval, run.eval_json(arm),
                                 device=inp.device.device, reference=run.eval_json("base"), label=arm,
-                                tasks_dir=inp.tasks_dir, skip=skip)
+                                tasks_dir=inp.tasks_dir, skip=skip, looks=plan)
+    if plan is not None:
+        evaluated = trained + [label for label, _ in wise]
+
+        def again(label: str, taken: dict[str, int]) -> None:
+            ref = inp.model if label == "base" else registry.resolve(str(run.ckpt(label)))
+            with StageTimer(run, f"eval_{label}_looks"):
+                runner.evaluate(ref, cfg.eval, run.eval_json(label), device=inp.device.device, label=label,
+                                reference=None if label == "base" else run.eval_json("base"),
+                                tasks_dir=inp.tasks_dir, skip=None if label == "base" else skip,
+                                screen=label == "base", looks=runner.Looks(plan.sizes, taken))
+
+        with console.stage("        until decided: more items only where a verdict is still open"):
+            seq.until_decided(run, plan.sizes, cfg.gate, cfg.looks, again, evaluated, time.perf_counter())
 
     finish(run, cfg.gate, title=f"[{next(step)}/{n}] compare, gate, report")
     _record_session(run, t0)

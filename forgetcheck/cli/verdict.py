@@ -87,13 +87,15 @@ def finish(run: RunDir, policy, *, title: str, policy_file: Path | None = None, 
         fg = s.get("forgetting")
         console.say(f"  {arm}: {_arm_verdict(gate_dict, arm)}"
                     + ("" if fg is None else f" (retention mean drop {fg:+.2f} points)"))
-    limit = (read_json(run.config).get("eval") or {}).get("limit")
+    cfg_doc = read_json(run.config)
+    limit = (cfg_doc.get("eval") or {}).get("limit")
+    sequential = bool((cfg_doc.get("looks") or {}).get("until_decided"))
     console.say(f"report: {report_path}")
     console.say(f"gate:   {run.gate}  -> {str(gate_dict.get('verdict', '')).upper()}: "
                 f"{text.verdict_reason(gate_dict)}")
     if gate_dict.get("power"):
         console.say(f"power:  {gate_dict['power']['sentence']}")
-    console.say(f"        {text.decide_hint(gate_dict, limit)}")
+    console.say(f"        {text.decide_hint(gate_dict, limit, sequential)}")
     for label, path in (("junit", junit), ("markdown", markdown)):
         if path is not None:
             console.say(f"{label}: {path}")

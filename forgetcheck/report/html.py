@@ -304,6 +304,7 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "verdict_why": verdict_reason(gate), "policy_text": policy_sentence(gate["policy"]),
         "arm_pairs": arm_pair_lines(compare),
         "screened_on_gated": screened_on_gated(compare),
+        "looks": looks_view(run, gate),
         "lf_chart": learn_forget_chart(compare, colors, config_doc(config)["train"]["wise_from"]),
         "loss_chart": loss_chart(train, colors),
         "mem_chart": memory_chart(train),
@@ -311,6 +312,25 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "script": CHECK_SCRIPT, "script_hash": _script_hash(CHECK_SCRIPT),
         **check_sections(run),
     }
+
+
+def looks_view(run: RunDir, gate: dict) -> dict | None:
+    """`--until-decided`'s looks (looks.json): per arm and task the looks taken, the items, the rule's outcome
+    and why no more items were scored; None for a fixed --limit run. Read defensively (a file of the run's own,
+    shown as text)."""
+    path = run.root / "looks.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        status = {(r["arm"], r["task"]): r["status"] for r in gate["rules"] if r["rule"] == "task_drop"}
+        rows = [{"arm": str(arm), "task": str(task), "looks": int(t["looks"]), "items": t.get("items"),
+                 "status": status.get((arm, task), "-"), "why": str(t.get("why", ""))}
+                for arm, tasks in (doc.get("arms") or {}).items() for task, t in sorted(tasks.items())]
+        return {"sizes": [int(x) for x in doc["sizes"]], "stop": str(doc.get("stop", "")), "rows": rows,
+                "wall_s": doc.get("wall_s")}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {"sizes": [], "stop": "looks.json could not be read", "rows": [], "wall_s": None}
 
 
 def screened_on_gated(compare: CompareFile) -> list[dict]:

@@ -53,7 +53,7 @@ def _units(v: dict) -> int | None:
     return int(sum(units)) if units else None
 
 
-def futile(values: dict, margin: float, z: float = FUTILITY_Z) -> bool:
+def futile(values: dict, margin: float, z: float | None = None) -> bool:
     """Would this rule still be open at the cap even if its drop were `z` standard errors more favourable to each
     side? The bounds' widths are projected to the cap's units (`plan_units`). False when the
     rule does not carry what that needs (it is then kept open)."""
@@ -61,6 +61,7 @@ def futile(values: dict, margin: float, z: float = FUTILITY_Z) -> bool:
     units, plan = _units(values), values.get("plan_units")
     if None in (drop, up, lo, normal, units, plan) or units <= 0 or plan <= units:
         return False
+    z = FUTILITY_Z if z is None else z
     se = max(0.0, normal - drop) / 1.645
     # a bet tuned for `plan` units gives a bound width of about B (plan / n + 1) at n units (its log-capital grows
     # as n lambda (m - mu) - n lambda^2 sigma^2 / 2, with B = lambda sigma^2 / 2): at the cap the width is the

@@ -125,7 +125,10 @@ def to_markdown(gate: dict) -> str:
              f"Policy: {policy_sentence(pol)}.", "",
              "| | arm | rule | reason |", "|---|---|---|---|"]
     for r in sorted(gate["rules"], key=lambda r: ORDER[r["status"]]):
-        rule = r["rule"] + (f" {r['task']}" if r["task"] else "")
+        rule = r["rule"] + (f" {r['task']}" if r["task"] else "") + (f" ({r['tier']})" if r["tier"] != "critical"
+                                                                    else "")
+        if r["rule"] == "task_missing":
+            rule = f"MISSING {rule}"
         lines.append(f"| {MARK[r['status']]} | {_md_cell(str(r['arm']))} | {_md_cell(rule)} | {_md_cell(r['reason'])} |")
     for e in gate["excluded"]:
         lines.append(f"| ➖ | all | {_md_cell('uninformative ' + e['task'])} | {_md_cell(e['reason'])} |")
@@ -145,7 +148,7 @@ def console_lines(gate: dict) -> list[str]:
     return [printable(x) for x in lines]
 
 
-def decide_hint(gate: dict, limit: int | None) -> str:
+def decide_hint(gate: dict, limit: int | None, sequential: bool = False) -> str:
     """What it would take to decide, for `run`'s closing lines: the --limit (or preset) at which every rule that
     more items can decide would PASS with 80% probability if nothing changed."""
     if gate["verdict"] != "inconclusive":
@@ -158,5 +161,8 @@ def decide_hint(gate: dict, limit: int | None) -> str:
         return (f"at {limit} items per task every item-based rule would PASS with 80% probability if nothing "
                 "changed; the rules still open saw a change that more items may not rule out, or are about drift or "
                 "the domain gain (see gate.json)")
+    if sequential:
+        return (f"to decide, re-run with --max-items {need} (looks up to about {need:,} items per task; only the "
+                f"tasks still open get them)")
     presets = "--preset standard (200 items per task)" if need <= 200 else "--preset full (every item)"
     return f"to decide, re-run with --limit {need} (about {need:,} items per task) or {presets}"

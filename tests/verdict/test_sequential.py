@@ -5,6 +5,7 @@ and only the tasks whose verdict more items could change get them (verdict/seque
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forgetcheck.config import GateConfig
+from forgetcheck.config import GateConfig, LookConfig
+from forgetcheck.schema import SCHEMA_VERSION
 from forgetcheck.verdict import sequential
 from forgetcheck.verdict.stats import bounded_upper, look_orders, look_plans
 from tests.conftest import one_line_exit_2
@@ -123,3 +125,62 @@ def test_bad_until_decided_flags_are_one_line(tmp_path, args, words):
                         "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=120)
     assert words in one_line_exit_2(r)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_until_decided_scores_only_open_tasks_and_records_its_looks(gv, tmp_path):
+    """The loop `check --until-decided` runs, with synthetic evaluations in place of models: a task far below its
+    margin FAILs and stops the arm, looks.json says why each task stopped, every row is marked with its look, and
+    the report shows the looks."""
+    from forgetcheck.cli.looks import until_decided
+    from forgetcheck.report.html import write_report
+    from forgetcheck.rundir import RunDir, atomic_write_json
+    from forgetcheck.verdict.gate import gate_run
+
+    sizes = (40, 60, 90, 135, 200)
+    names = [gv._task(t) for t in range(3)]
+    drops = {names[0]: 12.0, names[1]: 0.0, names[2]: 0.0}
+    run = RunDir(tmp_path / "r")
+    (run.root / "eval").mkdir(parents=True)
+    atomic_write_json(run.config, {"schema_version": SCHEMA_VERSION, "command": "check", "arms": ["arm"],
+                                   "eval": {}, "gate": {}})
+    rng = np.random.default_rng(11)
+    screen = {n: gv.item_records(n, *gv._draw_base(rng, 40, *gv.BASE_BETA), first=10**6) for n in names}
+    drift = gv.drift_docs(rng, {"arm": gv.Arm((gv.Change(),) * 3)})
+    scored: dict[str, dict[str, int]] = {"base": {}, "arm": {}}
+    calls = []
+
+    def look_rows(task: str, k: int):
+        r = np.random.default_rng([names.index(task), k])
+        new = sizes[k - 1] - (sizes[k - 2] if k > 1 else 0)
+        s, rest, target = gv._draw_base(r, new, *gv.BASE_BETA)
+        first = sizes[k - 2] if k > 1 else 0
+        arm = gv.arm_scores(s, gv.Change(drops[task]), gv.clipped_mean(*gv.BASE_BETA), r)
+        return ([{**x, "look": k} for x in gv.item_records(task, s, rest, target, first)],
+                [{**x, "look": k} for x in gv.item_records(task, arm, rest, target, first)])
+
+    def evaluate(label: str, taken: dict[str, int]) -> None:
+        calls.append((label, dict(taken)))
+        scored[label] = {n: taken.get(n, 1) for n in names}
+        rows = {lab: {n: [x for k in range(1, scored[lab].get(n, 1) + 1) for x in look_rows(n, k)[i]]
+                      for n in names} for i, lab in enumerate(("base", "arm"))}
+        base, arms = gv.look_evals(rows, screen, drift, sizes)
+        gv.write_evals(run.root, base, arms)
+
+    evaluate("base", {})
+    evaluate("arm", {})
+    record = until_decided(run, sizes, GateConfig(), LookConfig(True), evaluate, ["arm"], started=0.0)
+    gate, code = gate_run(run.root)
+    assert code == 1 and gate["verdict"] == "fail"
+    failed = next(r for r in gate["rules"] if r["task"] == names[0])
+    assert failed["status"] == "fail" and failed["values"]["bound"] == "sequential"
+    assert "sequential test" in failed["reason"]
+    # the arm stopped at its FAIL, before the cap; each task says why no more items came
+    assert record["stop"].startswith("no task")
+    assert all(t["why"] == "the arm has FAILed: more items cannot change that" for t in record["arms"]["arm"].values())
+    assert max(t["looks"] for t in record["arms"]["arm"].values()) < len(sizes)
+    # the base was scored on every look an arm got (the union), the arm only on its own
+    assert [c[0] for c in calls[2:]] == ["base", "arm"] * ((len(calls) - 2) // 2)
+    rows = [json.loads(x) for x in (run.root / "eval/samples/arm" / f"{names[0]}.jsonl").read_text().splitlines()]
+    assert {r["look"] for r in rows} == set(range(1, record["arms"]["arm"][names[0]]["looks"] + 1))
+    html = write_report(run).read_text()
+    assert 'id="looks"' in html and "the arm has FAILed" in html
