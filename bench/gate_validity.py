@@ -508,9 +508,11 @@ def item_rules(gate: dict) -> str:
 
 
 def seq_simulate(name: str, drop: float, reps: int, seed: int = 0, futility: bool = True,
-                 futility_z: float | None = None) -> dict:
+                 futility_z: float | None = None, growth: float | None = None) -> dict:
     from forgetcheck.verdict import sequential
 
+    global SEQ_GROWTH
+    SEQ_GROWTH = growth
     if futility_z is not None:
         sequential.FUTILITY_Z = futility_z
     pol = GateConfig()
@@ -532,9 +534,12 @@ def seq_simulate(name: str, drop: float, reps: int, seed: int = 0, futility: boo
 
 
 def sequential_look_sizes() -> tuple[int, ...]:
-    from forgetcheck.verdict.sequential import look_sizes
+    from forgetcheck.verdict.sequential import GROWTH, look_sizes
 
-    return look_sizes(SEQ_FIRST, SEQ_CAP)
+    return look_sizes(SEQ_FIRST, SEQ_CAP, SEQ_GROWTH or GROWTH)
+
+
+SEQ_GROWTH: float | None = None  # --growth: the looks' growth (default verdict/sequential.GROWTH)
 
 
 def fixed_power(n: int, reps: int, seed: int = 0) -> float:
@@ -551,12 +556,14 @@ def _seq_job(args):
     return seq_simulate(*args)
 
 
-def sequential_table(reps: int, seed: int = 0, jobs: int = 1, fixed_sizes: tuple[int, ...] = (200, 250, 300, 350, 400),
-                     futility: bool = True, futility_z: float | None = None) -> dict:
+def sequential_table(reps: int, seed: int = 0, jobs: int = 1, fixed_sizes: tuple[int, ...] = (200, 250, 300, 350, 400, 450),
+                     futility: bool = True, futility_z: float | None = None, growth: float | None = None) -> dict:
     """The sequential scenarios and the fixed design's power at `fixed_sizes` (the no-change PASS rate), on
     `jobs` processes."""
     pol = GateConfig()
-    work: list[tuple] = [(name, drop, reps, seed, futility, futility_z) for name, drop in seq_scenarios(pol)]
+    global SEQ_GROWTH
+    SEQ_GROWTH = growth
+    work: list[tuple] = [(name, drop, reps, seed, futility, futility_z, growth) for name, drop in seq_scenarios(pol)]
     work += [("fixed", n, reps, seed) for n in fixed_sizes]
     if jobs <= 1:
         out = [_seq_job(w) for w in work]
@@ -737,13 +744,15 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--sequential", action="store_true", help="only the sequential table (a')")
     ap.add_argument("--no-futility", action="store_true", help="sequential: never stop a rule as futile")
+    ap.add_argument("--growth", type=float, default=None, help="sequential: items at a look over the look before "
+                    "(verdict/sequential.GROWTH)")
     ap.add_argument("--futility-z", type=float, default=None, help="sequential: the futility stop's optimism "
                     "(verdict/sequential.FUTILITY_Z)")
     a = ap.parse_args()
     if a.sequential:
         t0 = time.perf_counter()
         print_sequential(sequential_table(a.reps, a.seed, a.jobs, futility=not a.no_futility,
-                                          futility_z=a.futility_z))
+                                          futility_z=a.futility_z, growth=a.growth))
         print(f"(sequential table took {time.perf_counter() - t0:.0f} s)")
         return
     if not a.real_only:

@@ -137,7 +137,7 @@ class LookConfig:
     """Scoring until decided (`check` and `run`; verdict/sequential.py, docs/verdicts.md "Until decided")."""
 
     until_decided: bool = flag(False, "After the first look (--limit items per task), score more items only for "
-                                      "the tasks whose verdict is still open, in looks 1.5x larger, until every "
+                                      "the tasks whose verdict is still open, in looks 1.25x larger, until every "
                                       "rule decides or --max-items / --max-minutes is reached (the gate's "
                                       "sequential bounds hold at every look).",
                                decls="--until-decided/--fixed-items")

@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-GROWTH = 1.5
+GROWTH = 1.25
 """Items per task at a look, over the look before. The bounds allow a look after every item; each look costs a
-model load and lm-eval's setup per model, so looks are spaced geometrically: from 50 items, 75, 113, 170, 255,
-383, 575 ..."""
+model load and lm-eval's setup per model, so looks are spaced geometrically: from 50 items, 63, 79, 99, 124, 155,
+194, 243, 304, 380 ... A finer grid stops closer to where a bound crosses its margin: in bench/gate_validity.py's
+sequential table, 1.25 spends 73 % of the fixed design's items where 1.5 spent 79 % (docs/verdicts.md)."""
 FUTILITY_Z = 1.64
 """How optimistic `futile` is about the drop: a rule is stopped as futile only when even a drop this many standard
 errors more favourable than the one measured would leave it open at the cap (neither side's bound could cross
@@ -53,28 +54,44 @@ def _units(v: dict) -> int | None:
     return int(sum(units)) if units else None
 
 
-def futile(values: dict, margin: float, z: float | None = None) -> bool:
-    """Would this rule still be open at the cap even if its drop were `z` standard errors more favourable to each
-    side? The bounds' widths are projected to the cap's units (`plan_units`). False when the
-    rule does not carry what that needs (it is then kept open)."""
+def reachable(values: dict, margin: float, z: float | None = None) -> tuple[bool, bool]:
+    """(could it still PASS, could it still FAIL) by the cap, if its drop were `z` standard errors more favourable
+    to that side than the one measured. The bounds' widths are projected to the cap's units (`plan_units`). A rule
+    that does not carry what that needs is taken to reach both."""
     drop, up, lo, normal = (values.get(k) for k in ("drop", "drop_upper", "drop_lower", "drop_upper_normal"))
     units, plan = _units(values), values.get("plan_units")
-    if None in (drop, up, lo, normal, units, plan) or units <= 0 or plan <= units:
-        return False
+    if None in (drop, up, lo, normal, units, plan) or units <= 0:
+        return True, True
+    if plan <= units:
+        return False, False  # at the cap: nothing more to score
     z = FUTILITY_Z if z is None else z
     se = max(0.0, normal - drop) / 1.645
     # a bet tuned for `plan` units gives a bound width of about B (plan / n + 1) at n units (its log-capital grows
     # as n lambda (m - mu) - n lambda^2 sigma^2 / 2, with B = lambda sigma^2 / 2): at the cap the width is the
     # present one times 2 / (plan / n + 1); never more than the 1/sqrt(n) of a fixed-n interval
     shrink = min(2.0 / (plan / units + 1.0), math.sqrt(units / plan))
-    could_pass = drop - z * se + (up - drop) * shrink < margin
-    could_fail = drop + z * se - (drop - lo) * shrink > margin
-    return not (could_pass or could_fail)
+    return (drop - z * se + (up - drop) * shrink < margin, drop + z * se - (drop - lo) * shrink > margin)
+
+
+def futile(values: dict, margin: float, z: float | None = None) -> bool:
+    """Would this rule still be open at the cap even with a drop `z` standard errors more favourable to each side
+    (`reachable`)?"""
+    return not any(reachable(values, margin, z))
+
+
+def _margin(rule: dict) -> float:
+    v = rule["values"]
+    return v.get("max_mean_drop", 0.0) if rule["rule"] == "retention_mean" else v.get("max_drop", 0.0)
 
 
 def open_tasks(gate: dict, looked: dict[str, dict[str, int]], n_looks: int) -> list[TaskState]:
-    """After a look: every (arm, task) the gate decided on, and whether it gets the next look's items. `looked`:
-    {arm: {task: looks taken}}; a task that has taken all `n_looks` is at the cap."""
+    """After a look: every (arm, task) the gate has a task rule for, and whether it gets the next look's items.
+    `looked`: {arm: {task: looks taken}}; a task that has taken all `n_looks` is at the cap.
+
+    A task gets more items when its rule is INCONCLUSIVE and could still decide the arm: FAIL (any tier but
+    advisory), or PASS while the arm as a whole can still PASS (none of its critical rules is out of reach of a
+    PASS). While the arm's retention mean is open and could decide the same way, every task of the mean grows with
+    it (its bound needs a draw from every task at each look)."""
     states: list[TaskState] = []
     by_arm: dict[str, list[dict]] = {}
     for r in gate["rules"]:
@@ -84,30 +101,43 @@ def open_tasks(gate: dict, looked: dict[str, dict[str, int]], n_looks: int) -> l
             continue
         taken = looked[arm]
         arm_failed = any(r["status"] == "fail" and r.get("tier") != "advisory" for r in rules)
-        mean_open = [r for r in rules if r["rule"] == "retention_mean" and r["status"] == "inconclusive"
-                     and r["values"].get("bound") == "sequential"]
-        mean_tasks = set()
-        if mean_open and not futile(mean_open[0]["values"], mean_open[0]["values"].get("max_mean_drop", 0.0)):
-            mean_tasks = {r["task"] for r in rules if r["rule"] == "task_drop" and r["values"].get("bound") ==
-                          "sequential" and r.get("tier") != "advisory"}
+        seq = [r for r in rules if r["values"].get("bound") == "sequential" and r.get("tier") != "advisory"]
+        reach = {id(r): reachable(r["values"], _margin(r)) if r["status"] == "inconclusive" else (False, False)
+                 for r in seq}
+        # the arm can still PASS unless a critical rule that is not yet PASS can no longer reach one
+        arm_can_pass = all(r["status"] == "pass" or r.get("tier") == "supporting"
+                           or (r["status"] == "inconclusive" and reach.get(id(r), (True, True))[0])
+                           for r in rules if r.get("tier") != "advisory" and r["rule"] != "coverage")
+
+        def useful(r: dict) -> bool:
+            could_pass, could_fail = reach[id(r)]
+            return could_fail or (could_pass and arm_can_pass and r.get("tier") != "supporting")
+
+        mean_open = [r for r in seq if r["rule"] == "retention_mean" and r["status"] == "inconclusive" and useful(r)]
+        mean_tasks = ({r["task"] for r in seq if r["rule"] == "task_drop"} if mean_open else set())
         for r in rules:
             if r["rule"] != "task_drop" or r["task"] not in taken:
                 continue
             task, v = r["task"], r["values"]
+            in_mean = task in mean_tasks and taken[task] < n_looks
             if v.get("bound") != "sequential":
                 why, is_open = "not sequential (its items are not soft-accuracy units)", False
             elif arm_failed:
                 why, is_open = "the arm has FAILed: more items cannot change that", False
             elif taken[task] >= n_looks:
                 why, is_open = "at the cap (--max-items)", False
-            elif r["status"] != "inconclusive" and task not in mean_tasks:
-                why, is_open = f"decided ({r['status'].upper()})", False
-            elif r.get("tier") == "advisory" and task not in mean_tasks:
+            elif r.get("tier") == "advisory" and not in_mean:
                 why, is_open = "advisory: never changes the verdict", False
-            elif r["status"] == "inconclusive" and futile(v, v.get("max_drop", 0.0)) and task not in mean_tasks:
+            elif r["status"] != "inconclusive" and not in_mean:
+                why, is_open = f"decided ({r['status'].upper()})", False
+            elif r["status"] == "inconclusive" and useful(r):
+                why, is_open = "open", True
+            elif in_mean:
+                why, is_open = "the retention mean is still open", True
+            elif futile(v, _margin(r)):
                 why, is_open = "futile: even at the cap it would very likely stay open", False
             else:
-                why = "open" if r["status"] == "inconclusive" else "the retention mean is still open"
-                is_open = True
+                why, is_open = ("the arm can no longer PASS (another rule is out of reach) and this one could only "
+                                "PASS"), False
             states.append(TaskState(arm, task, is_open, why))
     return states

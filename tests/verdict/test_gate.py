@@ -448,3 +448,28 @@ def test_the_pass_floor_is_said_when_no_outcome_could_pass(tmp_path):
     assert "cannot PASS whatever the items show short of a gain" in gate["power"]["sentence"]
     loose, code = gate_run(run.root, {"max_drop": 10.0, "max_mean_drop": 5.0})
     assert code == 0 and "short of a gain" not in loose["power"]["sentence"]
+
+
+def test_a_policy_with_tiers_a_relative_margin_and_a_missing_required_task(unchanged, tmp_path):
+    """The three guards of one policy file together: the relative margin applies where stricter, an advisory task
+    is reported and never counted, and a required task that was never evaluated is MISSING: the verdict is never
+    PASS while it is, and JUnit and Markdown say both."""
+    names = sorted({r["task"] for r in gate_run(unchanged.root)[0]["rules"] if r["rule"] == "task_drop"})
+    policy = tmp_path / "gate.toml"
+    policy.write_text(f'[gate]\nmax_relative_drop = 50\nrequire_tasks = ["ret_never_run"]\n'
+                      f'[gate.tiers]\n"{names[0]}" = "advisory"\n')
+    junit, md = tmp_path / "gate.xml", tmp_path / "gate.md"
+    r = forgetcheck_cli("gate", unchanged.root, "--policy", policy, "--junit", junit, "--markdown", md)
+    gate = read_json(unchanged.gate)
+    assert r.returncode == 4 and gate["verdict"] == "inconclusive", r.stdout + r.stderr
+    missing = [x for x in gate["rules"] if x["rule"] == "task_missing"]
+    assert [x["task"] for x in missing] and all(x["task"] == "ret_never_run" for x in missing)
+    advisory = next(x for x in gate["rules"] if x["task"] == names[0] and x["rule"] == "task_drop")
+    assert advisory["tier"] == "advisory" and advisory["reason"].count("[advisory]") == 1
+    assert all(x["values"]["margin_from"] == "absolute" for x in gate["rules"] if x["rule"] == "task_drop")
+    text = md.read_text()
+    assert "MISSING task_missing ret_never_run" in text and f"task_drop {names[0]} (advisory)" in text
+    assert "ret_never_run" in junit.read_text() and "(advisory)" in junit.read_text()
+    # with the required task dropped the same policy passes: MISSING was what held it back
+    policy.write_text(f'[gate]\nmax_relative_drop = 50\n[gate.tiers]\n"{names[0]}" = "advisory"\n')
+    assert forgetcheck_cli("gate", unchanged.root, "--policy", policy).returncode == 0

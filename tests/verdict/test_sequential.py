@@ -83,35 +83,42 @@ def _rule(task, status, **values):
             "values": {"bound": "sequential", "max_drop": 2.0, **values}}
 
 
-def test_only_open_tasks_get_the_next_look():
+def test_only_tasks_that_could_still_decide_get_the_next_look():
+    wide = dict(drop=1.0, drop_upper=6.0, drop_lower=-4.0, drop_upper_normal=3.0, look_units=[50], plan_units=400)
     gate = {"rules": [
         _rule("decided", "pass"),
-        _rule("open", "inconclusive", drop=1.0, drop_upper=6.0, drop_lower=-4.0, drop_upper_normal=3.0,
-              look_units=[50], plan_units=400),
-        _rule("at_margin", "inconclusive", drop=2.0, drop_upper=2.6, drop_lower=1.4, drop_upper_normal=2.2,
-              look_units=[300], plan_units=400),
-        _rule("capped", "inconclusive", drop=1.0, drop_upper=6.0, drop_lower=-4.0, drop_upper_normal=3.0,
-              look_units=[50], plan_units=400),
+        _rule("open", "inconclusive", **wide),
+        _rule("capped", "inconclusive", **wide),
         {"rule": "retention_mean", "arm": "a", "task": None, "status": "pass", "tier": "critical", "values": {}},
     ]}
-    states = {s.task: s for s in sequential.open_tasks(gate, {"a": {"decided": 2, "open": 2, "at_margin": 4,
-                                                                     "capped": 6}}, 6)}
+    looked = {"a": {"decided": 2, "open": 2, "capped": 6}}
+    states = {s.task: s for s in sequential.open_tasks(gate, looked, 6)}
     assert states["open"].open
     assert not states["decided"].open and "decided" in states["decided"].why
-    assert not states["at_margin"].open and states["at_margin"].why.startswith("futile")
     assert not states["capped"].open and "cap" in states["capped"].why
-    # an open retention mean keeps every task of the arm growing, a FAIL stops them all
-    gate["rules"][-1] = {"rule": "retention_mean", "arm": "a", "task": None, "status": "inconclusive",
-                         "tier": "critical", "values": {"bound": "sequential"}}
-    assert {s.task for s in sequential.open_tasks(gate, {"a": {"decided": 2, "open": 2, "at_margin": 4,
-                                                               "capped": 6}}, 6) if s.open} == \
-        {"decided", "open", "at_margin"}
+    # a rule sitting at its margin with narrow bounds can reach neither PASS nor FAIL by the cap: it is futile, the
+    # arm can no longer PASS, so a task that could only PASS stops; one that could still FAIL goes on
+    gate["rules"].append(_rule("at_margin", "inconclusive", drop=2.0, drop_upper=2.6, drop_lower=1.4,
+                               drop_upper_normal=2.2, look_units=[300], plan_units=400))
+    gate["rules"].append(_rule("falling", "inconclusive", drop=3.5, drop_upper=6.0, drop_lower=1.0,
+                               drop_upper_normal=4.5, look_units=[100], plan_units=400))
+    looked["a"].update(at_margin=4, falling=3)
+    states = {s.task: s for s in sequential.open_tasks(gate, looked, 6)}
+    assert not states["at_margin"].open and states["at_margin"].why.startswith("futile")
+    assert not states["open"].open and "can no longer PASS" in states["open"].why
+    assert states["falling"].open
+    # an open retention mean that could still decide keeps every task of the arm growing; a FAIL stops them all
+    gate["rules"] = [r for r in gate["rules"] if r["task"] not in ("at_margin", "falling")]
+    gate["rules"][3] = {"rule": "retention_mean", "arm": "a", "task": None, "status": "inconclusive",
+                        "tier": "critical", "values": {"bound": "sequential", "max_mean_drop": 1.0, **wide}}
+    assert {s.task for s in sequential.open_tasks(gate, looked, 6) if s.open} == {"decided", "open"}
     gate["rules"][0]["status"] = "fail"
-    assert not any(s.open for s in sequential.open_tasks(gate, {"a": {"decided": 2, "open": 2}}, 6))
+    assert not any(s.open for s in sequential.open_tasks(gate, looked, 6))
 
 
 def test_look_sizes_grow_to_the_cap():
-    assert sequential.look_sizes(50, 400) == (50, 75, 113, 170, 255, 383, 400)
+    assert sequential.look_sizes(50, 400) == (50, 63, 79, 99, 124, 155, 194, 243, 304, 380, 400)
+    assert sequential.look_sizes(50, 400, 1.5) == (50, 75, 113, 170, 255, 383, 400)
     assert sequential.look_sizes(50, 50) == (50,)
 
 
