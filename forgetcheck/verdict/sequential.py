@@ -92,52 +92,52 @@ def open_tasks(gate: dict, looked: dict[str, dict[str, int]], n_looks: int) -> l
     advisory), or PASS while the arm as a whole can still PASS (none of its critical rules is out of reach of a
     PASS). While the arm's retention mean is open and could decide the same way, every task of the mean grows with
     it (its bound needs a draw from every task at each look)."""
-    states: list[TaskState] = []
     by_arm: dict[str, list[dict]] = {}
     for r in gate["rules"]:
         by_arm.setdefault(r["arm"], []).append(r)
-    for arm, rules in by_arm.items():
-        if arm is None or arm not in looked:
+    return [st for arm, rules in by_arm.items() if arm is not None and arm in looked
+            for st in _arm_states(arm, rules, looked[arm], n_looks)]
+
+
+def _arm_states(arm: str, rules: list[dict], taken: dict[str, int], n_looks: int) -> list[TaskState]:
+    arm_failed = any(r["status"] == "fail" and r.get("tier") != "advisory" for r in rules)
+    seq = [r for r in rules if r["values"].get("bound") == "sequential" and r.get("tier") != "advisory"]
+    reach = {id(r): reachable(r["values"], _margin(r)) if r["status"] == "inconclusive" else (False, False)
+             for r in seq}
+    # the arm can still PASS unless a critical rule that is not yet PASS can no longer reach one
+    arm_can_pass = all(r["status"] == "pass" or r.get("tier") == "supporting"
+                       or (r["status"] == "inconclusive" and reach.get(id(r), (True, True))[0])
+                       for r in rules if r.get("tier") != "advisory" and r["rule"] != "coverage")
+    useful = {k: could_fail or (could_pass and arm_can_pass) for k, (could_pass, could_fail) in reach.items()}
+    for r in seq:  # a supporting rule's PASS changes nothing: only its FAIL is worth items
+        if r.get("tier") == "supporting":
+            useful[id(r)] = reach[id(r)][1]
+    mean_open = any(r["rule"] == "retention_mean" and r["status"] == "inconclusive" and useful[id(r)] for r in seq)
+    mean_tasks = {r["task"] for r in seq if r["rule"] == "task_drop"} if mean_open else set()
+    states = []
+    for r in rules:
+        if r["rule"] != "task_drop" or r["task"] not in taken:
             continue
-        taken = looked[arm]
-        arm_failed = any(r["status"] == "fail" and r.get("tier") != "advisory" for r in rules)
-        seq = [r for r in rules if r["values"].get("bound") == "sequential" and r.get("tier") != "advisory"]
-        reach = {id(r): reachable(r["values"], _margin(r)) if r["status"] == "inconclusive" else (False, False)
-                 for r in seq}
-        # the arm can still PASS unless a critical rule that is not yet PASS can no longer reach one
-        arm_can_pass = all(r["status"] == "pass" or r.get("tier") == "supporting"
-                           or (r["status"] == "inconclusive" and reach.get(id(r), (True, True))[0])
-                           for r in rules if r.get("tier") != "advisory" and r["rule"] != "coverage")
-
-        def useful(r: dict) -> bool:
-            could_pass, could_fail = reach[id(r)]
-            return could_fail or (could_pass and arm_can_pass and r.get("tier") != "supporting")
-
-        mean_open = [r for r in seq if r["rule"] == "retention_mean" and r["status"] == "inconclusive" and useful(r)]
-        mean_tasks = ({r["task"] for r in seq if r["rule"] == "task_drop"} if mean_open else set())
-        for r in rules:
-            if r["rule"] != "task_drop" or r["task"] not in taken:
-                continue
-            task, v = r["task"], r["values"]
-            in_mean = task in mean_tasks and taken[task] < n_looks
-            if v.get("bound") != "sequential":
-                why, is_open = "not sequential (its items are not soft-accuracy units)", False
-            elif arm_failed:
-                why, is_open = "the arm has FAILed: more items cannot change that", False
-            elif taken[task] >= n_looks:
-                why, is_open = "at the cap (--max-items)", False
-            elif r.get("tier") == "advisory" and not in_mean:
-                why, is_open = "advisory: never changes the verdict", False
-            elif r["status"] != "inconclusive" and not in_mean:
-                why, is_open = f"decided ({r['status'].upper()})", False
-            elif r["status"] == "inconclusive" and useful(r):
-                why, is_open = "open", True
-            elif in_mean:
-                why, is_open = "the retention mean is still open", True
-            elif futile(v, _margin(r)):
-                why, is_open = "futile: even at the cap it would very likely stay open", False
-            else:
-                why, is_open = ("the arm can no longer PASS (another rule is out of reach) and this one could only "
-                                "PASS"), False
-            states.append(TaskState(arm, task, is_open, why))
+        task, v = r["task"], r["values"]
+        in_mean = task in mean_tasks and taken[task] < n_looks
+        if v.get("bound") != "sequential":
+            why, is_open = "not sequential (its items are not soft-accuracy units)", False
+        elif arm_failed:
+            why, is_open = "the arm has FAILed: more items cannot change that", False
+        elif taken[task] >= n_looks:
+            why, is_open = "at the cap (--max-items)", False
+        elif r.get("tier") == "advisory" and not in_mean:
+            why, is_open = "advisory: never changes the verdict", False
+        elif r["status"] != "inconclusive" and not in_mean:
+            why, is_open = f"decided ({r['status'].upper()})", False
+        elif r["status"] == "inconclusive" and useful.get(id(r)):
+            why, is_open = "open", True
+        elif in_mean:
+            why, is_open = "the retention mean is still open", True
+        elif futile(v, _margin(r)):
+            why, is_open = "futile: even at the cap it would very likely stay open", False
+        else:
+            why, is_open = ("the arm can no longer PASS (another rule is out of reach) and this one could only "
+                            "PASS"), False
+        states.append(TaskState(arm, task, is_open, why))
     return states
