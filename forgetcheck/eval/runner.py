@@ -352,8 +352,8 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
         common = dict(fmt=cache.CACHE_FORMAT, model=mhash, task=spec.config_hash, backend=cfg.backend,
                       device=device.split(":")[0], dtype=dtype, versions=versions)
         if looks is not None and cfg.limit is not None:
-            chunks, cap_units = look_items(spec.task, list(looks.sizes), spec.kind)
-            plain = select_items(spec.task, looks.sizes[0], spec.kind)
+            chunks, cap_units = look_items(spec.task, list(looks.sizes), spec.kind, spec.config_hash)
+            plain = select_items(spec.task, looks.sizes[0], spec.kind, spec.config_hash)
             taken = chunks[:looks.of(spec.name)]
             look_plan[spec.name] = {"sizes": list(looks.sizes), "items": [len(c) for c in taken],
                                     "cap_items": sum(len(c) for c in chunks), "cap_units": cap_units}
@@ -366,12 +366,12 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
                 pieces.append(_Pending(spec, key, chunk, len(chunk), look=k))
             screen_idx = []
             if n_screen and screens(spec):
-                _, after = select_with_screen(spec.task, looks.sizes[-1], n_screen, spec.kind)
+                _, after = select_with_screen(spec.task, looks.sizes[-1], n_screen, spec.kind, spec.config_hash)
                 compared = {i for c in chunks for i in c}
                 screen_idx = [i for i in after if i not in compared]
         else:
             indices, screen_idx = select_with_screen(spec.task, cfg.limit, n_screen if screens(spec) else 0,
-                                                     spec.kind)
+                                                     spec.kind, spec.config_hash)
             n_items = len(indices) if indices is not None else len(spec.task.eval_docs)
             pieces.append(_Pending(spec, cache.key(limit=cfg.limit, **common), indices, n_items))
         if screen_idx:

@@ -402,29 +402,57 @@ def _largest_remainder(sizes: dict[Any, int], total: int) -> dict[Any, int]:
     return alloc
 
 
-def select_items(task, limit: int | None, kind: str) -> list[int] | None:
+def select_items(task, limit: int | None, kind: str, key: str | None = None) -> list[int] | None:
     """Indices (sorted) of a deterministic stratified subset of `limit` items; None means every item.
 
     Strata are the document's subject-like field (`STRATUM_FIELDS`), allotted items in proportion to their
     size (largest remainder). Within a stratum, multiple-choice items are taken round-robin over target
     labels, each label's items ordered by sha256(LIMIT_SEED + doc_hash). Only the dataset decides, so every
     model gets the same items, and a larger limit keeps the items of a smaller one within each stratum.
+    `key` (the task's `config_hash`): remember the order in this process (`_order`).
     """
-    return select_with_screen(task, limit, 0, kind)[0]
+    return select_with_screen(task, limit, 0, kind, key)[0]
 
 
-def select_with_screen(task, limit: int | None, count: int, kind: str) -> tuple[list[int] | None, list[int]]:
+def select_with_screen(task, limit: int | None, count: int, kind: str,
+                       key: str | None = None) -> tuple[list[int] | None, list[int]]:
     """(`select_items(task, limit, kind)`, the task's screen items): the screen items are the `count` items that
     follow the `limit` ones in the same order (select_items(limit + count) minus select_items(limit)), scored for
     the base only to decide whether the task is informative, never compared with another model. The order is
     nested in practice (a larger limit keeps a smaller one's items), so these are `count` items; where the
     largest-remainder allotment moves an item between strata they are a few fewer, and never one of the `limit`
     items. No screen items without a limit or a count, or when the limit already takes every item."""
+    n_docs = len(task.eval_docs)
+    if limit is None or limit >= n_docs:
+        return None, []
+    order = _order(task, kind, key)
+    gated = _stratified(order.strata, order.rank, limit)
+    if count <= 0:
+        return gated, []
+    wider = set(range(n_docs)) if limit + count >= n_docs else set(_stratified(order.strata, order.rank,
+                                                                               limit + count))
+    return gated, sorted(wider - set(gated))
+
+
+@dataclass(frozen=True)
+class _Order:
+    docs: list
+    rank: dict  # item index -> (sha256(LIMIT_SEED:doc_hash), index)
+    strata: dict  # stratum -> target label -> item indices
+
+
+_ORDERS: dict[tuple[str, str], _Order] = {}
+
+
+def _order(task, kind: str, key: str | None) -> _Order:
+    """The task's documents, their --limit order and strata: a hash of every document, computed once per process
+    for a task named by `key` (a sequential check asks for many sizes of every task at every look; hashing
+    HellaSwag's 10,042 documents takes seconds)."""
+    if key is not None and (key, kind) in _ORDERS:
+        return _ORDERS[(key, kind)]
     docs = task.eval_docs
     # a datasets.Dataset converts to Python in one call (row by row iteration costs ~20 us a row)
     docs = docs.to_list() if hasattr(docs, "to_list") else list(docs)
-    if limit is None or limit >= len(docs):
-        return None, []
     rank = {}
     strata: dict[str, dict[str, list[int]]] = {}
     for i, d in enumerate(docs):
@@ -434,11 +462,12 @@ def select_with_screen(task, limit: int | None, count: int, kind: str) -> tuple[
             stratum = next((str(d[f]) for f in STRATUM_FIELDS if f in d and d[f] is not None), "")
         label = str(task.doc_to_target(d)) if kind == "multiple_choice" else ""
         strata.setdefault(stratum, {}).setdefault(label, []).append(i)
-    gated = _stratified(strata, rank, limit)
-    if count <= 0:
-        return gated, []
-    wider = set(range(len(docs))) if limit + count >= len(docs) else set(_stratified(strata, rank, limit + count))
-    return gated, sorted(wider - set(gated))
+    order = _Order(docs, rank, strata)
+    if key is not None:
+        if len(_ORDERS) >= 256:
+            _ORDERS.clear()
+        _ORDERS[(key, kind)] = order
+    return order
 
 
 def _stratified(strata: dict[str, dict[str, list[int]]], rank: dict, limit: int) -> list[int]:
@@ -464,7 +493,7 @@ bound however many of its items are scored, so more than a handful buy little (f
 170 cities among 54)."""
 
 
-def look_items(task, sizes: list[int], kind: str) -> tuple[list[list[int]], int]:
+def look_items(task, sizes: list[int], kind: str, key: str | None = None) -> tuple[list[list[int]], int]:
     """The new items of each look of a sequential evaluation (`--until-decided`; `sizes`: the items per task at
     each look, the last the cap) and the units (clusters, else items) at the cap. Look k adds the items of
     `select_items(sizes[k])` that no earlier look holds. A task whose items share sources (`cluster`) grows by
@@ -473,8 +502,8 @@ def look_items(task, sizes: list[int], kind: str) -> tuple[list[list[int]], int]
     look's units as fresh draws). A cluster brings at most `CLUSTER_ITEMS` of its items (the first in a seeded
     order; fixed when it is drawn, whatever the models score), so one large source does not take a look's items
     alone. Only the dataset decides, so every model of a check gets the same items."""
-    docs = task.eval_docs
-    docs = docs.to_list() if hasattr(docs, "to_list") else list(docs)
+    order = _order(task, kind, key)
+    docs = order.docs
     clusters: dict[str, list[int]] = {}
     for i, d in enumerate(docs):
         c = d.get("cluster") if isinstance(d, dict) else None
@@ -484,17 +513,14 @@ def look_items(task, sizes: list[int], kind: str) -> tuple[list[list[int]], int]
     chunks: list[list[int]] = []
     if not clusters:
         for size in sizes:
-            chosen = select_items(task, size, kind)
-            new = set(range(len(docs)) if chosen is None else chosen) - seen
+            chosen = range(len(docs)) if size >= len(docs) else _stratified(order.strata, order.rank, size)
+            new = set(chosen) - seen
             chunks.append(sorted(new))
             seen |= new
         return chunks, len(seen)
     loose = [i for i, d in enumerate(docs) if not (isinstance(d, dict) and d.get("cluster") is not None)]
-    def order(i: int) -> str:
-        return hashlib.sha256(f"{LIMIT_SEED}:unit:{doc_hash(docs[i])}".encode()).hexdigest()
-
-    units = [sorted(v, key=order)[:CLUSTER_ITEMS] for v in clusters.values()] + [[i] for i in loose]
-    units.sort(key=lambda u: order(u[0]))
+    units = [sorted(v, key=order.rank.__getitem__)[:CLUSTER_ITEMS] for v in clusters.values()] + [[i] for i in loose]
+    units.sort(key=lambda u: order.rank[u[0]])
     taken = 0
     for size in sizes:
         new: list[int] = []

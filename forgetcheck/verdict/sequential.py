@@ -22,7 +22,8 @@ GROWTH = 1.25
 """Items per task at a look, over the look before. The bounds allow a look after every item; each look costs a
 model load and lm-eval's setup per model, so looks are spaced geometrically: from 50 items, 63, 79, 99, 124, 155,
 194, 243, 304, 380 ... A finer grid stops closer to where a bound crosses its margin: in bench/gate_validity.py's
-sequential table, 1.25 spends 73 % of the fixed design's items where 1.5 spent 79 % (docs/verdicts.md)."""
+sequential table, 1.25 spent 73 % of the fixed design's items where 1.5 spent 79 %, before the arm-level stop
+(docs/verdicts.md, "Until decided")."""
 FUTILITY_Z = 1.64
 """How optimistic `futile` is about the drop: a rule is stopped as futile only when even a drop this many standard
 errors more favourable than the one measured would leave it open at the cap (neither side's bound could cross
