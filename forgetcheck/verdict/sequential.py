@@ -80,6 +80,11 @@ def futile(values: dict, margin: float, z: float | None = None) -> bool:
     return not any(reachable(values, margin, z))
 
 
+def _at_cap(v: dict) -> bool:
+    units, plan = _units(v), v.get("plan_units")
+    return units is not None and plan is not None and units >= plan
+
+
 def _margin(rule: dict) -> float:
     v = rule["values"]
     return v.get("max_mean_drop", 0.0) if rule["rule"] == "retention_mean" else v.get("max_drop", 0.0)
@@ -136,7 +141,8 @@ def _arm_states(arm: str, rules: list[dict], taken: dict[str, int], n_looks: int
         elif in_mean:
             why, is_open = "the retention mean is still open", True
         elif futile(v, _margin(r)):
-            why, is_open = "futile: even at the cap it would very likely stay open", False
+            why, is_open = (f"futile: even at the cap ({v.get('plan_units')} units) it would very likely stay open"
+                            if not _at_cap(v) else "every item of the task is scored"), False
         else:
             why, is_open = ("the arm can no longer PASS (another rule is out of reach) and this one could only "
                             "PASS"), False
