@@ -331,7 +331,8 @@ def test_the_base_screen_items_decide_which_tasks_the_candidates_are_scored_on(w
         yaml = (tasks / "planted.yaml").read_text().replace("task: planted", f"task: {name}")
         (tasks / f"{name}.yaml").write_text(yaml.replace(str(tasks / "planted.jsonl"), str(tasks / f"{name}.jsonl")))
     monkeypatch.setattr(runner, "select_with_screen",
-                        lambda task, limit, count, kind: (list(range(limit)), list(range(limit, limit + count))))
+                        lambda task, limit, count, kind, key=None: (list(range(limit)),
+                                                                   list(range(limit, limit + count))))
     cfg = config.EvalConfig(tasks=("planted_hi", "planted_lo"), limit=24, backend="hf", batch_size=32)
     check.check_models("tiny-gpt2", [f"same={world['same']}"], cfg, out=tmp_path / "runs", run_id="screen",
                        device="cpu", tasks_dir=tasks)
