@@ -214,14 +214,8 @@ def _check_models(inp: CheckInputs, junit: Path | None, markdown: Path | None) -
     if notes:
         update_manifest(run, notes=notes)
     if plan is not None:
-        def again(label: str, taken: dict[str, int]) -> None:
-            ref = base_ref if label == "base" else refs[label]
-            with StageTimer(run, f"eval_{label}_looks"):
-                runner.evaluate(ref, eval_cfg, run.eval_json(label), device=dev.device, label=label,
-                                reference=None if label == "base" else references[label], tasks_dir=req.tasks_dir,
-                                skip=None if label == "base" else skip, screen=label == "base",
-                                looks=runner.Looks(plan.sizes, taken))
-
+        again = seq.evaluator(run, eval_cfg, plan.sizes, {"base": base_ref, **refs}, device=dev.device,
+                              tasks_dir=req.tasks_dir, references=references, skip=skip)
         with console.stage("until decided: more items only where a verdict is still open"):
             seq.until_decided(run, plan.sizes, inp.policy, req.looks, again, list(refs), t0)
     return _finish(inp, t0, f"[{n + 1}/{n + 1}] compare, gate, report", junit, markdown)

@@ -19,10 +19,26 @@ from forgetcheck.rundir import RunDir, atomic_write_json, read_json
 
 
 def sizes_for(eval_cfg: config.EvalConfig, lk: config.LookConfig) -> tuple[int, ...]:
+    """The items per task at each look (the flags were validated with the command's configuration)."""
     from forgetcheck.verdict.sequential import look_sizes
 
-    config.check(config.validate_looks(lk, eval_cfg.limit))
     return look_sizes(int(eval_cfg.limit), lk.cap(int(eval_cfg.limit)))
+
+
+def evaluator(run: RunDir, eval_cfg: config.EvalConfig, sizes: tuple[int, ...], models: dict, *, device: str,
+              tasks_dir, references: dict, skip: dict | None) -> Callable[[str, dict[str, int]], None]:
+    """`until_decided`'s `evaluate`: the base ("base", with its screen items) or an arm (`models[label]`, against
+    `references[label]`, without the tasks in `skip`) scored on `taken[task]` looks of each task."""
+    from forgetcheck.eval import runner
+    from forgetcheck.schema import StageTimer
+
+    def evaluate(label: str, taken: dict[str, int]) -> None:
+        base = label == "base"
+        with StageTimer(run, f"eval_{label}_looks"):
+            runner.evaluate(models[label], eval_cfg, run.eval_json(label), device=device, label=label,
+                            reference=None if base else references.get(label), tasks_dir=tasks_dir,
+                            skip=None if base else skip, screen=base, looks=runner.Looks(sizes, taken))
+    return evaluate
 
 
 def check_policy(policy: config.GateConfig, lk: config.LookConfig, limit: int | None) -> None:

@@ -193,15 +193,10 @@ def _stages(inp: Inputs) -> int:
                                 tasks_dir=inp.tasks_dir, skip=skip, looks=plan)
     if plan is not None:
         evaluated = trained + [label for label, _ in wise]
-
-        def again(label: str, taken: dict[str, int]) -> None:
-            ref = inp.model if label == "base" else registry.resolve(str(run.ckpt(label)))
-            with StageTimer(run, f"eval_{label}_looks"):
-                runner.evaluate(ref, cfg.eval, run.eval_json(label), device=inp.device.device, label=label,
-                                reference=None if label == "base" else run.eval_json("base"),
-                                tasks_dir=inp.tasks_dir, skip=None if label == "base" else skip,
-                                screen=label == "base", looks=runner.Looks(plan.sizes, taken))
-
+        again = seq.evaluator(run, cfg.eval, plan.sizes,
+                              {"base": inp.model, **{a: registry.resolve(str(run.ckpt(a))) for a in evaluated}},
+                              device=inp.device.device, tasks_dir=inp.tasks_dir,
+                              references=dict.fromkeys(evaluated, run.eval_json("base")), skip=skip)
         with console.stage("        until decided: more items only where a verdict is still open"):
             seq.until_decided(run, plan.sizes, cfg.gate, cfg.looks, again, evaluated, time.perf_counter())
 

@@ -288,9 +288,8 @@ def task_drop_rules(tasks: dict, arm: str, pol: GateConfig) -> tuple[list[dict],
                 "alpha": alpha, "metric": used, "mde": task_power[name].mde, "n": est.n,
                 "bound": "bounded" if used == "soft" else "normal"}
         if seq:
-            vals.update(bound="sequential", looks=seq["look_items"], look_units=seq["looks"],
-                        plan_units=seq["plan_units"])
-            nums += f" after {len(seq['looks'])} look(s), {est.n} items"
+            vals.update(seq["values"])
+            nums += f" after {len(seq['values']['look_units'])} look(s), {est.n} items"
         if up is not None and up < m:
             st, why = "pass", (f"a drop beyond {says} is ruled out (upper bound {up:.1f} < "
                                f"{m:.3g}{_ANY_PATTERN if used == 'soft' else ''})")
@@ -337,19 +336,27 @@ def _looks_values(d: dict | None) -> dict:
 def _sequential(d: dict, margin: float, alpha: float, key: str) -> dict | None:
     """A task rule's bounds and FAIL p-value over a sequential evaluation's looks (docs/verdicts.md, "Until
     decided"): betting bounds on the units in look order, each side's capital taken at its highest over the
-    looks, with bets tuned for the units at the cap (`plan_units`), so neither side's error grows with the looks.
-    None for a fixed --limit evaluation."""
+    looks, with bets tuned for the units at the cap (`plan_units`), so neither side's error grows with the looks;
+    `values`: what the rule records of its looks. None for a fixed --limit evaluation."""
     looks = _look_drops(d)
     if looks is None:
         return None
     plan = int(d.get("plan_units") or sum(len(x) for x in looks))
     streams, ends = look_orders(looks, key)
+    return {**_look_bounds(streams, ends, plan, alpha, margin), "values": {**_looks_values(d), "plan_units": plan}}
+
+
+def _look_bounds(streams: list[np.ndarray], ends: list[list[int]], plan: int, alpha: float,
+                 margin: float | None = None) -> dict:
+    """Both sides of a sequential rule from its streams of unit drops: the upper bound (PASS bets, `look_plans`
+    "pass"), the lower bound from the same units as rises (FAIL bets), and with `margin` the FAIL p-value."""
     rising = [-x for x in streams]  # the drop's lower side: an upper bound of the rise
     ups, downs = look_plans(plan, len(streams), "pass"), look_plans(plan, len(streams), "fail")
-    return {"upper": bounded_upper(streams, *SOFT_RANGE, alpha, plan=ups, ends=ends),
-            "lower": -bounded_upper(rising, *SOFT_RANGE, alpha, plan=downs, ends=ends),
-            "p_fail": bounded_p(rising, *SOFT_RANGE, -margin, alpha, plan=downs, ends=ends),
-            "looks": [len(x) for x in looks], "look_items": d.get("look_items"), "plan_units": plan}
+    out = {"upper": bounded_upper(streams, *SOFT_RANGE, alpha, plan=ups, ends=ends),
+           "lower": -bounded_upper(rising, *SOFT_RANGE, alpha, plan=downs, ends=ends)}
+    if margin is not None:
+        out["p_fail"] = bounded_p(rising, *SOFT_RANGE, -margin, alpha, plan=downs, ends=ends)
+    return out
 
 
 class Margin(NamedTuple):
@@ -459,7 +466,7 @@ def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tup
     if gap:
         return [_rule("retention_mean", arm, "inconclusive", f"{head}): {gap}", drop=drop, n=est.n,
                       min_paired=MIN_PAIRED, max_mean_drop=pol.max_mean_drop, metric=pol.metric,
-                      **({"bound": "sequential"} if _sequential_mean(tasks, ret["tasks"], arm, alpha) else {}))], power
+                      **({"bound": "sequential"} if _mean_looks(tasks, ret["tasks"], arm) else {}))], power
     up_normal, lo = -est.lower(alpha), -est.upper(alpha)
     seq = _sequential_mean(tasks, ret["tasks"], arm, alpha) if pol.metric == "soft" else None
     if seq:
@@ -493,10 +500,10 @@ def retention_mean_rules(compare: CompareFile, arm: str, pol: GateConfig) -> tup
                   **extra)], power
 
 
-def _sequential_mean(tasks: dict, names: list[str], arm: str, alpha: float) -> dict | None:
-    """The retention mean's bounds over a sequential evaluation's looks: `look_interleavings` of the looks every
-    one of its tasks reached (a draw must be a unit of a uniformly chosen task, so a look some task did not take
-    ends the mean's stream), bets tuned for the tasks' units at the cap. None unless every task is sequential."""
+def _mean_looks(tasks: dict, names: list[str], arm: str) -> tuple[list[list[np.ndarray]], list[dict]] | None:
+    """The retention mean's tasks' unit drops look by look, over the looks every one of them reached (a draw must
+    be a unit of a uniformly chosen task, so a look some task did not take ends the mean's stream), and their soft
+    blocks; None unless every task is sequential and the first look is common."""
     softs = [((tasks.get(n) or {}).get("arms") or {}).get(arm, {}).get("soft") for n in names]
     per_task = [_look_drops(x) if x else None for x in softs]
     if not per_task or any(x is None for x in per_task):
@@ -504,15 +511,19 @@ def _sequential_mean(tasks: dict, names: list[str], arm: str, alpha: float) -> d
     common = 0
     while all(len(x) > common and len(x[common]) for x in per_task):
         common += 1
-    if not common:
+    return ([[x[k] for x in per_task] for k in range(common)], softs) if common else None
+
+
+def _sequential_mean(tasks: dict, names: list[str], arm: str, alpha: float) -> dict | None:
+    """The retention mean's bounds over a sequential evaluation's looks (`_mean_looks`): `look_interleavings` of
+    its tasks' units, bets tuned for the tasks' units at the cap. None unless every task is sequential."""
+    found = _mean_looks(tasks, names, arm)
+    if found is None:
         return None
-    looks = [[x[k] for x in per_task] for k in range(common)]
-    plan = sum(int(x.get("plan_units") or 0) for x in softs) or sum(len(u) for x in per_task for u in x)
+    looks, softs = found
+    plan = sum(int(x.get("plan_units") or 0) for x in softs) or sum(len(x["unit_deltas"]) for x in softs)
     streams, ends = look_interleavings(looks, f"{arm}\x1fretention-mean")
-    rising = [-x for x in streams]
-    ups, downs = look_plans(plan, len(streams), "pass"), look_plans(plan, len(streams), "fail")
-    return {"upper": bounded_upper(streams, *SOFT_RANGE, alpha, plan=ups, ends=ends),
-            "lower": -bounded_upper(rising, *SOFT_RANGE, alpha, plan=downs, ends=ends), "looks": common,
+    return {**_look_bounds(streams, ends, plan, alpha), "looks": len(looks),
             "look_units": [sum(len(u) for u in look) for look in looks], "plan_units": plan}
 
 
