@@ -373,13 +373,17 @@ def curve_doc(obj: Any) -> dict:
     meta["sizes"] = _filled(meta["sizes"], {"n_items": None, "n_tokens": None, "predicted_fraction": 0})
     if meta["stopped_early"]:
         meta["stopped_early"] = _filled(meta["stopped_early"], {"reason": None})
-    fc = meta["forecast"] = _filled(meta["forecast"], {"signals": {}, "made_at_tokens": None, "at_tokens": None})
+    fc = meta["forecast"] = _filled(meta["forecast"], {"signals": {}, "made_at_tokens": None, "at_tokens": None,
+                                                       "default": "power_law"})
     fc["signals"] = _filled({name: _forecast_signal(e) for name, e in (fc["signals"] or {}).items()},
                             {name: _forecast_signal(None) for name in CURVE_SIGNALS})
     return doc
 
 
-FORECAST_MODELS = ("power_law", "power_law_tokens", "loss_linear")
+FORECAST_MODELS = ("power_law", "power_law_tokens", "loss_linear", "saturating", "kl_mapped", "forms")
+"""The forecasts a curve file keeps per signal (train/curve.py), by key: the laws on the learning-rate integral,
+the power law on tokens beside it, and the forms combined (train/forecast.py's `combine_forms`); the
+forecast's `default` names the one the stop and the report read."""
 
 
 def _forecast_signal(entry: Any) -> dict:

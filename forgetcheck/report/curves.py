@@ -10,7 +10,8 @@ from typing import Any
 
 from forgetcheck.report.charts import Scale, tick_label
 from forgetcheck.rundir import RunDir
-from forgetcheck.schema import read_curve
+from forgetcheck.schema import FORECAST_MODELS, read_curve
+from forgetcheck.train.forecast import BACKTEST  # numpy only: the backtest's figures
 from forgetcheck.train.signals import worse  # torch-free: the direction rule train/signals.py's forecasts use
 
 PANELS = (  # signal, title, y label, sign (+1: forgetting as stored, -1: learning = the drop of the signal)
@@ -18,6 +19,9 @@ PANELS = (  # signal, title, y label, sign (+1: forgetting as stored, -1: learni
     ("bpb_domain", "Learning: domain bits per byte gained", "bits/byte gained", -1),
     ("kl_general", "Drift: KL(base ‖ arm) on general text", "nats/token", +1),
 )
+MODEL_NAMES = {"power_law": "shifted power law", "power_law_tokens": "shifted power law",
+               "loss_linear": "linear in training loss", "saturating": "saturating law",
+               "kl_mapped": "through KL on domain text", "forms": "the forms together (default)"}
 AXIS_NAMES = {"lr_integral": " (lr integral)", "tokens": " (tokens)"}  # what a forecast was fitted against
 SIGNAL_NAMES = {"soft_acc": "retention soft accuracy lost (points)", "kl_general": "KL on general text (nats/token)",
                 "kl_domain": "KL on domain text (nats/token)", "bpb_general": "general bits per byte rise"}
@@ -70,10 +74,10 @@ def _panel(curves: dict[str, dict], colors: dict, signal: str, title: str, ylabe
 
 def _forecast_mark(curve: dict, signal: str) -> dict | None:
     fc = curve["meta"]["forecast"]
-    pl = fc["signals"][signal]["power_law"]
-    if pl is None or pl["predicted"] is None:
+    m = fc["signals"][signal][fc["default"]] or fc["signals"][signal]["power_law"]
+    if m is None or m["predicted"] is None:
         return None
-    return {"predicted": pl["predicted"], "lo": pl["lo"], "hi": pl["hi"], "at": float(fc["at_tokens"]),
+    return {"predicted": m["predicted"], "lo": m["lo"], "hi": m["hi"], "at": float(fc["at_tokens"]),
             "fit_until": float(fc["made_at_tokens"] or 0.0)}
 
 
@@ -84,22 +88,31 @@ def forecast_rows(curves: dict[str, dict], colors: dict) -> list[dict]:
     for arm, c in curves.items():
         fc = c["meta"]["forecast"]
         for signal, e in fc["signals"].items():
-            for model in ("power_law", "power_law_tokens", "loss_linear"):
+            for model in FORECAST_MODELS:
                 m = e[model]
                 if not m:
                     continue
                 measured = e["measured"]
-                name = {"power_law": "shifted power law", "power_law_tokens": "shifted power law",
-                        "loss_linear": "linear in training loss"}[model]
-                name += AXIS_NAMES.get(m["axis"], "")
+                name = MODEL_NAMES[model] + AXIS_NAMES.get(m["axis"], "")
+                default = model == fc["default"]
                 rows.append({"arm": arm, "color": colors[arm], "signal": SIGNAL_NAMES.get(signal, signal),
                              "model": name,
                              "made_at": fc["made_at_tokens"], "at": fc["at_tokens"],
                              "predicted": m["predicted"], "lo": m["lo"], "hi": m["hi"],
                              "measured": measured,
                              "error": None if measured is None or m["predicted"] is None else measured - m["predicted"],
-                             "inside": m["inside"], "reason": m["reason"] or e["note"] or ""})
+                             "inside": m["inside"], "reason": m["reason"] or e["note"] or "",
+                             "default": default, "backtest": backtest_words(signal) if default else ""})
     return rows
+
+
+def backtest_words(signal: str) -> str:
+    """What the backtest measured for the default forecast of `signal` (train/forecast.py's BACKTEST)."""
+    b = BACKTEST.get(signal)
+    if not b:
+        return "not backtested on this signal"
+    return (f"intervals like this one covered the end in {b['covered']} of {b['with_interval']} backtest runs "
+            f"(it abstained in {b['abstained']} of {b['runs']}; docs/curves.md, \"Backtest\")")
 
 
 def curves_view(run: RunDir, arms: list[str], colors: dict) -> dict[str, Any]:
@@ -110,7 +123,7 @@ def curves_view(run: RunDir, arms: list[str], colors: dict) -> dict[str, Any]:
         if p.exists():
             curves[arm] = read_curve(p)
     if not curves:
-        return {"curve_panels": [], "curve_rows": [], "curve_notes": []}
+        return {"curve_panels": [], "curve_rows": [], "curve_notes": [], "curve_backtest": ""}
     notes = []
     for arm, c in curves.items():
         meta = c["meta"]
@@ -123,4 +136,5 @@ def curves_view(run: RunDir, arms: list[str], colors: dict) -> dict[str, Any]:
         if meta["stopped_early"]:
             notes.append(f"{arm} STOPPED EARLY: {meta['stopped_early']['reason']}")
     panels = [p for p in (_panel(curves, colors, *spec) for spec in PANELS) if p]
-    return {"curve_panels": panels, "curve_rows": forecast_rows(curves, colors), "curve_notes": notes}
+    return {"curve_panels": panels, "curve_rows": forecast_rows(curves, colors), "curve_notes": notes,
+            "curve_backtest": f"for retention soft accuracy lost, {backtest_words('soft_acc')}"}

@@ -26,6 +26,7 @@ from forgetcheck import config, console
 from forgetcheck.errors import BadInput
 from forgetcheck.eval.records import target_index
 from forgetcheck.rundir import RunDir
+from forgetcheck.schema import FORECAST_MODELS
 from forgetcheck.train import forecast, signals
 
 TRAIN_TOKEN_COST = 2.2
@@ -68,7 +69,9 @@ def stop_bound_words(fc: dict) -> str:
     f = forecast.Forecast(**fc)
     how = ("one look, at the forecast window's end: no correction" if f.looks == 1
            else f"Bonferroni over {f.looks} looks")
-    return f"lower bound at {100 * f.look_level:.3g}% (the {f.level:.0%} interval's lower side; {how}) {_f(f.stop_bound)}"
+    side = (f"the lowest lower side of the forms' {f.level:.0%} intervals" if f.model == forecast.FORMS
+            else f"the {f.level:.0%} interval's lower side")
+    return f"lower bound at {100 * f.look_level:.3g}% ({side}; {how}) {_f(f.stop_bound)}"
 
 
 # ---- the fixed items and texts -------------------------------------------------------------------------------
@@ -288,14 +291,16 @@ class CurveTracker:
     def _forecast(self, step: int) -> dict:
         axis = {} if self.lr_cum is None else {"time": self._time, "axis": "lr_integral"}
         out = {"made_at_step": step, "made_at_tokens": step * self.tokens_per_step, "at_tokens": self.budget,
-               "axis": axis.get("axis", "tokens"), "signals": {}}
+               "axis": axis.get("axis", "tokens"), "default": forecast.DEFAULT, "signals": {}}
         for sig in FORECAST_SIGNALS:
             t, f, loss = self.curve.forgetting(sig)
             if len(t) == 0:
                 continue
-            looks = {"looks": self.looks} if sig == STOP_SIGNAL else {}  # the one the stop compares
-            entry = {"power_law": forecast.forecast_power_law(t, f, self.budget, n_boot=FORECAST_BOOT,
-                                                              **axis, **looks).to_dict()}
+            tk, fk, kl = self._with_kl(sig)
+            looks = self.looks if sig == STOP_SIGNAL else 1
+            forms = forecast.forecast_forms(tk, fk, kl, self.budget, kl_map=sig == STOP_SIGNAL, n_boot=FORECAST_BOOT,
+                                            looks=looks, **axis)
+            entry = {key: fc.to_dict() for key, fc in forms.items()}
             if axis:  # the same law in tokens, kept beside it so every run compares the two axes
                 entry["power_law_tokens"] = forecast.forecast_power_law(t, f, self.budget,
                                                                         n_boot=FORECAST_BOOT).to_dict()
@@ -305,9 +310,21 @@ class CurveTracker:
             out["signals"][sig] = entry
         return out
 
+    def _with_kl(self, sig: str):
+        """(tokens, forgetting on `sig`, KL on domain text) of the points that measured both: the forms are fitted
+        to these (the map through KL pairs them point by point, and the drift seen is read from the KL)."""
+        import numpy as np
+
+        pts = [p for p in sorted(self.curve.points, key=lambda p: p.tokens)
+               if getattr(p, sig) is not None and p.kl_domain is not None]
+        base = float(self.curve.base.get(sig) or 0.0)
+        return (np.array([p.tokens for p in pts], dtype=float),
+                signals.worse(sig, np.array([getattr(p, sig) for p in pts], dtype=float), base),
+                np.array([p.kl_domain for p in pts], dtype=float))
+
     def _should_stop(self, step: int) -> bool:
         margin = self.cfg.stop_if_forecast_exceeds
-        fc = ((self.curve.meta["forecast"]["signals"].get(STOP_SIGNAL) or {}).get("power_law"))
+        fc = ((self.curve.meta["forecast"]["signals"].get(STOP_SIGNAL) or {}).get(forecast.DEFAULT))
         if margin is None or not fc:
             return False
         f = forecast.Forecast(**fc)
@@ -342,10 +359,11 @@ class CurveTracker:
                 t, f, _ = self.curve.forgetting(sig)
                 measured = float(f[-1]) if len(t) and t[-1] >= self.budget else None
                 entry["measured"] = measured
-                for model_fc in (entry.get("power_law"), entry.get("power_law_tokens"), entry.get("loss_linear")):
+                for model_fc in (entry.get(m) for m in FORECAST_MODELS):
                     if model_fc and measured is not None and model_fc.get("predicted") is not None:
                         model_fc["error"] = measured - model_fc["predicted"]
-                        model_fc["inside"] = (model_fc["lo"] is not None and model_fc["lo"] <= measured <= model_fc["hi"])
+                        model_fc["inside"] = (model_fc["lo"] is not None
+                                              and model_fc["lo"] <= measured <= model_fc["hi"])
                 if measured is None:
                     entry["note"] = "no measured value at the end of the budget (the arm stopped early)"
         self.curve.meta["complete"] = True
@@ -380,18 +398,19 @@ def _f(v) -> str:
 
 
 def _forecast_summary(fc: dict | None) -> dict:
-    """Per signal: the power law's forecast, interval and the measured value (train/<arm>.json's short form)."""
+    """Per signal: the default forecast (the one the stop reads), its interval and the measured value, and each
+    other model's forecast and interval (train/<arm>.json's short form)."""
     if not fc:
         return {}
     out = {}
+    default = fc.get("default", "power_law")
     for sig, e in fc["signals"].items():
-        pl = e.get("power_law") or {}
-        out[sig] = {"predicted": pl.get("predicted"), "lo": pl.get("lo"), "hi": pl.get("hi"),
+        d = e.get(default) or {}
+        out[sig] = {"model": default, "predicted": d.get("predicted"), "lo": d.get("lo"), "hi": d.get("hi"),
                     "measured": e.get("measured"), "made_at_tokens": fc["made_at_tokens"],
-                    "at_tokens": fc["at_tokens"], "reason": pl.get("reason")}
-        out[sig]["axis"] = pl.get("axis", "tokens")
-        for model in ("power_law_tokens", "loss_linear"):
-            if e.get(model):
+                    "at_tokens": fc["at_tokens"], "reason": d.get("reason"), "axis": d.get("axis", "tokens")}
+        for model in FORECAST_MODELS:
+            if model != default and e.get(model):
                 m = e[model]
                 out[sig][model] = {"predicted": m.get("predicted"), "lo": m.get("lo"), "hi": m.get("hi")}
     return out

@@ -6,6 +6,7 @@ are checked in tests/train/test_train.py's resume test."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -59,7 +60,8 @@ def _planted_tracker(tmp_path, monkeypatch, margin: float) -> tuple[curve.CurveT
 
     def point(model, tok, ref, *, tokens, step, train_loss=None):
         drop = 8.0 * (step / 32) ** 0.5 + 0.05 * (-1) ** (step // 2)
-        return signals.CurvePoint(tokens, step, train_loss, 0.01 * step, 0.02 * step, 1.0, 1.0, 40.0 - drop, 0.01)
+        kl_domain = 0.3 * (1 - math.exp(-step / 6))  # a drift that bends within the window: the forecast is made
+        return signals.CurvePoint(tokens, step, train_loss, 0.01 * step, kl_domain, 1.0, 1.0, 40.0 - drop, 0.01)
 
     looks, real = [], forecast.forecast_power_law
 
@@ -89,24 +91,27 @@ def test_the_stop_is_checked_once_at_the_planned_look(tmp_path, monkeypatch, cap
     fc = t.curve.meta["forecast"]
     pl = fc["signals"]["soft_acc"]["power_law"]
     assert fc["made_at_step"] == 8 and pl["looks"] == 1 and pl["lo_adjusted"] == pl["lo"] is not None
-    assert ("sft: no early stop at step 8: its lower bound at 95% (the 90% interval's lower side; one look, "
-            "at the forecast window's end: no correction)") in capsys.readouterr().out
+    assert ("sft: no early stop at step 8: its lower bound at 95% (the lowest lower side of the forms' 90% "
+            "intervals; one look, at the forecast window's end: no correction)") in capsys.readouterr().out
 
 
 def test_a_clear_stop_records_its_looks_and_level(tmp_path, monkeypatch, capsys):
     t, _ = _planted_tracker(tmp_path, monkeypatch, margin=2.0)  # the forecast is about 8 points lost
     assert _train(t) == 8
     st = t.stopped
-    pl = t.curve.meta["forecast"]["signals"]["soft_acc"]["power_law"]
+    fc = t.curve.meta["forecast"]
+    pl = fc["signals"]["soft_acc"][fc["default"]]  # the stop reads the default forecast: the forms together
+    assert fc["default"] == "forms" and set(fc["signals"]["soft_acc"]) >= {"power_law", "saturating", "kl_mapped"}
     assert (st["looks"], st["look_level"]) == (1, pytest.approx(0.95)) and st["lower_bound"] == pl["lo_adjusted"] > 2.0
-    assert "its lower bound at 95% (the 90% interval's lower side; one look" in st["reason"]
+    assert pl["lo"] == min(f["lo"] for f in pl["params"]["forms"].values())
+    assert "its lower bound at 95% (the lowest lower side of the forms' 90% intervals; one look" in st["reason"]
     assert st["reason"].endswith("exceeds --stop-if-forecast-exceeds 2")
     assert signals.read_curve(t.run.curve_json("sft")).meta["stopped_early"] == st  # in the curve file too
     assert "sft: stopped early: forecast at step 8 of 32" in capsys.readouterr().out
     # several looks: the level and the bound said are the corrected ones
     eight = {**pl, "looks": 8, "lo_adjusted": 1.5}
-    assert curve.stop_bound_words(eight) == ("lower bound at 99.4% (the 90% interval's lower side; Bonferroni over "
-                                             "8 looks) 1.50")
+    assert curve.stop_bound_words(eight) == ("lower bound at 99.4% (the lowest lower side of the forms' 90% intervals; "
+                                             "Bonferroni over 8 looks) 1.50")
 
 
 def test_sizes_keep_the_predicted_overhead_within_the_bound():
@@ -144,8 +149,9 @@ def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_r
     def forgetting(model, tok, ref, *, tokens, step, train_loss=None, **kw):  # falls as (lr integral)^0.5
         p = real(model, tok, ref, tokens=tokens, step=step, train_loss=train_loss, **kw) if step == 1 else None
         drop = 8.0 * 2 ** 0.5 * (cum[step] / cum[16]) ** 0.5 + 0.05 * (-1) ** step
+        kl_domain = 0.3 * (1 - math.exp(-cum[step] / 2))  # a drift that bends within the window
         return signals.CurvePoint(tokens=tokens, step=step, train_loss=train_loss, kl_general=0.01 * step,
-                                 kl_domain=0.02 * step, bpb_general=1.0, bpb_domain=1.0,
+                                 kl_domain=kl_domain, bpb_general=1.0, bpb_domain=1.0,
                                  soft_acc=ref.base["soft_acc"] - drop, measure_s=p.measure_s if p else 0.01)
 
     monkeypatch.setattr(signals, "measure_point", forgetting)
@@ -156,8 +162,8 @@ def test_early_stop_on_a_forgetting_power_law_keeps_a_loadable_checkpoint(tiny_r
     assert rec["optimizer_steps"] == 4 and rec["planned_steps"] == 16  # the window's end: steps 1-4 of 16
     assert rec["stopped_early"]["step"] == 4 and "--stop-if-forecast-exceeds 2" in rec["stopped_early"]["reason"]
     fc = rec["curve"]["forecast"]["soft_acc"]
-    assert fc["axis"] == "lr_integral" and fc["lo"] > 2.0
-    assert fc["predicted"] == pytest.approx(8 * 2 ** 0.5, rel=0.1)  # the law's value at the end of the schedule
+    assert fc["axis"] == "lr_integral" and fc["model"] == "forms" and fc["lo"] > 2.0
+    assert fc["power_law"]["predicted"] == pytest.approx(8 * 2 ** 0.5, rel=0.1)  # the law's value at the end
     assert fc["measured"] is None  # the budget's end was never reached
     out = capsys.readouterr().out  # said on the terminal: why it stopped, what the curve cost
     assert "cpt: stopped early: forecast at step 4 of 16" in out

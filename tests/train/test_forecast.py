@@ -161,3 +161,89 @@ def test_an_interval_that_does_not_hold_its_own_forecast_is_not_given():
     assert f.ok and f.predicted > 0.2
     assert f.lo is None and f.hi is None and "do not bracket" in f.reason
     assert not should_stop(f, margin=-1e9)
+
+
+def sat(t, A, tau):
+    return A * (1 - np.exp(-t / tau))
+
+
+def test_the_saturating_law_recovers_its_asymptote_and_never_passes_the_window_line():
+    f = forecast.forecast_saturating(T, sat(T, 12.0, 2e7), BUDGET, n_boot=20)
+    assert f.ok and f.model == forecast.SATURATING and f.n_points == 12
+    assert f.params["A"] == pytest.approx(12.0, rel=1e-4) and f.params["tau"] == pytest.approx(2e7, rel=1e-4)
+    assert f.predicted == pytest.approx(sat(BUDGET, 12.0, 2e7), rel=1e-6)
+    # a window that is still a straight line: the law can only continue the line, never bend upwards
+    line = forecast.forecast_saturating(T, 1e-6 * T, BUDGET, n_boot=20)
+    assert line.predicted == pytest.approx(1e-6 * BUDGET, rel=0.02) and line.predicted <= 1e-6 * BUDGET * 1.0001
+    assert Forecast(**f.to_dict()) == f and "draws" not in f.to_dict()
+
+
+def test_the_kl_map_scales_the_drift_forecast_by_the_window_ratio():
+    kl = sat(T, 0.3, 3e7)
+    rng = np.random.default_rng(4)
+    f = forecast.forecast_kl_mapped(T, 20.0 * kl + rng.normal(0, 0.05, T.size), kl, BUDGET, n_boot=60)
+    assert f.model == forecast.KL_MAPPED and f.params["c"] == pytest.approx(20.0, rel=0.02)
+    assert f.params["kl_at_budget"] == pytest.approx(sat(BUDGET, 0.3, 3e7), rel=1e-4)
+    assert f.lo < 20.0 * sat(BUDGET, 0.3, 3e7) < f.hi
+    flat = forecast.forecast_kl_mapped(T, np.zeros(T.size), np.zeros(T.size), BUDGET)
+    assert not flat.ok and "no drift" in flat.reason
+
+
+def test_the_forms_together_span_every_forms_interval_and_abstain_with_fewer_than_two():
+    a = Forecast(model="a", predicted=5.0, lo=4.0, hi=6.0, lo_adjusted=4.0)
+    b = Forecast(model="b", predicted=9.0, lo=7.0, hi=12.0, lo_adjusted=7.0)
+    c = Forecast(model="c", predicted=30.0, reason="no interval: as many points as parameters")
+    f = forecast.combine_forms([a, b, c], drift_seen=0.8)
+    assert (f.model, f.predicted, f.lo, f.hi, f.stop_bound) == (forecast.FORMS, 9.0, 4.0, 12.0, 4.0)
+    assert f.params["forms"]["c"]["reason"].startswith("no interval")
+    one = forecast.combine_forms([a, c], drift_seen=0.8)
+    assert not one.ok and one.lo is None and one.reason.startswith("cannot tell from this window: 1 of the 2")
+    assert not should_stop(one, margin=-1e9)
+    # several looks: the stop compares the lowest corrected bound
+    a8, b8 = (Forecast(**{**x.to_dict(), "looks": 8, "lo_adjusted": x.lo - 1}) for x in (a, b))
+    assert forecast.combine_forms([a8, b8], looks=8, drift_seen=0.8).stop_bound == 3.0
+    with pytest.raises(ValueError, match="looks"):
+        forecast.combine_forms([a, b], looks=8, drift_seen=0.8)
+    # a window that saw too little of the drift, or whose drift has no forecast: cannot tell
+    for seen in (0.3, None):
+        assert forecast.combine_forms([a, b], drift_seen=seen).reason.startswith("cannot tell from this window")
+
+
+def _forget_schedule_time(tokens_per_step: int):
+    from forgetcheck.config import TrainConfig
+    from forgetcheck.train import optimizer
+
+    cum = forecast.lr_integral(optimizer.lr_lambda(32, TrainConfig()), 32)  # the presets' warmup and cosine
+    return lambda v: float(cum[int(round(v / tokens_per_step))])
+
+
+def test_the_default_does_not_stop_the_run_the_power_law_stopped_wrongly():
+    """Planted from docs/curves.md's --preset forget run: sft's window (soft accuracy lost at 2,048-8,192 of
+    32,768 tokens; its KL on general text standing in for the domain drift). It ended at 10.06. The power law's
+    lower bound, 11.40, would have stopped it at a margin of 10; the forms together keep the doubt about the law
+    and do not."""
+    t = np.array([2048.0, 4096.0, 6144.0, 8192.0])
+    lost, kl = np.array([1.29, 3.63, 5.06, 6.73]), np.array([0.027, 0.119, 0.163, 0.216])
+    out = forecast.forecast_forms(t, lost, kl, 32768.0, time=_forget_schedule_time(1024), axis="lr_integral",
+                                  n_boot=200)
+    assert should_stop(out["power_law"], margin=10.0)  # the old default: a wrong stop
+    f = out[forecast.DEFAULT]
+    assert f.ok and f.lo <= 10.06 <= f.hi and not should_stop(f, margin=10.0)
+    assert f.params["drift_seen"] > forecast.MIN_DRIFT_SEEN
+
+
+def test_the_default_stops_a_run_that_forgets_far_past_the_margin_and_abstains_on_an_unbent_window():
+    """Planted from the backtest's lr6e-4_t16k/sft (bench/forecast_backtest.py): 22.4 points lost at the window's
+    end, 35.7 at the budget. A margin of 15 stops it at the window; the same forgetting with a drift that is still
+    a straight line in the learning-rate integral abstains, and never stops."""
+    t = np.array([1024.0, 2048.0, 3072.0, 4096.0])
+    lost, kl = np.array([-0.41, 6.19, 16.10, 22.41]), np.array([0.228, 0.411, 0.648, 0.792])
+    time = _forget_schedule_time(512)
+    out = forecast.forecast_forms(t, lost, kl, 16384.0, time=time, axis="lr_integral", n_boot=200)
+    f = out[forecast.DEFAULT]
+    assert f.lo <= 35.74 <= f.hi and should_stop(f, margin=15.0) and not should_stop(f, margin=f.lo + 0.01)
+    straight = np.array([0.1 * time(v) for v in t])  # the drift's law sees 39% of its end: a straight line
+    g = forecast.forecast_forms(t, lost, straight, 16384.0, time=time, axis="lr_integral", n_boot=200)
+    assert not g[forecast.DEFAULT].ok and g[forecast.DEFAULT].reason.startswith("cannot tell from this window")
+    assert g[forecast.DEFAULT].params["drift_seen"] == pytest.approx(time(4096) / time(16384), rel=0.02)
+    assert not should_stop(g[forecast.DEFAULT], margin=-1e9)
