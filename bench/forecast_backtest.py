@@ -1,9 +1,9 @@
 """Backtest of the forgetting forecast: train real runs to the end with their curves, then ask each forecaster,
 from the points of the first quarter of the budget only, what the end would be, and compare with the end.
 
-    python bench/forecast_backtest.py train [--out DIR]        # the grid below, smollm2-135m on med (CPU: ~1 h)
+    python bench/forecast_backtest.py train [--out DIR]        # the grid below, smollm2-135m on med (CPU: ~75 min)
     python bench/forecast_backtest.py collect DIR [DIR ...]    # the finished runs' curves -> bench/results/...
-    python bench/forecast_backtest.py table [--file F]         # every forecaster on every run: the table
+    python bench/forecast_backtest.py table [--file F] [--write]  # every forecaster on every run: the table
 
 `train` runs `forgetcheck train --preset forget` once per (peak learning rate, budget) of GRID with the arms
 sft, cpt and replay (a mitigation arm), each a run of its own with its forgetting curve (points at steps 2, 4,
@@ -34,9 +34,15 @@ ARMS = ("sft", "cpt", "replay")
 GRID = (  # (name, peak lr, budget tokens, rows per step); every one 32 optimizer steps of 256-token rows
     ("lr6e-4_t16k", 6e-4, 16_384, 2),
     ("lr2e-4_t16k", 2e-4, 16_384, 2),
+    ("lr5e-5_t16k", 5e-5, 16_384, 2),  # the quick preset's learning rate and budget
     ("lr1e-4_t32k", 1e-4, 32_768, 4),
     ("lr3e-4_t32k", 3e-4, 32_768, 4),  # the forget preset itself
+    ("lr6e-4_t32k", 6e-4, 32_768, 4),
 )
+DESIGN = ("lr6e-4_t16k", "lr2e-4_t16k", "lr5e-5_t16k")
+"""The runs seen when the default's rules were fixed (the forms, MIN_DRIFT_SEEN); the table also reports the
+others alone, as a held-out check (lr5e-5_t16k's sft and cpt were seen as an earlier quick-preset run of the same
+seed and settings)."""
 MARGINS = tuple(range(1, 21))
 SIGNALS = ("soft_acc", "kl_domain")
 N_BOOT = 200  # the refits train/curve.py's loop takes (curve.FORECAST_BOOT)
@@ -151,10 +157,6 @@ def measured_end(run: dict, signal: str) -> float | None:
 
 def evaluate(runs: list[dict], name: str, fn, signal: str) -> dict:
     """One forecaster on one signal over the runs: per run the forecast and the end, and the summary."""
-    import numpy as np
-
-    from forgetcheck.train.forecast import should_stop
-
     rows = []
     for run in runs:
         end = measured_end(run, signal)
@@ -162,24 +164,31 @@ def evaluate(runs: list[dict], name: str, fn, signal: str) -> dict:
         if fc is None or end is None:
             continue
         rows.append({"run": run["run"], "end": end, "predicted": fc.predicted, "lo": fc.lo, "hi": fc.hi,
-                     "stop_bound": fc.stop_bound, "reason": fc.reason,
-                     "inside": None if fc.lo is None else bool(fc.lo <= end <= fc.hi)})
-    if not rows:
-        return {}
-    err = np.array([r["predicted"] - r["end"] for r in rows if r["predicted"] is not None])
-    ends = np.array([r["end"] for r in rows if r["predicted"] is not None])
-    rel = np.abs(err) / np.maximum(np.abs(ends), 1e-12)
+                     "stop_bound": fc.stop_bound, "drift_seen": fc.params.get("drift_seen")})
+    return {"forecaster": name, "signal": signal, **summarize(rows)} if rows else {}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Errors, coverage, abstention and false stops of forecasts (rows: run, end, predicted, lo, hi, stop_bound)."""
+    import numpy as np
+
+    from forgetcheck.train.forecast import should_stop
+
+    for r in rows:
+        r["inside"] = None if r["lo"] is None else bool(r["lo"] <= r["end"] <= r["hi"])
+    made = [r for r in rows if r["predicted"] is not None]
+    err = np.array([r["predicted"] - r["end"] for r in made])
+    ends = np.array([r["end"] for r in made])
     with_iv = [r for r in rows if r["inside"] is not None]
     below = [(r, m) for r in rows for m in MARGINS if r["end"] < m]
-    false = [(r, m) for r, m in below
-             if should_stop(_as_forecast(r), m)]
     stops = [(r, m) for r in rows for m in MARGINS if should_stop(_as_forecast(r), m)]
-    return {"forecaster": name, "signal": signal, "runs": len(rows), "forecasts": int(err.size),
-            "median_abs_error": float(np.median(np.abs(err))) if err.size else None,
-            "median_rel_error": float(np.median(rel)) if err.size else None,
+    return {"runs": len(rows), "forecasts": len(made),
+            "median_abs_error": float(np.median(np.abs(err))) if made else None,
+            "median_rel_error": float(np.median(np.abs(err) / np.maximum(np.abs(ends), 1e-12))) if made else None,
             "with_interval": len(with_iv), "covered": sum(r["inside"] for r in with_iv),
             "abstained": len(rows) - len(with_iv),
-            "false_stops": len(false), "below_margin_pairs": len(below), "stops": len(stops), "rows": rows}
+            "false_stops": sum(1 for r, m in stops if r["end"] < m), "below_margin_pairs": len(below),
+            "stops": len(stops), "rows": rows}
 
 
 def _as_forecast(row: dict):
@@ -188,29 +197,68 @@ def _as_forecast(row: dict):
     return Forecast(model="row", predicted=row["predicted"], lo=row["stop_bound"], hi=row["hi"])
 
 
-def table(path: Path) -> None:
-    runs = json.loads(path.read_text())["runs"]
-    print(f"{len(runs)} runs from {path}")
+def summary(s: dict) -> dict:
+    """The figures forecast.BACKTEST keeps for the default (and the report quotes)."""
+    return {k: s[k] for k in ("runs", "with_interval", "covered", "abstained", "false_stops", "below_margin_pairs",
+                              "stops")}
+
+
+def _line(name: str, s: dict, stops: bool) -> str:
+    cov = f"{s['covered']}/{s['with_interval']}"
+    fs = f"{s['false_stops']}/{s['below_margin_pairs']} of {s['stops']}" if stops else ""
+    err = "" if s["median_abs_error"] is None else f"{s['median_abs_error']:9.3f} {s['median_rel_error']:8.0%}"
+    return (f"{name:28s} {s['runs']:3d} {err:>18s} {cov:>8s} {s['abstained'] / s['runs']:8.0%} "
+            f"{(s['covered'] + s['abstained']) / s['runs']:8.0%} {fs:>14s}")
+
+
+def default_row(run: dict, signal: str) -> dict | None:
+    """The default forecast of a stored run, as the results file keeps it (what the tests compare)."""
+    fc = forecasters()["forms together (default)"](run, signal)
+    end = measured_end(run, signal)
+    if fc is None or end is None:
+        return None
+    return {"run": run["run"], "end": end, "predicted": fc.predicted, "lo": fc.lo, "hi": fc.hi,
+            "stop_bound": fc.stop_bound, "drift_seen": fc.params.get("drift_seen"), "reason": fc.reason}
+
+
+def table(path: Path, write: bool = False) -> None:
+    doc = json.loads(path.read_text())
+    runs = doc["runs"]
+    held = [r for r in runs if r["run"].split("/")[0] not in DESIGN]
+    print(f"{len(runs)} runs from {path} ({len(held)} not seen when the default's rules were fixed)")
+    head = (f"{'forecaster':28s} {'n':>3s} {'med |err|':>9s} {'rel':>8s} {'covered':>8s} {'abstain':>8s} "
+            f"{'cov+abst':>8s} {'false stops':>14s}")
+    fcs = forecasters()
     for signal in SIGNALS:
         print(f"\n== {signal}: forecast at the window's end vs the measured end (90% intervals)")
-        print(f"{'forecaster':28s} {'n':>3s} {'med|err|':>9s} {'med rel':>8s} {'covered':>10s} {'abstain':>8s} "
-              f"{'false stops':>12s}")
-        for name, fn in forecasters().items():
+        print(head)
+        for name, fn in fcs.items():
             s = evaluate(runs, name, fn, signal)
-            if not s:
-                continue
-            cov = f"{s['covered']}/{s['with_interval']}"
-            fs = f"{s['false_stops']}/{s['below_margin_pairs']}" if signal == "soft_acc" else ""
-            print(f"{name:28s} {s['runs']:3d} {s['median_abs_error']:9.3f} {s['median_rel_error']:8.0%} {cov:>10s} "
-                  f"{s['abstained'] / s['runs']:8.0%} {fs:>12s}")
-    print("\nper run (soft_acc):")
-    for name, fn in forecasters().items():
-        s = evaluate(runs, name, fn, "soft_acc")
-        print(f"  {name}")
+            if s:
+                print(_line(name, s, signal == "soft_acc"))
+        s = evaluate(held, "", fcs["forms together (default)"], signal)
+        if s:
+            print(_line("default, held-out runs only", s, signal == "soft_acc"))
+    print("\nfalse stops: (run, margin) pairs with a margin of 1..20 points that stop though the run ended below "
+          "the margin / all pairs whose run ended below it, of all the pairs that stop")
+    for name in ("forms together (default)", "power law, lr integral"):
+        s = evaluate(runs, name, fcs[name], "soft_acc")
+        print(f"\nper run, soft accuracy lost, {name}:")
         for r in s["rows"]:
-            iv = "none" if r["lo"] is None else f"[{r['lo']:7.2f}, {r['hi']:7.2f}]"
+            iv = "no interval" if r["lo"] is None else f"[{r['lo']:7.2f}, {r['hi']:7.2f}]"
             pr = "   none" if r["predicted"] is None else f"{r['predicted']:7.2f}"
-            print(f"    {r['run']:22s} end {r['end']:6.2f}  forecast {pr} {iv} {'' if r['inside'] else 'MISS' if r['inside'] is False else ''}")
+            seen = r.get("drift_seen")
+            mark = "" if r["inside"] is None else "inside" if r["inside"] else "MISS"
+            print(f"  {r['run']:20s} end {r['end']:6.2f}  forecast {pr} {iv:18s} {mark:6s}"
+                  + ("" if seen is None else f" drift seen {seen:.0%}"))
+    d = evaluate(runs, "default", fcs["forms together (default)"], "soft_acc")
+    k = evaluate(runs, "default", fcs["forms together (default)"], "kl_domain")
+    print("\nforecast.BACKTEST =", {"soft_acc": summary(d), "kl_domain": summary(k)})
+    if write:  # each run's default forecast beside its points: tests/train/test_backtest.py reads them
+        for run in runs:
+            run["default"] = {signal: default_row(run, signal) for signal in SIGNALS}
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"each run's default forecast -> {path}")
 
 
 def main() -> None:
@@ -224,13 +272,14 @@ def main() -> None:
     c.add_argument("--file", type=Path, default=RESULTS)
     tb = sub.add_parser("table")
     tb.add_argument("--file", type=Path, default=RESULTS)
+    tb.add_argument("--write", action="store_true", help="keep each run's default forecast in the file")
     a = ap.parse_args()
     if a.cmd == "train":
         train(a.out, a.model)
     elif a.cmd == "collect":
         collect(a.runs, a.file)
     else:
-        table(a.file)
+        table(a.file, a.write)
 
 
 if __name__ == "__main__":

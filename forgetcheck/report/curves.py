@@ -11,7 +11,7 @@ from typing import Any
 from forgetcheck.report.charts import Scale, tick_label
 from forgetcheck.rundir import RunDir
 from forgetcheck.schema import FORECAST_MODELS, read_curve
-from forgetcheck.train.forecast import BACKTEST  # numpy only: the backtest's figures
+from forgetcheck.train.forecast import backtest_words  # numpy only: the backtest's figures
 from forgetcheck.train.signals import worse  # torch-free: the direction rule train/signals.py's forecasts use
 
 PANELS = (  # signal, title, y label, sign (+1: forgetting as stored, -1: learning = the drop of the signal)
@@ -104,15 +104,6 @@ def forecast_rows(curves: dict[str, dict], colors: dict) -> list[dict]:
                              "inside": m["inside"], "reason": m["reason"] or e["note"] or "",
                              "default": default, "backtest": backtest_words(signal) if default else ""})
     return rows
-
-
-def backtest_words(signal: str) -> str:
-    """What the backtest measured for the default forecast of `signal` (train/forecast.py's BACKTEST)."""
-    b = BACKTEST.get(signal)
-    if not b:
-        return "not backtested on this signal"
-    return (f"intervals like this one covered the end in {b['covered']} of {b['with_interval']} backtest runs "
-            f"(it abstained in {b['abstained']} of {b['runs']}; docs/curves.md, \"Backtest\")")
 
 
 def curves_view(run: RunDir, arms: list[str], colors: dict) -> dict[str, Any]:

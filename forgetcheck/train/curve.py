@@ -342,7 +342,8 @@ class CurveTracker:
                         "reason": f"forecast at step {step} of {self.total_steps}: retention soft accuracy will drop "
                                   f"by {fc['predicted']:.2f} points at {self.budget} tokens "
                                   f"({fc['level']:.0%} interval [{fc['lo']:.2f}, {fc['hi']:.2f}]); its "
-                                  f"{stop_bound_words(fc)} exceeds --stop-if-forecast-exceeds {margin:g}"}
+                                  f"{stop_bound_words(fc)} exceeds --stop-if-forecast-exceeds {margin:g}; "
+                                  f"{forecast.backtest_words(STOP_SIGNAL)}"}
         self.curve.meta["stopped_early"] = self.stopped
         console.say(f"{self.label}: stopped early: {self.stopped['reason']}")
         return True
@@ -386,6 +387,9 @@ class CurveTracker:
             console.detail(f"curve {self.label}: forecast at {fc['made_at_tokens']} tokens of retention soft accuracy lost "
                          f"at {fc['at_tokens']}: {s['predicted']:.2f} [{_f(s['lo'])}, {_f(s['hi'])}] points; measured "
                          f"{_f(s.get('measured'))}")
+        elif s:
+            console.detail(f"curve {self.label}: no forecast of retention soft accuracy lost at {fc['at_tokens']} "
+                           f"tokens ({s.get('reason')}); measured {_f(s.get('measured'))}")
         return summary
 
 

@@ -105,7 +105,7 @@ def test_a_clear_stop_records_its_looks_and_level(tmp_path, monkeypatch, capsys)
     assert (st["looks"], st["look_level"]) == (1, pytest.approx(0.95)) and st["lower_bound"] == pl["lo_adjusted"] > 2.0
     assert pl["lo"] == min(f["lo"] for f in pl["params"]["forms"].values())
     assert "its lower bound at 95% (the lowest lower side of the forms' 90% intervals; one look" in st["reason"]
-    assert st["reason"].endswith("exceeds --stop-if-forecast-exceeds 2")
+    assert "exceeds --stop-if-forecast-exceeds 2; intervals like this one covered the end in" in st["reason"]
     assert signals.read_curve(t.run.curve_json("sft")).meta["stopped_early"] == st  # in the curve file too
     assert "sft: stopped early: forecast at step 8 of 32" in capsys.readouterr().out
     # several looks: the level and the bound said are the corrected ones
@@ -204,6 +204,29 @@ def test_report_draws_every_arm_on_one_chart_and_the_forecast_beside_the_measure
     assert section.count("<polyline") == 2  # both arms on the one chart
     table = html[html.index('id="forecast-table"'):]
     assert "3.100" in table and "[2.000, 4.500]" in table and "3.400" in table and "0.300" in table
+
+
+def test_report_reads_the_default_forecast_and_quotes_its_backtest(tmp_path, monkeypatch):
+    monkeypatch.setattr(forecast, "BACKTEST", {"soft_acc": {"runs": 18, "with_interval": 6, "covered": 5,
+                                                            "abstained": 12}})
+    run = make_run(tmp_path / "run", n=60)
+    forms = {"predicted": 3.0, "lo": 1.5, "hi": 6.0, "reason": None, "inside": True, "axis": "lr_integral"}
+    pl = {"predicted": 9.0, "lo": 8.0, "hi": 10.0, "reason": None, "inside": False, "axis": "lr_integral"}
+    fc = {"made_at_tokens": 512, "at_tokens": 1024, "default": "forms",
+          "signals": {"soft_acc": {"forms": forms, "power_law": pl, "measured": 3.4}}}
+    cannot = {**fc, "signals": {"soft_acc": {"power_law": pl, "measured": 0.6, "forms": {
+        "predicted": None, "lo": None, "hi": None, "inside": None, "axis": "lr_integral",
+        "reason": "cannot tell from this window: it saw 40% of the drift"}}}}
+    atomic_write_json(run.curve_json("sft"), _curve("sft", [1.0, 2.0, 2.6, 3.4], fc))
+    atomic_write_json(run.curve_json("cpt"), _curve("cpt", [0.2, 0.4, 0.5, 0.6], cannot))
+    compare.compare_run(run, n_boot=200)
+    gate_run(run.root)
+    html = write_report(run).read_text(encoding="utf-8")
+    chart = html[html.index('id="chart-curve-soft_acc"'):html.index('id="chart-curve-bpb_domain"')]
+    assert chart.count("sft forecast") == 1 and "cpt forecast" not in chart  # the default's mark; none abstained
+    assert "intervals like this one covered the end in 5 of 6 backtest runs (it abstained in 12 of 18" in html
+    table = html[html.index('id="forecast-table"'):]
+    assert "the forms together (default)" in table and "cannot tell from this window" in table
 
 
 def test_resumed_run_keeps_points_up_to_its_step(tmp_path):
