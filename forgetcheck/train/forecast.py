@@ -1,7 +1,9 @@
 """Forecast of final forgetting from the first part of a training run (numpy/scipy only; no torch).
 
-Two models are fitted to the forgetting signal F measured at points during training (train/signals.py), using only
-the points within the first `fit_fraction` of the token budget (default 0.25). See docs/curves.md.
+Several laws ("forms") are fitted to the forgetting signal F measured at points during training
+(train/signals.py), using only the points within the first `fit_fraction` of the token budget (default 0.25),
+and the default forecast (`DEFAULT`, what the early stop and the report read) combines them. See docs/curves.md;
+its "Backtest" section measured every one on 18 real runs (bench/forecast_backtest.py).
 
 * Shifted power law in tokens t (forgetting follows a power law in the number of update steps):
 
@@ -25,8 +27,19 @@ the points within the first `fit_fraction` of the token budget (default 0.25). S
   given (`final_loss`) or extrapolated from the fit window's losses with the shifted power law above (on the
   loss drop from the first fitted point, on the same time axis), never below zero (a cross-entropy).
 
-Interval: for the power law, a residual bootstrap. The fit's residuals (centred, inflated by sqrt(n/(n−3))
-for the three fitted parameters) are resampled onto the fitted values, the law refitted from the estimate,
+* Saturating: F(t) = A·(1 − exp(−t/τ)), fitted as a·(1 − exp(−x/s)) on the same axis; with τ long against the
+  window it is the straight line through the window, so it never forecasts more than that line.
+
+* Through the drift on domain text (Shenfeld et al. 2025): F = c·KL fitted through the origin to the window's
+  pairs, times the KL at the budget forecast by the saturating law.
+
+* The forms together (`forecast_forms`, `combine_forms`; the default): the median of their points, an interval
+  from the lowest of their lower bounds to the highest of their upper bounds (the doubt about which law holds,
+  not only each law's noise), or "cannot tell from this window" when fewer than two forms give an interval or
+  the window saw less than `MIN_DRIFT_SEEN` of the domain drift that the saturating law forecasts.
+
+Interval: for the power law and the saturating law, a residual bootstrap. The fit's residuals (centred, inflated by sqrt(n/(n−k))
+for the k fitted parameters) are resampled onto the fitted values, the law refitted from the estimate,
 and each refit's value at the budget kept (`N_BOOT` refits); for the linear model, a parametric bootstrap
 from the ordinary least-squares estimate and covariance of (α, c), combined draw by draw with the final
 loss (fixed when given, else the loss extrapolation's own residual-bootstrap draws). The interval is the
@@ -36,7 +49,7 @@ gives absurd intervals. With no residual degree of freedom (as many points as pa
 refits converge, or when the refits' interval does not hold the fitted value itself, there is no interval
 (lo = hi = None; `reason` says which): the forecast keeps its point value and never stops a run.
 
-Repeated looks: a power-law forecast made for a stop that is checked at `looks` points of a run also keeps
+Repeated looks: a forecast made for a stop that is checked at `looks` points of a run also keeps
 `lo_adjusted`, the lower bound at one-sided level 1 − (1 − level)/2/looks from the same draws (Bonferroni: the
 lower side's error split over the looks, valid whatever their dependence); `should_stop` uses it. With one
 look it is `lo`. `lo` and `hi` keep their meaning. See docs/curves.md, "Repeated looks".
