@@ -142,3 +142,20 @@ def one_line_exit_2(r: subprocess.CompletedProcess) -> str:
     assert r.returncode == 2, detail
     assert len(lines) == 1 and lines[0].startswith("forgetcheck: error: "), detail
     return lines[0]
+
+
+def load_file_module(name: str, path: Path):
+    """A module loaded from a file outside the package (a bench script, lm-eval's task utils), registered in
+    sys.modules under `name` (dataclasses and pickling look their module up there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_module(script: str, name: str | None = None):
+    """bench/<script>.py as a module."""
+    return load_file_module(name or script, Path(__file__).resolve().parents[1] / "bench" / f"{script}.py")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from forgetcheck.data import benchmarks, sources, standard_tasks
+from tests.conftest import load_file_module
 
 # forgetcheck task -> lm-eval's built-in YAML (under lm_eval/tasks/)
 BUILTIN = {
@@ -105,10 +106,7 @@ def test_hellaswag_docs_are_already_lm_eval_preprocessed(bench):
     nothing in the built query and endings: they are what lm-eval's process_docs gives."""
     import lm_eval
 
-    spec = __import__("importlib.util").util.spec_from_file_location(
-        "hs_utils", Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py")
-    mod = __import__("importlib.util").util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_file_module("hs_utils", Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py")
     rows = [json.loads(x) for x in (benchmarks.bench_dir() / "hellaswag.jsonl").read_text().splitlines()]
     assert len(rows) == 10042
     changed = [r for r in rows if mod.preprocess(r["query"]) != r["query"]

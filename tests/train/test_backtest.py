@@ -5,22 +5,19 @@ abstain on, and its stop is wrong in at most 5% of the (run, margin) pairs that 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from forgetcheck.train import forecast
+from tests.conftest import bench_module
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("forecast_backtest", REPO / "bench" / "forecast_backtest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("forecast_backtest")
 
 
 def _runs() -> list[dict]:

@@ -3,9 +3,7 @@ code, and keep saying what the validity table says (docs/verdicts.md, "Validity 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +11,14 @@ import pytest
 
 from forgetcheck.config import GateConfig
 from forgetcheck.verdict.compare import compare_evals
+from tests.conftest import bench_module
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def gv():
-    spec = importlib.util.spec_from_file_location("gate_validity", REPO / "bench" / "gate_validity.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("gate_validity")
 
 
 def _scenario(gv, words: str):

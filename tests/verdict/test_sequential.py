@@ -4,7 +4,6 @@ and only the tasks whose verdict more items could change get them (verdict/seque
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from forgetcheck.config import GateConfig, LookConfig
 from forgetcheck.schema import SCHEMA_VERSION
 from forgetcheck.verdict import sequential
 from forgetcheck.verdict.stats import bounded_upper, look_orders, look_plans
-from tests.conftest import one_line_exit_2
+from tests.conftest import bench_module, one_line_exit_2
 
 REPO = Path(__file__).resolve().parents[2]
 RANGE = (-100.0, 100.0)
@@ -25,11 +24,7 @@ RANGE = (-100.0, 100.0)
 
 @pytest.fixture(scope="module")
 def gv():
-    spec = importlib.util.spec_from_file_location("gate_validity_seq", REPO / "bench" / "gate_validity.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("gate_validity", "gate_validity_seq")
 
 
 def _looks(rng, mean: float, sizes=(50, 25, 38, 57, 85, 128)):
