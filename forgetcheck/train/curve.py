@@ -289,6 +289,7 @@ class CurveTracker:
         return float(self.lr_cum[min(max(k, 0), len(self.lr_cum) - 1)])
 
     def _forecast(self, step: int) -> dict:
+        t0 = time.perf_counter()
         axis = {} if self.lr_cum is None else {"time": self._time, "axis": "lr_integral"}
         out = {"made_at_step": step, "made_at_tokens": step * self.tokens_per_step, "at_tokens": self.budget,
                "axis": axis.get("axis", "tokens"), "default": forecast.DEFAULT, "signals": {}}
@@ -301,13 +302,13 @@ class CurveTracker:
             forms = forecast.forecast_forms(tk, fk, kl, self.budget, kl_map=sig == STOP_SIGNAL, n_boot=FORECAST_BOOT,
                                             looks=looks, **axis)
             entry = {key: fc.to_dict() for key, fc in forms.items()}
-            if axis:  # the same law in tokens, kept beside it so every run compares the two axes
-                entry["power_law_tokens"] = forecast.forecast_power_law(t, f, self.budget,
-                                                                        n_boot=FORECAST_BOOT).to_dict()
             if sig == "soft_acc":
                 entry["loss_linear"] = forecast.forecast_loss_linear(t, f, loss, self.budget, n_boot=FORECAST_BOOT,
                                                                      **axis).to_dict()
             out["signals"][sig] = entry
+        # the arm waits while the laws are refitted (mostly the power law's refits, docs/curves.md "Cost of a point")
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+        console.detail(f"curve {self.label}: forecast at step {step} took {out['seconds']:.1f} s")
         return out
 
     def _with_kl(self, sig: str):

@@ -91,6 +91,7 @@ def test_the_stop_is_checked_once_at_the_planned_look(tmp_path, monkeypatch, cap
     fc = t.curve.meta["forecast"]
     pl = fc["signals"]["soft_acc"]["power_law"]
     assert fc["made_at_step"] == 8 and pl["looks"] == 1 and pl["lo_adjusted"] == pl["lo"] is not None
+    assert fc["seconds"] > 0  # the arm waited for the fits: said in the file
     assert ("sft: no early stop at step 8: its lower bound at 95% (the lowest lower side of the forms' 90% "
             "intervals; one look, at the forecast window's end: no correction)") in capsys.readouterr().out
 
