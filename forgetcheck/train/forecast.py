@@ -262,14 +262,14 @@ def _law_draws(law: _Law, x, y, p, x_end: float, n_boot: int, rng) -> np.ndarray
     from scipy.optimize import least_squares
 
     def params(q):  # the scale parameter s is refit on a log scale, so it stays positive
-        return (q[0], math.exp(q[1]), *q[2:])
+        return (q[0], _exp(q[1]), *q[2:])
 
     def resid(q, yb):
         return law.shape(x, *params(q)) - yb
 
     def jac(q, yb):
         j = law.jac(x, *params(q))
-        j[:, 1] *= math.exp(q[1])
+        j[:, 1] *= _exp(q[1])
         return j
 
     q0 = np.array([p[0], math.log(p[1]), *p[2:]])
@@ -279,11 +279,20 @@ def _law_draws(law: _Law, x, y, p, x_end: float, n_boot: int, rng) -> np.ndarray
         try:  # Levenberg-Marquardt: quick from the estimate
             with np.errstate(all="ignore"):
                 r = least_squares(resid, q0, jac=jac, args=(yb,), method="lm", max_nfev=400)
-        except (ValueError, OverflowError):
+                value = law.shape(np.float64(x_end), *params(r.x)) if r.success else np.nan
+        except (ValueError, OverflowError, ZeroDivisionError):
             continue
-        if r.success:
-            out[i] = law.shape(x_end, *params(r.x))
+        out[i] = value
     return out
+
+
+def _exp(v: float) -> float:
+    """exp(v), inf past the largest float: a refit that wanders to an s of 0 or inf gives inf or nan (numpy float
+    arithmetic), never an exception."""
+    try:
+        return math.exp(v)
+    except OverflowError:
+        return math.inf
 
 
 def _not_enough(model: str, until: float, budget: float, n: int, level: float, what: str,

@@ -247,3 +247,14 @@ def test_the_default_stops_a_run_that_forgets_far_past_the_margin_and_abstains_o
     assert not g[forecast.DEFAULT].ok and g[forecast.DEFAULT].reason.startswith("cannot tell from this window")
     assert g[forecast.DEFAULT].params["drift_seen"] == pytest.approx(time(4096) / time(16384), rel=0.02)
     assert not should_stop(g[forecast.DEFAULT], margin=-1e9)
+
+
+def test_refits_that_wander_to_a_zero_time_scale_are_dropped_not_raised():
+    """Found on noise like a random model's curve: a falling signal whose bootstrap refits of the saturating law
+    drove its time scale to 0 (exp underflow), and the value at the budget divided by zero. Such refits are left
+    out; the forecast is made."""
+    t = np.array([1024.0, 2048.0, 3072.0, 4096.0])
+    y = np.array([1.0008174349330625, 0.857551882367185, 0.478690205329478, -0.20415931614108573])
+    out = forecast.forecast_forms(t, y, 0.1 * y + 0.01 * np.sign(y) + 0.05, 16384.0, kl_map=False,
+                                  time=_forget_schedule_time(512), axis="lr_integral", n_boot=200)
+    assert out["saturating"].ok and set(out) == {"power_law", "saturating", "forms"}
