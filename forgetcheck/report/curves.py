@@ -74,7 +74,7 @@ def _panel(curves: dict[str, dict], colors: dict, signal: str, title: str, ylabe
 
 def _forecast_mark(curve: dict, signal: str) -> dict | None:
     fc = curve["meta"]["forecast"]
-    m = fc["signals"][signal][fc["default"]] or fc["signals"][signal]["power_law"]
+    m = fc["signals"][signal][fc["default"]]  # schema: "power_law" for files written before the forms
     if m is None or m["predicted"] is None:
         return None
     return {"predicted": m["predicted"], "lo": m["lo"], "hi": m["hi"], "at": float(fc["at_tokens"]),

@@ -297,7 +297,7 @@ class CurveTracker:
             t, f, loss = self.curve.forgetting(sig)
             if len(t) == 0:
                 continue
-            tk, fk, kl = self._with_kl(sig)
+            tk, fk, kl = self.curve.forgetting_with_kl(sig)
             looks = self.looks if sig == STOP_SIGNAL else 1
             forms = forecast.forecast_forms(tk, fk, kl, self.budget, kl_map=sig == STOP_SIGNAL, n_boot=FORECAST_BOOT,
                                             looks=looks, **axis)
@@ -310,18 +310,6 @@ class CurveTracker:
         out["seconds"] = round(time.perf_counter() - t0, 3)
         console.detail(f"curve {self.label}: forecast at step {step} took {out['seconds']:.1f} s")
         return out
-
-    def _with_kl(self, sig: str):
-        """(tokens, forgetting on `sig`, KL on domain text) of the points that measured both: the forms are fitted
-        to these (the map through KL pairs them point by point, and the drift seen is read from the KL)."""
-        import numpy as np
-
-        pts = [p for p in sorted(self.curve.points, key=lambda p: p.tokens)
-               if getattr(p, sig) is not None and p.kl_domain is not None]
-        base = float(self.curve.base.get(sig) or 0.0)
-        return (np.array([p.tokens for p in pts], dtype=float),
-                signals.worse(sig, np.array([getattr(p, sig) for p in pts], dtype=float), base),
-                np.array([p.kl_domain for p in pts], dtype=float))
 
     def _should_stop(self, step: int) -> bool:
         margin = self.cfg.stop_if_forecast_exceeds

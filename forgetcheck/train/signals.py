@@ -274,6 +274,18 @@ class Curve:
         loss = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=float)
         return t, worse(signal, v, base), loss
 
+    def forgetting_with_kl(self, signal: str):
+        """(tokens, forgetting on `signal`, KL on domain text) of the points that measured both, as `forgetting`
+        (forecast.forecast_forms fits these: the map through KL pairs them point by point)."""
+        import numpy as np
+
+        pts = [p for p in sorted(self.points, key=lambda p: p.tokens)
+               if getattr(p, signal) is not None and p.kl_domain is not None]
+        base = float(self.base.get(signal, 0.0) or 0.0)
+        return (np.array([p.tokens for p in pts], dtype=float),
+                worse(signal, np.array([getattr(p, signal) for p in pts], dtype=float), base),
+                np.array([p.kl_domain for p in pts], dtype=float))
+
 
 def worse(signal: str, value, base):
     """A signal's change from the base in the direction that means worse (numbers or numpy arrays): soft_acc
