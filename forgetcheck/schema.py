@@ -416,8 +416,21 @@ SOFT_DEFAULTS = {**ESTIMATE_DEFAULTS, "unit_deltas": None, "looks": None, "look_
 """compare.json soft blocks: `unit_deltas` (each independent unit's change, in points); from a sequential evaluation
 also `looks` (units of each look, in the order of `unit_deltas`), `look_items` (items of each look) and
 `plan_units` (units at the cap, which the gate's bets are tuned for); None otherwise."""
+LEARNING_SIGNALS = {
+    "recall": ("recall gain", "points",
+               "the gain of the mean score on questions about facts every arm trained on (fc_med_recall): what the "
+               "budget taught, on the same facts for every arm"),
+    "transfer": ("domain transfer gain", "points",
+                 "the gain of the domain suite's mean score on held-out facts and exams no arm saw: whether what was "
+                 "learned carries over"),
+    "domain_bpb": ("domain text gain", "bits per byte",
+                   "the fall of bits per byte on held-out domain text (the domain suite's perplexity task)"),
+}
+"""The learning signals of the learning-vs-forgetting summary: (label, unit, what it measures)."""
+
 SUMMARY_DEFAULTS = {"forgetting": None, "forgetting_ci": None, "forgetting_significant": None, "learning": None,
-                    "learning_ci": None, "learning_significant": None, "kl_mean": None}
+                    "learning_ci": None, "learning_significant": None, "kl_mean": None, "metric": "acc",
+                    "learning_signal": "transfer", "signals": {}}
 DRIFT_DEFAULTS = {"perplexity": {}, "kl": None, "text_perplexity": None, "ppl_rise": None, "kl_mean": None,
                   "notes": []}
 MEAN_METRICS, MEAN_OVER = ("acc", "soft"), ("informative", "all")

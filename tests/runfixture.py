@@ -71,13 +71,13 @@ def _mc_entry(suite, metric, rows, choices, rel):
             "n": len(rows), "chance": 1.0 / choices, "samples": rel}
 
 
-def _ppl_entry(suite, rows, rel):
+def _ppl_entry(suite, rows, rel, metric="word_perplexity"):
     ll = sum(r["loglikelihood"] for r in rows)
     words = sum(r["words"] for r in rows)
     nbytes = sum(r["bytes"] for r in rows)
     metrics = {"word_perplexity": {"value": math.exp(-ll / words), "stderr": None, "higher_is_better": False},
                "bits_per_byte": {"value": -ll / nbytes / math.log(2), "stderr": None, "higher_is_better": False}}
-    return {"suite": suite, "kind": "perplexity", "primary_metric": "word_perplexity", "metrics": metrics,
+    return {"suite": suite, "kind": "perplexity", "primary_metric": metric, "metrics": metrics,
             "n": len(rows), "chance": None, "samples": rel}
 
 
@@ -121,7 +121,7 @@ def make_run(root: Path, *, arms=("sft", "cpt"), tasks: dict | None = None, n: i
             rel = f"samples/{label}/{name}.jsonl"
             atomic_write_jsonl(run.samples_dir(label) / f"{name}.jsonl", rows)
             entries[name] = (_mc_entry(suite, metric, rows, choices, rel) if kind == "multiple_choice"
-                             else _ppl_entry(suite, rows, rel))
+                             else _ppl_entry(suite, rows, rel, metric))
         doc = {"schema_version": SCHEMA_VERSION, "kind": "eval",
                "model": {"name": label if label != "base" else "tiny-test", "path": f"ckpt/{label}",
                          "content_hash": f"hash-{label}", "random_weights": random_weights},

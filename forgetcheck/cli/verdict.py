@@ -27,9 +27,7 @@ def compare(
         rd = RunDir.existing(run)
         result = compare_run(rd, alpha=alpha, n_boot=n_boot, seed=seed)
         for arm, s in result["summary"].items():
-            fg, ln = s["forgetting"], s["learning"]
-            console.say(f"{arm}: forgetting {'n/a' if fg is None else f'{fg:+.2f}'} points (retention mean drop), "
-                        f"learning {'n/a' if ln is None else f'{ln:+.2f}'} points (domain mean gain)")
+            console.say(f"{arm}: " + summary_line(s))
         console.say(f"wrote {rd.compare}")
 
 
@@ -84,9 +82,9 @@ def finish(run: RunDir, policy, *, title: str, policy_file: Path | None = None, 
         report_path = html.write_report(run)
     for arm in result.get("arms") or []:
         s = (result.get("summary") or {}).get(arm) or {}
-        fg = s.get("forgetting")
-        console.say(f"  {arm}: {_arm_verdict(gate_dict, arm)}"
-                    + ("" if fg is None else f" (retention mean drop {fg:+.2f} points)"))
+        console.say(f"  {arm}: {_arm_verdict(gate_dict, arm)}")
+        if s:
+            console.say(f"      {summary_line(s)}")
     cfg_doc = read_json(run.config)
     limit = (cfg_doc.get("eval") or {}).get("limit")
     sequential = bool((cfg_doc.get("looks") or {}).get("until_decided"))
@@ -107,3 +105,26 @@ def _arm_verdict(gate_dict: dict, arm: str) -> str:
     if a.get("verdict"):
         return str(a["verdict"]).upper()
     return "PASS" if a.get("passed") else "FAIL"
+
+
+def summary_line(s: dict) -> str:
+    """One arm's learning against forgetting (compare.json `summary`): the retention drop and every learning signal,
+    each with its interval."""
+    from forgetcheck.schema import LEARNING_SIGNALS
+
+    def val(x, ci, unit):
+        digits = 3 if unit == "bits per byte" else 2
+        if x is None:
+            return "n/a"
+        return f"{x:+.{digits}f} {'points' if unit == 'points' else unit}" + (
+            f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
+
+    parts = [f"forgetting {val(s['forgetting'], s['forgetting_ci'], 'points')} (retention mean drop"
+             f"{', soft accuracy' if s.get('metric') == 'soft' else ''})"]
+    for name, (label, unit, _) in LEARNING_SIGNALS.items():
+        g = (s.get("signals") or {}).get(name)
+        if g:
+            parts.append(f"{label} {val(g['delta'], g['ci'], unit)}")
+    if len(parts) == 1:
+        parts.append(f"learning {val(s['learning'], s['learning_ci'], 'points')} (domain mean gain)")
+    return "; ".join(parts)

@@ -26,6 +26,7 @@ from forgetcheck.report.charts import Scale, nice_ticks, place_labels, tick_labe
 from forgetcheck.report.curves import curves_view
 from forgetcheck.rundir import RunDir, atomic_write_text
 from forgetcheck.schema import (
+    LEARNING_SIGNALS,
     SUMMARY_DEFAULTS,
     CompareFile,
     TrainFile,
@@ -92,11 +93,32 @@ def chart_summary(compare: CompareFile) -> dict:
     return out
 
 
-def learn_forget_chart(compare: CompareFile, colors: dict, wise_from: str | None = None) -> dict | None:
-    """Scatter of arms: x = forgetting (retention mean drop), y = learning (domain mean gain), with CIs; the
-    front's arms ringed; the interpolation curve base (0, 0) -> wise-<a> by a -> `wise_from` drawn as a line."""
+def learning_charts(compare: CompareFile, colors: dict, wise_from: str | None = None) -> list[dict]:
+    """One learning-vs-forgetting chart per learning signal some arm has (rollup.LEARNING_SIGNALS), the default
+    signal (the summary's `learning`) first: [{signal, label, unit, why, default, chart}]."""
+    summ = chart_summary(compare)
+    default = next((s["learning_signal"] for s in summ.values()), "transfer")
+    out = []
+    for name, (label, unit, why) in sorted(LEARNING_SIGNALS.items(), key=lambda kv: kv[0] != default):
+        if name != default and not any((s.get("signals") or {}).get(name) for s in summ.values()):
+            continue
+        chart = learn_forget_chart(compare, colors, wise_from, signal=None if name == default else name)
+        if chart is not None:
+            out.append({"signal": name, "label": label, "unit": unit, "why": why, "default": name == default,
+                        "metric": next((s["metric"] for s in summ.values()), "acc"), "chart": chart})
+    return out
+
+
+def learn_forget_chart(compare: CompareFile, colors: dict, wise_from: str | None = None,
+                       signal: str | None = None) -> dict | None:
+    """Scatter of arms: x = forgetting (retention mean drop), y = learning (the summary's default signal, or
+    `signal`), with CIs; the front's arms ringed; the interpolation curve base (0, 0) -> wise-<a> by a ->
+    `wise_from` drawn as a line."""
     pts = []
     for arm, s in chart_summary(compare).items():
+        if signal is not None:
+            sig = (s.get("signals") or {}).get(signal) or {}
+            s = {**s, "learning": sig.get("delta"), "learning_ci": sig.get("ci")}
         if s["forgetting"] is None and s["learning"] is None:
             continue
         f, ln = s["forgetting"] or 0.0, s["learning"] or 0.0
@@ -305,7 +327,8 @@ def build_view(run: RunDir) -> dict[str, Any]:
         "arm_pairs": arm_pair_lines(compare),
         "screened_on_gated": screened_on_gated(compare),
         "looks": looks_view(run, gate),
-        "lf_chart": learn_forget_chart(compare, colors, config_doc(config)["train"]["wise_from"]),
+        "lf_charts": learning_charts(compare, colors, config_doc(config)["train"]["wise_from"]),
+        "signals": LEARNING_SIGNALS,
         "loss_chart": loss_chart(train, colors),
         "mem_chart": memory_chart(train),
         **curves_view(run, arms, colors),

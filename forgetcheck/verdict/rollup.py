@@ -309,20 +309,47 @@ def arm_vs_arm(tasks: dict, items: dict, arms: list[str], alpha: float, n_boot: 
     return {"pairs": pairs}
 
 
+def _signal(block: dict | None) -> dict | None:
+    if not block or block.get("delta") is None:
+        return None
+    ci = block.get("ci")
+    return {"delta": block["delta"], "ci": ci,
+            "significant": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))}
+
+
 def summary(suites: dict, drift: dict, arms: list[str]) -> dict:
-    """Learning against forgetting per arm, from the typed suites and drift of compare.json (`schema.compare_doc`)."""
+    """Learning against forgetting per arm, from the typed suites and drift of compare.json (`schema.compare_doc`).
+
+    Scores are soft accuracy (the gate's default metric, less noisy than 0/1 accuracy on the same items) where
+    every arm has it, else accuracy. Learning has three signals (`LEARNING_SIGNALS`); `learning` is the default
+    one, drawn on the chart: recall where the run asked recall questions (the facts the training showed, the
+    first thing a fine-tuned model must have learned), else transfer."""
+    def means(suite: str, metric: str, over: str) -> dict:
+        return ((suites.get(suite) or {}).get("means") or {}).get(metric, {}).get(over) or {}
+
+    metric = "soft" if arms and all((means("retention", "soft", "informative").get(a) or {}).get("ci")
+                                    for a in arms) else "acc"
+    has_recall = any(means("recall", metric, "all").get(a) for a in arms)
+    default = "recall" if has_recall else "transfer"
     out = {}
     for arm in arms:
-        ret = suites["retention"]["arms"][arm]
-        dom = suites["domain"]["arms"][arm]
-        kl = drift[arm]["kl"]
+        ret = means("retention", metric, "informative").get(arm)
+        ppl = [p for n, p in sorted(drift[arm]["perplexity"].items())
+               if p["suite"] == "domain" and p["metric"] == "bits_per_byte"]
+        signals = {"recall": _signal(means("recall", metric, "all").get(arm)),
+                   "transfer": _signal(means("domain", metric, "all").get(arm)),
+                   "domain_bpb": _signal(ppl[0]) if ppl else None}
+        chosen = signals[default]
         out[arm] = {
-            "forgetting": 0.0 - ret["delta"] if ret else None,
-            "forgetting_ci": [0.0 - ret["ci"][1], 0.0 - ret["ci"][0]] if ret and ret["ci"] else None,
-            "forgetting_significant": bool(ret["significant"]) if ret else None,
-            "learning": dom["delta"] if dom else None,
-            "learning_ci": dom["ci"] if dom else None,
-            "learning_significant": bool(dom["significant"]) if dom else None,
-            "kl_mean": kl["mean"] if kl else None,
+            "metric": metric,
+            "forgetting": 0.0 - ret["delta"] if ret and ret.get("delta") is not None else None,
+            "forgetting_ci": [0.0 - ret["ci"][1], 0.0 - ret["ci"][0]] if ret and ret.get("ci") else None,
+            "forgetting_significant": bool(ret["significant"]) if ret and "significant" in ret else None,
+            "learning": chosen["delta"] if chosen else None,
+            "learning_ci": chosen["ci"] if chosen else None,
+            "learning_significant": chosen["significant"] if chosen else None,
+            "learning_signal": default,
+            "signals": signals,
+            "kl_mean": (drift[arm]["kl"] or {}).get("mean"),
         }
     return out

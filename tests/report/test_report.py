@@ -248,3 +248,35 @@ def test_report_of_a_finished_run_renders_its_session_timings(tmp_path):
     for row in ("eval_base</td><td class=\"n\">12.5 s", "run_sessions 1</td><td class=\"n\">100.0 s",
                 "run_sessions 2</td><td class=\"n\">50.2 s", "run_total</td><td class=\"n\">150.2 s"):
         assert row in table, table
+
+
+def test_learning_chart_reads_recall_and_draws_the_other_signals_below(tmp_path):
+    """With recall questions the chart's learning axis is recall, the report says why, and transfer and the domain
+    text's bits per byte get charts of their own; every signal is on each arm's card with its interval."""
+    from runfixture import DEFAULT_TASKS
+
+    tasks = {**DEFAULT_TASKS, "dom_bpb": ("domain", "perplexity", "bits_per_byte", 0, 0.0),
+             "rec_facts": ("recall", "multiple_choice", "acc", 4, 0.30)}
+    run = make_run(tmp_path / "run", tasks=tasks, n=120, flips={("sft", "rec_facts"): (0, 30)},
+                   ll_shift={("cpt", "dom_bpb"): 2.0})
+    compare_run(run, n_boot=300)
+    gate_run(run.root)
+    html = write_report(run).read_text(encoding="utf-8")
+    main = html[html.index('id="chart-learn-forget"'):]
+    assert "learning: recall gain (points)" in main[:main.index("</svg>")]
+    assert "The chart uses recall by default" in html
+    for signal in ("transfer", "domain_bpb"):
+        assert f'id="chart-learn-forget-{signal}"' in html and f'data-signal="{signal}"' in html
+    assert html.count('class="learning-signal"') == 6  # 3 signals x 2 arms
+    assert "bits per byte" in html and html.count('id="wise-curve"') <= 1
+    # the budget table says how many facts each arm saw whole, when the run has recall.json
+    assert "Facts seen whole" not in html
+    (run.root / "recall.json").write_text(json.dumps({"items": 9, "facts": 7, "why": None, "units": [3, 1],
+                                                      "arms": {"sft": {"units": 2, "facts": 7},
+                                                               "cpt": {"units": 5, "facts": 31}}}))
+    compare_run(run, n_boot=300)
+    html = write_report(run).read_text(encoding="utf-8")
+    table = html[html.index('id="budget-table"'):]
+    table = table[:table.index("</table>")]
+    assert "Facts seen whole" in table and ">31<" in table and ">7<" in table
+    assert "recall asks 9 questions about the 7" in html

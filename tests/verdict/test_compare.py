@@ -104,14 +104,42 @@ def test_planted_regression_delta_ci_and_flips(regressed):
     s = c["summary"]["sft"]
     ret = c["suites"]["retention"]["arms"]["sft"]
     assert ret["delta"] == pytest.approx(np.mean([-20.0, -4.0, 0.0]))  # mean over the 3 accuracy tasks
-    assert s["forgetting"] == pytest.approx(-ret["delta"]) and s["forgetting_ci"][0] > 0
-    assert s["learning"] == pytest.approx(np.mean([0.0, 15.0])) and s["learning_ci"][0] > 0
+    # the summary reads soft accuracy, the gate's metric, where every arm has it
+    soft = c["suites"]["retention"]["means"]["soft"]["informative"]["sft"]
+    assert s["metric"] == "soft" and s["forgetting"] == pytest.approx(-soft["delta"]) and s["forgetting_ci"][0] > 0
+    dom = c["suites"]["domain"]["means"]["soft"]["all"]["sft"]
+    assert s["learning_signal"] == "transfer" and s["learning"] == pytest.approx(dom["delta"])
+    assert s["learning_ci"][0] > 0 and s["signals"]["recall"] is None
     assert s["kl_mean"] == 0.25
     # arm against arm on the same items: cpt lost less than sft on retention, the pair says it rests on one seed
     pair = c["arm_vs_arm"]["pairs"][0]
     assert (pair["a"], pair["b"]) == ("sft", "cpt")
     assert pair["suites"]["retention"]["acc"]["point"] == pytest.approx(ret["delta"])
     assert pair["suites"]["retention"]["acc"]["ci"][1] < 0 and "one training seed" in pair["note"]
+
+
+def test_learning_signals_recall_transfer_and_domain_text(tmp_path):
+    """Recall is its own suite and the summary's default learning signal; transfer (the domain suite) and the fall of
+    bits per byte on domain text are reported beside it, each with its interval."""
+    from runfixture import DEFAULT_TASKS
+
+    tasks = {**DEFAULT_TASKS, "dom_bpb": ("domain", "perplexity", "bits_per_byte", 0, 0.0),
+             "rec_facts": ("recall", "multiple_choice", "acc", 4, 0.30)}
+    run = make_run(tmp_path / "r", tasks=tasks, n=N, flips={("sft", "rec_facts"): (0, 40), ("sft", "ret_mmlu"): (30, 0)},
+                   ll_shift={("sft", "dom_bpb"): 2.0})
+    c = compare_run(run, n_boot=500)
+    assert c["suites"]["recall"]["tasks"] == ["rec_facts"]
+    assert "rec_facts" not in c["suites"]["domain"]["tasks"]  # the domain mean stays transfer alone
+    s, cpt = c["summary"]["sft"], c["summary"]["cpt"]
+    assert s["learning_signal"] == "recall"
+    rec = c["suites"]["recall"]["means"]["soft"]["all"]["sft"]
+    assert s["learning"] == pytest.approx(rec["delta"]) and rec["delta"] > 0 and s["signals"]["recall"]["significant"]
+    assert s["signals"]["transfer"]["delta"] == pytest.approx(c["suites"]["domain"]["means"]["soft"]["all"]["sft"]["delta"])
+    bpb = s["signals"]["domain_bpb"]
+    assert bpb["delta"] == pytest.approx(c["tasks"]["dom_bpb"]["arms"]["sft"]["delta"]) and bpb["ci"] is not None
+    assert s["forgetting"] > 0 and s["forgetting_ci"][0] > 0
+    assert cpt["signals"]["recall"]["delta"] == 0.0 and not cpt["signals"]["recall"]["significant"]
+    assert compare_doc(c)["summary"]["sft"]["signals"]["recall"]["delta"] == s["signals"]["recall"]["delta"]
 
 
 def test_bonett_price_matches_hand_computed_value(regressed):
