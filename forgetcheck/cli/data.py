@@ -40,7 +40,9 @@ def _describe(name: str, man: dict) -> list[str]:
         f"{man['heldout']['tokens_regex']:>11,} tokens (regex); heldout_mc.jsonl {man['heldout']['mc_items']:,} "
         f"items",
         f"  terms: {man['terms']['train']:,} train (shared by sft and cpt), {man['terms']['heldout']:,} held out",
-    ]
+    ] + ([f"  recall_mc.jsonl {man['recall']['items']:>8,} questions about train terms (a run asks those its arms "
+          f"trained on); {man['recall']['dropped_shared_13gram']:,} dropped for a 13-gram shared with their "
+          f"training text"] if man.get("recall") else [])
 
 
 def data_list() -> None:

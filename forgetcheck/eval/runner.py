@@ -351,7 +351,10 @@ def evaluate(model_ref: ModelRef, cfg: EvalConfig, out_file: Path, *, device: st
     for spec in scored:
         common = dict(fmt=cache.CACHE_FORMAT, model=mhash, task=spec.config_hash, backend=cfg.backend,
                       device=device.split(":")[0], dtype=dtype, versions=versions)
-        if looks is not None and cfg.limit is not None:
+        if spec.all_items:  # a run's recall task: every item (the facts the budget bought), never in looks
+            pieces.append(_Pending(spec, cache.key(limit=None, **common), None, len(spec.task.eval_docs)))
+            screen_idx = []
+        elif looks is not None and cfg.limit is not None:
             chunks, cap_units = look_items(spec.task, list(looks.sizes), spec.kind, spec.config_hash)
             plain = select_items(spec.task, looks.sizes[0], spec.kind, spec.config_hash)
             taken = chunks[:looks.of(spec.name)]

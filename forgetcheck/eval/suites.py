@@ -46,6 +46,7 @@ class TaskSpec:
     task: Any  # lm_eval.api.task.Task
     config_hash: str
     source: str  # "forgetcheck" (tasks/) | "lm-eval" (lm-eval's own hub task)
+    all_items: bool = False  # every item is scored whatever --limit (a run's recall task: data/recall.py)
 
 
 def default_tasks_dir() -> Path:
@@ -144,7 +145,7 @@ def _describe(name: str, task, source: str) -> TaskSpec:
         chance = sum(1.0 / len(task.doc_to_choice(d)) for d in docs) / max(1, len(docs))
     suite = info.get("suite") or meta.get("suite") or "retention"
     return TaskSpec(name, suite, kind, primary, None if chance is None else float(chance), task,
-                    task_config_hash(task), source)
+                    task_config_hash(task), source, all_items=bool(meta.get("all_items")))
 
 
 def _why_missing(name: str, missing_file: Path) -> str:
@@ -178,10 +179,14 @@ def resolve_tasks(cfg: EvalConfig, tasks_dir: Path | None = None,
             names += sorted(tm.load([n])["tasks"]) if n in tm.all_tasks and n not in ours else [n]
         names = list(dict.fromkeys(names))
     else:
-        names = [n for n in ours if _suite_of(tm, n) in cfg.suites]
+        names = [n for n in ours if _suite_of(tm, n) in selected_suites(cfg.suites)]
         if not names:
             raise BadInput(f"no task in {tasks_dir} belongs to suite(s) {','.join(cfg.suites)}: "
                            f"give --tasks (known: {', '.join(ours) or 'none'})")
+    if RUN_TASK in names and RUN_TASK not in tm.all_tasks:
+        raise BadInput(f"task '{RUN_TASK}' asks about the facts a run's arms trained on, so only `forgetcheck run` "
+                       f"has it (with a packaged dataset and a budget that holds a whole unit of facts): drop it "
+                       f"from --tasks")
     for n in list(names):
         absent = [f for f in _data_files(_entry_cfg(tm, n)) if not f.is_file()] if n in ours else []
         if not absent:
@@ -200,6 +205,16 @@ def resolve_tasks(cfg: EvalConfig, tasks_dir: Path | None = None,
         specs += _hub_tasks(hub_names, ours)
     order = {n: i for i, n in enumerate(names)}
     return sorted(specs, key=lambda s: order[s.name])
+
+
+RUN_TASK = "fc_med_recall"  # a run's own task, written into its tasks folder by data/recall.py (recall.TASK)
+SUITE_PARTS = {"domain": ("domain", "recall")}
+"""A suite asked for by name and the task suites it stands for: `domain` also takes a run's recall task (the facts the
+arms trained on: data/recall.py), which is reported apart from the domain's transfer tasks."""
+
+
+def selected_suites(suites: tuple[str, ...]) -> set[str]:
+    return {part for s in suites for part in SUITE_PARTS.get(s, (s,))}
 
 
 def suite_task_names(suite: str, tasks_dir: Path | None = None) -> list[str]:
@@ -303,7 +318,7 @@ def task_problems(cfg: EvalConfig, tasks_dir: Path | None = None, *, allow_code:
             problems.append(str(e))
     if problems or not cfg.tasks:
         return problems
-    unknown = [n for n in cfg.tasks if n not in tm.all_tasks]
+    unknown = [n for n in cfg.tasks if n not in tm.all_tasks and n != RUN_TASK]
     if not unknown:
         return []
     online = hub_reachable()

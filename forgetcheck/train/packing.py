@@ -11,6 +11,11 @@ Every arm then goes through the same packer: examples are concatenated, each wit
 stream is cut into rows of exactly seq_len tokens (TRL's "wrapped" packing). An example that does not fit the
 rest of a row continues in the next row, so every row is full and no row is padded. The examples are
 reshuffled each epoch from `data_seed + epoch`, so rows are a pure function of the data and the seed.
+
+Records that carry a `unit` (the packaged `med` writes one on every SFT pair and CPT document: the facts of one
+page) are shuffled by unit instead, a unit's records kept together in file order. Both files list the same units
+in the same order, so the SFT and CPT streams meet the same facts in the same order whatever their shapes: the
+facts that every arm trained on within its budget are a prefix of the units (data/recall.py asks them).
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class Rows:
     attention_mask: object
     replay: dict | None = None
     """replay arm: the measured replay share (`Replay.stats`)."""
+    whole: list[int] = field(default_factory=list)
+    """The examples whose every token lies inside the rows (indices into the records, in the order first met)."""
 
 
 @dataclass
@@ -104,10 +111,26 @@ def replay_pieces(tok, texts: list[str], max_len: int, seed: int) -> list[list[i
     return pieces
 
 
+def epoch_order(n_examples: int, seed: int, units: list | None = None) -> list[int]:
+    """The examples of one epoch in their shuffled order (`seed` = data_seed + epoch): by unit when `units` (each
+    example's unit) is given, else one by one."""
+    if units is None:
+        order = list(range(n_examples))
+        random.Random(seed).shuffle(order)
+        return order
+    members: dict = {}
+    for i, u in enumerate(units):
+        members.setdefault(u, []).append(i)
+    keys = list(members)  # in the order the file first names them
+    random.Random(seed).shuffle(keys)
+    return [i for k in keys for i in members[k]]
+
+
 def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int, n_rows: int, seq_len: int,
-         data_seed: int, *, replay: Replay | None = None) -> Rows:
-    """Concatenate examples (shuffled per epoch with data_seed + epoch), with `replay` pieces mixed in when
-    given, and cut the stream into n_rows full rows of seq_len. `example(i)` tokenizes example i (once)."""
+         data_seed: int, *, replay: Replay | None = None, units: list | None = None) -> Rows:
+    """Concatenate examples (shuffled per epoch with data_seed + epoch, by unit when `units` gives each example's
+    unit), with `replay` pieces mixed in when given, and cut the stream into n_rows full rows of seq_len.
+    `example(i)` tokenizes example i (once)."""
     import torch
 
     if n_examples == 0:
@@ -118,10 +141,10 @@ def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int,
     cache: dict[int, tuple[list[int], list[int]]] = {}
     ids: list[int] = []
     labels: list[int] = []
+    whole: dict[int, None] = {}  # ordered set
     epoch = 0
     while len(ids) < need:
-        order = list(range(n_examples))
-        random.Random(data_seed + epoch).shuffle(order)
+        order = epoch_order(n_examples, data_seed + epoch, units)
         before = len(ids)
         for i in order:
             if i not in cache:
@@ -129,6 +152,8 @@ def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int,
             a, b = cache[i]
             ids.extend(a)
             labels.extend(b)
+            if len(ids) <= need:
+                whole.setdefault(i)
             if replay is not None:
                 replay.after_example(ids, labels, len(a), need)
             if len(ids) >= need:
@@ -138,7 +163,8 @@ def pack(example: Callable[[int], tuple[list[int], list[int]]], n_examples: int,
         epoch += 1
     t_ids = torch.tensor(ids[:need], dtype=torch.long).view(n_rows, seq_len)
     t_lab = torch.tensor(labels[:need], dtype=torch.long).view(n_rows, seq_len)
-    return Rows(t_ids, t_lab, torch.ones_like(t_ids), replay=None if replay is None else replay.stats(need))
+    return Rows(t_ids, t_lab, torch.ones_like(t_ids), replay=None if replay is None else replay.stats(need),
+                whole=list(whole))
 
 
 def build_rows(arm: str, tok, data_path: Path, cfg: config.TrainConfig, n_rows: int) -> Rows:
@@ -147,12 +173,28 @@ def build_rows(arm: str, tok, data_path: Path, cfg: config.TrainConfig, n_rows: 
 
     if config.ARM_DATA.get(arm, arm) == "cpt":
         records = domain.read_cpt(data_path)
-        return pack(lambda i: cpt_example(tok, records[i]), len(records), n_rows, cfg.seq_len, cfg.data_seed)
+        return pack(lambda i: cpt_example(tok, records[i]), len(records), n_rows, cfg.seq_len, cfg.data_seed,
+                    units=record_units(records))
     records = domain.read_sft(data_path)
     mix = None  # the replay arm's general text, interleaved
     if arm == "replay":
         from forgetcheck.data import replay
 
         mix = Replay(replay_pieces(tok, replay.load(), max(8, cfg.seq_len // 2), cfg.data_seed), cfg.replay_frac)
-    return pack(lambda i: sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss), len(records), n_rows,
-                cfg.seq_len, cfg.data_seed, replay=mix)
+    cut: set[int] = set()  # pairs longer than a row, truncated: not trained on whole
+
+    def example(i: int) -> tuple[list[int], list[int]]:
+        ids, labels = sft_example(tok, records[i], cfg.seq_len, cfg.include_prompt_loss)
+        if len(ids) == cfg.seq_len and labels[-1] != tok.eos_token_id:
+            cut.add(i)
+        return ids, labels
+
+    rows = pack(example, len(records), n_rows, cfg.seq_len, cfg.data_seed, replay=mix, units=record_units(records))
+    rows.whole = [i for i in rows.whole if i not in cut]
+    return rows
+
+
+def record_units(records: list[dict]) -> list | None:
+    """Each record's `unit` when every record names one (a JSON string or integer), else None (shuffled one by one)."""
+    units = [r.get("unit") for r in records]
+    return units if all(isinstance(u, (str, int)) and not isinstance(u, bool) for u in units) else None

@@ -83,7 +83,7 @@ def test_prepare_is_idempotent_and_deterministic(med, tmp_path):
     rebuilt = tmp_path / "again"
     rebuilt.mkdir()
     build_med(rebuilt, model_tokens=False)
-    for f in ("sft.jsonl", "cpt.jsonl", "heldout.jsonl", "heldout_mc.jsonl"):
+    for f in ("sft.jsonl", "cpt.jsonl", "heldout.jsonl", "heldout_mc.jsonl", "recall_mc.jsonl"):
         digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (d.root / f, rebuilt / f)]
         assert digest[0] == digest[1], f
     assert not [p for p in d.root.parent.iterdir() if p.name.startswith(".med.")]  # no temp dirs left
