@@ -150,7 +150,7 @@ def _stages(inp: Inputs) -> int:
     # the recall questions: facts every arm will train on whole within its budget (from the packer, before training)
     tasks_dir = inp.tasks_dir
     if tasks_dir is None and trained:
-        from forgetcheck.data import recall
+        from forgetcheck.train import recall
 
         tasks_dir, line = recall.prepare(run, cfg, inp.model, inp.data)
         console.say(f"        {line}")

@@ -8,7 +8,7 @@ differ in the shape of the data, not its content. Every record names its `unit` 
 pairs of the same terms): the packer shuffles units, so both arms meet the same facts in the same order.
 `heldout.jsonl` (text of held-out terms, for perplexity) and `heldout_mc.jsonl` (definition -> which term, 4
 choices) feed the `domain` suite's transfer tasks; `recall_mc.jsonl` holds recall questions about the train
-terms (`recall_items`), of which a run asks those its arms trained on (data/recall.py).
+terms (`recall_items`), of which a run asks those its arms trained on (train/recall.py).
 
 Where a built dataset is kept and when it is rebuilt is data/domain.py's (`prepare_dataset`); this module only
 writes the files into the folder it is given.

@@ -46,7 +46,7 @@ class TaskSpec:
     task: Any  # lm_eval.api.task.Task
     config_hash: str
     source: str  # "forgetcheck" (tasks/) | "lm-eval" (lm-eval's own hub task)
-    all_items: bool = False  # every item is scored whatever --limit (a run's recall task: data/recall.py)
+    all_items: bool = False  # every item is scored whatever --limit (a run's recall task: train/recall.py)
 
 
 def default_tasks_dir() -> Path:
@@ -207,10 +207,10 @@ def resolve_tasks(cfg: EvalConfig, tasks_dir: Path | None = None,
     return sorted(specs, key=lambda s: order[s.name])
 
 
-RUN_TASK = "fc_med_recall"  # a run's own task, written into its tasks folder by data/recall.py (recall.TASK)
+RUN_TASK = "fc_med_recall"  # a run's own task, written into its tasks folder by train/recall.py (recall.TASK)
 SUITE_PARTS = {"domain": ("domain", "recall")}
 """A suite asked for by name and the task suites it stands for: `domain` also takes a run's recall task (the facts the
-arms trained on: data/recall.py), which is reported apart from the domain's transfer tasks."""
+arms trained on: train/recall.py), which is reported apart from the domain's transfer tasks."""
 
 
 def selected_suites(suites: tuple[str, ...]) -> set[str]:

@@ -15,7 +15,7 @@ reshuffled each epoch from `data_seed + epoch`, so rows are a pure function of t
 Records that carry a `unit` (the packaged `med` writes one on every SFT pair and CPT document: the facts of one
 page) are shuffled by unit instead, a unit's records kept together in file order. Both files list the same units
 in the same order, so the SFT and CPT streams meet the same facts in the same order whatever their shapes: the
-facts that every arm trained on within its budget are a prefix of the units (data/recall.py asks them).
+facts that every arm trained on within its budget are a prefix of the units (train/recall.py asks them).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def budget_block(run: RunDir, arms: list[str]) -> dict:
 
 
 def _recall(run: RunDir) -> dict | None:
-    """The run's recall.json (data/recall.py): the facts each arm trained on whole and those asked; None without one."""
+    """The run's recall.json (train/recall.py): the facts each arm trained on whole and those asked; None without one."""
     path = run.root / "recall.json"
     if not path.is_file():
         return None

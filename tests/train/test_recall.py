@@ -1,4 +1,4 @@
-"""Recall items (data/recall.py, data/med.py `recall_items`): questions only about facts every arm trained on whole,
+"""Recall items (train/recall.py, data/med.py `recall_items`): questions only about facts every arm trained on whole,
 worded unlike their training text; the packer feeds SFT and CPT the same facts in the same order."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import json
 import pytest
 
 from forgetcheck import config
-from forgetcheck.data import domain, recall
+from forgetcheck.data import domain
 from forgetcheck.data.overlap import shared_beyond_answer
+from forgetcheck.train import recall
 from forgetcheck.train.loop import optimizer_steps, rows_per_step
 from forgetcheck.train.packing import build_rows, epoch_order, record_units
 

@@ -25,15 +25,19 @@ import shutil
 from pathlib import Path
 
 from forgetcheck import config
+from forgetcheck.data import domain as dom
 from forgetcheck.errors import BadInput
 from forgetcheck.eval.suites import RUN_TASK as TASK
+from forgetcheck.eval.suites import default_tasks_dir
 from forgetcheck.rundir import RunDir, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from forgetcheck.train import arms
+from forgetcheck.train.packing import build_rows, record_units
 
 SOURCE_FILE = "recall_mc.jsonl"  # in a packaged dataset's folder (data/med.py)
 SUITE = "recall"
 
 YAML = """\
-# Recall items of this run (written by forgetcheck/data/recall.py): questions about facts that every trained arm
+# Recall items of this run (written by forgetcheck/train/recall.py): questions about facts that every trained arm
 # saw whole within its budget, worded unlike the training text. Every item is scored.
 task: {task}
 dataset_path: json
@@ -105,8 +109,6 @@ def _line(doc: dict) -> str:
 
 
 def _copy_tasks(folder: Path) -> None:
-    from forgetcheck.eval.suites import default_tasks_dir
-
     src = default_tasks_dir()
     folder.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -116,8 +118,6 @@ def _copy_tasks(folder: Path) -> None:
 
 def plan(cfg: config.RunConfig, model_ref, domain) -> dict:
     """{items, facts, units, arms: {label: {units, facts}}, why, rows}: the recall questions of this run."""
-    from forgetcheck.train import arms
-
     labels = [config.seed_run_label(a, i) for a in arms.trained(cfg.arms) for i in range(cfg.train.seeds)]
     source = Path(domain.root) / SOURCE_FILE
     base = {"task": TASK, "items": 0, "facts": 0, "units": [], "arms": {}, "rows": []}
@@ -153,13 +153,10 @@ def plan(cfg: config.RunConfig, model_ref, domain) -> dict:
 def whole_units(arm: str, tok, data_path: Path, cfg: config.TrainConfig) -> tuple[set, int]:
     """(the units whose every record lies whole inside the rows `arm` trains on, the facts they hold): the rows
     rebuilt exactly as training builds them."""
-    from forgetcheck.data import domain as dom
-    from forgetcheck.train.arms import data_kind
-    from forgetcheck.train.loop import optimizer_steps, rows_per_step
-    from forgetcheck.train.packing import build_rows, record_units
+    from forgetcheck.train.loop import optimizer_steps, rows_per_step  # torch: only when a run asks recall
 
     rows = build_rows(arm, tok, data_path, cfg, optimizer_steps(cfg) * rows_per_step(cfg))
-    records = dom.read_cpt(data_path) if data_kind(arm) == "cpt" else dom.read_sft(data_path)
+    records = dom.read_cpt(data_path) if arms.data_kind(arm) == "cpt" else dom.read_sft(data_path)
     units = record_units(records)
     if units is None:
         return set(), 0
