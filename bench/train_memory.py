@@ -1,17 +1,21 @@
 """Memory and speed of each training technique on GPT-2 124M (random weights), against the planner and
-against transformers' Trainer with the same settings.
+against transformers' Trainer with the same settings, timed in alternating pairs.
 
-    python bench/train_memory.py [--device cpu|cuda] [--steps 3] [--seq-len 128] [--out docs/train_memory.md]
+    python bench/train_memory.py [--device cpu|cuda] [--steps 5] [--pairs 3] [--seq-len 64] [--rows a,b]
+                                 [--out docs/train_memory.md]
 
-One row per technique combination. Each row runs in a fresh process (so the peak-memory reading is its own):
-forgetcheck's loop (`train.train_arm`, CPT arm) and then `transformers.Trainer` on the same rows, micro-batch,
-accumulation, precision, checkpointing and optimizer. Columns:
+One row per technique combination. For each row the bench runs `--pairs` pairs, each pair forgetcheck's loop
+(`train.train_arm`, CPT arm) and then `transformers.Trainer` on the same rows, micro-batch, accumulation,
+precision, checkpointing, optimizer and compilation, each in a fresh process (so the peak-memory reading is its
+own): A B A B ... A change of machine speed (another job, a thermal limit) lands on both sides of a pair, so the
+ratio of each pair is the figure, and the row reports their median with the min-max range. Columns:
   * planned / measured weights+grads+optimizer state: the planner's bytes vs the sum of tensor bytes of the
     parameters, their gradients and the optimizer state after the first step (the +/-15% check);
   * planned total (with the activation estimate) vs measured peak (CPU: peak RSS of the process after a reset,
-    so it includes Python and the libraries; GPU: torch.cuda.max_memory_allocated);
-  * s/step and tokens/s (median over the steps after the first, which pays for compilation and warm-up), and
-    the ratio of forgetcheck's tokens/s to Trainer's.
+    so it includes Python and the libraries; GPU: torch.cuda.max_memory_allocated), from the first pair;
+  * s/step and tokens/s: per process the median over the steps after the first (which pays for compilation and
+    warm-up), then the median over the pairs; forgetcheck / Trainer: the median of the pairs' ratios [min-max];
+  * load: the 1-minute load average before each pair, min-max (the machine has os.cpu_count() CPUs).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ ROWS = [
     ("adamw8bit", {"optim": "adamw8bit"}),
     ("accum 2 x micro 1", {"micro_batch": 1, "grad_accum": 2}),
     ("bf16-mixed + ckpt + 8bit", {"precision": "bf16-mixed", "grad_checkpointing": True, "optim": "adamw8bit"}),
+    ("compile", {"compile": True}),
 ]
 
 
@@ -129,7 +134,7 @@ def run_trainer(model_dir: Path, data_dir: Path, cfg_kw: dict, device: str) -> d
             gradient_checkpointing=cfg.grad_checkpointing,
             optim="adamw_torch_8bit" if cfg.optim == "adamw8bit" else "adamw_torch",
             use_cpu=not device.startswith("cuda"), report_to="none", save_strategy="no", logging_strategy="no",
-            dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True,
+            dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True, torch_compile=cfg.compile,
         )
         Trainer(model=model, args=args, train_dataset=dataset, callbacks=[StepTimer()]).train()
     s_step = median_after_first(times)
@@ -163,7 +168,8 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per row (the first is not timed)")
+    ap.add_argument("--steps", type=int, default=5, help="optimizer steps per process (the first is not timed)")
+    ap.add_argument("--pairs", type=int, default=3, help="alternating (forgetcheck, Trainer) pairs per row")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="also write the table (Markdown) here")
@@ -180,7 +186,7 @@ def main() -> None:
         make_model(model_dir)
         make_data(data_dir)
         header = ("| technique | planned W+G+O (MB) | measured W+G+O (MB) | diff | optim B/param | planned total (MB) "
-                  "| measured peak (MB) | s/step | tokens/s | Trainer tokens/s | ratio |")
+                  "| measured peak (MB) | s/step | tokens/s | Trainer tokens/s | forgetcheck / Trainer | load |")
         lines += [header, "|" + "---|" * (header.count("|") - 1)]
         print(header, flush=True)
         for name, over in rows:
@@ -188,28 +194,43 @@ def main() -> None:
                   "warmup_frac": 0.0, "force": True, **over}
             tps = kw["seq_len"] * kw["micro_batch"] * kw["grad_accum"]
             kw["budget_tokens"] = args.steps * tps
-            ours = run_child("ours", model_dir, data_dir, kw, args.device)
-            hf = run_child("trainer", model_dir, data_dir, kw, args.device)
-            diff = ours["planned_states"] / ours["measured_states"] - 1
-            line = (f"| {name} | {mb(ours['planned_states'])} | {mb(ours['measured_states'])} | {diff:+.1%} "
-                    f"| {ours['opt_bytes_per_param']:.2f} | {mb(ours['planned_total'])} | {mb(ours['measured_peak'])} "
-                    f"| {ours['s_step']:.2f} | {ours['tokens_per_s']:,.0f} | {hf['tokens_per_s']:,.0f} "
-                    f"| {ours['tokens_per_s'] / hf['tokens_per_s']:.2f} |")
+            pairs = []
+            for _ in range(args.pairs):
+                load = os.getloadavg()[0]
+                pairs.append((run_child("ours", model_dir, data_dir, kw, args.device),
+                               run_child("trainer", model_dir, data_dir, kw, args.device), load))
+            line = row_line(name, pairs)
             lines.append(line)
             print(line, flush=True)
-            method = ours["method"]
+            method = pairs[0][0]["method"]
     total = time.perf_counter() - t_all
     import torch
 
     note = (f"GPT-2 124M config, random weights; device {args.device}; seq-len {args.seq_len}, micro-batch "
-            f"{args.micro_batch} (accum row: 2 x 1); {args.steps} optimizer steps per row, median of steps 2..n; "
-            f"torch {torch.__version__}, {os.environ.get('BENCH_THREADS', '2')} threads. Measured peak: {method}. "
-            f"Bench wall time {total:.0f} s; load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
-            f"cores (other processes share the CPU: the speed columns carry that noise).")
+            f"{args.micro_batch} (accum row: 2 x 1); {args.steps} optimizer steps per process, median of steps 2..n; "
+            f"{args.pairs} alternating pairs per row (forgetcheck, then Trainer); torch {torch.__version__}, "
+            f"{os.environ.get('BENCH_THREADS', '2')} threads, {os.cpu_count()} CPUs. Measured peak: {method}. "
+            f"Bench wall time {total:.0f} s; load average at the end {os.getloadavg()[0]:.1f}.")
     print(note)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(DOC_HEAD + "\n".join(lines) + "\n\n" + note + "\n" + kept_sections(args.out))
+
+
+def row_line(name: str, pairs: list[tuple[dict, dict, float]]) -> str:
+    """One table row from a technique's pairs (forgetcheck result, Trainer result, load before the pair): memory
+    from the first pair, speeds as medians over the pairs, the ratio as the median of the per-pair ratios."""
+    ours = pairs[0][0]
+    ratios = [o["tokens_per_s"] / t["tokens_per_s"] for o, t, _ in pairs]
+    loads = [load for _, _, load in pairs]
+    diff = ours["planned_states"] / ours["measured_states"] - 1
+    return (f"| {name} | {mb(ours['planned_states'])} | {mb(ours['measured_states'])} | {diff:+.1%} "
+            f"| {ours['opt_bytes_per_param']:.2f} | {mb(ours['planned_total'])} | {mb(ours['measured_peak'])} "
+            f"| {statistics.median(o['s_step'] for o, _, _ in pairs):.2f} "
+            f"| {statistics.median(o['tokens_per_s'] for o, _, _ in pairs):,.0f} "
+            f"| {statistics.median(t['tokens_per_s'] for _, t, _ in pairs):,.0f} "
+            f"| {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}] "
+            f"| {min(loads):.1f}-{max(loads):.1f} |")
 
 
 def kept_sections(out: Path) -> str:
@@ -224,7 +245,8 @@ def kept_sections(out: Path) -> str:
 
 DOC_HEAD = """# Training memory: planned vs measured
 
-Written by `python bench/train_memory.py --seq-len 64 --steps 5 --out docs/train_memory.md` (see the script's docstring).
+Written by `python bench/train_memory.py --seq-len 64 --steps 5 --pairs 3 --out docs/train_memory.md` (see the script's
+docstring).
 
 * **planned W+G+O**: weights + gradients + optimizer state from `forgetcheck.train.memory.plan_memory` (16 bytes/param
   in fp32 with AdamW; ~10 with 8-bit AdamW). **measured W+G+O**: the sum of the bytes of the parameter,
@@ -233,9 +255,11 @@ Written by `python bench/train_memory.py --seq-len 64 --steps 5 --out docs/train
 * **planned total** adds the activation estimate (Korthikanti et al. 2022, see `forgetcheck/train/memory.py`);
   **measured peak** is the peak of the whole process (on CPU: peak RSS, so Python, torch and the libraries,
   ~0.8-1 GB, are included; it is an upper bound on what the tensors need).
-* **s/step, tokens/s**: median over the optimizer steps after the first; **Trainer tokens/s** is
-  `transformers.Trainer` on the same packed rows and settings, in its own fresh process; **ratio** =
-  forgetcheck / Trainer. On a shared CPU these speed figures are noisy (see the note under the table).
+* **s/step, tokens/s**: median over the optimizer steps after the first, then over the pairs; **Trainer tokens/s**
+  is `transformers.Trainer` on the same packed rows and settings (`torch_compile=True` in the compile row), each
+  run in its own fresh process, alternating with forgetcheck's (A B A B ...); **forgetcheck / Trainer** is the
+  median of the per-pair ratios with their min-max, so a change of machine speed between pairs does not land in
+  it; **load** is the 1-minute load average before each pair.
 
 """
 

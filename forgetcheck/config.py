@@ -70,6 +70,8 @@ class TrainConfig:
     precision: str = flag("fp32", "fp32 | bf16-mixed | fp16-mixed | bf16-true")
     """fp16/bf16-mixed: autocast with fp32 master weights; bf16-true loses small updates."""
     grad_checkpointing: bool = flag(False, "Recompute activations in backward.")
+    compile: bool = flag(False, "torch.compile each transformer block (the first steps pay the compilation).")
+    """train/kernels.py `compile_blocks`; bench/train_memory.py measures what it buys."""
     optim: str = flag("adamw", "adamw | adamw8bit (torchao, else bitsandbytes)")
     """adamw8bit keeps ~2 bytes/param of state."""
     nproc: int = flag(1, "Processes for FSDP2 sharding (torchrun).")

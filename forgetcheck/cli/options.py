@@ -84,7 +84,7 @@ def given(group) -> dict:
 # ---- training: `train`, `run`, and `plan` for the flags it shares -------------------------------------------
 
 TRAIN_FLAGS = ("budget_tokens", "seq_len", "micro_batch", "grad_accum", "lr", "precision", "grad_checkpointing",
-               "optim", "nproc", "seed", "seeds", "include_prompt_loss", "save_every", "force", "eval_every",
+               "compile", "optim", "nproc", "seed", "seeds", "include_prompt_loss", "save_every", "force", "eval_every",
                "stop_if_forecast_exceeds", "lora_rank", "lora_alpha", "lora_lr", "replay_frac", "freeze_layers")
 
 

@@ -14,7 +14,8 @@ Dropout is switched off while training (as LitGPT and Llama-style configs do): t
 same gradient, which the exact checks (accumulation, sharding, resume) rely on.
 
 Memory techniques (see train/memory.py): precision, grad_accum, grad_checkpointing, optim (8-bit AdamW), nproc (FSDP2
-through torchrun: train/sharding.py).
+through torchrun: train/sharding.py). Speed (train/kernels.py): formula activations swapped for fused ones, and
+`--compile`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from forgetcheck import config, console
 from forgetcheck.models.files import give_usual_modes
 from forgetcheck.rundir import RunDir
 from forgetcheck.schema import read_train, write_train
-from forgetcheck.train import arms, checkpoint, memory, sharding
+from forgetcheck.train import arms, checkpoint, kernels, memory, sharding
 from forgetcheck.train.optimizer import build_optimizer, check_combination, lr_lambda, optimizer_state_bytes
 from forgetcheck.train.packing import IGNORE, Rows, build_rows
 
@@ -249,6 +250,7 @@ def _load_model(arm: str, cfg: config.TrainConfig, model_ref, device: str, *, wo
     for m in model.modules():  # the same batch must give the same gradient (the module docstring)
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    kernels.fuse_activations(model)  # the same function in fewer kernels (train/kernels.py)
     if cfg.precision == "bf16-true":
         warnings.warn("--precision bf16-true: pure bf16 weights lose small updates (lr * update below bf16's "
                       "resolution); use bf16-mixed to keep fp32 master weights", stacklevel=2)
@@ -262,6 +264,8 @@ def _load_model(arm: str, cfg: config.TrainConfig, model_ref, device: str, *, wo
     model.train()
     if world > 1:
         sharding.shard_model(model, hybrid_nodes=hybrid_nodes, device=device)
+    if cfg.compile:
+        kernels.compile_blocks(model)
     return model, tok, arm_info
 
 
