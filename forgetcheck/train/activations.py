@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-
 _VIEWS = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "ReshapeAliasBackward0",
           "ExpandBackward0", "UnsafeViewBackward0", "AsStridedBackward0"}
 
@@ -64,6 +63,23 @@ class Saved:
     def per_layer(self) -> int:
         """One block's saved bytes: the largest block of the forward, or of the recompute when checkpointed."""
         return max(self.recomputed if self.checkpointed else self.blocks, default=0)
+
+
+def prepare_for_training(model, *, checkpointing: bool = False):
+    """`model` as train/loop.py `_load_model` leaves it before training: dropout off, non-reentrant checkpointing when
+    asked, training mode. Returns the model."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
 
 
 def transformer_blocks(model) -> list:
