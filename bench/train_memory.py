@@ -252,7 +252,7 @@ docstring).
   in fp32 with AdamW; ~10 with 8-bit AdamW). **measured W+G+O**: the sum of the bytes of the parameter,
   gradient and optimizer-state tensors after the first optimizer step. **diff** is planned/measured - 1 (the
   acceptance bound is +/-15%).
-* **planned total** adds the activation estimate (Korthikanti et al. 2022, see `forgetcheck/train/memory.py`);
+* **planned total** adds the activation estimate (the bytes autograd saves, see `forgetcheck/train/memory.py`);
   **measured peak** is the peak of the whole process (on CPU: peak RSS, so Python, torch and the libraries,
   ~0.8-1 GB, are included; it is an upper bound on what the tensors need).
 * **s/step, tokens/s**: median over the optimizer steps after the first, then over the pairs; **Trainer tokens/s**

@@ -233,8 +233,8 @@ def _memory_plan(arm: str, cfg: config.TrainConfig, model_ref, device: str, say)
     from transformers import AutoConfig
 
     arch = memory.arch_from_hf_config(AutoConfig.from_pretrained(model_ref.path))
-    plan = memory.plan_memory(arch, cfg, arm=arm, hf_config=AutoConfig.from_pretrained(model_ref.path))
-    say(memory.format_plan(plan, memory.plan_memory(arch, memory.baseline(cfg))))
+    plan = memory.plan_memory(arch, cfg, arm=arm, hf_config=AutoConfig.from_pretrained(model_ref.path), device=device)
+    say(memory.format_plan(plan, memory.plan_memory(arch, memory.baseline(cfg), device=device)))
     say(memory.check_fits(plan, device, cfg.force))
     return plan
 
