@@ -40,7 +40,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from forgetcheck.config import TrainConfig
-    from forgetcheck.train import activations, memory
+    from forgetcheck.train import activations, loop, memory
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     s, b = args.seq_len, args.micro_batch
@@ -54,7 +54,7 @@ def main() -> None:
             for ckpt in (False, True):
                 torch.manual_seed(0)
                 model = AutoModelForCausalLM.from_config(hf)
-                activations.prepare_for_training(model, checkpointing=ckpt)
+                loop.prepare_for_training(model, checkpointing=ckpt)
                 ids = torch.randint(0, hf.vocab_size, (b, s))
                 autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision != "fp32" else None
                 saved = activations.saved_bytes(model, ids, autocast=autocast)

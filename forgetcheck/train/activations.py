@@ -65,33 +65,6 @@ class Saved:
         return max(self.recomputed if self.checkpointed else self.blocks, default=0)
 
 
-def prepare_for_training(model, *, checkpointing: bool = False):
-    """`model` as train/loop.py `_load_model` leaves it before training: dropout off, non-reentrant checkpointing when
-    asked, training mode. Returns the model."""
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    if checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    return model
-
-
-def transformer_blocks(model) -> list:
-    """The model's repeated decoder blocks (GPT-2 `transformer.h`, Llama `model.layers`): the longest ModuleList."""
-    import torch
-
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise ValueError("no ModuleList of transformer blocks found")
-    return list(max(lists, key=len))
-
-
 @contextlib.contextmanager
 def _seeing_recompute(record: list, record_one):
     """While active, each recomputation torch.utils.checkpoint runs appends a dict to `record`, and every tensor it
@@ -132,10 +105,11 @@ def saved_bytes(model, input_ids, labels=None, *, autocast=None) -> Saved:
     leaves in `.grad` are the caller's to clear."""
     import torch
 
+    from forgetcheck.train.arms import blocks as transformer_blocks
     from forgetcheck.train.loop import micro_batch_loss
 
     labels = input_ids if labels is None else labels
-    blocks = transformer_blocks(model)
+    blocks = list(transformer_blocks(model))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     where = {"now": "embeddings"}
     seen: dict[int, tuple[int, set]] = {}  # storage pointer -> (bytes, places that saved it)

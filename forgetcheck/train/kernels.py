@@ -17,6 +17,8 @@ hook in train/loop.py `_head_at` stays outside the compiled code).
 
 from __future__ import annotations
 
+BACKEND = "inductor"  # torch.compile's backend for --compile (tests swap in "aot_eager": the same graphs, no codegen)
+
 
 def _formula_gelus() -> tuple[type, ...]:
     from transformers import activations as act
@@ -49,5 +51,5 @@ def compile_blocks(model) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft (lora) wrapper
     layers = blocks(base)
     for block in layers:
-        block.compile()
+        block.compile(backend=BACKEND)
     return len(layers)

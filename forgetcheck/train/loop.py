@@ -247,19 +247,11 @@ def _load_model(arm: str, cfg: config.TrainConfig, model_ref, device: str, *, wo
     from forgetcheck.models import registry
 
     model, tok = registry.load(model_ref, device=device)
-    for m in model.modules():  # the same batch must give the same gradient (the module docstring)
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    kernels.fuse_activations(model)  # the same function in fewer kernels (train/kernels.py)
+    prepare_for_training(model, checkpointing=cfg.grad_checkpointing)
     if cfg.precision == "bf16-true":
         warnings.warn("--precision bf16-true: pure bf16 weights lose small updates (lr * update below bf16's "
                       "resolution); use bf16-mixed to keep fp32 master weights", stacklevel=2)
         model.to(torch.bfloat16)
-    if cfg.grad_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model, arm_info = arms.prepare_model(arm, model, cfg)  # lora: peft adapters; freeze: bottom blocks frozen
     model.train()
     if world > 1:
@@ -267,6 +259,25 @@ def _load_model(arm: str, cfg: config.TrainConfig, model_ref, device: str, *, wo
     if cfg.compile:
         kernels.compile_blocks(model)
     return model, tok, arm_info
+
+
+def prepare_for_training(model, *, checkpointing: bool = False):
+    """Every arm's model before its arm's changes: dropout off (the same batch must give the same gradient, the
+    module docstring), formula activations fused (train/kernels.py), non-reentrant activation checkpointing when
+    asked, training mode. train/activations.py measures a model prepared by this. Returns the model."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    kernels.fuse_activations(model)
+    if checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
 
 
 def _optimizer(arm: str, cfg: config.TrainConfig, model, steps: int):

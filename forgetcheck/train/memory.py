@@ -25,8 +25,8 @@ matmuls see, h hidden, a heads, kv key/value heads, I the MLP width:
     its output, e*h*(2 + 2*kv/a), + an fp32 logsumexp per head; eager keeps q, k^T, v for every head, the output,
     and the a*s probabilities per token (4 bytes in fp32, 4 + 2 under 16 bits); SDPA's math kernel (fp32 grouped-
     query attention on CUDA) keeps fp32 q, k, v and fp32 probabilities;
-  * MLP: plain 2*e*I (the activation's input and output), gated 4*e*I (gate, up, act(gate), act*up), + 3*e*I for
-    GPT-2's composed tanh GELU;
+  * MLP: plain 2*e*I (the activation's input and output), gated 4*e*I (gate, up, act(gate), act*up); the loop
+    runs GPT-2's tanh GELU fused (train/kernels.py), so it keeps only its input as well;
   * autocast's 16-bit weight copies: 2 bytes per block weight (kept until backward) and for the head.
 
 The head keeps the final norm's input, and at the label positions only (train/loop.py `_head_at`) its input and
@@ -66,7 +66,6 @@ class Arch:
     gated_mlp: bool = False  # Llama's act(gate(x)) * up(x) -> down, three projections of width `intermediate`
     norm: str = "layernorm"  # "layernorm" (keeps mean and rstd) or "rmsnorm" (keeps rsqrt and the normalised x)
     fused_qkv: bool = True  # one q/k/v projection (GPT-2's c_attn) rather than three (Llama's q/k/v_proj)
-    activation: str = "gelu_new"  # the MLP's hidden_act (decides how many tensors the activation keeps)
     rotary: bool = False  # rotary position embeddings (cos/sin held once, shared by every layer)
     learned_positions: bool = True  # a position embedding table (its position ids are kept)
 
@@ -110,14 +109,13 @@ def arch_from_hf_config(config, params: int | None = None) -> Arch:
         params = count_params_meta(config)
     attn = getattr(config, "_attn_implementation", None) or d.get("_attn_implementation") or "sdpa"
     gpt2_names = "n_embd" in d  # GPT-2's block: LayerNorm, fused c_attn, plain MLP, learned positions
-    act = d.get("hidden_act") or d.get("activation_function") or "gelu_new"
     rotary = not gpt2_names and ("rope_theta" in d or "rope_parameters" in d or "rope_scaling" in d)
     return Arch(params=int(params), layers=int(layers), hidden=int(hidden), heads=int(heads), vocab=int(vocab),
                 intermediate=int(inter), attention=str(attn),
                 kv_heads=int(d.get("num_key_value_heads") or heads),
                 gated_mlp=not gpt2_names and d.get("model_type") not in _PLAIN_MLP,
                 norm="layernorm" if gpt2_names or "layer_norm_epsilon" in d or "layer_norm_eps" in d else "rmsnorm",
-                fused_qkv=gpt2_names, activation=str(act), rotary=rotary, learned_positions=not rotary)
+                fused_qkv=gpt2_names, rotary=rotary, learned_positions=not rotary)
 
 
 _PLAIN_MLP = ("gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "gpt_bigcode")
@@ -220,10 +218,6 @@ def _bytes_per_param(cfg: TrainConfig) -> dict[str, float]:
     return {"weights": w, "gradients": w, "optimizer_state": opt}
 
 
-# Tensors the MLP activation keeps besides its input: GPT-2's "gelu_new" is composed of elementwise
-# ops (0.5 * x * (1 + tanh(...))) that keep tanh's output, 1 + tanh and 0.5 * x; a fused activation keeps its input.
-_ACT_EXTRA = {"gelu_new": 3, "gelu_fast": 3}
-
 ATTENTION_PATHS = ("fused", "eager", "math")
 
 
@@ -284,11 +278,12 @@ def _activation_terms(arch: Arch, cfg: TrainConfig, device: str | None = None) -
         attn = 3 * e * h + a * s * (4 if e == 4 else 6) + e * h
     else:  # math: SDPA's math kernel upcasts q, k, v to fp32 and keeps the fp32 probabilities
         attn = 3 * 4 * h + a * s * 4 + e * h
-    extra = _ACT_EXTRA.get(arch.activation, 0)
+    # The activation keeps only its input: the loop fuses the formula tanh-GELUs (GPT-2's gelu_new kept three
+    # more tensors of width I composed of elementwise ops; train/kernels.py), SiLU and GELU are one op.
     if arch.gated_mlp:  # gate out (the activation's input), up out, act(gate), act * up (down's input)
-        mlp = (4 + extra) * e * inter
+        mlp = 4 * e * inter
     else:  # fc out (the activation's input), the activation's output (proj's input)
-        mlp = (2 + extra) * e * inter
+        mlp = 2 * e * inter
     per_token = norm_kept(qkv_consumers) + attn + norm_kept(2 if arch.gated_mlp else 1) + mlp
     per_layer = per_token * s * b
     labels = b * max(1, s - 1)  # the loop projects only label positions: with full rows all but the last

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from forgetcheck.config import TrainConfig
-from forgetcheck.train import activations, memory
+from forgetcheck.train import activations, loop, memory
 
 VOCAB = 512
 
@@ -40,7 +40,7 @@ def _autocast(precision: str):
 def _measure(build, precision: str, checkpointing: bool, s: int, b: int, attn: str = "sdpa"):
     torch.manual_seed(0)
     model, hf = build(attn)
-    activations.prepare_for_training(model, checkpointing=checkpointing)
+    loop.prepare_for_training(model, checkpointing=checkpointing)
     ids = torch.randint(0, VOCAB, (b, s))
     saved = activations.saved_bytes(model, ids, autocast=_autocast(precision))
     cfg = TrainConfig(seq_len=s, micro_batch=b, budget_tokens=s * b, precision=precision,
@@ -121,7 +121,7 @@ def test_math_attention_is_planned_and_measured():
     s, b = 64, 2
     torch.manual_seed(0)
     model, hf = _llama()
-    activations.prepare_for_training(model)
+    loop.prepare_for_training(model)
     ids = torch.randint(0, VOCAB, (b, s))
     fused = activations.saved_bytes(model, ids)
     model.zero_grad()
