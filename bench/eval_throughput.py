@@ -1,19 +1,25 @@
-"""Throughput of `forgetcheck eval` (backend fast and hf) against stock lm-eval, side by side, same items.
+"""Throughput of `forgetcheck eval` (backend fast, and optionally hf) against stock lm-eval, same items, timed in
+alternating rounds.
 
-    python bench/eval_throughput.py [--model smollm2-135m] [--tasks a,b,c | --suite retention] [--limit 12]
-                                    [--repeats 3]
+    python bench/eval_throughput.py [--model smollm2-135m] [--tasks a,b,c | --suite retention] [--limit 20]
+                                    [--repeats 3] [--engines stock,fast | stock,hf,fast]
 
 Each engine scores the same tasks and the same items (forgetcheck's deterministic --limit subset, passed to
 stock lm-eval as `samples=`) with the same model folder, fp32, on the same device:
   * `lm-eval hf (stock)`: `lm_eval.simple_evaluate(model="hf", model_args="pretrained=<folder>,dtype=float32")`;
   * `forgetcheck hf`:   `forgetcheck.eval.runner.evaluate(..., EvalConfig(backend="hf"))` (stock HFLM inside);
   * `forgetcheck fast`: the same with `backend="fast"` (forgetcheck.eval.fast_lm.FastLM).
-Wall time includes loading the model for every engine; forgetcheck's drift measurement (not done by stock
-lm-eval) is timed separately and left out. forgetcheck runs with an empty eval cache every time. Items/s
-counts benchmark items; tokens/s counts the tokens of every (context + continuation) request as lm-eval
-builds them, the same work units for all three engines. With --repeats N the median wall time is used.
-After the table, each forgetcheck engine's per-item results (first repeat) are compared with stock lm-eval's:
-the largest loglikelihood difference and the number of items whose correctness or is_greedy flags differ.
+Wall time includes loading the model for every engine, and for forgetcheck choosing its --limit items (stock
+lm-eval is handed them); forgetcheck's drift measurement (not done by stock lm-eval) is timed separately and left
+out. forgetcheck runs with an empty eval cache every time. Items/s counts benchmark items; tokens/s counts the
+tokens of every (context + continuation) request as lm-eval builds them, the same work units for all engines.
+
+The engines run in turn, round after round (stock, fast, stock, fast, ...): a change of machine speed (another
+job, a thermal limit) lands on both engines of a round, so each round's ratio stock wall / engine wall is the
+figure, and the table reports their median with the min-max range, with the 1-minute load average before each
+round. After the table, each forgetcheck engine's per-item results (first round) are compared with stock
+lm-eval's: the largest loglikelihood difference and the number of items whose correctness or is_greedy flags
+differ.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import time
 from pathlib import Path
 
 DEFAULT_TASKS = "fc_mmlu_stem,fc_social_iqa,fc_hellaswag"
-ENGINES = ("lm-eval hf (stock)", "forgetcheck hf", "forgetcheck fast")
+STOCK = "lm-eval hf (stock)"
+ENGINES = {"stock": STOCK, "hf": "forgetcheck hf", "fast": "forgetcheck fast"}
 
 
 def _stock(ref, tasks_dir: Path, names: list[str], samples: dict, batch_size: int, device: str):
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=DEFAULT_TASKS)
     p.add_argument("--suite", default=None, help="Every task of this suite (overrides --tasks).")
     p.add_argument("--limit", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="Rounds (each engine once per round).")
+    p.add_argument("--engines", default="stock,fast", help="Comma list of stock, hf, fast; stock always runs.")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
@@ -123,48 +131,63 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     names = (benchmarks.suite_tasks(a.suite) if a.suite
              else [t.strip() for t in a.tasks.split(",") if t.strip()])
+    ours = [b for b in ("hf", "fast") if b in a.engines.split(",")]
     ref = registry.resolve(a.model)
     dev = choose_device(a.device)
     tasks_dir = benchmarks.render_tasks_dir()
     specs = resolve_tasks(EvalConfig(tasks=tuple(names)), tasks_dir)
     samples = {s.name: idx for s in specs if (idx := select_items(s.task, a.limit, s.kind)) is not None}
     print(f"model {ref.name}; {dev.describe()}; tasks {', '.join(names)}; limit {a.limit}; batch size "
-          f"{a.batch_size}; repeats {a.repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
-          flush=True)
+          f"{a.batch_size}; {a.repeats} round(s) of {', '.join([STOCK] + [ENGINES[b] for b in ours])}; "
+          f"torch threads {torch_threads()}, {os.cpu_count()} CPUs", flush=True)
 
-    walls: dict[str, list[float]] = {e: [] for e in ENGINES}
+    # imports and the model's files warm before any timing: the first engine of the first round would pay them
+    import lm_eval.models.huggingface  # noqa: F401
+
+    registry.load(ref, device=dev.device)
+    walls: dict[str, list[float]] = {STOCK: [], **{ENGINES[b]: [] for b in ours}}
+    loads: list[float] = []
     drift_walls: list[float] = []
     items = tokens = None
     agree: dict[str, dict] = {}
     for r in range(a.repeats):
-        print(f"\n--- repeat {r + 1}/{a.repeats}", flush=True)
+        loads.append(os.getloadavg()[0])
+        print(f"\n--- round {r + 1}/{a.repeats} (load average {loads[-1]:.1f})", flush=True)
         wall, out = _stock(ref, tasks_dir, names, samples, a.batch_size, dev.device)
-        walls[ENGINES[0]].append(wall)
+        walls[STOCK].append(wall)
         if items is None:
             items = sum(len(out["samples"][n]) for n in names)
             tokens = _request_tokens(registry.load_tokenizer(ref), out, names)
-        for engine, backend in ((ENGINES[1], "hf"), (ENGINES[2], "fast")):
+        for backend in ours:
             wall, drift_s, doc = _forgetcheck(ref, tasks_dir, names, a.limit, backend, a.batch_size, dev.device)
             assert sum(t["n"] for t in doc["tasks"].values()) == items, "engines scored different item counts"
-            walls[engine].append(wall)
+            walls[ENGINES[backend]].append(wall)
             drift_walls.append(drift_s)
             if r == 0:
-                agree[engine] = agreement(out, doc)
+                agree[ENGINES[backend]] = agreement(out, doc)
         print("    " + "; ".join(f"{e}: {w[-1]:.1f} s" for e, w in walls.items()), flush=True)
 
-    stock = statistics.median(walls[ENGINES[0]])
-    print(f"\n{items} items, {tokens} request tokens per engine; median of {a.repeats} run(s); model load included, "
-          f"forgetcheck's drift pass ({statistics.median(drift_walls):.1f} s median) excluded\n")
-    print(f"{'engine':<22} {'wall s':>8} {'items/s':>9} {'tokens/s':>10} {'vs stock':>9}")
+    print(f"\n{items} items, {tokens} request tokens per engine; {a.repeats} round(s); model load included, "
+          f"forgetcheck's drift pass ({statistics.median(drift_walls):.1f} s median) excluded; load average "
+          f"{min(loads):.1f}-{max(loads):.1f} before the rounds\n")
+    print(f"{'engine':<22} {'wall s':>8} {'items/s':>9} {'tokens/s':>10}   {'stock / engine, per round':<28}")
     for engine, ws in walls.items():
         w = statistics.median(ws)
-        print(f"{engine:<22} {w:>8.1f} {items / w:>9.2f} {tokens / w:>10.0f} {stock / w:>8.2f}x")
-    print("\nper-item agreement with stock lm-eval (first repeat):")
-    for engine, a in agree.items():
-        print(f"  {engine}: {a['items']} items; max |loglikelihood diff| multiple choice {a['max_abs_diff_mc']:.2e}, "
-              f"perplexity (document sums) {a['max_abs_diff_ppl']:.2e} ({a['max_rel_diff_ppl']:.1e} relative); correctness differs on "
-              f"{a['correct_differs']} item(s), is_greedy on {a['greedy_differs']}")
+        ratios = [s / x for s, x in zip(walls[STOCK], ws)]
+        spread = f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+        print(f"{engine:<22} {w:>8.1f} {items / w:>9.2f} {tokens / w:>10.0f}   {spread:<28}")
+    print("\nper-item agreement with stock lm-eval (first round):")
+    for engine, g in agree.items():
+        print(f"  {engine}: {g['items']} items; max |loglikelihood diff| multiple choice {g['max_abs_diff_mc']:.2e}, "
+              f"perplexity (document sums) {g['max_abs_diff_ppl']:.2e} ({g['max_rel_diff_ppl']:.1e} relative); "
+              f"correctness differs on {g['correct_differs']} item(s), is_greedy on {g['greedy_differs']}")
     return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

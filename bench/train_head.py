@@ -3,7 +3,7 @@
     python bench/train_head.py [--model smollm2-135m] [--data med] [--steps 3] [--seq-len 256] [--micro-batch 4]
 
 `train.micro_batch_loss` runs the model's output projection and the cross-entropy only at the positions that
-predict a label (train._head_at). This bench times a full optimizer step (forward, backward, AdamW) both ways,
+predict a label (models/head.py `project_at`). This bench times a full optimizer step (forward, backward, AdamW) both ways,
 side by side and alternating, on the rows each arm really trains on (packing.build_rows from the prepared
 domain data: SFT rows with the prompt masked, CPT rows labelled throughout), and prints the median step time of
 each, their ratio, and how far the new loss and gradients are from the full-logits ones (the same weights,

@@ -13,32 +13,37 @@ request thus has a scored prefix `P = S[:-len(continuation)]`. FastLM groups req
 
 * a group whose requests all feed the same tokens (one request, or every continuation one token long, as
   in MMLU's " A".." D") becomes one *direct* row `S[:-1]`;
-* any other group (choices of several tokens) becomes one *shared* row `P[:-1]`, run once with its
-  key/value cache kept, and one short child row `[P[-1]] + continuation[:-1]` per distinct continuation,
-  run over that cache. So a four-choice item costs one pass over its context, not four.
+* any other group (choices of several tokens) becomes one *shared* row `P[:-1]` and one short child row
+  `[P[-1]] + continuation[:-1]` per distinct continuation. So a four-choice item costs one pass over its
+  context, not four.
 
 Rows that begin with the same >= `MIN_STEM` tokens (a few-shot preamble, a task's fixed instruction, a
-WinoGrande pair up to the blank) hang under one *stem* row, run once. The result is a tree of rows, run
-level by level: each level's rows sit after their parent's cached columns (the cache is expanded across the
-batch with `index_select`), with explicit position ids and a 2D attention mask that hides the parent
-batch's padding. Root rows are right-padded from position 0 and called without a mask, exactly like HFLM.
+WinoGrande pair up to the blank) hang under one *stem* row. Each tree of rows is then laid out flat as one row
+of the forward pass (`_flatten`, tree attention): every node's tokens one after the other, each token with its
+own position id, and an additive attention mask in which a token sees its own node up to itself and its
+ancestors' nodes, never a sibling: a child continuation sees exactly the context HFLM would feed before it. One
+pass scores a context and all its continuations; no key/value cache is copied or expanded. A tree larger than
+`SEGMENT_TOKENS` (a stem over hundreds of questions) is split into trees that each repeat the shared rows
+(`_split`), since attention runs over the whole flattened row. A tree that is a single row from position 0 (a
+lone context, a rolling window) runs in passes of its own without mask or positions, exactly as HFLM calls the
+model.
 
 Rows are sorted by length (longest first, like HFLM) and cut into forward passes of at most `batch_size` rows
 and `token_budget` padded tokens, the cut chosen to minimise padding plus a per-pass cost (`_batches`), several
 contexts (of several tasks, when lm-eval hands them over together) per pass. The vocabulary projection is
-computed only at the scored positions (transformers' `logits_to_keep`). Log-softmax, greedy check and sum are
+computed only at the scored positions (models/head.py `project_at`). Log-softmax, greedy check and sum are
 HFLM's own operations, in the model's dtype (or `softmax_dtype`), taken `SCORE_CHUNK` positions at a time (a
 long rolling window holds no second full [positions, vocab] tensor), so fp32 results agree to ~1e-5 per token
 (batch shapes differ from HFLM's, so does float rounding) and bf16 to bf16 rounding. Truncated contexts share
 only when their truncated windows agree (HFLM's window depends on the continuation's length).
 
-Models whose cache is not a plain full-attention `DynamicCache` (sliding-window layers, for example) and
-encoder-decoder models fall back to HFLM's own method.
+Models with other than full attention in every layer (sliding-window layers: a custom mask would overrule their
+window) and encoder-decoder models fall back to HFLM's own method.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -49,17 +54,22 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from forgetcheck.models.head import project_at
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
 
 
-MIN_STEM = 8  # shortest common prefix worth running once for several rows (a pass over it, a cache copy)
+MIN_STEM = 8  # shortest common prefix worth sharing as a stem row
 TOKEN_BUDGET = 4096  # at most this many (padded) tokens per forward pass: long rows go fewer to a batch
 # A forward pass costs about as much as this many more tokens: packing decides whether to start another pass
 # by it (measured: docs/design.md, "Measured constants").
 PASS_OVERHEAD = 64
 SCORE_CHUNK = 256  # positions scored at a time (bounds the [positions, vocab] temporaries of long rows)
+# A row tree larger than this is split into trees of at most this many tokens (`_split`): attention runs over the
+# whole flattened tree, masked, so a huge tree (a stem over hundreds of questions) wastes most of it.
+SEGMENT_TOKENS = 512
 
 
 @dataclass
@@ -72,12 +82,12 @@ class _Scored:
 
 @dataclass
 class _Row:
-    """Tokens run in one pass, after the cached keys/values of the parent row (if any)."""
+    """A node of a row tree: tokens that follow the parent row's (if any) in one context."""
 
     tokens: list[int]
     start: int = 0  # position id of tokens[0] (the parent's rows end there)
-    scored: _Scored | None = None  # None: nothing scored on this row, it only feeds its children's cache
-    children: list[_Row] = field(default_factory=list)  # rows run over this row's cache
+    scored: _Scored | None = None  # None: nothing scored on this row, its children see it
+    children: list[_Row] = field(default_factory=list)  # rows that continue this one (they see it, not each other)
 
     def free(self) -> int:
         """How many leading tokens could move into a shared stem (scored positions must stay here)."""
@@ -184,6 +194,70 @@ def _share_stems(rows: list[_Row], min_stem: int) -> list[_Row]:
     return out
 
 
+@dataclass
+class _Segment:
+    """One row tree laid out flat: every node's tokens one after the other (depth first), with their positions."""
+
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    nodes: list[tuple[int, int, list[tuple[int, int]]]] = field(default_factory=list)  # (start, end, ancestors)
+    scored: list[tuple[int, _Scored]] = field(default_factory=list)  # (end of the node, what it scores)
+    plain: bool = False  # a single node from position 0: plain causal attention
+
+
+def _flatten(root: _Row) -> _Segment:
+    """`root` and its descendants as one segment: a node's tokens keep their positions (`_Row.start`), and the
+    node's (start, end) columns with its ancestors' spans say what each token may attend to."""
+    seg = _Segment(plain=not root.children and root.start == 0)
+
+    def visit(row: _Row, ancestors: list[tuple[int, int]]) -> None:
+        a = len(seg.tokens)
+        seg.tokens.extend(row.tokens)
+        seg.positions.extend(range(row.start, row.start + len(row.tokens)))
+        b = len(seg.tokens)
+        seg.nodes.append((a, b, ancestors))
+        if row.scored:
+            seg.scored.append((b, row.scored))
+        for child in row.children:
+            visit(child, [*ancestors, (a, b)])
+
+    visit(root, [])
+    return seg
+
+
+def _size(row: _Row) -> int:
+    return len(row.tokens) + sum(_size(child) for child in row.children)
+
+
+def _split(row: _Row, capacity: int) -> list[_Row]:
+    """`row`'s tree as trees of at most `capacity` tokens where it can be: each copy keeps the row's own tokens
+    and a share of its children (first fit, largest first; a child too big on its own is split the same way).
+    A stem with hundreds of children (every MMLU question of a subject after its shared instruction) would be
+    one segment of thousands of tokens, with attention computed over all of them; split, the instruction is run
+    once per copy instead."""
+    if not row.children or _size(row) <= capacity:
+        return [row]
+    room = max(1, capacity - len(row.tokens))
+    bundles: list[list[_Row]] = []
+    sizes: list[int] = []
+    for part in sorted((p for child in row.children for p in _split(child, room)), key=_size, reverse=True):
+        n = _size(part)
+        i = next((i for i, used in enumerate(sizes) if used + n <= room), None)
+        if i is None:
+            bundles.append([])
+            sizes.append(0)
+            i = len(bundles) - 1
+        bundles[i].append(part)
+        sizes[i] += n
+    return [_Row(row.tokens, start=row.start, scored=row.scored if i == 0 else None, children=_by_length(b))
+            for i, b in enumerate(bundles)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _causal(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril_()
+
+
 @register_model("forgetcheck-fast")
 class FastLM(HFLM):
     """lm-eval `HFLM` that runs each distinct context once for all its continuations.
@@ -215,16 +289,15 @@ class FastLM(HFLM):
         kwargs.pop("dtype", None)
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size,
                          max_length=max_length, **kwargs)
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._keeps_logits = "logits_to_keep" in params
         self.min_stem = MIN_STEM
         self.token_budget = TOKEN_BUDGET
+        self.segment_tokens = SEGMENT_TOKENS
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
     def _fast_path_ok(self) -> bool:
-        """A causal model whose cache is plain full attention (what the expanded-cache rows rely on)."""
+        """A causal model with full attention in every layer (a sliding window would be overruled by the tree mask;
+        read from the layers of its DynamicCache)."""
         if getattr(self, "_fast_ok", None) is None:
             self._fast_ok = False
             if self.backend == "causal":
@@ -237,7 +310,7 @@ class FastLM(HFLM):
                 except (ImportError, AttributeError, TypeError, ValueError):
                     pass
             if not self._fast_ok:
-                log.warning("FastLM: this model's cache is not a plain DynamicCache; using HFLM's scoring")
+                log.warning("FastLM: this model has other than full attention in some layer; using HFLM's scoring")
         return self._fast_ok
 
     def _rows_per_pass(self, override_bs: int | None) -> int:
@@ -249,18 +322,14 @@ class FastLM(HFLM):
             return self._auto_rows
         return int(self.batch_size)
 
-    def _forward(self, input_ids, keep=None, **kwargs):
-        """One no-grad forward pass (with HFLM's autocast); logits at positions `keep` (1D) or all."""
-        if keep is not None and self._keeps_logits:
-            whole = keep.numel() == input_ids.shape[1]  # every position (rolling windows): no index copy
-            kwargs["logits_to_keep"] = 0 if whole else keep
-        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
-            out = self.model(input_ids=input_ids, **kwargs)
-        logits = out.logits
-        if keep is not None and not self._keeps_logits:
-            logits = logits[:, keep]
-        return logits, getattr(out, self._cache_kwarg, None)
+    def _forward(self, input_ids, pick, **kwargs):
+        """One no-grad forward pass (with HFLM's autocast); logits [n, vocab] at the n positions of `pick` ([rows,
+        columns] bool), in row-major order: the vocabulary projection runs only there (models/head.py)."""
+        with (torch.inference_mode(), project_at(self.model, pick) as head,
+              torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                             enabled=self.mixed_precision_dtype is not None)):
+            logits = self.model(input_ids=input_ids, use_cache=False, **kwargs).logits
+        return logits if head["fired"] and logits.dim() == 2 else logits[pick]
 
     def _score(self, logits: torch.Tensor, scored: _Scored, requests, res: list, pbar) -> None:
         """HFLM's scoring of one row's continuation logits [n, vocab] for every request that shares them:
@@ -326,54 +395,55 @@ class FastLM(HFLM):
         res: list = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0),
                     desc="Running loglikelihood requests (fast)")
-        self._run_level([(None, row) for row in rows], None, requests, res, self._rows_per_pass(override_bs), pbar)
+        self._run_flat(rows, requests, res, self._rows_per_pass(override_bs), pbar)
         pbar.close()
         assert all(r is not None for r in res)
         return res
 
-    def _run_level(self, nodes: list[tuple[int | None, _Row]], parent, requests, res: list, per_pass: int,
-                   pbar) -> None:
-        """Run `nodes` ((parent row index, row), longest first), `per_pass` rows per forward pass, then their
-        children. `parent` is None for root rows (right-padded from position 0: no mask, exactly HFLM's
-        call) or (cache, attention mask [rows, columns]) of the parent batch, expanded to each row's parent:
-        the row's tokens then sit after the parent's columns, with explicit position ids."""
-        from transformers import DynamicCache
-
+    def _run_flat(self, roots: list[_Row], requests, res: list, per_pass: int, pbar) -> None:
+        """Score every row tree of `roots`, each flattened into one row (`_split`, `_flatten`): rows longest first,
+        cut into passes of at most `per_pass` rows and `token_budget` padded tokens (`_batches`). A pass of plain
+        rows (one causal node from position 0: a lone context, a rolling window) is called without mask or
+        positions, exactly as HFLM calls the model; a pass of trees gets each token's position id and a [rows, 1,
+        columns, columns] additive mask in which a token sees its own node up to itself and its ancestors' nodes,
+        nothing of its siblings or of the padding."""
         dev = self.device
-        for chunk in _batches(nodes, per_pass, self.token_budget):
-            width = max(len(row.tokens) for _, row in chunk)
-            input_ids = torch.zeros(len(chunk), width, dtype=torch.long)  # right padding, built on the host
-            own_mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for k, (_, row) in enumerate(chunk):
-                input_ids[k, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
-                own_mask[k, : len(row.tokens)] = 1
-            input_ids, own_mask = input_ids.to(dev), own_mask.to(dev)
-            kwargs = {"use_cache": any(row.children for _, row in chunk)}
-            if parent is None:
-                mask = own_mask  # causal + right padding: real tokens never see the padding, no mask needed
-            else:
-                cache, parent_mask = parent
-                index = torch.tensor([j for j, _ in chunk], dtype=torch.long, device=dev)
-                kwargs[self._cache_kwarg] = DynamicCache(
-                    [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
-                     for layer in cache.layers])
-                mask = torch.cat([parent_mask.index_select(0, index), own_mask], dim=1)
-                starts = torch.tensor([row.start for _, row in chunk], dtype=torch.long, device=dev)
-                kwargs["attention_mask"] = mask
-                kwargs["position_ids"] = starts[:, None] + torch.arange(width, device=dev)[None, :]
-                kwargs["use_cache"] = True  # the expanded copy is ours; some models only read it with use_cache
-            # logits only where something is scored; with nothing scored, one (the projection is then ~free)
-            positions = sorted({p for _, row in chunk if row.scored
-                                for p in range(len(row.tokens) - row.scored.n_tokens, len(row.tokens))})
-            keep = torch.tensor(positions or [width - 1], dtype=torch.long, device=dev)
-            logits, out_cache = self._forward(input_ids, keep=keep, **kwargs)
-            column = {p: k for k, p in enumerate(positions)}
-            for k, (_, row) in enumerate(chunk):
-                if row.scored:  # the row's scored positions are a run of consecutive kept columns
-                    first = column[len(row.tokens) - row.scored.n_tokens]
-                    self._score(logits[k, first: first + row.scored.n_tokens], row.scored, requests, res, pbar)
+        segments = _by_length([_flatten(part) for root in roots for part in _split(root, self.segment_tokens)])
+        chunks = [c for group in ([g for g in segments if g.plain], [g for g in segments if not g.plain]) if group
+                  for c in _batches([(None, g) for g in group], per_pass, self.token_budget)]
+        for chunk in chunks:
+            rows = [seg for _, seg in chunk]
+            width = max(len(seg.tokens) for seg in rows)
+            plain = rows[0].plain
+            input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # right padding, built on the host
+            pick = torch.zeros(len(rows), width, dtype=torch.bool)
+            positions = None if plain else torch.zeros(len(rows), width, dtype=torch.long)
+            sees = None if plain else torch.zeros(len(rows), width, width, dtype=torch.bool)
+            scored: list[tuple[int, int, _Scored]] = []  # (row, first scored column, requests): row-major order
+            for k, seg in enumerate(rows):
+                n = len(seg.tokens)
+                input_ids[k, :n] = torch.tensor(seg.tokens, dtype=torch.long)
+                for end, sc in seg.scored:
+                    pick[k, end - sc.n_tokens: end] = True
+                    scored.append((k, end - sc.n_tokens, sc))
+                if plain:
+                    continue
+                positions[k, :n] = torch.tensor(seg.positions)
+                for a, b, ancestors in seg.nodes:
+                    sees[k, a:b, a:b] = _causal(b - a)
+                    for x, y in ancestors:
+                        sees[k, a:b, x:y] = True
+                pad = torch.arange(n, width)  # a padding column sees itself (a query that sees nothing gives NaN)
+                sees[k, pad, pad] = True
+            kwargs = {}
+            if not plain:
+                mask = torch.zeros(sees.shape, dtype=self.model.dtype)
+                mask.masked_fill_(~sees, torch.finfo(self.model.dtype).min)
+                kwargs = {"attention_mask": mask[:, None].to(dev), "position_ids": positions.to(dev)}
+            logits = self._forward(input_ids.to(dev), pick.to(dev), **kwargs)
+            scored.sort(key=lambda t: (t[0], t[1]))
+            first = 0
+            for _, _, sc in scored:
+                self._score(logits[first: first + sc.n_tokens], sc, requests, res, pbar)
+                first += sc.n_tokens
             del logits
-            children = [(k, child) for k, (_, row) in enumerate(chunk) for child in row.children]
-            if children:
-                children.sort(key=lambda kc: (-len(kc[1].tokens), kc[1].tokens))
-                self._run_level(children, (out_cache, mask), requests, res, per_pass, pbar)

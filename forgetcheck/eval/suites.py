@@ -10,6 +10,7 @@ items are the next items of the same order (`select_with_screen`).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -470,19 +471,43 @@ def _order(task, kind: str, key: str | None) -> _Order:
     docs = docs.to_list() if hasattr(docs, "to_list") else list(docs)
     rank = {}
     strata: dict[str, dict[str, list[int]]] = {}
-    for i, d in enumerate(docs):
-        rank[i] = (hashlib.sha256(f"{LIMIT_SEED}:{doc_hash(d)}".encode()).hexdigest(), i)
-        stratum = ""
-        if isinstance(d, dict):
-            stratum = next((str(d[f]) for f in STRATUM_FIELDS if f in d and d[f] is not None), "")
-        label = str(task.doc_to_target(d)) if kind == "multiple_choice" else ""
-        strata.setdefault(stratum, {}).setdefault(label, []).append(i)
+    with _templates_compiled_once():
+        for i, d in enumerate(docs):
+            rank[i] = (hashlib.sha256(f"{LIMIT_SEED}:{doc_hash(d)}".encode()).hexdigest(), i)
+            stratum = ""
+            if isinstance(d, dict):
+                stratum = next((str(d[f]) for f in STRATUM_FIELDS if f in d and d[f] is not None), "")
+            label = str(task.doc_to_target(d)) if kind == "multiple_choice" else ""
+            strata.setdefault(stratum, {}).setdefault(label, []).append(i)
     order = _Order(docs, rank, strata)
     if key is not None:
         if len(_ORDERS) >= 256:
             _ORDERS.clear()
         _ORDERS[(key, kind)] = order
     return order
+
+
+@contextlib.contextmanager
+def _templates_compiled_once():
+    """While active, lm-eval's `utils.apply_template` compiles each Jinja template once and renders it per document
+    (the same environment, so the same text). lm-eval compiles the template again for every call: asking the
+    target of every document of the retention suite (41,000 of them, for the --limit order) spent ~25 s in Jinja's
+    compiler (profiled with cProfile on the 2-core CPU, docs/design.md "Measured constants")."""
+    from lm_eval import utils
+
+    original = utils.apply_template
+    compiled: dict[str, Any] = {}
+
+    def apply_template(template: str, doc: dict) -> str:
+        if template not in compiled:
+            compiled[template] = utils.env.from_string(template)
+        return compiled[template].render(**doc)
+
+    utils.apply_template = apply_template
+    try:
+        yield
+    finally:
+        utils.apply_template = original
 
 
 def _stratified(strata: dict[str, dict[str, list[int]]], rank: dict, limit: int) -> list[int]:

@@ -12,7 +12,7 @@ Llama-style models) is left as it is. The loss and gradients agree to float roun
 
 `compile_blocks` (`--compile`) compiles each transformer block with `torch.compile` in place (regional
 compilation: the blocks share one shape, so one block's compilation serves all of them, and the output head's
-hook in train/loop.py `_head_at` stays outside the compiled code).
+hook (models/head.py `project_at`) stays outside the compiled code).
 """
 
 from __future__ import annotations

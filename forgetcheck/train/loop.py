@@ -32,6 +32,7 @@ from pathlib import Path
 
 from forgetcheck import config, console
 from forgetcheck.models.files import give_usual_modes
+from forgetcheck.models.head import project_at
 from forgetcheck.rundir import RunDir
 from forgetcheck.schema import read_train, write_train
 from forgetcheck.train import arms, checkpoint, kernels, memory, sharding
@@ -45,39 +46,11 @@ def label_count(labels) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-@contextlib.contextmanager
-def _head_at(model, positions):
-    """While active, the model's output projection (`get_output_embeddings()`) sees only the hidden states at
-    `positions` (a [batch, seq] bool mask): it returns logits [n, vocab] for those n positions instead of
-    [batch, seq, vocab]. Whatever the model does after the projection (a logit scale, a soft cap) is
-    elementwise and applies unchanged. Yields a dict whose "fired" says whether the projection ran through the
-    hook (a model that computes its logits another way gets its full logits, and the caller falls back)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    state = {"fired": False}
-    if head is None:
-        yield state
-        return
-
-    def pick(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.get("input")
-        if hidden is None or hidden.dim() != 3 or hidden.shape[:2] != positions.shape:
-            return None  # not the call we expect (already sliced, another shape): leave it alone
-        state["fired"] = True
-        picked = hidden[positions]
-        return ((picked, *args[1:]), kwargs) if args else (args, {**kwargs, "input": picked})
-
-    handle = head.register_forward_pre_hook(pick, with_kwargs=True)
-    try:
-        yield state
-    finally:
-        handle.remove()
-
-
 def micro_batch_loss(model, input_ids, labels, attention_mask, n_label_total: int, autocast) -> object:
     """Summed next-token loss of one micro-batch divided by the label tokens of the WHOLE accumulated batch,
     so that K accumulated micro-batches give exactly the gradient of one batch of K (padding included).
 
-    The vocabulary projection and the cross-entropy run only at the positions that predict a label (`_head_at`):
+    The vocabulary projection and the cross-entropy run only at the positions that predict a label (`models/head.py` `project_at`):
     an SFT row's prompt tokens and each row's last position cost no [positions, vocab] logits, log-softmax or
     gradient through them, and the projection is the largest matrix of a small model. The loss and gradients
     are the same sum over the same label positions (bench/train_head.py prints each arm's labelled share, the
@@ -88,7 +61,7 @@ def micro_batch_loss(model, input_ids, labels, attention_mask, n_label_total: in
         attention_mask = None
     target = labels[:, 1:]
     predicts = F.pad(target != IGNORE, (0, 1), value=False)  # position t predicts labels[:, t + 1]
-    with _head_at(model, predicts) as head, autocast():
+    with project_at(model, predicts) as head, autocast():
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     if head["fired"] and logits.dim() == 2:
         loss_sum = F.cross_entropy(logits.float(), target[target != IGNORE], reduction="sum")

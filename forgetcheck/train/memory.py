@@ -29,7 +29,7 @@ matmuls see, h hidden, a heads, kv key/value heads, I the MLP width:
     runs GPT-2's tanh GELU fused (train/kernels.py), so it keeps only its input as well;
   * autocast's 16-bit weight copies: 2 bytes per block weight (kept until backward) and for the head.
 
-The head keeps the final norm's input, and at the label positions only (train/loop.py `_head_at`) its input and
+The head keeps the final norm's input, and at the label positions only (models/head.py `project_at`) its input and
 the fp32 log-softmax of the logits, 4*V bytes a position. `--grad-checkpointing` keeps each block's input (r*h per
 token) and rebuilds one block at a time. The plan's total is tensors only; `overhead` states what a measured peak
 adds (the process's runtime on CPU, the loss's backward temporaries on CUDA) and how the figure was had.

@@ -106,6 +106,45 @@ def test_plan_shares_common_stems():
     assert plan_rows(reqs, max_length=100, min_stem=13)[0].tokens != preamble  # shorter than min_stem
 
 
+def test_flat_rows_see_only_their_ancestors_and_split_big_trees():
+    from forgetcheck.eval.fast_lm import _flatten, _size, _split
+
+    preamble = list(range(100, 112))
+    reqs = [(None, preamble + [1, 2], [7]), (None, preamble + [3, 4, 5], [7, 7]), (None, preamble + [3, 4, 5], [8])]
+    (stem,) = plan_rows(reqs, max_length=100, min_stem=8)
+    seg = _flatten(stem)
+    assert seg.tokens[:12] == preamble and len(seg.tokens) == _size(stem)
+    # every token keeps its position in its own context; a node sees its ancestors' spans, never a sibling's
+    by_start = {a: (b, anc) for a, b, anc in seg.nodes}
+    assert by_start[0] == (12, [])
+    for a, (_end, anc) in by_start.items():
+        if a:
+            assert (0, 12) in anc and seg.positions[a] == seg.positions[anc[-1][1] - 1] + 1
+    assert sorted(sc.requests[0] for _, sc in seg.scored) == [0, 1, 2]
+    # a stem over many questions becomes trees of at most the capacity, each with the stem, each request once
+    many = [(None, preamble + [q, q + 1, q + 2], [7, q]) for q in range(0, 60, 3)]
+    (big,) = plan_rows(many, max_length=100, min_stem=8)
+    parts = _split(big, 40)
+    assert len(parts) > 1 and all(_size(p) <= 40 and p.tokens == preamble for p in parts)
+    asked = sorted(r for p in parts for _, sc in _flatten(p).scored for r in sc.requests)
+    assert asked == list(range(len(many)))
+
+
+def test_llama_style_model_matches_hflm(tiny):
+    """Rotary positions and grouped-query attention: the flattened trees give HFLM's results."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok, _, _ = tiny
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=MAX_LENGTH)
+    fast = FastLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=MAX_LENGTH)
+    reqs = mc_requests(seed=7)
+    assert_same(hf.loglikelihood(reqs, disable_tqdm=True), fast.loglikelihood(reqs, disable_tqdm=True))
+
+
 def test_loglikelihood_matches_hflm(tiny):
     _, _, hf, fast = tiny
     reqs = mc_requests()
