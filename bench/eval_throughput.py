@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=12)
     p.add_argument("--repeats", type=int, default=3, help="Rounds (each engine once per round).")
     p.add_argument("--engines", default="stock,fast", help="Comma list of stock, hf, fast; stock always runs.")
+    p.add_argument("--profile", action="store_true",
+                   help="Instead of the rounds: one run of stock and fast, counting their forward passes, padded "
+                        "tokens and forward seconds (where the time goes).")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
@@ -141,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{a.batch_size}; {a.repeats} round(s) of {', '.join([STOCK] + [ENGINES[b] for b in ours])}; "
           f"torch threads {torch_threads()}, {os.cpu_count()} CPUs", flush=True)
 
+    if a.profile:
+        registry.load(ref, device=dev.device)
+        return profile(ref, tasks_dir, names, samples, a.limit, a.batch_size, dev.device)
     # imports and the model's files warm before any timing: the first engine of the first round would pay them
     import lm_eval.models.huggingface  # noqa: F401
 
@@ -181,6 +187,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {engine}: {g['items']} items; max |loglikelihood diff| multiple choice {g['max_abs_diff_mc']:.2e}, "
               f"perplexity (document sums) {g['max_abs_diff_ppl']:.2e} ({g['max_rel_diff_ppl']:.1e} relative); "
               f"correctness differs on {g['correct_differs']} item(s), is_greedy on {g['greedy_differs']}")
+    return 0
+
+
+def profile(ref, tasks_dir: Path, names: list[str], samples: dict, limit: int, batch_size: int, device: str) -> int:
+    """One run of each engine with its model calls counted: passes, padded tokens (rows x columns), seconds."""
+    from lm_eval.models.huggingface import HFLM
+
+    from forgetcheck.eval.fast_lm import FastLM
+
+    counts = {}
+
+    def counting(cls, name: str, engine: str):
+        original = getattr(cls, name)
+        c = counts.setdefault(engine, {"passes": 0, "tokens": 0, "s": 0.0})
+
+        def wrapper(self, inps, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = original(self, inps, *args, **kwargs)
+            c["passes"] += 1
+            c["tokens"] += inps.numel()
+            c["s"] += time.perf_counter() - t0
+            return out
+
+        setattr(cls, name, wrapper)
+        return original
+
+    stock_call = counting(HFLM, "_model_call", STOCK)
+    fast_call = counting(FastLM, "_forward", ENGINES["fast"])
+    try:
+        walls = {STOCK: _stock(ref, tasks_dir, names, samples, batch_size, device)[0],
+                 ENGINES["fast"]: _forgetcheck(ref, tasks_dir, names, limit, "fast", batch_size, device)[0]}
+    finally:
+        HFLM._model_call, FastLM._forward = stock_call, fast_call
+    print(f"\n{'engine':<22} {'wall s':>7} {'passes':>7} {'tokens':>8} {'forward s':>10} {'ms/token':>9} "
+          f"{'rest s':>7}")
+    for engine, c in counts.items():
+        w = walls[engine]
+        print(f"{engine:<22} {w:>7.1f} {c['passes']:>7} {c['tokens']:>8} {c['s']:>10.1f} "
+              f"{1e3 * c['s'] / max(1, c['tokens']):>9.2f} {w - c['s']:>7.1f}")
+    print("tokens: rows x columns of every forward pass (padding included); forward s: inside the model calls "
+          "(stock: logits at every position; fast: at the scored positions only); rest: loading, task building, "
+          "item choice, log-softmax and scoring, records")
     return 0
 
 

@@ -64,6 +64,7 @@ WHEEL_PINS = ("lm_eval==0.4.13", "datasets==5.2.0", "dill==0.4.1", "multiprocess
 TRAIN_ROWS = [
     ("bf16-mixed", {"precision": "bf16-mixed"}),
     ("fp16-mixed (loss scaler)", {"precision": "fp16-mixed"}),
+    ("bf16-mixed + compile", {"precision": "bf16-mixed", "compile": True}),
     ("bf16-mixed + grad-ckpt", {"precision": "bf16-mixed", "grad_checkpointing": True}),
     ("bf16-mixed + adamw8bit", {"precision": "bf16-mixed", "optim": "adamw8bit"}),
     ("all: bf16-mixed + grad-ckpt + adamw8bit", {"precision": "bf16-mixed", "grad_checkpointing": True,
