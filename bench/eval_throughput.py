@@ -213,6 +213,7 @@ def profile(ref, tasks_dir: Path, names: list[str], samples: dict, limit: int, b
         setattr(cls, name, wrapper)
         return original
 
+    choice = item_choice_seconds(tasks_dir, names, limit)
     stock_call = counting(HFLM, "_model_call", STOCK)
     fast_call = counting(FastLM, "_forward", ENGINES["fast"])
     try:
@@ -226,10 +227,37 @@ def profile(ref, tasks_dir: Path, names: list[str], samples: dict, limit: int, b
         w = walls[engine]
         print(f"{engine:<22} {w:>7.1f} {c['passes']:>7} {c['tokens']:>8} {c['s']:>10.1f} "
               f"{1e3 * c['s'] / max(1, c['tokens']):>9.2f} {w - c['s']:>7.1f}")
+    print(f"choosing the --limit items of every task: {choice['once']:.1f} s with each Jinja template compiled once "
+          f"(forgetcheck), {choice['per_call']:.1f} s compiling it on every call (lm-eval's apply_template); same "
+          f"items: {choice['same']}")
     print("tokens: rows x columns of every forward pass (padding included); forward s: inside the model calls "
           "(stock: logits at every position; fast: at the scored positions only); rest: loading, task building, "
           "item choice, log-softmax and scoring, records")
     return 0
+
+
+def item_choice_seconds(tasks_dir: Path, names: list[str], limit: int) -> dict:
+    """Seconds to choose the --limit items of every task (fresh task objects each way, so no order is remembered),
+    with forgetcheck's compiled-once templates and with lm-eval's compile-per-call."""
+    import contextlib
+
+    from forgetcheck.config import EvalConfig
+    from forgetcheck.eval import suites
+
+    def timed() -> tuple[float, dict]:
+        specs = suites.resolve_tasks(EvalConfig(tasks=tuple(names)), tasks_dir)
+        t0 = time.perf_counter()
+        items = {s.name: suites.select_items(s.task, limit, s.kind) for s in specs}
+        return time.perf_counter() - t0, items
+
+    once, a = timed()
+    compiled_once = suites._templates_compiled_once
+    suites._templates_compiled_once = contextlib.nullcontext
+    try:
+        per_call, b = timed()
+    finally:
+        suites._templates_compiled_once = compiled_once
+    return {"once": once, "per_call": per_call, "same": a == b}
 
 
 def torch_threads() -> int:
