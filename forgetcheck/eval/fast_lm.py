@@ -70,6 +70,7 @@ SCORE_CHUNK = 256  # positions scored at a time (bounds the [positions, vocab] t
 # A row tree larger than this is split into trees of at most this many tokens (`_split`): attention runs over the
 # whole flattened tree, masked, so a huge tree (a stem over hundreds of questions) wastes most of it.
 SEGMENT_TOKENS = 512
+MASKED_ATTENTION = ("sdpa", "eager")  # attention implementations that apply a custom additive 4D mask
 
 
 @dataclass
@@ -297,10 +298,14 @@ class FastLM(HFLM):
 
     def _fast_path_ok(self) -> bool:
         """A causal model with full attention in every layer (a sliding window would be overruled by the tree mask;
-        read from the layers of its DynamicCache)."""
+        read from the layers of its DynamicCache), whose attention takes an additive 4D mask: SDPA or eager (flash
+        attention kernels ignore a custom mask, so siblings would see each other)."""
         if getattr(self, "_fast_ok", None) is None:
             self._fast_ok = False
-            if self.backend == "causal":
+            attention = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+            if self.backend == "causal" and attention not in MASKED_ATTENTION:
+                log.warning("FastLM: attention %r takes no custom mask; using HFLM's scoring", attention)
+            elif self.backend == "causal":
                 try:
                     from transformers import DynamicCache
                     from transformers.cache_utils import DynamicLayer
@@ -309,8 +314,9 @@ class FastLM(HFLM):
                     self._fast_ok = all(type(layer) is DynamicLayer for layer in layers)
                 except (ImportError, AttributeError, TypeError, ValueError):
                     pass
-            if not self._fast_ok:
-                log.warning("FastLM: this model has other than full attention in some layer; using HFLM's scoring")
+                if not self._fast_ok:
+                    log.warning("FastLM: this model has other than full attention in some layer; using HFLM's "
+                                "scoring")
         return self._fast_ok
 
     def _rows_per_pass(self, override_bs: int | None) -> int:

@@ -378,3 +378,14 @@ def test_sliding_window_model_falls_back_to_hflm(tiny):
     assert not fast._fast_path_ok()
     reqs = mc_requests()[:12]
     assert_same(hf.loglikelihood(reqs, disable_tqdm=True), fast.loglikelihood(reqs, disable_tqdm=True), tol=1e-6)
+
+
+def test_attention_without_custom_masks_falls_back_to_hflm(tiny_ref, monkeypatch):
+    """Flash-attention kernels ignore a custom 4D mask (a continuation would see its siblings): HFLM's scoring."""
+    model, tok = registry.load(tiny_ref)
+    fast = FastLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=MAX_LENGTH)
+    assert fast._fast_path_ok()
+    other = FastLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=MAX_LENGTH)
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
+    assert not other._fast_path_ok()
+
