@@ -62,11 +62,8 @@ def main() -> None:
                 cfg = TrainConfig(seq_len=s, micro_batch=b, budget_tokens=s * b, precision=precision,
                                   grad_checkpointing=ckpt)
                 planned = memory.activation_bytes(arch, cfg, "cpu")
-                terms = memory._activation_terms(arch, cfg, "cpu")
                 # one layer: the forward's block, or (checkpointed) the recompute, which also re-casts the weights
-                plan_layer = terms["per_layer"] + (2 * arch.block_params if ckpt and precision != "fp32" else 0)
-                if ckpt:
-                    plan_layer -= 4 * arch.hidden * s * b  # the block's input is held already
+                plan_layer = memory._activation_terms(arch, cfg, "cpu")["layer"]
                 print(f"| {name} | {precision} | {'yes' if ckpt else 'no'} | {planned / MB:,.1f} | "
                       f"{saved.peak / MB:,.1f} | {planned / saved.peak:.3f} | {plan_layer / MB:,.2f} | "
                       f"{saved.per_layer / MB:,.2f} |", flush=True)

@@ -129,25 +129,25 @@ def _by_length(rows: list[_Row]) -> list[_Row]:
     return rows
 
 
-def _batches(nodes: list, per_pass: int, token_budget: int | None, overhead: int = PASS_OVERHEAD) -> list[list]:
-    """`nodes` ((parent index, row), longest first) cut into consecutive batches of at most `per_pass` rows
+def _batches(rows: list, per_pass: int, token_budget: int | None, overhead: int = PASS_OVERHEAD) -> list[list]:
+    """`rows` (anything with `tokens`, longest first) cut into consecutive batches of at most `per_pass` rows
     and, when `token_budget` is set, at most that many padded tokens (rows x the first row's length; a longer
     row goes alone). The cut minimises padded tokens plus `overhead` per forward pass (dynamic programming
     over the sorted rows), so rows of very different lengths are not padded to the longest of them."""
-    lengths = [len(row.tokens) for _, row in nodes]
-    best = [0.0] + [math.inf] * len(nodes)  # best[j]: cost of the first j nodes
-    cut = [0] * (len(nodes) + 1)
-    for j in range(1, len(nodes) + 1):
-        for i in range(j - 1, max(-1, j - 1 - per_pass), -1):  # batch nodes[i:j], padded to lengths[i]
-            rows = j - i
-            if token_budget and rows > 1 and rows * lengths[i] > token_budget:
+    lengths = [len(row.tokens) for row in rows]
+    best = [0.0] + [math.inf] * len(rows)  # best[j]: cost of the first j rows
+    cut = [0] * (len(rows) + 1)
+    for j in range(1, len(rows) + 1):
+        for i in range(j - 1, max(-1, j - 1 - per_pass), -1):  # batch rows[i:j], padded to lengths[i]
+            n = j - i
+            if token_budget and n > 1 and n * lengths[i] > token_budget:
                 break
-            cost = best[i] + rows * lengths[i] + overhead
+            cost = best[i] + n * lengths[i] + overhead
             if cost < best[j]:
                 best[j], cut[j] = cost, i
-    out, j = [], len(nodes)
+    out, j = [], len(rows)
     while j > 0:
-        out.append(nodes[cut[j]: j])
+        out.append(rows[cut[j]: j])
         j = cut[j]
     return out[::-1]
 
@@ -416,22 +416,23 @@ class FastLM(HFLM):
         dev = self.device
         segments = _by_length([_flatten(part) for root in roots for part in _split(root, self.segment_tokens)])
         chunks = [c for group in ([g for g in segments if g.plain], [g for g in segments if not g.plain]) if group
-                  for c in _batches([(None, g) for g in group], per_pass, self.token_budget)]
-        for chunk in chunks:
-            rows = [seg for _, seg in chunk]
+                  for c in _batches(group, per_pass, self.token_budget)]
+        for rows in chunks:
             width = max(len(seg.tokens) for seg in rows)
             plain = rows[0].plain
             input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # right padding, built on the host
             pick = torch.zeros(len(rows), width, dtype=torch.bool)
             positions = None if plain else torch.zeros(len(rows), width, dtype=torch.long)
             sees = None if plain else torch.zeros(len(rows), width, width, dtype=torch.bool)
-            scored: list[tuple[int, int, _Scored]] = []  # (row, first scored column, requests): row-major order
+            # what each row scores, in row-major order (rows in turn, a segment's nodes in column order): the order
+            # of the logits `pick` gathers
+            scored: list[_Scored] = []
             for k, seg in enumerate(rows):
                 n = len(seg.tokens)
                 input_ids[k, :n] = torch.tensor(seg.tokens, dtype=torch.long)
                 for end, sc in seg.scored:
                     pick[k, end - sc.n_tokens: end] = True
-                    scored.append((k, end - sc.n_tokens, sc))
+                    scored.append(sc)
                 if plain:
                     continue
                 positions[k, :n] = torch.tensor(seg.positions)
@@ -447,9 +448,8 @@ class FastLM(HFLM):
                 mask.masked_fill_(~sees, torch.finfo(self.model.dtype).min)
                 kwargs = {"attention_mask": mask[:, None].to(dev), "position_ids": positions.to(dev)}
             logits = self._forward(input_ids.to(dev), pick.to(dev), **kwargs)
-            scored.sort(key=lambda t: (t[0], t[1]))
             first = 0
-            for _, _, sc in scored:
+            for sc in scored:
                 self._score(logits[first: first + sc.n_tokens], sc, requests, res, pbar)
                 first += sc.n_tokens
             del logits

@@ -205,8 +205,9 @@ def _memory_plan(arm: str, cfg: config.TrainConfig, model_ref, device: str, say)
     """The plan from the architecture alone, so that a run that would not fit is refused before loading."""
     from transformers import AutoConfig
 
-    arch = memory.arch_from_hf_config(AutoConfig.from_pretrained(model_ref.path))
-    plan = memory.plan_memory(arch, cfg, arm=arm, hf_config=AutoConfig.from_pretrained(model_ref.path), device=device)
+    hf = AutoConfig.from_pretrained(model_ref.path)
+    arch = memory.arch_from_hf_config(hf)
+    plan = memory.plan_memory(arch, cfg, arm=arm, hf_config=hf, device=device)
     say(memory.format_plan(plan, memory.plan_memory(arch, memory.baseline(cfg), device=device)))
     say(memory.check_fits(plan, device, cfg.force))
     return plan

@@ -298,13 +298,15 @@ def _activation_terms(arch: Arch, cfg: TrainConfig, device: str | None = None) -
         shared += 4 * b * s * s  # the fp32 causal mask, an argument every checkpointed block keeps
     if cfg.grad_checkpointing and arch.rotary:
         shared += 8 * s  # the position ids, likewise kept by the checkpoints
-    terms = {"embeddings": embeddings, "shared": shared, "head": head, "per_layer": per_layer, "path": path}
+    terms = {"embeddings": embeddings, "shared": shared, "head": head}
     if cfg.grad_checkpointing:
         # kept: every block's input (r bytes per token); one block rebuilt at a time in backward, its input
         # already held, its weights re-cast by the recompute's own autocast
+        terms["layer"] = per_layer - r * h * s * b + block_casts  # what one recompute adds (activations.Saved)
         terms["blocks"] = L * r * h * s * b + per_layer - r * h * s * b
         terms["weight_casts"] = head_cast + block_casts
     else:
+        terms["layer"] = per_layer  # one block of the forward (activations.Saved.per_layer)
         terms["blocks"] = L * per_layer
         terms["weight_casts"] = head_cast + L * block_casts
     return terms
@@ -390,7 +392,9 @@ def runtime_overhead(arch: Arch, cfg: TrainConfig, device: str | None) -> dict:
                 "how": "the logits' gradient during the loss's backward (label positions x vocab, fp32 + compute "
                        "dtype); CUDA context and allocator fragmentation not planned"}
     if "torch" in sys.modules:
-        rss = _vm_rss()
+        from forgetcheck.device import current_rss_bytes
+
+        rss = current_rss_bytes()
         if rss is not None:
             return {"bytes": rss, "how": "VmRSS of this process before the model loads (Python, torch, libraries)"}
     return {"bytes": CPU_RUNTIME_BYTES,
@@ -398,16 +402,6 @@ def runtime_overhead(arch: Arch, cfg: TrainConfig, device: str | None) -> dict:
 
 
 CPU_RUNTIME_BYTES = 1_000_000_000  # docs/train_memory.md: peak RSS minus the tensors, ~0.8-1 GB
-
-
-def _vm_rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def baseline(cfg: TrainConfig) -> TrainConfig:

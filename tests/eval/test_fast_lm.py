@@ -231,10 +231,10 @@ def test_scoring_in_chunks_matches_hflm(tiny, monkeypatch):
 def test_batches_cut_to_least_padding():
     from forgetcheck.eval.fast_lm import _batches, _Row
 
-    nodes = [(None, _Row(list(range(n)))) for n in (300, 200, 100, 50, 10, 10, 5)]
+    rows = [_Row(list(range(n))) for n in (300, 200, 100, 50, 10, 10, 5)]
 
     def widths(**kw):
-        return [[len(r.tokens) for _, r in b] for b in _batches(nodes, **kw)]
+        return [[len(r.tokens) for r in b] for b in _batches(rows, **kw)]
 
     # a pass costs 64 tokens more: padding 100 to 200 (or 10 to 50) costs more than a pass, 50 to 100 less
     assert widths(per_pass=4, token_budget=400, overhead=64) == [[300], [200], [100, 50], [10, 10, 5]]
