@@ -20,6 +20,16 @@ figure, and the table reports their median with the min-max range, with the 1-mi
 round. After the table, each forgetcheck engine's per-item results (first round) are compared with stock
 lm-eval's: the largest loglikelihood difference and the number of items whose correctness or is_greedy flags
 differ.
+
+`--profile` runs each engine once instead, counting its forward passes, padded tokens and forward seconds, then
+prints the floor: the fastest any exact engine could be on this machine. Its tokens are the distinct fed positions
+of the fast engine's requests (rolling windows included): each request feeds HFLM's left-truncated window
+`(context + continuation)[-(max_length + 1):]` less its last token, and a prefix trie over all of them counts every
+position that an engine sharing every common prefix must still run. Its rate is the model body's best dense forward
+rate measured in the same process after the engines (the transformer without the vocabulary projection, fp32,
+random ids, shapes BODY_SHAPES, median of 3 after a warm-up, the lowest ms/token). Their product, the floor
+forward seconds, leaves out the vocabulary projection and scoring, so it is a lower bound; the bound on the ratio
+is stock wall / floor forward (no fixed cost at all) and stock wall / (floor forward + fast's measured rest).
 """
 
 from __future__ import annotations
@@ -145,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads {torch_threads()}, {os.cpu_count()} CPUs", flush=True)
 
     if a.profile:
-        registry.load(ref, device=dev.device)
-        return profile(ref, tasks_dir, names, samples, a.limit, a.batch_size, dev.device)
+        model, _ = registry.load(ref, device=dev.device)
+        return profile(ref, tasks_dir, names, samples, a.limit, a.batch_size, dev.device, model)
     # imports and the model's files warm before any timing: the first engine of the first round would pay them
     import lm_eval.models.huggingface  # noqa: F401
 
@@ -190,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def profile(ref, tasks_dir: Path, names: list[str], samples: dict, limit: int, batch_size: int, device: str) -> int:
-    """One run of each engine with its model calls counted: passes, padded tokens (rows x columns), seconds."""
+def profile(ref, tasks_dir: Path, names: list[str], samples: dict, limit: int, batch_size: int, device: str,
+            model) -> int:
+    """One run of each engine with its model calls counted: passes, padded tokens (rows x columns), seconds;
+    then the floor: the distinct fed positions of fast's requests times `model`'s best dense body ms/token."""
     from lm_eval.models.huggingface import HFLM
 
     from forgetcheck.eval.fast_lm import FastLM
@@ -213,14 +225,36 @@ def profile(ref, tasks_dir: Path, names: list[str], samples: dict, limit: int, b
         setattr(cls, name, wrapper)
         return original
 
+    trie: dict = {}
+    fed = {"requests": 0, "tokens": 0, "positions": 0}
+    fast_requests = FastLM._loglikelihood_tokens
+
+    def feeding(self, requests, *args, **kwargs):
+        """Every request's fed tokens (HFLM's left-truncated window less its last token, as plan_rows) into
+        one prefix trie over the whole run: its node count is the number of distinct fed positions."""
+        for _, context, continuation in requests:
+            window = (list(context) + list(continuation))[-(self.max_length + 1):]
+            node = trie
+            for t in window[:-1]:
+                child = node.get(t)
+                if child is None:
+                    child = node[t] = {}
+                    fed["positions"] += 1
+                node = child
+            fed["requests"] += 1
+            fed["tokens"] += len(window) - 1
+        return fast_requests(self, requests, *args, **kwargs)
+
     choice = item_choice_seconds(tasks_dir, names, limit)
     stock_call = counting(HFLM, "_model_call", STOCK)
     fast_call = counting(FastLM, "_forward", ENGINES["fast"])
+    FastLM._loglikelihood_tokens = feeding
     try:
         walls = {STOCK: _stock(ref, tasks_dir, names, samples, batch_size, device)[0],
                  ENGINES["fast"]: _forgetcheck(ref, tasks_dir, names, limit, "fast", batch_size, device)[0]}
     finally:
         HFLM._model_call, FastLM._forward = stock_call, fast_call
+        FastLM._loglikelihood_tokens = fast_requests
     print(f"\n{'engine':<22} {'wall s':>7} {'passes':>7} {'tokens':>8} {'forward s':>10} {'ms/token':>9} "
           f"{'rest s':>7}")
     for engine, c in counts.items():
@@ -233,7 +267,54 @@ def profile(ref, tasks_dir: Path, names: list[str], samples: dict, limit: int, b
     print("tokens: rows x columns of every forward pass (padding included); forward s: inside the model calls "
           "(stock: logits at every position; fast: at the scored positions only); rest: loading, task building, "
           "item choice, log-softmax and scoring, records")
+
+    best_ms, shape = body_ms_per_token(model, device)
+    c = counts[ENGINES["fast"]]
+    floor_s = fed["positions"] * best_ms / 1e3
+    fast_rest = walls[ENGINES["fast"]] - c["s"]
+    print(f"\nthe fastest any exact engine could be on this machine: {fed['positions']} distinct fed positions "
+          f"(a prefix trie over the fed tokens of fast's {fed['requests']} requests, {fed['tokens']} tokens "
+          f"unshared; fast ran {c['tokens']} padded) x {best_ms:.2f} ms/token (the model body's best dense rate, "
+          f"shape [{shape[0]},{shape[1]}]) = {floor_s:.1f} s of forward")
+    print(f"bound on stock / engine: {walls[STOCK] / floor_s:.2f}x with no fixed cost at all (stock wall "
+          f"{walls[STOCK]:.1f} s / {floor_s:.1f} s), {walls[STOCK] / (floor_s + fast_rest):.2f}x with fast's "
+          f"measured rest (/ ({floor_s:.1f} + {fast_rest:.1f}) s); measured: "
+          f"{walls[STOCK] / walls[ENGINES['fast']]:.2f}x")
+    print("distinct fed positions: what an exact engine must run at least, every fed token of every request "
+          "(rolling windows included) with shared prefixes run once; body ms/token: the transformer body alone, "
+          "fp32, random ids, best median of 3 over the shapes tried, so the vocabulary projection and scoring "
+          "are left out and the floor is a lower bound")
     return 0
+
+
+BODY_SHAPES = ((32, 64), (16, 128), (8, 256), (4, 512))
+
+
+def body_ms_per_token(model, device: str, shapes=BODY_SHAPES, repeats: int = 3) -> tuple[float, tuple[int, int]]:
+    """The model body's (the transformer without the vocabulary projection) best dense forward rate: for each
+    [rows, columns] shape, one warm-up pass on random token ids then the median of `repeats` timings, fp32,
+    inference mode; (lowest ms/token, its shape)."""
+    import torch
+
+    body = model.base_model
+    vocab = model.config.vocab_size
+    best = (float("inf"), shapes[0])
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for rows, cols in shapes:
+            ids = torch.randint(0, vocab, (rows, cols), generator=gen).to(device)
+            times = []
+            for i in range(repeats + 1):
+                if str(device).startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                body(input_ids=ids, use_cache=False)
+                if str(device).startswith("cuda"):
+                    torch.cuda.synchronize()
+                if i:
+                    times.append(time.perf_counter() - t0)
+            best = min(best, (1e3 * statistics.median(times) / (rows * cols), (rows, cols)))
+    return best
 
 
 def item_choice_seconds(tasks_dir: Path, names: list[str], limit: int) -> dict:
