@@ -50,15 +50,34 @@ def choose_precision(precision: str, device: str) -> DtypeChoice:
         return DtypeChoice("float32", None, "fp32 weights, gradients and optimizer state")
     if precision in ("bf16-mixed", "bf16-true") and is_cuda and not torch.cuda.is_bf16_supported():
         raise BadInput(f"--precision {precision}: this GPU has no bf16 support; use fp16-mixed or fp32")
+    slow = "" if is_cuda else _slow_cpu_bf16()
     if precision == "bf16-mixed":
-        return DtypeChoice("float32", "bfloat16", "bf16 autocast with fp32 master weights")
+        return DtypeChoice("float32", "bfloat16", "bf16 autocast with fp32 master weights" + slow)
     if precision == "fp16-mixed":
         if not is_cuda:
             raise BadInput("--precision fp16-mixed needs a CUDA device (fp16 autocast on CPU is not supported): use bf16-mixed on CPU")
         return DtypeChoice("float32", "float16", "fp16 autocast with fp32 master weights and a loss scaler")
     if precision == "bf16-true":
-        return DtypeChoice("bfloat16", None, "pure bf16 weights: WARNING small updates are lost (use bf16-mixed to keep them)")
+        return DtypeChoice("bfloat16", None, "pure bf16 weights: WARNING small updates are lost (use bf16-mixed to "
+                                             "keep them)" + slow)
     raise BadInput(f"unknown --precision '{precision}'")
+
+
+def _slow_cpu_bf16() -> str:
+    """A note when this CPU has no bf16 matrix instructions that torch uses (oneDNN needs AVX-512 or AMX): its bf16
+    matmuls then run a generic kernel, several times slower than fp32 (a GPT-2 124M step with 8-bit AdamW took 59 s
+    in bf16-mixed with checkpointing against 2.3 s in fp32 on a 2-core AVX2 machine: docs/train_memory.md). Empty
+    where bf16 is fast."""
+    import torch
+
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return ""
+    except (AttributeError, RuntimeError):
+        return ""
+    return (f"; NOTE this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}) has no bf16 matrix "
+            "instructions torch uses: bf16 matmuls run a generic kernel, several times slower than fp32 "
+            "(--precision fp32 trains faster here)")
 
 
 # ---- peak memory -------------------------------------------------------------------------------------

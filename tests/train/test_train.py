@@ -375,3 +375,15 @@ def test_fsdp2_resume_after_crash_matches_uninterrupted(tiny_ref, domain, tmp_pa
     rec = loop.train_arm("cpt", tiny_ref, domain, cfg, cut)
     assert rec["loss_curve"] == json.loads(full.train_json("cpt").read_text())["loss_curve"]
     assert _max_diff(_weights(full.ckpt("cpt")), _weights(cut.ckpt("cpt"))) == 0.0
+
+
+def test_bf16_on_a_cpu_without_bf16_matmul_says_so(monkeypatch):
+    """Where oneDNN has no bf16 kernels (no AVX-512/AMX) a bf16 run is told it will be slow and what to use."""
+    from forgetcheck.device import choose_precision
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    for precision in ("bf16-mixed", "bf16-true"):
+        assert "--precision fp32 trains faster here" in choose_precision(precision, "cpu").reason
+    assert "NOTE" not in choose_precision("fp32", "cpu").reason
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert "NOTE" not in choose_precision("bf16-mixed", "cpu").reason
