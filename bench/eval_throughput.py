@@ -206,7 +206,7 @@ def profile(ref, tasks_dir: Path, names: list[str], samples: dict, limit: int, b
     then the floor: the distinct fed positions of fast's requests times `model`'s best dense body ms/token."""
     from lm_eval.models.huggingface import HFLM
 
-    from forgetcheck.eval.fast_lm import FastLM
+    from forgetcheck.eval.fast_lm import FastLM, hflm_window
 
     counts = {}
 
@@ -233,7 +233,7 @@ def profile(ref, tasks_dir: Path, names: list[str], samples: dict, limit: int, b
         """Every request's fed tokens (HFLM's left-truncated window less its last token, as plan_rows) into
         one prefix trie over the whole run: its node count is the number of distinct fed positions."""
         for _, context, continuation in requests:
-            window = (list(context) + list(continuation))[-(self.max_length + 1):]
+            window = hflm_window(context, continuation, self.max_length)
             node = trie
             for t in window[:-1]:
                 child = node.get(t)

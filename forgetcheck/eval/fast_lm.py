@@ -95,6 +95,12 @@ class _Row:
         return len(self.tokens) - (self.scored.n_tokens if self.scored else 1)
 
 
+def hflm_window(context, continuation, max_length: int) -> list[int]:
+    """The tokens HFLM scores a request on: context + continuation, left-truncated to max_length + 1 (it feeds all
+    but the last)."""
+    return (list(context) + list(continuation))[-(max_length + 1):]
+
+
 def plan_rows(requests, max_length: int, min_stem: int = MIN_STEM) -> list[_Row]:
     """The tree of rows for `requests` ((key, context_tokens, continuation_tokens) triples, as HFLM gets
     them): root rows longest first. Pure bookkeeping; no model."""
@@ -103,7 +109,7 @@ def plan_rows(requests, max_length: int, min_stem: int = MIN_STEM) -> list[_Row]
         if not context or not continuation or len(continuation) > max_length:
             raise ValueError(f"request {i}: empty context or continuation, or continuation longer than "
                              f"max_length {max_length}")
-        window = (list(context) + list(continuation))[-(max_length + 1):]  # HFLM's left truncation
+        window = hflm_window(context, continuation, max_length)
         prefix = tuple(window[: len(window) - len(continuation)])
         inputs = groups.setdefault(prefix, {})
         scored = inputs.setdefault(tuple(continuation[:-1]), _Scored(len(continuation)))

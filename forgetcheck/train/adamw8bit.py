@@ -58,8 +58,9 @@ def code_table(qmap: Tensor) -> tuple[Tensor, Tensor]:
     def at(offset: Tensor) -> Tensor:  # the range's value `offset` steps up from its smallest
         return first + toward * offset
 
-    base, top = code(first), code(at(torch.full_like(keys, _RANGE)))
-    finite = torch.isfinite(_as_float(first)) & torch.isfinite(_as_float(at(torch.full_like(keys, _RANGE))))
+    last = at(torch.full_like(keys, _RANGE))  # the range's largest value, as bits
+    base, top = code(first), code(last)
+    finite = torch.isfinite(_as_float(first)) & torch.isfinite(_as_float(last))
     step = (top - base)[finite]
     if not bool(((step == 0) | (step == 1)).all()):
         raise ValueError("code_table: this code map changes code twice within one float32 key range; "
@@ -109,9 +110,8 @@ def _update(p: Tensor, grad: Tensor, step: Tensor, m_codes: Tensor, m_scale: Ten
 
 
 @functools.cache
-def _compiled(name: str):
-    # one compiled function per name; torch.compile specialises it per parameter shape, as torchao's step does
-    fn = {"update": _update, "torchao": single_param_adam}[name]
+def _compiled(fn):
+    # compiled once per function; torch.compile specialises it per parameter shape, as torchao's step does
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
@@ -155,12 +155,12 @@ class AdamW8bit(_TorchaoAdamW8bit):
                     m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
                     beta1, beta2 = group["betas"]
                     if isinstance(m, OptimState8bit) and isinstance(v, OptimState8bit):
-                        _compiled("update")(_local(p.detach()), _local(p.grad), state["step"],
-                                            m.codes, m.scale, m.qmap, *self._table(m),
-                                            v.codes, v.scale, v.qmap, *self._table(v),
-                                            group["lr"], beta1, beta2, group["weight_decay"], group["eps"])
+                        _compiled(_update)(_local(p.detach()), _local(p.grad), state["step"],
+                                           m.codes, m.scale, m.qmap, *self._table(m),
+                                           v.codes, v.scale, v.qmap, *self._table(v),
+                                           group["lr"], beta1, beta2, group["weight_decay"], group["eps"])
                     else:
-                        _compiled("torchao")(p.detach(), p.grad, state["step"], state["exp_avg"],
-                                             state["exp_avg_sq"], None, group["lr"], beta1, beta2,
-                                             group["weight_decay"], group["eps"], True, False)
+                        _compiled(single_param_adam)(p.detach(), p.grad, state["step"], state["exp_avg"],
+                                                     state["exp_avg_sq"], None, group["lr"], beta1, beta2,
+                                                     group["weight_decay"], group["eps"], True, False)
         return loss
